@@ -219,8 +219,10 @@ def parse_args(argv=None) -> Args:
     except SystemExit as exit_:
         if exit_.code in (0, None):
             raise
-        lines = [line.strip("│╭╮╰╯─ \t") for line in captured.getvalue().splitlines()]
-        raise ArgError(next((line for line in lines[1:] if line), "invalid arguments; see --help"))
+        # The box's title comes first, then the message: keep the message, drop the drawing.
+        lines = [line.strip("│╭╮╰╯─|+-= \t") for line in captured.getvalue().splitlines()]
+        lines = [line for line in lines if any(c.isalnum() for c in line)]
+        raise ArgError(lines[1] if len(lines) > 1 else "invalid arguments; see --help")
 
 
 def default_dico_snd(args: Args) -> float:
@@ -802,7 +804,8 @@ def js_distance_gaussian(mu1, std1, mu2, std2, n_samples=64, generator=None) -> 
 
     JSD = 1/2 E_p[log p - log m] + 1/2 E_q[log q - log m], m = (p + q) / 2, each expectation
     estimated with n_samples antithetic draws (x = mu +- std * z). There is no closed form; the
-    estimate is unbiased for the divergence and its error falls as 1/sqrt(n_samples).
+    estimate is unbiased for the divergence and its error falls as 1/sqrt(n_samples) (identical
+    Gaussians give exactly 0).
     """
     half = max(n_samples // 2, 1)
     z = torch.randn((half,) + mu1.shape, generator=generator, device=mu1.device, dtype=mu1.dtype)
@@ -811,13 +814,14 @@ def js_distance_gaussian(mu1, std1, mu2, std2, n_samples=64, generator=None) -> 
     def log_density(x, mu, std):
         return (-0.5 * ((x - mu) / std) ** 2 - torch.log(std) - 0.5 * math.log(2 * math.pi)).sum(-1)
 
-    def half_term(mu, std):  # E_{x ~ N(mu, std)}[log f(x) - log m(x)]
+    def half_term(mu, std, mu_other, std_other):  # E_{x ~ f}[log f(x) - log m(x)]
         x = mu + std * z
-        log_f, log_p, log_q = log_density(x, mu, std), log_density(x, mu1, std1), log_density(x, mu2, std2)
-        log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
-        return (log_f - log_m).mean(0)
+        d = log_density(x, mu_other, std_other) - log_density(x, mu, std)
+        # log m - log f = log((1 + e^d) / 2), written to be exactly 0 when the densities agree
+        log_ratio = torch.where(d > 30, d - math.log(2.0), torch.log1p(torch.expm1(d.clamp(max=30)) / 2))
+        return -log_ratio.mean(0)
 
-    jsd_bits = (0.5 * half_term(mu1, std1) + 0.5 * half_term(mu2, std2)) / math.log(2.0)
+    jsd_bits = (0.5 * half_term(mu1, std1, mu2, std2) + 0.5 * half_term(mu2, std2, mu1, std1)) / math.log(2.0)
     return jsd_bits.clamp(0.0, 1.0).sqrt()
 
 
@@ -829,6 +833,7 @@ def system_neural_diversity(dist, discrete: bool, n_samples=64, generator=None) 
     """
     n = (dist if discrete else dist[0]).shape[0]
     i, j = torch.triu_indices(n, n, offset=1)
+    dist = dist.detach() if discrete else (dist[0].detach(), dist[1].detach())
     if discrete:
         probs = torch.softmax(dist, -1)
         distances = js_distance_categorical(probs[i], probs[j])
@@ -855,7 +860,7 @@ def gradient_interference(per_agent_loss: torch.Tensor, params) -> float:
     flat = torch.cat([g.reshape(n, -1) for g in grads if g is not None], 1)
     unit = F.normalize(flat, dim=1)
     cosine = unit @ unit.T
-    return float((cosine.sum() - cosine.diagonal().sum()) / (n * (n - 1)))
+    return float(cosine[~torch.eye(n, dtype=torch.bool, device=cosine.device)].mean())
 
 
 # ===== 6. Algorithm =====
