@@ -718,8 +718,13 @@ class DiCoMLP(nn.Module):
         return shared_out + (self.snd_des / snd_hat.clamp_min(1e-8)) * deviation_out
 
 
+def critic_input(obs: torch.Tensor) -> torch.Tensor:
+    """IPPO: every agent's critic sees only its own observation, (n_agents, batch, obs_dim)."""
+    return obs
+
+
 class Agent(nn.Module):
-    """Every agent's actor and critic; IPPO: each critic sees only its agent's observation."""
+    """Every agent's actor and critic."""
 
     def __init__(self, args: Args, obs_dim: int, act_dim: int, discrete: bool, critic_in_dim: int):
         super().__init__()
@@ -757,12 +762,12 @@ class Agent(nn.Module):
             return out
         return out, self.actor_logstd.exp().expand_as(out)
 
-    def get_action_and_value(self, x, critic_x, action=None, params=None):
+    def get_action_and_value(self, x, action=None, params=None):
         dist = self.policy(x, params)
         if action is None:
             action = sample_action(dist, self.discrete)
         logprob, entropy = log_prob_entropy(dist, action, self.discrete)
-        return action, logprob, entropy, self.get_value(critic_x, params)
+        return action, logprob, entropy, self.get_value(critic_input(x), params)
 
     def act_deterministic(self, x, params=None):
         dist = self.policy(x, params)
@@ -882,7 +887,7 @@ def compute_gae(rewards, values, next_values, terminated, dones, gamma, gae_lamb
 
 def ppo_loss(agent, params, mb: dict, args: Args):
     """CleanRL's clipped surrogate, clipped value loss and entropy bonus, kept per agent."""
-    _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb["obs"], mb["critic_obs"], mb["actions"], params)
+    _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb["obs"], mb["actions"], params)
     logratio = newlogprob - mb["logprobs"]
     ratio = logratio.exp()
     with torch.no_grad():
@@ -937,11 +942,6 @@ def ppo_update(agent, optimizer, batch: dict, args: Args, batch_size: int):
     totals["actor_var"] = torch.stack(grad_vars).mean()
     totals["actor_norm"] = torch.stack(grad_norms).mean()
     return {key: float(value) for key, value in totals.items()} | {"interference": interference}
-
-
-def critic_input(obs: torch.Tensor) -> torch.Tensor:
-    """IPPO: every agent's critic sees only its own observation."""
-    return obs
 
 
 # ===== 7. Checkpoints =====
@@ -1088,7 +1088,6 @@ def main(argv=None) -> int:
     # Rollout storage, time-major (T, n_agents, num_envs, ...)
     T, E = args.num_steps, args.num_envs
     obs = torch.zeros((T, n, E, obs_dim), device=device)
-    critic_obs = torch.zeros((T, n, E, critic_in_dim), device=device)
     actions = torch.zeros((T, n, E) + (() if discrete else (act_dim,)), device=device,
                           dtype=torch.long if discrete else torch.float)
     logprobs = torch.zeros((T, n, E), device=device)
@@ -1130,8 +1129,7 @@ def main(argv=None) -> int:
                 for step in range(T):
                     global_step += E
                     obs[step] = next_obs
-                    critic_obs[step] = critic_input(next_obs)
-                    action, logprob, _, value = agent.get_action_and_value(next_obs, critic_obs[step], params=params)
+                    action, logprob, _, value = agent.get_action_and_value(next_obs, params=params)
                     values[step], actions[step], logprobs[step] = value, action, logprob
                     next_obs, reward, terminated, truncated, final_obs, finished = envs.step(action)
                     rewards[step] = reward
@@ -1151,7 +1149,7 @@ def main(argv=None) -> int:
             def agent_major(x):  # (T, n, E, ...) -> (n, T * E, ...)
                 return x.transpose(0, 1).reshape((n, T * E) + x.shape[3:])
 
-            batch = dict(obs=agent_major(obs), critic_obs=agent_major(critic_obs), actions=agent_major(actions),
+            batch = dict(obs=agent_major(obs), actions=agent_major(actions),
                          logprobs=agent_major(logprobs), advantages=agent_major(advantages),
                          returns=agent_major(returns), values=agent_major(values))
             try:

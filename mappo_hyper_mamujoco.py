@@ -1,24 +1,41 @@
-"""HyperMARL MAPPO / HAPPO on Multi-Agent MuJoCo (Gymnasium-Robotics ``mamujoco_v1``).
+"""HyperMARL MAPPO and HAPPO on Multi-Agent MuJoCo (Gymnasium-Robotics ``mamujoco_v1``).
 
-Paper section 5.2 (Table 4, Figures 5 and 7) and section 6 (ablations). HyperMARL is applied to the
-actor only; the critic is centralised on the global state and not shared between agents
-("centralised but non-shared critic", following Zhong et al. 2024). Implementation details follow
-HARL (paper appendix F, Tables 17-21): Huber + clipped value loss, value normalisation (HARL's
-ValueNorm), input feature normalisation, orthogonal init, separate actor/critic learning rates and
-epochs, HARL's bounded Gaussian std (sigmoid(log_std / x) * y).
+Paper section 5.2 (Table 4, Figures 5 and 7) and the ablations of section 6. HyperMARL is applied
+to the actor only; the critic is centralised on the global state and not shared between agents
+("centralised but non-shared critic", Zhong et al. 2024). Implementation details follow HARL
+(appendix F, Tables 17-21): Huber and clipped value loss, value normalisation (HARL's ValueNorm),
+input feature normalisation, orthogonal init, separate actor and critic learning rates and epochs,
+HARL's bounded Gaussian std (sigmoid(log_std / x) * y), Table 21's clip for HyperMARL. Read top to
+bottom:
 
-Example:
-    python mappo_hyper_mamujoco.py --task HalfCheetah-2x3 --actor mlp --total-timesteps 20000
-    python mappo_hyper_mamujoco.py --task Humanoid-17x1 --algo happo --actor ind
+    1. Arguments        5. Metrics (SND, gradient variance, interference)
+    2. Input validation 6. Algorithm (MAPPO / HAPPO updates, value loss, GAE)
+    3. Environment      7. Checkpoints
+    4. Networks         8. Main (the training loop)
+
+Quick start:  python mappo_hyper_mamujoco.py --task HalfCheetah-2x3 --actor mlp --total-timesteps 20000
+Baselines:    --actor ind (independent actors), --actor fups (shared actor + one-hot ID),
+              --algo happo --actor ind (HAPPO, sequential updates)
+Ablations:    --hypernet-hidden-dims 32 (HyperMARL-S), --hypernet-embedding onehot,
+              --hypernet-init default (w/o RF), --hypernet-input agent+obs (w/o GD)
 """
 
+from __future__ import annotations
+
+import contextlib
+import dataclasses
 import functools
+import io
+import math
 import os
+import pickle
 import random
+import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
-from typing import List, Optional, Tuple
+import zipfile
+from dataclasses import dataclass
+from typing import Optional
 
 import gymnasium as gym
 import numpy as np
@@ -34,70 +51,83 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
-    """seed of the experiment"""
+    """seed of the experiment (evaluation episode k uses seed + 10000 + k)"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = False
-    """if toggled, cuda will be enabled (CPU is the default: these networks are small)"""
+    cuda: bool = True
+    """if toggled, cuda is used when available (MuJoCo always runs on the CPU)"""
     torch_threads: int = 1
-    """torch.set_num_threads (HARL torch_threads); 1 avoids OpenMP stalls when the environment
+    """torch.set_num_threads (HARL's torch_threads); 1 avoids OpenMP stalls while environment
     workers or other processes share the cores"""
     track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
+    """if toggled, this experiment is tracked with Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "hypermarl"
     """the wandb's project name"""
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
+    runs_dir: str = "runs"
+    """folder for TensorBoard logs and checkpoints (runs_dir/run_name)"""
     save_model: bool = False
-    """whether to save the final checkpoint to runs/{run_name}/{exp_name}.pt"""
-    eval_checkpoint: Optional[str] = None
-    """evaluate this checkpoint (deterministic actions, its own normalisers) and exit; the task and
-    networks come from the checkpoint"""
+    """if toggled, write a checkpoint every --save-interval steps and at the end"""
+    save_interval: Optional[int] = None
+    """environment steps between checkpoints (default: --eval-interval)"""
+    resume: Optional[str] = None
+    """path of a checkpoint to continue training from (same flags as the original run); the
+    environments start new episodes (MuJoCo worker states are not saved)"""
+    eval_only: bool = False
+    """if toggled, only evaluate --checkpoint (return and SND) and exit; writes nothing"""
+    checkpoint: Optional[str] = None
+    """checkpoint to evaluate with --eval-only"""
 
     # Environment
     task: str = "HalfCheetah-2x3"
     """HalfCheetah-2x3 | Walker2d-2x3 | Ant-4x2 | Humanoid-17x1 | Humanoid-9|8"""
     obs_mode: str = "global"
-    """global: every agent sees the global state plus a one-hot ID (HARL's convention, Table 4);
-    local: each agent's own local observation, zero-padded to the largest, with a mask"""
+    """global: every agent sees the global state plus a one-hot ID (HARL's convention, which the
+    paper's Table 4 follows); local: each agent's own local observation, zero-padded to the
+    largest, with a mask"""
+    max_episode_steps: int = 1000
+    """episode time limit (truncation, bootstrapped from V(final state)); MaMuJoCo's is 1000"""
     agent_obsk: int = 1
-    """local observation depth (joints k hops away); only used by --obs-mode local"""
+    """[local] observation depth: joints up to k hops away (Gymnasium-Robotics' agent_obsk)"""
     num_envs: int = 4
-    """number of parallel environments (worker processes through gymnasium's vector API)"""
+    """parallel environments, in worker processes (gymnasium AsyncVectorEnv; 1: in-process)"""
     async_envs: bool = True
-    """worker processes (AsyncVectorEnv); --no-async-envs steps them in this process"""
+    """worker processes; --no-async-envs steps all environments in this process (SyncVectorEnv)"""
     total_timesteps: int = 10_000_000
     """total environment steps (paper: 10M)"""
     num_steps: int = 500
-    """steps per environment per rollout (HARL: 20 envs x 100 = 2000 samples per iteration)"""
+    """steps per environment per rollout (HARL: 20 envs x 100 steps = 2000 samples per update)"""
 
-    # Algorithm
+    # Algorithm. None = the task's value in Tables 17-20 (and Table 21 for HyperMARL's clip).
     algo: str = "mappo"
-    """mappo (parallel actor updates) | happo (sequential updates with the ratio-product factor)"""
+    """mappo (all actors updated in parallel) | happo (independent actors updated one after the
+    other, weighted by the ratio product of the agents updated before: Zhong et al. 2024)"""
     actor: str = "mlp"
-    """mlp (HyperMARL MLP hypernet) | linear (HyperMARL linear hypernet) | fups (shared actor,
-    one-hot ID) | ind (independent actors)"""
+    """mlp | linear (HyperMARL hypernetworks) | fups (one shared actor with a one-hot ID) |
+    ind (independent actors)"""
     critic: str = "auto"
     """auto (per-agent for mappo, one shared for happo as in HARL) | per-agent | shared; always
     centralised on the global state"""
-    lr: Optional[float] = None
-    """actor learning rate (default: from the task's table, 5e-4; Walker2d 1e-3)"""
-    critic_lr: Optional[float] = None
-    """critic learning rate (default: from the task's table)"""
-    ppo_epochs: Optional[int] = None
-    """actor epochs per iteration (default: table; HalfCheetah 15, others 5)"""
+    learning_rate: Optional[float] = None
+    """actor Adam learning rate (Tables 17-20: 5e-4; Walker2d 1e-3)"""
+    critic_learning_rate: Optional[float] = None
+    """critic Adam learning rate (Tables 17-20: 5e-4; Walker2d 1e-3)"""
+    update_epochs: Optional[int] = None
+    """actor epochs per update (ppo_epoch: HalfCheetah 15, others 5)"""
     critic_epochs: Optional[int] = None
-    """critic epochs per iteration (default: table)"""
-    actor_num_minibatches: Optional[int] = None
-    """actor minibatches (default: table; Walker2d 2, others 1)"""
+    """critic epochs per update (critic_epoch: HalfCheetah 15, others 5)"""
+    num_minibatches: Optional[int] = None
+    """actor minibatches per epoch (actor_num_mini_batch: Walker2d 2, others 1)"""
     critic_num_minibatches: Optional[int] = None
-    """critic minibatches (default: table)"""
+    """critic minibatches per epoch (critic_num_mini_batch: Walker2d 2, others 1)"""
     clip_coef: Optional[float] = None
-    """PPO ratio and value clip (default: Table 21 for hypernet actors, Tables 17-20 otherwise)"""
+    """ratio and value clip (Table 21 for mlp/linear: HalfCheetah, Walker2d 0.0375, Ant, Humanoid
+    0.075; Tables 17-20 otherwise: 0.05, 0.05, 0.1, 0.1)"""
     ent_coef: Optional[float] = None
-    """entropy coefficient (default: table; HalfCheetah 0.01, others 0)"""
+    """entropy bonus (HalfCheetah 0.01, others 0)"""
     fixed_order: Optional[bool] = None
-    """HAPPO: update agents in a fixed order instead of a random one (default: table; Ant true)"""
+    """[happo] update agents in index order rather than a random order each update (Ant: true)"""
     gamma: float = 0.99
     """discount factor"""
     gae_lambda: float = 0.95
@@ -105,256 +135,276 @@ class Args:
     huber_delta: float = 10.0
     """Huber loss delta of the value loss"""
     clip_vloss: bool = True
-    """clipped value loss (HARL use_clipped_value_loss)"""
+    """if toggled, the value loss is clipped (HARL use_clipped_value_loss)"""
     norm_value: bool = True
-    """value normalisation (HARL ValueNorm)"""
+    """if toggled, value targets are normalised (HARL's ValueNorm)"""
     norm_obs: bool = True
-    """input feature normalisation: running mean/std of the observations (saved in checkpoints)"""
+    """if toggled, inputs are normalised by running mean/std (saved in checkpoints)"""
     max_grad_norm: float = 10.0
-    """gradient clipping, per agent for independent actors and per-agent critics"""
+    """gradient-norm clip, per agent for independent actors and per critic"""
     adam_eps: float = 1e-5
     """Adam epsilon (HARL opti_eps)"""
-    hidden_sizes: Tuple[int, ...] = (128, 128, 128)
-    """hidden layers of actors and critics (HARL)"""
+    actor_hidden_dims: Optional[list[int]] = None
+    """hidden layers of every agent's actor (HARL: 128 128 128)"""
+    critic_hidden_dims: Optional[list[int]] = None
+    """hidden layers of every critic (HARL: 128 128 128)"""
     std_x_coef: float = 1.0
-    """Gaussian std = sigmoid(log_std / x) * y, log_std initialised to x (HARL)"""
+    """Gaussian std = sigmoid(log_std / x) * y, log_std initialised to x (HARL std_x_coef)"""
     std_y_coef: float = 0.5
-    """see std_x_coef"""
+    """see --std-x-coef (HARL std_y_coef)"""
 
     # HyperMARL (section 4, Table 21) and the ablations of section 6
     hypernet_embedding_dim: Optional[int] = None
-    """MLP hypernet: learned agent-embedding size (default 64, Table 21)"""
-    hypernet_hidden_dims: Optional[Tuple[int, ...]] = None
-    """MLP hypernet hidden layers (default 64, Table 21; 32 = HyperMARL-S)"""
+    """[mlp] size of the learned agent embedding (default: 64, Table 21)"""
+    hypernet_hidden_dims: Optional[list[int]] = None
+    """[mlp] hidden layers of the hypernetwork (default: 64, Table 21; 32 = HyperMARL-S)"""
     hypernet_embedding: Optional[str] = None
-    """MLP hypernet: learned (orthogonally initialised, default) | onehot (ablation)"""
+    """[mlp] learned (orthogonally initialised, default) | onehot (ablation)"""
     hypernet_init: Optional[str] = None
-    """scaled (initialisation scaling of section 4.3, default) | default (PyTorch init, w/o RF)"""
+    """[mlp, linear] scaled (generated weights start as the target's orthogonal init, default) | default (ablation w/o RF)"""
     hypernet_input: Optional[str] = None
-    """MLP hypernet: agent (default) | agent+obs (embedding and observation: w/o gradient
-    decoupling)"""
+    """[mlp, linear] agent (gradient decoupling, default) | agent+obs (ablation w/o GD: per-sample weights)"""
 
     # Evaluation and metrics
     eval_interval: int = 100_000
-    """evaluate every this many environment steps (0: only at the end)"""
+    """environment steps between evaluations"""
     eval_episodes: int = 10
-    """episodes per evaluation, deterministic actions (paper: 40)"""
-    metrics_interval: int = 10
-    """compute SND and gradient interference every this many iterations (0: never)"""
-    snd_samples: int = 256
-    """rollout samples used for SND"""
+    """deterministic evaluation episodes, run side by side (paper: 40)"""
+    snd_samples: int = 1000
+    """joint states (from evaluation rollouts) on which SND is computed"""
+    snd_gaussian_samples: int = 64
+    """Monte Carlo samples per observation for the Gaussian Jensen-Shannon estimator"""
+    interference_interval: int = 10
+    """compute cross-agent gradient interference every this many updates"""
+    interference_samples: int = 512
+    """samples of the rollout used for the interference metric"""
+    print_interval: int = 1
+    """print a progress line every this many updates (and at every evaluation)"""
 
-    # filled in at runtime
-    batch_size: int = 0
-    num_iterations: int = 0
 
-
-# Tables 17-20 (HARL defaults, Zhong et al. 2024) and Table 21 (HyperMARL clip). Humanoid-9|8 is
-# not in the paper: it uses Humanoid-17x1's table.
-TASKS = {
+TASKS = {  # --task: (Gymnasium-Robotics scenario, agent_conf)
     "HalfCheetah-2x3": ("HalfCheetah", "2x3"),
     "Walker2d-2x3": ("Walker2d", "2x3"),
     "Ant-4x2": ("Ant", "4x2"),
-    "Humanoid-17x1": ("Humanoid", "17x1"),
+    "Humanoid-17x1": ("Humanoid", "17x1"),  # not built in: see make_parallel_env
     "Humanoid-9|8": ("Humanoid", "9|8"),
 }
-_HUMANOID = dict(lr=5e-4, critic_lr=5e-4, ppo_epochs=5, critic_epochs=5, actor_num_minibatches=1,
-                 critic_num_minibatches=1, clip_coef=0.1, hyper_clip_coef=0.075, ent_coef=0.0,
-                 fixed_order=False)
-TASK_HPARAMS = {
-    "HalfCheetah-2x3": dict(lr=5e-4, critic_lr=5e-4, ppo_epochs=15, critic_epochs=15,
-                            actor_num_minibatches=1, critic_num_minibatches=1, clip_coef=0.05,
+ACTORS = ("mlp", "linear", "fups", "ind")
+FAMILY_OF_ACTOR = {"mlp": "mlp", "linear": "linear", "fups": "fups", "ind": "nops"}
+_HUMANOID = dict(learning_rate=5e-4, critic_learning_rate=5e-4, update_epochs=5, critic_epochs=5,
+                 num_minibatches=1, critic_num_minibatches=1, clip_coef=0.1, hyper_clip_coef=0.075,
+                 ent_coef=0.0, fixed_order=False)
+PAPER_DEFAULTS = {
+    # Tables 20, 19, 17, 18 (HARL's defaults, Zhong et al. 2024); hyper_clip_coef: Table 21.
+    # Humanoid-9|8 is not in the paper: it takes Humanoid-17x1's values.
+    "HalfCheetah-2x3": dict(learning_rate=5e-4, critic_learning_rate=5e-4, update_epochs=15, critic_epochs=15,
+                            num_minibatches=1, critic_num_minibatches=1, clip_coef=0.05,
                             hyper_clip_coef=0.0375, ent_coef=0.01, fixed_order=False),
-    "Walker2d-2x3": dict(lr=1e-3, critic_lr=1e-3, ppo_epochs=5, critic_epochs=5,
-                         actor_num_minibatches=2, critic_num_minibatches=2, clip_coef=0.05,
+    "Walker2d-2x3": dict(learning_rate=1e-3, critic_learning_rate=1e-3, update_epochs=5, critic_epochs=5,
+                         num_minibatches=2, critic_num_minibatches=2, clip_coef=0.05,
                          hyper_clip_coef=0.0375, ent_coef=0.0, fixed_order=False),
-    "Ant-4x2": dict(lr=5e-4, critic_lr=5e-4, ppo_epochs=5, critic_epochs=5, actor_num_minibatches=1,
-                    critic_num_minibatches=1, clip_coef=0.1, hyper_clip_coef=0.075, ent_coef=0.0,
-                    fixed_order=True),
+    "Ant-4x2": dict(learning_rate=5e-4, critic_learning_rate=5e-4, update_epochs=5, critic_epochs=5,
+                    num_minibatches=1, critic_num_minibatches=1, clip_coef=0.1, hyper_clip_coef=0.075,
+                    ent_coef=0.0, fixed_order=True),
     "Humanoid-17x1": dict(_HUMANOID),
     "Humanoid-9|8": dict(_HUMANOID),
 }
-HYPERNET_DEFAULTS = dict(hypernet_embedding_dim=64, hypernet_hidden_dims=(64,),
-                         hypernet_embedding="learned", hypernet_init="scaled",
-                         hypernet_input="agent")
-
-
-def resolve_args(args: Args) -> Args:
-    """Fill the None defaults from the task's table (call after validate_args)."""
-    table = TASK_HPARAMS[args.task]
-    hyper = args.actor in ("mlp", "linear")
-    for key in ("lr", "critic_lr", "ppo_epochs", "critic_epochs", "actor_num_minibatches",
-                "critic_num_minibatches", "ent_coef", "fixed_order"):
-        if getattr(args, key) is None:
-            setattr(args, key, table[key])
-    if args.clip_coef is None:
-        args.clip_coef = table["hyper_clip_coef"] if hyper else table["clip_coef"]
-    for key, value in HYPERNET_DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.critic == "auto":
-        args.critic = "shared" if args.algo == "happo" else "per-agent"
-    args.batch_size = args.num_envs * args.num_steps
-    args.num_iterations = args.total_timesteps // args.batch_size
-    return args
+HYPERNET_DEFAULTS = dict(
+    hypernet_embedding_dim=64, hypernet_hidden_dims=[64], hypernet_embedding="learned",
+    hypernet_init="scaled", hypernet_input="agent",
+)  # Table 21
+# Flags that define the model and the environment: a checkpoint only loads where they match.
+COMPAT_FIELDS = (
+    "task", "obs_mode", "agent_obsk", "max_episode_steps", "algo", "actor", "critic", "norm_obs", "norm_value",
+    "actor_hidden_dims", "critic_hidden_dims", "std_x_coef", "std_y_coef", "hypernet_embedding_dim",
+    "hypernet_hidden_dims", "hypernet_embedding", "hypernet_init", "hypernet_input",
+)
 
 
 # ===== 2. Input validation =====
 class ArgError(ValueError):
-    """A bad command-line value: main prints one line `error: ...` and exits 2."""
+    """A bad flag value: reported as one line, exit status 2, nothing written."""
 
 
-def validate_args(args: Args) -> None:
-    if args.eval_checkpoint is not None:
-        if not os.path.isfile(args.eval_checkpoint):
-            raise ArgError(f"--eval-checkpoint: no such file, got {args.eval_checkpoint!r}")
-        return
+def parse_args(argv=None) -> Args:
+    """tyro's parser, with its boxed error message folded into one ArgError line."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return tyro.cli(Args, args=argv)
+    except SystemExit as exit_:
+        if exit_.code in (0, None):
+            raise
+        # The box's title comes first, then the message: keep the message, drop the drawing.
+        lines = [line.strip("│╭╮╰╯─|+-= \t") for line in captured.getvalue().splitlines()]
+        lines = [line for line in lines if any(c.isalnum() for c in line)]
+        raise ArgError(lines[1] if len(lines) > 1 else "invalid arguments; see --help")
+
+
+def resolve_args(args: Args) -> Args:
+    """Checks every flag and fills the paper's defaults; raises ArgError naming the flag."""
     if args.task not in TASKS:
-        raise ArgError(f"--task: one of {', '.join(TASKS)}, got {args.task!r}")
-    choices = dict(obs_mode=("global", "local"), algo=("mappo", "happo"),
-                   actor=("mlp", "linear", "fups", "ind"), critic=("auto", "per-agent", "shared"))
-    for key, allowed in choices.items():
-        if getattr(args, key) not in allowed:
-            flag = "--" + key.replace("_", "-")
-            raise ArgError(f"{flag}: one of {', '.join(allowed)}, got {getattr(args, key)!r}")
-    positive_int = ("torch_threads", "num_envs", "total_timesteps", "num_steps", "eval_episodes", "snd_samples")
-    for key in positive_int:
-        if getattr(args, key) < 1:
-            raise ArgError(f"--{key.replace('_', '-')}: a positive integer, got {getattr(args, key)}")
-    for key in ("ppo_epochs", "critic_epochs", "actor_num_minibatches", "critic_num_minibatches",
-                "hypernet_embedding_dim"):
-        value = getattr(args, key)
-        if value is not None and value < 1:
-            raise ArgError(f"--{key.replace('_', '-')}: a positive integer, got {value}")
-    for key in ("eval_interval", "metrics_interval", "agent_obsk"):
-        if getattr(args, key) < 0:
-            raise ArgError(f"--{key.replace('_', '-')}: a non-negative integer, got {getattr(args, key)}")
-    for key in ("lr", "critic_lr", "clip_coef"):
-        value = getattr(args, key)
-        if value is not None and not (np.isfinite(value) and value > 0):
-            raise ArgError(f"--{key.replace('_', '-')}: a positive number, got {value}")
-    for key in ("huber_delta", "max_grad_norm", "adam_eps", "std_x_coef", "std_y_coef"):
-        value = getattr(args, key)
-        if not (np.isfinite(value) and value > 0):
-            raise ArgError(f"--{key.replace('_', '-')}: a positive number, got {value}")
-    if args.ent_coef is not None and not (np.isfinite(args.ent_coef) and args.ent_coef >= 0):
-        raise ArgError(f"--ent-coef: a non-negative number, got {args.ent_coef}")
-    for key in ("gamma", "gae_lambda"):
-        value = getattr(args, key)
-        if not (0.0 <= value <= 1.0):
-            raise ArgError(f"--{key.replace('_', '-')}: a number in [0, 1], got {value}")
-    if len(args.hidden_sizes) == 0 or min(args.hidden_sizes) < 1:
-        raise ArgError(f"--hidden-sizes: one or more positive integers, got {args.hidden_sizes}")
-    if args.num_envs * args.num_steps > args.total_timesteps:
-        raise ArgError(f"--total-timesteps: at least --num-envs x --num-steps = "
-                       f"{args.num_envs * args.num_steps}, got {args.total_timesteps}")
-    batch = args.num_envs * args.num_steps
-    for key in ("actor_num_minibatches", "critic_num_minibatches"):
-        value = getattr(args, key)
-        if value is not None and value > batch:
-            raise ArgError(f"--{key.replace('_', '-')}: at most --num-envs x --num-steps = {batch}, "
-                           f"got {value}")
-    # hypernetwork options apply to some actors only: reject them elsewhere rather than ignore them
-    only_for = dict(hypernet_embedding_dim=("mlp",), hypernet_hidden_dims=("mlp",),
-                    hypernet_embedding=("mlp",), hypernet_init=("mlp", "linear"),
-                    hypernet_input=("mlp",))
-    for key, actors in only_for.items():
-        if getattr(args, key) is not None and args.actor not in actors:
-            raise ArgError(f"--{key.replace('_', '-')}: only with --actor {' or '.join(actors)}, "
-                           f"got --actor {args.actor}")
-    hyper_choices = dict(hypernet_embedding=("learned", "onehot"), hypernet_init=("scaled", "default"),
-                         hypernet_input=("agent", "agent+obs"))
-    for key, allowed in hyper_choices.items():
-        value = getattr(args, key)
-        if value is not None and value not in allowed:
-            raise ArgError(f"--{key.replace('_', '-')}: one of {', '.join(allowed)}, got {value!r}")
-    if args.hypernet_hidden_dims is not None and (
-            len(args.hypernet_hidden_dims) == 0 or min(args.hypernet_hidden_dims) < 1):
-        raise ArgError(f"--hypernet-hidden-dims: one or more positive integers, "
-                       f"got {args.hypernet_hidden_dims}")
-    if args.hypernet_embedding == "onehot" and args.hypernet_embedding_dim is not None:
-        raise ArgError("--hypernet-embedding-dim: not with --hypernet-embedding onehot "
-                       "(the one-hot size is the number of agents)")
+        raise ArgError(f"--task: must be one of {', '.join(TASKS)}, got {args.task!r}")
+    for name, allowed in (("obs_mode", ("global", "local")), ("algo", ("mappo", "happo")),
+                          ("actor", ACTORS), ("critic", ("auto", "per-agent", "shared"))):
+        if getattr(args, name) not in allowed:
+            raise ArgError(f"--{name.replace('_', '-')}: must be one of {', '.join(allowed)}, got {getattr(args, name)!r}")
+    for name in HYPERNET_DEFAULTS:  # options of some actors only: refused elsewhere, never ignored
+        mlp_only = name not in ("hypernet_init", "hypernet_input")
+        allowed = ("mlp",) if mlp_only else ("mlp", "linear")
+        if getattr(args, name) is not None and args.actor not in allowed:
+            raise ArgError(f"--{name.replace('_', '-')}: only with --actor {' or '.join(allowed)}, got --actor {args.actor}")
     if args.fixed_order is not None and args.algo != "happo":
         raise ArgError(f"--fixed-order: only with --algo happo, got --algo {args.algo}")
+    if args.obs_mode != "local" and args.agent_obsk != 1:
+        raise ArgError(f"--agent-obsk: only with --obs-mode local, got --obs-mode {args.obs_mode}")
+
+    table = PAPER_DEFAULTS[args.task]
+    values = {k: v for k, v in table.items() if k != "hyper_clip_coef"}
+    if args.actor in ("mlp", "linear"):
+        values["clip_coef"] = table["hyper_clip_coef"]
+    values.update(actor_hidden_dims=[128, 128, 128], critic_hidden_dims=[128, 128, 128])
+    if args.actor == "mlp":
+        values.update(HYPERNET_DEFAULTS)
+    elif args.actor == "linear":
+        values.update({k: HYPERNET_DEFAULTS[k] for k in ("hypernet_init", "hypernet_input")})
+    for name, default in values.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.algo != "happo":
+        args.fixed_order = None
+    if args.critic == "auto":
+        args.critic = "shared" if args.algo == "happo" else "per-agent"
+    if args.save_interval is None:
+        args.save_interval = args.eval_interval
+    check_values(args)
+    return args
+
+
+def check_values(args: Args) -> None:
+    def positive(name):
+        value = getattr(args, name)
+        if not value > 0:
+            raise ArgError(f"--{name.replace('_', '-')}: must be positive, got {value}")
+
+    for name in ("torch_threads", "max_episode_steps", "num_envs", "total_timesteps", "num_steps", "learning_rate",
+                 "critic_learning_rate", "update_epochs", "critic_epochs", "num_minibatches",
+                 "critic_num_minibatches", "clip_coef", "huber_delta", "max_grad_norm", "adam_eps",
+                 "std_x_coef", "std_y_coef", "eval_interval", "eval_episodes", "snd_samples",
+                 "snd_gaussian_samples", "interference_interval", "interference_samples",
+                 "print_interval", "save_interval"):
+        positive(name)
+    for name in ("gamma", "gae_lambda"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise ArgError(f"--{name.replace('_', '-')}: must be in [0, 1], got {getattr(args, name)}")
+    if not args.ent_coef >= 0:
+        raise ArgError(f"--ent-coef: must be >= 0, got {args.ent_coef}")
+    if args.agent_obsk < 0:
+        raise ArgError(f"--agent-obsk: must be >= 0, got {args.agent_obsk}")
+    for name in ("actor_hidden_dims", "critic_hidden_dims", "hypernet_hidden_dims"):
+        dims = getattr(args, name)
+        if dims is not None and (len(dims) == 0 or min(dims) <= 0):
+            raise ArgError(f"--{name.replace('_', '-')}: must be one or more positive sizes, got {dims}")
+    batch_size = args.num_envs * args.num_steps
+    for name in ("num_minibatches", "critic_num_minibatches"):
+        if batch_size % getattr(args, name):
+            raise ArgError(f"--{name.replace('_', '-')}: must divide num_envs * num_steps = {batch_size}, got {getattr(args, name)}")
+    if args.total_timesteps < batch_size:
+        raise ArgError(f"--total-timesteps: must be at least num_envs * num_steps = {batch_size}, got {args.total_timesteps}")
+    if args.actor == "mlp":
+        positive("hypernet_embedding_dim")
+        if args.hypernet_embedding not in ("learned", "onehot"):
+            raise ArgError(f"--hypernet-embedding: must be learned or onehot, got {args.hypernet_embedding!r}")
+    if args.actor in ("mlp", "linear"):
+        if args.hypernet_init not in ("scaled", "default"):
+            raise ArgError(f"--hypernet-init: must be scaled or default, got {args.hypernet_init!r}")
+        if args.hypernet_input not in ("agent", "agent+obs"):
+            raise ArgError(f"--hypernet-input: must be agent or agent+obs, got {args.hypernet_input!r}")
+    if args.eval_only and not args.checkpoint:
+        raise ArgError("--eval-only: needs --checkpoint PATH")
+    if args.checkpoint and not args.eval_only:
+        raise ArgError("--checkpoint: only with --eval-only (use --resume to continue training)")
+    if args.eval_only and args.resume:
+        raise ArgError("--resume: cannot be combined with --eval-only")
+    for flag, path in (("--resume", args.resume), ("--checkpoint", args.checkpoint)):
+        if path is not None and not os.path.isfile(path):
+            raise ArgError(f"{flag}: no such file {path!r}")
 
 
 # ===== 3. Environment =====
-def make_parallel_env(task: str, agent_obsk: int = 1):
-    """The PettingZoo parallel env of a task. Humanoid-17x1 is not built into Gymnasium-Robotics:
-    its partition (one joint, i.e. one actuator, per agent) is built from its own graph helpers."""
+def make_parallel_env(task: str, agent_obsk: int = 1, max_episode_steps: int = 1000):
+    """The PettingZoo parallel env of a task. Humanoid-17x1 is not built into Gymnasium-Robotics
+    ("UNKNOWN partitioning config"): its partition, one joint (one actuator) per agent, is built
+    from Gymnasium-Robotics' own graph of the Humanoid (whose single-agent partition lists the 17
+    actuated joints)."""
     from gymnasium_robotics import mamujoco_v1
 
     scenario, conf = TASKS[task]
     if task == "Humanoid-17x1":
-        parts, edges, globals_ = mamujoco_v1.get_parts_and_edges("Humanoid", None)
-        factorization = {"partition": [(joint,) for joint in parts[0]], "edges": edges,
-                         "globals": globals_}
-        return mamujoco_v1.parallel_env(scenario, None, agent_obsk=agent_obsk,
-                                        agent_factorization=factorization)
-    return mamujoco_v1.parallel_env(scenario, conf, agent_obsk=agent_obsk)
+        parts, edges, global_nodes = mamujoco_v1.get_parts_and_edges("Humanoid", None)
+        factorization = {"partition": [(joint,) for joint in parts[0]], "edges": edges, "globals": global_nodes}
+        # agent_conf must not be None (None means one agent seeing everything); the factorization overrides it
+        return mamujoco_v1.parallel_env(scenario, conf, agent_obsk=agent_obsk, agent_factorization=factorization,
+                                        max_episode_steps=max_episode_steps)
+    return mamujoco_v1.parallel_env(scenario, conf, agent_obsk=agent_obsk, max_episode_steps=max_episode_steps)
 
 
-def pad_stack(arrays: List[np.ndarray], width: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Stack 1-d arrays of unequal length into (n, width), zero-padded, with a bool mask."""
+def pad_stack(arrays, width: int):
+    """Rows of unequal length -> (n, width) float32, zero-padded, and the bool mask of real entries."""
     out = np.zeros((len(arrays), width), dtype=np.float32)
     mask = np.zeros((len(arrays), width), dtype=bool)
-    for i, a in enumerate(arrays):
-        out[i, : len(a)] = a
-        mask[i, : len(a)] = True
+    for i, row in enumerate(arrays):
+        out[i, : len(row)] = row
+        mask[i, : len(row)] = True
     return out, mask
 
 
-def unpad(padded: np.ndarray, mask: np.ndarray) -> List[np.ndarray]:
-    """Inverse of pad_stack: the valid entries of each row."""
+def unpad(padded: np.ndarray, mask: np.ndarray) -> list:
+    """Inverse of pad_stack: the real entries of every row."""
     return [padded[i][mask[i]] for i in range(padded.shape[0])]
 
 
 class MaMuJoCoEnv(gym.Env):
     """One MaMuJoCo task as a fixed-shape gymnasium Env, for gymnasium's vector API.
 
-    Observation (flat float32): global mode: the global state (the single-agent observation, as
-    `state()`); local mode: the agents' local observations zero-padded to the largest
-    (n_agents * obs_dim), then the global state. The agent view (global state + one-hot ID) is
-    built in the learner process, so workers do not send the state n_agents times.
-    Action: (n_agents, act_dim), zero-padded; padded entries are ignored (`act_mask`).
-    Reward: the team reward. Terminated and truncated (the 1000-step time limit) are kept apart.
-    `info` is empty, so the vector env has nothing to merge but `final_obs` on autoreset.
+    Observation (flat float32): the global state (the single-agent observation, what the
+    ParallelEnv's state() returns) and, in local mode, first the agents' local observations
+    zero-padded to the largest (n_agents * local_obs_dim). The one-hot IDs of global mode are
+    added in the learner, so workers do not send the state n_agents times.
+    Action: (n_agents, act_dim), zero-padded; the padded entries (act_mask False) are ignored.
+    Reward: the team reward. terminated (fell over) and truncated (1000-step limit) stay apart.
+    Stepping is the ParallelEnv's own transition (one step of its single-agent MuJoCo env), without
+    building local observations that nobody reads; test_mamujoco checks it against ParallelEnv.step.
     """
 
     metadata = {"render_modes": []}
 
-    def __init__(self, task: str, obs_mode: str = "global", agent_obsk: int = 1):
+    def __init__(self, task: str, obs_mode: str = "global", agent_obsk: int = 1, max_episode_steps: int = 1000):
         super().__init__()
-        self.ma = make_parallel_env(task, agent_obsk)
-        self.base = self.ma.single_agent_env  # TimeLimit(...(MujocoEnv)): 1000-step limit
+        self.ma = make_parallel_env(task, agent_obsk, max_episode_steps)
+        self.base = self.ma.single_agent_env  # gymnasium.make(...-v5): TimeLimit(1000) and checkers
         self.obs_mode = obs_mode
         agents = self.ma.possible_agents
         self.n_agents = len(agents)
         self.act_dims = [self.ma.action_space(a).shape[0] for a in agents]
-        self.obs_dims = [self.ma.observation_space(a).shape[0] for a in agents]
+        self.local_obs_dims = [self.ma.observation_space(a).shape[0] for a in agents]
         self.state_dim = self.base.observation_space.shape[0]
-        self.act_dim = max(self.act_dims)
-        self.local_obs_dim = max(self.obs_dims)
+        self.act_dim, self.local_obs_dim = max(self.act_dims), max(self.local_obs_dims)
         self.act_mask = pad_stack([np.ones(d) for d in self.act_dims], self.act_dim)[1]
-        self.obs_mask = pad_stack([np.ones(d) for d in self.obs_dims], self.local_obs_dim)[1]
-        # global action index of every (agent, slot): the mapping of map_local_actions_to_global_action
+        self.obs_mask = pad_stack([np.ones(d) for d in self.local_obs_dims], self.local_obs_dim)[1]
+        # where each (agent, slot) goes in the single-agent action (map_local_actions_to_global_action)
         agent_idx, slot_idx, global_idx = [], [], []
         for i, partition in enumerate(self.ma.agent_action_partitions):
             for j, node in enumerate(partition):
                 agent_idx.append(i)
                 slot_idx.append(j)
                 global_idx.append(node.act_ids)
+        self.n_global_actions = self.base.action_space.shape[0]
+        assert sorted(global_idx) == list(range(self.n_global_actions)), "every actuator exactly once"
         self._agent_idx, self._slot_idx = np.array(agent_idx), np.array(slot_idx)
         self._global_idx = np.array(global_idx)
-        n_global = self.base.action_space.shape[0]
-        assert sorted(global_idx) == list(range(n_global)), "every actuator exactly once"
-        self.n_global_actions = n_global
-        low = np.zeros((self.n_agents, self.act_dim), np.float32)
-        high = np.zeros((self.n_agents, self.act_dim), np.float32)
-        for i, a in enumerate(agents):
-            low[i, : self.act_dims[i]] = self.ma.action_space(a).low
-            high[i, : self.act_dims[i]] = self.ma.action_space(a).high
+        low, _ = pad_stack([self.ma.action_space(a).low for a in agents], self.act_dim)
+        high, _ = pad_stack([self.ma.action_space(a).high for a in agents], self.act_dim)
         self.action_low, self.action_high = low, high
         self.action_space = gym.spaces.Box(low, high, dtype=np.float32)
         flat = self.state_dim + (self.n_agents * self.local_obs_dim if obs_mode == "local" else 0)
@@ -366,15 +416,21 @@ class MaMuJoCoEnv(gym.Env):
         out[self._global_idx] = actions[self._agent_idx, self._slot_idx]
         return out
 
-    def _flat_obs(self, state: np.ndarray) -> np.ndarray:
-        if self.obs_mode == "global":
-            return state.astype(np.float32)
-        local = pad_stack([self.ma._get_obs_agent(i) for i in range(self.n_agents)],
-                          self.local_obs_dim)[0]
-        return np.concatenate([local.reshape(-1), state.astype(np.float32)])
+    def global_to_local_action(self, action: np.ndarray) -> np.ndarray:
+        """The single-agent action vector -> (n_agents, act_dim), zero-padded."""
+        out = np.zeros((self.n_agents, self.act_dim), dtype=np.float32)
+        out[self._agent_idx, self._slot_idx] = action[self._global_idx]
+        return out
 
-    def split_flat(self, flat: np.ndarray) -> Tuple[Optional[np.ndarray], np.ndarray]:
-        """(..., flat) -> local obs (..., n_agents, obs_dim) or None, state (..., state_dim)."""
+    def _flat_obs(self, state: np.ndarray) -> np.ndarray:
+        state = state.astype(np.float32)
+        if self.obs_mode == "global":
+            return state
+        local, _ = pad_stack([self.ma._get_obs_agent(i) for i in range(self.n_agents)], self.local_obs_dim)
+        return np.concatenate([local.reshape(-1), state])
+
+    def split(self, flat: np.ndarray):
+        """(..., flat) -> local observations (..., n_agents, local_obs_dim) or None, state (..., state_dim)."""
         state = flat[..., flat.shape[-1] - self.state_dim:]
         if self.obs_mode == "global":
             return None, state
@@ -387,24 +443,25 @@ class MaMuJoCoEnv(gym.Env):
         return self._flat_obs(state), {}
 
     def step(self, action):
-        # the same transition as ParallelEnv.step (the same single-agent step), without building
-        # the local observations when nobody uses them
-        state, reward, terminated, truncated, _ = self.base.step(
-            self.local_to_global_action(np.asarray(action)))
+        state, reward, terminated, truncated, _ = self.base.step(self.local_to_global_action(np.asarray(action)))
         return self._flat_obs(state), float(reward), bool(terminated), bool(truncated), {}
 
     def close(self):
         self.ma.close()
 
 
-def make_env(task: str, obs_mode: str, agent_obsk: int) -> MaMuJoCoEnv:
-    return MaMuJoCoEnv(task, obs_mode, agent_obsk)
+def make_env(task: str, obs_mode: str, agent_obsk: int, max_episode_steps: int) -> MaMuJoCoEnv:
+    return MaMuJoCoEnv(task, obs_mode, agent_obsk, max_episode_steps)
 
 
 def make_vector_env(args: Args) -> gym.vector.VectorEnv:
-    """SAME_STEP autoreset: the observation returned with done=True is already the next episode's
-    first one (so the next action sees it), the last one is in info["final_obs"]."""
-    fns = [functools.partial(make_env, args.task, args.obs_mode, args.agent_obsk)
+    """num_envs environments through gymnasium's vector API, in worker processes (async_envs).
+
+    Autoreset SAME_STEP: the observation returned with done=True is already the first one of the
+    next episode (so the next action sees it); the last observation of the ended episode is
+    info["final_obs"] (to bootstrap a time limit from V(final state)).
+    """
+    fns = [functools.partial(make_env, args.task, args.obs_mode, args.agent_obsk, args.max_episode_steps)
            for _ in range(args.num_envs)]
     mode = gym.vector.AutoresetMode.SAME_STEP
     if args.async_envs and args.num_envs > 1:
@@ -413,87 +470,99 @@ def make_vector_env(args: Args) -> gym.vector.VectorEnv:
 
 
 class RunningMeanStd:
-    """Running mean/variance (parallel algorithm of Chan et al.), float64, any leading shape."""
+    """Running mean and variance over the leading axis (Chan et al.'s parallel update), float64."""
 
-    def __init__(self, shape=(), epsilon: float = 1e-4):
+    def __init__(self, shape=()):
         self.mean = np.zeros(shape, np.float64)
         self.var = np.ones(shape, np.float64)
-        self.count = epsilon
+        self.count = 1e-4
 
     def update(self, x: np.ndarray) -> None:
-        x = np.asarray(x, np.float64).reshape(-1, *self.mean.shape)
+        x = np.asarray(x, np.float64).reshape((-1,) + self.mean.shape)
         batch_mean, batch_var, batch_count = x.mean(0), x.var(0), x.shape[0]
-        delta = batch_mean - self.mean
-        total = self.count + batch_count
-        self.mean = self.mean + delta * batch_count / total
+        delta, total = batch_mean - self.mean, self.count + batch_count
         m2 = self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total
-        self.var = m2 / total
-        self.count = total
+        self.mean = self.mean + delta * batch_count / total
+        self.var, self.count = m2 / total, total
 
     def state_dict(self) -> dict:
-        return {"mean": torch.as_tensor(self.mean), "var": torch.as_tensor(self.var),
-                "count": float(self.count)}
+        return dict(mean=torch.as_tensor(self.mean), var=torch.as_tensor(self.var), count=float(self.count))
 
-    def load_state_dict(self, d: dict) -> None:
-        self.mean = d["mean"].numpy().astype(np.float64)
-        self.var = d["var"].numpy().astype(np.float64)
-        self.count = float(d["count"])
+    def load_state_dict(self, state: dict) -> None:
+        self.mean = state["mean"].numpy().astype(np.float64)
+        self.var = state["var"].numpy().astype(np.float64)
+        self.count = float(state["count"])
 
 
 class ObsNormalizer:
-    """Input feature normalisation: running mean/std of the global state (and, in local mode, of
-    each agent's local features); padded features stay exactly 0. Observations are clipped to
-    [-clip, clip] after normalisation."""
+    """Input feature normalisation: running mean/std of the global state and, in local mode, of
+    every agent's own local features (padded features stay exactly 0); clipped to [-10, 10].
+    Its statistics are part of the checkpoint: a restored policy sees the inputs it was trained on."""
 
-    def __init__(self, state_dim: int, obs_mask: Optional[np.ndarray], enabled: bool = True,
-                 clip: float = 10.0, eps: float = 1e-8):
-        self.enabled, self.clip, self.eps = enabled, clip, eps
+    def __init__(self, state_dim: int, obs_mask: Optional[np.ndarray], enabled: bool = True, clip: float = 10.0):
+        self.enabled, self.clip = enabled, clip
         self.state_rms = RunningMeanStd((state_dim,))
         self.obs_mask = obs_mask
         self.local_rms = RunningMeanStd(obs_mask.shape) if obs_mask is not None else None
 
     def update(self, local: Optional[np.ndarray], state: np.ndarray) -> None:
-        if not self.enabled:
-            return
-        self.state_rms.update(state)
-        if local is not None:
-            self.local_rms.update(local)
+        if self.enabled:
+            self.state_rms.update(state)
+            if local is not None:
+                self.local_rms.update(local)
 
-    def _norm(self, x: np.ndarray, rms: RunningMeanStd) -> np.ndarray:
+    def _normalize(self, x: np.ndarray, rms: RunningMeanStd) -> np.ndarray:
         if not self.enabled:
             return x.astype(np.float32)
-        return np.clip((x - rms.mean) / np.sqrt(rms.var + self.eps), -self.clip, self.clip).astype(np.float32)
+        return np.clip((x - rms.mean) / np.sqrt(rms.var + 1e-8), -self.clip, self.clip).astype(np.float32)
 
     def state(self, state: np.ndarray) -> np.ndarray:
-        return self._norm(state, self.state_rms)
+        return self._normalize(state, self.state_rms)
 
     def local(self, local: np.ndarray) -> np.ndarray:
-        return self._norm(local, self.local_rms) * self.obs_mask
+        return self._normalize(local, self.local_rms) * self.obs_mask
 
     def state_dict(self) -> dict:
-        d = {"state": self.state_rms.state_dict()}
+        state = dict(state=self.state_rms.state_dict())
         if self.local_rms is not None:
-            d["local"] = self.local_rms.state_dict()
-        return d
+            state["local"] = self.local_rms.state_dict()
+        return state
 
-    def load_state_dict(self, d: dict) -> None:
-        self.state_rms.load_state_dict(d["state"])
+    def load_state_dict(self, state: dict) -> None:
+        self.state_rms.load_state_dict(state["state"])
         if self.local_rms is not None:
-            self.local_rms.load_state_dict(d["local"])
+            self.local_rms.load_state_dict(state["local"])
 
 
-def agent_inputs(local: Optional[np.ndarray], state: np.ndarray, n_agents: int, obs_mode: str,
-                 add_id_local: bool) -> np.ndarray:
-    """Normalised env output -> agent-major actor inputs (n_agents, batch, obs_dim).
-    global: the state plus a one-hot ID for every agent (HARL); local: the padded local
-    observation (plus a one-hot ID for the shared FuPS actor)."""
-    batch = state.shape[0]
-    onehot = np.broadcast_to(np.eye(n_agents, dtype=np.float32)[:, None, :], (n_agents, batch, n_agents))
-    if obs_mode == "global":
-        x = np.broadcast_to(state[None], (n_agents, batch, state.shape[-1]))
-        return np.concatenate([x, onehot], axis=-1)
-    x = np.ascontiguousarray(np.swapaxes(local, 0, 1))
-    return np.concatenate([x, onehot], axis=-1) if add_id_local else x
+def actor_inputs(local_n: Optional[np.ndarray], state_n: np.ndarray, n_agents: int) -> np.ndarray:
+    """Normalised observations -> agent-major actor inputs (n_agents, batch, obs_dim).
+
+    global: [state, one-hot ID] for every agent (HARL). local: the agent's padded local observation
+    (the shared FuPS actor adds the ID itself, as a per-agent first-layer bias)."""
+    if local_n is not None:
+        return np.ascontiguousarray(np.swapaxes(local_n, 0, 1))
+    batch = state_n.shape[0]
+    ids = np.broadcast_to(np.eye(n_agents, dtype=np.float32)[:, None, :], (n_agents, batch, n_agents))
+    return np.concatenate([np.broadcast_to(state_n[None], (n_agents,) + state_n.shape), ids], -1)
+
+
+def actor_obs_dim(args: Args, env: MaMuJoCoEnv) -> int:
+    return env.state_dim + env.n_agents if args.obs_mode == "global" else env.local_obs_dim
+
+
+def rng_to_tensors(states: list) -> dict:
+    """[torch, numpy, python] RNG states as tensors and lists, loadable with weights_only=True."""
+    torch_state, np_state, py_state = states
+    return dict(torch=torch_state.clone(), numpy_keys=torch.as_tensor(np_state[1].astype(np.int64)),
+                numpy_rest=[int(np_state[2]), int(np_state[3]), float(np_state[4])],
+                python=[py_state[0], list(py_state[1]), py_state[2]])
+
+
+def rng_from_tensors(state: dict) -> list:
+    pos, has_gauss, cached = state["numpy_rest"]
+    np_state = ("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached)
+    version, internal, gauss_next = state["python"]
+    return [state["torch"].clone(), np_state, (version, tuple(internal), gauss_next)]
 
 
 # ===== 4. Networks =====
@@ -503,295 +572,276 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     return layer
 
 
-def batched_mlp(x, params, activation=F.relu):
-    """x: (n_agents, batch, in), agent-major; params: [(W (n, in, out), b (n, 1, out)), ...]."""
-    for k, (w, b) in enumerate(params):
-        x = torch.baddbmm(b, x, w)
+def layer_shapes(sizes: list[int]) -> list[tuple[int, int]]:
+    return list(zip(sizes[:-1], sizes[1:]))
+
+
+def num_target_params(sizes: list[int]) -> int:
+    return sum(fan_in * fan_out + fan_out for fan_in, fan_out in layer_shapes(sizes))
+
+
+def target_init_vector(sizes: list[int], gains: list[float]) -> torch.Tensor:
+    """One flattened parameter vector of the target MLP, initialised as PPO would: orthogonal
+    weights with the layer's gain, zero biases (section 4.3)."""
+    chunks = []
+    for (fan_in, fan_out), gain in zip(layer_shapes(sizes), gains):
+        weight = torch.empty(fan_out, fan_in)
+        nn.init.orthogonal_(weight, gain)
+        chunks += [weight.T.flatten(), torch.zeros(fan_out)]
+    return torch.cat(chunks)
+
+
+def unflatten_params(theta: torch.Tensor, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(..., m) flat parameters -> [(W (..., fan_in, fan_out), b (..., 1, fan_out)) per layer]."""
+    params, offset = [], 0
+    for fan_in, fan_out in layer_shapes(sizes):
+        weight = theta[..., offset: offset + fan_in * fan_out].unflatten(-1, (fan_in, fan_out))
+        offset += fan_in * fan_out
+        bias = theta[..., offset: offset + fan_out].unsqueeze(-2)
+        offset += fan_out
+        params.append((weight, bias))
+    return params
+
+
+def batched_mlp(x: torch.Tensor, params, activation) -> torch.Tensor:
+    """All agents' networks in one batched matmul per layer.
+
+    x: (n_agents, batch, fan_in), agent-major. W: (n_agents, fan_in, fan_out) is shared by the
+    agent's whole batch; (n_agents, batch, fan_in, fan_out) only for per-sample weights (the
+    agent+obs ablation).
+    """
+    for k, (weight, bias) in enumerate(params):
+        if weight.dim() == 3:
+            x = torch.baddbmm(bias, x, weight)
+        else:
+            x = (x.unsqueeze(-2) @ weight + bias).squeeze(-2)
         if k < len(params) - 1:
             x = activation(x)
     return x
 
 
-def _layer_gains(n_layers: int, out_gain: float) -> List[float]:
-    return [float(np.sqrt(2))] * (n_layers - 1) + [out_gain]
-
-
-def orthogonal_params(layer_sizes, n: int, out_gain: float) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """n independent orthogonally initialised MLPs: [(W (n, in, out), b zeros (n, 1, out))]."""
-    out = []
-    gains = _layer_gains(len(layer_sizes) - 1, out_gain)
-    for (fan_in, fan_out), gain in zip(zip(layer_sizes[:-1], layer_sizes[1:]), gains):
-        w = torch.empty(n, fan_in, fan_out)
-        for i in range(n):
-            nn.init.orthogonal_(w[i], gain)
-        out.append((w, torch.zeros(n, 1, fan_out)))
-    return out
-
-
-def _n_target_params(layer_sizes) -> int:
-    return sum(i * o + o for i, o in zip(layer_sizes[:-1], layer_sizes[1:]))
-
-
-def _unflatten_params(flat: torch.Tensor, layer_sizes):
-    """flat (n, m) -> [(W (n, in, out), b (n, 1, out))]."""
-    out, k = [], 0
-    for fan_in, fan_out in zip(layer_sizes[:-1], layer_sizes[1:]):
-        w = flat[:, k: k + fan_in * fan_out].reshape(-1, fan_in, fan_out)
-        k += fan_in * fan_out
-        b = flat[:, k: k + fan_out].reshape(-1, 1, fan_out)
-        k += fan_out
-        out.append((w, b))
-    return out
-
-
-def _flat_orthogonal_columns(layer_sizes, n_cols: int, out_gain: float) -> torch.Tensor:
-    """(m, n_cols): each column is one flattened orthogonally initialised target network with
-    zero biases (the "initialisation scaling" of section 4.3)."""
-    cols = []
-    for w, b in orthogonal_params(layer_sizes, n_cols, out_gain):
-        cols.append(w.reshape(n_cols, -1))
-        cols.append(b.reshape(n_cols, -1))
-    return torch.cat(cols, dim=1).T.contiguous()
-
-
-class NoPSNet(nn.Module):
-    """Independent per-agent networks, stored stacked for one batched forward."""
-
-    def __init__(self, n_agents, layer_sizes, out_gain):
-        super().__init__()
-        self.layer_sizes = list(layer_sizes)
-        params = orthogonal_params(layer_sizes, n_agents, out_gain)
-        self.weights = nn.ParameterList([nn.Parameter(w) for w, _ in params])
-        self.biases = nn.ParameterList([nn.Parameter(b) for _, b in params])
-
-    def params(self, agent_ids=None):
-        if agent_ids is None:
-            return list(zip(self.weights, self.biases))
-        return [(w[agent_ids], b[agent_ids]) for w, b in zip(self.weights, self.biases)]
-
-
-class FuPSNet(nn.Module):
-    """One shared network (the agent ID is part of its input)."""
-
-    def __init__(self, layer_sizes, out_gain):
-        super().__init__()
-        self.layer_sizes = list(layer_sizes)
-        params = orthogonal_params(layer_sizes, 1, out_gain)
-        self.weights = nn.ParameterList([nn.Parameter(w) for w, _ in params])
-        self.biases = nn.ParameterList([nn.Parameter(b) for _, b in params])
-
-    def params(self, agent_ids=None):
-        return list(zip(self.weights, self.biases))
-
-
 class LinearHypernet(nn.Module):
-    """Eq. (5): theta_i = 1_i W + b, one-hot agent ID in, flattened target params out."""
+    """Eq. (5): theta_i = 1_i W + b, a one-hot agent ID into one linear layer.
 
-    def __init__(self, n_agents, layer_sizes, out_gain, init="scaled", shared_bias=False):
+    Row i of W is agent i's whole flattened network; b is shared by all agents. With
+    shared_bias=False this is exactly n independent networks (each agent's gradient only reaches
+    its own row). obs_dim > 0 is the ablation without gradient decoupling: the input becomes
+    [1_i, o] and the weights are generated per sample.
+    """
+
+    def __init__(self, n_agents, sizes, gains, init="scaled", shared_bias=True, obs_dim=0):
         super().__init__()
-        self.n_agents, self.layer_sizes = n_agents, list(layer_sizes)
-        m = _n_target_params(layer_sizes)
-        self.head = nn.Linear(n_agents, m, bias=shared_bias)
-        if init == "scaled":
+        self.n_agents, self.sizes, self.obs_dim = n_agents, list(sizes), obs_dim
+        self.head = nn.Linear(n_agents + obs_dim, num_target_params(sizes), bias=shared_bias)
+        self.register_buffer("ids", torch.eye(n_agents))
+        if init == "scaled":  # section 4.3: every agent starts with its own orthogonal network
             with torch.no_grad():
-                # column i = agent i's flattened orthogonal target params
-                self.head.weight.copy_(_flat_orthogonal_columns(layer_sizes, n_agents, out_gain))
+                self.head.weight.zero_()
+                for i in range(n_agents):
+                    self.head.weight[:, i] = target_init_vector(sizes, gains)
                 if shared_bias:
                     self.head.bias.zero_()
 
-    def params(self, agent_ids=None):
-        eye = torch.eye(self.n_agents, device=self.head.weight.device)
-        ids = eye if agent_ids is None else eye[agent_ids]
-        return _unflatten_params(self.head(ids), self.layer_sizes)
+    def forward(self, obs=None):
+        if self.obs_dim == 0:
+            theta = self.head(self.ids)  # (n_agents, m): generated once, used for every sample
+        else:
+            ids = self.ids.unsqueeze(1).expand(-1, obs.shape[1], -1)
+            theta = self.head(torch.cat([ids, obs], -1))  # (n_agents, batch, m)
+        return unflatten_params(theta, self.sizes)
 
 
 class MLPHypernet(nn.Module):
-    """Eq. (6): theta_i = f(g(e_i)), learned orthogonal agent embeddings (or one-hot), ReLU MLP g,
-    L2-normalised hidden features, linear head f whose columns are flattened target networks."""
+    """Eq. (6): theta_i = f(g(e_i)), an MLP g on the agent embedding e_i, then a linear head f.
 
-    def __init__(self, n_agents, layer_sizes, out_gain, embedding_dim=64, hidden_dims=(64,),
-                 embedding="learned", init="scaled", context_dim=0):
+    Embeddings are learned and orthogonally initialised (section 4.2), or fixed one-hot IDs.
+    Section 4.3 (initialisation scaling): every column of the head is a flattened target network
+    with PPO's orthogonal init, and g's output is normalised to unit length, so each generated
+    network f(g(e_i)) is a unit-norm mix of orthogonal networks: the same scale as the target's
+    init, whatever the embedding.
+    """
+
+    def __init__(self, n_agents, sizes, gains, embedding_dim, hidden_dims, embedding="learned",
+                 init="scaled", obs_dim=0):
         super().__init__()
-        self.n_agents, self.layer_sizes = n_agents, list(layer_sizes)
+        self.sizes, self.obs_dim = list(sizes), obs_dim
         if embedding == "learned":
-            emb = torch.empty(n_agents, embedding_dim)
-            nn.init.orthogonal_(emb)
-            self.embedding = nn.Parameter(emb)
+            self.embedding = nn.Parameter(nn.init.orthogonal_(torch.empty(n_agents, embedding_dim)))
         else:
             self.register_buffer("embedding", torch.eye(n_agents))
-        in_dim = self.embedding.shape[1] + context_dim
-        layers = []
-        for h in hidden_dims:
-            layers += [nn.Linear(in_dim, h), nn.ReLU()]
-            in_dim = h
-        self.body = nn.Sequential(*layers)
-        m = _n_target_params(layer_sizes)
-        self.head = nn.Linear(in_dim, m)
+        layers, width = [], self.embedding.shape[1] + obs_dim
+        for hidden in hidden_dims:
+            layers += [layer_init(nn.Linear(width, hidden)), nn.ReLU()]
+            width = hidden
+        self.trunk = nn.Sequential(*layers)
+        self.head = nn.Linear(width, num_target_params(sizes))
         if init == "scaled":
             with torch.no_grad():
-                self.head.weight.copy_(_flat_orthogonal_columns(layer_sizes, in_dim, out_gain))
+                for k in range(width):
+                    self.head.weight[:, k] = target_init_vector(sizes, gains)
                 self.head.bias.zero_()
 
-    def features(self, agent_ids=None, context=None):
-        e = self.embedding if agent_ids is None else self.embedding[agent_ids]
-        if context is not None:  # (k, batch, context_dim): per-sample input (w/o GD ablation)
-            e = torch.cat([e[:, None, :].expand(-1, context.shape[1], -1), context], dim=-1)
-        return F.normalize(self.body(e), dim=-1)
-
-    def params(self, agent_ids=None):
-        return _unflatten_params(self.head(self.features(agent_ids)), self.layer_sizes)
-
-    def per_sample_mlp(self, x, agent_ids=None, activation=F.relu):
-        """The w/o GD ablation: theta depends on (e_i, o): out = x W(z) + b(z) with z the hidden
-        features of (e_i, o) and W(z) = reshape(head(z)). Computed as sum_m z_m (x H_m) so the
-        per-sample weights are never materialised (same result, memory batch*out*hidden)."""
-        z = self.features(agent_ids, x)  # (k, B, H)
-        hw, hb = self.head.weight, self.head.bias  # (m, H), (m,)
-        k_off = 0
-        for li, (fan_in, fan_out) in enumerate(zip(self.layer_sizes[:-1], self.layer_sizes[1:])):
-            w_h = hw[k_off: k_off + fan_in * fan_out].reshape(fan_in, fan_out, -1)
-            w_b = hb[k_off: k_off + fan_in * fan_out].reshape(fan_in, fan_out)
-            k_off += fan_in * fan_out
-            b_h = hw[k_off: k_off + fan_out]
-            b_b = hb[k_off: k_off + fan_out]
-            k_off += fan_out
-            xh = torch.einsum("kbi,ioh->kboh", x, w_h)
-            x = torch.einsum("kboh,kbh->kbo", xh, z) + x @ w_b + z @ b_h.T + b_b
-            if li < len(self.layer_sizes) - 2:
-                x = activation(x)
-        return x
+    def forward(self, obs=None):
+        z = self.embedding
+        if self.obs_dim:
+            z = torch.cat([z.unsqueeze(1).expand(-1, obs.shape[1], -1), obs], -1)
+        features = F.normalize(self.trunk(z), dim=-1)
+        return unflatten_params(self.head(features), self.sizes)
 
 
-# ===== 5. Metrics =====
-def gaussian_js_distance(mu_p, std_p, mu_q, std_q, n_samples: int = 64, generator=None):
-    """Monte-Carlo Jensen-Shannon distance (base 2, in [0, 1]) between diagonal Gaussians;
-    inputs (..., d); returns (...)."""
-    p, q = torch.distributions.Normal(mu_p, std_p), torch.distributions.Normal(mu_q, std_q)
+class SharedNet(nn.Module):
+    """FuPS: one network for every agent, input [o, 1_i] (use_id) or o alone.
 
-    def kl_to_mixture(dist):
-        x = dist.sample((n_samples,))
-        lp, lq = p.log_prob(x).sum(-1), q.log_prob(x).sum(-1)
-        own = dist.log_prob(x).sum(-1)
-        lm = torch.logaddexp(lp, lq) - np.log(2.0)
-        return (own - lm).mean(0)
+    [o, 1_i] W = o W_obs + W_id[i]: the ID only adds a per-agent bias to the first layer, so the
+    one-hot vector is never materialised.
+    """
 
-    js = 0.5 * (kl_to_mixture(p) + kl_to_mixture(q)) / np.log(2.0)
-    return js.clamp(0.0, 1.0).sqrt()
+    def __init__(self, n_agents, sizes, gains, use_id=True):
+        super().__init__()
+        self.n_agents, self.use_id = n_agents, use_id
+        first_in = sizes[0] + (n_agents if use_id else 0)
+        dims = [first_in] + list(sizes[1:])
+        self.layers = nn.ModuleList(layer_init(nn.Linear(i, o), g) for (i, o), g in zip(layer_shapes(dims), gains))
 
-
-def snd_gaussian(mu, std, n_samples: int = 64):
-    """SND (Eq. 9): mean pairwise Jensen-Shannon distance between the agents' action
-    distributions on the same joint samples; mu, std: (n_agents, batch, d)."""
-    n = mu.shape[0]
-    if n < 2:
-        return 0.0
-    i, j = torch.triu_indices(n, n, offset=1)
-    d = gaussian_js_distance(mu[i], std[i], mu[j], std[j], n_samples)
-    return float(d.mean())
+    def forward(self, obs=None):
+        n, params = self.n_agents, []
+        for k, layer in enumerate(self.layers):
+            weight = layer.weight.T
+            bias = layer.bias.expand(n, -1)
+            if k == 0 and self.use_id:
+                weight, id_rows = weight[: -n], weight[-n:]
+                bias = bias + id_rows  # row i of W_id is agent i's extra bias
+            params.append((weight.expand(n, -1, -1), bias.unsqueeze(1)))
+        return params
 
 
-def grad_stats(grads: List[torch.Tensor]) -> Tuple[float, float]:
-    """Variance across all entries of one minibatch's actor gradient (the paper's gradient
-    variance) and its L2 norm."""
-    n = sum(g.numel() for g in grads)
-    s1 = sum(float(g.sum()) for g in grads)
-    s2 = sum(float(torch.linalg.vector_norm(g)) ** 2 for g in grads)
-    var = (s2 - s1 * s1 / n) / max(n - 1, 1)
-    return float(var), float(np.sqrt(s2))
+class IndependentNets(nn.Module):
+    """NoPS: one network per agent, stored stacked (n_agents, fan_in, fan_out) for one batched matmul."""
+
+    def __init__(self, n_agents, sizes, gains):
+        super().__init__()
+        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        for (fan_in, fan_out), gain in zip(layer_shapes(sizes), gains):
+            weight = torch.empty(n_agents, fan_out, fan_in)
+            for i in range(n_agents):
+                nn.init.orthogonal_(weight[i], gain)
+            self.weights.append(nn.Parameter(weight.transpose(1, 2).contiguous()))
+            self.biases.append(nn.Parameter(torch.zeros(n_agents, 1, fan_out)))
+
+    def forward(self, obs=None):
+        return list(zip(self.weights, self.biases))
 
 
-def interference(per_agent_grads: List[torch.Tensor]) -> float:
-    """Mean pairwise cosine similarity of per-agent actor gradients (flattened)."""
-    g = torch.stack(per_agent_grads)
-    g = F.normalize(g, dim=1)
-    sim = g @ g.T
-    n = g.shape[0]
-    if n < 2:
-        return 1.0
-    return float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
+def make_generator(args: Args, family: str, n_agents: int, sizes: list[int], gains: list[float]) -> nn.Module:
+    """The module that yields every agent's (W, b) for one network (actor or critic)."""
+    obs_dim = sizes[0] if getattr(args, "hypernet_input", None) == "agent+obs" else 0
+    if family == "mlp":
+        return MLPHypernet(n_agents, sizes, gains, args.hypernet_embedding_dim, args.hypernet_hidden_dims,
+                           args.hypernet_embedding, args.hypernet_init, obs_dim)
+    if family == "linear":
+        return LinearHypernet(n_agents, sizes, gains, args.hypernet_init, obs_dim=obs_dim)
+    if family == "fups":
+        return SharedNet(n_agents, sizes, gains, use_id=True)
+    if family == "nops":
+        return IndependentNets(n_agents, sizes, gains)
+    raise ValueError(family)
 
 
-# ===== 6. Algorithm =====
-LOG_2PI = float(np.log(2 * np.pi))
+class PerAgentMLP(nn.Module):
+    """One network per agent, whatever the family: x (n_agents, batch, in) -> (n_agents, batch, out)."""
+
+    def __init__(self, args, family, n_agents, sizes, gains, activation):
+        super().__init__()
+        self.generator = make_generator(args, family, n_agents, sizes, gains)
+        self.activation = activation
+        self.per_sample = getattr(args, "hypernet_input", None) == "agent+obs" and family in ("mlp", "linear")
+
+    def generate(self, x=None):
+        """Every agent's (W, b); None for per-sample weights, which forward() makes from x."""
+        return None if self.per_sample else self.generator()
+
+    def forward(self, x, params=None):
+        if params is None:
+            params = self.generator(x if self.per_sample else None)
+        return batched_mlp(x, params, self.activation)
 
 
-class Actor(nn.Module):
-    """Gaussian actor of one family. Means from a batched per-agent MLP whose parameters come
-    from the family; std = sigmoid(log_std / x) * y (HARL), one log_std vector per agent (one
-    shared for FuPS). Padded action dims are masked out of log-probs and entropies."""
+def select_agents(params, agent_ids):
+    """Every agent's (W, b) -> those of agent_ids (HAPPO updates one agent at a time)."""
+    return [(w[agent_ids], b[agent_ids]) for w, b in params]
+
+
+class GaussianActor(nn.Module):
+    """Every agent's Gaussian policy: means from the family's per-agent networks (HyperMARL MLP or
+    linear hypernetwork, shared FuPS, independent), std = sigmoid(log_std / x) * y (HARL's
+    bounded std), log_std one vector per agent for independent actors and one shared otherwise.
+    Padded action dimensions are left out of log-probabilities and entropies."""
 
     def __init__(self, args: Args, n_agents: int, obs_dim: int, act_dim: int, act_mask: np.ndarray):
         super().__init__()
-        self.family, self.n_agents = args.actor, n_agents
-        sizes = [obs_dim, *args.hidden_sizes, act_dim]
-        self.per_sample = args.actor == "mlp" and args.hypernet_input == "agent+obs"
-        if args.actor == "ind":
-            self.net = NoPSNet(n_agents, sizes, out_gain=0.01)
-        elif args.actor == "fups":
-            self.net = FuPSNet(sizes, out_gain=0.01)
-        elif args.actor == "linear":
-            self.net = LinearHypernet(n_agents, sizes, out_gain=0.01, init=args.hypernet_init)
-        else:
-            self.net = MLPHypernet(n_agents, sizes, out_gain=0.01,
-                                   embedding_dim=args.hypernet_embedding_dim,
-                                   hidden_dims=args.hypernet_hidden_dims,
-                                   embedding=args.hypernet_embedding, init=args.hypernet_init,
-                                   context_dim=obs_dim if self.per_sample else 0)
-        n_std = 1 if args.actor == "fups" else n_agents
-        self.log_std = nn.Parameter(torch.full((n_std, 1, act_dim), float(args.std_x_coef)))
+        sizes = [obs_dim] + list(args.actor_hidden_dims) + [act_dim]
+        gains = [np.sqrt(2)] * len(args.actor_hidden_dims) + [0.01]
+        self.net = PerAgentMLP(args, FAMILY_OF_ACTOR[args.actor], n_agents, sizes, gains, torch.relu)
+        if args.actor == "fups" and args.obs_mode == "global":
+            self.net.generator = SharedNet(n_agents, sizes, gains, use_id=False)  # the ID is in the input
+        self.n_agents, self.independent = n_agents, args.actor == "ind"
+        self.log_std = nn.Parameter(torch.full((n_agents if self.independent else 1, 1, act_dim), float(args.std_x_coef)))
         self.std_x, self.std_y = args.std_x_coef, args.std_y_coef
-        self.register_buffer("act_mask", torch.as_tensor(act_mask, dtype=torch.float32)[:, None, :])
+        self.register_buffer("act_mask", torch.as_tensor(act_mask, dtype=torch.float32).unsqueeze(1))
 
-    def params(self, agent_ids=None):
-        """Generated/stacked target-network params (None for the per-sample ablation)."""
-        return None if self.per_sample else self.net.params(agent_ids)
+    def generate(self):
+        """Every agent's weights, generated once per rollout or minibatch (None: per-sample ablation)."""
+        return self.net.generate()
 
-    def dist(self, x, agent_ids=None, params=None):
-        """x: (k, batch, obs_dim) for all agents (k = n) or agent_ids -> mean, std (k, batch, a)."""
-        if self.per_sample:
-            mean = self.net.per_sample_mlp(x, agent_ids)
+    def forward(self, x, params=None, agent_ids=None):
+        """x (k, batch, obs_dim) for all agents (k = n) or for agent_ids -> mean, std (k, batch, act_dim)."""
+        if agent_ids is None:
+            mean = self.net(x, params)
+        elif self.net.per_sample:  # weights depend on all agents' inputs: run all, keep agent_ids
+            raise ValueError("select agents of a per-sample network after the forward pass")
         else:
-            params = self.params(agent_ids) if params is None else params
-            if params[0][0].shape[0] == 1 and x.shape[0] > 1:  # shared network: one big batch
-                k, b = x.shape[:2]
-                mean = batched_mlp(x.reshape(1, k * b, -1), params).reshape(k, b, -1)
-            else:
-                mean = batched_mlp(x, params)
-        log_std = self.log_std
-        if log_std.shape[0] > 1 and agent_ids is not None:
-            log_std = log_std[agent_ids]
+            mean = batched_mlp(x, select_agents(params if params is not None else self.generate(), agent_ids),
+                               torch.relu)
+        log_std = self.log_std[agent_ids] if (self.independent and agent_ids is not None) else self.log_std
         std = torch.sigmoid(log_std / self.std_x) * self.std_y
         return mean, std.expand_as(mean)
 
-    def mask(self, agent_ids=None):
-        return self.act_mask if agent_ids is None else self.act_mask[agent_ids]
-
-    def log_prob_entropy(self, x, actions, agent_ids=None, params=None):
-        mean, std = self.dist(x, agent_ids, params)
-        m = self.mask(agent_ids)
-        log_std = std.log()
-        logp = -0.5 * ((actions - mean) / std) ** 2 - log_std - 0.5 * LOG_2PI
-        ent = 0.5 + 0.5 * LOG_2PI + log_std
-        return (logp * m).sum(-1), (ent * m).sum(-1)
+    def log_prob_entropy(self, x, actions, params=None, agent_ids=None):
+        """Log-probabilities and entropies (k, batch), over the real action dimensions only."""
+        if agent_ids is not None and self.net.per_sample:
+            raise ValueError("per-sample networks: use log_prob_entropy_of")
+        mean, std = self(x, params, agent_ids)
+        mask = self.act_mask if agent_ids is None else self.act_mask[agent_ids]
+        return masked_gaussian_log_prob_entropy(mean, std, actions, mask)
 
 
-class Critic(nn.Module):
-    """Centralised critics V_c(s) on the global state: n_critics non-shared networks (one per
-    agent for MAPPO), batched; outputs are in value-normalised space."""
+def masked_gaussian_log_prob_entropy(mean, std, actions, mask):
+    log_std = torch.log(std)
+    logprob = -((actions - mean) ** 2) / (2 * std**2) - log_std - 0.5 * math.log(2 * math.pi)
+    entropy = 0.5 + 0.5 * math.log(2 * math.pi) + log_std
+    return (logprob * mask).sum(-1), (entropy * mask).sum(-1)
+
+
+class CentralCritics(nn.Module):
+    """n_critics centralised critics V_c(s) on the global state, non-shared (independent weights,
+    one batched matmul per layer); outputs are in value-normalised units."""
 
     def __init__(self, args: Args, n_critics: int, state_dim: int):
         super().__init__()
-        self.n = n_critics
-        self.net = NoPSNet(n_critics, [state_dim, *args.hidden_sizes, 1], out_gain=1.0)
+        sizes = [state_dim] + list(args.critic_hidden_dims) + [1]
+        gains = [np.sqrt(2)] * len(args.critic_hidden_dims) + [1.0]
+        self.n_critics = n_critics
+        self.nets = IndependentNets(n_critics, sizes, gains)
 
     def forward(self, state):  # (batch, state_dim) -> (n_critics, batch)
-        x = state[None].expand(self.n, -1, -1)
-        return batched_mlp(x, self.net.params()).squeeze(-1)
+        return batched_mlp(state.unsqueeze(0).expand(self.n_critics, -1, -1), self.nets(), torch.relu).squeeze(-1)
 
 
 class ValueNorm(nn.Module):
-    """HARL's ValueNorm: debiased exponential moving mean / mean-square (beta 0.99999), one per
-    critic; normalize/denormalize value targets. Updated once per iteration with the returns."""
+    """HARL's ValueNorm (use_popart): debiased exponential moving mean and mean square (beta
+    0.99999) of the value targets, one per critic. HARL updates it inside every critic minibatch;
+    here it is updated once per update with all the targets (the same statistics up to the
+    weighting of a near-uniform running average)."""
 
     def __init__(self, n: int, beta: float = 0.99999, epsilon: float = 1e-5, enabled: bool = True):
         super().__init__()
@@ -800,302 +850,494 @@ class ValueNorm(nn.Module):
         self.register_buffer("running_mean_sq", torch.zeros(n, dtype=torch.float64))
         self.register_buffer("debiasing_term", torch.zeros((), dtype=torch.float64))
 
-    def _mean_var(self):
-        d = self.debiasing_term.clamp(min=self.epsilon)
-        mean, mean_sq = self.running_mean / d, self.running_mean_sq / d
+    def mean_var(self):
+        debias = self.debiasing_term.clamp(min=self.epsilon)
+        mean, mean_sq = self.running_mean / debias, self.running_mean_sq / debias
         return mean, (mean_sq - mean**2).clamp(min=1e-2)
 
     @torch.no_grad()
-    def update(self, x):  # x: (n, batch)
-        if not self.enabled:
-            return
-        x = x.double()
-        self.running_mean.mul_(self.beta).add_(x.mean(1) * (1 - self.beta))
-        self.running_mean_sq.mul_(self.beta).add_((x**2).mean(1) * (1 - self.beta))
-        self.debiasing_term.mul_(self.beta).add_(1 - self.beta)
+    def update(self, targets):  # (n, batch)
+        if self.enabled:
+            targets = targets.double()
+            self.running_mean.mul_(self.beta).add_(targets.mean(1) * (1 - self.beta))
+            self.running_mean_sq.mul_(self.beta).add_((targets**2).mean(1) * (1 - self.beta))
+            self.debiasing_term.mul_(self.beta).add_(1 - self.beta)
 
-    def normalize(self, x):  # (n, ...) raw -> normalised
+    def normalize(self, x):  # (n, ...)
         if not self.enabled:
             return x
-        mean, var = self._mean_var()
+        mean, var = self.mean_var()
         shape = (-1,) + (1,) * (x.dim() - 1)
-        return ((x - mean.view(shape).to(x.dtype)) / var.sqrt().view(shape).to(x.dtype))
+        return (x - mean.view(shape).to(x.dtype)) / var.sqrt().view(shape).to(x.dtype)
 
     def denormalize(self, x):
         if not self.enabled:
             return x
-        mean, var = self._mean_var()
+        mean, var = self.mean_var()
         shape = (-1,) + (1,) * (x.dim() - 1)
         return x * var.sqrt().view(shape).to(x.dtype) + mean.view(shape).to(x.dtype)
 
 
-def compute_gae(rewards, values, next_value, dones, gamma, lam):
-    """rewards, values: (T, C, E) raw scale (bootstrap of truncated steps already in rewards);
-    next_value (C, E); dones (T, E): 1 where the episode ended at step t (the next value then
-    belongs to a new episode). Returns advantages, returns (T, C, E)."""
-    T = rewards.shape[0]
-    adv = torch.zeros_like(rewards)
-    last = torch.zeros_like(next_value)
-    for t in reversed(range(T)):
-        nv = next_value if t == T - 1 else values[t + 1]
-        nonterminal = 1.0 - dones[t]
-        delta = rewards[t] + gamma * nv * nonterminal - values[t]
-        last = delta + gamma * lam * nonterminal * last
-        adv[t] = last
-    return adv, adv + values
+# ===== 5. Metrics =====
+def js_distance_categorical(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon distance in base 2 (in [0, 1]) between categorical distributions (..., k)."""
+    m = 0.5 * (p + q)
+
+    def kl(a, b):
+        return torch.where(a > 0, a * (torch.log2(a) - torch.log2(b.clamp_min(1e-30))), torch.zeros_like(a)).sum(-1)
+
+    return (0.5 * kl(p, m) + 0.5 * kl(q, m)).clamp(0.0, 1.0).sqrt()
 
 
-def huber(x, delta):
-    a = x.abs()
-    return torch.where(a <= delta, 0.5 * x**2, delta * (a - 0.5 * delta))
+def js_distance_gaussian(mu1, std1, mu2, std2, n_samples=64, generator=None) -> torch.Tensor:
+    """Jensen-Shannon distance in base 2 between diagonal Gaussians (..., d), by Monte Carlo.
+
+    JSD = 1/2 E_p[log p - log m] + 1/2 E_q[log q - log m], m = (p + q) / 2, each expectation
+    estimated with n_samples antithetic draws (x = mu +- std * z). There is no closed form; the
+    estimate is unbiased for the divergence and its error falls as 1/sqrt(n_samples) (identical
+    Gaussians give exactly 0).
+    """
+    half = max(n_samples // 2, 1)
+    z = torch.randn((half,) + mu1.shape, generator=generator, device=mu1.device, dtype=mu1.dtype)
+    z = torch.cat([z, -z])
+
+    def log_density(x, mu, std):
+        return (-0.5 * ((x - mu) / std) ** 2 - torch.log(std) - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def half_term(mu, std, mu_other, std_other):  # E_{x ~ f}[log f(x) - log m(x)]
+        x = mu + std * z
+        d = log_density(x, mu_other, std_other) - log_density(x, mu, std)
+        # log m - log f = log((1 + e^d) / 2), written to be exactly 0 when the densities agree
+        log_ratio = torch.where(d > 30, d - math.log(2.0), torch.log1p(torch.expm1(d.clamp(max=30)) / 2))
+        return -log_ratio.mean(0)
+
+    jsd_bits = (0.5 * half_term(mu1, std1, mu2, std2) + 0.5 * half_term(mu2, std2, mu1, std1)) / math.log(2.0)
+    return jsd_bits.clamp(0.0, 1.0).sqrt()
 
 
-def value_loss_fn(values, old_values, returns_norm, clip, delta, clip_vloss):
-    """HARL cal_value_loss: Huber loss on normalised targets, max of clipped and unclipped."""
-    loss = huber(returns_norm - values, delta)
-    if clip_vloss:
-        clipped = old_values + (values - old_values).clamp(-clip, clip)
-        loss = torch.max(loss, huber(returns_norm - clipped, delta))
-    return loss.mean(-1)  # per critic
+def system_neural_diversity(dist, discrete: bool, n_samples=64, generator=None) -> float:
+    """Eq. (9): mean Jensen-Shannon distance over agent pairs and observations.
+
+    dist: every agent's policy on the SAME observations, logits (n_agents, batch, k) or
+    (mean, std) each (n_agents, batch, d).
+    """
+    n = (dist if discrete else dist[0]).shape[0]
+    i, j = torch.triu_indices(n, n, offset=1)
+    dist = dist.detach() if discrete else (dist[0].detach(), dist[1].detach())
+    if discrete:
+        probs = torch.softmax(dist, -1)
+        distances = js_distance_categorical(probs[i], probs[j])
+    else:
+        mean, std = dist
+        distances = js_distance_gaussian(mean[i], std[i], mean[j], std[j], n_samples, generator)
+    return float(distances.mean())
 
 
-def ppo_actor_loss(new_logp, old_logp, adv, clip, factor=None):
-    """Clipped surrogate (per agent, mean over samples); HAPPO multiplies by the factor of the
-    agents updated before (Zhong et al. 2024, HARL's happo.py)."""
+def flat_grad(params) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in params if p.grad is not None])
+
+
+def gradient_interference(per_agent_loss: torch.Tensor, params) -> float:
+    """Mean pairwise cosine similarity between the agents' gradients on the shared parameters.
+
+    Gradient i is d(loss_i)/d(all actor parameters): its cosine with gradient j is 0 when the two
+    agents touch disjoint parameters (NoPS), positive when their updates agree and negative when
+    they conflict. All n gradients come from one batched backward pass.
+    """
+    n = per_agent_loss.shape[0]
+    grads = torch.autograd.grad(per_agent_loss, params, grad_outputs=torch.eye(n, device=per_agent_loss.device),
+                                is_grads_batched=True, retain_graph=True, allow_unused=True)
+    flat = torch.cat([g.reshape(n, -1) for g in grads if g is not None], 1)
+    unit = F.normalize(flat, dim=1)
+    cosine = unit @ unit.T
+    return float(cosine[~torch.eye(n, dtype=torch.bool, device=cosine.device)].mean())
+
+
+def common_action_dims(mean, std, act_mask):
+    """SND compares the agents on the action dimensions they all have (padding is at the end): all
+    of them where action sizes are equal, the first 8 for Humanoid-9|8. A padded dimension would
+    otherwise count as diversity."""
+    common = int(act_mask.sum(-1).min())
+    return mean[..., :common], std[..., :common]
+
+
+# ===== 6. Algorithm =====
+def compute_gae(rewards, values, next_values, terminated, dones, gamma, gae_lambda):
+    """Generalised advantage estimation over a (T, ...) rollout.
+
+    next_values[t] is V(s_{t+1}) for the true next state: at a time limit, the value of the final
+    observation (bootstrap); at termination it is multiplied by 0. dones stops the recursion at
+    every episode end, whatever its cause.
+    """
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[0])
+    for t in reversed(range(rewards.shape[0])):
+        delta = rewards[t] + gamma * next_values[t] * (1.0 - terminated[t]) - values[t]
+        last = delta + gamma * gae_lambda * (1.0 - dones[t]) * last
+        advantages[t] = last
+    return advantages, advantages + values
+
+
+def huber_loss(error, delta):
+    abs_error = error.abs()
+    return torch.where(abs_error <= delta, 0.5 * error**2, delta * (abs_error - 0.5 * delta))
+
+
+def value_loss(values, old_values, targets_n, args: Args):
+    """HARL's cal_value_loss, per critic: Huber loss against the normalised targets, the larger of
+    the clipped and the unclipped loss (use_clipped_value_loss)."""
+    loss = huber_loss(targets_n - values, args.huber_delta)
+    if args.clip_vloss:
+        clipped = old_values + (values - old_values).clamp(-args.clip_coef, args.clip_coef)
+        loss = torch.max(loss, huber_loss(targets_n - clipped, args.huber_delta))
+    return loss.mean(-1)
+
+
+def clipped_surrogate(new_logp, old_logp, advantages, clip_coef, factor=None):
+    """PPO's clipped objective as a loss, per agent (k, batch) -> (k,); HAPPO weights each sample by
+    `factor`, the ratio product of the agents updated before (HARL's happo.py)."""
     ratio = torch.exp(new_logp - old_logp)
-    surr = torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+    surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
     if factor is not None:
-        surr = factor * surr
-    return -surr.mean(-1), ratio
+        surrogate = factor * surrogate
+    return -surrogate.mean(-1), ratio
 
 
 def happo_factor(factor, new_logp, old_logp):
-    """HAPPO: M^{i_{1:m}} = M^{i_{1:m-1}} * pi_new^{i_m} / pi_old^{i_m} (joint over the agent's
-    action dims: HARL's action_aggregation=prod), no gradient."""
+    """M^{i_1:m} = M^{i_1:m-1} * pi_new^{i_m}(a|o) / pi_old^{i_m}(a|o), joint over the agent's action
+    dimensions (HARL's action_aggregation=prod), without gradient."""
     return (factor * torch.exp(new_logp - old_logp)).detach()
 
 
-def clip_grad_per_row(params, max_norm: float, n_rows: int):
-    """Clip each agent's slice (leading dim n_rows) separately: independent networks trained as
-    if by separate optimisers (HARL clips each actor/critic on its own)."""
-    sq = torch.zeros(n_rows)
+class PerAgentAdam(torch.optim.Optimizer):
+    """Adam on parameters stacked over agents (leading dimension n): exactly n separate Adam
+    optimisers, each with its own step count (HARL gives every independent actor its own).
+    step(agents) moves only those agents' slices and state: HAPPO's sequential updates must not
+    let one agent's momentum keep moving the agents already updated."""
+
+    def __init__(self, params, n_agents: int, lr: float, eps: float = 1e-8, betas=(0.9, 0.999)):
+        super().__init__(params, dict(lr=lr, eps=eps, betas=betas))
+        self.n_agents = n_agents
+
+    @torch.no_grad()
+    def step(self, agents=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros(self.n_agents, dtype=torch.float64, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                idx = slice(None) if agents is None else agents
+                grad, shape = p.grad[idx], (-1,) + (1,) * (p.dim() - 1)
+                step = state["step"][idx] + 1
+                exp_avg = state["exp_avg"][idx].mul(beta1).add_(grad, alpha=1 - beta1)
+                exp_avg_sq = state["exp_avg_sq"][idx].mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+                state["step"][idx], state["exp_avg"][idx], state["exp_avg_sq"][idx] = step, exp_avg, exp_avg_sq
+                step_size = (group["lr"] / (1 - beta1**step)).to(p.dtype).view(shape)
+                bias_correction2_sqrt = (1 - beta2**step).sqrt().to(p.dtype).view(shape)
+                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
+                p[idx] = p[idx] - step_size * exp_avg / denom
+
+
+def clip_grad_per_agent(params, max_norm: float, n: int):
+    """Clip every agent's slice (leading dimension n) on its own, as separate optimisers would."""
+    squares = torch.zeros(n, device=params[0].device)
     for p in params:
         if p.grad is not None:
-            sq += p.grad.reshape(n_rows, -1).pow(2).sum(1)
-    norm = sq.sqrt()
-    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            squares += p.grad.reshape(n, -1).pow(2).sum(1)
+    scale = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
     for p in params:
         if p.grad is not None:
-            p.grad.mul_(scale.view(-1, *([1] * (p.grad.dim() - 1))))
-    return norm
+            p.grad.mul_(scale.view((-1,) + (1,) * (p.grad.dim() - 1)))
 
 
-def actor_grads(actor: Actor):
-    return [p.grad if p.grad is not None else torch.zeros_like(p) for p in actor.parameters()]
+def clip_actor_grad(actor: GaussianActor, max_norm: float):
+    params = list(actor.parameters())
+    if actor.independent:  # HARL: every actor has its own optimiser and clip
+        clip_grad_per_agent(params, max_norm, actor.n_agents)
+    else:
+        nn.utils.clip_grad_norm_(params, max_norm)
 
 
-def clip_actor(actor: Actor, max_norm: float):
-    if actor.family == "ind":
-        return float(clip_grad_per_row(list(actor.parameters()), max_norm, actor.n_agents).max())
-    return float(nn.utils.clip_grad_norm_(actor.parameters(), max_norm))
+def actor_step(actor, optimizer, loss, stats, agents=None):
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad = flat_grad(list(actor.parameters()))  # the paper's gradient variance: over all entries
+    stats["actor_var"].append(grad.var())
+    stats["actor_norm"].append(grad.norm())
+    clip_actor_grad(actor, stats["max_grad_norm"])
+    if isinstance(optimizer, PerAgentAdam):
+        optimizer.step(agents)
+    else:
+        optimizer.step()
 
 
-def actor_update_mappo(actor, opt, b, args, collect_stats=True):
-    """All agents in parallel. b: obs (N, B, D), actions (N, B, A), logp (N, B), adv (N, B)."""
-    B = b["obs"].shape[1]
-    mb_size = B // args.actor_num_minibatches
-    stats = {"pg": [], "ent": [], "kl": [], "clipfrac": [], "var": [], "norm": []}
-    for _ in range(args.ppo_epochs):
-        perm = torch.randperm(B)
-        for k in range(args.actor_num_minibatches):
-            idx = perm[k * mb_size: (k + 1) * mb_size]
-            new_logp, ent = actor.log_prob_entropy(b["obs"][:, idx], b["actions"][:, idx])
-            per_agent, ratio = ppo_actor_loss(new_logp, b["logp"][:, idx], b["adv"][:, idx], args.clip_coef)
-            per_agent = per_agent - args.ent_coef * ent.mean(-1)
-            loss = per_agent.sum() if actor.family == "ind" else per_agent.mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if collect_stats:
-                var, norm = grad_stats(actor_grads(actor))
-                stats["var"].append(var)
-                stats["norm"].append(norm)
-            clip_actor(actor, args.max_grad_norm)
-            opt.step()
-            with torch.no_grad():
-                logr = new_logp - b["logp"][:, idx]
-                stats["kl"].append(float(((logr.exp() - 1) - logr).mean()))
-                stats["clipfrac"].append(float(((ratio - 1).abs() > args.clip_coef).float().mean()))
-                stats["pg"].append(float(per_agent.mean() + args.ent_coef * ent.mean()))
-                stats["ent"].append(float(ent.mean()))
-    return {k: float(np.mean(v)) if v else float("nan") for k, v in stats.items()}
+def new_stats(args):
+    return dict(policy_loss=[], entropy=[], approx_kl=[], clipfrac=[], actor_var=[], actor_norm=[],
+                max_grad_norm=args.max_grad_norm)
 
 
-def actor_update_happo(actor, opt, b, args, order, collect_stats=True):
-    """HAPPO (Zhong et al. 2024): agents updated one after another in `order`; agent i_m's
-    surrogate is weighted by the product of the ratios new/old of the agents updated before it,
-    evaluated on the whole batch after their updates. Returns stats and the factors used."""
-    B = b["obs"].shape[1]
-    mb_size = B // args.actor_num_minibatches
-    factor = torch.ones(B)
-    factors_used = []
-    stats = {"pg": [], "ent": [], "kl": [], "clipfrac": [], "var": [], "norm": []}
-    for agent in order:
-        ids = torch.tensor([agent])
+def record(stats, per_agent_pg, entropy, new_logp, old_logp, ratio, clip_coef):
+    with torch.no_grad():
+        logratio = new_logp - old_logp
+        stats["policy_loss"].append(per_agent_pg.mean())
+        stats["entropy"].append(entropy.mean())
+        stats["approx_kl"].append(((ratio - 1) - logratio).mean())
+        stats["clipfrac"].append(((ratio - 1.0).abs() > clip_coef).float().mean())
+
+
+def summarize(stats):
+    return {k: float(torch.stack(v).mean()) for k, v in stats.items() if isinstance(v, list) and v}
+
+
+def mappo_actor_update(actor, optimizer, batch: dict, args: Args):
+    """All agents in parallel, weights generated once per minibatch. batch: obs (n, B, D),
+    actions (n, B, A), logprobs (n, B), advantages (n, B)."""
+    batch_size = batch["obs"].shape[1]
+    minibatch_size = batch_size // args.num_minibatches
+    stats = new_stats(args)
+    for _ in range(args.update_epochs):
+        order = torch.randperm(batch_size, device=batch["obs"].device)
+        for start in range(0, batch_size, minibatch_size):
+            idx = order[start: start + minibatch_size]
+            new_logp, entropy = actor.log_prob_entropy(batch["obs"][:, idx], batch["actions"][:, idx], actor.generate())
+            pg, ratio = clipped_surrogate(new_logp, batch["logprobs"][:, idx], batch["advantages"][:, idx], args.clip_coef)
+            per_agent = pg - args.ent_coef * entropy.mean(-1)
+            # independent actors: the sum is n separate losses; shared actors: the mean over agents
+            loss = per_agent.sum() if actor.independent else per_agent.mean()
+            if not torch.isfinite(loss):
+                raise FloatingPointError("actor loss is not finite")
+            actor_step(actor, optimizer, loss, stats)
+            record(stats, pg, entropy, new_logp, batch["logprobs"][:, idx], ratio, args.clip_coef)
+    return summarize(stats)
+
+
+def happo_actor_update(actor, optimizer, batch: dict, args: Args, order: list):
+    """HAPPO (Zhong et al. 2024): agents updated one after the other in `order`. Agent i_m's
+    surrogate is weighted by M = prod_{j<m} pi_new^{i_j} / pi_old^{i_j} on every sample, the ratio
+    product of the agents already updated, evaluated on the whole batch after their updates.
+    Returns the statistics and the factors each agent was weighted by (for the tests)."""
+    batch_size = batch["obs"].shape[1]
+    minibatch_size = batch_size // args.num_minibatches
+    factor = torch.ones(batch_size, device=batch["obs"].device)
+    stats, factors_used = new_stats(args), []
+    for agent_id in order:
+        ids = torch.tensor([agent_id], device=batch["obs"].device)
         factors_used.append(factor.clone())
-        obs, act, old = b["obs"][ids], b["actions"][ids], b["logp"][ids]
-        adv = b["adv"][ids]
-        for _ in range(args.ppo_epochs):
-            perm = torch.randperm(B)
-            for k in range(args.actor_num_minibatches):
-                idx = perm[k * mb_size: (k + 1) * mb_size]
-                new_logp, ent = actor.log_prob_entropy(obs[:, idx], act[:, idx], ids)
-                per_agent, ratio = ppo_actor_loss(new_logp, old[:, idx], adv[:, idx], args.clip_coef,
-                                                  factor[idx][None])
-                loss = (per_agent - args.ent_coef * ent.mean(-1)).sum()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if collect_stats:
-                    var, norm = grad_stats(actor_grads(actor))
-                    stats["var"].append(var)
-                    stats["norm"].append(norm)
-                clip_actor(actor, args.max_grad_norm)
-                opt.step()
-                with torch.no_grad():
-                    logr = new_logp - old[:, idx]
-                    stats["kl"].append(float(((logr.exp() - 1) - logr).mean()))
-                    stats["clipfrac"].append(float(((ratio - 1).abs() > args.clip_coef).float().mean()))
-                    stats["pg"].append(float(per_agent.mean()))
-                    stats["ent"].append(float(ent.mean()))
+        old_logp, advantages = batch["logprobs"][ids], batch["advantages"][ids]
+        for _ in range(args.update_epochs):
+            perm = torch.randperm(batch_size, device=batch["obs"].device)
+            for start in range(0, batch_size, minibatch_size):
+                idx = perm[start: start + minibatch_size]
+                new_logp, entropy = agent_log_prob_entropy(actor, batch["obs"][:, idx], batch["actions"][:, idx], ids)
+                pg, ratio = clipped_surrogate(new_logp, old_logp[:, idx], advantages[:, idx], args.clip_coef,
+                                              factor[idx].unsqueeze(0))
+                loss = (pg - args.ent_coef * entropy.mean(-1)).sum()
+                if not torch.isfinite(loss):
+                    raise FloatingPointError("actor loss is not finite")
+                actor_step(actor, optimizer, loss, stats, ids)
+                record(stats, pg, entropy, new_logp, old_logp[:, idx], ratio, args.clip_coef)
         with torch.no_grad():
-            new_logp, _ = actor.log_prob_entropy(obs, act, ids)
-            factor = happo_factor(factor, new_logp[0], old[0])
-    return {k: float(np.mean(v)) if v else float("nan") for k, v in stats.items()}, factors_used
+            new_logp, _ = agent_log_prob_entropy(actor, batch["obs"], batch["actions"], ids)
+            factor = happo_factor(factor, new_logp[0], old_logp[0])
+    return summarize(stats), factors_used
 
 
-def critic_update(critic, opt, value_norm, b, args):
-    """b: state (B, S), values (C, B) normalised-space old predictions, returns (C, B) raw."""
-    B = b["state"].shape[0]
-    mb_size = B // args.critic_num_minibatches
-    value_norm.update(b["returns"])
-    returns_norm = value_norm.normalize(b["returns"])
+def agent_log_prob_entropy(actor, obs, actions, ids):
+    """One agent's log-probs and entropies, computing only that agent's network where possible.
+    obs, actions: every agent's (n, B, ...)."""
+    if actor.net.per_sample:  # per-sample weights are generated from every agent's inputs
+        logp, entropy = actor.log_prob_entropy(obs, actions)
+        return logp[ids], entropy[ids]
+    return actor.log_prob_entropy(obs[ids], actions[ids], actor.generate(), ids)
+
+
+def critic_update(critics, optimizer, value_norm, batch: dict, args: Args) -> float:
+    """batch: state (B, S), values (C, B) old outputs (normalised units), returns (C, B) raw."""
+    batch_size = batch["state"].shape[0]
+    minibatch_size = batch_size // args.critic_num_minibatches
+    value_norm.update(batch["returns"])
+    targets_n = value_norm.normalize(batch["returns"])
     losses = []
     for _ in range(args.critic_epochs):
-        perm = torch.randperm(B)
-        for k in range(args.critic_num_minibatches):
-            idx = perm[k * mb_size: (k + 1) * mb_size]
-            v = critic(b["state"][idx])
-            per_critic = value_loss_fn(v, b["values"][:, idx], returns_norm[:, idx], args.clip_coef,
-                                       args.huber_delta, args.clip_vloss)
-            loss = per_critic.sum()
-            opt.zero_grad(set_to_none=True)
+        order = torch.randperm(batch_size, device=batch["state"].device)
+        for start in range(0, batch_size, minibatch_size):
+            idx = order[start: start + minibatch_size]
+            per_critic = value_loss(critics(batch["state"][idx]), batch["values"][:, idx], targets_n[:, idx], args)
+            loss = per_critic.sum()  # separate critics: separate losses
+            if not torch.isfinite(loss):
+                raise FloatingPointError("critic loss is not finite")
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            clip_grad_per_row(list(critic.parameters()), args.max_grad_norm, critic.n)
-            opt.step()
-            losses.append(float(per_critic.detach().mean()))
-    return float(np.mean(losses))
+            clip_grad_per_agent(list(critics.parameters()), args.max_grad_norm, critics.n_critics)
+            optimizer.step()
+            losses.append(per_critic.detach().mean())
+    return float(torch.stack(losses).mean())
 
 
-def interference_stat(actor: Actor, b, args, max_samples: int = 512) -> float:
-    """Cross-agent interference on one minibatch: per-agent PPO-loss gradients w.r.t. all actor
-    parameters, mean pairwise cosine similarity (independent actors: 0 by construction)."""
-    B = b["obs"].shape[1]
-    idx = torch.randperm(B)[: min(B, max_samples)]
-    new_logp, _ = actor.log_prob_entropy(b["obs"][:, idx], b["actions"][:, idx])
-    per_agent, _ = ppo_actor_loss(new_logp, b["logp"][:, idx], b["adv"][:, idx], args.clip_coef)
-    params = [p for p in actor.parameters() if p.requires_grad]
-    grads = []
-    for i in range(actor.n_agents):
-        g = torch.autograd.grad(per_agent[i], params, retain_graph=True, allow_unused=True)
-        grads.append(torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1)
-                                for x, p in zip(g, params)]))
-    return interference(grads)
-
-
-@torch.no_grad()
-def evaluate(actor: Actor, env: MaMuJoCoEnv, obs_norm: ObsNormalizer, args: Args, episodes: int,
-             seed: int) -> float:
-    """Mean return of deterministic (mean) actions; episode k is seeded seed + k, so a restored
-    checkpoint scores exactly what the run scored."""
-    params = actor.params()
-    low, high = env.action_low, env.action_high
-    returns = []
-    for ep in range(episodes):
-        flat, _ = env.reset(seed=seed + ep)
-        done, ret = False, 0.0
-        while not done:
-            local, state = env.split_flat(flat[None])
-            x = agent_inputs(obs_norm.local(local) if local is not None else None,
-                             obs_norm.state(state), env.n_agents, env.obs_mode, args.actor == "fups")
-            mean, _ = actor.dist(torch.as_tensor(x), params=params)
-            act = np.clip(mean[:, 0].numpy(), low, high)
-            flat, r, term, trunc, _ = env.step(act)
-            ret += r
-            done = term or trunc
-        returns.append(ret)
-    return float(np.mean(returns))
+def interference_metric(actor, batch: dict, args: Args) -> float:
+    """Cross-agent interference before the update, on a random subset of the rollout: mean pairwise
+    cosine similarity of the agents' policy-loss gradients on all actor parameters."""
+    batch_size = batch["obs"].shape[1]
+    idx = torch.randperm(batch_size, device=batch["obs"].device)[: args.interference_samples]
+    new_logp, _ = actor.log_prob_entropy(batch["obs"][:, idx], batch["actions"][:, idx], actor.generate())
+    pg, _ = clipped_surrogate(new_logp, batch["logprobs"][:, idx], batch["advantages"][:, idx], args.clip_coef)
+    return gradient_interference(pg, list(actor.parameters()))
 
 
 # ===== 7. Checkpoints =====
-def save_checkpoint(path: str, payload: dict) -> None:
-    """Atomic: write to a temporary file, then os.replace."""
+CHECKPOINT_FORMAT = "hypermarl-mappo-mamujoco/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: reported as one line, exit status 2."""
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Atomic: a crash mid-write leaves the previous checkpoint intact."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(payload, tmp)
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str) -> dict:
-    """Safe load: tensors and plain containers only (weights_only=True)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(path: str, args: Args, flag: str) -> dict:
+    """weights_only=True: a file that smuggles code, or is not ours, is refused."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+        raise CheckpointError(f"{flag}: {path!r} is not a readable checkpoint ({str(error).splitlines()[0][:120]})")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{flag}: {path!r} is not a {CHECKPOINT_FORMAT} checkpoint")
+    for name in COMPAT_FIELDS:
+        saved, ours = state["args"].get(name), getattr(args, name)
+        if saved != ours:
+            raise CheckpointError(f"{flag}: checkpoint has {name}={saved!r}, this run has {name}={ours!r}")
+    return state
 
 
-def build_checkpoint(args, actor, critic, value_norm, obs_norm, global_step, eval_return):
-    return {"args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(args).items()},
-            "actor": actor.state_dict(), "critic": critic.state_dict(),
-            "value_norm": value_norm.state_dict(), "obs_norm": obs_norm.state_dict(),
-            "global_step": int(global_step), "eval_return": float(eval_return)}
+def rng_state() -> dict:
+    return rng_to_tensors([torch.get_rng_state(), np.random.get_state(), random.getstate()])
 
 
-def args_from_checkpoint(d: dict) -> Args:
-    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
-    return Args(**kwargs)
-
-
-def evaluate_checkpoint(path: str, episodes: Optional[int] = None) -> float:
-    ckpt = load_checkpoint(path)
-    args = args_from_checkpoint(ckpt["args"])
-    env = MaMuJoCoEnv(args.task, args.obs_mode, args.agent_obsk)
-    obs_dim = agent_obs_dim(args, env)
-    actor = Actor(args, env.n_agents, obs_dim, env.act_dim, env.act_mask)
-    actor.load_state_dict(ckpt["actor"])
-    obs_norm = ObsNormalizer(env.state_dim, env.obs_mask if args.obs_mode == "local" else None,
-                             args.norm_obs)
-    obs_norm.load_state_dict(ckpt["obs_norm"])
-    ret = evaluate(actor, env, obs_norm, args, episodes or args.eval_episodes, args.seed + 10_000)
-    env.close()
-    return ret
-
-
-def agent_obs_dim(args: Args, env: MaMuJoCoEnv) -> int:
-    if args.obs_mode == "global":
-        return env.state_dim + env.n_agents
-    return env.local_obs_dim + (env.n_agents if args.actor == "fups" else 0)
+def set_rng_state(state: dict) -> None:
+    torch_state, np_state, py_state = rng_from_tensors(state)
+    torch.set_rng_state(torch_state)
+    np.random.set_state(np_state)
+    random.setstate(py_state)
 
 
 # ===== 8. Main =====
-def main(argv=None):
-    args = tyro.cli(Args, args=argv)
+class Evaluator:
+    """eval_episodes deterministic episodes side by side, episode k seeded seed + 10000 + k: every
+    evaluation (and --eval-only on a checkpoint, with its saved normalisers) sees the same
+    starting states, so a restored checkpoint scores exactly what the run scored."""
+
+    def __init__(self, args: Args, device):
+        self.envs = [MaMuJoCoEnv(args.task, args.obs_mode, args.agent_obsk, args.max_episode_steps)
+                     for _ in range(args.eval_episodes)]
+        self.args, self.device = args, device
+
+    def __call__(self, actor: GaussianActor, obs_norm: ObsNormalizer):
+        args, envs, n = self.args, self.envs, self.envs[0].n_agents
+        flats = [env.reset(seed=args.seed + 10_000 + k)[0] for k, env in enumerate(envs)]
+        returns, active = np.zeros(len(envs)), np.ones(len(envs), dtype=bool)
+        pool, generator = [], torch.Generator().manual_seed(args.seed)
+        with torch.no_grad():
+            params = actor.generate()
+            for _ in range(args.max_episode_steps + 1):
+                live = np.nonzero(active)[0]
+                local, state = envs[0].split(np.stack([flats[k] for k in live]))
+                x = actor_inputs(obs_norm.local(local) if local is not None else None, obs_norm.state(state), n)
+                x = torch.as_tensor(x, device=self.device)
+                pool.append(x.cpu())
+                mean, _ = actor(x, params)
+                actions = np.clip(mean.cpu().numpy().transpose(1, 0, 2), envs[0].action_low, envs[0].action_high)
+                for j, k in enumerate(live):
+                    flats[k], reward, terminated, truncated, _ = envs[k].step(actions[j])
+                    returns[k] += reward
+                    active[k] = not (terminated or truncated)
+                if not active.any():
+                    break
+            pool = torch.cat(pool, 1)  # (n_agents, joint states, obs_dim): each agent's own input
+            pool = pool[:, torch.randperm(pool.shape[1], generator=generator)[: args.snd_samples]].to(self.device)
+            mean, std = common_action_dims(*actor(pool, params), actor.act_mask)
+            snd = system_neural_diversity((mean, std), False, args.snd_gaussian_samples,
+                                          torch.Generator(device=self.device).manual_seed(args.seed))
+        return float(returns.mean()), snd
+
+    def close(self):
+        for env in self.envs:
+            env.close()
+
+
+def main(argv=None) -> int:
     try:
-        validate_args(args)
-    except ArgError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    if args.eval_checkpoint is not None:
-        ret = evaluate_checkpoint(args.eval_checkpoint)
-        print(f"eval/episodic_return={ret:.4f}")
-        return ret
-    args = resolve_args(args)
-    run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        args = resolve_args(parse_args(argv))
+        if args.track and not args.eval_only:
+            try:
+                import wandb
+            except ImportError:
+                raise ArgError("--track: wandb is not installed (pip install wandb)")
+        source = args.resume or args.checkpoint
+        loaded = load_checkpoint(source, args, "--resume" if args.resume else "--checkpoint") if source else None
+    except (ArgError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.torch_threads)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    evaluator = Evaluator(args, device)
+    probe = evaluator.envs[0]  # shapes and masks
+    n, A, S = probe.n_agents, probe.act_dim, probe.state_dim
+    D = actor_obs_dim(args, probe)
+    C = n if args.critic == "per-agent" else 1
+    actor = GaussianActor(args, n, D, A, probe.act_mask).to(device)
+    critics = CentralCritics(args, C, S).to(device)
+    value_norm = ValueNorm(C, enabled=args.norm_value).to(device)
+    obs_norm = ObsNormalizer(S, probe.obs_mask if args.obs_mode == "local" else None, args.norm_obs)
+    fused = device.type in ("cpu", "cuda")  # fused Adam: ~8x faster steps on the large hypernetwork heads
+    if actor.independent:  # one Adam per agent (exactly), as HARL; HAPPO steps one agent at a time
+        actor_optimizer = PerAgentAdam(actor.parameters(), n, lr=args.learning_rate, eps=args.adam_eps)
+    else:
+        actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=fused)
+    critic_optimizer = torch.optim.Adam(critics.parameters(), lr=args.critic_learning_rate, eps=args.adam_eps, fused=fused)
+
+    if args.eval_only:
+        actor.load_state_dict(loaded["actor"])
+        obs_norm.load_state_dict(loaded["obs_norm"])
+        eval_return, snd = evaluator(actor, obs_norm)
+        print(f"eval/episodic_return={eval_return:.4f} diversity/snd={snd:.6f}")
+        evaluator.close()
+        return 0
+
+    T, E = args.num_steps, args.num_envs
+    batch_size = T * E
+    num_iterations = args.total_timesteps // batch_size
+    global_step, start_iteration = 0, 1
+    run_name = f"mamujoco_{args.task.replace('|', '_')}__{args.exp_name}__{args.algo}_{args.actor}__{args.seed}__{int(time.time())}"
+    if loaded is not None:
+        actor.load_state_dict(loaded["actor"])
+        critics.load_state_dict(loaded["critics"])
+        value_norm.load_state_dict(loaded["value_norm"])
+        obs_norm.load_state_dict(loaded["obs_norm"])
+        actor_optimizer.load_state_dict(loaded["actor_optimizer"])
+        critic_optimizer.load_state_dict(loaded["critic_optimizer"])
+        set_rng_state(loaded["rng"])
+        global_step, start_iteration, run_name = loaded["global_step"], loaded["iteration"], loaded["run_name"]
+    run_dir = os.path.join(args.runs_dir, run_name)
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+
     if args.track:
         import wandb
 
@@ -1103,157 +1345,173 @@ def main(argv=None):
                    config=vars(args), name=run_name, save_code=True)
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % (
-        "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
-    print(f"config: {vars(args)}", flush=True)
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.set_num_threads(args.torch_threads)
-    device = torch.device("cpu")  # small networks; --cuda is accepted for the CleanRL interface
+    writer = SummaryWriter(run_dir)
+    config_table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{config_table}")
+    print(f"run: {run_dir}")
+    print("config: " + " ".join(f"{key}={value}" for key, value in vars(args).items()))
+    print(f"task: {args.task} agents={n} act_dims={probe.act_dims} local_obs_dims={probe.local_obs_dims} "
+          f"state_dim={S} actor_obs_dim={D} critics={C}")
+    print(f"parameters: actor {sum(p.numel() for p in actor.parameters())}, "
+          f"critics {sum(p.numel() for p in critics.parameters())}")
 
     envs = make_vector_env(args)
-    probe = MaMuJoCoEnv(args.task, args.obs_mode, args.agent_obsk)  # shapes, masks; eval env
-    N, E, T = probe.n_agents, args.num_envs, args.num_steps
-    A, S = probe.act_dim, probe.state_dim
-    D = agent_obs_dim(args, probe)
-    C = N if args.critic == "per-agent" else 1
     low, high = probe.action_low, probe.action_high
+    # Rollout storage, time-major
+    obs = torch.zeros((T, n, E, D), device=device)
+    states = torch.zeros((T, E, S), device=device)
+    actions = torch.zeros((T, n, E, A), device=device)
+    rewards = torch.zeros((T, 1, E), device=device)
+    terminateds = torch.zeros((T, 1, E), device=device)
+    dones = torch.zeros((T, 1, E), device=device)
 
-    actor = Actor(args, N, D, A, probe.act_mask).to(device)
-    critic = Critic(args, C, S).to(device)
-    value_norm = ValueNorm(C, enabled=args.norm_value)
-    obs_norm = ObsNormalizer(S, probe.obs_mask if args.obs_mode == "local" else None, args.norm_obs)
-    fused = device.type == "cpu"  # fused Adam: ~8x faster steps for the large hypernet heads
-    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.lr, eps=args.adam_eps, fused=fused)
-    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=args.adam_eps, fused=fused)
-    print(f"agents={N} obs_dim={D} act_dims={probe.act_dims} state_dim={S} critics={C} "
-          f"actor_params={sum(p.numel() for p in actor.parameters())} "
-          f"critic_params={sum(p.numel() for p in critic.parameters())}", flush=True)
+    def capture_state(iteration):
+        return dict(format=CHECKPOINT_FORMAT, args=dataclasses.asdict(args), run_name=run_name,
+                    actor=actor.state_dict(), critics=critics.state_dict(), value_norm=value_norm.state_dict(),
+                    obs_norm=obs_norm.state_dict(), actor_optimizer=actor_optimizer.state_dict(),
+                    critic_optimizer=critic_optimizer.state_dict(), rng=rng_state(),
+                    global_step=global_step, iteration=iteration)
 
-    obs_buf = torch.zeros(T, N, E, D)
-    state_buf = torch.zeros(T, E, S)
-    act_buf = torch.zeros(T, N, E, A)
-    rew_buf = torch.zeros(T, C, E)  # raw rewards plus gamma * V(final state) on truncation
-    done_buf = torch.zeros(T, E)
+    stop = {"signal": None}
 
-    flat, _ = envs.reset(seed=args.seed)
-    ep_ret, ep_len = np.zeros(E), np.zeros(E, dtype=np.int64)
-    global_step, start = 0, time.time()
-    last_eval_step, eval_return = 0, float("nan")
+    def request_stop(signum, frame):
+        if stop["signal"] is not None:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+        print(f"\nsignal {signum}: saving a checkpoint and stopping", flush=True)
+
+    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    flat, _ = envs.reset(seed=args.seed + 1000 * (start_iteration - 1))
+    episode_return, episode_length = np.zeros(E), np.zeros(E, dtype=np.int64)
+    start_time, start_step = time.time(), global_step
     rollout_time = update_time = 0.0
-    for iteration in range(1, args.num_iterations + 1):
-        t0 = time.time()
-        finished = []
-        boot_steps, boot_envs, boot_states = [], [], []
-        with torch.no_grad():
-            params = actor.params()
-            for step in range(T):
-                local, state = probe.split_flat(flat)
-                obs_norm.update(local, state)
-                state_n = obs_norm.state(state)
-                local_n = obs_norm.local(local) if local is not None else None
-                x = torch.as_tensor(agent_inputs(local_n, state_n, N, args.obs_mode, args.actor == "fups"))
-                mean, std = actor.dist(x, params=params)
-                action = mean + std * torch.randn_like(mean)
-                obs_buf[step], state_buf[step], act_buf[step] = x, torch.as_tensor(state_n), action
-                env_action = np.clip(action.numpy().transpose(1, 0, 2), low, high)
-                flat, reward, term, trunc, info = envs.step(env_action)
-                global_step += E
-                rew_buf[step] = torch.as_tensor(reward, dtype=torch.float32)[None]
-                done = np.logical_or(term, trunc)
-                done_buf[step] = torch.as_tensor(done, dtype=torch.float32)
-                boot = trunc & ~term
-                if boot.any():  # time limit: bootstrap from V(final state) (computed below)
-                    _, final_state = probe.split_flat(np.stack(info["final_obs"][boot]).astype(np.float32))
-                    boot_steps += [step] * int(boot.sum())
-                    boot_envs += np.nonzero(boot)[0].tolist()
-                    boot_states.append(obs_norm.state(final_state))
-                ep_ret += reward
-                ep_len += 1
-                for e in np.nonzero(done)[0]:
-                    finished.append((ep_ret[e], ep_len[e]))
-                    ep_ret[e], ep_len[e] = 0.0, 0
-            # behaviour log-probs and values in one batched pass (the parameters did not change)
-            logp_buf = actor.log_prob_entropy(obs_buf.permute(1, 0, 2, 3).reshape(N, T * E, D),
-                                              act_buf.permute(1, 0, 2, 3).reshape(N, T * E, A),
-                                              params=params)[0].reshape(N, T, E).permute(1, 0, 2)
-            val_buf = critic(state_buf.reshape(T * E, S)).reshape(C, T, E).permute(1, 0, 2)
-            if boot_steps:
-                v = value_norm.denormalize(critic(torch.as_tensor(np.concatenate(boot_states))))
-                rew_buf[boot_steps, :, boot_envs] += args.gamma * v.T.float()
-            local, state = probe.split_flat(flat)
-            next_value = value_norm.denormalize(critic(torch.as_tensor(obs_norm.state(state))))
-            values_raw = value_norm.denormalize(val_buf.permute(1, 0, 2)).permute(1, 0, 2).float()
-            adv, returns = compute_gae(rew_buf, values_raw, next_value.float(), done_buf,
-                                       args.gamma, args.gae_lambda)
-        t1 = time.time()
-        rollout_time += t1 - t0
-
-        # flatten (T, E) -> B, agent-major
-        B = T * E
-        agent_of_critic = torch.arange(N) if C == N else torch.zeros(N, dtype=torch.long)
-        adv_agents = adv.permute(1, 0, 2).reshape(C, B)[agent_of_critic]
-        adv_agents = (adv_agents - adv_agents.mean()) / (adv_agents.std() + 1e-5)
-        b = {"obs": obs_buf.permute(1, 0, 2, 3).reshape(N, B, D),
-             "actions": act_buf.permute(1, 0, 2, 3).reshape(N, B, A),
-             "logp": logp_buf.permute(1, 0, 2).reshape(N, B), "adv": adv_agents,
-             "state": state_buf.reshape(B, S), "values": val_buf.permute(1, 0, 2).reshape(C, B),
-             "returns": returns.permute(1, 0, 2).reshape(C, B)}
-        do_metrics = args.metrics_interval > 0 and (iteration - 1) % args.metrics_interval == 0
-        if do_metrics:
-            writer.add_scalar("grad/interference", interference_stat(actor, b, args), global_step)
+    next_eval = (global_step // args.eval_interval + 1) * args.eval_interval
+    next_save = (global_step // args.save_interval + 1) * args.save_interval
+    exit_code, next_iteration = 0, start_iteration
+    try:
+        for iteration in range(start_iteration, num_iterations + 1):
+            if stop["signal"] is not None:  # between iterations the state is consistent: save it
+                break
+            tick = time.time()
+            finished_returns, finished_lengths = [], []
+            bootstrap_at, bootstrap_states = [], []
             with torch.no_grad():
-                idx = torch.randperm(B)[: args.snd_samples]
-                mu, sd = actor.dist(b["obs"][:, idx])
-                m = actor.act_mask  # padded dims: the same N(0, 1) for every agent (no JS change)
-                mu, sd = mu * m, sd * m + (1 - m)
-                writer.add_scalar("diversity/snd", snd_gaussian(mu, sd), global_step)
-        if args.algo == "happo":
-            order = list(range(N)) if args.fixed_order else torch.randperm(N).tolist()
-            a_stats, _ = actor_update_happo(actor, actor_opt, b, args, order)
-        else:
-            a_stats = actor_update_mappo(actor, actor_opt, b, args)
-        v_loss = critic_update(critic, critic_opt, value_norm, b, args)
-        update_time += time.time() - t1
+                params = actor.generate()  # the parameters do not change during a rollout
+                for step in range(T):
+                    global_step += E
+                    local, state = probe.split(flat)
+                    obs_norm.update(local, state)
+                    state_n = obs_norm.state(state)
+                    x = actor_inputs(obs_norm.local(local) if local is not None else None, state_n, n)
+                    obs[step] = torch.as_tensor(x, device=device)
+                    states[step] = torch.as_tensor(state_n, device=device)
+                    mean, std = actor(obs[step], params)
+                    actions[step] = mean + std * torch.randn_like(mean)
+                    env_actions = np.clip(actions[step].cpu().numpy().transpose(1, 0, 2), low, high)
+                    flat, reward, terminated, truncated, info = envs.step(env_actions)
+                    rewards[step, 0] = torch.as_tensor(reward, dtype=torch.float32, device=device)
+                    terminateds[step, 0] = torch.as_tensor(terminated, dtype=torch.float32, device=device)
+                    done = terminated | truncated
+                    dones[step, 0] = torch.as_tensor(done, dtype=torch.float32, device=device)
+                    time_limit = truncated & ~terminated
+                    if time_limit.any():  # bootstrap from V(final state): computed after the rollout
+                        _, final_state = probe.split(np.stack(info["final_obs"][time_limit]).astype(np.float32))
+                        bootstrap_at += [(step, e) for e in np.nonzero(time_limit)[0]]
+                        bootstrap_states.append(obs_norm.state(final_state))
+                    episode_return += reward
+                    episode_length += 1
+                    for e in np.nonzero(done)[0]:
+                        finished_returns.append(episode_return[e])
+                        finished_lengths.append(episode_length[e])
+                        episode_return[e], episode_length[e] = 0.0, 0
+                # behaviour log-probs and values in one batched pass: the weights did not change
+                logprobs = actor.log_prob_entropy(obs.transpose(0, 1).reshape(n, T * E, D),
+                                                  actions.transpose(0, 1).reshape(n, T * E, A), params)[0]
+                values_n = critics(states.reshape(T * E, S)).reshape(C, T, E)  # normalised units
+                values = value_norm.denormalize(values_n).float().transpose(0, 1)  # (T, C, E)
+                last_value = value_norm.denormalize(critics(torch.as_tensor(obs_norm.state(probe.split(flat)[1]),
+                                                                            device=device))).float()
+                next_values = torch.cat([values[1:], last_value.unsqueeze(0)])
+                bootstrap = torch.zeros_like(values)
+                if bootstrap_at:
+                    v_final = value_norm.denormalize(critics(torch.as_tensor(np.concatenate(bootstrap_states),
+                                                                             device=device))).float()
+                    steps_, envs_ = zip(*bootstrap_at)
+                    bootstrap[list(steps_), :, list(envs_)] = v_final.T
+                next_values = torch.where(dones.bool(), bootstrap, next_values)
+                advantages, returns = compute_gae(rewards.expand(-1, C, -1).contiguous(), values, next_values, terminateds, dones,
+                                                  args.gamma, args.gae_lambda)
+            rollout_time += time.time() - tick
+            tick = time.time()
 
-        sps = int(global_step / (time.time() - start))
-        if finished:
-            writer.add_scalar("charts/episodic_return", float(np.mean([f[0] for f in finished])), global_step)
-            writer.add_scalar("charts/episodic_length", float(np.mean([f[1] for f in finished])), global_step)
-        writer.add_scalar("charts/SPS", sps, global_step)
-        writer.add_scalar("charts/rollout_time", rollout_time, global_step)
-        writer.add_scalar("charts/update_time", update_time, global_step)
-        writer.add_scalar("losses/policy_loss", a_stats["pg"], global_step)
-        writer.add_scalar("losses/value_loss", v_loss, global_step)
-        writer.add_scalar("losses/entropy", a_stats["ent"], global_step)
-        writer.add_scalar("losses/approx_kl", a_stats["kl"], global_step)
-        writer.add_scalar("losses/clipfrac", a_stats["clipfrac"], global_step)
-        writer.add_scalar("grad/actor_var", a_stats["var"], global_step)
-        writer.add_scalar("grad/actor_norm", a_stats["norm"], global_step)
-        last = iteration == args.num_iterations
-        if last or (args.eval_interval > 0 and global_step - last_eval_step >= args.eval_interval):
-            last_eval_step = global_step
-            eval_return = evaluate(actor, probe, obs_norm, args, args.eval_episodes, args.seed + 10_000)
-            writer.add_scalar("eval/episodic_return", eval_return, global_step)
-        ret_str = f"{np.mean([f[0] for f in finished]):.1f}" if finished else "-"
-        print(f"iter={iteration}/{args.num_iterations} step={global_step} return={ret_str} "
-              f"eval={eval_return:.1f} SPS={sps} rollout={rollout_time:.1f}s update={update_time:.1f}s",
-              flush=True)
+            # agent-major batch; advantages of agent i come from its own critic (per-agent) or the shared one
+            critic_of_agent = torch.arange(n) if C == n else torch.zeros(n, dtype=torch.long)
+            adv = advantages.transpose(0, 1).reshape(C, T * E)[critic_of_agent.to(device)]
+            adv = (adv - adv.mean()) / (adv.std() + 1e-5)  # HARL: normalised over the whole batch
+            batch = dict(obs=obs.transpose(0, 1).reshape(n, T * E, D), actions=actions.transpose(0, 1).reshape(n, T * E, A),
+                         logprobs=logprobs, advantages=adv, state=states.reshape(T * E, S),
+                         values=values_n.reshape(C, T * E), returns=returns.transpose(0, 1).reshape(C, T * E))
+            interference = None
+            if (iteration - 1) % args.interference_interval == 0:
+                interference = interference_metric(actor, batch, args)
+            try:
+                if args.algo == "happo":
+                    order = list(range(n)) if args.fixed_order else torch.randperm(n).tolist()
+                    stats, _ = happo_actor_update(actor, actor_optimizer, batch, args, order)
+                else:
+                    stats = mappo_actor_update(actor, actor_optimizer, batch, args)
+                stats["value_loss"] = critic_update(critics, critic_optimizer, value_norm, batch, args)
+            except FloatingPointError as error:
+                print(f"error: {error} at update {iteration} (global step {global_step}); stopping. Last good "
+                      f"checkpoint: {checkpoint_path if args.save_model else 'none (no --save-model)'}", file=sys.stderr)
+                exit_code = 1
+                break
+            update_time += time.time() - tick
 
-    if args.save_model:
-        path = f"runs/{run_name}/{args.exp_name}.pt"
-        save_checkpoint(path, build_checkpoint(args, actor, critic, value_norm, obs_norm,
-                                               global_step, eval_return))
-        print(f"model saved to {path}", flush=True)
-    envs.close()
-    probe.close()
-    writer.close()
-    return eval_return
+            # Logging (CleanRL names)
+            if finished_returns:
+                writer.add_scalar("charts/episodic_return", float(np.mean(finished_returns)), global_step)
+                writer.add_scalar("charts/episodic_length", float(np.mean(finished_lengths)), global_step)
+            for key in ("value_loss", "policy_loss", "entropy", "approx_kl", "clipfrac"):
+                writer.add_scalar(f"losses/{key}", stats[key], global_step)
+            writer.add_scalar("grad/actor_var", stats["actor_var"], global_step)
+            writer.add_scalar("grad/actor_norm", stats["actor_norm"], global_step)
+            if interference is not None:
+                writer.add_scalar("grad/interference", interference, global_step)
+            sps = int((global_step - start_step) / (time.time() - start_time))
+            writer.add_scalar("charts/SPS", sps, global_step)
+            writer.add_scalar("charts/rollout_seconds", rollout_time, global_step)
+            writer.add_scalar("charts/update_seconds", update_time, global_step)
+
+            line = None
+            if global_step >= next_eval or iteration == num_iterations:
+                next_eval = (global_step // args.eval_interval + 1) * args.eval_interval
+                eval_return, snd = evaluator(actor, obs_norm)
+                writer.add_scalar("eval/episodic_return", eval_return, global_step)
+                writer.add_scalar("diversity/snd", snd, global_step)
+                line = f"eval_return={eval_return:.3f} snd={snd:.4f}"
+            if line or iteration % args.print_interval == 0:
+                train_return = float(np.mean(finished_returns)) if finished_returns else float("nan")
+                print(f"global_step={global_step} iteration={iteration}/{num_iterations} "
+                      f"episodic_return={train_return:.3f} SPS={sps} rollout_s={rollout_time:.1f} "
+                      f"update_s={update_time:.1f}" + (f" {line}" if line else ""), flush=True)
+            if args.save_model and global_step >= next_save and iteration < num_iterations:
+                next_save = (global_step // args.save_interval + 1) * args.save_interval
+                save_checkpoint(checkpoint_path, capture_state(iteration + 1))
+            next_iteration = iteration + 1
+        if exit_code == 0 and (args.save_model or stop["signal"] is not None):
+            save_checkpoint(checkpoint_path, capture_state(next_iteration))
+            print(f"checkpoint: {checkpoint_path} (continue with --resume {checkpoint_path})")
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+        envs.close()
+        evaluator.close()
+        writer.close()
+        if args.track:
+            wandb.finish()
+    return exit_code
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -27,9 +27,11 @@ Payoffs (our reading of section 3.1; section 3 of benchmark/results/matrix_games
   to any policies that are not deterministic and fully dispersed.
 Trials: one trial = one play of the game by all n agents; --num-trials 10000 with --batch-size 10
   is 1,000 SGD updates. Each update is REINFORCE on the batch: every agent's rewards are normalised
-  over the batch (mean 0, std 1, as PyTorch's REINFORCE example does), loss = -sum over trials and
-  agents of normalised reward x log pi_i(a_i), SGD with learning rate 0.01 (Table 8). Without the
-  normalisation NoPS does not reach Table 6's near-deterministic .999 in 1,000 updates.
+  over the batch (mean 0, std 1, as PyTorch's REINFORCE example does; --returns), loss = -sum over
+  trials and agents of normalised reward x log pi_i(a_i), SGD with learning rate 0.01 (Table 8).
+  Table 8 does not say how returns enter the loss; of normalize / baseline / raw, normalize is the
+  one that reproduces Table 6 (e.g. NoPS .999 +- .001 at every n: the others leave NoPS and FuPS+ID
+  short of deterministic after 1,000 updates).
 Evaluation: --eval-trials 1000 trials with argmax actions (Table 2; every trial is the same) and
   with sampled actions (Table 6); the reported reward is the mean over agents and trials.
 Seeds are vectorised: --num-seeds S trains seeds seed .. seed+S-1 together (torch.func.vmap over
@@ -110,8 +112,8 @@ class Args:
     """trials per SGD update"""
     learning_rate: float = 0.01
     """SGD learning rate"""
-    normalize_returns: bool = True
-    """if toggled, each agent's rewards are normalised over the batch (mean 0, std 1) before the update"""
+    returns: str = "normalize"
+    """what multiplies log pi: normalize (each agent's rewards over the batch to mean 0, std 1) | baseline (minus the batch mean) | raw"""
     num_seeds: Optional[int] = None
     """seeds trained together as one batch (default: 1, or 5 with --sweep)"""
 
@@ -137,6 +139,7 @@ class Args:
 
 
 GAMES = ("specialisation", "synchronisation")
+RETURNS = ("normalize", "baseline", "raw")
 METHODS = ("nops", "fups", "fups-id", "hyper-linear", "hyper-mlp")
 METHOD_NAMES = {"nops": "NoPS", "fups": "FuPS", "fups-id": "FuPS+ID", "hyper-linear": "HyperMARL (linear)",
                 "hyper-mlp": "HyperMARL (MLP)"}
@@ -189,6 +192,8 @@ def validate_args(args: Args) -> Args:
     for n in ns:
         if n < 2:
             raise ArgError(f"{flag}n-agents: must be at least 2, got {n}")
+    if args.returns not in RETURNS:
+        raise ArgError(f"--returns: must be one of {', '.join(RETURNS)}, got {args.returns!r}")
     if args.num_seeds is None:
         args.num_seeds = 5 if args.sweep else 1
     for name in ("num_trials", "batch_size", "learning_rate", "num_seeds", "eval_trials", "eval_interval",
@@ -496,19 +501,21 @@ def gradient_variance_per_seed(grad: torch.Tensor) -> torch.Tensor:
 
 
 # ===== 6. Algorithm =====
-def reinforce_loss(logits: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, normalize: bool) -> torch.Tensor:
+def reinforce_loss(logits: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, mode: str) -> torch.Tensor:
     """REINFORCE (Williams, 1992) for a one-step game, every agent's loss: (S, n) =
-    -sum over the batch of R_i x log pi_i(a_i), R_i agent i's reward, normalised over the batch."""
+    -sum over the batch of R_i x log pi_i(a_i), R_i agent i's reward (raw), minus its batch mean
+    (baseline), or normalised over the batch to mean 0, std 1 (normalize)."""
     logp = torch.log_softmax(logits, -1).gather(-1, actions.transpose(1, 2))  # (S, n, B)
     returns = rewards.transpose(1, 2)
-    if normalize:
+    if mode in ("baseline", "normalize"):
+        returns = returns - returns.mean(-1, keepdim=True)
+    if mode == "normalize":
         batch = returns.shape[-1]
-        returns = (returns - returns.mean(-1, keepdim=True)) / (
-            returns.std(-1, keepdim=True, correction=min(1, batch - 1)) + np.finfo(np.float32).eps)
+        returns = returns / (returns.std(-1, keepdim=True, correction=min(1, batch - 1)) + np.finfo(np.float32).eps)
     return -(returns * logp).sum(-1)
 
 
-def evaluate(pop: Population, game: str, seeds: list[int], eval_trials: int) -> dict:
+def evaluate_policies(pop: Population, game: str, seeds: list[int], eval_trials: int) -> dict:
     """Mean-over-agents reward with argmax actions (Table 2; every trial is the same joint action) and
     over eval_trials sampled trials (Table 6, common random numbers: seed + 10000 each time)."""
     with torch.no_grad():
@@ -520,9 +527,10 @@ def evaluate(pop: Population, game: str, seeds: list[int], eval_trials: int) -> 
         return dict(argmax=argmax, sampled=sampled, expected=expected_team_reward(game, probs), snd=policy_snd(probs))
 
 
-def train(game: str, method: str, n_agents: int, seeds: list[int], args: Args, writers=None) -> dict:
-    """REINFORCE for every seed at once; returns per-seed final metrics and learning curves."""
-    pop = Population(method, n_agents, seeds, args)
+def train(game: str, method: str, n_agents: int, seeds: list[int], args: Args, writers=None, pop=None) -> dict:
+    """REINFORCE for every seed at once; returns per-seed final metrics and learning curves.
+    pop: an existing Population to train (default: a fresh one for method and seeds)."""
+    pop = Population(method, n_agents, seeds, args) if pop is None else pop
     params = pop.parameters()
     optimizer = torch.optim.SGD(params, lr=args.learning_rate)
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
@@ -531,7 +539,7 @@ def train(game: str, method: str, n_agents: int, seeds: list[int], args: Args, w
     curve = {key: [] for key in ("trials", "argmax", "sampled", "snd")}
 
     def record_eval(trials):
-        ev = evaluate(pop, game, seeds, args.eval_trials)
+        ev = evaluate_policies(pop, game, seeds, args.eval_trials)
         curve["trials"].append(trials)
         for key in ("argmax", "sampled", "snd"):
             curve[key].append(ev[key])
@@ -549,7 +557,7 @@ def train(game: str, method: str, n_agents: int, seeds: list[int], args: Args, w
         with torch.no_grad():
             actions = sample_actions(torch.softmax(logits, -1), args.batch_size, generators)  # (S, B, n)
             rewards = payoff(game, actions, n_agents)
-        per_agent_loss = reinforce_loss(logits, actions, rewards, args.normalize_returns)  # (S, n)
+        per_agent_loss = reinforce_loss(logits, actions, rewards, args.returns)  # (S, n)
         agent_grads = per_agent_gradients(per_agent_loss, params)  # (n, S, P)
         grad = agent_grads.sum(0)  # d(sum_i loss_i)/d(params), per seed
         offset = 0
@@ -576,7 +584,7 @@ def train(game: str, method: str, n_agents: int, seeds: list[int], args: Args, w
         if trials % args.eval_interval == 0 or update == num_updates:
             if not curve["trials"] or curve["trials"][-1] != trials:
                 record_eval(trials)
-    final = evaluate(pop, game, seeds, args.eval_trials)
+    final = evaluate_policies(pop, game, seeds, args.eval_trials)
     stacked = {key: torch.stack(value) for key, value in history.items()}  # (U, S)
     return dict(
         game=game, method=method, n_agents=n_agents, seeds=list(seeds), updates=num_updates,
@@ -598,7 +606,8 @@ def format_cell(ours, paper, digits):
     text = f"{mean:.{digits}f} ± {std:.{digits}f}"
     if paper is None:
         return text, None
-    off = abs(mean - paper[0]) > max(std, paper[1]) + 0.5 * 10 ** -digits + 1e-12
+    unit = 10 ** -digits  # the paper rounds mean and std to this: half a unit of slack on each
+    off = abs(mean - paper[0]) > max(std, paper[1] + 0.5 * unit) + 0.5 * unit + 1e-12
     return text + f" ({paper[0]:.{digits}f} ± {paper[1]:.{digits}f})" + (" ✗" if off else ""), off
 
 

@@ -266,7 +266,7 @@ def per_agent_actor_loss(script, agent, n, seed=0):
     x = torch.randn(n, 32, 6)
     action = torch.randint(0, 4, (n, 32))
     advantages = torch.randn(n, 32)
-    _, logprob, _, _ = agent.get_action_and_value(x, script.critic_input(x), action)
+    _, logprob, _, _ = agent.get_action_and_value(x, action)
     return -(advantages * logprob).mean(1)
 
 

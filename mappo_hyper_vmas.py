@@ -1,0 +1,1223 @@
+"""HyperMARL with MAPPO on VMAS (Dispersion, Navigation), with its baselines and metrics.
+
+HyperMARL (Tessera, Rahman & Albrecht) generates every agent's actor and critic weights with a
+hypernetwork conditioned on that agent's embedding, so all agents share one set of trainable
+parameters yet each acts with its own network. MAPPO: every agent's critic sees the global state
+(section 3's critic_input); everything else is ippo_hyper_vmas.py line for line. Read top to bottom:
+
+    1. Arguments        5. Metrics (SND, gradient variance, interference)
+    2. Input validation 6. Algorithm (GAE, PPO update)
+    3. Environment      7. Checkpoints
+    4. Networks         8. Main (the training loop)
+
+Quick start:  python mappo_hyper_vmas.py --n-agents 4 --hypernet mlp --total-timesteps 300000
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import math
+import os
+import pickle
+import random
+import signal
+import sys
+import time
+import warnings
+import zipfile
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+
+# ===== 1. Arguments =====
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (the evaluation environment uses seed + 10000)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda is used when available (networks and VMAS alike)"""
+    track: bool = False
+    """if toggled, this experiment is tracked with Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "hypermarl"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    runs_dir: str = "runs"
+    """folder for TensorBoard logs and checkpoints (runs_dir/run_name)"""
+    save_model: bool = False
+    """if toggled, write a checkpoint every --save-interval steps and at the end"""
+    save_interval: Optional[int] = None
+    """environment steps between checkpoints (default: --eval-interval)"""
+    resume: Optional[str] = None
+    """path of a checkpoint to continue training from (same flags as the original run)"""
+    eval_only: bool = False
+    """if toggled, only evaluate --checkpoint (return and SND) and exit; writes nothing"""
+    checkpoint: Optional[str] = None
+    """checkpoint to evaluate with --eval-only"""
+
+    # Environment (VMAS). None = the paper's value for the scenario (Tables 11 and 16).
+    scenario: str = "dispersion"
+    """VMAS scenario: dispersion | navigation"""
+    n_agents: int = 4
+    """number of agents (at least 2)"""
+    max_steps: int = 100
+    """episode time limit (truncation, bootstrapped from V(next state))"""
+    continuous_actions: Optional[bool] = None
+    """continuous (Gaussian) or discrete (categorical) actions (default: dispersion discrete, navigation continuous)"""
+    n_food: Optional[int] = None
+    """[dispersion] number of food items (default: n_agents)"""
+    share_reward: bool = False
+    """[dispersion] one team reward instead of per-agent rewards"""
+    penalise_by_time: bool = True
+    """[dispersion] -0.01 per step without food (Table 11: on)"""
+    food_radius: Optional[float] = None
+    """[dispersion] food radius (default: 0.08)"""
+    agents_with_same_goal: Optional[int] = None
+    """[navigation] how many agents share the first goal: 1 (all different) .. n_agents (all same) (default: 1)"""
+    split_goals: bool = False
+    """[navigation] two groups of n/2 agents, one goal each"""
+    observe_all_goals: bool = True
+    """[navigation] every agent observes every goal (Table 16: on)"""
+    shared_rew: bool = False
+    """[navigation] one team reward instead of per-agent rewards"""
+    collisions: bool = False
+    """[navigation] agents collide and carry a LIDAR"""
+    lidar_range: Optional[float] = None
+    """[navigation] LIDAR range, only with --collisions (default: 0.35)"""
+    agent_radius: Optional[float] = None
+    """[navigation] agent radius (default: 0.1)"""
+
+    # PPO. None = the paper's value for the scenario (Table 9 Dispersion, Table 12 Navigation).
+    total_timesteps: Optional[int] = None
+    """total environment steps (Dispersion 20M, Navigation 10M)"""
+    learning_rate: Optional[float] = None
+    """Adam learning rate (Dispersion 5e-4, Navigation 5e-5)"""
+    num_envs: Optional[int] = None
+    """parallel VMAS environments (Dispersion 16, Navigation 600)"""
+    num_steps: Optional[int] = None
+    """steps per environment per rollout (Dispersion 128, Navigation 100)"""
+    anneal_lr: bool = False
+    """if toggled, the learning rate decays linearly to 0"""
+    gamma: Optional[float] = None
+    """discount factor (Dispersion 0.99, Navigation 0.9)"""
+    gae_lambda: Optional[float] = None
+    """GAE lambda (Dispersion 0.95, Navigation 0.9)"""
+    num_minibatches: Optional[int] = None
+    """minibatches per epoch (Dispersion 2, Navigation 30)"""
+    update_epochs: Optional[int] = None
+    """PPO epochs per rollout (Dispersion 4, Navigation 45)"""
+    norm_adv: bool = True
+    """if toggled, advantages are normalised per minibatch"""
+    clip_coef: float = 0.2
+    """surrogate clipping coefficient"""
+    clip_vloss: bool = True
+    """if toggled, the value loss is clipped like the policy (CleanRL)"""
+    ent_coef: Optional[float] = None
+    """entropy bonus (Dispersion 0.01, Navigation 0.0)"""
+    vf_coef: Optional[float] = None
+    """value loss coefficient (Dispersion 0.5, Navigation 1.0)"""
+    max_grad_norm: Optional[float] = None
+    """global gradient-norm clip (Dispersion 0.5, Navigation 5.0)"""
+    actor_hidden_dims: Optional[list[int]] = None
+    """hidden layers of every agent's actor (Dispersion 64 64, Navigation 256 256)"""
+    critic_hidden_dims: Optional[list[int]] = None
+    """hidden layers of every agent's critic (Dispersion 64 64, Navigation 256 256)"""
+    activation: Optional[str] = None
+    """activation of actor and critic: relu | tanh (Dispersion relu, Navigation tanh)"""
+
+    # Families and HyperMARL options
+    hypernet: str = "mlp"
+    """actor/critic family: mlp | linear (HyperMARL) | fups (shared + one-hot ID) | nops (one network per agent) | dico"""
+    hypernet_embedding_dim: Optional[int] = None
+    """[mlp] size of the learned agent embedding (default: 8, Tables 10/13)"""
+    hypernet_hidden_dims: Optional[list[int]] = None
+    """[mlp] hidden layers of the hypernetwork (default: 64)"""
+    hypernet_embedding: Optional[str] = None
+    """[mlp] learned (orthogonally initialised, default) | onehot (ablation)"""
+    hypernet_init: Optional[str] = None
+    """[mlp, linear] scaled (generated weights start as the target's orthogonal init, default) | default (ablation w/o RF)"""
+    hypernet_input: Optional[str] = None
+    """[mlp, linear] agent (gradient decoupling, default) | agent+obs (ablation w/o GD: per-sample weights)"""
+    dico_snd_des: Optional[float] = None
+    """[dico] desired SND; -1 = unconstrained (default: Table 14 for the goal setting, else -1)"""
+
+    # Evaluation and metrics
+    eval_interval: Optional[int] = None
+    """environment steps between evaluations (Dispersion 100k, Navigation 120k)"""
+    eval_episodes: Optional[int] = None
+    """deterministic evaluation episodes (Dispersion 32, Navigation 200)"""
+    snd_samples: int = 1000
+    """observations (from evaluation rollouts) on which SND is computed"""
+    snd_gaussian_samples: int = 64
+    """Monte Carlo samples per observation for the Gaussian Jensen-Shannon estimator"""
+    print_interval: int = 10
+    """print a progress line every this many iterations (and at every evaluation)"""
+
+
+SCENARIOS = ("dispersion", "navigation")
+FAMILIES = ("mlp", "linear", "fups", "nops", "dico")
+SCENARIO_OPTIONS = {
+    # Table 11 (Dispersion) and Table 16 (Navigation) settings of the paper.
+    "dispersion": dict(n_food=None, share_reward=False, penalise_by_time=True, food_radius=0.08),
+    "navigation": dict(
+        agents_with_same_goal=1, split_goals=False, observe_all_goals=True, shared_rew=False,
+        collisions=False, lidar_range=0.35, agent_radius=0.1,
+    ),
+}
+PAPER_DEFAULTS = {
+    # Table 9 (Dispersion, MAPPO) and Table 12 (Navigation); eval protocol of appendix D.1.1.
+    "dispersion": dict(
+        total_timesteps=20_000_000, learning_rate=5e-4, num_envs=16, num_steps=128, gamma=0.99,
+        gae_lambda=0.95, num_minibatches=2, update_epochs=4, ent_coef=0.01, vf_coef=0.5,
+        max_grad_norm=0.5, actor_hidden_dims=[64, 64], critic_hidden_dims=[64, 64],
+        activation="relu", continuous_actions=False, eval_interval=100_000, eval_episodes=32,
+    ),
+    "navigation": dict(
+        # Table 12 prints 10^6 timesteps; appendix D.1.1 says 10M for Navigation: we follow D.1.1.
+        total_timesteps=10_000_000, learning_rate=5e-5, num_envs=600, num_steps=100, gamma=0.9,
+        gae_lambda=0.9, num_minibatches=30, update_epochs=45, ent_coef=0.0, vf_coef=1.0,
+        max_grad_norm=5.0, actor_hidden_dims=[256, 256], critic_hidden_dims=[256, 256],
+        activation="tanh", continuous_actions=True, eval_interval=120_000, eval_episodes=200,
+    ),
+}
+HYPERNET_DEFAULTS = dict(
+    hypernet_embedding_dim=8, hypernet_hidden_dims=[64], hypernet_embedding="learned",
+    hypernet_init="scaled", hypernet_input="agent",
+)  # Tables 10 and 13 (MAPPO column)
+# Flags that define the model and the environment: a checkpoint only loads where they match.
+COMPAT_FIELDS = (
+    "scenario", "n_agents", "max_steps", "continuous_actions", "n_food", "share_reward",
+    "penalise_by_time", "food_radius", "agents_with_same_goal", "split_goals", "observe_all_goals",
+    "shared_rew", "collisions", "lidar_range", "agent_radius", "actor_hidden_dims",
+    "critic_hidden_dims", "activation", "hypernet", "hypernet_embedding_dim", "hypernet_hidden_dims",
+    "hypernet_embedding", "hypernet_init", "hypernet_input", "dico_snd_des",
+)
+
+
+# ===== 2. Input validation =====
+class ArgError(ValueError):
+    """A bad flag value: reported as one line, exit status 2, nothing written."""
+
+
+def parse_args(argv=None) -> Args:
+    """tyro's parser, with its boxed error message folded into one ArgError line."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return tyro.cli(Args, args=argv)
+    except SystemExit as exit_:
+        if exit_.code in (0, None):
+            raise
+        # The box's title comes first, then the message: keep the message, drop the drawing.
+        lines = [line.strip("│╭╮╰╯─|+-= \t") for line in captured.getvalue().splitlines()]
+        lines = [line for line in lines if any(c.isalnum() for c in line)]
+        raise ArgError(lines[1] if len(lines) > 1 else "invalid arguments; see --help")
+
+
+def default_dico_snd(args: Args) -> float:
+    # Table 14: 0 when all agents share a goal, 1.2 for two agents with different goals, else -1.
+    if args.scenario == "navigation":
+        if args.agents_with_same_goal == args.n_agents:
+            return 0.0
+        if args.n_agents == 2 and args.agents_with_same_goal == 1:
+            return 1.2
+    return -1.0
+
+
+def resolve_args(args: Args) -> Args:
+    """Checks every flag and fills the paper's defaults; raises ArgError naming the flag."""
+    if args.scenario not in SCENARIOS:
+        raise ArgError(f"--scenario: must be one of {', '.join(SCENARIOS)}, got {args.scenario!r}")
+    if args.hypernet not in FAMILIES:
+        raise ArgError(f"--hypernet: must be one of {', '.join(FAMILIES)}, got {args.hypernet!r}")
+    other = [s for s in SCENARIOS if s != args.scenario][0]
+    field_defaults = {field.name: field.default for field in dataclasses.fields(Args)}
+    for name in SCENARIO_OPTIONS[other]:
+        if getattr(args, name) != field_defaults[name]:
+            raise ArgError(f"--{name.replace('_', '-')}: is a {other} option, not for --scenario {args.scenario}")
+    for name in HYPERNET_DEFAULTS:
+        mlp_only = name not in ("hypernet_init", "hypernet_input")
+        allowed = ("mlp",) if mlp_only else ("mlp", "linear")
+        if getattr(args, name) is not None and args.hypernet not in allowed:
+            raise ArgError(f"--{name.replace('_', '-')}: only with --hypernet {' or '.join(allowed)}, got --hypernet {args.hypernet}")
+    if args.dico_snd_des is not None and args.hypernet != "dico":
+        raise ArgError(f"--dico-snd-des: only with --hypernet dico, got --hypernet {args.hypernet}")
+
+    values = dict(PAPER_DEFAULTS[args.scenario])
+    values.update(SCENARIO_OPTIONS[args.scenario])
+    if args.hypernet == "mlp":
+        values.update(HYPERNET_DEFAULTS)
+    elif args.hypernet == "linear":
+        values.update({k: HYPERNET_DEFAULTS[k] for k in ("hypernet_init", "hypernet_input")})
+    for name, default in values.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.scenario == "dispersion" and args.n_food is None:
+        args.n_food = args.n_agents
+    if args.save_interval is None:
+        args.save_interval = args.eval_interval
+    if args.hypernet == "dico" and args.dico_snd_des is None:
+        args.dico_snd_des = default_dico_snd(args)
+    check_values(args)
+    return args
+
+
+def check_values(args: Args) -> None:
+    def positive(name):
+        value = getattr(args, name)
+        if not value > 0:
+            raise ArgError(f"--{name.replace('_', '-')}: must be positive, got {value}")
+
+    if args.n_agents < 2:
+        raise ArgError(f"--n-agents: must be at least 2, got {args.n_agents}")
+    for name in ("max_steps", "total_timesteps", "learning_rate", "num_envs", "num_steps",
+                 "num_minibatches", "update_epochs", "clip_coef", "max_grad_norm", "eval_interval",
+                 "eval_episodes", "snd_samples", "snd_gaussian_samples", "print_interval", "save_interval"):
+        positive(name)
+    for name in ("gamma", "gae_lambda"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise ArgError(f"--{name.replace('_', '-')}: must be in [0, 1], got {getattr(args, name)}")
+    for name in ("ent_coef", "vf_coef"):
+        if getattr(args, name) < 0:
+            raise ArgError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(args, name)}")
+    for name in ("actor_hidden_dims", "critic_hidden_dims", "hypernet_hidden_dims"):
+        dims = getattr(args, name)
+        if dims is not None and (len(dims) == 0 or min(dims) <= 0):
+            raise ArgError(f"--{name.replace('_', '-')}: must be one or more positive sizes, got {dims}")
+    if args.activation not in ("relu", "tanh"):
+        raise ArgError(f"--activation: must be relu or tanh, got {args.activation!r}")
+    batch_size = args.num_envs * args.num_steps
+    if batch_size % args.num_minibatches:
+        raise ArgError(f"--num-minibatches: must divide num_envs * num_steps = {batch_size}, got {args.num_minibatches}")
+    if args.total_timesteps < batch_size:
+        raise ArgError(f"--total-timesteps: must be at least num_envs * num_steps = {batch_size}, got {args.total_timesteps}")
+    if args.hypernet == "mlp":
+        positive("hypernet_embedding_dim")
+        if args.hypernet_embedding not in ("learned", "onehot"):
+            raise ArgError(f"--hypernet-embedding: must be learned or onehot, got {args.hypernet_embedding!r}")
+    if args.hypernet in ("mlp", "linear"):
+        if args.hypernet_init not in ("scaled", "default"):
+            raise ArgError(f"--hypernet-init: must be scaled or default, got {args.hypernet_init!r}")
+        if args.hypernet_input not in ("agent", "agent+obs"):
+            raise ArgError(f"--hypernet-input: must be agent or agent+obs, got {args.hypernet_input!r}")
+    if args.hypernet == "dico" and not (args.dico_snd_des == -1 or args.dico_snd_des >= 0):
+        raise ArgError(f"--dico-snd-des: must be -1 (unconstrained) or >= 0, got {args.dico_snd_des}")
+    if args.scenario == "dispersion":
+        positive("n_food")
+        positive("food_radius")
+    else:
+        check_navigation(args)
+    if args.eval_only and not args.checkpoint:
+        raise ArgError("--eval-only: needs --checkpoint PATH")
+    if args.checkpoint and not args.eval_only:
+        raise ArgError("--checkpoint: only with --eval-only (use --resume to continue training)")
+    if args.eval_only and args.resume:
+        raise ArgError("--resume: cannot be combined with --eval-only")
+    for flag, path in (("--resume", args.resume), ("--checkpoint", args.checkpoint)):
+        if path is not None and not os.path.isfile(path):
+            raise ArgError(f"{flag}: no such file {path!r}")
+
+
+def check_navigation(args: Args) -> None:
+    n, same = args.n_agents, args.agents_with_same_goal
+    for name in ("lidar_range", "agent_radius"):
+        if not getattr(args, name) > 0:
+            raise ArgError(f"--{name.replace('_', '-')}: must be positive, got {getattr(args, name)}")
+    if not 1 <= same <= n:
+        raise ArgError(f"--agents-with-same-goal: must be between 1 and n_agents = {n}, got {same}")
+    if same > 1 and args.collisions:
+        raise ArgError("--collisions: agents cannot share a goal with collisions on (VMAS asserts it); use --agents-with-same-goal 1")
+    if args.split_goals and (n % 2 or same != n // 2):
+        raise ArgError(f"--split-goals: needs an even n_agents and --agents-with-same-goal n/2, got n={n}, same={same}")
+
+
+# ===== 3. Environment =====
+def scenario_kwargs(args: Args) -> dict:
+    """The keyword arguments VMAS's scenario receives (names exactly as VMAS spells them)."""
+    kwargs = {"n_agents": args.n_agents}
+    kwargs.update({name: getattr(args, name) for name in SCENARIO_OPTIONS[args.scenario]})
+    return kwargs
+
+
+class VmasEnv:
+    """VMAS with agent-major tensors, terminated/truncated kept apart and in-place auto-reset.
+
+    step() returns the next observations (fresh ones for environments that just ended, so the
+    first action of a new episode sees its own observation) and, separately, the final
+    observations of the ended episodes (to bootstrap V(next state) after a time limit).
+    Each instance owns its random stream: VMAS keeps one stream for all environments, which would
+    otherwise tie the training and evaluation environments together.
+    """
+
+    def __init__(self, args: Args, num_envs: int, seed: int, device: torch.device):
+        import vmas
+        from vmas.simulator.environment import Environment
+
+        self._shared_rng = Environment.vmas_random_state
+        self._rng = list(self._shared_rng)
+        with self.own_rng(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.env = vmas.make_env(
+                args.scenario, num_envs=num_envs, device=device,
+                continuous_actions=args.continuous_actions, max_steps=args.max_steps, seed=seed,
+                terminated_truncated=True, **scenario_kwargs(args),
+            )
+        unused = [str(w.message) for w in caught if "not used" in str(w.message)]
+        if unused:  # VMAS only warns about keyword arguments it ignores: refuse them instead.
+            raise ArgError(f"--scenario {args.scenario}: {unused[0]}")
+        self.num_envs, self.n_agents, self.device = num_envs, args.n_agents, device
+        self.obs_dim = self.env.observation_space[0].shape[0]
+        space = self.env.action_space[0]
+        self.discrete = not args.continuous_actions
+        self.act_dim = int(space.n) if self.discrete else space.shape[0]
+        if not self.discrete:
+            self.act_low = torch.as_tensor(space.low, device=device)
+            self.act_high = torch.as_tensor(space.high, device=device)
+        self.episode_return = torch.zeros(self.n_agents, num_envs, device=device)
+        self.episode_length = torch.zeros(num_envs, dtype=torch.long, device=device)
+        self.obs = None
+
+    @contextlib.contextmanager
+    def own_rng(self):
+        saved = self._shared_rng[:]
+        self._shared_rng[:] = self._rng
+        try:
+            yield
+        finally:
+            self._rng = self._shared_rng[:]
+            self._shared_rng[:] = saved
+
+    def reset(self) -> torch.Tensor:
+        with self.own_rng():
+            self.obs = torch.stack(self.env.reset())
+        self.episode_return.zero_()
+        self.episode_length.zero_()
+        return self.obs
+
+    def step(self, actions: torch.Tensor):
+        """actions: (n_agents, num_envs) discrete or (n_agents, num_envs, act_dim) continuous."""
+        if not self.discrete:  # Gaussian samples can leave the box, which VMAS asserts against.
+            actions = torch.clamp(actions, self.act_low, self.act_high)
+        with self.own_rng():
+            obs, rewards, terminated, truncated, _ = self.env.step(list(actions.unbind(0)))
+            obs, rewards = torch.stack(obs), torch.stack(rewards)
+            done = terminated | truncated
+            self.episode_return += rewards
+            self.episode_length += 1
+            finished = None
+            final_obs = obs
+            if done.any():
+                finished = dict(returns=self.episode_return[:, done].clone(), lengths=self.episode_length[done].clone())
+                self.episode_return[:, done] = 0
+                self.episode_length[done] = 0
+                obs = self._reset_done(done, obs)
+        self.obs = obs
+        return obs, rewards, terminated, truncated, final_obs, finished
+
+    def _reset_done(self, done: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+        if done.all():  # one batched reset is much cheaper than num_envs single ones
+            return torch.stack(self.env.reset())
+        for index in done.nonzero().flatten().tolist():
+            # Observations are recomputed once below, not after every single reset.
+            self.env.reset_at(index, return_observations=False)
+        return torch.stack(self.env.get_from_scenario(get_observations=True, get_rewards=False,
+                                                       get_infos=False, get_dones=False)[0])
+
+    # -- exact save/restore of the simulator (for checkpoints that resume bit for bit) --
+    def _state_holders(self):
+        env = self.env
+        holders = {"env": env, "scenario": env.scenario, "world": env.world}
+        for i, entity in enumerate(env.world.entities):
+            holders[f"entity{i}"] = entity
+            holders[f"entity{i}.state"] = entity.state
+        return holders
+
+    def state_dict(self) -> dict:
+        tensors = {}
+        for name, holder in self._state_holders().items():
+            for key, value in vars(holder).items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{name}/{key}"] = value.clone()
+        return dict(tensors=tensors, rng=rng_to_tensors(self._rng), obs=self.obs.clone(),
+                    episode_return=self.episode_return.clone(), episode_length=self.episode_length.clone())
+
+    def load_state_dict(self, state: dict) -> None:
+        holders = self._state_holders()
+        for path, value in state["tensors"].items():
+            name, key = path.split("/")
+            setattr(holders[name], key, value.clone().to(self.device))
+        self._rng = rng_from_tensors(state["rng"])
+        self.obs = state["obs"].to(self.device)
+        self.episode_return = state["episode_return"].to(self.device)
+        self.episode_length = state["episode_length"].to(self.device)
+
+
+def rng_to_tensors(states: list) -> dict:
+    """[torch, numpy, python] RNG states as tensors and lists, loadable with weights_only=True."""
+    torch_state, np_state, py_state = states
+    return dict(torch=torch_state.clone(), numpy_keys=torch.as_tensor(np_state[1].astype(np.int64)),
+                numpy_rest=[int(np_state[2]), int(np_state[3]), float(np_state[4])],
+                python=[py_state[0], list(py_state[1]), py_state[2]])
+
+
+def rng_from_tensors(state: dict) -> list:
+    pos, has_gauss, cached = state["numpy_rest"]
+    np_state = ("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached)
+    version, internal, gauss_next = state["python"]
+    return [state["torch"].clone(), np_state, (version, tuple(internal), gauss_next)]
+
+
+# ===== 4. Networks =====
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+def layer_shapes(sizes: list[int]) -> list[tuple[int, int]]:
+    return list(zip(sizes[:-1], sizes[1:]))
+
+
+def num_target_params(sizes: list[int]) -> int:
+    return sum(fan_in * fan_out + fan_out for fan_in, fan_out in layer_shapes(sizes))
+
+
+def target_init_vector(sizes: list[int], gains: list[float]) -> torch.Tensor:
+    """One flattened parameter vector of the target MLP, initialised as PPO would: orthogonal
+    weights with the layer's gain, zero biases (section 4.3)."""
+    chunks = []
+    for (fan_in, fan_out), gain in zip(layer_shapes(sizes), gains):
+        weight = torch.empty(fan_out, fan_in)
+        nn.init.orthogonal_(weight, gain)
+        chunks += [weight.T.flatten(), torch.zeros(fan_out)]
+    return torch.cat(chunks)
+
+
+def unflatten_params(theta: torch.Tensor, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(..., m) flat parameters -> [(W (..., fan_in, fan_out), b (..., 1, fan_out)) per layer]."""
+    params, offset = [], 0
+    for fan_in, fan_out in layer_shapes(sizes):
+        weight = theta[..., offset: offset + fan_in * fan_out].unflatten(-1, (fan_in, fan_out))
+        offset += fan_in * fan_out
+        bias = theta[..., offset: offset + fan_out].unsqueeze(-2)
+        offset += fan_out
+        params.append((weight, bias))
+    return params
+
+
+def batched_mlp(x: torch.Tensor, params, activation) -> torch.Tensor:
+    """All agents' networks in one batched matmul per layer.
+
+    x: (n_agents, batch, fan_in), agent-major. W: (n_agents, fan_in, fan_out) is shared by the
+    agent's whole batch; (n_agents, batch, fan_in, fan_out) only for per-sample weights (the
+    agent+obs ablation).
+    """
+    for k, (weight, bias) in enumerate(params):
+        if weight.dim() == 3:
+            x = torch.baddbmm(bias, x, weight)
+        else:
+            x = (x.unsqueeze(-2) @ weight + bias).squeeze(-2)
+        if k < len(params) - 1:
+            x = activation(x)
+    return x
+
+
+class LinearHypernet(nn.Module):
+    """Eq. (5): theta_i = 1_i W + b, a one-hot agent ID into one linear layer.
+
+    Row i of W is agent i's whole flattened network; b is shared by all agents. With
+    shared_bias=False this is exactly n independent networks (each agent's gradient only reaches
+    its own row). obs_dim > 0 is the ablation without gradient decoupling: the input becomes
+    [1_i, o] and the weights are generated per sample.
+    """
+
+    def __init__(self, n_agents, sizes, gains, init="scaled", shared_bias=True, obs_dim=0):
+        super().__init__()
+        self.n_agents, self.sizes, self.obs_dim = n_agents, list(sizes), obs_dim
+        self.head = nn.Linear(n_agents + obs_dim, num_target_params(sizes), bias=shared_bias)
+        self.register_buffer("ids", torch.eye(n_agents))
+        if init == "scaled":  # section 4.3: every agent starts with its own orthogonal network
+            with torch.no_grad():
+                self.head.weight.zero_()
+                for i in range(n_agents):
+                    self.head.weight[:, i] = target_init_vector(sizes, gains)
+                if shared_bias:
+                    self.head.bias.zero_()
+
+    def forward(self, obs=None):
+        if self.obs_dim == 0:
+            theta = self.head(self.ids)  # (n_agents, m): generated once, used for every sample
+        else:
+            ids = self.ids.unsqueeze(1).expand(-1, obs.shape[1], -1)
+            theta = self.head(torch.cat([ids, obs], -1))  # (n_agents, batch, m)
+        return unflatten_params(theta, self.sizes)
+
+
+class MLPHypernet(nn.Module):
+    """Eq. (6): theta_i = f(g(e_i)), an MLP g on the agent embedding e_i, then a linear head f.
+
+    Embeddings are learned and orthogonally initialised (section 4.2), or fixed one-hot IDs.
+    Section 4.3 (initialisation scaling): every column of the head is a flattened target network
+    with PPO's orthogonal init, and g's output is normalised to unit length, so each generated
+    network f(g(e_i)) is a unit-norm mix of orthogonal networks: the same scale as the target's
+    init, whatever the embedding.
+    """
+
+    def __init__(self, n_agents, sizes, gains, embedding_dim, hidden_dims, embedding="learned",
+                 init="scaled", obs_dim=0):
+        super().__init__()
+        self.sizes, self.obs_dim = list(sizes), obs_dim
+        if embedding == "learned":
+            self.embedding = nn.Parameter(nn.init.orthogonal_(torch.empty(n_agents, embedding_dim)))
+        else:
+            self.register_buffer("embedding", torch.eye(n_agents))
+        layers, width = [], self.embedding.shape[1] + obs_dim
+        for hidden in hidden_dims:
+            layers += [layer_init(nn.Linear(width, hidden)), nn.ReLU()]
+            width = hidden
+        self.trunk = nn.Sequential(*layers)
+        self.head = nn.Linear(width, num_target_params(sizes))
+        if init == "scaled":
+            with torch.no_grad():
+                for k in range(width):
+                    self.head.weight[:, k] = target_init_vector(sizes, gains)
+                self.head.bias.zero_()
+
+    def forward(self, obs=None):
+        z = self.embedding
+        if self.obs_dim:
+            z = torch.cat([z.unsqueeze(1).expand(-1, obs.shape[1], -1), obs], -1)
+        features = F.normalize(self.trunk(z), dim=-1)
+        return unflatten_params(self.head(features), self.sizes)
+
+
+class SharedNet(nn.Module):
+    """FuPS: one network for every agent, input [o, 1_i] (use_id) or o alone.
+
+    [o, 1_i] W = o W_obs + W_id[i]: the ID only adds a per-agent bias to the first layer, so the
+    one-hot vector is never materialised.
+    """
+
+    def __init__(self, n_agents, sizes, gains, use_id=True):
+        super().__init__()
+        self.n_agents, self.use_id = n_agents, use_id
+        first_in = sizes[0] + (n_agents if use_id else 0)
+        dims = [first_in] + list(sizes[1:])
+        self.layers = nn.ModuleList(layer_init(nn.Linear(i, o), g) for (i, o), g in zip(layer_shapes(dims), gains))
+
+    def forward(self, obs=None):
+        n, params = self.n_agents, []
+        for k, layer in enumerate(self.layers):
+            weight = layer.weight.T
+            bias = layer.bias.expand(n, -1)
+            if k == 0 and self.use_id:
+                weight, id_rows = weight[: -n], weight[-n:]
+                bias = bias + id_rows  # row i of W_id is agent i's extra bias
+            params.append((weight.expand(n, -1, -1), bias.unsqueeze(1)))
+        return params
+
+
+class IndependentNets(nn.Module):
+    """NoPS: one network per agent, stored stacked (n_agents, fan_in, fan_out) for one batched matmul."""
+
+    def __init__(self, n_agents, sizes, gains):
+        super().__init__()
+        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        for (fan_in, fan_out), gain in zip(layer_shapes(sizes), gains):
+            weight = torch.empty(n_agents, fan_out, fan_in)
+            for i in range(n_agents):
+                nn.init.orthogonal_(weight[i], gain)
+            self.weights.append(nn.Parameter(weight.transpose(1, 2).contiguous()))
+            self.biases.append(nn.Parameter(torch.zeros(n_agents, 1, fan_out)))
+
+    def forward(self, obs=None):
+        return list(zip(self.weights, self.biases))
+
+
+def make_generator(args: Args, family: str, n_agents: int, sizes: list[int], gains: list[float]) -> nn.Module:
+    """The module that yields every agent's (W, b) for one network (actor or critic)."""
+    obs_dim = sizes[0] if getattr(args, "hypernet_input", None) == "agent+obs" else 0
+    if family == "mlp":
+        return MLPHypernet(n_agents, sizes, gains, args.hypernet_embedding_dim, args.hypernet_hidden_dims,
+                           args.hypernet_embedding, args.hypernet_init, obs_dim)
+    if family == "linear":
+        return LinearHypernet(n_agents, sizes, gains, args.hypernet_init, obs_dim=obs_dim)
+    if family == "fups":
+        return SharedNet(n_agents, sizes, gains, use_id=True)
+    if family == "nops":
+        return IndependentNets(n_agents, sizes, gains)
+    raise ValueError(family)
+
+
+class PerAgentMLP(nn.Module):
+    """One network per agent, whatever the family: x (n_agents, batch, in) -> (n_agents, batch, out)."""
+
+    def __init__(self, args, family, n_agents, sizes, gains, activation):
+        super().__init__()
+        self.generator = make_generator(args, family, n_agents, sizes, gains)
+        self.activation = activation
+        self.per_sample = getattr(args, "hypernet_input", None) == "agent+obs" and family in ("mlp", "linear")
+
+    def generate(self, x=None):
+        """Every agent's (W, b); None for per-sample weights, which forward() makes from x."""
+        return None if self.per_sample else self.generator()
+
+    def forward(self, x, params=None):
+        if params is None:
+            params = self.generator(x if self.per_sample else None)
+        return batched_mlp(x, params, self.activation)
+
+
+class DiCoMLP(nn.Module):
+    """DiCo (Bettini et al. 2024): pi_i(o) = shared(o) + (SND_des / SND_hat) * deviation_i(o).
+
+    SND_hat is the mean pairwise L2 distance between the agents' deviation outputs on the same
+    observations (the Wasserstein-2 distance for Gaussians sharing one std; for logits the same
+    formula), measured on the current batch without gradient. snd_des = -1: no rescaling.
+    """
+
+    def __init__(self, args, n_agents, sizes, gains, activation, snd_des, snd_probe=256):
+        super().__init__()
+        self.shared = SharedNet(n_agents, sizes, gains, use_id=False)
+        self.deviation = IndependentNets(n_agents, sizes, gains)
+        self.activation, self.snd_des, self.snd_probe = activation, snd_des, snd_probe
+        self.last_snd_hat = float("nan")
+
+    def generate(self, x=None):
+        return self.shared(), self.deviation()
+
+    def deviation_snd(self, x, deviation_params) -> torch.Tensor:
+        n = x.shape[0]
+        probe = x.reshape(-1, x.shape[-1])[: self.snd_probe]
+        outputs = batched_mlp(probe.expand(n, -1, -1), deviation_params, self.activation)
+        pairs = torch.cdist(outputs.transpose(0, 1), outputs.transpose(0, 1))  # (probe, n, n)
+        return pairs.sum((1, 2)).mean() / (n * (n - 1))
+
+    def forward(self, x, params=None):
+        shared_params, deviation_params = params if params is not None else self.generate()
+        shared_out = batched_mlp(x, shared_params, self.activation)
+        if self.snd_des == 0:
+            return shared_out
+        deviation_out = batched_mlp(x, deviation_params, self.activation)
+        if self.snd_des < 0:
+            return shared_out + deviation_out
+        with torch.no_grad():
+            snd_hat = self.deviation_snd(x, deviation_params)
+            self.last_snd_hat = float(snd_hat)
+        return shared_out + (self.snd_des / snd_hat.clamp_min(1e-8)) * deviation_out
+
+
+def critic_input(obs: torch.Tensor) -> torch.Tensor:
+    """MAPPO: every agent's critic sees the global state, (n_agents, batch, n_agents * obs_dim).
+
+    VMAS has no global state: as in the paper it is the concatenation of all agents' observations
+    of the same time step (agent-major data keeps them at the same batch index).
+    """
+    n, batch, obs_dim = obs.shape
+    state = obs.transpose(0, 1).reshape(batch, n * obs_dim)
+    return state.unsqueeze(0).expand(n, -1, -1)
+
+
+class Agent(nn.Module):
+    """Every agent's actor and critic."""
+
+    def __init__(self, args: Args, obs_dim: int, act_dim: int, discrete: bool, critic_in_dim: int):
+        super().__init__()
+        n = args.n_agents
+        activation = torch.relu if args.activation == "relu" else torch.tanh
+        actor_sizes = [obs_dim] + list(args.actor_hidden_dims) + [act_dim]
+        critic_sizes = [critic_in_dim] + list(args.critic_hidden_dims) + [1]
+        actor_gains = [np.sqrt(2)] * len(args.actor_hidden_dims) + [0.01]
+        critic_gains = [np.sqrt(2)] * len(args.critic_hidden_dims) + [1.0]
+        if args.hypernet == "dico":
+            self.actor = DiCoMLP(args, n, actor_sizes, actor_gains, activation, args.dico_snd_des)
+            self.critic = PerAgentMLP(args, "fups", n, critic_sizes, critic_gains, activation)
+        else:
+            self.actor = PerAgentMLP(args, args.hypernet, n, actor_sizes, actor_gains, activation)
+            self.critic = PerAgentMLP(args, args.hypernet, n, critic_sizes, critic_gains, activation)
+        self.discrete = discrete
+        if not discrete:  # state-independent log-std, one per agent only where nothing is shared
+            self.actor_logstd = nn.Parameter(torch.zeros(n if args.hypernet == "nops" else 1, 1, act_dim))
+
+    def actor_parameters(self):
+        params = list(self.actor.parameters())
+        return params + ([self.actor_logstd] if not self.discrete else [])
+
+    def generate(self):
+        """Every agent's weights, generated once and reused for a whole rollout or minibatch."""
+        return self.actor.generate(), self.critic.generate()
+
+    def get_value(self, critic_x, params=None):
+        return self.critic(critic_x, None if params is None else params[1]).squeeze(-1)
+
+    def policy(self, x, params=None):
+        """Logits (discrete) or (mean, std) (continuous), each (n_agents, batch, act)."""
+        out = self.actor(x, None if params is None else params[0])
+        if self.discrete:
+            return out
+        return out, self.actor_logstd.exp().expand_as(out)
+
+    def get_action_and_value(self, x, action=None, params=None):
+        dist = self.policy(x, params)
+        if action is None:
+            action = sample_action(dist, self.discrete)
+        logprob, entropy = log_prob_entropy(dist, action, self.discrete)
+        return action, logprob, entropy, self.get_value(critic_input(x), params)
+
+    def act_deterministic(self, x, params=None):
+        dist = self.policy(x, params)
+        return dist.argmax(-1) if self.discrete else dist[0]
+
+
+def sample_action(dist, discrete: bool) -> torch.Tensor:
+    if discrete:  # Gumbel-max: a categorical sample without building a Distribution object
+        return torch.argmax(dist - torch.log(-torch.log(torch.rand_like(dist))), dim=-1)
+    mean, std = dist
+    return mean + std * torch.randn_like(mean)
+
+
+def log_prob_entropy(dist, action, discrete: bool):
+    if discrete:
+        logp = torch.log_softmax(dist, -1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        return logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), entropy
+    mean, std = dist
+    log_std = torch.log(std)
+    logprob = (-((action - mean) ** 2) / (2 * std**2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+    entropy = (0.5 + 0.5 * math.log(2 * math.pi) + log_std).sum(-1)
+    return logprob, entropy
+
+
+# ===== 5. Metrics =====
+def js_distance_categorical(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon distance in base 2 (in [0, 1]) between categorical distributions (..., k)."""
+    m = 0.5 * (p + q)
+
+    def kl(a, b):
+        return torch.where(a > 0, a * (torch.log2(a) - torch.log2(b.clamp_min(1e-30))), torch.zeros_like(a)).sum(-1)
+
+    return (0.5 * kl(p, m) + 0.5 * kl(q, m)).clamp(0.0, 1.0).sqrt()
+
+
+def js_distance_gaussian(mu1, std1, mu2, std2, n_samples=64, generator=None) -> torch.Tensor:
+    """Jensen-Shannon distance in base 2 between diagonal Gaussians (..., d), by Monte Carlo.
+
+    JSD = 1/2 E_p[log p - log m] + 1/2 E_q[log q - log m], m = (p + q) / 2, each expectation
+    estimated with n_samples antithetic draws (x = mu +- std * z). There is no closed form; the
+    estimate is unbiased for the divergence and its error falls as 1/sqrt(n_samples) (identical
+    Gaussians give exactly 0).
+    """
+    half = max(n_samples // 2, 1)
+    z = torch.randn((half,) + mu1.shape, generator=generator, device=mu1.device, dtype=mu1.dtype)
+    z = torch.cat([z, -z])
+
+    def log_density(x, mu, std):
+        return (-0.5 * ((x - mu) / std) ** 2 - torch.log(std) - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def half_term(mu, std, mu_other, std_other):  # E_{x ~ f}[log f(x) - log m(x)]
+        x = mu + std * z
+        d = log_density(x, mu_other, std_other) - log_density(x, mu, std)
+        # log m - log f = log((1 + e^d) / 2), written to be exactly 0 when the densities agree
+        log_ratio = torch.where(d > 30, d - math.log(2.0), torch.log1p(torch.expm1(d.clamp(max=30)) / 2))
+        return -log_ratio.mean(0)
+
+    jsd_bits = (0.5 * half_term(mu1, std1, mu2, std2) + 0.5 * half_term(mu2, std2, mu1, std1)) / math.log(2.0)
+    return jsd_bits.clamp(0.0, 1.0).sqrt()
+
+
+def system_neural_diversity(dist, discrete: bool, n_samples=64, generator=None) -> float:
+    """Eq. (9): mean Jensen-Shannon distance over agent pairs and observations.
+
+    dist: every agent's policy on the SAME observations, logits (n_agents, batch, k) or
+    (mean, std) each (n_agents, batch, d).
+    """
+    n = (dist if discrete else dist[0]).shape[0]
+    i, j = torch.triu_indices(n, n, offset=1)
+    dist = dist.detach() if discrete else (dist[0].detach(), dist[1].detach())
+    if discrete:
+        probs = torch.softmax(dist, -1)
+        distances = js_distance_categorical(probs[i], probs[j])
+    else:
+        mean, std = dist
+        distances = js_distance_gaussian(mean[i], std[i], mean[j], std[j], n_samples, generator)
+    return float(distances.mean())
+
+
+def flat_grad(params) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in params if p.grad is not None])
+
+
+def gradient_interference(per_agent_loss: torch.Tensor, params) -> float:
+    """Mean pairwise cosine similarity between the agents' gradients on the shared parameters.
+
+    Gradient i is d(loss_i)/d(all actor parameters): its cosine with gradient j is 0 when the two
+    agents touch disjoint parameters (NoPS), positive when their updates agree and negative when
+    they conflict. All n gradients come from one batched backward pass.
+    """
+    n = per_agent_loss.shape[0]
+    grads = torch.autograd.grad(per_agent_loss, params, grad_outputs=torch.eye(n, device=per_agent_loss.device),
+                                is_grads_batched=True, retain_graph=True, allow_unused=True)
+    flat = torch.cat([g.reshape(n, -1) for g in grads if g is not None], 1)
+    unit = F.normalize(flat, dim=1)
+    cosine = unit @ unit.T
+    return float(cosine[~torch.eye(n, dtype=torch.bool, device=cosine.device)].mean())
+
+
+# ===== 6. Algorithm =====
+def compute_gae(rewards, values, next_values, terminated, dones, gamma, gae_lambda):
+    """Generalised advantage estimation over a (T, ...) rollout.
+
+    next_values[t] is V(s_{t+1}) for the true next state: at a time limit, the value of the final
+    observation (bootstrap); at termination it is multiplied by 0. dones stops the recursion at
+    every episode end, whatever its cause.
+    """
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[0])
+    for t in reversed(range(rewards.shape[0])):
+        delta = rewards[t] + gamma * next_values[t] * (1.0 - terminated[t]) - values[t]
+        last = delta + gamma * gae_lambda * (1.0 - dones[t]) * last
+        advantages[t] = last
+    return advantages, advantages + values
+
+
+def ppo_loss(agent, params, mb: dict, args: Args):
+    """CleanRL's clipped surrogate, clipped value loss and entropy bonus, kept per agent."""
+    _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb["obs"], mb["actions"], params)
+    logratio = newlogprob - mb["logprobs"]
+    ratio = logratio.exp()
+    with torch.no_grad():
+        old_approx_kl = (-logratio).mean()
+        approx_kl = ((ratio - 1) - logratio).mean()
+        clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+    advantages = mb["advantages"]
+    if args.norm_adv:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+    pg_loss_per_agent = torch.max(pg_loss1, pg_loss2).mean(1)
+    entropy_per_agent = entropy.mean(1)
+    if args.clip_vloss:
+        v_loss_unclipped = (newvalue - mb["returns"]) ** 2
+        v_clipped = mb["values"] + torch.clamp(newvalue - mb["values"], -args.clip_coef, args.clip_coef)
+        v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - mb["returns"]) ** 2).mean()
+    else:
+        v_loss = 0.5 * ((newvalue - mb["returns"]) ** 2).mean()
+    actor_loss_per_agent = pg_loss_per_agent - args.ent_coef * entropy_per_agent
+    loss = actor_loss_per_agent.mean() + v_loss * args.vf_coef
+    stats = dict(policy_loss=pg_loss_per_agent.mean(), value_loss=v_loss, entropy=entropy_per_agent.mean(),
+                 old_approx_kl=old_approx_kl, approx_kl=approx_kl, clipfrac=clipfrac)
+    return loss, actor_loss_per_agent, stats
+
+
+def ppo_update(agent, optimizer, batch: dict, args: Args, batch_size: int):
+    """update_epochs passes over the rollout in minibatches; weights are generated once per minibatch."""
+    actor_params = agent.actor_parameters()
+    minibatch_size = batch_size // args.num_minibatches
+    grad_vars, grad_norms, interference, totals = [], [], float("nan"), {}
+    for epoch in range(args.update_epochs):
+        order = torch.randperm(batch_size, device=batch["obs"].device)
+        for start in range(0, batch_size, minibatch_size):
+            idx = order[start: start + minibatch_size]
+            mb = {key: value[:, idx] for key, value in batch.items()}
+            params = agent.generate()
+            loss, actor_loss_per_agent, stats = ppo_loss(agent, params, mb, args)
+            if not torch.isfinite(loss):
+                raise FloatingPointError("loss is not finite")
+            if epoch == 0 and start == 0:  # one minibatch per update is enough for this metric
+                interference = gradient_interference(actor_loss_per_agent, actor_params)
+            optimizer.zero_grad()
+            loss.backward()
+            actor_grad = flat_grad(actor_params)  # the paper's gradient variance: over all entries
+            grad_vars.append(actor_grad.var())
+            grad_norms.append(actor_grad.norm())
+            nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            optimizer.step()
+            for key, value in stats.items():
+                totals[key] = value.detach()
+    totals["actor_var"] = torch.stack(grad_vars).mean()
+    totals["actor_norm"] = torch.stack(grad_norms).mean()
+    return {key: float(value) for key, value in totals.items()} | {"interference": interference}
+
+
+# ===== 7. Checkpoints =====
+CHECKPOINT_FORMAT = "hypermarl-mappo-vmas/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: reported as one line, exit status 2."""
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Atomic: a crash mid-write leaves the previous checkpoint intact."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, args: Args, flag: str) -> dict:
+    """weights_only=True: a file that smuggles code, or is not ours, is refused."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+        raise CheckpointError(f"{flag}: {path!r} is not a readable checkpoint ({str(error).splitlines()[0][:120]})")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{flag}: {path!r} is not a {CHECKPOINT_FORMAT} checkpoint")
+    for name in COMPAT_FIELDS:
+        saved, ours = state["args"].get(name), getattr(args, name)
+        if saved != ours:
+            raise CheckpointError(f"{flag}: checkpoint has {name}={saved!r}, this run has {name}={ours!r}")
+    return state
+
+
+def rng_state() -> dict:
+    return rng_to_tensors([torch.get_rng_state(), np.random.get_state(), random.getstate()])
+
+
+def set_rng_state(state: dict) -> None:
+    torch_state, np_state, py_state = rng_from_tensors(state)
+    torch.set_rng_state(torch_state)
+    np.random.set_state(np_state)
+    random.setstate(py_state)
+
+
+# ===== 8. Main =====
+def evaluate(agent, eval_env: VmasEnv, initial_rng: list, args: Args, seed: int):
+    """Deterministic episodes on the evaluation environment, which starts from the same random
+    state every time (so evaluations differ only by the policy), then SND on their observations."""
+    eval_env._rng = list(initial_rng)
+    obs = eval_env.reset()
+    n, num_envs = args.n_agents, eval_env.num_envs
+    returns = torch.zeros(n, num_envs, device=obs.device)
+    active = torch.ones(num_envs, dtype=torch.bool, device=obs.device)
+    seen = []
+    with torch.no_grad():
+        params = agent.generate()
+        for _ in range(args.max_steps):
+            seen.append(obs[:, active].reshape(-1, obs.shape[-1]))
+            action = agent.act_deterministic(obs, params)
+            obs, reward, terminated, truncated, _, _ = eval_env.step(action)
+            returns += reward * active
+            active &= ~(terminated | truncated)
+            if not active.any():
+                break
+        generator = torch.Generator(device=obs.device).manual_seed(seed)
+        pool = torch.cat(seen)
+        pool = pool[torch.randperm(pool.shape[0], generator=generator, device=obs.device)[: args.snd_samples]]
+        # Eq. (9) evaluates every agent's policy on the same observations.
+        dist = agent.policy(pool.expand(n, -1, -1), params)
+        snd = system_neural_diversity(dist, agent.discrete, args.snd_gaussian_samples, generator)
+    return returns.mean(0).mean().item(), returns.mean(1).tolist(), snd
+
+
+def main(argv=None) -> int:
+    try:
+        args = resolve_args(parse_args(argv))
+        if args.track and not args.eval_only:
+            try:
+                import wandb
+            except ImportError:
+                raise ArgError("--track: wandb is not installed (pip install wandb)")
+        source = args.resume or args.checkpoint
+        loaded = load_checkpoint(source, args, "--resume" if args.resume else "--checkpoint") if source else None
+    except (ArgError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    try:
+        envs = VmasEnv(args, args.num_envs, args.seed, device) if not args.eval_only else None
+        eval_env = VmasEnv(args, args.eval_episodes, args.seed + 10_000, device)
+    except ArgError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    eval_rng = list(eval_env._rng)
+    obs_dim, act_dim, discrete = eval_env.obs_dim, eval_env.act_dim, eval_env.discrete
+    critic_in_dim = critic_input(torch.zeros(args.n_agents, 1, obs_dim)).shape[-1]
+    agent = Agent(args, obs_dim, act_dim, discrete, critic_in_dim).to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+
+    if args.eval_only:
+        agent.load_state_dict(loaded["model"])
+        ret, per_agent, snd = evaluate(agent, eval_env, eval_rng, args, args.seed + 10_000)
+        print(f"eval/episodic_return={ret:.4f} diversity/snd={snd:.6f} per_agent={[round(r, 4) for r in per_agent]}")
+        return 0
+
+    batch_size = args.num_envs * args.num_steps
+    num_iterations = args.total_timesteps // batch_size
+    n = args.n_agents
+    global_step, start_iteration = 0, 1
+    run_name = f"vmas_{args.scenario}__{args.exp_name}__{args.hypernet}__{args.seed}__{int(time.time())}"
+    next_obs = envs.reset()
+    if loaded is not None:
+        agent.load_state_dict(loaded["model"])
+        optimizer.load_state_dict(loaded["optimizer"])
+        envs.load_state_dict(loaded["env"])
+        next_obs = envs.obs
+        set_rng_state(loaded["rng"])
+        global_step, start_iteration, run_name = loaded["global_step"], loaded["iteration"], loaded["run_name"]
+    run_dir = os.path.join(args.runs_dir, run_name)
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(run_dir)
+    config_table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{config_table}")
+    print(f"run: {run_dir}")
+    print("config: " + " ".join(f"{key}={value}" for key, value in vars(args).items()))
+    n_params = sum(p.numel() for p in agent.parameters())
+    print(f"parameters: actor {sum(p.numel() for p in agent.actor_parameters())}, total {n_params}")
+
+    # Rollout storage, time-major (T, n_agents, num_envs, ...)
+    T, E = args.num_steps, args.num_envs
+    obs = torch.zeros((T, n, E, obs_dim), device=device)
+    actions = torch.zeros((T, n, E) + (() if discrete else (act_dim,)), device=device,
+                          dtype=torch.long if discrete else torch.float)
+    logprobs = torch.zeros((T, n, E), device=device)
+    rewards = torch.zeros((T, n, E), device=device)
+    values = torch.zeros((T, n, E), device=device)
+    bootstrap = torch.zeros((T, n, E), device=device)
+    terminateds = torch.zeros((T, 1, E), device=device)
+    dones = torch.zeros((T, 1, E), device=device)
+
+    def capture_state(iteration):
+        return dict(format=CHECKPOINT_FORMAT, args=dataclasses.asdict(args), run_name=run_name,
+                    model=agent.state_dict(), optimizer=optimizer.state_dict(), env=envs.state_dict(),
+                    rng=rng_state(), global_step=global_step, iteration=iteration)
+
+    stop = {"signal": None}
+
+    def request_stop(signum, frame):
+        if stop["signal"] is not None:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+        print(f"\nsignal {signum}: saving a checkpoint and stopping", flush=True)
+
+    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    start_time, start_step = time.time(), global_step
+    next_eval = (global_step // args.eval_interval + 1) * args.eval_interval
+    next_save = (global_step // args.save_interval + 1) * args.save_interval
+    exit_code, next_iteration = 0, start_iteration
+    try:
+        for iteration in range(start_iteration, num_iterations + 1):
+            if stop["signal"] is not None:  # between iterations the state is consistent: save it
+                break
+            if args.anneal_lr:
+                frac = 1.0 - (iteration - 1.0) / num_iterations
+                optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+
+            finished_returns, finished_lengths = [], []
+            with torch.no_grad():
+                params = agent.generate()  # the parameters do not change during a rollout
+                for step in range(T):
+                    global_step += E
+                    obs[step] = next_obs
+                    action, logprob, _, value = agent.get_action_and_value(next_obs, params=params)
+                    values[step], actions[step], logprobs[step] = value, action, logprob
+                    next_obs, reward, terminated, truncated, final_obs, finished = envs.step(action)
+                    rewards[step] = reward
+                    terminateds[step, 0] = terminated.float()
+                    dones[step, 0] = (terminated | truncated).float()
+                    bootstrap[step] = 0.0
+                    if truncated.any():  # bootstrap a time limit from the value of the final state
+                        bootstrap[step] = agent.get_value(critic_input(final_obs), params) * truncated
+                    if finished is not None:
+                        finished_returns.append(finished["returns"])
+                        finished_lengths.append(finished["lengths"])
+                next_values = torch.cat([values[1:], agent.get_value(critic_input(next_obs), params).unsqueeze(0)])
+                next_values = torch.where(dones.bool(), bootstrap, next_values)
+                advantages, returns = compute_gae(rewards, values, next_values, terminateds, dones,
+                                                  args.gamma, args.gae_lambda)
+
+            def agent_major(x):  # (T, n, E, ...) -> (n, T * E, ...)
+                return x.transpose(0, 1).reshape((n, T * E) + x.shape[3:])
+
+            batch = dict(obs=agent_major(obs), actions=agent_major(actions),
+                         logprobs=agent_major(logprobs), advantages=agent_major(advantages),
+                         returns=agent_major(returns), values=agent_major(values))
+            try:
+                stats = ppo_update(agent, optimizer, batch, args, T * E)
+            except FloatingPointError:
+                print(f"error: the loss became NaN/inf at update {iteration} (global step {global_step}); "
+                      f"stopping. Last good checkpoint: {checkpoint_path if args.save_model else 'none (no --save-model)'}",
+                      file=sys.stderr)
+                exit_code = 1  # the checkpoint on disk (if any) is the last good one: leave it
+                break
+
+            # Logging (CleanRL names)
+            if finished_returns:
+                ep_returns = torch.cat(finished_returns, 1)  # (n_agents, episodes)
+                writer.add_scalar("charts/episodic_return", ep_returns.mean().item(), global_step)
+                for i in range(n):
+                    writer.add_scalar(f"charts/episodic_return_agent{i}", ep_returns[i].mean().item(), global_step)
+                writer.add_scalar("charts/episodic_length", torch.cat(finished_lengths).float().mean().item(), global_step)
+            y_pred, y_true = values.flatten(), returns.flatten()
+            var_y = torch.var(y_true)
+            explained_var = float("nan") if var_y == 0 else float(1 - torch.var(y_true - y_pred) / var_y)
+            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+            for key in ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"):
+                writer.add_scalar(f"losses/{key}", stats[key], global_step)
+            writer.add_scalar("losses/explained_variance", explained_var, global_step)
+            writer.add_scalar("grad/actor_var", stats["actor_var"], global_step)
+            writer.add_scalar("grad/actor_norm", stats["actor_norm"], global_step)
+            writer.add_scalar("grad/interference", stats["interference"], global_step)
+            if args.hypernet == "dico" and args.dico_snd_des > 0:
+                writer.add_scalar("diversity/dico_snd_hat", agent.actor.last_snd_hat, global_step)
+            sps = int((global_step - start_step) / (time.time() - start_time))
+            writer.add_scalar("charts/SPS", sps, global_step)
+
+            line = None
+            if global_step >= next_eval or iteration == num_iterations:
+                next_eval = (global_step // args.eval_interval + 1) * args.eval_interval
+                eval_return, eval_per_agent, snd = evaluate(agent, eval_env, eval_rng, args, args.seed + 10_000)
+                writer.add_scalar("eval/episodic_return", eval_return, global_step)
+                for i, value in enumerate(eval_per_agent):
+                    writer.add_scalar(f"eval/episodic_return_agent{i}", value, global_step)
+                writer.add_scalar("diversity/snd", snd, global_step)
+                line = f"eval_return={eval_return:.3f} snd={snd:.4f}"
+            if line or iteration % args.print_interval == 0:
+                train_return = torch.cat(finished_returns, 1).mean().item() if finished_returns else float("nan")
+                print(f"global_step={global_step} iteration={iteration}/{num_iterations} "
+                      f"episodic_return={train_return:.3f} SPS={sps}" + (f" {line}" if line else ""), flush=True)
+            if args.save_model and global_step >= next_save and iteration < num_iterations:
+                next_save = (global_step // args.save_interval + 1) * args.save_interval
+                save_checkpoint(checkpoint_path, capture_state(iteration + 1))
+            next_iteration = iteration + 1
+        if exit_code == 0 and (args.save_model or stop["signal"] is not None):
+            save_checkpoint(checkpoint_path, capture_state(next_iteration))
+            print(f"checkpoint: {checkpoint_path} (continue with --resume {checkpoint_path})")
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+        writer.close()
+        if args.track:
+            wandb.finish()
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,435 @@
+"""Tests of mappo_hyper_mamujoco.py: tasks, padding and masks, HAPPO's factor, value loss and
+normalisers, checkpoints, bad input, and every task x actor family x algorithm end to end."""
+
+import contextlib
+import io
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gymnasium_robotics")
+pytest.importorskip("mujoco")
+
+import mappo_hyper_mamujoco as mj  # noqa: E402  (conftest puts the repository on sys.path)
+
+TASKS = list(mj.TASKS)
+
+
+def tiny_argv(runs_dir, *extra, task="HalfCheetah-2x3", actor="mlp", algo="mappo"):
+    """Two updates of 32 steps in one environment, 40-step episodes, small networks."""
+    argv = ["--task", task, "--actor", actor, "--algo", algo, "--runs-dir", str(runs_dir), "--no-cuda",
+            "--num-envs", "1", "--num-steps", "32", "--total-timesteps", "64", "--update-epochs", "2",
+            "--critic-epochs", "2", "--actor-hidden-dims", "16", "16", "--critic-hidden-dims", "16", "16",
+            "--eval-episodes", "2", "--max-episode-steps", "40", "--snd-samples", "20",
+            "--snd-gaussian-samples", "8", "--interference-samples", "16"]
+    if actor == "mlp":
+        argv += ["--hypernet-hidden-dims", "8", "--hypernet-embedding-dim", "4"]
+    return argv + [str(x) for x in extra]
+
+
+def run_main(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = mj.main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def last_eval(stdout):
+    line = [ln for ln in stdout.splitlines() if "eval_return=" in ln][-1]
+    return float(line.split("eval_return=")[1].split()[0])
+
+
+# ----- tasks, padding and masks -----
+@pytest.mark.parametrize("task,n_agents,act_dims,state_dim", [
+    ("HalfCheetah-2x3", 2, [3, 3], 17), ("Walker2d-2x3", 2, [3, 3], 17), ("Ant-4x2", 4, [2, 2, 2, 2], 105),
+    ("Humanoid-17x1", 17, [1] * 17, 348), ("Humanoid-9|8", 2, [9, 8], 348)])
+def test_task_shapes(task, n_agents, act_dims, state_dim):
+    env = mj.MaMuJoCoEnv(task, "local")
+    assert env.n_agents == n_agents and env.act_dims == act_dims and env.state_dim == state_dim
+    assert env.act_mask.sum(1).tolist() == act_dims
+    assert env.obs_mask.sum(1).tolist() == env.local_obs_dims
+    env.close()
+
+
+def test_humanoid_17x1_is_one_joint_per_agent():
+    env = mj.MaMuJoCoEnv("Humanoid-17x1", "local")
+    partitions = env.ma.agent_action_partitions
+    assert env.n_agents == 17 and all(len(p) == 1 for p in partitions)
+    assert sorted(p[0].act_ids for p in partitions) == list(range(17))  # every actuator, once
+    assert len({p[0].label for p in partitions}) == 17
+    assert min(env.local_obs_dims) < max(env.local_obs_dims)  # unequal observations: padding needed
+    env.close()
+
+
+def test_pad_stack_and_unpad_round_trip_exactly():
+    rng = np.random.default_rng(0)
+    rows = [rng.standard_normal(d).astype(np.float32) for d in (5, 2, 7, 1)]
+    padded, mask = mj.pad_stack(rows, 7)
+    assert padded.shape == (4, 7) and np.all(padded[~mask] == 0)
+    for row, back in zip(rows, mj.unpad(padded, mask)):
+        np.testing.assert_array_equal(row, back)
+
+
+@pytest.mark.parametrize("task", ["Humanoid-9|8", "Humanoid-17x1", "Ant-4x2"])
+def test_action_padding_round_trips_and_matches_gymnasium_robotics(task):
+    env = mj.MaMuJoCoEnv(task, "global")
+    rng = np.random.default_rng(1)
+    flat = rng.uniform(-0.4, 0.4, env.n_global_actions)
+    local = env.global_to_local_action(flat)
+    assert np.all(local[~env.act_mask] == 0)
+    np.testing.assert_array_equal(env.local_to_global_action(local), flat.astype(np.float32))
+    # the same mapping as Gymnasium-Robotics' own (on unpadded per-agent actions)
+    per_agent = {a: row for a, row in zip(env.ma.possible_agents, mj.unpad(local, env.act_mask))}
+    np.testing.assert_array_equal(env.ma.map_local_actions_to_global_action(per_agent), env.local_to_global_action(local))
+    # padded slots are ignored
+    noisy = local + 5.0 * ~env.act_mask
+    np.testing.assert_array_equal(env.local_to_global_action(noisy), env.local_to_global_action(local))
+    env.close()
+
+
+@pytest.mark.parametrize("task", ["Humanoid-9|8", "Humanoid-17x1", "Walker2d-2x3"])
+def test_env_step_equals_parallel_env_step(task):
+    """Observations (unpadded), state, reward, terminated and truncated are exactly PettingZoo's."""
+    ours = mj.MaMuJoCoEnv(task, "local", max_episode_steps=30)
+    reference = mj.make_parallel_env(task, 1, max_episode_steps=30)
+    flat, _ = ours.reset(seed=3)
+    ref_obs, _ = reference.reset(seed=3)
+    rng = np.random.default_rng(2)
+    for t in range(40):
+        local, state = ours.split(flat)
+        for i, row in enumerate(mj.unpad(local, ours.obs_mask)):
+            np.testing.assert_array_equal(row, ref_obs[reference.possible_agents[i]].astype(np.float32))
+        np.testing.assert_array_equal(state, reference.state().astype(np.float32))
+        assert np.all(local[~ours.obs_mask] == 0)
+        actions = rng.uniform(ours.action_low, ours.action_high).astype(np.float32) * ours.act_mask
+        flat, reward, terminated, truncated, _ = ours.step(actions)
+        per_agent = dict(zip(reference.possible_agents, mj.unpad(actions, ours.act_mask)))
+        ref_obs, ref_rew, ref_term, ref_trunc, _ = reference.step(per_agent)
+        agent0 = reference.possible_agents[0]
+        assert reward == ref_rew[agent0] and terminated == ref_term[agent0] and truncated == ref_trunc[agent0]
+        if terminated or truncated:
+            break
+    ours.close()
+    reference.close()
+
+
+def test_global_actor_inputs_are_state_plus_one_hot():
+    state = np.arange(6, dtype=np.float32).reshape(2, 3)
+    x = mj.actor_inputs(None, state, 4)
+    assert x.shape == (4, 2, 7)
+    np.testing.assert_array_equal(x[:, :, :3], np.broadcast_to(state, (4, 2, 3)))
+    np.testing.assert_array_equal(x[:, 0, 3:], np.eye(4))
+
+
+def test_vector_env_autoreset_gives_fresh_obs_and_final_obs():
+    """SAME_STEP autoreset: with done=True comes the next episode's first observation (what the next
+    action must see) and, in info, the last observation of the ended one (for the bootstrap)."""
+    args = mj.Args(task="HalfCheetah-2x3", num_envs=2, max_episode_steps=5, async_envs=False)
+    envs = mj.make_vector_env(args)
+    flat, _ = envs.reset(seed=0)
+    reference = mj.MaMuJoCoEnv("HalfCheetah-2x3", max_episode_steps=5)
+    ref_flat, _ = reference.reset(seed=0)  # env 0 of the vector env is seeded with seed 0
+    np.testing.assert_array_equal(flat[0], ref_flat)
+    actions = np.random.default_rng(0).uniform(-1, 1, (5, 2, 2, 3)).astype(np.float32)
+    for t in range(5):
+        flat, reward, terminated, truncated, info = envs.step(actions[t])
+        ref_flat, ref_reward, _, ref_truncated, _ = reference.step(actions[t, 0])
+        assert reward[0] == ref_reward
+    assert truncated.all() and ref_truncated and not terminated.any()
+    np.testing.assert_array_equal(info["final_obs"][0], ref_flat)
+    np.testing.assert_array_equal(flat[0], reference.reset()[0])  # the fresh episode's observation
+    envs.close()
+    reference.close()
+
+
+# ----- networks, normalisers, losses -----
+def test_masked_log_prob_and_entropy_ignore_padded_dims():
+    torch.manual_seed(0)
+    mean, std = torch.randn(2, 5, 4), torch.rand(2, 5, 4) + 0.2
+    actions = torch.randn(2, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.float32).unsqueeze(1)
+    logp, ent = mj.masked_gaussian_log_prob_entropy(mean, std, actions, mask)
+    ref = torch.distributions.Normal(mean[1, :, :2], std[1, :, :2])
+    torch.testing.assert_close(logp[1], ref.log_prob(actions[1, :, :2]).sum(-1))
+    torch.testing.assert_close(ent[1], ref.entropy().sum(-1))
+    full = torch.distributions.Normal(mean[0], std[0])
+    torch.testing.assert_close(logp[0], full.log_prob(actions[0]).sum(-1))
+    changed = actions.clone()
+    changed[1, :, 2:] += 100.0  # padded action entries change nothing
+    torch.testing.assert_close(mj.masked_gaussian_log_prob_entropy(mean, std, changed, mask)[0], logp)
+
+
+def test_harl_bounded_std():
+    args = mj.resolve_args(mj.Args(actor="ind"))
+    actor = mj.GaussianActor(args, 2, 5, 3, np.ones((2, 3), bool))
+    _, std = actor(torch.zeros(2, 4, 5))
+    torch.testing.assert_close(std, torch.full_like(std, 0.5 / (1 + math.exp(-1.0))))  # sigmoid(1) * 0.5
+
+
+def test_obs_normalizer_keeps_padding_zero_and_round_trips_state():
+    mask = np.array([[True, True, False], [True, False, False]])
+    norm = mj.ObsNormalizer(2, mask)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        local = rng.standard_normal((8, 2, 3)) * 3 + 1
+        norm.update(local * mask, rng.standard_normal((8, 2)))
+    out = norm.local(rng.standard_normal((4, 2, 3)) * mask)
+    assert np.all(out[:, ~mask] == 0)
+    restored = mj.ObsNormalizer(2, mask)
+    restored.load_state_dict(norm.state_dict())
+    x = rng.standard_normal((3, 2))
+    np.testing.assert_array_equal(restored.state(x), norm.state(x))
+
+
+def test_value_norm_matches_harl_and_inverts():
+    vn = mj.ValueNorm(2)
+    a, b = torch.tensor([[1.0, 3.0], [10.0, 30.0]]), torch.tensor([[5.0, 7.0], [50.0, 70.0]])
+    vn.update(a)
+    vn.update(b)
+    beta = 0.99999
+    debias = (1 - beta) * beta + (1 - beta)
+    mean = ((1 - beta) * beta * a.mean(1).double() + (1 - beta) * b.mean(1).double()) / debias
+    mean_sq = ((1 - beta) * beta * (a**2).mean(1).double() + (1 - beta) * (b**2).mean(1).double()) / debias
+    got_mean, got_var = vn.mean_var()
+    torch.testing.assert_close(got_mean, mean)
+    torch.testing.assert_close(got_var, (mean_sq - mean**2).clamp(min=1e-2))
+    x = torch.randn(2, 6)
+    torch.testing.assert_close(vn.denormalize(vn.normalize(x)), x)
+
+
+def test_value_loss_huber_and_clipping_by_hand():
+    args = mj.resolve_args(mj.Args(clip_coef=0.2, huber_delta=1.0))
+    values, old, targets = torch.tensor([[0.5, 3.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, -1.0]])
+    # sample 1: unclipped error 0.5 -> 0.125; clipped value 0.2, error 0.8 -> 0.32; max 0.32
+    # sample 2: unclipped error -4 -> huber 3.5; clipped value 0.2, error -1.2 -> 0.7; max 3.5
+    torch.testing.assert_close(mj.value_loss(values, old, targets, args), torch.tensor([(0.32 + 3.5) / 2]))
+    args.clip_vloss = False
+    torch.testing.assert_close(mj.value_loss(values, old, targets, args), torch.tensor([(0.125 + 3.5) / 2]))
+
+
+def test_clipped_surrogate_with_factor_by_hand():
+    new, old = torch.log(torch.tensor([[1.5, 0.5]])), torch.zeros(1, 2)
+    adv, factor = torch.tensor([[2.0, -1.0]]), torch.tensor([[0.5, 2.0]])
+    loss, ratio = mj.clipped_surrogate(new, old, adv, 0.2, factor)
+    # min(1.5*2, 1.2*2) = 2.4, times 0.5 = 1.2; min(0.5*-1, 0.8*-1) = -0.8, times 2 = -1.6
+    torch.testing.assert_close(loss, torch.tensor([-(1.2 - 1.6) / 2]))
+    torch.testing.assert_close(ratio, torch.tensor([[1.5, 0.5]]))
+
+
+def happo_setup(n_agents=3, batch=24):
+    torch.manual_seed(0)
+    args = mj.resolve_args(mj.Args(actor="ind", algo="happo", actor_hidden_dims=[8], update_epochs=2,
+                                   num_minibatches=1, learning_rate=0.05, ent_coef=0.0))
+    actor = mj.GaussianActor(args, n_agents, 4, 2, np.ones((n_agents, 2), bool))
+    obs = torch.randn(n_agents, batch, 4)
+    with torch.no_grad():
+        mean, std = actor(obs)
+        actions = mean + std * torch.randn_like(mean)
+        logprobs = actor.log_prob_entropy(obs, actions)[0]
+    batch = dict(obs=obs, actions=actions, logprobs=logprobs, advantages=torch.randn(n_agents, batch))
+    return args, actor, batch
+
+
+def test_per_agent_adam_equals_separate_adams_and_steps_only_chosen_agents():
+    torch.manual_seed(0)
+    stacked = torch.nn.Parameter(torch.randn(3, 4, 2))
+    separate = [torch.nn.Parameter(stacked[i].detach().clone()) for i in range(3)]
+    ours = mj.PerAgentAdam([stacked], 3, lr=0.01, eps=1e-5)
+    theirs = [torch.optim.Adam([p], lr=0.01, eps=1e-5) for p in separate]
+    for k in range(6):
+        grad = torch.randn(3, 4, 2)
+        agents = None if k % 2 == 0 else torch.tensor([2 - k % 3])  # all agents, then one agent
+        stacked.grad = grad.clone()
+        ours.step(agents)
+        for i in (range(3) if agents is None else agents.tolist()):
+            separate[i].grad = grad[i].clone()
+            theirs[i].step()
+        torch.testing.assert_close(stacked.detach(), torch.stack([p.detach() for p in separate]))
+
+
+def test_happo_sequential_update_uses_previous_agents_ratio_product():
+    args, actor, batch = happo_setup()
+    optimizer = mj.PerAgentAdam(actor.parameters(), 3, lr=args.learning_rate)
+    order = [2, 0, 1]
+    _, factors = mj.happo_actor_update(actor, optimizer, batch, args, order)
+    with torch.no_grad():  # independent actors: later updates leave earlier agents' policies as they were
+        new_logp = actor.log_prob_entropy(batch["obs"], batch["actions"])[0]
+    ratio = torch.exp(new_logp - batch["logprobs"])  # (n, B): pi_new / pi_old of each agent
+    torch.testing.assert_close(factors[0], torch.ones(24))
+    torch.testing.assert_close(factors[1], ratio[2])
+    torch.testing.assert_close(factors[2], ratio[2] * ratio[0])
+    assert (factors[2] - 1).abs().max() > 1e-3  # the updates did move the policies
+
+
+def test_happo_first_agent_update_equals_plain_ppo_on_that_agent():
+    args, actor, batch = happo_setup(n_agents=2)
+    twin = mj.GaussianActor(args, 2, 4, 2, np.ones((2, 2), bool))
+    twin.load_state_dict(actor.state_dict())
+    torch.manual_seed(5)
+    mj.happo_actor_update(actor, torch.optim.SGD(actor.parameters(), lr=0.1), batch, args, [1])
+    # by hand: agent 1's PPO loss, factor 1, full batch, update_epochs SGD steps
+    optimizer = torch.optim.SGD(twin.parameters(), lr=0.1)
+    for _ in range(args.update_epochs):
+        new_logp = twin.log_prob_entropy(batch["obs"], batch["actions"])[0][1]
+        ratio = torch.exp(new_logp - batch["logprobs"][1])
+        adv = batch["advantages"][1]
+        loss = -torch.min(ratio * adv, ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * adv).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for p, q in zip(actor.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_per_agent_grad_clip_is_per_agent():
+    p = torch.nn.Parameter(torch.zeros(2, 3))
+    p.grad = torch.tensor([[30.0, 40.0, 0.0], [0.3, 0.4, 0.0]])
+    mj.clip_grad_per_agent([p], 10.0, 2)
+    torch.testing.assert_close(p.grad[0].norm(), torch.tensor(10.0), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(p.grad[1], torch.tensor([0.3, 0.4, 0.0]))  # under the limit: untouched
+
+
+def test_common_action_dims_for_snd():
+    mean, std = torch.randn(2, 5, 9), torch.rand(2, 5, 9)
+    mask = torch.tensor([[1.0] * 9, [1.0] * 8 + [0.0]]).unsqueeze(1)
+    m, s = mj.common_action_dims(mean, std, mask)
+    assert m.shape == (2, 5, 8) and s.shape == (2, 5, 8)
+
+
+# ----- end to end -----
+@pytest.mark.parametrize("algo", ["mappo", "happo"])
+@pytest.mark.parametrize("actor", list(mj.ACTORS))
+@pytest.mark.parametrize("task", TASKS)
+def test_end_to_end(tmp_path, task, actor, algo):
+    code, out, err = run_main(tiny_argv(tmp_path, task=task, actor=actor, algo=algo))
+    assert code == 0, err
+    assert math.isfinite(last_eval(out))
+    snd = float(out.split("snd=")[-1].split()[0])
+    assert 0.0 <= snd <= 1.0
+
+
+@pytest.mark.parametrize("extra", [
+    ["--hypernet-hidden-dims", "4"],  # HyperMARL-S (smaller hypernetwork)
+    ["--hypernet-embedding", "onehot", "--hypernet-embedding-dim", "4"],
+    ["--hypernet-init", "default"],
+    ["--hypernet-input", "agent+obs"],
+    ["--hypernet-input", "agent+obs", "--algo", "happo"],
+    ["--obs-mode", "local", "--task", "Humanoid-17x1"],
+    ["--obs-mode", "local", "--task", "Humanoid-9|8", "--actor", "fups"],
+    ["--obs-mode", "local", "--task", "Humanoid-9|8", "--algo", "happo", "--actor", "ind"],
+    ["--obs-mode", "local", "--task", "Ant-4x2", "--agent-obsk", "2", "--actor", "linear"],
+    ["--critic", "shared"], ["--no-norm-obs", "--no-norm-value", "--no-clip-vloss"],
+    ["--num-envs", "2", "--num-steps", "16"],  # worker processes (AsyncVectorEnv)
+])
+def test_ablations_and_options(tmp_path, extra):
+    argv = tiny_argv(tmp_path, *extra)
+    if "--hypernet-embedding" in extra:  # onehot takes no embedding size
+        i = argv.index("--hypernet-embedding-dim")
+        del argv[i: i + 2]
+        i = argv.index("--hypernet-embedding-dim")
+        del argv[i: i + 2]
+    if "fups" in extra or "ind" in extra or "linear" in extra:
+        for flag in ("--hypernet-hidden-dims", "--hypernet-embedding-dim"):
+            i = argv.index(flag)
+            del argv[i: i + 2]
+    code, out, err = run_main(argv)
+    assert code == 0, err
+    assert math.isfinite(last_eval(out))
+
+
+def test_checkpoint_restores_normalisers_and_scores_what_the_run_scored(tmp_path):
+    argv = tiny_argv(tmp_path, "--save-model", task="Walker2d-2x3", actor="mlp")
+    code, out, err = run_main(argv)
+    assert code == 0, err
+    run_eval = last_eval(out)
+    path = [ln.split()[1] for ln in out.splitlines() if ln.startswith("checkpoint: ")][0]
+    state = torch.load(path, weights_only=True)
+    assert state["obs_norm"]["state"]["count"] > 60  # observation statistics are in the checkpoint
+    assert state["value_norm"]["debiasing_term"] > 0  # and the value normaliser's
+    eval_argv = [a for a in argv if a != "--save-model"] + ["--eval-only", "--checkpoint", path]
+    code, out, err = run_main(eval_argv)
+    assert code == 0, err
+    assert float(out.split("eval/episodic_return=")[1].split()[0]) == pytest.approx(run_eval, abs=5e-4)
+    # without the saved normaliser statistics the same weights score differently
+    args = mj.resolve_args(mj.parse_args(eval_argv))
+    evaluator = mj.Evaluator(args, torch.device("cpu"))
+    probe = evaluator.envs[0]
+    actor = mj.GaussianActor(args, probe.n_agents, mj.actor_obs_dim(args, probe), probe.act_dim, probe.act_mask)
+    actor.load_state_dict(state["actor"])
+    fresh = mj.ObsNormalizer(probe.state_dim, None)
+    assert evaluator(actor, fresh)[0] != pytest.approx(run_eval, abs=1e-3)
+    evaluator.close()
+
+
+def test_resume_continues_from_checkpoint(tmp_path):
+    argv = tiny_argv(tmp_path, "--save-model", "--total-timesteps", "96", "--save-interval", "32")
+    code, out, err = run_main(argv)
+    assert code == 0, err
+    path = [ln.split()[1] for ln in out.splitlines() if ln.startswith("checkpoint: ")][0]
+    state = torch.load(path, weights_only=True)
+    assert state["global_step"] == 96 and state["iteration"] == 4
+    code, out, err = run_main(tiny_argv(tmp_path, "--total-timesteps", "128", "--resume", path))
+    assert code == 0, err
+    assert "global_step=128 iteration=4/4" in out
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--task", "Hopper-3x1"], "--task:"),
+    (["--actor", "nops"], "--actor:"),
+    (["--algo", "ippo"], "--algo:"),
+    (["--obs-mode", "partial"], "--obs-mode:"),
+    (["--actor", "ind", "--hypernet-hidden-dims", "32"], "--hypernet-hidden-dims:"),
+    (["--actor", "fups", "--hypernet-init", "default"], "--hypernet-init:"),
+    (["--hypernet-input", "obs"], "--hypernet-input:"),
+    (["--fixed-order", "True"], "--fixed-order:"),
+    (["--agent-obsk", "2"], "--agent-obsk:"),
+    (["--num-envs", "0"], "--num-envs:"),
+    (["--num-envs", "abc"], "--num-envs"),
+    (["--clip-coef", "-0.1"], "--clip-coef:"),
+    (["--gamma", "1.5"], "--gamma:"),
+    (["--num-minibatches", "7"], "--num-minibatches:"),
+    (["--total-timesteps", "10"], "--total-timesteps:"),
+    (["--eval-only"], "--eval-only:"),
+    (["--eval-only", "--checkpoint", "missing.pt"], "--checkpoint:"),
+    (["--resume", "missing.pt"], "--resume:"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, flags, needle):
+    runs = tmp_path / "runs"
+    code, out, err = run_main(["--runs-dir", str(runs)] + flags)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+    assert not runs.exists()
+
+
+def test_bad_checkpoint_file_exits_2(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    code, _, err = run_main(["--runs-dir", str(tmp_path / "runs"), "--eval-only", "--checkpoint", str(bad)])
+    assert code == 2 and err.startswith("error: --checkpoint:") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_checkpoint_of_another_task_is_refused(tmp_path):
+    code, out, _ = run_main(tiny_argv(tmp_path, "--save-model"))
+    path = [ln.split()[1] for ln in out.splitlines() if ln.startswith("checkpoint: ")][0]
+    code, _, err = run_main(tiny_argv(tmp_path, "--eval-only", "--checkpoint", path, task="Walker2d-2x3"))
+    assert code == 2 and "--checkpoint: checkpoint has task='HalfCheetah-2x3'" in err
+
+
+def test_script_runs_as_a_subprocess(tmp_path):
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mappo_hyper_mamujoco.py")
+    result = subprocess.run([sys.executable, script, "--task", "Walker2d-2x3", "--num-envs", "2", "--num-steps", "16",
+                             "--total-timesteps", "32", "--eval-episodes", "1", "--max-episode-steps", "20",
+                             "--actor-hidden-dims", "8", "--critic-hidden-dims", "8"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert os.path.isdir(tmp_path / "runs")
+    bad = subprocess.run([sys.executable, script, "--task", "nope"], cwd=tmp_path, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --task:")

@@ -1,0 +1,208 @@
+"""Tests for reinforce_matrix_games.py: payoffs, Theorem B.1, Table 8 parameter counts, hyper-linear
+(no shared bias) == NoPS, seed batching, a small sweep end to end, and bad input."""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "reinforce_matrix_games.py")
+sys.path.insert(0, REPO)
+
+import reinforce_matrix_games as mg  # noqa: E402
+
+
+def make_args(**overrides):
+    args = mg.Args(**overrides)
+    return mg.validate_args(args)
+
+
+# ----- payoffs -----
+def test_two_player_payoff_matrices_are_table_1_and_its_inverse():
+    spec = torch.tensor([[[mg.payoff("specialisation", torch.tensor([a, b]), 2)[0].item() for b in range(2)]
+                          for a in range(2)]])
+    sync = torch.tensor([[[mg.payoff("synchronisation", torch.tensor([a, b]), 2)[0].item() for b in range(2)]
+                          for a in range(2)]])
+    assert torch.equal(spec[0], torch.tensor([[0.5, 1.0], [1.0, 0.5]]))  # Table 1
+    assert torch.equal(sync[0], torch.tensor([[1.0, 0.5], [0.5, 1.0]]))  # section 3.1: the inverse
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+def test_n_player_payoffs(n):
+    distinct = torch.randperm(n)
+    same = torch.full((n,), n - 1)
+    # Specialisation: unique choices get 1, all agents on one food get 1/n each.
+    assert torch.allclose(mg.payoff("specialisation", distinct, n), torch.ones(n))
+    assert torch.allclose(mg.payoff("specialisation", same, n), torch.full((n,), 1.0 / n))
+    # Synchronisation: the reverse.
+    assert torch.allclose(mg.payoff("synchronisation", same, n), torch.ones(n))
+    assert torch.allclose(mg.payoff("synchronisation", distinct, n), torch.full((n,), 1.0 / n))
+    # One agent deviating from the crowd: it is unique (1) in Specialisation, everyone gets 1/n in
+    # Synchronisation; in Specialisation the other n-1 split their food (1 / (n-1)).
+    deviate = same.clone()
+    deviate[0] = 0
+    spec = mg.payoff("specialisation", deviate, n)
+    assert spec[0] == 1.0 and torch.allclose(spec[1:], torch.full((n - 1,), 1.0 / (n - 1)))
+    assert torch.allclose(mg.payoff("synchronisation", deviate, n), torch.full((n,), 1.0 / n))
+    # Batched input (..., n_agents) gives per-agent rewards of the same shape.
+    batch = torch.stack([distinct, same, deviate]).unsqueeze(0)
+    assert mg.payoff("specialisation", batch, n).shape == (1, 3, n)
+
+
+@pytest.mark.parametrize("game", mg.GAMES)
+def test_expected_team_reward_matches_enumeration(game):
+    n = 3
+    probs = torch.softmax(torch.randn(n, n, generator=torch.Generator().manual_seed(0)), -1).double()
+    total = 0.0
+    for joint in itertools.product(range(n), repeat=n):
+        p = np.prod([probs[i, a].item() for i, a in enumerate(joint)])
+        total += p * mg.payoff(game, torch.tensor(joint), n).mean().item()
+    assert abs(mg.expected_team_reward(game, probs).item() - total) < 1e-9
+
+
+# ----- Theorem B.1 -----
+def test_theorem_b1_closed_form_on_a_grid():
+    alphas = torch.linspace(0, 1, 1001, dtype=torch.float64)
+    closed = mg.shared_policy_return_2p(alphas)
+    probs = torch.stack([alphas, 1 - alphas], -1).unsqueeze(-2).expand(-1, 2, 2)  # both agents share alpha
+    exact = mg.expected_team_reward("specialisation", probs)
+    assert torch.allclose(closed, exact, atol=1e-12)  # Eq. (13) is the game's expected return
+    assert closed.max() <= 0.75 + 1e-12
+    assert abs(closed[500].item() - 0.75) < 1e-12  # maximum at alpha = 0.5
+
+
+def test_trained_fups_stays_below_075_but_nops_does_not():
+    args = make_args(num_trials=3000, eval_interval=3000)
+    seeds = [1, 2, 3]
+    fups = mg.train("specialisation", "fups", 2, seeds, args)
+    # Exact expected return of the learned shared policy: never above 0.75.
+    assert max(fups["expected"]) <= 0.75 + 1e-6
+    # Sampled evaluation (1000 trials, team reward in {0.5, 1}: std <= 0.25): within sampling error.
+    se = 0.25 / np.sqrt(args.eval_trials)
+    assert max(fups["sampled"]) <= 0.75 + 4 * se
+    assert np.mean(fups["sampled"]) > 0.70  # and it does find the mixed optimum (alpha near 0.5)
+    # The same budget lets independent policies beat the bound: the cap is FuPS's, not the evaluator's.
+    nops = mg.train("specialisation", "nops", 2, seeds, args)
+    assert min(nops["sampled"]) > 0.9
+
+
+# ----- architectures -----
+@pytest.mark.parametrize("method", ["nops", "fups", "fups-id"])
+def test_parameter_counts_match_table_8(method):
+    args = make_args()
+    for n, count in mg.PAPER_PARAMS[method].items():
+        assert mg.count_params(method, n, args) == count
+
+
+def test_hyper_linear_without_shared_bias_is_nops():
+    n, seeds = 4, [1, 2]
+    args = make_args(hyper_linear_shared_bias=False, num_trials=400, eval_interval=400)
+    assert mg.count_params("hyper-linear", n, args) == mg.count_params("nops", n, args)
+    hyper = mg.Population("hyper-linear", n, seeds, args)
+    nops = mg.Population("nops", n, seeds, args)
+    with torch.no_grad():  # give NoPS the networks the hypernetwork generates
+        generated = vmap_generate(hyper)
+        for k, (weight, bias) in enumerate(generated):
+            nops.params[f"weights.{k}"].copy_(weight)
+            nops.params[f"biases.{k}"].copy_(bias)
+        assert torch.allclose(hyper.logits(), nops.logits(), atol=1e-7)
+    for game in mg.GAMES:
+        out_h = mg.train(game, "hyper-linear", n, seeds, args, pop=hyper)
+        out_n = mg.train(game, "nops", n, seeds, args, pop=nops)
+        # Same actions every update (same seeds, same probabilities) -> same SGD steps -> same policies.
+        assert torch.allclose(hyper.logits(), nops.logits(), atol=1e-5)
+        assert out_h["sampled"] == out_n["sampled"] and out_h["argmax"] == out_n["argmax"]
+        assert np.allclose(out_h["grad_var"], out_n["grad_var"], rtol=1e-4)
+        assert max(abs(x) for x in out_h["interference"]) < 1e-6  # disjoint rows of W: no interference
+
+
+def vmap_generate(pop):
+    from torch.func import functional_call, vmap
+
+    return vmap(lambda p, b: functional_call(pop.base.hypernet, ({k[len("hypernet."):]: v for k, v in p.items()},
+                                                                   {k[len("hypernet."):]: v for k, v in b.items()}), ()))(
+        pop.params, {k: v for k, v in pop.buffers.items() if k.startswith("hypernet.")})
+
+
+def test_shared_bias_couples_agents():
+    # Negative control for the test above: with Eq. (5)'s shared bias the agents' gradients overlap.
+    args = make_args(num_trials=200, eval_interval=200)
+    out = mg.train("specialisation", "hyper-linear", 4, [1, 2], args)
+    assert min(abs(x) for x in out["interference"]) > 1e-4
+    assert mg.count_params("hyper-linear", 4, args) == mg.count_params("nops", 4, args) + 28
+
+
+def test_seed_batching_does_not_change_a_seed():
+    args = make_args(num_trials=300, eval_interval=300)
+    alone = mg.train("specialisation", "hyper-mlp", 4, [2], args)
+    batched = mg.train("specialisation", "hyper-mlp", 4, [1, 2], args)
+    assert abs(alone["sampled"][0] - batched["sampled"][1]) < 1e-6
+    assert abs(alone["grad_var"][0] - batched["grad_var"][1]) < 1e-6 * max(1.0, alone["grad_var"][0])
+
+
+# ----- end to end -----
+def test_single_run_in_process(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    code = mg.main(["--method", "fups-id", "--n-agents", "4", "--num-trials", "100", "--num-seeds", "2",
+                    "--runs-dir", str(runs)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "parameters: FuPS+ID 148 (Table 8: 148)" in out
+    dirs = sorted(os.listdir(runs))
+    assert len(dirs) == 2 and all(d.startswith("matrix_specialisation_n4__") and "__fups-id__" in d for d in dirs)
+    assert all(any(f.startswith("events.out.tfevents") for f in os.listdir(runs / d)) for d in dirs)
+
+
+def test_small_sweep_end_to_end(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--sweep", "--sweep-n-agents", "2", "--num-trials", "300", "--num-seeds", "2",
+         "--eval-trials", "200", "--results-dir", "res", "--runs-dir", "runs"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    md = (tmp_path / "res" / "matrix_games_sweep.md").read_text()
+    assert "Table 2 (argmax evaluation)" in md and "Table 6 (sampled actions)" in md
+    for name in mg.METHOD_NAMES.values():
+        assert f"| {name} |" in md
+    assert "(1.00 ± 0.00)" in md and "(0.9996 ± 0.0004)" in md  # paper values beside ours
+    assert "| NoPS | 36 (36) |" in md
+    data = json.loads((tmp_path / "res" / "matrix_games_sweep.json").read_text())
+    assert len(data["results"]) == 2 * 5 and all(len(r["sampled"]) == 2 for r in data["results"])
+    assert (tmp_path / "res" / "matrix_games_n2.png").stat().st_size > 1000
+    assert len(os.listdir(tmp_path / "runs")) == 2 * 5 * 2  # one TensorBoard run per game x method x seed
+    assert set(os.listdir(tmp_path)) == {"res", "runs"}
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--n-agents", "1"], "--n-agents"),
+    (["--method", "ippo"], "--method"),
+    (["--game", "chess"], "--game"),
+    (["--num-trials", "0"], "--num-trials"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--num-trials", "5", "--batch-size", "10"], "--num-trials"),
+    (["--learning-rate", "-1"], "--learning-rate"),
+    (["--returns", "gae"], "--returns"),
+    (["--sweep", "--sweep-n-agents", "2", "1"], "--sweep-n-agents"),
+    (["--sweep", "--sweep-methods", "nops", "qmix"], "--sweep-methods"),
+])
+def test_bad_input_in_process(argv, flag, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert mg.main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {flag}:"), captured.err
+    assert captured.out == ""
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_input_exits_2_from_the_command_line(tmp_path):
+    proc = subprocess.run([sys.executable, SCRIPT, "--n-agents", "1"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: --n-agents: must be at least 2, got 1"]
+    assert proc.stdout == "" and os.listdir(tmp_path) == []

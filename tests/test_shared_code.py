@@ -1,0 +1,72 @@
+"""The scripts are self-contained on purpose; these tests keep their shared copies from drifting."""
+
+import ast
+import difflib
+import os
+
+import pytest
+
+from conftest import ROOT
+
+# What mappo_hyper_vmas.py may change relative to ippo_hyper_vmas.py: the centralised critic.
+ALLOWED_VMAS_DIFFERENCES = {"critic_input", "Args", "HYPERNET_DEFAULTS", "PAPER_DEFAULTS", "CHECKPOINT_FORMAT"}
+# Pieces every script copies verbatim from ippo_hyper_vmas.py (the canonical copy).
+HYPERNETWORKS = ["layer_init", "layer_shapes", "num_target_params", "target_init_vector", "unflatten_params",
+                 "batched_mlp", "LinearHypernet", "MLPHypernet"]
+METRICS = ["js_distance_categorical", "js_distance_gaussian", "system_neural_diversity", "flat_grad",
+           "gradient_interference"]
+COPIES = {
+    "reinforce_matrix_games": HYPERNETWORKS + ["js_distance_categorical", "flat_grad"],
+    "mappo_hyper_mamujoco": HYPERNETWORKS + METRICS + ["SharedNet", "IndependentNets", "save_checkpoint",
+                                                       "rng_to_tensors", "rng_from_tensors", "compute_gae"],
+}
+
+
+def top_level_sources(name):
+    path = os.path.join(ROOT, f"{name}.py")
+    text = open(path).read()
+    tree = ast.parse(text)
+    sources = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            sources[node.name] = ast.get_source_segment(text, node)
+        elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            sources[node.targets[0].id] = ast.get_source_segment(text, node)
+    return sources
+
+
+def test_mappo_differs_from_ippo_only_in_the_critic():
+    ippo, mappo = top_level_sources("ippo_hyper_vmas"), top_level_sources("mappo_hyper_vmas")
+    assert set(ippo) == set(mappo)
+    differing = {name for name in ippo if ippo[name] != mappo[name]}
+    assert differing <= ALLOWED_VMAS_DIFFERENCES, differing - ALLOWED_VMAS_DIFFERENCES
+    assert "critic_input" in differing
+
+
+def test_mappo_diff_is_small():
+    ippo = open(os.path.join(ROOT, "ippo_hyper_vmas.py")).read().splitlines()
+    mappo = open(os.path.join(ROOT, "mappo_hyper_vmas.py")).read().splitlines()
+    changed = sum(1 for line in difflib.unified_diff(ippo, mappo, lineterm="", n=0)
+                  if line[:1] in "+-" and not line.startswith(("+++", "---")))
+    assert changed < 0.15 * len(ippo), changed
+
+
+def test_mappo_args_have_the_same_fields_as_ippo():
+    import dataclasses
+
+    import ippo_hyper_vmas
+    import mappo_hyper_vmas
+
+    def fields(module):
+        return [(f.name, str(f.type)) for f in dataclasses.fields(module.Args) if f.name != "exp_name"]
+
+    assert fields(ippo_hyper_vmas) == fields(mappo_hyper_vmas)
+
+
+@pytest.mark.parametrize("name", sorted(COPIES))
+def test_copied_pieces_are_identical_to_the_canonical_ones(name):
+    canonical, copy = top_level_sources("ippo_hyper_vmas"), top_level_sources(name)
+    missing = [piece for piece in COPIES[name] if piece not in copy]
+    assert not missing, f"{name}.py lacks {missing}"
+    drifted = [piece for piece in COPIES[name] if copy[piece] != canonical[piece]]
+    assert not drifted, f"{name}.py changed {drifted}: copy them from ippo_hyper_vmas.py"
