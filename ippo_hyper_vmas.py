@@ -1124,6 +1124,7 @@ def main(argv=None) -> int:
                 optimizer.param_groups[0]["lr"] = frac * args.learning_rate
 
             finished_returns, finished_lengths = [], []
+            rollout_start = time.perf_counter()
             with torch.no_grad():
                 params = agent.generate()  # the parameters do not change during a rollout
                 for step in range(T):
@@ -1152,6 +1153,7 @@ def main(argv=None) -> int:
             batch = dict(obs=agent_major(obs), actions=agent_major(actions),
                          logprobs=agent_major(logprobs), advantages=agent_major(advantages),
                          returns=agent_major(returns), values=agent_major(values))
+            update_start = time.perf_counter()
             try:
                 stats = ppo_update(agent, optimizer, batch, args, T * E)
             except FloatingPointError:
@@ -1161,7 +1163,10 @@ def main(argv=None) -> int:
                 exit_code = 1  # the checkpoint on disk (if any) is the last good one: leave it
                 break
 
-            # Logging (CleanRL names)
+            update_end = time.perf_counter()
+            # Logging (CleanRL names; perf/* splits the time between collection and update)
+            writer.add_scalar("perf/rollout_seconds", update_start - rollout_start, global_step)
+            writer.add_scalar("perf/update_seconds", update_end - update_start, global_step)
             if finished_returns:
                 ep_returns = torch.cat(finished_returns, 1)  # (n_agents, episodes)
                 writer.add_scalar("charts/episodic_return", ep_returns.mean().item(), global_step)

@@ -63,7 +63,7 @@ def test_expected_team_reward_matches_enumeration(game):
     for joint in itertools.product(range(n), repeat=n):
         p = np.prod([probs[i, a].item() for i, a in enumerate(joint)])
         total += p * mg.payoff(game, torch.tensor(joint), n).mean().item()
-    assert abs(mg.expected_team_reward(game, probs).item() - total) < 1e-9
+    assert abs(mg.expected_team_reward(game, probs).item() - total) < 1e-6  # payoffs are float32
 
 
 # ----- Theorem B.1 -----

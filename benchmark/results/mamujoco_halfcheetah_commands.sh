@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# First evidence for mappo_hyper_mamujoco.py (issue 5): HalfCheetah-2x3, 2 seeds each of
+# HyperMARL MLP (MAPPO), independent actors (MAPPO), HAPPO (independent actors), FuPS (MAPPO).
+# Budget: 500k environment steps per run (the paper trains 10M), paper/HARL hyperparameters
+# otherwise (Table 20 + Table 21), evaluation every 50k steps over 10 deterministic episodes.
+# Runs one after the other (2-core CPU). Then: python benchmark/results/mamujoco_summarize.py $RUNS
+set -euo pipefail
+RUNS=${RUNS:-runs_mamujoco_evidence}
+STEPS=${STEPS:-500000}
+for seed in 1 2; do
+  for cfg in "mappo mlp" "mappo ind" "happo ind" "mappo fups"; do
+    set -- $cfg
+    python mappo_hyper_mamujoco.py --task HalfCheetah-2x3 --algo "$1" --actor "$2" --seed "$seed" \
+      --total-timesteps "$STEPS" --eval-interval 50000 --eval-episodes 10 --print-interval 25 \
+      --runs-dir "$RUNS" --save-model --exp-name "evidence"
+  done
+done

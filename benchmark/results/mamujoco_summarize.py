@@ -1,0 +1,90 @@
+"""Summarise mappo_hyper_mamujoco.py runs: evaluation curves (CSV), a plot and a Markdown table.
+
+Usage: python benchmark/results/mamujoco_summarize.py RUNS_DIR [--out benchmark/results] [--name mamujoco_halfcheetah]
+Reads every run's TensorBoard events (eval/episodic_return, diversity/snd, charts/SPS) and groups
+runs by algorithm and actor family (from the run name: mamujoco_TASK__EXP__ALGO_ACTOR__SEED__TIME).
+"""
+
+import argparse
+import csv
+import os
+
+import numpy as np
+
+LABELS = {"mappo_mlp": "HyperMARL MLP (MAPPO)", "mappo_linear": "HyperMARL linear (MAPPO)",
+          "mappo_ind": "Ind. actors (MAPPO)", "happo_ind": "HAPPO", "mappo_fups": "FuPS (MAPPO)"}
+
+
+def read_run(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in tags}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("runs_dir")
+    parser.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
+    parser.add_argument("--name", default="mamujoco_halfcheetah")
+    opts = parser.parse_args()
+    rows, runs = [], {}
+    for name in sorted(os.listdir(opts.runs_dir)):
+        parts = name.split("__")
+        if len(parts) != 5 or not parts[0].startswith("mamujoco_"):
+            continue
+        task, method, seed = parts[0][len("mamujoco_"):], parts[2], int(parts[3])
+        scalars = read_run(os.path.join(opts.runs_dir, name))
+        if "eval/episodic_return" not in scalars:
+            continue
+        snd = dict(scalars.get("diversity/snd", []))
+        sps = [v for _, v in scalars.get("charts/SPS", [])]
+        for step, value in scalars["eval/episodic_return"]:
+            rows.append(dict(task=task, method=method, seed=seed, step=step, eval_return=value, snd=snd.get(step, float("nan"))))
+        runs[(task, method, seed)] = dict(curve=scalars["eval/episodic_return"], sps=sps[-1] if sps else float("nan"),
+                                          snd=scalars.get("diversity/snd", [(0, float("nan"))])[-1][1])
+    os.makedirs(opts.out, exist_ok=True)
+    csv_path = os.path.join(opts.out, f"{opts.name}_eval.csv")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["task", "method", "seed", "step", "eval_return", "snd"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+    methods = sorted({m for _, m, _ in runs}, key=lambda m: list(LABELS).index(m) if m in LABELS else 99)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    table = ["| method | seeds | final eval return per seed | mean final | mean best | final SND | SPS |",
+             "|---|---|---|---|---|---|---|"]
+    for method in methods:
+        seeds = sorted(s for t, m, s in runs if m == method)
+        curves = [runs[(t, m, s)] for (t, m, s) in runs if m == method]
+        steps = sorted(set.intersection(*[set(st for st, _ in c["curve"]) for c in curves]))
+        values = np.array([[dict(c["curve"])[st] for st in steps] for c in curves])
+        label = LABELS.get(method, method)
+        ax.plot(np.array(steps) / 1e3, values.mean(0), label=f"{label} (n={len(curves)})")
+        ax.fill_between(np.array(steps) / 1e3, values.min(0), values.max(0), alpha=0.2)
+        finals = [c["curve"][-1][1] for c in curves]
+        bests = [max(v for _, v in c["curve"]) for c in curves]
+        table.append(f"| {label} | {', '.join(map(str, seeds))} | {', '.join(f'{x:.1f}' for x in finals)} | "
+                     f"{np.mean(finals):.1f} | {np.mean(bests):.1f} | {np.mean([c['snd'] for c in curves]):.3f} | "
+                     f"{np.mean([c['sps'] for c in curves]):.0f} |")
+    ax.set_xlabel("environment steps (thousands)")
+    ax.set_ylabel("evaluation return (10 deterministic episodes)")
+    ax.set_title("HalfCheetah-2x3 (mean over seeds, band: min-max)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(opts.out, f"{opts.name}.png"), dpi=120)
+    with open(os.path.join(opts.out, f"{opts.name}.md"), "w") as f:
+        f.write("\n".join(table) + "\n")
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Training speed (env-steps/s) of the scripts, and the ratios the issues set as targets.
+
+Every measurement runs the real script in its own process and reads its per-iteration timings
+(perf/rollout_seconds + perf/update_seconds in TensorBoard) for iterations 2.. (the first warms
+up); a run's SPS is batch * iterations / their total time. Each configuration runs --repeats
+times, interleaved with the others so that machine noise spreads evenly; tables give the median
+and the ratio of medians.
+
+    python benchmark/sps.py                  # everything (about 30 min on 2 cores)
+    python benchmark/sps.py --only dispersion navigation
+    python benchmark/sps.py --quick          # 1 repeat, fewer iterations: a smoke test
+
+Writes benchmark/results/sps.md (and prints it).
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+VMAS_SCRIPTS = ("ippo_hyper_vmas", "mappo_hyper_vmas")
+FAMILIES = ("mlp", "linear", "nops", "fups")
+
+
+def perf_scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(run_dir)
+    accumulator.Reload()
+    rollout = [e.value for e in accumulator.Scalars("perf/rollout_seconds")]
+    update = [e.value for e in accumulator.Scalars("perf/update_seconds")]
+    return rollout, update
+
+
+def run_vmas(script, argv, iterations, batch):
+    """One training run; returns (SPS over iterations 2.., update share of the time)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), *argv, "--runs-dir", tmp,
+               "--total-timesteps", str(batch * iterations), "--eval-interval", str(10**12),
+               "--eval-episodes", "2", "--print-interval", str(10**6)]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        (run,) = os.listdir(tmp)
+        rollout, update = perf_scalars(os.path.join(tmp, run))
+    rollout, update = rollout[1:], update[1:]
+    total = sum(rollout) + sum(update)
+    return batch * len(rollout) / total, sum(update) / total
+
+
+def random_action_sps(scenario_argv, steps, repeats):
+    """The same VMAS environments (same wrapper, resets included) stepped with random actions."""
+    import ippo_hyper_vmas as script
+
+    args = script.resolve_args(script.parse_args(scenario_argv))
+    results = []
+    for repeat in range(repeats):
+        env = script.VmasEnv(args, args.num_envs, repeat, torch.device("cpu"))
+        env.reset()
+        shape = (args.n_agents, args.num_envs) + (() if env.discrete else (env.act_dim,))
+        start = time.perf_counter()
+        for _ in range(steps):
+            if env.discrete:
+                action = torch.randint(0, env.act_dim, shape)
+            else:
+                action = torch.rand(shape) * 2 - 1
+            env.step(action)
+        results.append(steps * args.num_envs / (time.perf_counter() - start))
+    return statistics.median(results)
+
+
+def family_table(title, script_argv, batch, iterations, repeats, scripts=VMAS_SCRIPTS, families=FAMILIES):
+    """SPS of every family, median over repeats, and each family's ratio to FuPS."""
+    samples = {(s, f): [] for s in scripts for f in families}
+    shares = {(s, f): [] for s in scripts for f in families}
+    for _ in range(repeats):
+        for s in scripts:
+            for f in families:
+                sps, share = run_vmas(s, script_argv + ["--hypernet", f], iterations, batch)
+                samples[(s, f)].append(sps)
+                shares[(s, f)].append(share)
+    lines = [f"### {title}", "", f"`{' '.join(script_argv)}`, {iterations} iterations x {repeats} repeats", "",
+             "| script | family | SPS (median) | ratio to fups | update share |", "|---|---|---|---|---|"]
+    for s in scripts:
+        base = statistics.median(samples[(s, "fups")])
+        for f in families:
+            median = statistics.median(samples[(s, f)])
+            lines.append(f"| {s} | {f} | {median:,.0f} | {median / base:.2f} | "
+                         f"{statistics.median(shares[(s, f)]):.0%} |")
+    return lines + [""], samples
+
+
+def end_to_end_table(script_argv, batch, iterations, repeats, samples):
+    random_sps = random_action_sps(script_argv, 128 * max(iterations - 1, 1), repeats)
+    lines = ["### End to end against random actions (Dispersion, paper settings)", "",
+             f"random-action SPS of the same 16 environments: {random_sps:,.0f}", "",
+             "| script | family | training SPS | ratio to random actions |", "|---|---|---|---|"]
+    for (s, f), values in samples.items():
+        median = statistics.median(values)
+        lines.append(f"| {s} | {f} | {median:,.0f} | {median / random_sps:.2f} |")
+    return lines + [""]
+
+
+def mamujoco_tables(repeats, quick):
+    """mappo_hyper_mamujoco.py: training against random actions, HyperMARL against independent actors."""
+    import mappo_hyper_mamujoco as mj
+
+    def random_sps(task, num_envs, steps):
+        envs = mj.make_vector_env(mj.Args(task=task, num_envs=num_envs))
+        envs.reset(seed=0)
+        low, high = envs.single_action_space.low, envs.single_action_space.high
+        actions = np.random.default_rng(0).uniform(low, high, (64, num_envs) + low.shape).astype(np.float32)
+        for k in range(20):
+            envs.step(actions[k % 64])
+        start = time.perf_counter()
+        for k in range(steps):
+            envs.step(actions[k % 64])
+        elapsed = time.perf_counter() - start
+        envs.close()
+        return steps * num_envs / elapsed
+
+    def train_sps(task, actor, algo, num_envs, total):
+        cmd = [sys.executable, os.path.join(ROOT, "mappo_hyper_mamujoco.py"), "--task", task, "--actor", actor,
+               "--algo", algo, "--num-envs", str(num_envs), "--total-timesteps", str(total),
+               "--eval-interval", str(10 * total), "--eval-episodes", "1"]
+        with tempfile.TemporaryDirectory() as tmp:
+            out = subprocess.run(cmd + ["--runs-dir", tmp], capture_output=True, text=True, check=True).stdout
+        line = [ln for ln in out.splitlines() if " SPS=" in ln][-1]
+        return float(line.split(" SPS=")[1].split()[0])
+
+    total = 8_000 if quick else 40_000
+    lines = ["### MaMuJoCo (mappo_hyper_mamujoco.py)", "",
+             "| task | actor | algo | training SPS | random-action SPS | ratio |", "|---|---|---|---|---|---|"]
+    rand = statistics.median(random_sps("HalfCheetah-2x3", 4, 1000 if quick else 4000) for _ in range(repeats))
+    for actor, algo in (("mlp", "mappo"), ("ind", "mappo"), ("ind", "happo"), ("fups", "mappo")):
+        sps = statistics.median(train_sps("HalfCheetah-2x3", actor, algo, 4, total) for _ in range(repeats))
+        lines.append(f"| HalfCheetah-2x3 | {actor} | {algo} | {sps:,.0f} | {rand:,.0f} | {sps / rand:.2f} |")
+    humanoid = {a: statistics.median(train_sps("Humanoid-17x1", a, "mappo", 4, total // 2) for _ in range(repeats))
+                for a in ("mlp", "ind")}
+    lines += ["", "| Humanoid-17x1 | SPS |", "|---|---|"]
+    lines += [f"| {a} | {v:,.0f} |" for a, v in humanoid.items()]
+    lines += ["", f"HyperMARL (mlp) / independent actors at 17 agents: {humanoid['mlp'] / humanoid['ind']:.2f}", ""]
+    return lines
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", default=["dispersion", "scale", "navigation", "mamujoco"],
+                        choices=["dispersion", "scale", "navigation", "mamujoco"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmark", "results", "sps.md"))
+    opts = parser.parse_args()
+    repeats = 1 if opts.quick else opts.repeats
+    iterations = 3 if opts.quick else 6
+    started = time.time()
+    lines = ["# Training speed", "", f"Command: `python benchmark/sps.py {' '.join(sys.argv[1:])}`".rstrip(), "",
+             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU", ""]
+    if "dispersion" in opts.only:
+        for n in (4, 8):
+            argv = ["--scenario", "dispersion", "--n-agents", str(n)]
+            table, samples = family_table(f"Dispersion, {n} agents, paper settings (16 envs x 128 steps, "
+                                          "4 epochs x 2 minibatches)", argv, 16 * 128, iterations, repeats)
+            lines += table
+            if n == 4:
+                lines += end_to_end_table(argv, 16 * 128, iterations, repeats, samples)
+    if "scale" in opts.only:
+        argv = ["--scenario", "dispersion", "--n-agents", "64"]
+        lines += family_table("Dispersion, 64 agents and 64 food, paper settings", argv, 16 * 128,
+                              max(iterations // 2, 2), repeats)[0]
+    if "navigation" in opts.only:
+        # Paper settings (600 envs x 100 steps, 30 minibatches) with 3 epochs instead of 45 so a
+        # run takes seconds, not minutes: the per-gradient-step cost, which decides the ratios, is the same.
+        argv = ["--scenario", "navigation", "--n-agents", "8", "--update-epochs", "3"]
+        lines += family_table("Navigation, 8 agents, paper settings but 3 epochs (not 45)", argv, 600 * 100,
+                              max(iterations // 2, 2), repeats)[0]
+        argv = ["--scenario", "navigation", "--n-agents", "8"]
+        sps, share = run_vmas("ippo_hyper_vmas", argv + ["--hypernet", "mlp"], 2, 600 * 100)
+        lines += ["### Navigation, 8 agents, full paper settings (45 epochs x 30 minibatches), IPPO mlp", "",
+                  f"SPS {sps:,.0f}; the update takes {share:.0%} of the time (collection the rest).", ""]
+    if "mamujoco" in opts.only:
+        lines += mamujoco_tables(repeats, opts.quick)
+    lines += [f"Total benchmark time: {(time.time() - started) / 60:.1f} min", ""]
+    text = "\n".join(lines)
+    print(text)
+    os.makedirs(os.path.dirname(opts.out), exist_ok=True)
+    with open(opts.out, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()
