@@ -699,7 +699,7 @@ class DiCoMLP(nn.Module):
 
     def deviation_snd(self, x, deviation_params) -> torch.Tensor:
         n = x.shape[0]
-        probe = x.reshape(-1, x.shape[-1])[: self.snd_probe]
+        probe = x[:, : max(1, self.snd_probe // n)].reshape(-1, x.shape[-1])  # observations of every agent
         outputs = batched_mlp(probe.expand(n, -1, -1), deviation_params, self.activation)
         pairs = torch.cdist(outputs.transpose(0, 1), outputs.transpose(0, 1))  # (probe, n, n)
         return pairs.sum((1, 2)).mean() / (n * (n - 1))
@@ -976,7 +976,9 @@ def load_checkpoint(path: str, args: Args, flag: str) -> dict:
 
 
 def rng_state() -> dict:
-    return rng_to_tensors([torch.get_rng_state(), np.random.get_state(), random.getstate()])
+    state = rng_to_tensors([torch.get_rng_state(), np.random.get_state(), random.getstate()])
+    state["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return state
 
 
 def set_rng_state(state: dict) -> None:
@@ -984,6 +986,8 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch_state)
     np.random.set_state(np_state)
     random.setstate(py_state)
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ===== 8. Main =====

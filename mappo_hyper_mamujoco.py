@@ -795,7 +795,9 @@ class GaussianActor(nn.Module):
 
     def forward(self, x, params=None, agent_ids=None):
         """x (k, batch, obs_dim) for all agents (k = n) or for agent_ids -> mean, std (k, batch, act_dim)."""
-        if agent_ids is None:
+        if agent_ids is None and self.net.per_sample and x.shape[1] > self.chunk_size(x):
+            mean = self.per_sample_chunked(x)
+        elif agent_ids is None:
             mean = self.net(x, params)
         elif self.net.per_sample:  # weights depend on all agents' inputs: run all, keep agent_ids
             raise ValueError("select agents of a per-sample network after the forward pass")
@@ -805,6 +807,28 @@ class GaussianActor(nn.Module):
         log_std = self.log_std[agent_ids] if (self.independent and agent_ids is not None) else self.log_std
         std = torch.sigmoid(log_std / self.std_x) * self.std_y
         return mean, std.expand_as(mean)
+
+    def chunk_size(self, x, max_elements: int = 2**25) -> int:
+        """Samples per chunk so that the per-sample weights of a chunk stay under max_elements floats."""
+        m = num_target_params(self.net.generator.sizes)
+        return max(1, max_elements // (x.shape[0] * m))
+
+    def per_sample_chunked(self, x):
+        """The w/o-GD ablation generates one network per agent and sample: (n, batch, m) weights
+        (2.7e9 floats for Humanoid-17x1 on a 2000-sample batch). Chunks over the batch, each
+        recomputed in the backward pass (activation checkpointing), bound the memory; the result
+        and its gradients are those of the unchunked forward."""
+        from torch.utils.checkpoint import checkpoint
+
+        chunk = self.chunk_size(x)
+        outs = []
+        for start in range(0, x.shape[1], chunk):
+            piece = x[:, start: start + chunk]
+            if torch.is_grad_enabled():
+                outs.append(checkpoint(self.net, piece, use_reentrant=False))
+            else:
+                outs.append(self.net(piece))
+        return torch.cat(outs, 1)
 
     def log_prob_entropy(self, x, actions, params=None, agent_ids=None):
         """Log-probabilities and entropies (k, batch), over the real action dimensions only."""

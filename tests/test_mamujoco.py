@@ -284,6 +284,22 @@ def test_happo_first_agent_update_equals_plain_ppo_on_that_agent():
         torch.testing.assert_close(p, q)
 
 
+def test_per_sample_ablation_chunks_equal_the_unchunked_forward_and_gradients():
+    torch.manual_seed(3)
+    args = mj.resolve_args(mj.Args(actor="mlp", hypernet_input="agent+obs", actor_hidden_dims=[8],
+                                   hypernet_hidden_dims=[4], hypernet_embedding_dim=4))
+    actor = mj.GaussianActor(args, 3, 5, 2, np.ones((3, 2), bool))
+    x = torch.randn(3, 40, 5)
+    full = actor.net(x)
+    actor.chunk_size = lambda x, max_elements=0: 7  # force 6 chunks
+    chunked = actor(x)[0]
+    torch.testing.assert_close(chunked, full)
+    grads_full = torch.autograd.grad(full.square().sum(), list(actor.net.parameters()))
+    grads_chunked = torch.autograd.grad(chunked.square().sum(), list(actor.net.parameters()))
+    for a, b in zip(grads_full, grads_chunked):
+        torch.testing.assert_close(a, b)
+
+
 def test_per_agent_grad_clip_is_per_agent():
     p = torch.nn.Parameter(torch.zeros(2, 3))
     p.grad = torch.tensor([[30.0, 40.0, 0.0], [0.3, 0.4, 0.0]])

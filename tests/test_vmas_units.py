@@ -318,3 +318,60 @@ def test_log_prob_and_entropy_match_torch_distributions(script):
     logits = torch.tensor([0.0, 1.0, 2.0]).expand(1, 20000, 3)
     counts = torch.bincount(script.sample_action(logits, True).flatten(), minlength=3).float() / 20000
     torch.testing.assert_close(counts, torch.softmax(torch.tensor([0.0, 1.0, 2.0]), 0), atol=0.015, rtol=0)
+
+
+def dispersion_env(script, num_envs=3, **overrides):
+    args = script.resolve_args(script.Args(n_agents=2, max_steps=5, total_timesteps=4096, **overrides))
+    env = script.VmasEnv(args, num_envs, 0, torch.device("cpu"))
+    return args, env
+
+
+def test_env_truncation_resets_in_place_and_returns_final_observations(script):
+    args, env = dispersion_env(script)
+    obs = env.reset()
+    assert obs.shape == (2, 3, env.obs_dim)
+    stay = torch.zeros(2, 3, dtype=torch.long)  # action 0: no-op
+    env.env.steps[0] = args.max_steps - 2  # environment 0 reaches its time limit one step early
+    obs, reward, terminated, truncated, final_obs, finished = env.step(stay)
+    assert truncated.tolist() == [False, False, False]
+    obs, reward, terminated, truncated, final_obs, finished = env.step(stay)
+    assert truncated.tolist() == [True, False, False] and not terminated.any()
+    assert finished["returns"].shape == (2, 1) and finished["lengths"].tolist() == [2]
+    assert env.env.steps.tolist() == [0, 2, 2]  # only the ended environment was reset
+    # the next action of environment 0 sees its fresh observation; its final one is kept apart
+    fresh = torch.stack(env.env.get_from_scenario(get_observations=True, get_rewards=False, get_infos=False,
+                                                  get_dones=False)[0])
+    torch.testing.assert_close(obs, fresh)
+    assert not torch.allclose(obs[:, 0], final_obs[:, 0])
+    torch.testing.assert_close(obs[:, 1:], final_obs[:, 1:])
+
+
+def test_env_termination_is_not_truncation(script):
+    # Food so large that every agent sits on every food item at once: all food eaten, episode over.
+    args, env = dispersion_env(script, food_radius=5.0)
+    env.reset()
+    _, reward, terminated, truncated, _, finished = env.step(torch.zeros(2, 3, dtype=torch.long))
+    assert terminated.all() and not truncated.any()
+    assert finished is not None and (reward > 0).all()
+
+
+def test_continuous_actions_outside_the_box_are_legal(script):
+    args = script.resolve_args(script.Args(scenario="navigation", n_agents=2, total_timesteps=60000))
+    env = script.VmasEnv(args, 2, 0, torch.device("cpu"))
+    env.reset()
+    env.step(torch.full((2, 2, 2), 7.5))  # VMAS alone would assert: the wrapper clips to [-1, 1]
+
+
+def test_evaluation_does_not_disturb_the_training_environment(script):
+    _, a = dispersion_env(script)
+    _, b = dispersion_env(script)
+    _, other = dispersion_env(script)
+    a.reset()
+    b.reset()
+    other.reset()  # another environment stepping in between must not change a's random stream
+    for _ in range(12):
+        action = torch.randint(0, 9, (2, 3))
+        out_a = a.step(action)
+        other.step(action)
+        out_b = b.step(action)
+        torch.testing.assert_close(out_a[0], out_b[0])

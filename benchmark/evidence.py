@@ -1,0 +1,169 @@
+"""Multi-seed comparison of the families on one VMAS task: data (CSV), plot (PNG) and table (Markdown).
+
+    python benchmark/evidence.py --script ippo_hyper_vmas --total-timesteps 1000000 --jobs 2
+    python benchmark/evidence.py --script mappo_hyper_vmas --total-timesteps 1000000 --jobs 2
+
+Runs every family x seed (--jobs at a time, one torch thread each), keeps the TensorBoard logs
+under --work-dir, and writes to benchmark/results/:
+  <name>.csv  one row per run and evaluation: step, eval return, SND, gradient variance, interference
+  <name>.png  evaluation return against steps: IQM over seeds with a 95% stratified bootstrap CI
+  <name>.md   final return (IQM and CI from rliable, mean +- std), final SND, mean gradient variance,
+              mean interference, and the commands that produced them.
+--aggregate-only rebuilds the outputs from existing logs.
+"""
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmark", "results")
+
+
+def scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def command(opts, family, seed):
+    return [sys.executable, os.path.join(ROOT, f"{opts.script}.py"), "--hypernet", family, "--seed", str(seed),
+            "--total-timesteps", str(opts.total_timesteps), "--eval-interval", str(opts.eval_interval),
+            "--exp-name", opts.name, "--runs-dir", os.path.join(opts.work_dir, f"{family}_{seed}"), *opts.extra]
+
+
+def run_all(opts):
+    pending = [(f, s) for s in opts.seeds for f in opts.families]
+    running = []
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    while pending or running:
+        while pending and len(running) < opts.jobs:
+            family, seed = pending.pop(0)
+            if os.path.isdir(os.path.join(opts.work_dir, f"{family}_{seed}")):
+                print(f"skip {family} seed {seed}: already has logs")
+                continue
+            log = open(os.path.join(opts.work_dir, f"{family}_{seed}.log"), "w")
+            print("run:", " ".join(command(opts, family, seed)), flush=True)
+            running.append((subprocess.Popen(command(opts, family, seed), stdout=log, stderr=subprocess.STDOUT, env=env),
+                            family, seed, time.time()))
+        for item in list(running):
+            process, family, seed, started = item
+            if process.poll() is not None:
+                running.remove(item)
+                print(f"done {family} seed {seed}: exit {process.returncode}, {time.time() - started:.0f} s", flush=True)
+        time.sleep(1)
+
+
+def collect(opts):
+    rows = []
+    for family in opts.families:
+        for seed in opts.seeds:
+            base = os.path.join(opts.work_dir, f"{family}_{seed}")
+            (run,) = os.listdir(base)
+            data = scalars(os.path.join(base, run))
+            var = dict(data["grad/actor_var"])
+            interference = dict(data["grad/interference"])
+            sps = [v for _, v in data["charts/SPS"]]
+            for (step, ret), (_, snd) in zip(data["eval/episodic_return"], data["diversity/snd"]):
+                upto = [v for s, v in var.items() if s <= step]
+                inter = [v for s, v in interference.items() if s <= step]
+                rows.append(dict(family=family, seed=seed, step=step, eval_return=ret, snd=snd,
+                                 actor_grad_var_mean=float(np.mean(upto)), interference_mean=float(np.mean(inter)),
+                                 sps=sps[-1]))
+    return rows
+
+
+def aggregate(opts, rows):
+    from rliable import library as rly
+    from rliable import metrics
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(RESULTS, opts.name)
+    with open(f"{path}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def series(family):
+        per_seed = [[r for r in rows if r["family"] == family and r["seed"] == s] for s in opts.seeds]
+        steps = [r["step"] for r in per_seed[0]]
+        length = min(len(p) for p in per_seed)
+        return steps[:length], np.array([[r["eval_return"] for r in p[:length]] for p in per_seed])
+
+    iqm = lambda x: np.array([metrics.aggregate_iqm(x[:, i]) for i in range(x.shape[1])])  # noqa: E731
+    fig, ax = plt.subplots(figsize=(6, 4))
+    finals = {}
+    for family in opts.families:
+        steps, returns = series(family)
+        point, ci = rly.get_interval_estimates({family: returns[:, :, None]}, iqm, reps=2000)
+        ax.plot(steps, point[family], label=family)
+        ax.fill_between(steps, ci[family][0], ci[family][1], alpha=0.2)
+        finals[family] = returns[:, -1]
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("evaluation return (IQM, 95% CI)")
+    ax.set_title(opts.title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(f"{path}.png", dpi=120)
+
+    final_iqm, final_ci = rly.get_interval_estimates({f: v[:, None] for f, v in finals.items()},
+                                                     lambda x: np.array([metrics.aggregate_iqm(x)]), reps=2000)
+    lines = [f"# {opts.title}", "", "Commands (one per family and seed):", "", "```"]
+    lines += [" ".join(["python", f"{opts.script}.py"] + command(opts, f, "SEED")[3:]).replace(opts.work_dir, "runs")
+              for f in opts.families]
+    lines += ["```", "", f"Seeds: {opts.seeds}. Data: `{opts.name}.csv`; plot: `{opts.name}.png`.", "",
+              "| family | final eval return IQM [95% CI] | mean +- std | final SND | mean actor grad variance "
+              "| mean interference | SPS |", "|---|---|---|---|---|---|---|"]
+    for family in opts.families:
+        last = [max((r for r in rows if r["family"] == family and r["seed"] == s), key=lambda r: r["step"])
+                for s in opts.seeds]
+        values = finals[family]
+        lo, hi = final_ci[family][0][0], final_ci[family][1][0]
+        snd = np.array([r["snd"] for r in last])
+        gvar = np.array([r["actor_grad_var_mean"] for r in last])
+        inter = np.array([r["interference_mean"] for r in last])
+        sps = np.array([r["sps"] for r in last])
+        lines.append(f"| {family} | {final_iqm[family][0]:.3f} [{lo:.3f}, {hi:.3f}] | {values.mean():.3f} +- "
+                     f"{values.std():.3f} | {snd.mean():.3f} +- {snd.std():.3f} | {gvar.mean():.2e} +- {gvar.std():.1e} "
+                     f"| {inter.mean():.3f} | {sps.mean():,.0f} |")
+    text = "\n".join(lines) + "\n"
+    with open(f"{path}.md", "w") as f:
+        f.write(text)
+    print(text)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--script", default="ippo_hyper_vmas", choices=["ippo_hyper_vmas", "mappo_hyper_vmas"])
+    parser.add_argument("--families", nargs="+", default=["mlp", "linear", "nops", "fups"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--total-timesteps", type=int, default=1_000_000)
+    parser.add_argument("--eval-interval", type=int, default=50_000)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--name", default=None, help="output name (default: <script>_dispersion4)")
+    parser.add_argument("--work-dir", default=None, help="where the runs' logs go (default: runs/evidence_<name>)")
+    parser.add_argument("--aggregate-only", action="store_true")
+    parser.add_argument("extra", nargs="*", help="more flags for the script, after --")
+    opts = parser.parse_args()
+    opts.name = opts.name or f"{opts.script}_dispersion4"
+    opts.work_dir = opts.work_dir or os.path.join(ROOT, "runs", f"evidence_{opts.name}")
+    opts.title = f"{opts.script.split('_')[0].upper()} on Dispersion (4 agents), {opts.total_timesteps:,} steps"
+    os.makedirs(opts.work_dir, exist_ok=True)
+    if not opts.aggregate_only:
+        run_all(opts)
+    aggregate(opts, collect(opts))
+
+
+if __name__ == "__main__":
+    main()
