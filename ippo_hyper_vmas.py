@@ -966,7 +966,8 @@ def load_checkpoint(path: str, args: Args, flag: str) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
         raise CheckpointError(f"{flag}: {path!r} is not a readable checkpoint ({str(error).splitlines()[0][:120]})")
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    required = {"format", "args", "run_name", "model", "optimizer", "env", "rng", "global_step", "iteration"}
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or not required <= set(state):
         raise CheckpointError(f"{flag}: {path!r} is not a {CHECKPOINT_FORMAT} checkpoint")
     for name in COMPAT_FIELDS:
         saved, ours = state["args"].get(name), getattr(args, name)

@@ -476,6 +476,10 @@ def policy_snd(probs: torch.Tensor) -> torch.Tensor:
     return js_distance_categorical(probs[:, i], probs[:, j]).mean(-1)
 
 
+def flat_grad(params) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in params if p.grad is not None])
+
+
 def per_agent_gradients(per_agent_loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
     """d(loss_i)/d(all trainable parameters) for every agent i and seed: (S, n) -> (n, S, P), one
     batched backward pass. Seeds have disjoint parameters, so one pass serves them all."""
@@ -664,6 +668,17 @@ def sweep_tables(results: list[dict], args: Args) -> tuple[str, list[str]]:
     return "\n".join(lines), misses
 
 
+def rounded(value, digits=6):
+    """Floats rounded (significant digits) for a compact JSON."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {key: rounded(item, digits) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(item, digits) for item in value]
+    return value
+
+
 def plot_curves(results: list[dict], n_agents: int, path: str) -> None:
     """Evaluation reward against training trials per method at n_agents, both games, argmax and sampled."""
     import matplotlib
@@ -818,7 +833,8 @@ def main(argv=None) -> int:
     os.replace(md_path + ".tmp", md_path)
     json_path = os.path.join(args.results_dir, "matrix_games_sweep.json")
     with open(json_path + ".tmp", "w") as f:
-        json.dump(dict(command=command, runtime_s=runtime, machine=cpu, args=dataclasses.asdict(args), results=results), f)
+        json.dump(rounded(dict(command=command, runtime_s=runtime, machine=cpu, args=dataclasses.asdict(args),
+                               results=results)), f)
     os.replace(json_path + ".tmp", json_path)
     n_plot = max(args.sweep_n_agents)
     png_path = os.path.join(args.results_dir, f"matrix_games_n{n_plot}.png")

@@ -206,3 +206,18 @@ def test_bad_input_exits_2_from_the_command_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: --n-agents: must be at least 2, got 1"]
     assert proc.stdout == "" and os.listdir(tmp_path) == []
+
+
+def test_per_agent_gradients_sum_to_the_update_gradient():
+    # One seed: the batched per-agent gradients (used for interference and for the update) must add
+    # up to what a plain backward of the summed loss gives.
+    args = make_args()
+    for method in mg.METHODS:
+        pop = mg.Population(method, 4, [3], args)
+        params = pop.parameters()
+        actions = mg.sample_actions(torch.softmax(pop.logits(), -1).detach(), 10, [torch.Generator().manual_seed(0)])
+        rewards = mg.payoff("specialisation", actions, 4)
+        summed = mg.per_agent_gradients(mg.reinforce_loss(pop.logits(), actions, rewards, "normalize"), params).sum(0)[0]
+        mg.reinforce_loss(pop.logits(), actions, rewards, "normalize").sum().backward()
+        assert summed.abs().max() > 0, method
+        assert torch.allclose(summed, mg.flat_grad(params), atol=1e-6), method
