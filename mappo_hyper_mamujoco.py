@@ -1235,7 +1235,9 @@ def load_checkpoint(path: str, args: Args, flag: str) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
         raise CheckpointError(f"{flag}: {path!r} is not a readable checkpoint ({str(error).splitlines()[0][:120]})")
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    required = {"format", "args", "run_name", "actor", "critics", "value_norm", "obs_norm", "actor_optimizer",
+                "critic_optimizer", "rng", "global_step", "iteration"}
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or not required <= set(state):
         raise CheckpointError(f"{flag}: {path!r} is not a {CHECKPOINT_FORMAT} checkpoint")
     for name in COMPAT_FIELDS:
         saved, ours = state["args"].get(name), getattr(args, name)
@@ -1245,7 +1247,9 @@ def load_checkpoint(path: str, args: Args, flag: str) -> dict:
 
 
 def rng_state() -> dict:
-    return rng_to_tensors([torch.get_rng_state(), np.random.get_state(), random.getstate()])
+    state = rng_to_tensors([torch.get_rng_state(), np.random.get_state(), random.getstate()])
+    state["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return state
 
 
 def set_rng_state(state: dict) -> None:
@@ -1253,6 +1257,8 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch_state)
     np.random.set_state(np_state)
     random.setstate(py_state)
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ===== 8. Main =====

@@ -429,6 +429,16 @@ def test_bad_checkpoint_file_exits_2(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_checkpoint_without_normalisers_is_refused(tmp_path):
+    code, out, _ = run_main(tiny_argv(tmp_path, "--save-model"))
+    path = [ln.split()[1] for ln in out.splitlines() if ln.startswith("checkpoint: ")][0]
+    state = torch.load(path, weights_only=True)
+    del state["obs_norm"]
+    torch.save(state, path)
+    code, _, err = run_main(tiny_argv(tmp_path, "--eval-only", "--checkpoint", path))
+    assert code == 2 and "is not a hypermarl-mappo-mamujoco/1 checkpoint" in err
+
+
 def test_checkpoint_of_another_task_is_refused(tmp_path):
     code, out, _ = run_main(tiny_argv(tmp_path, "--save-model"))
     path = [ln.split()[1] for ln in out.splitlines() if ln.startswith("checkpoint: ")][0]

@@ -81,8 +81,20 @@ def main():
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(opts.out, f"{opts.name}.png"), dpi=120)
+    max_step = max(r["step"] for r in rows)
+    header = [f"# {opts.name}: mappo_hyper_mamujoco.py, {', '.join(sorted({t for t, _, _ in runs}))}", "",
+              f"Budget: {max_step:,} environment steps per run (the paper trains 10M), hyperparameters of "
+              "Tables 20/21 (HARL defaults; HyperMARL clip 0.0375), 4 environments x 500 steps per update, "
+              "evaluation every 50k steps over 10 deterministic episodes (seeds 10000+k, the same every time). "
+              "Commands: mamujoco_halfcheetah_commands.sh; curves: "
+              f"{opts.name}_eval.csv and {opts.name}.png; this table: mamujoco_summarize.py.", "",
+              "Final = last evaluation; best = best evaluation of a run; SND = Jensen-Shannon system neural "
+              "diversity (base 2, [0, 1]) of the final policy on evaluation states; SPS = training env-steps/s "
+              "(2-core CPU shared with other jobs, so only roughly comparable).", "",
+              "With 2 seeds at 5% of the paper's budget, differences between methods are within the seed spread; "
+              "this shows that every method learns (the paper's Table 4 reports 6650-7064 at 10M), not a ranking.", ""]
     with open(os.path.join(opts.out, f"{opts.name}.md"), "w") as f:
-        f.write("\n".join(table) + "\n")
+        f.write("\n".join(header + table) + "\n")
     print("\n".join(table))
 
 
