@@ -120,7 +120,7 @@ def aggregate(opts, rows):
     final_iqm, final_ci = rly.get_interval_estimates({f: v[:, None] for f, v in finals.items()},
                                                      lambda x: np.array([metrics.aggregate_iqm(x)]), reps=2000)
     lines = [f"# {opts.title}", "", "Commands (one per family and seed):", "", "```"]
-    lines += [" ".join(["python", f"{opts.script}.py"] + command(opts, f, "SEED")[3:]).replace(opts.work_dir, "runs")
+    lines += [" ".join(["python", f"{opts.script}.py"] + command(opts, f, "SEED")[2:]).replace(opts.work_dir, "runs")
               for f in opts.families]
     lines += ["```", "", f"Seeds: {opts.seeds}. Data: `{opts.name}.csv`; plot: `{opts.name}.png`.", "",
               "| family | final eval return IQM [95% CI] | mean +- std | final SND | mean actor grad variance "
