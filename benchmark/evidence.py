@@ -119,7 +119,11 @@ def aggregate(opts, rows):
 
     final_iqm, final_ci = rly.get_interval_estimates({f: v[:, None] for f, v in finals.items()},
                                                      lambda x: np.array([metrics.aggregate_iqm(x)]), reps=2000)
-    lines = [f"# {opts.title}", "", "Commands (one per family and seed):", "", "```"]
+    driver = (f"python benchmark/evidence.py --script {opts.script} --total-timesteps {opts.total_timesteps} "
+              f"--eval-interval {opts.eval_interval} --jobs {opts.jobs}")
+    lines = [f"# {opts.title}", "", f"Produced by `{driver}` ({opts.jobs} runs at a time, one torch thread each, "
+             "on a 2-core CPU shared with other jobs: the SPS column is only indicative).", "",
+             "Commands (one per family and seed):", "", "```"]
     lines += [" ".join(["python", f"{opts.script}.py"] + command(opts, f, "SEED")[2:]).replace(opts.work_dir, "runs")
               for f in opts.families]
     lines += ["```", "", f"Seeds: {opts.seeds}. Data: `{opts.name}.csv`; plot: `{opts.name}.png`.", "",
