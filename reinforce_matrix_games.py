@@ -615,6 +615,18 @@ def format_cell(ours, paper, digits):
     return text + f" ({paper[0]:.{digits}f} ± {paper[1]:.{digits}f})" + (" ✗" if off else ""), off
 
 
+def game_tables(games, methods, ns, cell) -> list[str]:
+    """One markdown table per game (rows: methods, columns: n); cell(game, method, n) -> text."""
+    header = "| Method | " + " | ".join(str(n) for n in ns) + " |\n|---|" + "---|" * len(ns)
+    lines = []
+    for game in games:
+        lines += [f"**{game.capitalize()} game**\n", header]
+        for method in methods:
+            lines.append(f"| {METHOD_NAMES[method]} | " + " | ".join(cell(game, method, n) for n in ns) + " |")
+        lines.append("")
+    return lines
+
+
 def sweep_tables(results: list[dict], args: Args) -> tuple[str, list[str]]:
     """Markdown in the layout of Tables 2 and 6 (rows: methods, columns: n), plus parameters and gradients."""
     by_key = {(r["game"], r["method"], r["n_agents"]): r for r in results}
@@ -622,49 +634,40 @@ def sweep_tables(results: list[dict], args: Args) -> tuple[str, list[str]]:
     methods = [m for m in METHODS if any(r["method"] == m for r in results)]
     games = [g for g in GAMES if any(r["game"] == g for r in results)]
     lines, misses = [], []
-    header = "| Method | " + " | ".join(str(n) for n in ns) + " |\n|---|" + "---|" * len(ns)
     for title, key, paper_table, digits in (
             ("Table 2 (argmax evaluation)", "argmax", PAPER_TABLE2, 2),
             ("Table 6 (sampled actions)", "sampled", PAPER_TABLE6, 4)):
+
+        def paper_cell(game, method, n):
+            r = by_key.get((game, method, n))
+            if r is None:
+                return "—"
+            text, off = format_cell(r[key], paper_table.get((game, method), {}).get(n), digits)
+            if off:
+                misses.append(f"{title.split(' (')[0]} {game} {METHOD_NAMES[method]} n={n}: {text}")
+            return text
+
         lines.append(f"### {title}: ours mean ± std over {args.num_seeds} seeds (paper's value), ✗ = more than one std away\n")
-        for game in games:
-            lines += [f"**{game.capitalize()} game**\n", header]
-            for method in methods:
-                cells = []
-                for n in ns:
-                    r = by_key.get((game, method, n))
-                    if r is None:
-                        cells.append("—")
-                        continue
-                    paper = paper_table.get((game, method), {}).get(n)
-                    text, off = format_cell(r[key], paper, digits)
-                    cells.append(text)
-                    if off:
-                        misses.append(f"{title.split(' (')[0]} {game} {METHOD_NAMES[method]} n={n}: {text}")
-                lines.append(f"| {METHOD_NAMES[method]} | " + " | ".join(cells) + " |")
-            lines.append("")
-    lines += ["### Parameters per method (Table 8 in brackets)\n", header]
+        lines += game_tables(games, methods, ns, paper_cell)
+    lines += ["### Parameters per method (Table 8 in brackets)\n",
+              "| Method | " + " | ".join(str(n) for n in ns) + " |\n|---|" + "---|" * len(ns)]
     for method in methods:
         cells = []
         for n in ns:
-            count = count_params(method, n, args)
             paper = PAPER_PARAMS.get(method, {}).get(n)
-            cells.append(f"{count}" + (f" ({paper})" if paper is not None else ""))
+            cells.append(f"{count_params(method, n, args)}" + (f" ({paper})" if paper is not None else ""))
         lines.append(f"| {METHOD_NAMES[method]} | " + " | ".join(cells) + " |")
     lines.append("")
     for title, key, fmt in (("Gradient variance (variance across all policy parameters of each update's gradient, averaged over training)", "grad_var", ".2e"),
                             ("Interference (mean pairwise cosine similarity of the agents' gradients, averaged over training)", "interference", ".3f"),
                             ("SND (mean pairwise Jensen-Shannon distance between agents' final policies)", "snd", ".3f")):
+
+        def stat_cell(game, method, n, key=key, fmt=fmt):
+            r = by_key.get((game, method, n))
+            return "—" if r is None else f"{np.mean(r[key]):{fmt}} ± {np.std(r[key]):{fmt}}"
+
         lines.append(f"### {title}\n")
-        for game in games:
-            lines += [f"**{game.capitalize()} game**\n", header]
-            for method in methods:
-                cells = []
-                for n in ns:
-                    r = by_key.get((game, method, n))
-                    cells.append("—" if r is None else f"{np.mean(r[key]):{fmt}} ± {np.std(r[key]):{fmt}}")
-                lines.append(f"| {METHOD_NAMES[method]} | " + " | ".join(cells) + " |")
-            lines.append("")
+        lines += game_tables(games, methods, ns, stat_cell)
     return "\n".join(lines), misses
 
 
