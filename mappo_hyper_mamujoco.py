@@ -73,7 +73,7 @@ class Args:
     """environment steps between checkpoints (default: --eval-interval)"""
     resume: Optional[str] = None
     """path of a checkpoint to continue training from (same flags as the original run); the
-    environments start new episodes (MuJoCo worker states are not saved)"""
+    environments continue their episodes, so the numbers are those of an uninterrupted run"""
     eval_only: bool = False
     """if toggled, only evaluate --checkpoint (return and SND) and exit; writes nothing"""
     checkpoint: Optional[str] = None
@@ -445,6 +445,32 @@ class MaMuJoCoEnv(gym.Env):
     def step(self, action):
         state, reward, terminated, truncated, _ = self.base.step(self.local_to_global_action(np.asarray(action)))
         return self._flat_obs(state), float(reward), bool(terminated), bool(truncated), {}
+
+    @property
+    def sim_state(self) -> dict:
+        """All the env carries from one step to the next, so that a checkpoint resumes its episode
+        exactly: MuJoCo's integration state (qpos, qvel, act, time, warm start, controls), the body
+        positions xpos and xipos (Ant and Humanoid read them before stepping; they are left over from
+        the last substep, so mj_forward cannot recompute them), the time-limit counter and the reset
+        noise generator (later episodes start where they would have). Plain lists, ints and dicts:
+        they cross worker pipes and load with weights_only=True. Vector envs: get_attr/set_attr."""
+        import mujoco
+
+        sim = self.base.unwrapped
+        physics = np.empty(mujoco.mj_stateSize(sim.model, mujoco.mjtState.mjSTATE_INTEGRATION))
+        mujoco.mj_getState(sim.model, sim.data, physics, mujoco.mjtState.mjSTATE_INTEGRATION)
+        return dict(physics=physics.tolist(), xpos=sim.data.xpos.tolist(), xipos=sim.data.xipos.tolist(),
+                    elapsed_steps=self.base._elapsed_steps, np_random=sim.np_random.bit_generator.state)
+
+    @sim_state.setter
+    def sim_state(self, state: dict) -> None:
+        import mujoco
+
+        sim = self.base.unwrapped
+        mujoco.mj_setState(sim.model, sim.data, np.array(state["physics"]), mujoco.mjtState.mjSTATE_INTEGRATION)
+        sim.data.xpos[:], sim.data.xipos[:] = state["xpos"], state["xipos"]
+        self.base._elapsed_steps = state["elapsed_steps"]
+        sim.np_random.bit_generator.state = state["np_random"]
 
     def close(self):
         self.ma.close()
@@ -1246,6 +1272,22 @@ def load_checkpoint(path: str, args: Args, flag: str) -> dict:
     return state
 
 
+def vector_env_state(envs, flat, episode_return, episode_length) -> dict:
+    """The environments' part of a checkpoint: every simulator's state (MaMuJoCoEnv.sim_state) and
+    what the training loop carries across iterations (current observations, returns and lengths of
+    the unfinished episodes). With SAME_STEP autoreset the vector env itself keeps nothing else."""
+    return dict(sim=list(envs.get_attr("sim_state")), obs=torch.as_tensor(flat).clone(),
+                episode_return=torch.as_tensor(episode_return).clone(),
+                episode_length=torch.as_tensor(episode_length).clone())
+
+
+def load_vector_env_state(envs, state: dict) -> tuple:
+    """Inverse of vector_env_state: the environments continue their episodes; returns the loop's
+    (flat observations, episode returns, episode lengths)."""
+    envs.set_attr("sim_state", state["sim"])
+    return state["obs"].numpy(), state["episode_return"].numpy().copy(), state["episode_length"].numpy().copy()
+
+
 def rng_state() -> dict:
     state = rng_to_tensors([torch.get_rng_state(), np.random.get_state(), random.getstate()])
     state["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
@@ -1400,6 +1442,7 @@ def main(argv=None) -> int:
                     actor=actor.state_dict(), critics=critics.state_dict(), value_norm=value_norm.state_dict(),
                     obs_norm=obs_norm.state_dict(), actor_optimizer=actor_optimizer.state_dict(),
                     critic_optimizer=critic_optimizer.state_dict(), rng=rng_state(),
+                    envs=vector_env_state(envs, flat, episode_return, episode_length),
                     global_step=global_step, iteration=iteration)
 
     stop = {"signal": None}
@@ -1413,6 +1456,10 @@ def main(argv=None) -> int:
     previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     flat, _ = envs.reset(seed=args.seed + 1000 * (start_iteration - 1))
     episode_return, episode_length = np.zeros(E), np.zeros(E, dtype=np.int64)
+    if loaded is not None and len(loaded.get("envs", {}).get("sim", ())) == E:
+        flat, episode_return, episode_length = load_vector_env_state(envs, loaded["envs"])
+    elif loaded is not None:  # older checkpoint, or another --num-envs
+        print("note: the checkpoint's environment states do not fit this run: new episodes start")
     start_time, start_step = time.time(), global_step
     rollout_time = update_time = 0.0
     next_eval = (global_step // args.eval_interval + 1) * args.eval_interval

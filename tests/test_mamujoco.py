@@ -392,6 +392,71 @@ def test_resume_continues_from_checkpoint(tmp_path):
     assert "global_step=128 iteration=4/4" in out
 
 
+@pytest.mark.parametrize("task", ["HalfCheetah-2x3", "Ant-4x2", "Humanoid-9|8"])
+def test_sim_state_restores_the_episode_exactly(task):
+    """A fresh env given another's sim_state (through a weights_only checkpoint) continues its episode
+    and the following ones bit for bit. Ant and Humanoid also need the saved body positions."""
+    a, b = (mj.MaMuJoCoEnv(task, "local", max_episode_steps=15) for _ in range(2))
+    rng = np.random.default_rng(0)
+    a.reset(seed=1)
+    b.reset(seed=2)
+    for _ in range(7):
+        a.step(rng.uniform(a.action_low, a.action_high).astype(np.float32))
+    buffer = io.BytesIO()
+    torch.save(a.sim_state, buffer)
+    buffer.seek(0)
+    b.sim_state = torch.load(buffer, weights_only=True)
+    for t in range(30):  # crosses the time limit at step 15 and the reset after it
+        action = rng.uniform(a.action_low, a.action_high).astype(np.float32)
+        out_a, out_b = a.step(action), b.step(action)
+        for x, y in zip(out_a[:4], out_b[:4]):
+            np.testing.assert_array_equal(x, y)
+        if out_a[3]:
+            np.testing.assert_array_equal(a.reset()[0], b.reset()[0])
+    a.close()
+    b.close()
+
+
+def scalars_by_step(run_dir):
+    """{(tag, step): value} over every event file of the run (a resumed run adds one)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(run_dir)
+    accumulator.Reload()
+    timing = ("charts/SPS", "charts/rollout_seconds", "charts/update_seconds")
+    return {(tag, e.step): e.value for tag in accumulator.Tags()["scalars"] if tag not in timing
+            for e in accumulator.Scalars(tag)}
+
+
+@pytest.mark.parametrize("envs", [["--num-envs", "1"], ["--num-envs", "2", "--num-steps", "16"]])  # 2: workers
+def test_resume_gives_the_same_numbers_as_an_uninterrupted_run(tmp_path, envs):
+    """4 updates in one go, and 2 + --resume to 4, both stopped mid-episode (40-step episodes): the
+    same weights, normalisers and every logged number (losses, training and evaluation returns)."""
+    def argv(name, total, *extra):
+        return tiny_argv(tmp_path / name, "--save-model", "--eval-interval", "64", "--exp-name", name,
+                         "--total-timesteps", total, *envs, *extra)
+
+    assert run_main(argv("full", 128))[0] == 0
+    assert run_main(argv("part", 64))[0] == 0
+    (part_dir,) = [tmp_path / "part" / d for d in os.listdir(tmp_path / "part")]
+    checkpoint = str(part_dir / "checkpoint.pt")
+    code, _, err = run_main(argv("part", 128, "--resume", checkpoint))
+    assert code == 0, err
+    (full_dir,) = [tmp_path / "full" / d for d in os.listdir(tmp_path / "full")]
+    a = torch.load(full_dir / "checkpoint.pt", weights_only=True)
+    b = torch.load(checkpoint, weights_only=True)
+    assert a["global_step"] == b["global_step"] == 128
+    for part in ("actor", "critics", "value_norm"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    assert torch.equal(a["obs_norm"]["state"]["mean"], b["obs_norm"]["state"]["mean"])
+    assert torch.equal(a["envs"]["obs"], b["envs"]["obs"]) and a["envs"]["sim"] == b["envs"]["sim"]
+    full, resumed = scalars_by_step(str(full_dir)), scalars_by_step(str(part_dir))
+    assert ("eval/episodic_return", 128) in full  # and training returns of episodes after the resume:
+    assert any(tag == "charts/episodic_return" and step > 64 for tag, step in full)
+    assert full == resumed
+
+
 @pytest.mark.parametrize("flags,needle", [
     (["--task", "Hopper-3x1"], "--task:"),
     (["--actor", "nops"], "--actor:"),
