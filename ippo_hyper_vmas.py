@@ -161,6 +161,8 @@ class Args:
     """observations (from evaluation rollouts) on which SND is computed"""
     snd_gaussian_samples: int = 64
     """Monte Carlo samples per observation for the Gaussian Jensen-Shannon estimator"""
+    interference_samples: int = 512
+    """samples (per agent) of each update's first minibatch on which grad/interference is measured"""
     print_interval: int = 10
     """print a progress line every this many iterations (and at every evaluation)"""
 
@@ -283,7 +285,8 @@ def check_values(args: Args) -> None:
         raise ArgError(f"--n-agents: must be at least 2, got {args.n_agents}")
     for name in ("max_steps", "total_timesteps", "learning_rate", "num_envs", "num_steps",
                  "num_minibatches", "update_epochs", "clip_coef", "max_grad_norm", "eval_interval",
-                 "eval_episodes", "snd_samples", "snd_gaussian_samples", "print_interval", "save_interval"):
+                 "eval_episodes", "snd_samples", "snd_gaussian_samples", "interference_samples", "print_interval",
+                 "save_interval"):
         positive(name)
     for name in ("gamma", "gae_lambda"):
         if not 0.0 <= getattr(args, name) <= 1.0:
@@ -928,8 +931,9 @@ def ppo_update(agent, optimizer, batch: dict, args: Args, batch_size: int):
             loss, actor_loss_per_agent, stats = ppo_loss(agent, params, mb, args)
             if not torch.isfinite(loss):
                 raise FloatingPointError("loss is not finite")
-            if epoch == 0 and start == 0:  # one minibatch per update is enough for this metric
-                interference = gradient_interference(actor_loss_per_agent, actor_params)
+            if epoch == 0 and start == 0:  # part of one minibatch per update is enough for this metric
+                subset = {key: value[:, : args.interference_samples] for key, value in mb.items()}
+                interference = gradient_interference(ppo_loss(agent, params, subset, args)[1], actor_params)
             optimizer.zero_grad()
             loss.backward()
             actor_grad = flat_grad(actor_params)  # the paper's gradient variance: over all entries
@@ -1051,7 +1055,7 @@ def main(argv=None) -> int:
     obs_dim, act_dim, discrete = eval_env.obs_dim, eval_env.act_dim, eval_env.discrete
     critic_in_dim = critic_input(torch.zeros(args.n_agents, 1, obs_dim)).shape[-1]
     agent = Agent(args, obs_dim, act_dim, discrete, critic_in_dim).to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
 
     if args.eval_only:
         agent.load_state_dict(loaded["model"])
