@@ -182,15 +182,18 @@ def test_unknown_scenario_kwarg_is_an_error_not_a_warning(script, monkeypatch):
 
 
 def test_nan_loss_stops_with_the_update_number_and_keeps_the_checkpoint(script, tmp_path, capsys, monkeypatch):
-    calls = {"n": 0}
-    original = script.ppo_loss
-    minibatches_per_update = 2 * 2  # tiny_args: 2 epochs x 2 minibatches
+    updates = {"n": 0}
+    original_update, original_loss = script.ppo_update, script.ppo_loss
 
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
-        loss, per_agent, stats = original(*args, **kwargs)
-        return (loss * float("nan") if calls["n"] > minibatches_per_update else loss), per_agent, stats
+    def counted_update(*args, **kwargs):
+        updates["n"] += 1
+        return original_update(*args, **kwargs)
 
+    def poisoned(*args, **kwargs):  # the second update's loss becomes NaN
+        loss, per_agent, stats = original_loss(*args, **kwargs)
+        return (loss * float("nan") if updates["n"] >= 2 else loss), per_agent, stats
+
+    monkeypatch.setattr(script, "ppo_update", counted_update)
     monkeypatch.setattr(script, "ppo_loss", poisoned)
     argv = tiny_args(tmp_path, "--save-model", "--save-interval", 32, "--total-timesteps", 96)
     code, out, err = run(script, argv, capsys)
