@@ -10,10 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("gymnasium_robotics")
-pytest.importorskip("mujoco")
-
-import mappo_hyper_mamujoco as mj  # noqa: E402  (conftest puts the repository on sys.path)
+import mappo_hyper_mamujoco as mj  # conftest puts the repository on sys.path
 
 TASKS = list(mj.TASKS)
 
