@@ -156,14 +156,20 @@ def main():
                         choices=["dispersion", "scale", "navigation", "mamujoco"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--iterations", type=int, default=6, help="iterations per run (the first is not timed)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmark", "results", "sps.md"))
     opts = parser.parse_args()
     repeats = 1 if opts.quick else opts.repeats
-    iterations = 3 if opts.quick else 6
+    iterations = 3 if opts.quick else opts.iterations
     started = time.time()
     lines = ["# Training speed", "", f"Command: `python benchmark/sps.py {' '.join(sys.argv[1:])}`".rstrip(), "",
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU", ""]
+    def save():
+        os.makedirs(os.path.dirname(opts.out), exist_ok=True)
+        with open(opts.out, "w") as f:
+            f.write("\n".join(lines + [f"Benchmark time so far: {(time.time() - started) / 60:.1f} min", ""]))
+
     if "dispersion" in opts.only:
         for n in (4, 8):
             argv = ["--scenario", "dispersion", "--n-agents", str(n)]
@@ -172,28 +178,27 @@ def main():
             lines += table
             if n == 4:
                 lines += end_to_end_table(argv, 16 * 128, iterations, repeats, samples)
+            save()
     if "scale" in opts.only:
         argv = ["--scenario", "dispersion", "--n-agents", "64"]
         lines += family_table("Dispersion, 64 agents and 64 food, paper settings", argv, 16 * 128,
                               max(iterations // 2, 2), repeats)[0]
+        save()
     if "navigation" in opts.only:
         # Paper settings (600 envs x 100 steps, 30 minibatches) with 3 epochs instead of 45 so a
         # run takes seconds, not minutes: the per-gradient-step cost, which decides the ratios, is the same.
         argv = ["--scenario", "navigation", "--n-agents", "8", "--update-epochs", "3"]
         lines += family_table("Navigation, 8 agents, paper settings but 3 epochs (not 45)", argv, 600 * 100,
                               max(iterations // 2, 2), repeats)[0]
+        save()
         argv = ["--scenario", "navigation", "--n-agents", "8"]
         sps, share = run_vmas("ippo_hyper_vmas", argv + ["--hypernet", "mlp"], 2, 600 * 100)
         lines += ["### Navigation, 8 agents, full paper settings (45 epochs x 30 minibatches), IPPO mlp", "",
                   f"SPS {sps:,.0f}; the update takes {share:.0%} of the time (collection the rest).", ""]
     if "mamujoco" in opts.only:
         lines += mamujoco_tables(repeats, opts.quick)
-    lines += [f"Total benchmark time: {(time.time() - started) / 60:.1f} min", ""]
-    text = "\n".join(lines)
-    print(text)
-    os.makedirs(os.path.dirname(opts.out), exist_ok=True)
-    with open(opts.out, "w") as f:
-        f.write(text)
+    save()
+    print(open(opts.out).read())
 
 
 if __name__ == "__main__":
