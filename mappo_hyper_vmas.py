@@ -862,6 +862,16 @@ def flat_grad(params) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in params if p.grad is not None])
 
 
+def gradient_variance_and_norm(params):
+    """Variance and L2 norm over all entries of the gradient, without concatenating it: one pass
+    per tensor instead of a copy of millions of entries at every gradient step."""
+    grads = [p.grad for p in params if p.grad is not None]
+    count = sum(g.numel() for g in grads)
+    total = torch.stack([g.sum() for g in grads]).sum()
+    squares = torch.stack([torch.linalg.vector_norm(g) for g in grads]).square().sum()
+    return (squares - total**2 / count) / (count - 1), squares.sqrt()
+
+
 def gradient_interference(per_agent_loss: torch.Tensor, params) -> float:
     """Mean pairwise cosine similarity between the agents' gradients on the shared parameters.
 
@@ -943,9 +953,9 @@ def ppo_update(agent, optimizer, batch: dict, args: Args, batch_size: int):
                 interference = gradient_interference(ppo_loss(agent, params, subset, args)[1], actor_params)
             optimizer.zero_grad()
             loss.backward()
-            actor_grad = flat_grad(actor_params)  # the paper's gradient variance: over all entries
-            grad_vars.append(actor_grad.var())
-            grad_norms.append(actor_grad.norm())
+            variance, norm = gradient_variance_and_norm(actor_params)  # the paper's gradient variance
+            grad_vars.append(variance)
+            grad_norms.append(norm)
             nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
             optimizer.step()
             for key, value in stats.items():

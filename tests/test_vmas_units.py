@@ -297,6 +297,9 @@ def test_gradient_variance_is_variance_over_all_actor_entries(script):
     flat = script.flat_grad(agent.actor_parameters())
     assert flat.numel() == sum(p.numel() for p in agent.actor_parameters())
     assert flat.var().item() == pytest.approx(np.var(flat.numpy(), ddof=1), rel=1e-4)
+    variance, norm = script.gradient_variance_and_norm(agent.actor_parameters())
+    assert variance.item() == pytest.approx(flat.var().item(), rel=1e-3)
+    assert norm.item() == pytest.approx(flat.norm().item(), rel=1e-5)
 
 
 def test_log_prob_and_entropy_match_torch_distributions(script):
