@@ -618,15 +618,14 @@ def target_init_vector(sizes: list[int], gains: list[float]) -> torch.Tensor:
 
 
 def unflatten_params(theta: torch.Tensor, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(..., m) flat parameters -> [(W (..., fan_in, fan_out), b (..., 1, fan_out)) per layer]."""
-    params, offset = [], 0
-    for fan_in, fan_out in layer_shapes(sizes):
-        weight = theta[..., offset: offset + fan_in * fan_out].unflatten(-1, (fan_in, fan_out))
-        offset += fan_in * fan_out
-        bias = theta[..., offset: offset + fan_out].unsqueeze(-2)
-        offset += fan_out
-        params.append((weight, bias))
-    return params
+    """(..., m) flat parameters -> [(W (..., fan_in, fan_out), b (..., 1, fan_out)) per layer].
+
+    One split rather than a slice per tensor: a slice's backward writes a zero tensor of all m
+    parameters, a split's backward one concatenation.
+    """
+    shapes = layer_shapes(sizes)
+    chunks = theta.split([n for fan_in, fan_out in shapes for n in (fan_in * fan_out, fan_out)], dim=-1)
+    return [(chunks[2 * k].unflatten(-1, shape), chunks[2 * k + 1].unsqueeze(-2)) for k, shape in enumerate(shapes)]
 
 
 def batched_mlp(x: torch.Tensor, params, activation) -> torch.Tensor:
@@ -997,9 +996,9 @@ def gradient_interference(per_agent_loss: torch.Tensor, params) -> float:
     n = per_agent_loss.shape[0]
     grads = torch.autograd.grad(per_agent_loss, params, grad_outputs=torch.eye(n, device=per_agent_loss.device),
                                 is_grads_batched=True, retain_graph=True, allow_unused=True)
-    flat = torch.cat([g.reshape(n, -1) for g in grads if g is not None], 1)
-    unit = F.normalize(flat, dim=1)
-    cosine = unit @ unit.T
+    gram = sum(g.reshape(n, -1) @ g.reshape(n, -1).T for g in grads if g is not None)  # no (n, all) copy
+    norms = gram.diagonal().sqrt().clamp_min(1e-12)
+    cosine = gram / (norms[:, None] * norms[None, :])
     return float(cosine[~torch.eye(n, dtype=torch.bool, device=cosine.device)].mean())
 
 

@@ -509,15 +509,14 @@ def target_init_vector(sizes: list[int], gains: list[float]) -> torch.Tensor:
 
 
 def unflatten_params(theta: torch.Tensor, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(..., m) flat parameters -> [(W (..., fan_in, fan_out), b (..., 1, fan_out)) per layer]."""
-    params, offset = [], 0
-    for fan_in, fan_out in layer_shapes(sizes):
-        weight = theta[..., offset: offset + fan_in * fan_out].unflatten(-1, (fan_in, fan_out))
-        offset += fan_in * fan_out
-        bias = theta[..., offset: offset + fan_out].unsqueeze(-2)
-        offset += fan_out
-        params.append((weight, bias))
-    return params
+    """(..., m) flat parameters -> [(W (..., fan_in, fan_out), b (..., 1, fan_out)) per layer].
+
+    One split rather than a slice per tensor: a slice's backward writes a zero tensor of all m
+    parameters, a split's backward one concatenation.
+    """
+    shapes = layer_shapes(sizes)
+    chunks = theta.split([n for fan_in, fan_out in shapes for n in (fan_in * fan_out, fan_out)], dim=-1)
+    return [(chunks[2 * k].unflatten(-1, shape), chunks[2 * k + 1].unsqueeze(-2)) for k, shape in enumerate(shapes)]
 
 
 def batched_mlp(x: torch.Tensor, params, activation) -> torch.Tensor:
@@ -862,13 +861,12 @@ def flat_grad(params) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in params if p.grad is not None])
 
 
-def gradient_variance_and_norm(params):
-    """Variance and L2 norm over all entries of the gradient, without concatenating it: one pass
-    per tensor instead of a copy of millions of entries at every gradient step."""
-    grads = [p.grad for p in params if p.grad is not None]
+def gradient_variance_and_norm(grads, norms):
+    """Variance and L2 norm over all entries of the gradient, from each tensor's sum and norm: no
+    concatenated copy of millions of entries at every gradient step."""
     count = sum(g.numel() for g in grads)
     total = torch.stack([g.sum() for g in grads]).sum()
-    squares = torch.stack([torch.linalg.vector_norm(g) for g in grads]).square().sum()
+    squares = torch.stack(norms).square().sum()
     return (squares - total**2 / count) / (count - 1), squares.sqrt()
 
 
@@ -882,9 +880,9 @@ def gradient_interference(per_agent_loss: torch.Tensor, params) -> float:
     n = per_agent_loss.shape[0]
     grads = torch.autograd.grad(per_agent_loss, params, grad_outputs=torch.eye(n, device=per_agent_loss.device),
                                 is_grads_batched=True, retain_graph=True, allow_unused=True)
-    flat = torch.cat([g.reshape(n, -1) for g in grads if g is not None], 1)
-    unit = F.normalize(flat, dim=1)
-    cosine = unit @ unit.T
+    gram = sum(g.reshape(n, -1) @ g.reshape(n, -1).T for g in grads if g is not None)  # no (n, all) copy
+    norms = gram.diagonal().sqrt().clamp_min(1e-12)
+    cosine = gram / (norms[:, None] * norms[None, :])
     return float(cosine[~torch.eye(n, dtype=torch.bool, device=cosine.device)].mean())
 
 
@@ -934,9 +932,18 @@ def ppo_loss(agent, params, mb: dict, args: Args):
     return loss, actor_loss_per_agent, stats
 
 
+def clip_grad_norm(params, norms, max_norm: float) -> None:
+    """nn.utils.clip_grad_norm_ from the per-tensor norms already computed for the metrics (the same
+    global norm and result), and no pass over the gradient when it is below max_norm."""
+    total_norm = torch.linalg.vector_norm(torch.stack(norms))
+    if max_norm / (total_norm + 1e-6) < 1:
+        nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
+
+
 def ppo_update(agent, optimizer, batch: dict, args: Args, batch_size: int):
     """update_epochs passes over the rollout in minibatches; weights are generated once per minibatch."""
     actor_params = agent.actor_parameters()
+    actor_ids = {id(p) for p in actor_params}
     minibatch_size = batch_size // args.num_minibatches
     grad_vars, grad_norms, interference, totals = [], [], float("nan"), {}
     for epoch in range(args.update_epochs):
@@ -953,10 +960,13 @@ def ppo_update(agent, optimizer, batch: dict, args: Args, batch_size: int):
                 interference = gradient_interference(ppo_loss(agent, params, subset, args)[1], actor_params)
             optimizer.zero_grad()
             loss.backward()
-            variance, norm = gradient_variance_and_norm(actor_params)  # the paper's gradient variance
+            params = [p for p in agent.parameters() if p.grad is not None]
+            norms = [torch.linalg.vector_norm(p.grad) for p in params]  # one pass, for metrics and clip
+            actor = [(p.grad, norm) for p, norm in zip(params, norms) if id(p) in actor_ids]
+            variance, norm = gradient_variance_and_norm(*zip(*actor))  # the paper's gradient variance
             grad_vars.append(variance)
             grad_norms.append(norm)
-            nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            clip_grad_norm(params, norms, args.max_grad_norm)
             optimizer.step()
             for key, value in stats.items():
                 totals[key] = value.detach()

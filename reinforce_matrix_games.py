@@ -273,15 +273,14 @@ def target_init_vector(sizes: list[int], gains: list[float]) -> torch.Tensor:
 
 
 def unflatten_params(theta: torch.Tensor, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(..., m) flat parameters -> [(W (..., fan_in, fan_out), b (..., 1, fan_out)) per layer]."""
-    params, offset = [], 0
-    for fan_in, fan_out in layer_shapes(sizes):
-        weight = theta[..., offset: offset + fan_in * fan_out].unflatten(-1, (fan_in, fan_out))
-        offset += fan_in * fan_out
-        bias = theta[..., offset: offset + fan_out].unsqueeze(-2)
-        offset += fan_out
-        params.append((weight, bias))
-    return params
+    """(..., m) flat parameters -> [(W (..., fan_in, fan_out), b (..., 1, fan_out)) per layer].
+
+    One split rather than a slice per tensor: a slice's backward writes a zero tensor of all m
+    parameters, a split's backward one concatenation.
+    """
+    shapes = layer_shapes(sizes)
+    chunks = theta.split([n for fan_in, fan_out in shapes for n in (fan_in * fan_out, fan_out)], dim=-1)
+    return [(chunks[2 * k].unflatten(-1, shape), chunks[2 * k + 1].unsqueeze(-2)) for k, shape in enumerate(shapes)]
 
 
 def batched_mlp(x: torch.Tensor, params, activation) -> torch.Tensor:

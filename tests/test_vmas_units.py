@@ -297,9 +297,25 @@ def test_gradient_variance_is_variance_over_all_actor_entries(script):
     flat = script.flat_grad(agent.actor_parameters())
     assert flat.numel() == sum(p.numel() for p in agent.actor_parameters())
     assert flat.var().item() == pytest.approx(np.var(flat.numpy(), ddof=1), rel=1e-4)
-    variance, norm = script.gradient_variance_and_norm(agent.actor_parameters())
+    grads = [p.grad for p in agent.actor_parameters()]
+    variance, norm = script.gradient_variance_and_norm(grads, [g.norm() for g in grads])
     assert variance.item() == pytest.approx(flat.var().item(), rel=1e-3)
     assert norm.item() == pytest.approx(flat.norm().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("max_norm", [1e-4, 1e4])  # clipping, and not
+def test_clip_grad_norm_equals_torch_clip_grad_norm(script, max_norm):
+    _, agent = small_agent(script, "mlp")
+    per_agent_actor_loss(script, agent, 3).mean().backward()
+    params = [p for p in agent.parameters() if p.grad is not None]
+    reference = [p.grad.clone() for p in params]
+    total = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    clipped = [p.grad.clone() for p in params]
+    for p, g in zip(params, reference):
+        p.grad = g.clone()
+    script.clip_grad_norm(params, [torch.linalg.vector_norm(p.grad) for p in params], max_norm)
+    assert (total > max_norm) == (max_norm < 1)
+    assert all(torch.equal(p.grad, c) for p, c in zip(params, clipped))
 
 
 def test_log_prob_and_entropy_match_torch_distributions(script):
