@@ -57,8 +57,11 @@ class Args:
     cuda: bool = True
     """if toggled, cuda is used when available (MuJoCo always runs on the CPU)"""
     torch_threads: int = 1
-    """torch.set_num_threads (HARL's torch_threads); 1 avoids OpenMP stalls while environment
-    workers or other processes share the cores"""
+    """torch threads while collecting (HARL's torch_threads); 1 avoids OpenMP stalls while the
+    environment workers share the cores"""
+    update_threads: Optional[int] = None
+    """torch threads for the update, when the environment workers are idle (default: torch's, one per
+    physical core or OMP_NUM_THREADS)"""
     track: bool = False
     """if toggled, this experiment is tracked with Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "hypermarl"
@@ -277,6 +280,8 @@ def resolve_args(args: Args) -> Args:
         args.critic = "shared" if args.algo == "happo" else "per-agent"
     if args.save_interval is None:
         args.save_interval = args.eval_interval
+    if args.update_threads is None:
+        args.update_threads = torch.get_num_threads()  # torch's default: one per physical core, or OMP_NUM_THREADS
     check_values(args)
     return args
 
@@ -287,7 +292,7 @@ def check_values(args: Args) -> None:
         if not value > 0:
             raise ArgError(f"--{name.replace('_', '-')}: must be positive, got {value}")
 
-    for name in ("torch_threads", "max_episode_steps", "num_envs", "total_timesteps", "num_steps", "learning_rate",
+    for name in ("torch_threads", "update_threads", "max_episode_steps", "num_envs", "total_timesteps", "num_steps", "learning_rate",
                  "critic_learning_rate", "update_epochs", "critic_epochs", "num_minibatches",
                  "critic_num_minibatches", "clip_coef", "huber_delta", "max_grad_norm", "adam_eps",
                  "std_x_coef", "std_y_coef", "eval_interval", "eval_episodes", "snd_samples",
@@ -1469,6 +1474,7 @@ def main(argv=None) -> int:
             if stop["signal"] is not None:  # between iterations the state is consistent: save it
                 break
             tick = time.time()
+            torch.set_num_threads(args.torch_threads)
             finished_returns, finished_lengths = [], []
             bootstrap_at, bootstrap_states = [], []
             with torch.no_grad():
@@ -1517,8 +1523,10 @@ def main(argv=None) -> int:
                 next_values = torch.where(dones.bool(), bootstrap, next_values)
                 advantages, returns = compute_gae(rewards.expand(-1, C, -1).contiguous(), values, next_values, terminateds, dones,
                                                   args.gamma, args.gae_lambda)
-            rollout_time += time.time() - tick
+            rollout_seconds = time.time() - tick
+            rollout_time += rollout_seconds
             tick = time.time()
+            torch.set_num_threads(args.update_threads)  # the environment workers wait: use every core
 
             # agent-major batch; advantages of agent i come from its own critic (per-agent) or the shared one
             critic_of_agent = torch.arange(n) if C == n else torch.zeros(n, dtype=torch.long)
@@ -1542,7 +1550,9 @@ def main(argv=None) -> int:
                       f"checkpoint: {checkpoint_path if args.save_model else 'none (no --save-model)'}", file=sys.stderr)
                 exit_code = 1
                 break
-            update_time += time.time() - tick
+            update_seconds = time.time() - tick
+            update_time += update_seconds
+            torch.set_num_threads(args.torch_threads)
 
             # Logging (CleanRL names)
             if finished_returns:
@@ -1556,8 +1566,8 @@ def main(argv=None) -> int:
                 writer.add_scalar("grad/interference", interference, global_step)
             sps = int((global_step - start_step) / (time.time() - start_time))
             writer.add_scalar("charts/SPS", sps, global_step)
-            writer.add_scalar("charts/rollout_seconds", rollout_time, global_step)
-            writer.add_scalar("charts/update_seconds", update_time, global_step)
+            writer.add_scalar("perf/rollout_seconds", rollout_seconds, global_step)  # this iteration's split
+            writer.add_scalar("perf/update_seconds", update_seconds, global_step)
 
             line = None
             if global_step >= next_eval or iteration == num_iterations:

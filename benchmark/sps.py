@@ -112,12 +112,12 @@ def mamujoco_tables(repeats, quick):
     """mappo_hyper_mamujoco.py: training against random actions, HyperMARL against independent actors."""
     import mappo_hyper_mamujoco as mj
 
-    def random_sps(task, num_envs, steps):
-        envs = mj.make_vector_env(mj.Args(task=task, num_envs=num_envs))
+    def random_sps(task, num_envs, steps, async_envs):
+        envs = mj.make_vector_env(mj.Args(task=task, num_envs=num_envs, async_envs=async_envs))
         envs.reset(seed=0)
         low, high = envs.single_action_space.low, envs.single_action_space.high
         actions = np.random.default_rng(0).uniform(low, high, (64, num_envs) + low.shape).astype(np.float32)
-        for k in range(20):
+        for k in range(100):
             envs.step(actions[k % 64])
         start = time.perf_counter()
         for k in range(steps):
@@ -126,25 +126,49 @@ def mamujoco_tables(repeats, quick):
         envs.close()
         return steps * num_envs / elapsed
 
-    def train_sps(task, actor, algo, num_envs, total):
-        cmd = [sys.executable, os.path.join(ROOT, "mappo_hyper_mamujoco.py"), "--task", task, "--actor", actor,
-               "--algo", algo, "--num-envs", str(num_envs), "--total-timesteps", str(total),
-               "--eval-interval", str(10 * total), "--eval-episodes", "1"]
+    def train(task, actor, algo, num_envs, iterations, async_envs):
+        """(SPS, rollout and update microseconds per environment step) over iterations 2.."""
+        batch = num_envs * 500
         with tempfile.TemporaryDirectory() as tmp:
-            out = subprocess.run(cmd + ["--runs-dir", tmp], capture_output=True, text=True, check=True).stdout
-        line = [ln for ln in out.splitlines() if " SPS=" in ln][-1]
-        return float(line.split(" SPS=")[1].split()[0])
+            cmd = [sys.executable, os.path.join(ROOT, "mappo_hyper_mamujoco.py"), "--task", task, "--actor", actor,
+                   "--algo", algo, "--num-envs", str(num_envs), "--total-timesteps", str(batch * iterations),
+                   "--eval-interval", str(10**12), "--eval-episodes", "1", "--runs-dir", tmp,
+                   "--async-envs" if async_envs else "--no-async-envs"]
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
+            (run,) = os.listdir(tmp)
+            rollout, update = perf_scalars(os.path.join(tmp, run))
+        steps = batch * (len(rollout) - 1)
+        return (steps / (sum(rollout[1:]) + sum(update[1:])), 1e6 * sum(rollout[1:]) / steps,
+                1e6 * sum(update[1:]) / steps)
 
-    total = 8_000 if quick else 40_000
-    lines = ["### MaMuJoCo (mappo_hyper_mamujoco.py)", "",
-             "| task | actor | algo | training SPS | random-action SPS | ratio |", "|---|---|---|---|---|---|"]
-    rand = statistics.median(random_sps("HalfCheetah-2x3", 4, 1000 if quick else 4000) for _ in range(repeats))
-    for actor, algo in (("mlp", "mappo"), ("ind", "mappo"), ("ind", "happo"), ("fups", "mappo")):
-        sps = statistics.median(train_sps("HalfCheetah-2x3", actor, algo, 4, total) for _ in range(repeats))
-        lines.append(f"| HalfCheetah-2x3 | {actor} | {algo} | {sps:,.0f} | {rand:,.0f} | {sps / rand:.2f} |")
-    humanoid = {a: statistics.median(train_sps("Humanoid-17x1", a, "mappo", 4, total // 2) for _ in range(repeats))
-                for a in ("mlp", "ind")}
-    lines += ["", "| Humanoid-17x1 | SPS |", "|---|---|"]
+    iterations = 4 if quick else 12
+    random_steps = 1000 if quick else 10_000
+    lines = ["### MaMuJoCo (mappo_hyper_mamujoco.py), HalfCheetah-2x3, 4 environments", "",
+             "HARL's HalfCheetah settings (15 actor and 15 critic full-batch epochs, [128, 128, 128] "
+             "networks), 500 steps x 4 environments per iteration, the update on every core "
+             "(`--update-threads`), collection on 1 thread. Times are per environment step.", "",
+             "| actor | algo | vector env | training SPS | random-action SPS | ratio | collection µs | "
+             "update µs | bound |", "|---|---|---|---|---|---|---|---|---|"]
+    configs = [("mlp", "mappo", True), ("ind", "mappo", True), ("ind", "happo", True), ("fups", "mappo", True),
+               ("mlp", "mappo", False), ("ind", "mappo", False)]
+    results = {c: [] for c in configs}
+    randoms = {True: [], False: []}
+    for _ in range(repeats):
+        for async_envs in (True, False):
+            randoms[async_envs].append(random_sps("HalfCheetah-2x3", 4, random_steps, async_envs))
+        for c in configs:
+            results[c].append(train("HalfCheetah-2x3", c[0], c[1], 4, iterations, c[2]))
+    for (actor, algo, async_envs), values in results.items():
+        sps, roll, upd = (statistics.median(v) for v in zip(*values))
+        rand = statistics.median(randoms[async_envs])
+        env_us = 1e6 / rand
+        lines.append(f"| {actor} | {algo} | {'async' if async_envs else 'sync'} | {sps:,.0f} | {rand:,.0f} | "
+                     f"{sps / rand:.2f} | {roll:.0f} | {upd:.0f} | {env_us / (env_us + upd):.2f} |")
+    lines += ["", "bound: the ratio if collection cost no more than random stepping, "
+              "random µs / (random µs + update µs).", ""]
+    humanoid = {a: statistics.median(train("Humanoid-17x1", a, "mappo", 4, max(iterations // 2, 3), True)[0]
+                                     for _ in range(repeats)) for a in ("mlp", "ind")}
+    lines += ["### MaMuJoCo, Humanoid-17x1 (17 agents), 4 environments", "", "| actor | SPS |", "|---|---|"]
     lines += [f"| {a} | {v:,.0f} |" for a, v in humanoid.items()]
     lines += ["", f"HyperMARL (mlp) / independent actors at 17 agents: {humanoid['mlp'] / humanoid['ind']:.2f}", ""]
     return lines

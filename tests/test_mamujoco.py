@@ -324,6 +324,24 @@ def test_end_to_end(tmp_path, task, actor, algo):
     assert 0.0 <= snd <= 1.0
 
 
+def test_run_writes_the_metrics_of_the_vmas_scripts(tmp_path):
+    code, _, err = run_main(tiny_argv(tmp_path))
+    assert code == 0, err
+    (run,) = os.listdir(tmp_path)
+    tags = {tag for tag, _ in scalars_by_step(os.path.join(tmp_path, run))}
+    expected = {"charts/episodic_return", "losses/policy_loss", "losses/value_loss", "losses/entropy",
+                "losses/approx_kl", "losses/clipfrac", "grad/actor_var", "grad/actor_norm", "grad/interference",
+                "eval/episodic_return", "diversity/snd"}
+    assert expected <= tags, expected - tags
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(os.path.join(tmp_path, run))
+    accumulator.Reload()
+    for tag in ("charts/SPS", "perf/rollout_seconds", "perf/update_seconds"):  # per iteration, positive
+        values = [e.value for e in accumulator.Scalars(tag)]
+        assert len(values) == 2 and all(v > 0 for v in values), tag
+
+
 @pytest.mark.parametrize("extra", [
     ["--hypernet-hidden-dims", "4"],  # HyperMARL-S (smaller hypernetwork)
     ["--hypernet-embedding", "onehot", "--hypernet-embedding-dim", "4"],
@@ -420,7 +438,7 @@ def scalars_by_step(run_dir):
 
     accumulator = EventAccumulator(run_dir)
     accumulator.Reload()
-    timing = ("charts/SPS", "charts/rollout_seconds", "charts/update_seconds")
+    timing = ("charts/SPS", "perf/rollout_seconds", "perf/update_seconds")
     return {(tag, e.step): e.value for tag in accumulator.Tags()["scalars"] if tag not in timing
             for e in accumulator.Scalars(tag)}
 
@@ -465,6 +483,7 @@ def test_resume_gives_the_same_numbers_as_an_uninterrupted_run(tmp_path, envs):
     (["--fixed-order", "True"], "--fixed-order:"),
     (["--agent-obsk", "2"], "--agent-obsk:"),
     (["--num-envs", "0"], "--num-envs:"),
+    (["--update-threads", "0"], "--update-threads:"),
     (["--num-envs", "abc"], "--num-envs"),
     (["--clip-coef", "-0.1"], "--clip-coef:"),
     (["--gamma", "1.5"], "--gamma:"),
