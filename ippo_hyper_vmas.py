@@ -850,10 +850,6 @@ def system_neural_diversity(dist, discrete: bool, n_samples=64, generator=None) 
     return float(distances.mean())
 
 
-def flat_grad(params) -> torch.Tensor:
-    return torch.cat([p.grad.flatten() for p in params if p.grad is not None])
-
-
 def gradient_variance_and_norm(grads, norms):
     """Variance and L2 norm over all entries of the gradient, from each tensor's sum and norm: no
     concatenated copy of millions of entries at every gradient step."""

@@ -987,8 +987,13 @@ def system_neural_diversity(dist, discrete: bool, n_samples=64, generator=None) 
     return float(distances.mean())
 
 
-def flat_grad(params) -> torch.Tensor:
-    return torch.cat([p.grad.flatten() for p in params if p.grad is not None])
+def gradient_variance_and_norm(grads, norms):
+    """Variance and L2 norm over all entries of the gradient, from each tensor's sum and norm: no
+    concatenated copy of millions of entries at every gradient step."""
+    count = sum(g.numel() for g in grads)
+    total = torch.stack([g.sum() for g in grads]).sum()
+    squares = torch.stack(norms).square().sum()
+    return (squares - total**2 / count) / (count - 1), squares.sqrt()
 
 
 def gradient_interference(per_agent_loss: torch.Tensor, params) -> float:
@@ -1109,21 +1114,26 @@ def clip_grad_per_agent(params, max_norm: float, n: int):
             p.grad.mul_(scale.view((-1,) + (1,) * (p.grad.dim() - 1)))
 
 
-def clip_actor_grad(actor: GaussianActor, max_norm: float):
-    params = list(actor.parameters())
-    if actor.independent:  # HARL: every actor has its own optimiser and clip
-        clip_grad_per_agent(params, max_norm, actor.n_agents)
-    else:
-        nn.utils.clip_grad_norm_(params, max_norm)
+def clip_grad_norm(params, norms, max_norm: float) -> None:
+    """nn.utils.clip_grad_norm_ from the per-tensor norms already computed for the metrics (the same
+    global norm and result), and no pass over the gradient when it is below max_norm."""
+    total_norm = torch.linalg.vector_norm(torch.stack(norms))
+    if max_norm / (total_norm + 1e-6) < 1:
+        nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
 
 
 def actor_step(actor, optimizer, loss, stats, agents=None):
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad = flat_grad(list(actor.parameters()))  # the paper's gradient variance: over all entries
-    stats["actor_var"].append(grad.var())
-    stats["actor_norm"].append(grad.norm())
-    clip_actor_grad(actor, stats["max_grad_norm"])
+    params = [p for p in actor.parameters() if p.grad is not None]
+    norms = [torch.linalg.vector_norm(p.grad) for p in params]  # one pass, for metrics and clip
+    variance, norm = gradient_variance_and_norm([p.grad for p in params], norms)  # the paper's gradient variance
+    stats["actor_var"].append(variance)
+    stats["actor_norm"].append(norm)
+    if actor.independent:  # HARL: every actor has its own optimiser and clip
+        clip_grad_per_agent(params, stats["max_grad_norm"], actor.n_agents)
+    else:
+        clip_grad_norm(params, norms, stats["max_grad_norm"])
     if isinstance(optimizer, PerAgentAdam):
         optimizer.step(agents)
     else:

@@ -475,10 +475,6 @@ def policy_snd(probs: torch.Tensor) -> torch.Tensor:
     return js_distance_categorical(probs[:, i], probs[:, j]).mean(-1)
 
 
-def flat_grad(params) -> torch.Tensor:
-    return torch.cat([p.grad.flatten() for p in params if p.grad is not None])
-
-
 def per_agent_gradients(per_agent_loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
     """d(loss_i)/d(all trainable parameters) for every agent i and seed: (S, n) -> (n, S, P), one
     batched backward pass. Seeds have disjoint parameters, so one pass serves them all."""

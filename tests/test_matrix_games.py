@@ -230,4 +230,4 @@ def test_per_agent_gradients_sum_to_the_update_gradient():
         summed = mg.per_agent_gradients(mg.reinforce_loss(pop.logits(), actions, rewards, "normalize"), params).sum(0)[0]
         mg.reinforce_loss(pop.logits(), actions, rewards, "normalize").sum().backward()
         assert summed.abs().max() > 0, method
-        assert torch.allclose(summed, mg.flat_grad(params), atol=1e-6), method
+        assert torch.allclose(summed, torch.cat([p.grad.flatten() for p in params]), atol=1e-6), method

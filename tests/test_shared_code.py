@@ -13,12 +13,13 @@ ALLOWED_VMAS_DIFFERENCES = {"critic_input", "Args", "HYPERNET_DEFAULTS", "PAPER_
 # Pieces every script copies verbatim from ippo_hyper_vmas.py (the canonical copy).
 HYPERNETWORKS = ["layer_init", "layer_shapes", "num_target_params", "target_init_vector", "unflatten_params",
                  "batched_mlp", "LinearHypernet", "MLPHypernet"]
-METRICS = ["js_distance_categorical", "js_distance_gaussian", "system_neural_diversity", "flat_grad",
-           "gradient_interference"]
+METRICS = ["js_distance_categorical", "js_distance_gaussian", "system_neural_diversity",
+           "gradient_variance_and_norm", "gradient_interference"]
 COPIES = {
-    "reinforce_matrix_games": HYPERNETWORKS + ["js_distance_categorical", "flat_grad"],
+    "reinforce_matrix_games": HYPERNETWORKS + ["js_distance_categorical"],
     "mappo_hyper_mamujoco": HYPERNETWORKS + METRICS + ["SharedNet", "IndependentNets", "save_checkpoint",
-                                                       "rng_to_tensors", "rng_from_tensors", "compute_gae"],
+                                                       "rng_to_tensors", "rng_from_tensors", "compute_gae",
+                                                       "clip_grad_norm"],
 }
 
 
