@@ -949,13 +949,13 @@ def ppo_update(agent, optimizer, batch: dict, args: Args, batch_size: int):
                 interference = gradient_interference(ppo_loss(agent, params, subset, args)[1], actor_params)
             optimizer.zero_grad()
             loss.backward()
-            params = [p for p in agent.parameters() if p.grad is not None]
-            norms = [torch.linalg.vector_norm(p.grad) for p in params]  # one pass, for metrics and clip
-            actor = [(p.grad, norm) for p, norm in zip(params, norms) if id(p) in actor_ids]
-            variance, norm = gradient_variance_and_norm(*zip(*actor))  # the paper's gradient variance
+            with_grad = [p for p in agent.parameters() if p.grad is not None]
+            norms = [torch.linalg.vector_norm(p.grad) for p in with_grad]  # one pass, for metrics and clip
+            actor_grads = [(p.grad, norm) for p, norm in zip(with_grad, norms) if id(p) in actor_ids]
+            variance, norm = gradient_variance_and_norm(*zip(*actor_grads))  # the paper's gradient variance
             grad_vars.append(variance)
             grad_norms.append(norm)
-            clip_grad_norm(params, norms, args.max_grad_norm)
+            clip_grad_norm(with_grad, norms, args.max_grad_norm)
             optimizer.step()
             for key, value in stats.items():
                 totals[key] = value.detach()

@@ -1484,7 +1484,6 @@ def main(argv=None) -> int:
             if stop["signal"] is not None:  # between iterations the state is consistent: save it
                 break
             tick = time.time()
-            torch.set_num_threads(args.torch_threads)
             finished_returns, finished_lengths = [], []
             bootstrap_at, bootstrap_states = [], []
             with torch.no_grad():
