@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import itertools
 import math
 import os
 import pickle
@@ -222,10 +223,11 @@ def parse_args(argv=None) -> Args:
     except SystemExit as exit_:
         if exit_.code in (0, None):
             raise
-        # The box's title comes first, then the message: keep the message, drop the drawing.
-        lines = [line.strip("│╭╮╰╯─|+-= \t") for line in captured.getvalue().splitlines()]
-        lines = [line for line in lines if any(c.isalnum() for c in line)]
-        raise ArgError(lines[1] if len(lines) > 1 else "invalid arguments; see --help")
+        # The box's title comes first, then the message up to the first blank line: keep the
+        # message, on one line, and drop the drawing.
+        rows = [line.strip("│╭╮╰╯─|+-= \t") for line in captured.getvalue().splitlines()]
+        message = list(itertools.takewhile(bool, itertools.dropwhile(lambda row: not row, rows[1:])))
+        raise ArgError(" ".join(message) if message else "invalid arguments; see --help")
 
 
 def default_dico_snd(args: Args) -> float:
