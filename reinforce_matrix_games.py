@@ -44,7 +44,10 @@ Quick start:  python reinforce_matrix_games.py --game specialisation --n-agents 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import itertools
 import json
 import math
 import os
@@ -167,6 +170,22 @@ PAPER_TABLE6 = {
 # ===== 2. Input validation =====
 class ArgError(ValueError):
     """A bad flag value: reported as one line, exit status 2, nothing written."""
+
+
+def parse_args(argv=None) -> Args:
+    """tyro's parser, with its boxed error message folded into one ArgError line."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return tyro.cli(Args, args=argv)
+    except SystemExit as exit_:
+        if exit_.code in (0, None):
+            raise
+        # The box's title comes first, then the message up to the first blank line: keep the
+        # message, on one line, and drop the drawing.
+        rows = [line.strip("│╭╮╰╯─|+-= \t") for line in captured.getvalue().splitlines()]
+        message = list(itertools.takewhile(bool, itertools.dropwhile(lambda row: not row, rows[1:])))
+        raise ArgError(" ".join(message) if message else "invalid arguments; see --help")
 
 
 def validate_args(args: Args) -> Args:
@@ -736,9 +755,8 @@ def make_writers(args: Args, game: str, n_agents: int, method: str, seeds: list[
 
 
 def main(argv=None) -> int:
-    args = tyro.cli(Args, args=argv)
     try:
-        args = validate_args(args)
+        args = validate_args(parse_args(argv))
         if args.track:
             try:
                 import wandb  # noqa: F401

@@ -210,6 +210,17 @@ def test_bad_input_in_process(argv, flag, tmp_path, monkeypatch, capsys):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("argv, needle", [(["--n-agents", "abc"], "--n-agents"), (["--bogus"], "--bogus"),
+                                          (["--num-trials"], "--num-trials")])
+def test_parser_errors_are_one_line(argv, needle, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert mg.main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], captured.err
+    assert captured.out == "" and os.listdir(tmp_path) == []
+
+
 def test_bad_input_exits_2_from_the_command_line(tmp_path):
     proc = subprocess.run([sys.executable, SCRIPT, "--n-agents", "1"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=60)

@@ -16,10 +16,10 @@ HYPERNETWORKS = ["layer_init", "layer_shapes", "num_target_params", "target_init
 METRICS = ["js_distance_categorical", "js_distance_gaussian", "system_neural_diversity",
            "gradient_variance_and_norm", "gradient_interference"]
 COPIES = {
-    "reinforce_matrix_games": HYPERNETWORKS + ["js_distance_categorical"],
+    "reinforce_matrix_games": HYPERNETWORKS + ["js_distance_categorical", "parse_args"],
     "mappo_hyper_mamujoco": HYPERNETWORKS + METRICS + ["SharedNet", "IndependentNets", "save_checkpoint",
                                                        "rng_to_tensors", "rng_from_tensors", "compute_gae",
-                                                       "clip_grad_norm"],
+                                                       "clip_grad_norm", "parse_args"],
 }
 
 
