@@ -31,26 +31,27 @@ VMAS_SCRIPTS = ("ippo_hyper_vmas", "mappo_hyper_vmas")
 FAMILIES = ("mlp", "linear", "nops", "fups")
 
 
-def perf_scalars(run_dir):
+def timed_run(script, argv, iterations, batch):
+    """One training run of script.py in its own process, evaluation off; returns the seconds of
+    collection and of update of iterations 2.. (the first warms up), from its perf/* scalars."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    accumulator = EventAccumulator(run_dir)
-    accumulator.Reload()
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), *argv, "--runs-dir", tmp,
+               "--total-timesteps", str(batch * iterations), "--eval-interval", str(10**12),
+               "--eval-episodes", "1", "--print-interval", str(10**6)]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        (run,) = os.listdir(tmp)
+        accumulator = EventAccumulator(os.path.join(tmp, run))
+        accumulator.Reload()
     rollout = [e.value for e in accumulator.Scalars("perf/rollout_seconds")]
     update = [e.value for e in accumulator.Scalars("perf/update_seconds")]
-    return rollout, update
+    return rollout[1:], update[1:]
 
 
 def run_vmas(script, argv, iterations, batch):
     """One training run; returns (SPS over iterations 2.., update share of the time)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), *argv, "--runs-dir", tmp,
-               "--total-timesteps", str(batch * iterations), "--eval-interval", str(10**12),
-               "--eval-episodes", "2", "--print-interval", str(10**6)]
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
-        (run,) = os.listdir(tmp)
-        rollout, update = perf_scalars(os.path.join(tmp, run))
-    rollout, update = rollout[1:], update[1:]
+    rollout, update = timed_run(script, argv, iterations, batch)
     total = sum(rollout) + sum(update)
     return batch * len(rollout) / total, sum(update) / total
 
@@ -127,19 +128,13 @@ def mamujoco_tables(repeats, quick):
         return steps * num_envs / elapsed
 
     def train(task, actor, algo, num_envs, iterations, async_envs):
-        """(SPS, rollout and update microseconds per environment step) over iterations 2.."""
+        """(SPS, collection and update microseconds per environment step) over iterations 2.."""
         batch = num_envs * 500
-        with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, os.path.join(ROOT, "mappo_hyper_mamujoco.py"), "--task", task, "--actor", actor,
-                   "--algo", algo, "--num-envs", str(num_envs), "--total-timesteps", str(batch * iterations),
-                   "--eval-interval", str(10**12), "--eval-episodes", "1", "--runs-dir", tmp,
-                   "--async-envs" if async_envs else "--no-async-envs"]
-            subprocess.run(cmd, check=True, capture_output=True, text=True)
-            (run,) = os.listdir(tmp)
-            rollout, update = perf_scalars(os.path.join(tmp, run))
-        steps = batch * (len(rollout) - 1)
-        return (steps / (sum(rollout[1:]) + sum(update[1:])), 1e6 * sum(rollout[1:]) / steps,
-                1e6 * sum(update[1:]) / steps)
+        argv = ["--task", task, "--actor", actor, "--algo", algo, "--num-envs", str(num_envs),
+                "--async-envs" if async_envs else "--no-async-envs"]
+        rollout, update = timed_run("mappo_hyper_mamujoco", argv, iterations, batch)
+        steps = batch * len(rollout)
+        return steps / (sum(rollout) + sum(update)), 1e6 * sum(rollout) / steps, 1e6 * sum(update) / steps
 
     iterations = 4 if quick else 12
     random_steps = 1000 if quick else 10_000
