@@ -31,6 +31,25 @@ VMAS_SCRIPTS = ("ippo_hyper_vmas", "mappo_hyper_vmas")
 FAMILIES = ("mlp", "linear", "nops", "fups")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the repository's convention for bad input: one line, exit status 2."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def at_least(minimum):
+    def parse(text):
+        value = int(text)  # a ValueError here becomes argparse's "invalid value" message
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
 def timed_run(script, argv, iterations, batch):
     """One training run of script.py in its own process, evaluation off; returns the seconds of
     collection and of update of iterations 2.. (the first warms up), from its perf/* scalars."""
@@ -173,12 +192,13 @@ def mamujoco_tables(repeats, quick):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", default=["dispersion", "scale", "navigation", "mamujoco"],
                         choices=["dispersion", "scale", "navigation", "mamujoco"])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=at_least(1), default=3)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--iterations", type=int, default=6, help="iterations per run (the first is not timed)")
+    parser.add_argument("--iterations", type=at_least(4), default=6,
+                        help="iterations per run (the first is not timed; Navigation and 64 agents run half as many)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmark", "results", "sps.md"))
     opts = parser.parse_args()
     repeats = 1 if opts.quick else opts.repeats

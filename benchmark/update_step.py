@@ -27,6 +27,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import ippo_hyper_vmas as script  # noqa: E402
+from sps import OneLineParser, at_least  # noqa: E402  (benchmark/ is on sys.path when run as a script)
 
 N_AGENTS, OBS_DIM, ACT_DIM, BATCH = 8, 20, 2, 60_000  # Navigation, 8 agents: 600 envs x 100 steps
 
@@ -56,8 +57,8 @@ def generate_forward_backward(agent):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=at_least(1), default=5)
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmark", "results", "update_step.md"))
     opts = parser.parse_args()
     torch.set_num_threads(2)
