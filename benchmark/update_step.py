@@ -10,7 +10,18 @@ critic networks. The MLP hypernetwork generates both from 64 hidden units, so it
 - the fused Adam step over all parameters;
 - the per-tensor gradient norms (metrics and clip).
 
-    python benchmark/update_step.py            # about 2 minutes on 2 cores
+The last three are the work the MLP hypernetwork adds to a FuPS step and cannot skip. Their extra
+cost over FuPS bounds the step ratio: mlp / fups <= fups step / (fups step + that extra), whatever
+the rest of the step costs. The bound is given twice:
+
+- from the isolated timings above (warm caches, so the extra at its lowest: a generous bound);
+- from the same operations inside the real step (torch.profiler's self time of the matmuls
+  `mm`/`addmm`, `_fused_adam_`, `linalg_vector_norm` and `cat`, which FuPS barely uses), where
+  the 9.3M parameters, their gradients and Adam's state (150 MB) no longer sit in the cache.
+
+The third row is HyperMARL-S (section 6: hypernetwork hidden layer 32 instead of 64), for comparison.
+
+    python benchmark/update_step.py            # about 3 minutes on 2 cores
 
 Writes benchmark/results/update_step.md (and prints it).
 """
@@ -32,10 +43,14 @@ from sps import OneLineParser, at_least  # noqa: E402  (benchmark/ is on sys.pat
 N_AGENTS, OBS_DIM, ACT_DIM, BATCH = 8, 20, 2, 60_000  # Navigation, 8 agents: 600 envs x 100 steps
 
 
-def build(family):
+FAMILIES = {"fups": ["--hypernet", "fups"], "mlp": ["--hypernet", "mlp"],
+            "mlp, hidden 32 (HyperMARL-S)": ["--hypernet", "mlp", "--hypernet-hidden-dims", "32"]}
+
+
+def build(family_argv):
     torch.manual_seed(0)
     args = script.resolve_args(script.parse_args(
-        ["--scenario", "navigation", "--n-agents", str(N_AGENTS), "--hypernet", family, "--update-epochs", "1"]))
+        ["--scenario", "navigation", "--n-agents", str(N_AGENTS), "--update-epochs", "1"] + family_argv))
     agent = script.Agent(args, OBS_DIM, ACT_DIM, False, OBS_DIM)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     return args, agent, optimizer
@@ -49,6 +64,19 @@ def median_ms(fn, repeats):
         fn()
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
+
+
+HYPERNET_OPS = ("aten::mm", "aten::addmm", "aten::_fused_adam_", "aten::linalg_vector_norm", "aten::cat")
+
+
+def in_step_ms(args, agent, optimizer, batch):
+    """Self time per gradient step of HYPERNET_OPS inside one real ppo_update."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        script.ppo_update(agent, optimizer, batch, args, BATCH)
+    total_us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in HYPERNET_OPS)
+    return total_us / 1000 / args.num_minibatches
 
 
 def generate_forward_backward(agent):
@@ -66,7 +94,7 @@ def main():
     batch = {key: torch.randn(N_AGENTS, BATCH, *shape, generator=generator)
              for key, shape in (("obs", (OBS_DIM,)), ("actions", (ACT_DIM,)), ("logprobs", ()),
                                 ("advantages", ()), ("returns", ()), ("values", ()))}
-    setups = {family: build(family) for family in ("fups", "mlp")}
+    setups = {family: build(argv) for family, argv in FAMILIES.items()}
     steps = {family: [] for family in setups}
     for _ in range(opts.repeats):  # interleaved, so that machine noise spreads evenly
         for family, (args, agent, optimizer) in setups.items():
@@ -77,17 +105,27 @@ def main():
              f"Command: `{' '.join(['python', 'benchmark/update_step.py'] + sys.argv[1:])}`", "",
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
              f"torch {torch.__version__}, 2 threads, CPU; random data; medians over {opts.repeats} repeats", "",
-             "| family | parameters | gradient step ms | generate fwd + bwd ms | fused Adam ms | gradient norms ms |",
-             "|---|---|---|---|---|---|"]
+             "| family | parameters | gradient step ms | generate fwd + bwd ms | fused Adam ms | gradient norms ms "
+             "| the same ops, in the step ms |",
+             "|---|---|---|---|---|---|---|"]
+    parts, in_step = {}, {}
     for family, (args, agent, optimizer) in setups.items():
         generate = median_ms(lambda: (optimizer.zero_grad(), generate_forward_backward(agent)), 20)
         adam = median_ms(optimizer.step, 20)
         norms = median_ms(lambda: [torch.linalg.vector_norm(p.grad) for p in agent.parameters() if p.grad is not None], 20)
+        parts[family] = generate + adam + norms
+        in_step[family] = statistics.median(in_step_ms(args, agent, optimizer, batch) for _ in range(3))
         count = sum(p.numel() for p in agent.parameters())
         lines.append(f"| {family} | {count:,} | {statistics.median(steps[family]):.1f} | {generate:.1f} | "
-                     f"{adam:.1f} | {norms:.1f} |")
-    ratio = statistics.median(steps["fups"]) / statistics.median(steps["mlp"])
-    lines += ["", f"Gradient steps per second, mlp / fups: {ratio:.2f}", ""]
+                     f"{adam:.1f} | {norms:.1f} | {in_step[family]:.1f} |")
+    fups = statistics.median(steps["fups"])
+    lines += ["", "| family | gradient steps per second / fups | bound from the isolated timings "
+              "| bound from the same ops in the step |", "|---|---|---|---|"]
+    for family in list(setups)[1:]:
+        isolated = fups / (fups + parts[family] - parts["fups"])
+        real = fups / (fups + in_step[family] - in_step["fups"])
+        lines.append(f"| {family} | {fups / statistics.median(steps[family]):.2f} | {isolated:.2f} | {real:.2f} |")
+    lines.append("")
     os.makedirs(os.path.dirname(opts.out), exist_ok=True)
     with open(opts.out, "w") as f:
         f.write("\n".join(lines))
