@@ -6,7 +6,7 @@ up); a run's SPS is batch * iterations / their total time. Each configuration ru
 times, interleaved with the others so that machine noise spreads evenly; tables give the median
 and the ratio of medians.
 
-    python benchmark/sps.py                  # everything (about 30 min on 2 cores)
+    python benchmark/sps.py                  # everything (about 1.5 hours on 2 cores: 64 agents alone take 50 min)
     python benchmark/sps.py --only dispersion navigation
     python benchmark/sps.py --quick          # 1 repeat, fewer iterations: a smoke test
 
