@@ -66,6 +66,8 @@ class Args:
     """if toggled, only evaluate --checkpoint (return and SND) and exit; writes nothing"""
     checkpoint: Optional[str] = None
     """checkpoint to evaluate with --eval-only"""
+    snd_obs_file: Optional[str] = None
+    """[--eval-only] compute SND on every observation of this .npz file (key obs, (N, obs_dim) or (N, n_agents, obs_dim); benchmark/snd_dataset.py builds it, appendix D.1.2)"""
 
     # Environment (VMAS). None = the paper's value for the scenario (Tables 11 and 16).
     scenario: str = "dispersion"
@@ -103,7 +105,7 @@ class Args:
     total_timesteps: Optional[int] = None
     """total environment steps (Dispersion 20M, Navigation 10M)"""
     learning_rate: Optional[float] = None
-    """Adam learning rate (Dispersion 5e-4, Navigation 5e-5)"""
+    """Adam learning rate (Dispersion 5e-4, Navigation 5e-5 or Table 15's value for the family and goal setting)"""
     num_envs: Optional[int] = None
     """parallel VMAS environments (Dispersion 16, Navigation 600)"""
     num_steps: Optional[int] = None
@@ -120,8 +122,8 @@ class Args:
     """PPO epochs per rollout (Dispersion 4, Navigation 45)"""
     norm_adv: bool = True
     """if toggled, advantages are normalised per minibatch"""
-    clip_coef: float = 0.2
-    """surrogate clipping coefficient"""
+    clip_coef: Optional[float] = None
+    """surrogate clipping coefficient (0.2; Navigation with 4 or 8 agents: Table 15's value for the family and goal setting)"""
     clip_vloss: bool = True
     """if toggled, the value loss is clipped like the policy (CleanRL)"""
     ent_coef: Optional[float] = None
@@ -147,7 +149,7 @@ class Args:
     hypernet_embedding: Optional[str] = None
     """[mlp] learned (orthogonally initialised, default) | onehot (ablation)"""
     hypernet_init: Optional[str] = None
-    """[mlp, linear] scaled (generated weights start as the target's orthogonal init, default) | default (ablation w/o RF)"""
+    """[mlp, linear] scaled (section 4.3 as the authors' code does it, default) | matched (ours, mlp only: unit-norm hidden features, every generated layer at the target's scale) | default (PyTorch init: w/o RF)"""
     hypernet_input: Optional[str] = None
     """[mlp, linear] agent (gradient decoupling, default) | agent+obs (ablation w/o GD: per-sample weights)"""
     dico_snd_des: Optional[float] = None
@@ -157,7 +159,9 @@ class Args:
     eval_interval: Optional[int] = None
     """environment steps between evaluations (Dispersion 100k, Navigation 120k)"""
     eval_episodes: Optional[int] = None
-    """deterministic evaluation episodes (Dispersion 32, Navigation 200)"""
+    """evaluation episodes (Dispersion 32, Navigation 200)"""
+    eval_deterministic: Optional[bool] = None
+    """evaluate with the mode (argmax / mean) instead of sampled actions (default: Dispersion True, the authors' code; Navigation False, its baselines' configs, appendix D.1.1)"""
     snd_samples: int = 1000
     """observations (from evaluation rollouts) on which SND is computed"""
     snd_gaussian_samples: int = 64
@@ -185,6 +189,7 @@ PAPER_DEFAULTS = {
         gae_lambda=0.95, num_minibatches=2, update_epochs=4, ent_coef=0.01, vf_coef=0.5,
         max_grad_norm=0.5, actor_hidden_dims=[64, 64], critic_hidden_dims=[64, 64],
         activation="relu", continuous_actions=False, eval_interval=100_000, eval_episodes=32,
+        clip_coef=0.2, eval_deterministic=True,
     ),
     "navigation": dict(
         # Table 12 prints 10^6 timesteps; appendix D.1.1 says 10M for Navigation: we follow D.1.1.
@@ -192,7 +197,23 @@ PAPER_DEFAULTS = {
         gae_lambda=0.9, num_minibatches=30, update_epochs=45, ent_coef=0.0, vf_coef=1.0,
         max_grad_norm=5.0, actor_hidden_dims=[256, 256], critic_hidden_dims=[256, 256],
         activation="tanh", continuous_actions=True, eval_interval=120_000, eval_episodes=200,
+        clip_coef=0.2, eval_deterministic=False,  # the baselines sample at evaluation (D.1.1)
     ),
+}
+# Table 15: (CLIP_EPS, LR) selected per family for Navigation with 4 and 8 agents, by goal setting:
+# "same" (all agents share one goal), "different" (one goal each), "half" (Table 15's "Two Goals" /
+# "Four Goals": half the agents share a goal, as the authors' run scripts set it up).
+NAVIGATION_SWEEP = {
+    "fups": {8: dict(same=(0.2, 5e-5), different=(0.1, 5e-5), half=(0.1, 5e-5)),
+             4: dict(same=(0.2, 5e-5), different=(0.2, 5e-5), half=(0.2, 5e-5))},
+    "linear": {8: dict(same=(0.2, 5e-5), different=(0.1, 5e-5), half=(0.1, 5e-5)),
+               4: dict(same=(0.2, 5e-5), different=(0.1, 5e-5), half=(0.1, 5e-5))},
+    "mlp": {8: dict(same=(0.2, 5e-5), different=(0.1, 5e-5), half=(0.1, 5e-5)),
+            4: dict(same=(0.1, 5e-5), different=(0.1, 5e-5), half=(0.1, 5e-5))},
+    "nops": {8: dict(same=(0.1, 5e-5), different=(0.2, 5e-5), half=(0.1, 5e-5)),
+             4: dict(same=(0.1, 5e-5), different=(0.2, 5e-5), half=(0.1, 5e-5))},
+    "dico": {8: dict(same=(0.2, 5e-5), different=(0.1, 2.5e-4), half=(0.1, 2.5e-4)),
+             4: dict(same=(0.2, 5e-5), different=(0.1, 2.5e-4), half=(0.1, 5e-4))},
 }
 HYPERNET_DEFAULTS = dict(
     hypernet_embedding_dim=4, hypernet_hidden_dims=[64], hypernet_embedding="learned",
@@ -239,6 +260,13 @@ def default_dico_snd(args: Args) -> float:
     return -1.0
 
 
+def navigation_goal_setting(args: Args) -> Optional[str]:
+    """Table 15's goal setting of a Navigation run: same, different, half, or None (none of them)."""
+    n, same = args.n_agents, args.agents_with_same_goal
+    same = SCENARIO_OPTIONS["navigation"]["agents_with_same_goal"] if same is None else same
+    return {n: "same", 1: "different"}.get(same, "half" if 2 * same == n else None)
+
+
 def resolve_args(args: Args) -> Args:
     """Checks every flag and fills the paper's defaults; raises ArgError naming the flag."""
     if args.scenario not in SCENARIOS:
@@ -264,6 +292,10 @@ def resolve_args(args: Args) -> Args:
         values.update(HYPERNET_DEFAULTS)
     elif args.hypernet == "linear":
         values.update({k: HYPERNET_DEFAULTS[k] for k in ("hypernet_init", "hypernet_input")})
+    if args.scenario == "navigation":
+        tuned = NAVIGATION_SWEEP[args.hypernet].get(args.n_agents, {}).get(navigation_goal_setting(args))
+        if tuned is not None:
+            values["clip_coef"], values["learning_rate"] = tuned
     for name, default in values.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
@@ -312,8 +344,10 @@ def check_values(args: Args) -> None:
         if args.hypernet_embedding not in ("learned", "onehot"):
             raise ArgError(f"--hypernet-embedding: must be learned or onehot, got {args.hypernet_embedding!r}")
     if args.hypernet in ("mlp", "linear"):
-        if args.hypernet_init not in ("scaled", "default"):
-            raise ArgError(f"--hypernet-init: must be scaled or default, got {args.hypernet_init!r}")
+        if args.hypernet_init not in ("scaled", "matched", "default"):
+            raise ArgError(f"--hypernet-init: must be scaled, matched or default, got {args.hypernet_init!r}")
+        if args.hypernet_init == "matched" and args.hypernet != "mlp":  # the linear one's scaled init is already exact
+            raise ArgError(f"--hypernet-init: matched is for --hypernet mlp, got --hypernet {args.hypernet}")
         if args.hypernet_input not in ("agent", "agent+obs"):
             raise ArgError(f"--hypernet-input: must be agent or agent+obs, got {args.hypernet_input!r}")
     if args.hypernet == "dico" and not (args.dico_snd_des == -1 or args.dico_snd_des >= 0):
@@ -329,7 +363,9 @@ def check_values(args: Args) -> None:
         raise ArgError("--checkpoint: only with --eval-only (use --resume to continue training)")
     if args.eval_only and args.resume:
         raise ArgError("--resume: cannot be combined with --eval-only")
-    for flag, path in (("--resume", args.resume), ("--checkpoint", args.checkpoint)):
+    if args.snd_obs_file is not None and not args.eval_only:
+        raise ArgError("--snd-obs-file: only with --eval-only")
+    for flag, path in (("--resume", args.resume), ("--checkpoint", args.checkpoint), ("--snd-obs-file", args.snd_obs_file)):
         if path is not None and not os.path.isfile(path):
             raise ArgError(f"{flag}: no such file {path!r}")
 
@@ -569,41 +605,63 @@ class LinearHypernet(nn.Module):
 
 
 class MLPHypernet(nn.Module):
-    """Eq. (6): theta_i = f(g(e_i)), an MLP g on the agent embedding e_i, then a linear head f.
+    """Eq. (6): theta_i = f(g(e_i)), an MLP g (ReLU) on the agent embedding e_i, then a linear head f.
 
-    Embeddings are learned and orthogonally initialised (section 4.2), or fixed one-hot IDs.
-    Section 4.3 (initialisation scaling): every column of the head is a flattened target network
-    with PPO's orthogonal init, and g's output is normalised to unit length, so each generated
-    network f(g(e_i)) is a unit-norm mix of orthogonal networks: the same scale as the target's
-    init, whatever the embedding.
+    As in the authors' code, every generated tensor has its own generator (g, f): one for each
+    layer's weight, one for each layer's bias. Embeddings are learned and orthogonally initialised
+    with gain sqrt(2), as there (section 4.2), or fixed one-hot IDs.
+    init="scaled", section 4.3 as the authors' code does it: g starts as Flax's default (LeCun
+    normal, zero bias); column j of a weight head (hidden unit j's share) is a flattened orthogonal
+    matrix with the target layer's gain; bias heads start at zero. A generated layer is then
+    sum_j g_j(e_i) O_j, so its scale is |g(e_i)| times the target's (benchmark/init_scale.py).
+    init="matched" (ours): g's output is also L2-normalised (for the whole run) and each weight
+    head's columns are made orthogonal, so every generated layer starts with exactly the target's
+    Frobenius norm, whatever the embedding. init="default": PyTorch's init (ablation w/o RF).
     """
 
     def __init__(self, n_agents, sizes, gains, embedding_dim, hidden_dims, embedding="learned",
                  init="scaled", obs_dim=0):
         super().__init__()
-        self.sizes, self.obs_dim = list(sizes), obs_dim
+        self.shapes, self.obs_dim, self.normalise = layer_shapes(sizes), obs_dim, init == "matched"
         if embedding == "learned":
-            self.embedding = nn.Parameter(nn.init.orthogonal_(torch.empty(n_agents, embedding_dim)))
+            self.embedding = nn.Parameter(nn.init.orthogonal_(torch.empty(n_agents, embedding_dim), np.sqrt(2)))
         else:
             self.register_buffer("embedding", torch.eye(n_agents))
-        layers, width = [], self.embedding.shape[1] + obs_dim
-        for hidden in hidden_dims:
-            layers += [layer_init(nn.Linear(width, hidden)), nn.ReLU()]
-            width = hidden
-        self.trunk = nn.Sequential(*layers)
-        self.head = nn.Linear(width, num_target_params(sizes))
-        if init == "scaled":
-            with torch.no_grad():
-                for k in range(width):
-                    self.head.weight[:, k] = target_init_vector(sizes, gains)
-                self.head.bias.zero_()
+        self.trunks, self.heads = nn.ModuleList(), nn.ModuleList()  # W_1, b_1, W_2, b_2, ...
+        for size in (n for fan_in, fan_out in self.shapes for n in (fan_in * fan_out, fan_out)):
+            layers, width = [], self.embedding.shape[1] + obs_dim
+            for hidden in hidden_dims:
+                layers += [nn.Linear(width, hidden), nn.ReLU()]
+                width = hidden
+            self.trunks.append(nn.Sequential(*layers))
+            self.heads.append(nn.Linear(width, size))
+        if init == "default":
+            return
+        with torch.no_grad():
+            for layer in (m for trunk in self.trunks for m in trunk if isinstance(m, nn.Linear)):
+                std = layer.in_features ** -0.5 / 0.8796256610342398  # Flax's lecun_normal: truncated at 2 std
+                nn.init.trunc_normal_(layer.weight, 0.0, std, -2 * std, 2 * std)
+                layer.bias.zero_()
+            for k, ((fan_in, fan_out), gain) in enumerate(zip(self.shapes, gains)):
+                weight_head, bias_head = self.heads[2 * k], self.heads[2 * k + 1]
+                for j in range(width):
+                    weight_head.weight[:, j] = target_init_vector([fan_in, fan_out], [gain])[: fan_in * fan_out]
+                if init == "matched":  # nearest orthogonal columns, same norm: |f(u)| = |target| for |u| = 1
+                    u, _, vh = torch.linalg.svd(weight_head.weight, full_matrices=False)
+                    norm = gain * min(fan_in, fan_out) ** 0.5 * max(1.0, width / (fan_in * fan_out)) ** 0.5
+                    weight_head.weight.copy_(u @ vh * norm)
+                for tensor in (weight_head.bias, bias_head.weight, bias_head.bias):
+                    tensor.zero_()
 
     def forward(self, obs=None):
         z = self.embedding
         if self.obs_dim:
             z = torch.cat([z.unsqueeze(1).expand(-1, obs.shape[1], -1), obs], -1)
-        features = F.normalize(self.trunk(z), dim=-1)
-        return unflatten_params(self.head(features), self.sizes)
+        theta = []
+        for trunk, head in zip(self.trunks, self.heads):
+            features = trunk(z)
+            theta.append(head(F.normalize(features, dim=-1) if self.normalise else features))
+        return [(theta[2 * k].unflatten(-1, shape), theta[2 * k + 1].unsqueeze(-2)) for k, shape in enumerate(self.shapes)]
 
 
 class SharedNet(nn.Module):
@@ -683,43 +741,90 @@ class PerAgentMLP(nn.Module):
         return batched_mlp(x, params, self.activation)
 
 
-class DiCoMLP(nn.Module):
-    """DiCo (Bettini et al. 2024): pi_i(o) = shared(o) + (SND_des / SND_hat) * deviation_i(o).
+def torch_default_init_(net) -> None:
+    """nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases: DiCo's
+    networks are torchrl MLPs, which keep it (no orthogonal init)."""
+    with torch.no_grad():
+        if isinstance(net, SharedNet):
+            for layer in net.layers:
+                layer.reset_parameters()
+            return
+        for weight, bias in zip(net.weights, net.biases):
+            bound = weight.shape[1] ** -0.5
+            weight.uniform_(-bound, bound)
+            bias.uniform_(-bound, bound)
 
-    SND_hat is the mean pairwise L2 distance between the agents' deviation outputs on the same
-    observations (the Wasserstein-2 distance for Gaussians sharing one std; for logits the same
-    formula), measured on the current batch without gradient. snd_des = -1: no rescaling.
+
+class DiCoMLP(nn.Module):
+    """DiCo (Bettini et al. 2024) as its authors' code runs it (proroklab/ControllingBehavioralDiversity):
+    pi_i(o) = shared(o) + (SND_des / SND_hat) * deviation_i(o).
+
+    Gaussian actions: the shared network outputs a mean, squashed by tanh into the action box
+    [-1, 1] (their process_shared), and a state-dependent std (torchrl's "biased_softplus_1.0":
+    softplus(x + b) + 0.01 with softplus(b) = 0.99, so std 1 at x = 0); the per-agent deviation
+    networks (nothing shared) output mean offsets only; actions follow a TanhNormal (Agent.squash).
+    SND_hat is their running estimate: every forward pass with gradient (a training minibatch)
+    moves it by tau = 0.01 (their config) toward the mean pairwise L2 distance between the deviation
+    outputs, every agent's network applied to every agent's observation; the first value is the
+    measured one (bootstrap_from_desired_snd: False); the gradient flows through the new term, the
+    stored estimate is detached. Passes without gradient (rollouts, evaluation) use the stored value
+    (ratio 1 before the first update). SND_des = -1: ratio 1 (unconstrained); 0: ratio 0 (shared only).
+    Discrete actions (not in the paper nor in DiCo's code): logits = shared + ratio * deviation.
     """
 
-    def __init__(self, args, n_agents, sizes, gains, activation, snd_des, snd_probe=256):
+    TAU = 0.01
+    STD_BIAS = math.log(math.expm1(0.99))  # softplus(STD_BIAS) + 0.01 = 1
+
+    def __init__(self, args, n_agents, sizes, gains, activation, snd_des, discrete):
         super().__init__()
-        self.shared = SharedNet(n_agents, sizes, gains, use_id=False)
+        act_dim = sizes[-1]
+        self.shared = SharedNet(n_agents, list(sizes[:-1]) + [act_dim if discrete else 2 * act_dim], gains, use_id=False)
         self.deviation = IndependentNets(n_agents, sizes, gains)
-        self.activation, self.snd_des, self.snd_probe = activation, snd_des, snd_probe
-        self.last_snd_hat = float("nan")
+        torch_default_init_(self.shared)
+        torch_default_init_(self.deviation)
+        self.activation, self.snd_des, self.discrete = activation, snd_des, discrete
+        self.register_buffer("snd_hat", torch.tensor(float("nan")))  # in the checkpoint with the weights
 
     def generate(self, x=None):
         return self.shared(), self.deviation()
 
     def deviation_snd(self, x, deviation_params) -> torch.Tensor:
+        """Mean pairwise L2 distance between the agents' deviation outputs on all observations of x."""
         n = x.shape[0]
-        probe = x[:, : max(1, self.snd_probe // n)].reshape(-1, x.shape[-1])  # observations of every agent
-        outputs = batched_mlp(probe.expand(n, -1, -1), deviation_params, self.activation)
-        pairs = torch.cdist(outputs.transpose(0, 1), outputs.transpose(0, 1))  # (probe, n, n)
-        return pairs.sum((1, 2)).mean() / (n * (n - 1))
+        outputs = batched_mlp(x.reshape(1, -1, x.shape[-1]).expand(n, -1, -1), deviation_params, self.activation)
+        i, j = torch.triu_indices(n, n, offset=1)
+        return torch.linalg.vector_norm(outputs[i] - outputs[j], dim=-1).mean()
 
-    def forward(self, x, params=None):
+    def scaling_ratio(self, x, deviation_params, update_estimate=True):
+        if self.snd_des <= 0:
+            return 0.0 if self.snd_des == 0 else 1.0
+        estimate = self.snd_hat
+        if torch.is_grad_enabled():
+            measured = self.deviation_snd(x, deviation_params)
+            estimate = measured if self.snd_hat.isnan() else (1 - self.TAU) * self.snd_hat + self.TAU * measured
+            if update_estimate:
+                self.snd_hat.copy_(estimate.detach())
+        return 1.0 if estimate.isnan() else self.snd_des / estimate
+
+    def forward(self, x, params=None, update_estimate=True):
         shared_params, deviation_params = params if params is not None else self.generate()
-        shared_out = batched_mlp(x, shared_params, self.activation)
-        if self.snd_des == 0:
-            return shared_out
-        deviation_out = batched_mlp(x, deviation_params, self.activation)
-        if self.snd_des < 0:
-            return shared_out + deviation_out
-        with torch.no_grad():
-            snd_hat = self.deviation_snd(x, deviation_params)
-            self.last_snd_hat = float(snd_hat)
-        return shared_out + (self.snd_des / snd_hat.clamp_min(1e-8)) * deviation_out
+        out = batched_mlp(x, shared_params, self.activation)
+        if not self.discrete:
+            loc, pre_std = out.chunk(2, -1)
+            out = torch.tanh(loc)  # process_shared
+            std = (F.softplus(pre_std + self.STD_BIAS) + 0.01).clamp_min(1e-4)
+        ratio = self.scaling_ratio(x, deviation_params, update_estimate)
+        if not (isinstance(ratio, float) and ratio == 0.0):
+            out = out + ratio * batched_mlp(x, deviation_params, self.activation)
+        return out if self.discrete else (out, std)
+
+
+def dico_action_space_loss(agent, obs: torch.Tensor) -> torch.Tensor:
+    """DiCo's extra loss (their ActionSpaceLoss callback, own Adam): the squared largest (over agents)
+    L2 overflow of the Gaussian mean outside the action box [-1, 1], averaged over the minibatch."""
+    loc, _ = agent.actor(obs, update_estimate=False)
+    overflow = torch.linalg.vector_norm(loc - loc.detach().clamp(-1.0, 1.0), dim=-1)
+    return overflow.max(0).values.square().mean()
 
 
 def critic_input(obs: torch.Tensor) -> torch.Tensor:
@@ -738,19 +843,27 @@ class Agent(nn.Module):
         critic_sizes = [critic_in_dim] + list(args.critic_hidden_dims) + [1]
         actor_gains = [np.sqrt(2)] * len(args.actor_hidden_dims) + [0.01]
         critic_gains = [np.sqrt(2)] * len(args.critic_hidden_dims) + [1.0]
+        # DiCo's TanhNormal: the stored action is the Gaussian sample u, the environment gets tanh(u).
+        self.discrete, self.squash = discrete, args.hypernet == "dico" and not discrete
         if args.hypernet == "dico":
-            self.actor = DiCoMLP(args, n, actor_sizes, actor_gains, activation, args.dico_snd_des)
-            self.critic = PerAgentMLP(args, "fups", n, critic_sizes, critic_gains, activation)
+            self.actor = DiCoMLP(args, n, actor_sizes, actor_gains, activation, args.dico_snd_des, discrete)
+            # BenchMARL's IPPO (DiCo's config) gives every agent its own critic; its MAPPO shares one
+            # centralised critic (here with a one-hot ID, since rewards are per agent).
+            centralised = critic_in_dim != obs_dim
+            self.critic = PerAgentMLP(args, "fups" if centralised else "nops", n, critic_sizes, critic_gains, activation)
+            torch_default_init_(self.critic.generator)
         else:
             self.actor = PerAgentMLP(args, args.hypernet, n, actor_sizes, actor_gains, activation)
             self.critic = PerAgentMLP(args, args.hypernet, n, critic_sizes, critic_gains, activation)
-        self.discrete = discrete
-        if not discrete:  # state-independent log-std, one per agent only where nothing is shared
+        if not discrete and args.hypernet != "dico":  # state-independent log-std, per agent only for NoPS
             self.actor_logstd = nn.Parameter(torch.zeros(n if args.hypernet == "nops" else 1, 1, act_dim))
 
     def actor_parameters(self):
         params = list(self.actor.parameters())
-        return params + ([self.actor_logstd] if not self.discrete else [])
+        return params + ([self.actor_logstd] if hasattr(self, "actor_logstd") else [])
+
+    def env_action(self, action):
+        return torch.tanh(action) if self.squash else action
 
     def generate(self):
         """Every agent's weights, generated once and reused for a whole rollout or minibatch."""
@@ -762,7 +875,7 @@ class Agent(nn.Module):
     def policy(self, x, params=None):
         """Logits (discrete) or (mean, std) (continuous), each (n_agents, batch, act)."""
         out = self.actor(x, None if params is None else params[0])
-        if self.discrete:
+        if self.discrete or isinstance(out, tuple):  # DiCo's std comes from its shared network
             return out
         return out, self.actor_logstd.exp().expand_as(out)
 
@@ -771,6 +884,9 @@ class Agent(nn.Module):
         if action is None:
             action = sample_action(dist, self.discrete)
         logprob, entropy = log_prob_entropy(dist, action, self.discrete)
+        if self.squash:  # TanhNormal: minus log|d tanh(u)/du|; the entropy is its one-sample estimate at u
+            log_jacobian = (2 * (math.log(2.0) - action - F.softplus(-2 * action))).sum(-1)
+            logprob, entropy = logprob - log_jacobian, entropy + log_jacobian.detach()
         return action, logprob, entropy, self.get_value(critic_input(x), params)
 
     def act_deterministic(self, x, params=None):
@@ -778,11 +894,12 @@ class Agent(nn.Module):
         return dist.argmax(-1) if self.discrete else dist[0]
 
 
-def sample_action(dist, discrete: bool) -> torch.Tensor:
+def sample_action(dist, discrete: bool, generator=None) -> torch.Tensor:
     if discrete:  # Gumbel-max: a categorical sample without building a Distribution object
-        return torch.argmax(dist - torch.log(-torch.log(torch.rand_like(dist))), dim=-1)
+        uniform = torch.rand(dist.shape, generator=generator, dtype=dist.dtype, device=dist.device)
+        return torch.argmax(dist - torch.log(-torch.log(uniform)), dim=-1)
     mean, std = dist
-    return mean + std * torch.randn_like(mean)
+    return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
 
 
 def log_prob_entropy(dist, action, discrete: bool):
@@ -931,8 +1048,10 @@ def clip_grad_norm(params, norms, max_norm: float) -> None:
         nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
 
 
-def ppo_update(agent, optimizer, batch: dict, args: Args, batch_size: int):
-    """update_epochs passes over the rollout in minibatches; weights are generated once per minibatch."""
+def ppo_update(agent, optimizer, batch: dict, args: Args, batch_size: int, action_optimizer=None):
+    """update_epochs passes over the rollout in minibatches; weights are generated once per minibatch.
+    action_optimizer (DiCo, Gaussian actions): after each minibatch's PPO step, one step of DiCo's
+    action-space loss with its own Adam and the same gradient clip, as their callback does."""
     actor_params = agent.actor_parameters()
     actor_ids = {id(p) for p in actor_params}
     minibatch_size = batch_size // args.num_minibatches
@@ -948,7 +1067,11 @@ def ppo_update(agent, optimizer, batch: dict, args: Args, batch_size: int):
                 raise FloatingPointError("loss is not finite")
             if epoch == 0 and start == 0:  # part of one minibatch per update is enough for this metric
                 subset = {key: value[:, : args.interference_samples] for key, value in mb.items()}
+                running = [buffer.clone() for buffer in agent.buffers()]  # a metric must not move DiCo's SND_hat
                 interference = gradient_interference(ppo_loss(agent, params, subset, args)[1], actor_params)
+                for buffer, saved in zip(agent.buffers(), running):
+                    if not torch.equal(buffer, saved):  # untouched buffers (one-hot IDs) stay in the graph
+                        buffer.copy_(saved)
             optimizer.zero_grad()
             loss.backward()
             with_grad = [p for p in agent.parameters() if p.grad is not None]
@@ -959,6 +1082,12 @@ def ppo_update(agent, optimizer, batch: dict, args: Args, batch_size: int):
             grad_norms.append(norm)
             clip_grad_norm(with_grad, norms, args.max_grad_norm)
             optimizer.step()
+            if action_optimizer is not None:
+                stats["dico_action_loss"] = action_loss = dico_action_space_loss(agent, mb["obs"])
+                action_optimizer.zero_grad()
+                action_loss.backward()
+                nn.utils.clip_grad_norm_(agent.actor.parameters(), args.max_grad_norm)
+                action_optimizer.step()
             for key, value in stats.items():
                 totals[key] = value.detach()
     totals["actor_var"] = torch.stack(grad_vars).mean()
@@ -967,7 +1096,7 @@ def ppo_update(agent, optimizer, batch: dict, args: Args, batch_size: int):
 
 
 # ===== 7. Checkpoints =====
-CHECKPOINT_FORMAT = "hypermarl-ippo-vmas/1"
+CHECKPOINT_FORMAT = "hypermarl-ippo-vmas/2"
 
 
 class CheckpointError(ValueError):
@@ -980,6 +1109,18 @@ def save_checkpoint(path: str, state: dict) -> None:
     tmp = f"{path}.tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def load_snd_obs(path: str, obs_dim: int):
+    """The observations of an SND dataset (.npz, key obs) as an (N, obs_dim) tensor, or why not (a str)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            obs = np.asarray(data["obs"], dtype=np.float32)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        return f"{path!r} is not an .npz file with an obs array ({str(error).splitlines()[0][:120]})"
+    if obs.ndim not in (2, 3) or obs.shape[-1] != obs_dim or obs.size == 0:
+        return f"{path!r} holds observations of shape {obs.shape}; this scenario's have {obs_dim} features"
+    return torch.from_numpy(obs.reshape(-1, obs_dim))
 
 
 def load_checkpoint(path: str, args: Args, flag: str) -> dict:
@@ -1014,32 +1155,45 @@ def set_rng_state(state: dict) -> None:
 
 
 # ===== 8. Main =====
-def evaluate(agent, eval_env: VmasEnv, initial_rng: list, args: Args, seed: int):
-    """Deterministic episodes on the evaluation environment, which starts from the same random
-    state every time (so evaluations differ only by the policy), then SND on their observations."""
+def evaluate(agent, eval_env: VmasEnv, initial_rng: list, args: Args, seed: int, snd_obs=None):
+    """Episodes on the evaluation environment, which starts from the same random state every time
+    (so evaluations differ only by the policy), with the mode or, --eval-deterministic False, with
+    actions sampled from a generator seeded with seed (so evaluation never touches the training RNG).
+    Then SND (Eq. 9) on snd_obs (an (N, obs_dim) tensor, appendix D.1.2's shared dataset) or on
+    --snd-samples of the episodes' observations. Returns (mean return, per-agent returns, SND,
+    the episodes' observations (N, n_agents, obs_dim))."""
     eval_env._rng = list(initial_rng)
     obs = eval_env.reset()
     n, num_envs = args.n_agents, eval_env.num_envs
     returns = torch.zeros(n, num_envs, device=obs.device)
     active = torch.ones(num_envs, dtype=torch.bool, device=obs.device)
     seen = []
+    generator = torch.Generator(device=obs.device).manual_seed(seed)
     with torch.no_grad():
         params = agent.generate()
         for _ in range(args.max_steps):
-            seen.append(obs[:, active].reshape(-1, obs.shape[-1]))
-            action = agent.act_deterministic(obs, params)
-            obs, reward, terminated, truncated, _, _ = eval_env.step(action)
+            seen.append(obs[:, active])
+            if args.eval_deterministic:
+                action = agent.act_deterministic(obs, params)
+            else:
+                action = sample_action(agent.policy(obs, params), agent.discrete, generator)
+            obs, reward, terminated, truncated, _, _ = eval_env.step(agent.env_action(action))
             returns += reward * active
             active &= ~(terminated | truncated)
             if not active.any():
                 break
-        generator = torch.Generator(device=obs.device).manual_seed(seed)
-        pool = torch.cat(seen)
-        pool = pool[torch.randperm(pool.shape[0], generator=generator, device=obs.device)[: args.snd_samples]]
-        # Eq. (9) evaluates every agent's policy on the same observations.
-        dist = agent.policy(pool.expand(n, -1, -1), params)
-        snd = system_neural_diversity(dist, agent.discrete, args.snd_gaussian_samples, generator)
-    return returns.mean(0).mean().item(), returns.mean(1).tolist(), snd
+        pool = torch.cat([step.reshape(-1, step.shape[-1]) for step in seen])
+        if snd_obs is None:
+            pool = pool[torch.randperm(pool.shape[0], generator=generator, device=obs.device)[: args.snd_samples]]
+        else:
+            pool = snd_obs.to(obs.device)
+        snd = 0.0
+        for chunk in pool.split(10_000):  # chunks keep a million-observation dataset in memory
+            # Eq. (9) evaluates every agent's policy on the same observations.
+            dist = agent.policy(chunk.expand(n, -1, -1), params)
+            snd += system_neural_diversity(dist, agent.discrete, args.snd_gaussian_samples, generator) * len(chunk)
+        snd /= pool.shape[0]
+    return returns.mean(0).mean().item(), returns.mean(1).tolist(), snd, torch.cat(seen, 1).transpose(0, 1)
 
 
 def main(argv=None) -> int:
@@ -1075,9 +1229,18 @@ def main(argv=None) -> int:
     agent = Agent(args, obs_dim, act_dim, discrete, critic_in_dim).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
 
+    # DiCo's action-space loss has its own Adam (their callback: lr 3e-5, torch's default eps).
+    action_optimizer = torch.optim.Adam(agent.actor.parameters(), lr=3e-5) if agent.squash else None
+
     if args.eval_only:
         agent.load_state_dict(loaded["model"])
-        ret, per_agent, snd = evaluate(agent, eval_env, eval_rng, args, args.seed + 10_000)
+        snd_obs = None
+        if args.snd_obs_file:
+            snd_obs = load_snd_obs(args.snd_obs_file, obs_dim)
+            if isinstance(snd_obs, str):
+                print(f"error: --snd-obs-file: {snd_obs}", file=sys.stderr)
+                return 2
+        ret, per_agent, snd, _ = evaluate(agent, eval_env, eval_rng, args, args.seed + 10_000, snd_obs)
         print(f"eval/episodic_return={ret:.4f} diversity/snd={snd:.6f} per_agent={[round(r, 4) for r in per_agent]}")
         return 0
 
@@ -1090,6 +1253,8 @@ def main(argv=None) -> int:
     if loaded is not None:
         agent.load_state_dict(loaded["model"])
         optimizer.load_state_dict(loaded["optimizer"])
+        if action_optimizer is not None:
+            action_optimizer.load_state_dict(loaded["action_optimizer"])
         envs.load_state_dict(loaded["env"])
         next_obs = envs.obs
         set_rng_state(loaded["rng"])
@@ -1127,7 +1292,8 @@ def main(argv=None) -> int:
     def capture_state(iteration):
         return dict(format=CHECKPOINT_FORMAT, args=dataclasses.asdict(args), run_name=run_name,
                     model=agent.state_dict(), optimizer=optimizer.state_dict(), env=envs.state_dict(),
-                    rng=rng_state(), global_step=global_step, iteration=iteration)
+                    rng=rng_state(), global_step=global_step, iteration=iteration,
+                    action_optimizer=action_optimizer.state_dict() if action_optimizer else {})
 
     stop = {"signal": None}
 
@@ -1159,7 +1325,7 @@ def main(argv=None) -> int:
                     obs[step] = next_obs
                     action, logprob, _, value = agent.get_action_and_value(next_obs, params=params)
                     values[step], actions[step], logprobs[step] = value, action, logprob
-                    next_obs, reward, terminated, truncated, final_obs, finished = envs.step(action)
+                    next_obs, reward, terminated, truncated, final_obs, finished = envs.step(agent.env_action(action))
                     rewards[step] = reward
                     terminateds[step, 0] = terminated.float()
                     dones[step, 0] = (terminated | truncated).float()
@@ -1182,7 +1348,7 @@ def main(argv=None) -> int:
                          returns=agent_major(returns), values=agent_major(values))
             update_start = time.perf_counter()
             try:
-                stats = ppo_update(agent, optimizer, batch, args, T * E)
+                stats = ppo_update(agent, optimizer, batch, args, T * E, action_optimizer)
             except FloatingPointError:
                 print(f"error: the loss became NaN/inf at update {iteration} (global step {global_step}); "
                       f"stopping. Last good checkpoint: {checkpoint_path if args.save_model else 'none (no --save-model)'}",
@@ -1211,14 +1377,16 @@ def main(argv=None) -> int:
             writer.add_scalar("grad/actor_norm", stats["actor_norm"], global_step)
             writer.add_scalar("grad/interference", stats["interference"], global_step)
             if args.hypernet == "dico" and args.dico_snd_des > 0:
-                writer.add_scalar("diversity/dico_snd_hat", agent.actor.last_snd_hat, global_step)
+                writer.add_scalar("diversity/dico_snd_hat", float(agent.actor.snd_hat), global_step)
+            if "dico_action_loss" in stats:
+                writer.add_scalar("losses/dico_action_loss", stats["dico_action_loss"], global_step)
             sps = int((global_step - start_step) / (time.time() - start_time))
             writer.add_scalar("charts/SPS", sps, global_step)
 
             line = None
             if global_step >= next_eval or iteration == num_iterations:
                 next_eval = (global_step // args.eval_interval + 1) * args.eval_interval
-                eval_return, eval_per_agent, snd = evaluate(agent, eval_env, eval_rng, args, args.seed + 10_000)
+                eval_return, eval_per_agent, snd, _ = evaluate(agent, eval_env, eval_rng, args, args.seed + 10_000)
                 writer.add_scalar("eval/episodic_return", eval_return, global_step)
                 for i, value in enumerate(eval_per_agent):
                     writer.add_scalar(f"eval/episodic_return_agent{i}", value, global_step)

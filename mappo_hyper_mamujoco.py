@@ -1,12 +1,13 @@
 """HyperMARL MAPPO and HAPPO on Multi-Agent MuJoCo (Gymnasium-Robotics ``mamujoco_v1``).
 
 Paper section 5.2 (Table 4, Figures 5 and 7) and the ablations of section 6. HyperMARL is applied
-to the actor only; the critic is centralised on the global state and not shared between agents
-("centralised but non-shared critic", Zhong et al. 2024). Implementation details follow HARL
-(appendix F, Tables 17-21): Huber and clipped value loss, value normalisation (HARL's ValueNorm),
-input feature normalisation, orthogonal init, separate actor and critic learning rates and epochs,
-HARL's bounded Gaussian std (sigmoid(log_std / x) * y), Table 21's clip for HyperMARL. Read top to
-bottom:
+to the actor only; the critic is one centralised V(s) on the global state, separate from the
+actors, as HARL builds it for MAPPO and HAPPO alike. Implementation details follow HARL (appendix F,
+Tables 17-21): MLPBase's LayerNorms (input and every hidden layer), Huber and clipped value loss,
+value normalisation (HARL's ValueNorm), orthogonal init, separate actor and critic learning rates
+and epochs, HARL's bounded Gaussian std (sigmoid(log_std / x) * y), actions in [-1, 1] rescaled to
+the joints' ranges, Table 21's clip for HyperMARL. Gymnasium-Robotics runs the MuJoCo v5 tasks,
+the paper the v2 ones: returns are not comparable with Table 4. Read top to bottom:
 
     1. Arguments        5. Metrics (SND, gradient variance, interference)
     2. Input validation 6. Algorithm (MAPPO / HAPPO updates, value loss, GAE)
@@ -15,7 +16,7 @@ bottom:
 
 Quick start:  python mappo_hyper_mamujoco.py --task HalfCheetah-2x3 --actor mlp --total-timesteps 20000
 Baselines:    --actor ind (independent actors), --actor fups (shared actor + one-hot ID),
-              --algo happo --actor ind (HAPPO, sequential updates)
+              --algo happo (HAPPO: independent actors, sequential updates)
 Ablations:    --hypernet-hidden-dims 32 (HyperMARL-S), --hypernet-embedding onehot,
               --hypernet-init default (w/o RF), --hypernet-input agent+obs (w/o GD)
 """
@@ -94,25 +95,27 @@ class Args:
     """episode time limit (truncation, bootstrapped from V(final state)); MaMuJoCo's is 1000"""
     agent_obsk: int = 1
     """[local] observation depth: joints up to k hops away (Gymnasium-Robotics' agent_obsk)"""
-    num_envs: int = 4
-    """parallel environments, in worker processes (gymnasium AsyncVectorEnv; 1: in-process)"""
+    num_envs: int = 20
+    """parallel environments, in worker processes (gymnasium AsyncVectorEnv; 1: in-process); HARL's
+    tuned configs for these tasks: 20 (n_rollout_threads)"""
     async_envs: bool = True
     """worker processes; --no-async-envs steps all environments in this process (SyncVectorEnv)"""
     total_timesteps: int = 10_000_000
     """total environment steps (paper: 10M)"""
-    num_steps: int = 500
-    """steps per environment per rollout (HARL: 20 envs x 100 steps = 2000 samples per update)"""
+    num_steps: int = 200
+    """steps per environment per rollout (HARL's tuned configs: episode_length 200, so 20 x 200 = 4000
+    samples per update; Tables 17-20 do not give it)"""
 
     # Algorithm. None = the task's value in Tables 17-20 (and Table 21 for HyperMARL's clip).
     algo: str = "mappo"
     """mappo (all actors updated in parallel) | happo (independent actors updated one after the
     other, weighted by the ratio product of the agents updated before: Zhong et al. 2024)"""
-    actor: str = "mlp"
+    actor: Optional[str] = None
     """mlp | linear (HyperMARL hypernetworks) | fups (one shared actor with a one-hot ID) |
-    ind (independent actors)"""
-    critic: str = "auto"
-    """auto (per-agent for mappo, one shared for happo as in HARL) | per-agent | shared; always
-    centralised on the global state"""
+    ind (independent actors); default mlp for mappo, ind for happo (the only actor HAPPO accepts)"""
+    critic: str = "shared"
+    """shared (one centralised V(s) with one ValueNorm, HARL's for MAPPO and HAPPO) | per-agent (one
+    centralised critic per agent, ours)"""
     learning_rate: Optional[float] = None
     """actor Adam learning rate (Tables 17-20: 5e-4; Walker2d 1e-3)"""
     critic_learning_rate: Optional[float] = None
@@ -142,8 +145,9 @@ class Args:
     """if toggled, the value loss is clipped (HARL use_clipped_value_loss)"""
     norm_value: bool = True
     """if toggled, value targets are normalised (HARL's ValueNorm)"""
-    norm_obs: bool = True
-    """if toggled, inputs are normalised by running mean/std (saved in checkpoints)"""
+    norm_obs: bool = False
+    """if toggled, inputs are also normalised by a running mean/std before HARL's input LayerNorm
+    (ours, not HARL's; saved in checkpoints)"""
     max_grad_norm: float = 10.0
     """gradient-norm clip, per agent for independent actors and per critic"""
     adam_eps: float = 1e-5
@@ -165,15 +169,15 @@ class Args:
     hypernet_embedding: Optional[str] = None
     """[mlp] learned (orthogonally initialised, default) | onehot (ablation)"""
     hypernet_init: Optional[str] = None
-    """[mlp, linear] scaled (generated weights start as the target's orthogonal init, default) | default (ablation w/o RF)"""
+    """[mlp, linear] scaled (section 4.3 as the authors' code does it, default) | matched (ours, mlp only: unit-norm hidden features, every generated layer at the target's scale) | default (PyTorch init: w/o RF)"""
     hypernet_input: Optional[str] = None
     """[mlp, linear] agent (gradient decoupling, default) | agent+obs (ablation w/o GD: per-sample weights)"""
 
     # Evaluation and metrics
     eval_interval: int = 100_000
-    """environment steps between evaluations"""
-    eval_episodes: int = 10
-    """deterministic evaluation episodes, run side by side (paper: 40)"""
+    """environment steps between evaluations (appendix D.1.1: every 25 rollouts of 20 x 200 steps)"""
+    eval_episodes: int = 40
+    """deterministic evaluation episodes, run side by side (appendix D.1.1 and HARL: 40)"""
     snd_samples: int = 1000
     """joint states (from evaluation rollouts) on which SND is computed"""
     snd_gaussian_samples: int = 64
@@ -250,8 +254,10 @@ def resolve_args(args: Args) -> Args:
     """Checks every flag and fills the paper's defaults; raises ArgError naming the flag."""
     if args.task not in TASKS:
         raise ArgError(f"--task: must be one of {', '.join(TASKS)}, got {args.task!r}")
+    if args.actor is None:
+        args.actor = "ind" if args.algo == "happo" else "mlp"
     for name, allowed in (("obs_mode", ("global", "local")), ("algo", ("mappo", "happo")),
-                          ("actor", ACTORS), ("critic", ("auto", "per-agent", "shared"))):
+                          ("actor", ACTORS), ("critic", ("shared", "per-agent"))):
         if getattr(args, name) not in allowed:
             raise ArgError(f"--{name.replace('_', '-')}: must be one of {', '.join(allowed)}, got {getattr(args, name)!r}")
     for name in HYPERNET_DEFAULTS:  # options of some actors only: refused elsewhere, never ignored
@@ -259,6 +265,8 @@ def resolve_args(args: Args) -> Args:
         allowed = ("mlp",) if mlp_only else ("mlp", "linear")
         if getattr(args, name) is not None and args.actor not in allowed:
             raise ArgError(f"--{name.replace('_', '-')}: only with --actor {' or '.join(allowed)}, got --actor {args.actor}")
+    if args.algo == "happo" and args.actor != "ind":  # shared weights: one agent's step moves the others
+        raise ArgError(f"--actor: --algo happo needs disjoint per-agent actors (ind), got --actor {args.actor}")
     if args.fixed_order is not None and args.algo != "happo":
         raise ArgError(f"--fixed-order: only with --algo happo, got --algo {args.algo}")
     if args.obs_mode != "local" and args.agent_obsk != 1:
@@ -278,8 +286,6 @@ def resolve_args(args: Args) -> Args:
             setattr(args, name, default)
     if args.algo != "happo":
         args.fixed_order = None
-    if args.critic == "auto":
-        args.critic = "shared" if args.algo == "happo" else "per-agent"
     if args.save_interval is None:
         args.save_interval = args.eval_interval
     if args.update_threads is None:
@@ -323,8 +329,10 @@ def check_values(args: Args) -> None:
         if args.hypernet_embedding not in ("learned", "onehot"):
             raise ArgError(f"--hypernet-embedding: must be learned or onehot, got {args.hypernet_embedding!r}")
     if args.actor in ("mlp", "linear"):
-        if args.hypernet_init not in ("scaled", "default"):
-            raise ArgError(f"--hypernet-init: must be scaled or default, got {args.hypernet_init!r}")
+        if args.hypernet_init not in ("scaled", "matched", "default"):
+            raise ArgError(f"--hypernet-init: must be scaled, matched or default, got {args.hypernet_init!r}")
+        if args.hypernet_init == "matched" and args.actor != "mlp":  # the linear one's scaled init is already exact
+            raise ArgError(f"--hypernet-init: matched is for --actor mlp, got --actor {args.actor}")
         if args.hypernet_input not in ("agent", "agent+obs"):
             raise ArgError(f"--hypernet-input: must be agent or agent+obs, got {args.hypernet_input!r}")
     if args.eval_only and not args.checkpoint:
@@ -378,7 +386,10 @@ class MaMuJoCoEnv(gym.Env):
     ParallelEnv's state() returns) and, in local mode, first the agents' local observations
     zero-padded to the largest (n_agents * local_obs_dim). The one-hot IDs of global mode are
     added in the learner, so workers do not send the state n_agents times.
-    Action: (n_agents, act_dim), zero-padded; the padded entries (act_mask False) are ignored.
+    Action: (n_agents, act_dim), zero-padded; the padded entries (act_mask False) are ignored. The
+    policy acts in [-1, 1], mapped linearly to every joint's [low, high] (HARL's NormalizedActions:
+    Humanoid's +-0.4 joints would otherwise saturate); not clipped, as there: MuJoCo clamps the
+    control to its range and the control cost sees the unclamped action.
     Reward: the team reward. terminated (fell over) and truncated (1000-step limit) stay apart.
     Stepping is the ParallelEnv's own transition (one step of its single-agent MuJoCo env), without
     building local observations that nobody reads; test_mamujoco checks it against ParallelEnv.step.
@@ -413,7 +424,7 @@ class MaMuJoCoEnv(gym.Env):
         low, _ = pad_stack([self.ma.action_space(a).low for a in agents], self.act_dim)
         high, _ = pad_stack([self.ma.action_space(a).high for a in agents], self.act_dim)
         self.action_low, self.action_high = low, high
-        self.action_space = gym.spaces.Box(low, high, dtype=np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, low.shape, dtype=np.float32)
         flat = self.state_dim + (self.n_agents * self.local_obs_dim if obs_mode == "local" else 0)
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (flat,), dtype=np.float32)
 
@@ -450,7 +461,8 @@ class MaMuJoCoEnv(gym.Env):
         return self._flat_obs(state), {}
 
     def step(self, action):
-        state, reward, terminated, truncated, _ = self.base.step(self.local_to_global_action(np.asarray(action)))
+        action = self.action_low + (np.asarray(action) + 1.0) * 0.5 * (self.action_high - self.action_low)
+        state, reward, terminated, truncated, _ = self.base.step(self.local_to_global_action(action))
         return self._flat_obs(state), float(reward), bool(terminated), bool(truncated), {}
 
     @property
@@ -528,7 +540,7 @@ class RunningMeanStd:
 
 
 class ObsNormalizer:
-    """Input feature normalisation: running mean/std of the global state and, in local mode, of
+    """--norm-obs (ours, off by default): running mean/std of the global state and, in local mode, of
     every agent's own local features (padded features stay exactly 0); clipped to [-10, 10].
     Its statistics are part of the checkpoint: a restored policy sees the inputs it was trained on."""
 
@@ -684,41 +696,63 @@ class LinearHypernet(nn.Module):
 
 
 class MLPHypernet(nn.Module):
-    """Eq. (6): theta_i = f(g(e_i)), an MLP g on the agent embedding e_i, then a linear head f.
+    """Eq. (6): theta_i = f(g(e_i)), an MLP g (ReLU) on the agent embedding e_i, then a linear head f.
 
-    Embeddings are learned and orthogonally initialised (section 4.2), or fixed one-hot IDs.
-    Section 4.3 (initialisation scaling): every column of the head is a flattened target network
-    with PPO's orthogonal init, and g's output is normalised to unit length, so each generated
-    network f(g(e_i)) is a unit-norm mix of orthogonal networks: the same scale as the target's
-    init, whatever the embedding.
+    As in the authors' code, every generated tensor has its own generator (g, f): one for each
+    layer's weight, one for each layer's bias. Embeddings are learned and orthogonally initialised
+    with gain sqrt(2), as there (section 4.2), or fixed one-hot IDs.
+    init="scaled", section 4.3 as the authors' code does it: g starts as Flax's default (LeCun
+    normal, zero bias); column j of a weight head (hidden unit j's share) is a flattened orthogonal
+    matrix with the target layer's gain; bias heads start at zero. A generated layer is then
+    sum_j g_j(e_i) O_j, so its scale is |g(e_i)| times the target's (benchmark/init_scale.py).
+    init="matched" (ours): g's output is also L2-normalised (for the whole run) and each weight
+    head's columns are made orthogonal, so every generated layer starts with exactly the target's
+    Frobenius norm, whatever the embedding. init="default": PyTorch's init (ablation w/o RF).
     """
 
     def __init__(self, n_agents, sizes, gains, embedding_dim, hidden_dims, embedding="learned",
                  init="scaled", obs_dim=0):
         super().__init__()
-        self.sizes, self.obs_dim = list(sizes), obs_dim
+        self.shapes, self.obs_dim, self.normalise = layer_shapes(sizes), obs_dim, init == "matched"
         if embedding == "learned":
-            self.embedding = nn.Parameter(nn.init.orthogonal_(torch.empty(n_agents, embedding_dim)))
+            self.embedding = nn.Parameter(nn.init.orthogonal_(torch.empty(n_agents, embedding_dim), np.sqrt(2)))
         else:
             self.register_buffer("embedding", torch.eye(n_agents))
-        layers, width = [], self.embedding.shape[1] + obs_dim
-        for hidden in hidden_dims:
-            layers += [layer_init(nn.Linear(width, hidden)), nn.ReLU()]
-            width = hidden
-        self.trunk = nn.Sequential(*layers)
-        self.head = nn.Linear(width, num_target_params(sizes))
-        if init == "scaled":
-            with torch.no_grad():
-                for k in range(width):
-                    self.head.weight[:, k] = target_init_vector(sizes, gains)
-                self.head.bias.zero_()
+        self.trunks, self.heads = nn.ModuleList(), nn.ModuleList()  # W_1, b_1, W_2, b_2, ...
+        for size in (n for fan_in, fan_out in self.shapes for n in (fan_in * fan_out, fan_out)):
+            layers, width = [], self.embedding.shape[1] + obs_dim
+            for hidden in hidden_dims:
+                layers += [nn.Linear(width, hidden), nn.ReLU()]
+                width = hidden
+            self.trunks.append(nn.Sequential(*layers))
+            self.heads.append(nn.Linear(width, size))
+        if init == "default":
+            return
+        with torch.no_grad():
+            for layer in (m for trunk in self.trunks for m in trunk if isinstance(m, nn.Linear)):
+                std = layer.in_features ** -0.5 / 0.8796256610342398  # Flax's lecun_normal: truncated at 2 std
+                nn.init.trunc_normal_(layer.weight, 0.0, std, -2 * std, 2 * std)
+                layer.bias.zero_()
+            for k, ((fan_in, fan_out), gain) in enumerate(zip(self.shapes, gains)):
+                weight_head, bias_head = self.heads[2 * k], self.heads[2 * k + 1]
+                for j in range(width):
+                    weight_head.weight[:, j] = target_init_vector([fan_in, fan_out], [gain])[: fan_in * fan_out]
+                if init == "matched":  # nearest orthogonal columns, same norm: |f(u)| = |target| for |u| = 1
+                    u, _, vh = torch.linalg.svd(weight_head.weight, full_matrices=False)
+                    norm = gain * min(fan_in, fan_out) ** 0.5 * max(1.0, width / (fan_in * fan_out)) ** 0.5
+                    weight_head.weight.copy_(u @ vh * norm)
+                for tensor in (weight_head.bias, bias_head.weight, bias_head.bias):
+                    tensor.zero_()
 
     def forward(self, obs=None):
         z = self.embedding
         if self.obs_dim:
             z = torch.cat([z.unsqueeze(1).expand(-1, obs.shape[1], -1), obs], -1)
-        features = F.normalize(self.trunk(z), dim=-1)
-        return unflatten_params(self.head(features), self.sizes)
+        theta = []
+        for trunk, head in zip(self.trunks, self.heads):
+            features = trunk(z)
+            theta.append(head(F.normalize(features, dim=-1) if self.normalise else features))
+        return [(theta[2 * k].unflatten(-1, shape), theta[2 * k + 1].unsqueeze(-2)) for k, shape in enumerate(self.shapes)]
 
 
 class SharedNet(nn.Module):
@@ -780,22 +814,46 @@ def make_generator(args: Args, family: str, n_agents: int, sizes: list[int], gai
 
 
 class PerAgentMLP(nn.Module):
-    """One network per agent, whatever the family: x (n_agents, batch, in) -> (n_agents, batch, out)."""
+    """One network per agent, whatever the family, as HARL's MLPBase: LayerNorm on the input
+    (use_feature_normalization), Linear -> ReLU -> LayerNorm per hidden layer, output Linear.
+    x (n_agents, batch, in) -> (n_agents, batch, out). The family yields the Linear layers. The
+    LayerNorm gains and biases are per agent for disjoint networks (independent actors, critics),
+    else one shared set: FuPS shares everything, and HyperMARL generates what section 4.3
+    initialises (the Linear layers) and shares its other weights."""
 
-    def __init__(self, args, family, n_agents, sizes, gains, activation):
+    def __init__(self, args, family, n_agents, sizes, gains):
         super().__init__()
-        self.generator = make_generator(args, family, n_agents, sizes, gains)
-        self.activation = activation
+        self.generator, self.sizes = make_generator(args, family, n_agents, sizes, gains), list(sizes)
         self.per_sample = getattr(args, "hypernet_input", None) == "agent+obs" and family in ("mlp", "linear")
+        self.per_agent_norms = family == "nops"
+        k = n_agents if self.per_agent_norms else 1
+        self.norm_weights = nn.ParameterList(nn.Parameter(torch.ones(k, 1, d)) for d in sizes[:-1])
+        self.norm_biases = nn.ParameterList(nn.Parameter(torch.zeros(k, 1, d)) for d in sizes[:-1])
 
     def generate(self, x=None):
         """Every agent's (W, b); None for per-sample weights, which forward() makes from x."""
         return None if self.per_sample else self.generator()
 
-    def forward(self, x, params=None):
-        if params is None:
+    def forward(self, x, params=None, agent_ids=None):
+        """agent_ids: x holds only those agents' inputs (HAPPO updates one agent at a time)."""
+        norms = list(zip(self.norm_weights, self.norm_biases))
+        if agent_ids is not None and self.per_agent_norms:
+            norms = select_agents(norms, agent_ids)
+        x = layer_norm(x, *norms[0])
+        if params is None:  # per-sample weights (w/o GD) see the input as the network does, normalised
             params = self.generator(x if self.per_sample else None)
-        return batched_mlp(x, params, self.activation)
+        if agent_ids is not None:
+            params = select_agents(params, agent_ids)
+        for k, layer in enumerate(params):
+            x = batched_mlp(x, [layer], None)  # one Linear layer
+            if k < len(params) - 1:
+                x = layer_norm(torch.relu(x), *norms[k + 1])
+        return x
+
+
+def layer_norm(x, weight, bias, eps: float = 1e-5):
+    """nn.LayerNorm over the features, with (k, 1, d) gains and biases: one set per agent or shared."""
+    return F.layer_norm(x, x.shape[-1:], eps=eps) * weight + bias
 
 
 def select_agents(params, agent_ids):
@@ -813,7 +871,7 @@ class GaussianActor(nn.Module):
         super().__init__()
         sizes = [obs_dim] + list(args.actor_hidden_dims) + [act_dim]
         gains = [np.sqrt(2)] * len(args.actor_hidden_dims) + [0.01]
-        self.net = PerAgentMLP(args, FAMILY_OF_ACTOR[args.actor], n_agents, sizes, gains, torch.relu)
+        self.net = PerAgentMLP(args, FAMILY_OF_ACTOR[args.actor], n_agents, sizes, gains)
         if args.actor == "fups" and args.obs_mode == "global":
             self.net.generator = SharedNet(n_agents, sizes, gains, use_id=False)  # the ID is in the input
         self.n_agents, self.independent = n_agents, args.actor == "ind"
@@ -829,25 +887,20 @@ class GaussianActor(nn.Module):
         """x (k, batch, obs_dim) for all agents (k = n) or for agent_ids -> mean, std (k, batch, act_dim)."""
         if agent_ids is None and self.net.per_sample and x.shape[1] > self.chunk_size(x):
             mean = self.per_sample_chunked(x)
-        elif agent_ids is None:
-            mean = self.net(x, params)
-        elif self.net.per_sample:  # weights depend on all agents' inputs: run all, keep agent_ids
-            raise ValueError("select agents of a per-sample network after the forward pass")
-        else:
-            mean = batched_mlp(x, select_agents(params if params is not None else self.generate(), agent_ids),
-                               torch.relu)
+        else:  # agent_ids: independent actors only (HAPPO), never per-sample weights
+            mean = self.net(x, params, agent_ids)
         log_std = self.log_std[agent_ids] if (self.independent and agent_ids is not None) else self.log_std
         std = torch.sigmoid(log_std / self.std_x) * self.std_y
         return mean, std.expand_as(mean)
 
     def chunk_size(self, x, max_elements: int = 2**25) -> int:
         """Samples per chunk so that the per-sample weights of a chunk stay under max_elements floats."""
-        m = num_target_params(self.net.generator.sizes)
+        m = num_target_params(self.net.sizes)
         return max(1, max_elements // (x.shape[0] * m))
 
     def per_sample_chunked(self, x):
         """The w/o-GD ablation generates one network per agent and sample: (n, batch, m) weights
-        (2.7e9 floats for Humanoid-17x1 on a 2000-sample batch). Chunks over the batch, each
+        (5.4e9 floats for Humanoid-17x1 on a 4000-sample batch). Chunks over the batch, each
         recomputed in the backward pass (activation checkpointing), bound the memory; the result
         and its gradients are those of the unchunked forward."""
         from torch.utils.checkpoint import checkpoint
@@ -864,8 +917,6 @@ class GaussianActor(nn.Module):
 
     def log_prob_entropy(self, x, actions, params=None, agent_ids=None):
         """Log-probabilities and entropies (k, batch), over the real action dimensions only."""
-        if agent_ids is not None and self.net.per_sample:
-            raise ValueError("per-sample networks: use log_prob_entropy_of")
         mean, std = self(x, params, agent_ids)
         mask = self.act_mask if agent_ids is None else self.act_mask[agent_ids]
         return masked_gaussian_log_prob_entropy(mean, std, actions, mask)
@@ -879,18 +930,19 @@ def masked_gaussian_log_prob_entropy(mean, std, actions, mask):
 
 
 class CentralCritics(nn.Module):
-    """n_critics centralised critics V_c(s) on the global state, non-shared (independent weights,
-    one batched matmul per layer); outputs are in value-normalised units."""
+    """n_critics centralised critics V_c(s) on the global state (HARL's VNet: MLPBase and a linear
+    value head), independent weights, one batched matmul per layer; outputs are in value-normalised
+    units. One critic by default (HARL); --critic per-agent gives every agent its own."""
 
     def __init__(self, args: Args, n_critics: int, state_dim: int):
         super().__init__()
         sizes = [state_dim] + list(args.critic_hidden_dims) + [1]
         gains = [np.sqrt(2)] * len(args.critic_hidden_dims) + [1.0]
         self.n_critics = n_critics
-        self.nets = IndependentNets(n_critics, sizes, gains)
+        self.net = PerAgentMLP(args, "nops", n_critics, sizes, gains)
 
     def forward(self, state):  # (batch, state_dim) -> (n_critics, batch)
-        return batched_mlp(state.unsqueeze(0).expand(self.n_critics, -1, -1), self.nets(), torch.relu).squeeze(-1)
+        return self.net(state.unsqueeze(0).expand(self.n_critics, -1, -1)).squeeze(-1)
 
 
 class ValueNorm(nn.Module):
@@ -1214,11 +1266,8 @@ def happo_actor_update(actor, optimizer, batch: dict, args: Args, order: list):
 
 
 def agent_log_prob_entropy(actor, obs, actions, ids):
-    """One agent's log-probs and entropies, computing only that agent's network where possible.
+    """One agent's log-probs and entropies, computing only that agent's network.
     obs, actions: every agent's (n, B, ...)."""
-    if actor.net.per_sample:  # per-sample weights are generated from every agent's inputs
-        logp, entropy = actor.log_prob_entropy(obs, actions)
-        return logp[ids], entropy[ids]
     return actor.log_prob_entropy(obs[ids], actions[ids], actor.generate(), ids)
 
 
@@ -1256,7 +1305,7 @@ def interference_metric(actor, batch: dict, args: Args) -> float:
 
 
 # ===== 7. Checkpoints =====
-CHECKPOINT_FORMAT = "hypermarl-mappo-mamujoco/1"
+CHECKPOINT_FORMAT = "hypermarl-mappo-mamujoco/2"  # 2: LayerNorms, one critic
 
 
 class CheckpointError(ValueError):
@@ -1344,7 +1393,7 @@ class Evaluator:
                 x = torch.as_tensor(x, device=self.device)
                 pool.append(x.cpu())
                 mean, _ = actor(x, params)
-                actions = np.clip(mean.cpu().numpy().transpose(1, 0, 2), envs[0].action_low, envs[0].action_high)
+                actions = mean.cpu().numpy().transpose(1, 0, 2)  # in [-1, 1] units: MaMuJoCoEnv rescales
                 for j, k in enumerate(live):
                     flats[k], reward, terminated, truncated, _ = envs[k].step(actions[j])
                     returns[k] += reward
@@ -1444,7 +1493,6 @@ def main(argv=None) -> int:
           f"critics {sum(p.numel() for p in critics.parameters())}")
 
     envs = make_vector_env(args)
-    low, high = probe.action_low, probe.action_high
     # Rollout storage, time-major
     obs = torch.zeros((T, n, E, D), device=device)
     states = torch.zeros((T, E, S), device=device)
@@ -1500,8 +1548,8 @@ def main(argv=None) -> int:
                     states[step] = torch.as_tensor(state_n, device=device)
                     mean, std = actor(obs[step], params)
                     actions[step] = mean + std * torch.randn_like(mean)
-                    env_actions = np.clip(actions[step].cpu().numpy().transpose(1, 0, 2), low, high)
-                    flat, reward, terminated, truncated, info = envs.step(env_actions)
+                    # the sample itself, as HARL: the env rescales [-1, 1] to the joints' ranges
+                    flat, reward, terminated, truncated, info = envs.step(actions[step].cpu().numpy().transpose(1, 0, 2))
                     rewards[step, 0] = torch.as_tensor(reward, dtype=torch.float32, device=device)
                     terminateds[step, 0] = torch.as_tensor(terminated, dtype=torch.float32, device=device)
                     done = terminated | truncated

@@ -10,13 +10,13 @@ Read top to bottom:
     1. Arguments        5. Metrics (gradient variance, interference, SND)
     2. Input validation 6. Algorithm (REINFORCE update, training loop over a batch of seeds)
     3. Environment      7. Checkpoints
-    4. Networks         8. Main (single run, or --sweep: every game x n x method x seed)
+    4. Networks         8. Main (one game x n x method, a batch of seeds)
 
 Payoffs (our reading of section 3.1; section 3 of benchmark/results/matrix_games.md has the evidence):
   Specialisation: a food is split between the agents that chose it, so agent i gets 1 / k_i, k_i the
     number of agents (i included) that chose agent i's food: 1 for a unique choice, 1/n when all n
     agents share one food, and for 2 players 0.5 (same food) / 1 (different), which is Table 1. The
-    team reward (the mean over agents) is (number of distinct foods chosen) / n.
+    team payoff (the mean over agents) is (number of distinct foods chosen) / n.
   Synchronisation: every agent gets 1 if all n agents chose the same food, else 1/n (2 players:
     1 same / 0.5 different, the inverse of Table 1).
   Why not "1/n whenever a choice is shared" for Specialisation: a shared (FuPS) policy then earns at
@@ -25,6 +25,13 @@ Payoffs (our reading of section 3.1; section 3 of benchmark/results/matrix_games
   Why "all agents match" for Synchronisation: Table 6 reports NoPS at n = 8 as .1250 +- 0 with
   sampled actions, exactly 1/n on every trial; a per-agent "k_i / n" payoff would give more than 1/n
   to any policies that are not deterministic and fully dispersed.
+Reward (--reward team): every agent learns from the team payoff, as in Table 1, where both players
+  always get the same payoff. It differs from each agent's own payoff only in Specialisation with
+  n > 2. Of the two, only the team payoff reproduces FuPS+ID at n = 8 (Table 2: 0.53 +- 0.09; seeds
+  1-20 give 0.59 +- 0.17 with it, 0.87 +- 0.15 with --reward individual). With both, the
+  Synchronisation game at n = 8 is learned only when a batch happens to contain a trial where all 8
+  agents match. That is rare (FuPS: 5 seeds in 100), and it is why Table 6's FuPS .30 +- .35 is one
+  seed in five. benchmark/results/matrix_games.md has the measurements.
 Trials: one trial = one play of the game by all n agents; --num-trials 10000 with --batch-size 10
   is 1,000 SGD updates. Each update is REINFORCE on the batch: every agent's rewards are normalised
   over the batch (mean 0, std 1, as PyTorch's REINFORCE example does; --returns), loss = -sum over
@@ -39,7 +46,7 @@ Seeds are vectorised: --num-seeds S trains seeds seed .. seed+S-1 together (torc
   which other seeds share the batch.
 
 Quick start:  python reinforce_matrix_games.py --game specialisation --n-agents 8 --method hyper-mlp
-              python reinforce_matrix_games.py --sweep      (Tables 2 and 6 + HyperMARL rows)
+              python benchmark/matrix_games.py      (Tables 2 and 6 + HyperMARL rows, tables and plot)
 """
 
 from __future__ import annotations
@@ -48,10 +55,8 @@ import contextlib
 import dataclasses
 import io
 import itertools
-import json
 import math
 import os
-import platform
 import random
 import sys
 import time
@@ -106,7 +111,7 @@ class Args:
     hypernet_embedding_dim: int = 4
     """[hyper-mlp] size of the learned, orthogonally initialised agent embedding"""
     hypernet_hidden_dims: list[int] = field(default_factory=lambda: [8])
-    """[hyper-mlp] hidden layers of the hypernetwork (8: 210/308/504 parameters at n = 2/4/8, under FuPS+ID's 552 at n = 8)"""
+    """[hyper-mlp] hidden layers of each of the hypernetwork's generators (8: 330/428/624 parameters at n = 2/4/8)"""
 
     # REINFORCE (Table 8)
     num_trials: int = 10_000
@@ -115,10 +120,12 @@ class Args:
     """trials per SGD update"""
     learning_rate: float = 0.01
     """SGD learning rate"""
+    reward: str = "team"
+    """what each agent learns from: team (the mean payoff over agents, the same for all: a common-payoff game, as Table 1 is) | individual (its own payoff, 1 / k_i in Specialisation)"""
     returns: str = "normalize"
     """what multiplies log pi: normalize (each agent's rewards over the batch to mean 0, std 1) | baseline (minus the batch mean) | raw"""
-    num_seeds: Optional[int] = None
-    """seeds trained together as one batch (default: 1, or 5 with --sweep)"""
+    num_seeds: int = 1
+    """seeds trained together as one batch (benchmark/matrix_games.py runs the sweep of Tables 2 and 6)"""
 
     # Evaluation and metrics
     eval_trials: int = 1_000
@@ -128,43 +135,15 @@ class Args:
     log_interval: int = 10
     """updates between TensorBoard points of the training metrics"""
 
-    # Sweep
-    sweep: bool = False
-    """if toggled, run every game x n x method x seed and write the tables of Tables 2 and 6"""
-    sweep_games: list[str] = field(default_factory=lambda: ["specialisation", "synchronisation"])
-    """[sweep] games"""
-    sweep_n_agents: list[int] = field(default_factory=lambda: [2, 4, 8])
-    """[sweep] numbers of agents"""
-    sweep_methods: list[str] = field(default_factory=lambda: ["nops", "fups", "fups-id", "hyper-linear", "hyper-mlp"])
-    """[sweep] methods"""
-    results_dir: str = "benchmark/results"
-    """[sweep] folder for matrix_games_sweep.md / .json and matrix_games_n{max n}.png"""
-
 
 GAMES = ("specialisation", "synchronisation")
 RETURNS = ("normalize", "baseline", "raw")
+REWARDS = ("team", "individual")
 METHODS = ("nops", "fups", "fups-id", "hyper-linear", "hyper-mlp")
 METHOD_NAMES = {"nops": "NoPS", "fups": "FuPS", "fups-id": "FuPS+ID", "hyper-linear": "HyperMARL (linear)",
                 "hyper-mlp": "HyperMARL (MLP)"}
 # Table 8: total parameters per method.
 PAPER_PARAMS = {"nops": {2: 36, 4: 112, 8: 384}, "fups": {2: 34, 4: 100, 8: 328}, "fups-id": {2: 42, 4: 148, 8: 552}}
-# Table 2 (argmax evaluation) and Table 6 (sampled actions): (mean, std) for n = 2, 4, 8.
-PAPER_TABLE2 = {
-    ("specialisation", "nops"): {2: (1.00, 0.00), 4: (1.00, 0.00), 8: (1.00, 0.00)},
-    ("specialisation", "fups"): {2: (0.50, 0.00), 4: (0.25, 0.00), 8: (0.13, 0.00)},
-    ("specialisation", "fups-id"): {2: (1.00, 0.00), 4: (0.95, 0.10), 8: (0.53, 0.09)},
-    ("synchronisation", "nops"): {2: (1.00, 0.00), 4: (1.00, 0.00), 8: (0.13, 0.00)},
-    ("synchronisation", "fups"): {2: (1.00, 0.00), 4: (1.00, 0.00), 8: (1.00, 0.00)},
-    ("synchronisation", "fups-id"): {2: (1.00, 0.00), 4: (1.00, 0.00), 8: (0.30, 0.35)},
-}
-PAPER_TABLE6 = {
-    ("specialisation", "nops"): {2: (.9996, .0004), 4: (.9988, .0007), 8: (.9989, .0008)},
-    ("specialisation", "fups"): {2: (.7493, .0062), 4: (.6826, .0039), 8: (.6545, .0025)},
-    ("specialisation", "fups-id"): {2: (.9999, .0002), 4: (.9995, .0003), 8: (.7275, .0293)},
-    ("synchronisation", "nops"): {2: (.9993, .0004), 4: (.9976, .0022), 8: (.1250, 0.0)},
-    ("synchronisation", "fups"): {2: (.9999, .0002), 4: (1.0, 0.0), 8: (.3000, .3500)},
-    ("synchronisation", "fups-id"): {2: (.9999, 0.0), 4: (.9999, .0003), 8: (.1250, 0.0)},
-}
 
 
 # ===== 2. Input validation =====
@@ -189,32 +168,19 @@ def parse_args(argv=None) -> Args:
 
 
 def validate_args(args: Args) -> Args:
-    """Checks every flag; raises ArgError naming the flag. Fills --num-seeds."""
+    """Checks every flag; raises ArgError naming the flag."""
 
     def positive(name):
         value = getattr(args, name)
         if not value > 0:
             raise ArgError(f"--{name.replace('_', '-')}: must be positive, got {value}")
 
-    games = args.sweep_games if args.sweep else [args.game]
-    methods = args.sweep_methods if args.sweep else [args.method]
-    ns = args.sweep_n_agents if args.sweep else [args.n_agents]
-    flag = "--sweep-" if args.sweep else "--"
-    if not games or not methods or not ns:
-        raise ArgError(f"{flag}{'games' if not games else 'methods' if not methods else 'n-agents'}: must not be empty")
-    for game in games:
-        if game not in GAMES:
-            raise ArgError(f"{flag}game{'s' if args.sweep else ''}: must be one of {', '.join(GAMES)}, got {game!r}")
-    for method in methods:
-        if method not in METHODS:
-            raise ArgError(f"{flag}method{'s' if args.sweep else ''}: must be one of {', '.join(METHODS)}, got {method!r}")
-    for n in ns:
-        if n < 2:
-            raise ArgError(f"{flag}n-agents: must be at least 2, got {n}")
-    if args.returns not in RETURNS:
-        raise ArgError(f"--returns: must be one of {', '.join(RETURNS)}, got {args.returns!r}")
-    if args.num_seeds is None:
-        args.num_seeds = 5 if args.sweep else 1
+    for flag, value, allowed in (("game", args.game, GAMES), ("method", args.method, METHODS),
+                                 ("reward", args.reward, REWARDS), ("returns", args.returns, RETURNS)):
+        if value not in allowed:
+            raise ArgError(f"--{flag}: must be one of {', '.join(allowed)}, got {value!r}")
+    if args.n_agents < 2:
+        raise ArgError(f"--n-agents: must be at least 2, got {args.n_agents}")
     for name in ("num_trials", "batch_size", "learning_rate", "num_seeds", "eval_trials", "eval_interval",
                  "log_interval", "hidden_size", "hypernet_embedding_dim", "num_threads"):
         positive(name)
@@ -351,41 +317,63 @@ class LinearHypernet(nn.Module):
 
 
 class MLPHypernet(nn.Module):
-    """Eq. (6): theta_i = f(g(e_i)), an MLP g on the agent embedding e_i, then a linear head f.
+    """Eq. (6): theta_i = f(g(e_i)), an MLP g (ReLU) on the agent embedding e_i, then a linear head f.
 
-    Embeddings are learned and orthogonally initialised (section 4.2), or fixed one-hot IDs.
-    Section 4.3 (initialisation scaling): every column of the head is a flattened target network
-    with PPO's orthogonal init, and g's output is normalised to unit length, so each generated
-    network f(g(e_i)) is a unit-norm mix of orthogonal networks: the same scale as the target's
-    init, whatever the embedding.
+    As in the authors' code, every generated tensor has its own generator (g, f): one for each
+    layer's weight, one for each layer's bias. Embeddings are learned and orthogonally initialised
+    with gain sqrt(2), as there (section 4.2), or fixed one-hot IDs.
+    init="scaled", section 4.3 as the authors' code does it: g starts as Flax's default (LeCun
+    normal, zero bias); column j of a weight head (hidden unit j's share) is a flattened orthogonal
+    matrix with the target layer's gain; bias heads start at zero. A generated layer is then
+    sum_j g_j(e_i) O_j, so its scale is |g(e_i)| times the target's (benchmark/init_scale.py).
+    init="matched" (ours): g's output is also L2-normalised (for the whole run) and each weight
+    head's columns are made orthogonal, so every generated layer starts with exactly the target's
+    Frobenius norm, whatever the embedding. init="default": PyTorch's init (ablation w/o RF).
     """
 
     def __init__(self, n_agents, sizes, gains, embedding_dim, hidden_dims, embedding="learned",
                  init="scaled", obs_dim=0):
         super().__init__()
-        self.sizes, self.obs_dim = list(sizes), obs_dim
+        self.shapes, self.obs_dim, self.normalise = layer_shapes(sizes), obs_dim, init == "matched"
         if embedding == "learned":
-            self.embedding = nn.Parameter(nn.init.orthogonal_(torch.empty(n_agents, embedding_dim)))
+            self.embedding = nn.Parameter(nn.init.orthogonal_(torch.empty(n_agents, embedding_dim), np.sqrt(2)))
         else:
             self.register_buffer("embedding", torch.eye(n_agents))
-        layers, width = [], self.embedding.shape[1] + obs_dim
-        for hidden in hidden_dims:
-            layers += [layer_init(nn.Linear(width, hidden)), nn.ReLU()]
-            width = hidden
-        self.trunk = nn.Sequential(*layers)
-        self.head = nn.Linear(width, num_target_params(sizes))
-        if init == "scaled":
-            with torch.no_grad():
-                for k in range(width):
-                    self.head.weight[:, k] = target_init_vector(sizes, gains)
-                self.head.bias.zero_()
+        self.trunks, self.heads = nn.ModuleList(), nn.ModuleList()  # W_1, b_1, W_2, b_2, ...
+        for size in (n for fan_in, fan_out in self.shapes for n in (fan_in * fan_out, fan_out)):
+            layers, width = [], self.embedding.shape[1] + obs_dim
+            for hidden in hidden_dims:
+                layers += [nn.Linear(width, hidden), nn.ReLU()]
+                width = hidden
+            self.trunks.append(nn.Sequential(*layers))
+            self.heads.append(nn.Linear(width, size))
+        if init == "default":
+            return
+        with torch.no_grad():
+            for layer in (m for trunk in self.trunks for m in trunk if isinstance(m, nn.Linear)):
+                std = layer.in_features ** -0.5 / 0.8796256610342398  # Flax's lecun_normal: truncated at 2 std
+                nn.init.trunc_normal_(layer.weight, 0.0, std, -2 * std, 2 * std)
+                layer.bias.zero_()
+            for k, ((fan_in, fan_out), gain) in enumerate(zip(self.shapes, gains)):
+                weight_head, bias_head = self.heads[2 * k], self.heads[2 * k + 1]
+                for j in range(width):
+                    weight_head.weight[:, j] = target_init_vector([fan_in, fan_out], [gain])[: fan_in * fan_out]
+                if init == "matched":  # nearest orthogonal columns, same norm: |f(u)| = |target| for |u| = 1
+                    u, _, vh = torch.linalg.svd(weight_head.weight, full_matrices=False)
+                    norm = gain * min(fan_in, fan_out) ** 0.5 * max(1.0, width / (fan_in * fan_out)) ** 0.5
+                    weight_head.weight.copy_(u @ vh * norm)
+                for tensor in (weight_head.bias, bias_head.weight, bias_head.bias):
+                    tensor.zero_()
 
     def forward(self, obs=None):
         z = self.embedding
         if self.obs_dim:
             z = torch.cat([z.unsqueeze(1).expand(-1, obs.shape[1], -1), obs], -1)
-        features = F.normalize(self.trunk(z), dim=-1)
-        return unflatten_params(self.head(features), self.sizes)
+        theta = []
+        for trunk, head in zip(self.trunks, self.heads):
+            features = trunk(z)
+            theta.append(head(F.normalize(features, dim=-1) if self.normalise else features))
+        return [(theta[2 * k].unflatten(-1, shape), theta[2 * k + 1].unsqueeze(-2)) for k, shape in enumerate(self.shapes)]
 
 
 # The policies below take no input: every trial is the same one-step game, so an agent's policy
@@ -575,6 +563,8 @@ def train(game: str, method: str, n_agents: int, seeds: list[int], args: Args, w
         with torch.no_grad():
             actions = sample_actions(torch.softmax(logits, -1), args.batch_size, generators)  # (S, B, n)
             rewards = payoff(game, actions, n_agents)
+            if args.reward == "team":  # every agent learns from the team's payoff (Table 1: both players get the same)
+                rewards = rewards.mean(-1, keepdim=True).expand_as(rewards)
         per_agent_loss = reinforce_loss(logits, actions, rewards, args.returns)  # (S, n)
         agent_grads = per_agent_gradients(per_agent_loss, params)  # (n, S, P)
         grad = agent_grads.sum(0)  # d(sum_i loss_i)/d(params), per seed
@@ -616,119 +606,6 @@ def train(game: str, method: str, n_agents: int, seeds: list[int], args: Args, w
                    sampled=torch.stack(curve["sampled"], 1).tolist(), snd=torch.stack(curve["snd"], 1).tolist()),
         population=pop,
     )
-
-
-def format_cell(ours, paper, digits):
-    """'mean ± std (paper m ± s)' + ' ✗' when |ours - paper| > max(std ours, std paper) + the paper's rounding."""
-    mean, std = float(np.mean(ours)), float(np.std(ours))  # np.std (ddof 0): the paper's 0.30 ± 0.35 is 1 of 5 seeds
-    text = f"{mean:.{digits}f} ± {std:.{digits}f}"
-    if paper is None:
-        return text, None
-    unit = 10 ** -digits  # the paper rounds mean and std to this: half a unit of slack on each
-    off = abs(mean - paper[0]) > max(std, paper[1] + 0.5 * unit) + 0.5 * unit + 1e-12
-    return text + f" ({paper[0]:.{digits}f} ± {paper[1]:.{digits}f})" + (" ✗" if off else ""), off
-
-
-def game_tables(games, methods, ns, cell) -> list[str]:
-    """One markdown table per game (rows: methods, columns: n); cell(game, method, n) -> text."""
-    header = "| Method | " + " | ".join(str(n) for n in ns) + " |\n|---|" + "---|" * len(ns)
-    lines = []
-    for game in games:
-        lines += [f"**{game.capitalize()} game**\n", header]
-        for method in methods:
-            lines.append(f"| {METHOD_NAMES[method]} | " + " | ".join(cell(game, method, n) for n in ns) + " |")
-        lines.append("")
-    return lines
-
-
-def sweep_tables(results: list[dict], args: Args) -> tuple[str, list[str]]:
-    """Markdown in the layout of Tables 2 and 6 (rows: methods, columns: n), plus parameters and gradients."""
-    by_key = {(r["game"], r["method"], r["n_agents"]): r for r in results}
-    ns = sorted({r["n_agents"] for r in results})
-    methods = [m for m in METHODS if any(r["method"] == m for r in results)]
-    games = [g for g in GAMES if any(r["game"] == g for r in results)]
-    lines, misses = [], []
-    for title, key, paper_table, digits in (
-            ("Table 2 (argmax evaluation)", "argmax", PAPER_TABLE2, 2),
-            ("Table 6 (sampled actions)", "sampled", PAPER_TABLE6, 4)):
-
-        def paper_cell(game, method, n):
-            r = by_key.get((game, method, n))
-            if r is None:
-                return "—"
-            text, off = format_cell(r[key], paper_table.get((game, method), {}).get(n), digits)
-            if off:
-                misses.append(f"{title.split(' (')[0]} {game} {METHOD_NAMES[method]} n={n}: {text}")
-            return text
-
-        lines.append(f"### {title}: ours mean ± std over {args.num_seeds} seeds (paper's value), ✗ = more than one std away\n")
-        lines += game_tables(games, methods, ns, paper_cell)
-    lines += ["### Parameters per method (Table 8 in brackets)\n",
-              "| Method | " + " | ".join(str(n) for n in ns) + " |\n|---|" + "---|" * len(ns)]
-    for method in methods:
-        cells = []
-        for n in ns:
-            paper = PAPER_PARAMS.get(method, {}).get(n)
-            cells.append(f"{count_params(method, n, args)}" + (f" ({paper})" if paper is not None else ""))
-        lines.append(f"| {METHOD_NAMES[method]} | " + " | ".join(cells) + " |")
-    lines.append("")
-    for title, key, fmt in (("Gradient variance (variance across all policy parameters of each update's gradient, averaged over training)", "grad_var", ".2e"),
-                            ("Interference (mean pairwise cosine similarity of the agents' gradients, averaged over training)", "interference", ".3f"),
-                            ("SND (mean pairwise Jensen-Shannon distance between agents' final policies)", "snd", ".3f")):
-
-        def stat_cell(game, method, n, key=key, fmt=fmt):
-            r = by_key.get((game, method, n))
-            return "—" if r is None else f"{np.mean(r[key]):{fmt}} ± {np.std(r[key]):{fmt}}"
-
-        lines.append(f"### {title}\n")
-        lines += game_tables(games, methods, ns, stat_cell)
-    return "\n".join(lines), misses
-
-
-def rounded(value, digits=6):
-    """Floats rounded (significant digits) for a compact JSON."""
-    if isinstance(value, float):
-        return float(f"{value:.{digits}g}")
-    if isinstance(value, dict):
-        return {key: rounded(item, digits) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [rounded(item, digits) for item in value]
-    return value
-
-
-def plot_curves(results: list[dict], n_agents: int, path: str) -> None:
-    """Evaluation reward against training trials per method at n_agents, both games, argmax and sampled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    games = [g for g in GAMES if any(r["game"] == g and r["n_agents"] == n_agents for r in results)]
-    fig, axes = plt.subplots(len(games), 2, figsize=(10, 3.6 * len(games)), squeeze=False)
-    for row, game in enumerate(games):
-        for col, (key, label) in enumerate((("argmax", "argmax actions (Table 2)"), ("sampled", "sampled actions (Table 6)"))):
-            ax = axes[row][col]
-            for method in METHODS:
-                r = next((r for r in results if (r["game"], r["method"], r["n_agents"]) == (game, method, n_agents)), None)
-                if r is None:
-                    continue
-                x = np.array(r["curve"]["trials"])
-                y = np.array(r["curve"][key])  # (S, T)
-                mean, std = y.mean(0), y.std(0)
-                k = METHODS.index(method)  # layered widths and dashes keep coinciding curves visible
-                line, = ax.plot(x, mean, label=METHOD_NAMES[method], linewidth=3.2 - 0.6 * k,
-                                linestyle=["-", "-", "--", "-.", ":"][k])
-                ax.fill_between(x, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), color=line.get_color(), alpha=0.15)
-            ax.set_title(f"{game.capitalize()}, n = {n_agents}: {label}")
-            ax.set_xlabel("training trials")
-            ax.set_ylabel("evaluation reward (mean over agents)")
-            ax.set_ylim(0, 1.05)
-            ax.grid(True, linestyle="--", alpha=0.5)
-    for ax in axes.flat:
-        ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ===== 7. Checkpoints =====
@@ -781,83 +658,31 @@ def main(argv=None) -> int:
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=f"matrix__{args.exp_name}__{args.seed}__{int(time.time())}", save_code=True)
 
-    if not args.sweep:
-        print(f"parameters: {METHOD_NAMES[args.method]} {count_params(args.method, args.n_agents, args)}"
-              + (f" (Table 8: {PAPER_PARAMS[args.method][args.n_agents]})" if args.n_agents in PAPER_PARAMS.get(args.method, {}) else ""))
-        writers = make_writers(args, args.game, args.n_agents, args.method, seeds)
-        start = time.time()
-        try:
-            result = train(args.game, args.method, args.n_agents, seeds, args, writers)
-            for s, writer in enumerate(writers):
-                writer.add_scalar("eval/final_grad_var_mean", result["grad_var"][s], args.num_trials)
-                writer.add_scalar("eval/final_interference_mean", result["interference"][s], args.num_trials)
-        finally:
-            for writer in writers:
-                writer.close()
-        if args.save_model:
-            pop = result["population"]
-            for s, (seed, writer) in enumerate(zip(seeds, writers)):
-                save_checkpoint(os.path.join(writer.log_dir, "model.pt"),
-                                dict(args=dataclasses.asdict(args), seed=seed,
-                                     model={k: v[s].detach().clone() for k, v in pop.params.items()}))
-        for s, seed in enumerate(seeds):
-            print(f"seed={seed} eval/episodic_return={result['argmax'][s]:.4f} "
-                  f"eval/episodic_return_sampled={result['sampled'][s]:.4f} grad/actor_var={result['grad_var'][s]:.3e} "
-                  f"grad/interference={result['interference'][s]:.4f} diversity/snd={result['snd'][s]:.4f}")
-        print(f"{args.game} n={args.n_agents} {METHOD_NAMES[args.method]}: argmax {np.mean(result['argmax']):.4f} ± "
-              f"{np.std(result['argmax']):.4f}, sampled {np.mean(result['sampled']):.4f} ± {np.std(result['sampled']):.4f} "
-              f"({time.time() - start:.1f} s, runs in {args.runs_dir})")
-        return 0
-
-    start, results = time.time(), []
-    for n in args.sweep_n_agents:
-        for game in args.sweep_games:
-            for method in args.sweep_methods:
-                writers = make_writers(args, game, n, method, seeds)
-                t0 = time.time()
-                try:
-                    result = train(game, method, n, seeds, args, writers)
-                finally:
-                    for writer in writers:
-                        writer.close()
-                result.pop("population")
-                results.append(result)
-                print(f"{game:15s} n={n} {METHOD_NAMES[method]:18s} params={result['params']:4d} "
-                      f"argmax {np.mean(result['argmax']):.3f} ± {np.std(result['argmax']):.3f}  "
-                      f"sampled {np.mean(result['sampled']):.4f} ± {np.std(result['sampled']):.4f}  "
-                      f"grad var {np.mean(result['grad_var']):.2e}  interference {np.mean(result['interference']):.3f}  "
-                      f"({time.time() - t0:.1f} s)", flush=True)
-    runtime = time.time() - start
-    tables, misses = sweep_tables(results, args)
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    command = "python reinforce_matrix_games.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    header = (f"# Specialisation and Synchronisation games: REINFORCE sweep\n\n"
-              f"Generated by `{command}`.\n\n"
-              f"- Runtime: {runtime:.1f} s for {len(results)} configurations x {args.num_seeds} seeds "
-              f"({args.num_trials} trials, batch {args.batch_size}, {args.num_trials // args.batch_size} updates each)\n"
-              f"- Machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {args.num_threads} thread(s)\n"
-              f"- Seeds: {seeds}; evaluation: {args.eval_trials} trials\n\n")
-    miss_text = "### Cells more than one std from the paper\n\n" + ("\n".join(f"- {m}" for m in misses) if misses else "- none") + "\n"
-    os.makedirs(args.results_dir, exist_ok=True)
-    md_path = os.path.join(args.results_dir, "matrix_games_sweep.md")
-    with open(md_path + ".tmp", "w") as f:
-        f.write(header + tables + "\n" + miss_text)
-    os.replace(md_path + ".tmp", md_path)
-    json_path = os.path.join(args.results_dir, "matrix_games_sweep.json")
-    with open(json_path + ".tmp", "w") as f:
-        json.dump(rounded(dict(command=command, runtime_s=runtime, machine=cpu, args=dataclasses.asdict(args),
-                               results=results)), f)
-    os.replace(json_path + ".tmp", json_path)
-    n_plot = max(args.sweep_n_agents)
-    png_path = os.path.join(args.results_dir, f"matrix_games_n{n_plot}.png")
-    plot_curves(results, n_plot, png_path)
-    print(tables)
-    print(miss_text)
-    print(f"sweep: {len(results)} configurations x {args.num_seeds} seeds in {runtime:.1f} s; wrote {md_path}, {json_path}, {png_path}")
+    print(f"parameters: {METHOD_NAMES[args.method]} {count_params(args.method, args.n_agents, args)}"
+          + (f" (Table 8: {PAPER_PARAMS[args.method][args.n_agents]})" if args.n_agents in PAPER_PARAMS.get(args.method, {}) else ""))
+    writers = make_writers(args, args.game, args.n_agents, args.method, seeds)
+    start = time.time()
+    try:
+        result = train(args.game, args.method, args.n_agents, seeds, args, writers)
+        for s, writer in enumerate(writers):
+            writer.add_scalar("eval/final_grad_var_mean", result["grad_var"][s], args.num_trials)
+            writer.add_scalar("eval/final_interference_mean", result["interference"][s], args.num_trials)
+    finally:
+        for writer in writers:
+            writer.close()
+    if args.save_model:
+        pop = result["population"]
+        for s, (seed, writer) in enumerate(zip(seeds, writers)):
+            save_checkpoint(os.path.join(writer.log_dir, "model.pt"),
+                            dict(args=dataclasses.asdict(args), seed=seed,
+                                 model={k: v[s].detach().clone() for k, v in pop.params.items()}))
+    for s, seed in enumerate(seeds):
+        print(f"seed={seed} eval/episodic_return={result['argmax'][s]:.4f} "
+              f"eval/episodic_return_sampled={result['sampled'][s]:.4f} grad/actor_var={result['grad_var'][s]:.3e} "
+              f"grad/interference={result['interference'][s]:.4f} diversity/snd={result['snd'][s]:.4f}")
+    print(f"{args.game} n={args.n_agents} {METHOD_NAMES[args.method]}: argmax {np.mean(result['argmax']):.4f} ± "
+          f"{np.std(result['argmax']):.4f}, sampled {np.mean(result['sampled']):.4f} ± {np.std(result['sampled']):.4f} "
+          f"({time.time() - start:.1f} s, runs in {args.runs_dir})")
     return 0
 
 

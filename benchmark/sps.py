@@ -149,7 +149,7 @@ def mamujoco_tables(repeats, quick):
     def train(task, actor, algo, num_envs, iterations, async_envs):
         """(SPS, collection and update microseconds per environment step) over iterations 2.."""
         batch = num_envs * 500
-        argv = ["--task", task, "--actor", actor, "--algo", algo, "--num-envs", str(num_envs),
+        argv = ["--task", task, "--actor", actor, "--algo", algo, "--num-envs", str(num_envs), "--num-steps", "500",
                 "--async-envs" if async_envs else "--no-async-envs"]
         rollout, update = timed_run("mappo_hyper_mamujoco", argv, iterations, batch)
         steps = batch * len(rollout)

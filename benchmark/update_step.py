@@ -1,8 +1,8 @@
 """Where a gradient step's time goes: FuPS against the MLP hypernetwork on Navigation (8 agents).
 
 The paper's Navigation settings give 2,000-sample minibatches per agent and 256-256 actor and
-critic networks. The MLP hypernetwork generates both from 64 hidden units, so its two heads hold
-4.6M parameters each. This script times, on random data of those shapes (in-process, 2 threads):
+critic networks. The MLP hypernetwork generates both from 64 hidden units, so the heads of each
+hold 4.6M parameters. This script times, on random data of those shapes (in-process, 2 threads):
 
 - a whole PPO gradient step (`ppo_update` over 30 minibatches, one epoch, divided by 30; it
   includes the interference metric, computed once per update);

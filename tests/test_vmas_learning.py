@@ -30,12 +30,13 @@ def one_thread():
 
 
 def test_hypernetwork_learns_small_dispersion(script, tmp_path, capsys, one_thread):
-    argv = ["--n-agents", "2", "--hypernet", "mlp", "--total-timesteps", "153600", "--eval-interval", "76800",
+    argv = ["--n-agents", "2", "--hypernet", "mlp", "--total-timesteps", "307200", "--eval-interval", "102400",
             "--runs-dir", str(tmp_path), "--seed", "1"]
     assert script.main(argv) == 0, capsys.readouterr().err
     (run_dir,) = run_dirs(tmp_path)
     trained = scalar_tags(run_dir)["eval/episodic_return"][-1]
     baseline = random_policy_return(script, script.resolve_args(script.parse_args(argv)))
     # A uniformly random policy scores about -0.9 (-0.01 per step, food found by chance); the
-    # hypernetwork reaches 0.0 (IPPO) and +0.8 (MAPPO) in 150k steps on one thread.
+    # hypernetwork (the authors' initialisation) reaches +0.09 (IPPO) and +0.81 (MAPPO) in 300k steps
+    # on one thread.
     assert trained > baseline + 0.7, (trained, baseline)

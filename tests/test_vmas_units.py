@@ -100,9 +100,10 @@ def test_linear_hypernet_init_is_exactly_orthogonal(script):
 
 @pytest.mark.parametrize("embedding", ["learned", "onehot"])
 def test_mlp_hypernet_init_matches_target_scale(script, embedding):
+    """Our --hypernet-init matched; every layer of actor and critic: tests/test_fidelity_hypernet.py."""
     torch.manual_seed(4)
     sizes, gains = [16, 64, 64, 9], [math.sqrt(2), math.sqrt(2), 0.01]
-    hyper = script.MLPHypernet(4, sizes, gains, embedding_dim=4, hidden_dims=[64], embedding=embedding, init="scaled")
+    hyper = script.MLPHypernet(4, sizes, gains, embedding_dim=4, hidden_dims=[64], embedding=embedding, init="matched")
     default = script.MLPHypernet(4, sizes, gains, embedding_dim=4, hidden_dims=[64], embedding=embedding, init="default")
     targets = [g * math.sqrt(min(i, o)) for (i, o), g in zip(zip(sizes[:-1], sizes[1:]), gains)]
     with torch.no_grad():

@@ -1,4 +1,8 @@
 #!/usr/bin/env bash
+# Ran with the script's earlier behaviour (commit f4d10bd: running-mean/std inputs without
+# LayerNorms, per-agent MAPPO critics, 4 envs x 500 steps, actions clipped, not rescaled). With the
+# current script these commands train with its current defaults (20 envs x 200 steps, HARL's
+# LayerNorms, one critic) and will not reproduce mamujoco_halfcheetah.md.
 # First evidence for mappo_hyper_mamujoco.py (issue 5): HalfCheetah-2x3, 2 seeds each of
 # HyperMARL MLP (MAPPO), independent actors (MAPPO), HAPPO (independent actors), FuPS (MAPPO).
 # Budget: 500k environment steps per run (the paper trains 10M), paper/HARL hyperparameters

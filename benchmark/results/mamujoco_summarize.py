@@ -92,7 +92,9 @@ def main():
               "diversity (base 2, [0, 1]) of the final policy on evaluation states; SPS = training env-steps/s "
               "(2-core CPU shared with other jobs, so only roughly comparable).", "",
               "With 2 seeds at 5% of the paper's budget, differences between methods are within the seed spread; "
-              "this shows that every method learns (the paper's Table 4 reports 6650-7064 at 10M), not a ranking.", ""]
+              "this shows that every method learns (the paper's Table 4 reports 6650-7064 at 10M), not a ranking.", "",
+              "Gymnasium-Robotics runs the MuJoCo v5 tasks, the paper the v2 ones (contact costs, friction and "
+              "healthy reward differ): these returns are not comparable with Table 4's.", ""]
     with open(os.path.join(opts.out, f"{opts.name}.md"), "w") as f:
         f.write("\n".join(header + table) + "\n")
     print("\n".join(table))

@@ -1,0 +1,92 @@
+"""Build appendix D.1.2's shared SND dataset: observations from several checkpoints' rollouts.
+
+The paper measures every method's SND on one dataset of observations, collected by rolling out
+IPPO-NoPS and IPPO-FuPS checkpoints (5M and 20M steps) for 10,000 episodes each and sampling
+1M observations from the pool. This script does the same for any checkpoints of one scenario:
+
+    python benchmark/snd_dataset.py --checkpoints nops_5M.pt nops_20M.pt fups_5M.pt fups_20M.pt \
+        --out snd_dispersion4.npz                    # 10,000 episodes each, 1M observations
+    python ippo_hyper_vmas.py --eval-only --checkpoint mlp.pt --snd-obs-file snd_dispersion4.npz
+
+Each checkpoint is rolled out with its script's `evaluate` (the scenario's evaluation mode; the
+environment seeded with --seed). The file holds `obs`, (rows, n_agents, obs_dim): rows are whole
+time steps (every agent's observation), --samples // n_agents of them drawn without replacement
+from the pool, as the authors' code samples 1e6 // n_agents rows and flattens the agent axis.
+"""
+
+import argparse
+import os
+import pickle
+import sys
+import zipfile
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad flags: one line, exit status 2, nothing written."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def rollout_observations(script, path: str, episodes: int, seed: int) -> torch.Tensor:
+    """(N, n_agents, obs_dim) observations of `episodes` evaluation episodes of one checkpoint."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != script.CHECKPOINT_FORMAT:
+        raise script.CheckpointError(f"--checkpoints: {path!r} is not a {script.CHECKPOINT_FORMAT} checkpoint")
+    saved = {k: v for k, v in state["args"].items() if k in {f.name for f in script.dataclasses.fields(script.Args)}}
+    args = script.Args(**saved)
+    args.eval_episodes, args.seed = episodes, seed
+    env = script.VmasEnv(args, episodes, seed, torch.device("cpu"))
+    critic_in_dim = script.critic_input(torch.zeros(args.n_agents, 1, env.obs_dim)).shape[-1]
+    agent = script.Agent(args, env.obs_dim, env.act_dim, env.discrete, critic_in_dim)
+    agent.load_state_dict(state["model"])
+    args.snd_samples = 1  # the SND of the rollout itself is not needed here
+    return script.evaluate(agent, env, list(env._rng), args, seed)[3]
+
+
+def main(argv=None) -> int:
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--script", default="ippo_hyper_vmas", choices=["ippo_hyper_vmas", "mappo_hyper_vmas"])
+    parser.add_argument("--checkpoints", nargs="+", required=True, help="checkpoints of one scenario")
+    parser.add_argument("--episodes", type=int, default=10_000, help="episodes per checkpoint (paper: 10,000)")
+    parser.add_argument("--samples", type=int, default=1_000_000, help="observations in the file (paper: 1M)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the rollouts and of the sampling")
+    parser.add_argument("--out", required=True, help="the .npz file to write")
+    opts = parser.parse_args(argv)
+    for name in ("episodes", "samples"):
+        if getattr(opts, name) < 1:
+            parser.error(f"--{name}: must be at least 1, got {getattr(opts, name)}")
+    for path in opts.checkpoints:
+        if not os.path.isfile(path):
+            parser.error(f"--checkpoints: no such file {path!r}")
+    script = __import__(opts.script)
+    torch.manual_seed(opts.seed)
+    pools = []
+    try:
+        for path in opts.checkpoints:
+            pools.append(rollout_observations(script, path, opts.episodes, opts.seed))
+            print(f"{path}: {pools[-1].shape[0]:,} time steps", flush=True)
+    except (ValueError, RuntimeError, KeyError, TypeError, EOFError, OSError, pickle.UnpicklingError,
+            zipfile.BadZipFile) as error:  # ValueError includes the scripts' ArgError and CheckpointError
+        parser.error(str(error).splitlines()[0] if isinstance(error, (script.CheckpointError, script.ArgError))
+                     else f"--checkpoints: cannot load ({str(error).splitlines()[0][:120]})")
+    if len({pool.shape[1:] for pool in pools}) != 1:
+        parser.error(f"--checkpoints: observations of different shapes {sorted({tuple(p.shape[1:]) for p in pools})}")
+    pool = torch.cat(pools)
+    rows = min(pool.shape[0], max(1, opts.samples // pool.shape[1]))
+    generator = torch.Generator().manual_seed(opts.seed)
+    obs = pool[torch.randperm(pool.shape[0], generator=generator)[:rows]].numpy()
+    np.savez_compressed(opts.out, obs=obs)
+    print(f"{opts.out}: obs {obs.shape} ({obs.shape[0] * obs.shape[1]:,} observations of {pool.shape[0]:,} time steps)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Fidelity of the VMAS scripts to the paper and to its baselines' own code: DiCo as its authors run
+it, the evaluation mode of appendix D.1.1, the SND protocol of appendix D.1.2 and Table 15's tuning."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, run_dirs, tiny_args
+
+
+def build(script, *argv):
+    args = script.resolve_args(script.parse_args([str(a) for a in argv]))
+    env = script.VmasEnv(args, 2, 0, torch.device("cpu"))
+    critic_in = script.critic_input(torch.zeros(args.n_agents, 1, env.obs_dim)).shape[-1]
+    torch.manual_seed(0)
+    return args, env, script.Agent(args, env.obs_dim, env.act_dim, env.discrete, critic_in)
+
+
+NAV_DICO = ["--scenario", "navigation", "--n-agents", 3, "--hypernet", "dico", "--dico-snd-des", 1.2,
+            "--actor-hidden-dims", 16, 16, "--critic-hidden-dims", 16, 16]
+
+
+# ----- DiCo (proroklab/ControllingBehavioralDiversity) -----
+def test_dico_snd_hat_is_a_soft_updated_running_estimate(script):
+    _, env, agent = build(script, *NAV_DICO)
+    actor = agent.actor
+    assert torch.isnan(actor.snd_hat) and "actor.snd_hat" in agent.state_dict()  # goes into checkpoints
+    x1, x2 = torch.randn(3, 50, env.obs_dim), torch.randn(3, 50, env.obs_dim)
+    deviation = actor.deviation()
+    actor(x1)  # first training pass: the measured value (bootstrap_from_desired_snd: False)
+    first = float(actor.deviation_snd(x1, deviation).detach())
+    assert float(actor.snd_hat) == pytest.approx(first, rel=1e-6)
+    actor(x2)  # then a soft update with their tau = 0.01
+    expected = 0.99 * first + 0.01 * float(actor.deviation_snd(x2, deviation).detach())
+    assert float(actor.snd_hat) == pytest.approx(expected, rel=1e-6)
+    with torch.no_grad():  # rollouts and evaluation read the estimate, never move it
+        mean, _ = actor(x1)
+    assert float(actor.snd_hat) == pytest.approx(expected, rel=1e-6)
+    with torch.no_grad():
+        shared_mean = torch.tanh(script.batched_mlp(x1, actor.shared(), actor.activation).chunk(2, -1)[0])
+        deviation_out = script.batched_mlp(x1, deviation, actor.activation)
+    torch.testing.assert_close(mean, shared_mean + 1.2 / expected * deviation_out, rtol=1e-5, atol=1e-6)
+
+
+def test_dico_critic_std_and_squashing_follow_their_code(script):
+    _, env, agent = build(script, *NAV_DICO)
+    # IPPO: one critic per agent (their ippo.yaml: share_param_critic False); MAPPO: one shared critic.
+    expected = script.IndependentNets if script.__name__.startswith("ippo") else script.SharedNet
+    assert isinstance(agent.critic.generator, expected)
+    assert not hasattr(agent, "actor_logstd")  # the std comes from the shared network
+    assert env.act_low.tolist() == [-1.0, -1.0] and env.act_high.tolist() == [1.0, 1.0]  # the box tanh maps to
+    with torch.no_grad():
+        for layer in agent.actor.shared.layers[-1:]:
+            layer.weight.zero_()
+            layer.bias.zero_()
+        for weight in agent.actor.deviation.weights:
+            weight.mul_(100.0)  # deviations far outside the box
+    x = torch.randn(3, 40, env.obs_dim)
+    with torch.no_grad():
+        mean, std = agent.policy(x)
+    torch.testing.assert_close(std, torch.ones_like(std))  # biased_softplus_1.0 at 0 is 1
+    assert agent.actor.shared.layers[-1].out_features == 2 * env.act_dim
+    # TanhNormal: log-prob of the squashed action, and tanh(u) goes to the environment.
+    u = torch.randn(3, 40, env.act_dim) * 2
+    with torch.no_grad():  # the same SND_hat (none yet: ratio 1) as the pass above
+        _, logprob, _, _ = agent.get_action_and_value(x, u)
+    base = torch.distributions.Normal(mean, std)
+    tanh_normal = torch.distributions.TransformedDistribution(base, [torch.distributions.TanhTransform()])
+    torch.testing.assert_close(logprob, tanh_normal.log_prob(torch.tanh(u)).sum(-1), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(agent.env_action(u), torch.tanh(u))
+    # Their action-space loss: the largest (over agents) squared overflow of the mean outside [-1, 1].
+    with torch.no_grad():
+        loss = script.dico_action_space_loss(agent, x)
+    overflow = torch.linalg.vector_norm(mean - mean.clamp(-1, 1), dim=-1)
+    assert float(loss) > 0
+    torch.testing.assert_close(loss, overflow.max(0).values.square().mean().detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_dico_resume_is_bit_exact_with_the_running_estimate(script, tmp_path, capsys):
+    common = ["--hypernet", "dico", "--n-agents", 2, "--save-model"]
+
+    def run(name, steps, *extra):
+        argv = tiny_args(tmp_path / name, *common, "--total-timesteps", steps, "--exp-name", name, *extra,
+                         scenario="navigation")
+        assert script.main(argv) == 0, capsys.readouterr().err
+
+    run("full", 96)
+    run("part", 64)
+    (part_dir,) = run_dirs(tmp_path / "part")
+    checkpoint = os.path.join(part_dir, "checkpoint.pt")
+    run("part", 96, "--resume", checkpoint)
+    (full_dir,) = run_dirs(tmp_path / "full")
+    a = torch.load(os.path.join(full_dir, "checkpoint.pt"), weights_only=True)
+    b = torch.load(checkpoint, weights_only=True)
+    assert not torch.isnan(a["model"]["actor.snd_hat"])
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    moments = a["action_optimizer"]["state"]
+    assert moments and all(torch.equal(moments[k]["exp_avg"], b["action_optimizer"]["state"][k]["exp_avg"])
+                           for k in moments)
+
+
+# ----- Evaluation mode (appendix D.1.1) -----
+def test_evaluation_mode_follows_d11_per_scenario(script, tmp_path):
+    assert script.resolve_args(script.parse_args([])).eval_deterministic is True
+    assert script.resolve_args(script.parse_args(["--scenario", "navigation"])).eval_deterministic is False
+    argv = ["--scenario", "navigation", "--eval-deterministic", "True"]
+    assert script.resolve_args(script.parse_args(argv)).eval_deterministic is True
+
+
+def test_sampled_evaluation_is_reproducible_and_leaves_the_training_rng_alone(script):
+    args, env, agent = build(script, "--scenario", "navigation", "--n-agents", 2, "--hypernet", "nops",
+                             "--eval-episodes", 2, "--max-steps", 5, "--actor-hidden-dims", 8,
+                             "--critic-hidden-dims", 8)
+    with torch.no_grad():
+        agent.actor_logstd.fill_(0.5)
+    rng = list(env._rng)
+    torch.manual_seed(123)
+    sampled = [script.evaluate(agent, env, rng, args, 7)[0] for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), torch.manual_seed(123).get_state())
+    assert sampled[0] == sampled[1]
+    args.eval_deterministic = True
+    assert script.evaluate(agent, env, rng, args, 7)[0] != sampled[0]
+
+
+# ----- SND on a shared dataset (appendix D.1.2) -----
+def test_snd_on_an_observation_file_and_the_dataset_builder(script, tmp_path, capsys):
+    assert script.main(tiny_args(tmp_path / "train", "--save-model", "--hypernet", "nops")) == 0
+    (run_dir,) = run_dirs(tmp_path / "train")
+    checkpoint = os.path.join(run_dir, "checkpoint.pt")
+    capsys.readouterr()
+    out = tmp_path / "snd.npz"
+    spec = importlib.util.spec_from_file_location("snd_dataset", os.path.join(ROOT, "benchmark", "snd_dataset.py"))
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    argv = ["--script", script.__name__, "--checkpoints", checkpoint, checkpoint, "--episodes", 5,
+            "--samples", 120, "--out", out]
+    assert builder.main([str(a) for a in argv]) == 0
+    obs = np.load(out)["obs"]
+    assert obs.shape == (30, 4, 16)  # 120 // 4 rows of every agent's observation
+    code = script.main(tiny_args(tmp_path / "eval", "--eval-only", "--checkpoint", checkpoint,
+                                 "--snd-obs-file", out, "--hypernet", "nops"))
+    printed = capsys.readouterr().out
+    assert code == 0
+    snd = float(printed.split("diversity/snd=")[1].split()[0])
+    args, env, agent = build(script, "--hypernet", "nops", "--actor-hidden-dims", 16, 16,
+                             "--critic-hidden-dims", 16, 16, "--max-steps", 6)
+    agent.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
+    with torch.no_grad():
+        flat = torch.from_numpy(obs.reshape(-1, 16))
+        expected = script.system_neural_diversity(agent.policy(flat.expand(4, -1, -1)), True)
+    assert snd == pytest.approx(expected, abs=2e-6)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--snd-obs-file", "x.npz"], "--snd-obs-file: only with --eval-only"),
+    (["--eval-only", "--checkpoint", "CKPT", "--snd-obs-file", "missing.npz"], "--snd-obs-file: no such file"),
+    (["--eval-only", "--checkpoint", "CKPT", "--snd-obs-file", "BAD"], "--snd-obs-file:"),
+])
+def test_bad_snd_obs_file_is_one_line_exit_2(script, tmp_path, capsys, extra, message):
+    assert script.main(tiny_args(tmp_path / "train", "--save-model")) == 0
+    (run_dir,) = run_dirs(tmp_path / "train")
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, obs=np.zeros((5, 7), dtype=np.float32))  # wrong observation size
+    extra = [str(bad) if e == "BAD" else os.path.join(run_dir, "checkpoint.pt") if e == "CKPT" else e for e in extra]
+    capsys.readouterr()
+    assert script.main(tiny_args(tmp_path / "eval", *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {message}"), err
+    assert not os.path.exists(tmp_path / "eval")
+
+
+# ----- Table 15 (Navigation tuning) and Table 9's seeds -----
+@pytest.mark.parametrize("family, n, same, clip, lr", [
+    ("mlp", 4, 4, 0.1, 5e-5), ("fups", 8, 8, 0.2, 5e-5), ("nops", 4, 1, 0.2, 5e-5), ("nops", 8, 4, 0.1, 5e-5),
+    ("dico", 4, 1, 0.1, 2.5e-4), ("dico", 4, 2, 0.1, 5e-4), ("linear", 8, 1, 0.1, 5e-5),
+    ("mlp", 2, 1, 0.2, 5e-5),  # 2 agents: not in Table 15, Table 12's values
+])
+def test_navigation_defaults_follow_table_15(script, family, n, same, clip, lr):
+    argv = ["--scenario", "navigation", "--hypernet", family, "--n-agents", str(n), "--agents-with-same-goal", str(same)]
+    args = script.resolve_args(script.parse_args(argv))
+    assert (args.clip_coef, args.learning_rate) == (clip, lr)
+    args = script.resolve_args(script.parse_args(argv + ["--clip-coef", "0.3", "--learning-rate", "1e-3"]))
+    assert (args.clip_coef, args.learning_rate) == (0.3, 1e-3)  # explicit flags win
+
+
+def test_evidence_uses_table_9_seeds():
+    result = subprocess.run([sys.executable, "-c", "import sys; sys.argv = ['evidence.py', '--help'];"
+                             "import runpy; runpy.run_path('benchmark/evidence.py', run_name='__main__')"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "[30, 1, 42, 72858, 2300658]" in " ".join(result.stdout.split())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoints", "missing.pt"], "--checkpoints: no such file 'missing.pt'"),
+    (["--checkpoints", "x.pt", "--episodes", "0"], "--episodes: must be at least 1, got 0"),
+    (["--checkpoints", "FOREIGN"], "--checkpoints:"),
+])
+def test_snd_dataset_bad_flags_are_one_line_exit_2(tmp_path, argv, message):
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": {}}, foreign)
+    out = tmp_path / "snd.npz"
+    argv = [str(foreign) if a == "FOREIGN" else a for a in argv]
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "snd_dataset.py"), "--out", str(out)] + argv,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not out.exists()
