@@ -104,7 +104,7 @@ class Args:
     """total environment steps (paper: 10M)"""
     num_steps: int = 200
     """steps per environment per rollout (HARL's tuned configs: episode_length 200, so 20 x 200 = 4000
-    samples per update; Tables 17-20 do not give it)"""
+    samples per update, except its MAPPO config for Humanoid-17x1: 100; Tables 17-20 do not give it)"""
 
     # Algorithm. None = the task's value in Tables 17-20 (and Table 21 for HyperMARL's clip).
     algo: str = "mappo"
@@ -134,7 +134,8 @@ class Args:
     ent_coef: Optional[float] = None
     """entropy bonus (HalfCheetah 0.01, others 0)"""
     fixed_order: Optional[bool] = None
-    """[happo] update agents in index order rather than a random order each update (Ant: true)"""
+    """[happo] update agents in index order rather than a random order each update (Table 17: true for
+    Ant, although HARL's tuned HAPPO config for Ant has false; Tables 18-20: false)"""
     gamma: float = 0.99
     """discount factor"""
     gae_lambda: float = 0.95
@@ -1144,6 +1145,8 @@ class PerAgentAdam(torch.optim.Optimizer):
                     state["step"] = torch.zeros(self.n_agents, dtype=torch.float64, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
+                elif state["step"].device != p.device:  # load_state_dict leaves "step" where it was saved (CPU)
+                    state["step"] = state["step"].to(p.device)
                 idx = slice(None) if agents is None else agents
                 grad, shape = p.grad[idx], (-1,) + (1,) * (p.dim() - 1)
                 step = state["step"][idx] + 1
@@ -1380,7 +1383,7 @@ class Evaluator:
         self.args, self.device = args, device
 
     def __call__(self, actor: GaussianActor, obs_norm: ObsNormalizer):
-        args, envs, n = self.args, self.envs, self.envs[0].n_agents
+        args, envs = self.args, self.envs
         flats = [env.reset(seed=args.seed + 10_000 + k)[0] for k, env in enumerate(envs)]
         returns, active = np.zeros(len(envs)), np.ones(len(envs), dtype=bool)
         pool, generator = [], torch.Generator().manual_seed(args.seed)
@@ -1388,10 +1391,8 @@ class Evaluator:
             params = actor.generate()
             for _ in range(args.max_episode_steps + 1):
                 live = np.nonzero(active)[0]
-                local, state = envs[0].split(np.stack([flats[k] for k in live]))
-                x = actor_inputs(obs_norm.local(local) if local is not None else None, obs_norm.state(state), n)
-                x = torch.as_tensor(x, device=self.device)
-                pool.append(x.cpu())
+                pool.append(np.stack([flats[k] for k in live]))
+                x = torch.as_tensor(self.inputs(pool[-1], obs_norm), device=self.device)
                 mean, _ = actor(x, params)
                 actions = mean.cpu().numpy().transpose(1, 0, 2)  # in [-1, 1] units: MaMuJoCoEnv rescales
                 for j, k in enumerate(live):
@@ -1400,12 +1401,20 @@ class Evaluator:
                     active[k] = not (terminated or truncated)
                 if not active.any():
                     break
-            pool = torch.cat(pool, 1)  # (n_agents, joint states, obs_dim): each agent's own input
-            pool = pool[:, torch.randperm(pool.shape[1], generator=generator)[: args.snd_samples]].to(self.device)
-            mean, std = common_action_dims(*actor(pool, params), actor.act_mask)
+            # SND's joint states, drawn from the raw observations (global mode: 1/n_agents of the memory of
+            # every agent's input; 40 Humanoid-17x1 episodes would hold 1 GB); each agent gets its own input
+            pool = np.concatenate(pool)
+            x = self.inputs(pool[torch.randperm(len(pool), generator=generator)[: args.snd_samples].numpy()], obs_norm)
+            mean, std = common_action_dims(*actor(torch.as_tensor(x, device=self.device), params), actor.act_mask)
             snd = system_neural_diversity((mean, std), False, args.snd_gaussian_samples,
                                           torch.Generator(device=self.device).manual_seed(args.seed))
         return float(returns.mean()), snd
+
+    def inputs(self, flat: np.ndarray, obs_norm: ObsNormalizer) -> np.ndarray:
+        """Raw observations (batch, flat) -> every agent's actor input (n_agents, batch, obs_dim)."""
+        local, state = self.envs[0].split(flat)
+        return actor_inputs(obs_norm.local(local) if local is not None else None, obs_norm.state(state),
+                            self.envs[0].n_agents)
 
     def close(self):
         for env in self.envs:

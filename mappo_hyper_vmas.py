@@ -793,19 +793,20 @@ class DiCoMLP(nn.Module):
         """Mean pairwise L2 distance between the agents' deviation outputs on all observations of x."""
         n = x.shape[0]
         outputs = batched_mlp(x.reshape(1, -1, x.shape[-1]).expand(n, -1, -1), deviation_params, self.activation)
-        i, j = torch.triu_indices(n, n, offset=1)
+        i, j = torch.triu_indices(n, n, offset=1, device=x.device)
         return torch.linalg.vector_norm(outputs[i] - outputs[j], dim=-1).mean()
 
     def scaling_ratio(self, x, deviation_params, update_estimate=True):
         if self.snd_des <= 0:
             return 0.0 if self.snd_des == 0 else 1.0
         estimate = self.snd_hat
+        # torch.where, not `if`: a Python test of a CUDA value would sync every rollout step and minibatch
         if torch.is_grad_enabled():
             measured = self.deviation_snd(x, deviation_params)
-            estimate = measured if self.snd_hat.isnan() else (1 - self.TAU) * self.snd_hat + self.TAU * measured
+            estimate = torch.where(self.snd_hat.isnan(), measured, (1 - self.TAU) * self.snd_hat + self.TAU * measured)
             if update_estimate:
                 self.snd_hat.copy_(estimate.detach())
-        return 1.0 if estimate.isnan() else self.snd_des / estimate
+        return torch.where(estimate.isnan(), 1.0, self.snd_des / estimate)
 
     def forward(self, x, params=None, update_estimate=True):
         shared_params, deviation_params = params if params is not None else self.generate()
@@ -813,7 +814,7 @@ class DiCoMLP(nn.Module):
         if not self.discrete:
             loc, pre_std = out.chunk(2, -1)
             out = torch.tanh(loc)  # process_shared
-            std = (F.softplus(pre_std + self.STD_BIAS) + 0.01).clamp_min(1e-4)
+            std = F.softplus(pre_std + self.STD_BIAS) + 0.01
         ratio = self.scaling_ratio(x, deviation_params, update_estimate)
         if not (isinstance(ratio, float) and ratio == 0.0):
             out = out + ratio * batched_mlp(x, deviation_params, self.activation)
@@ -1121,12 +1122,17 @@ def save_checkpoint(path: str, state: dict) -> None:
 def load_snd_obs(path: str, obs_dim: int):
     """The observations of an SND dataset (.npz, key obs) as an (N, obs_dim) tensor, or why not (a str)."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy array
+            raise ValueError("a .npy array, not an .npz archive")
+        with data:
             obs = np.asarray(data["obs"], dtype=np.float32)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as error:  # EOFError: an empty file
         return f"{path!r} is not an .npz file with an obs array ({str(error).splitlines()[0][:120]})"
     if obs.ndim not in (2, 3) or obs.shape[-1] != obs_dim or obs.size == 0:
         return f"{path!r} holds observations of shape {obs.shape}; this scenario's have {obs_dim} features"
+    if not np.isfinite(obs).all():
+        return f"{path!r} holds non-finite observations"
     return torch.from_numpy(obs.reshape(-1, obs_dim))
 
 
@@ -1162,13 +1168,13 @@ def set_rng_state(state: dict) -> None:
 
 
 # ===== 8. Main =====
-def evaluate(agent, eval_env: VmasEnv, initial_rng: list, args: Args, seed: int, snd_obs=None):
+def evaluate(agent, eval_env: VmasEnv, initial_rng: list, args: Args, seed: int, snd_obs=None, keep_obs=False):
     """Episodes on the evaluation environment, which starts from the same random state every time
     (so evaluations differ only by the policy), with the mode or, --eval-deterministic False, with
     actions sampled from a generator seeded with seed (so evaluation never touches the training RNG).
     Then SND (Eq. 9) on snd_obs (an (N, obs_dim) tensor, appendix D.1.2's shared dataset) or on
     --snd-samples of the episodes' observations. Returns (mean return, per-agent returns, SND,
-    the episodes' observations (N, n_agents, obs_dim))."""
+    with keep_obs the episodes' observations (N, n_agents, obs_dim), else None)."""
     eval_env._rng = list(initial_rng)
     obs = eval_env.reset()
     n, num_envs = args.n_agents, eval_env.num_envs
@@ -1189,10 +1195,10 @@ def evaluate(agent, eval_env: VmasEnv, initial_rng: list, args: Args, seed: int,
             active &= ~(terminated | truncated)
             if not active.any():
                 break
-        pool = torch.cat([step.reshape(-1, step.shape[-1]) for step in seen])
         if snd_obs is None:
+            pool = torch.cat([step.reshape(-1, step.shape[-1]) for step in seen])
             pool = pool[torch.randperm(pool.shape[0], generator=generator, device=obs.device)[: args.snd_samples]]
-        else:
+        else:  # the episodes' own observations are not needed: no copy of them
             pool = snd_obs.to(obs.device)
         snd = 0.0
         for chunk in pool.split(10_000):  # chunks keep a million-observation dataset in memory
@@ -1200,7 +1206,8 @@ def evaluate(agent, eval_env: VmasEnv, initial_rng: list, args: Args, seed: int,
             dist = agent.policy(chunk.expand(n, -1, -1), params)
             snd += system_neural_diversity(dist, agent.discrete, args.snd_gaussian_samples, generator) * len(chunk)
         snd /= pool.shape[0]
-    return returns.mean(0).mean().item(), returns.mean(1).tolist(), snd, torch.cat(seen, 1).transpose(0, 1)
+    episodes_obs = torch.cat(seen, 1).transpose(0, 1) if keep_obs else None
+    return returns.mean(0).mean().item(), returns.mean(1).tolist(), snd, episodes_obs
 
 
 def main(argv=None) -> int:

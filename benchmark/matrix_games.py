@@ -206,12 +206,18 @@ def main(argv=None) -> int:
     for flag, instead in (("--game", "--games"), ("--method", "--methods"), ("--save-model", None)):
         if any(item == flag or item.startswith(flag + "=") for item in rest):
             parser.error(f"{flag}: the sweep sets it" + (f"; use {instead}" if instead else ""))
-    if "--num-seeds" not in rest:
+    if not any(item == "--num-seeds" or item.startswith("--num-seeds=") for item in rest):
         rest += ["--num-seeds", "5"]  # Table 8
     try:
         args = mg.validate_args(mg.parse_args(rest))
     except mg.ArgError as error:
         parser.error(str(error))
+    if opts.out is not None and os.path.exists(opts.out) and not os.path.isdir(opts.out):
+        parser.error(f"--out: {opts.out!r} is a file, not a folder")
+    try:  # the plot comes after the whole sweep: fail now, not then
+        import matplotlib  # noqa: F401
+    except ImportError:
+        parser.error("matplotlib is not installed (pip install -r requirements-dev.txt); the sweep ends with a plot")
     out = opts.out or os.path.join("runs", time.strftime("matrix_games_%Y%m%d-%H%M%S"))
 
     torch.set_num_threads(args.num_threads)

@@ -31,7 +31,7 @@ class OneLineParser(argparse.ArgumentParser):
     """Bad flags: one line, exit status 2, nothing written."""
 
     def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {message.removeprefix('argument ')}", file=sys.stderr)  # "error: --flag: ..."
         sys.exit(2)
 
 
@@ -48,7 +48,7 @@ def rollout_observations(script, path: str, episodes: int, seed: int) -> torch.T
     agent = script.Agent(args, env.obs_dim, env.act_dim, env.discrete, critic_in_dim)
     agent.load_state_dict(state["model"])
     args.snd_samples = 1  # the SND of the rollout itself is not needed here
-    return script.evaluate(agent, env, list(env._rng), args, seed)[3]
+    return script.evaluate(agent, env, list(env._rng), args, seed, keep_obs=True)[3]
 
 
 def main(argv=None) -> int:
@@ -66,6 +66,12 @@ def main(argv=None) -> int:
     for path in opts.checkpoints:
         if not os.path.isfile(path):
             parser.error(f"--checkpoints: no such file {path!r}")
+    # Checked before the rollouts: numpy would append .npz to any other name, and a missing folder
+    # would only fail after hours of rollouts.
+    if not opts.out.endswith(".npz") or os.path.isdir(opts.out):
+        parser.error(f"--out: must be an .npz file name, got {opts.out!r}")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(opts.out))):
+        parser.error(f"--out: no such folder {os.path.dirname(opts.out)!r}")
     script = __import__(opts.script)
     torch.manual_seed(opts.seed)
     pools = []

@@ -35,7 +35,7 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse with the repository's convention for bad input: one line, exit status 2."""
 
     def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {message.removeprefix('argument ')}", file=sys.stderr)  # "error: --flag: ..."
         sys.exit(2)
 
 

@@ -24,5 +24,5 @@ def test_bad_flag_is_one_line_exit_2_and_writes_nothing(tmp_path, script, argv, 
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.stderr  # not "error: argument --x"
     assert "Traceback" not in result.stderr and not out.exists()

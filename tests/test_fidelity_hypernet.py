@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from conftest import ROOT
 
 SIZES = [6, 16, 16, 5]
+GAINS = [math.sqrt(2), math.sqrt(2), 0.01]
 
 
 @pytest.fixture(autouse=True)
@@ -21,7 +22,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-GAINS = [math.sqrt(2), math.sqrt(2), 0.01]
 
 
 def manual_forward(hyper, normalise):
@@ -170,7 +170,7 @@ def test_init_scale_benchmark(tmp_path):
     assert text.count("| critic 3 |") == 4 and text.count("| actor 1 |") == 4  # both scripts, both scenarios
     assert "| matched | 0% | 0% |" in text
     bad = run([os.path.join(ROOT, "benchmark", "init_scale.py"), "--seeds", "0", "--out", str(out) + "2"], tmp_path)
-    assert bad.returncode == 2 and bad.stderr.strip() == "error: argument --seeds: must be at least 1, got 0"
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --seeds: must be at least 1, got 0"
     assert not os.path.exists(str(out) + "2")
 
 

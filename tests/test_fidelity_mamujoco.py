@@ -160,3 +160,123 @@ def test_every_mamujoco_result_says_returns_are_not_comparable_to_table_4():
     readme = open(os.path.join(ROOT, "README.md")).read()
     section = readme.split("### Multi-Agent MuJoCo")[1].split("\n## ")[0]
     assert "v5" in section and "v2" in section and "Table 4" in section
+
+
+# ----- review: CUDA resume of independent actors; the results summary's header -----
+def test_per_agent_adam_steps_on_its_parameters_device_after_loading_a_cpu_checkpoint():
+    """Checkpoints load with map_location="cpu", and torch's load_state_dict leaves a state's "step"
+    where it was saved: on CUDA, PerAgentAdam (independent actors, HAPPO's default) then mixed CPU and
+    CUDA tensors at the first step after --resume. The meta device stands in for CUDA here."""
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    saved = mj.PerAgentAdam([p], 3, lr=1e-3)
+    p.grad = torch.randn(3, 4)
+    saved.step()
+    q = torch.nn.Parameter(torch.empty(3, 4, device="meta"))
+    resumed = mj.PerAgentAdam([q], 3, lr=1e-3)
+    resumed.load_state_dict(saved.state_dict())
+    q.grad = torch.empty(3, 4, device="meta")
+    resumed.step()  # MAPPO: every agent
+    resumed.step(torch.tensor([1], device="meta"))  # HAPPO: one agent
+    assert all(t.device == q.device for t in resumed.state[q].values())
+
+
+def test_mamujoco_summary_reports_the_runs_own_settings(tmp_path):
+    """The header of benchmark/results/mamujoco_summarize.py's table gives the environments, steps,
+    evaluation episodes and clip the runs logged, not the settings of the first evidence."""
+    import subprocess
+    import sys
+
+    from test_mamujoco import run_main
+
+    runs = tmp_path / "runs"
+    for actor in ("mlp", "ind"):
+        assert run_main(tiny_argv(runs, "--eval-interval", "32", actor=actor))[0] == 0
+    script = os.path.join(ROOT, "benchmark", "results", "mamujoco_summarize.py")
+    done = subprocess.run([sys.executable, script, str(runs), "--out", str(tmp_path), "--name", "tiny"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    header = (tmp_path / "tiny.md").read_text().split("| method |")[0]
+    assert "1 environments x 32 steps per update" in header
+    assert "evaluation every 32 steps over 2 deterministic episodes" in header
+    assert "HyperMARL MLP (MAPPO) 0.0375, Ind. actors (MAPPO) 0.05" in header  # Table 21, Table 20
+    assert "v5" in header and "v2" in header and "500" not in header
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--critic", "auto"], "error: --critic: must be one of shared, per-agent"),  # the old default
+    (["--critic", "centralised"], "error: --critic:"),
+    (["--algo", "happo", "--actor", "fups", "--critic", "per-agent"], "error: --actor:"),
+    (["--norm-obs", "yes"], "error: "),  # a toggle takes no value
+])
+def test_bad_critic_and_norm_obs_values_exit_2_with_one_line(tmp_path, flags, needle):
+    from test_mamujoco import run_main
+
+    runs = tmp_path / "runs"
+    code, out, err = run_main(["--runs-dir", str(runs)] + flags)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(needle), err
+    assert not runs.exists() and not out
+
+
+@pytest.mark.parametrize("task,obs_mode", [("Ant-4x2", "global"), ("Humanoid-9|8", "local")])
+def test_evaluation_snd_is_drawn_from_every_agents_inputs_of_the_episodes(task, obs_mode):
+    """40 evaluation episodes: the SND pool keeps the raw observations (global mode: one state per
+    joint state, not n_agents inputs; 1 GB on Humanoid-17x1 otherwise) and builds the inputs of its
+    sample only. Same SND as keeping every agent's input of every step and sampling from those."""
+    torch.manual_seed(0)
+    args = mj.resolve_args(mj.Args(task=task, obs_mode=obs_mode, actor="fups", eval_episodes=3, max_episode_steps=20,
+                                   snd_samples=30, actor_hidden_dims=[16], norm_obs=True))
+    evaluator = mj.Evaluator(args, torch.device("cpu"))
+    env = evaluator.envs[0]
+    actor = mj.GaussianActor(args, env.n_agents, mj.actor_obs_dim(args, env), env.act_dim, env.act_mask)
+    obs_norm = mj.ObsNormalizer(env.state_dim, env.obs_mask if obs_mode == "local" else None, True)
+    rng = np.random.default_rng(0)
+    obs_norm.update(rng.standard_normal((5, env.n_agents, env.local_obs_dim)) if obs_mode == "local" else None,
+                    rng.standard_normal((5, env.state_dim)))
+    eval_return, snd = evaluator(actor, obs_norm)
+    # reference: every agent's input of every step of every episode, then the same draw
+    envs, inputs, returns = evaluator.envs, [], np.zeros(3)
+    flats = [e.reset(seed=args.seed + 10_000 + k)[0] for k, e in enumerate(envs)]
+    active = np.ones(3, dtype=bool)
+    with torch.no_grad():
+        while active.any():
+            live = np.nonzero(active)[0]
+            local, state = env.split(np.stack([flats[k] for k in live]))
+            x = torch.as_tensor(mj.actor_inputs(obs_norm.local(local) if local is not None else None,
+                                                obs_norm.state(state), env.n_agents))
+            inputs.append(x)
+            actions = actor(x)[0].numpy().transpose(1, 0, 2)
+            for j, k in enumerate(live):
+                flats[k], reward, terminated, truncated, _ = envs[k].step(actions[j])
+                returns[k] += reward
+                active[k] = not (terminated or truncated)
+        pool = torch.cat(inputs, 1)
+        pool = pool[:, torch.randperm(pool.shape[1], generator=torch.Generator().manual_seed(args.seed))[:30]]
+        mean, std = mj.common_action_dims(*actor(pool), actor.act_mask)
+        expected = mj.system_neural_diversity((mean, std), False, args.snd_gaussian_samples,
+                                              torch.Generator().manual_seed(args.seed))
+    assert eval_return == returns.mean() and snd == expected and snd > 0
+    evaluator.close()
+
+
+def _orthogonal_with_gain(weight, gain):
+    """weight (fan_in, fan_out), as the networks store it: orthogonal rows or columns times gain."""
+    m = weight.T if weight.shape[1] <= weight.shape[0] else weight
+    torch.testing.assert_close(m @ m.T, gain**2 * torch.eye(m.shape[0]), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("actor", ["ind", "fups"])
+def test_harl_init_of_the_networks_that_are_not_generated(actor):
+    """HARL (Tables 17-20): orthogonal_ init with gain calculate_gain("relu") in MLPBase, gain 0.01 on
+    the Gaussian's mean layer and 1 on the value head, zero biases, LayerNorms at (1, 0), log_std = x."""
+    torch.manual_seed(4)
+    args = mj.resolve_args(mj.Args(actor=actor, actor_hidden_dims=[32, 16], critic_hidden_dims=[32, 16]))
+    actor_ = mj.GaussianActor(args, 3, 40, 5, np.ones((3, 5), bool))
+    critic = mj.CentralCritics(args, 1, 40)
+    for net, gains in ((actor_.net, [2**0.5, 2**0.5, 0.01]), (critic.net, [2**0.5, 2**0.5, 1.0])):
+        for (weight, bias), gain in zip(net.generate(), gains):
+            for i in range(weight.shape[0]):
+                _orthogonal_with_gain(weight[i].detach(), gain)
+            assert torch.all(bias == 0)
+        assert all(torch.all(w == 1) for w in net.norm_weights) and all(torch.all(b == 0) for b in net.norm_biases)
+    assert torch.all(actor_.log_std == args.std_x_coef)

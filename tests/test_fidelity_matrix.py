@@ -120,8 +120,28 @@ def test_benchmark_default_output_is_a_new_folder(tmp_path):
                                                              "matrix_games_sweep.md"]
 
 
+def test_benchmark_without_matplotlib_stops_before_the_sweep(tmp_path):
+    blocker = "import sys; sys.modules['matplotlib'] = None; import runpy; sys.argv = ['x'] + sys.argv[1:]; " \
+              f"runpy.run_path({BENCHMARK!r}, run_name='__main__')"
+    proc = subprocess.run([sys.executable, "-c", blocker, "--n-agents", "2", "--num-trials", "20", "--out", "res"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "matplotlib" in lines[0], proc.stderr
+    assert proc.stdout == "" and os.listdir(tmp_path) == []
+
+
+def test_benchmark_num_seeds_in_equals_form_is_kept(tmp_path):
+    argv = [sys.executable, BENCHMARK, "--games", "specialisation", "--n-agents", "2", "--methods", "nops",
+            "--num-trials", "20", "--num-seeds=2", "--eval-trials", "10", "--out", "res", "--runs-dir", "tb"]
+    proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "res" / "matrix_games_sweep.json").read_text())
+    assert data["args"]["num_seeds"] == 2 and len(data["results"][0]["sampled"]) == 2
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--n-agents", "1"], "--n-agents"),
+    (["--out", SCRIPT], "--out"),  # a file, not a folder
     (["--methods", "qmix"], "--methods"),
     (["--games", "chess"], "--games"),
     (["--game", "synchronisation"], "--game"),

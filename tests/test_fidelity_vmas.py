@@ -175,6 +175,25 @@ def test_bad_snd_obs_file_is_one_line_exit_2(script, tmp_path, capsys, extra, me
     assert not os.path.exists(tmp_path / "eval")
 
 
+def test_snd_obs_files_that_are_not_datasets_are_refused(script, tmp_path, capsys):
+    files = {"array.npy": lambda p: np.save(p, np.zeros((5, 16), np.float32)),  # .npy, not .npz
+             "empty.npz": lambda p: open(p, "wb").close(),
+             "nan.npz": lambda p: np.savez(p, obs=np.full((5, 16), np.nan, np.float32)),
+             "object.npz": lambda p: np.savez(p, obs=np.array([{}], dtype=object))}  # pickled: refused
+    for name, write in files.items():
+        write(tmp_path / name)
+        assert isinstance(script.load_snd_obs(str(tmp_path / name), 16), str), name
+    np.savez(tmp_path / "ok.npz", obs=np.ones((5, 4, 16), np.float32))
+    assert script.load_snd_obs(str(tmp_path / "ok.npz"), 16).shape == (20, 16)
+    assert script.main(tiny_args(tmp_path / "train", "--save-model")) == 0
+    (run_dir,) = run_dirs(tmp_path / "train")
+    capsys.readouterr()
+    argv = ["--eval-only", "--checkpoint", os.path.join(run_dir, "checkpoint.pt"), "--snd-obs-file", tmp_path / "array.npy"]
+    assert script.main(tiny_args(tmp_path / "eval", *argv)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --snd-obs-file: "), err
+
+
 # ----- Table 15 (Navigation tuning) and Table 9's seeds -----
 @pytest.mark.parametrize("family, n, same, clip, lr", [
     ("mlp", 4, 4, 0.1, 5e-5), ("fups", 8, 8, 0.2, 5e-5), ("nops", 4, 1, 0.2, 5e-5), ("nops", 8, 4, 0.1, 5e-5),
@@ -199,16 +218,20 @@ def test_evidence_uses_table_9_seeds():
 @pytest.mark.parametrize("argv, message", [
     (["--checkpoints", "missing.pt"], "--checkpoints: no such file 'missing.pt'"),
     (["--checkpoints", "x.pt", "--episodes", "0"], "--episodes: must be at least 1, got 0"),
+    (["--checkpoints", "x.pt", "--samples", "many"], "error: --samples: invalid int value: 'many'"),
     (["--checkpoints", "FOREIGN"], "--checkpoints:"),
+    (["--checkpoints", "FOREIGN", "--out", "NOSUFFIX"], "--out: must be an .npz file name"),  # numpy would add .npz
+    (["--checkpoints", "FOREIGN", "--out", "NODIR"], "--out: no such folder"),  # checked before the rollouts
 ])
 def test_snd_dataset_bad_flags_are_one_line_exit_2(tmp_path, argv, message):
     foreign = tmp_path / "foreign.pt"
     torch.save({"model": {}}, foreign)
     out = tmp_path / "snd.npz"
-    argv = [str(foreign) if a == "FOREIGN" else a for a in argv]
+    names = {"FOREIGN": foreign, "NOSUFFIX": tmp_path / "snd", "NODIR": tmp_path / "missing" / "snd.npz"}
+    argv = [str(names.get(a, a)) for a in argv]
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "snd_dataset.py"), "--out", str(out)] + argv,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
-    assert not out.exists()
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["foreign.pt"]

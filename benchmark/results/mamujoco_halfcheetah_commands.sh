@@ -3,7 +3,7 @@
 # LayerNorms, per-agent MAPPO critics, 4 envs x 500 steps, actions clipped, not rescaled). With the
 # current script these commands train with its current defaults (20 envs x 200 steps, HARL's
 # LayerNorms, one critic) and will not reproduce mamujoco_halfcheetah.md.
-# First evidence for mappo_hyper_mamujoco.py (issue 5): HalfCheetah-2x3, 2 seeds each of
+# First evidence for mappo_hyper_mamujoco.py: HalfCheetah-2x3, 2 seeds each of
 # HyperMARL MLP (MAPPO), independent actors (MAPPO), HAPPO (independent actors), FuPS (MAPPO).
 # Budget: 500k environment steps per run (the paper trains 10M), paper/HARL hyperparameters
 # otherwise (Table 20 + Table 21), evaluation every 50k steps over 10 deterministic episodes.

@@ -16,12 +16,24 @@ LABELS = {"mappo_mlp": "HyperMARL MLP (MAPPO)", "mappo_linear": "HyperMARL linea
 
 
 def read_run(run_dir):
+    """A run's scalars {tag: [(step, value)]} and its flags {name: value as text} (the script's
+    "hyperparameters" text: the settings the run really used, whatever the script's defaults now)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in tags}
+    config = {}
+    if "hyperparameters/text_summary" in acc.Tags()["tensors"]:
+        text = acc.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
+        config = dict(row.strip("|").split("|", 1) for row in text.splitlines()[2:] if row.count("|") >= 3)
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in tags}, config
+
+
+def flag(runs, key, method=None):
+    """The value of a flag in the runs (of one method), as logged; each value if they differ."""
+    values = {c["config"].get(key, "?") for (_, m, _), c in runs.items() if method in (None, m)}
+    return " / ".join(sorted(values, key=lambda v: (len(v), v)))
 
 
 def main():
@@ -36,7 +48,7 @@ def main():
         if len(parts) != 5 or not parts[0].startswith("mamujoco_"):
             continue
         task, method, seed = parts[0][len("mamujoco_"):], parts[2], int(parts[3])
-        scalars = read_run(os.path.join(opts.runs_dir, name))
+        scalars, config = read_run(os.path.join(opts.runs_dir, name))
         if "eval/episodic_return" not in scalars:
             continue
         snd = dict(scalars.get("diversity/snd", []))
@@ -44,7 +56,7 @@ def main():
         for step, value in scalars["eval/episodic_return"]:
             rows.append(dict(task=task, method=method, seed=seed, step=step, eval_return=value, snd=snd.get(step, float("nan"))))
         runs[(task, method, seed)] = dict(curve=scalars["eval/episodic_return"], sps=sps[-1] if sps else float("nan"),
-                                          snd=scalars.get("diversity/snd", [(0, float("nan"))])[-1][1])
+                                          snd=scalars.get("diversity/snd", [(0, float("nan"))])[-1][1], config=config)
     os.makedirs(opts.out, exist_ok=True)
     csv_path = os.path.join(opts.out, f"{opts.name}_eval.csv")
     with open(csv_path, "w", newline="") as f:
@@ -75,24 +87,30 @@ def main():
                      f"{np.mean(finals):.1f} | {np.mean(bests):.1f} | {np.mean([c['snd'] for c in curves]):.3f} | "
                      f"{np.mean([c['sps'] for c in curves]):.0f} |")
     ax.set_xlabel("environment steps (thousands)")
-    ax.set_ylabel("evaluation return (10 deterministic episodes)")
-    ax.set_title("HalfCheetah-2x3 (mean over seeds, band: min-max)")
+    tasks = ", ".join(sorted({t for t, _, _ in runs}))
+    ax.set_ylabel(f"evaluation return ({flag(runs, 'eval_episodes')} deterministic episodes)")
+    ax.set_title(f"{tasks}, MuJoCo v5 (mean over seeds, band: min-max)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(opts.out, f"{opts.name}.png"), dpi=120)
     max_step = max(r["step"] for r in rows)
-    header = [f"# {opts.name}: mappo_hyper_mamujoco.py, {', '.join(sorted({t for t, _, _ in runs}))}", "",
-              f"Budget: {max_step:,} environment steps per run (the paper trains 10M), hyperparameters of "
-              "Tables 20/21 (HARL defaults; HyperMARL clip 0.0375), 4 environments x 500 steps per update, "
-              "evaluation every 50k steps over 10 deterministic episodes (seeds 10000+k, the same every time). "
-              "Commands: mamujoco_halfcheetah_commands.sh; curves: "
-              f"{opts.name}_eval.csv and {opts.name}.png; this table: mamujoco_summarize.py.", "",
+    n_seeds = " / ".join(sorted({str(sum(1 for _, m, _ in runs if m == method)) for method in methods}))
+    clips = ", ".join(f"{LABELS.get(m, m)} {flag(runs, 'clip_coef', m)}" for m in methods)
+    envs, steps = flag(runs, "num_envs"), flag(runs, "num_steps")
+    interval, episodes = flag(runs, "eval_interval"), flag(runs, "eval_episodes")
+    header = [f"# {opts.name}: mappo_hyper_mamujoco.py, {tasks}", "",
+              f"Budget: {max_step:,} environment steps per run (the paper trains 10M), the task's hyperparameters "
+              f"of Tables 17-21 (clip: {clips}), {envs} environments x {steps} steps per update, evaluation "
+              f"every {interval} steps over {episodes} deterministic episodes (seeds 10000+k, the same every "
+              "time), as each run's logged flags say. Commands: "
+              f"{opts.name}_commands.sh; curves: {opts.name}_eval.csv and {opts.name}.png; this table: "
+              "mamujoco_summarize.py.", "",
               "Final = last evaluation; best = best evaluation of a run; SND = Jensen-Shannon system neural "
               "diversity (base 2, [0, 1]) of the final policy on evaluation states; SPS = training env-steps/s "
               "(2-core CPU shared with other jobs, so only roughly comparable).", "",
-              "With 2 seeds at 5% of the paper's budget, differences between methods are within the seed spread; "
-              "this shows that every method learns (the paper's Table 4 reports 6650-7064 at 10M), not a ranking.", "",
+              f"With {n_seeds} seeds at {max_step / 1e7:.0%} of the paper's budget, differences between methods "
+              "within the seed spread are not a ranking.", "",
               "Gymnasium-Robotics runs the MuJoCo v5 tasks, the paper the v2 ones (contact costs, friction and "
               "healthy reward differ): these returns are not comparable with Table 4's.", ""]
     with open(os.path.join(opts.out, f"{opts.name}.md"), "w") as f:
