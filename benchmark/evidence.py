@@ -23,6 +23,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmark", "results")
+FAMILIES = ["mlp", "linear", "nops", "fups"]
 
 
 def scalars(run_dir):
@@ -122,8 +123,13 @@ def aggregate(opts, rows):
 
     final_iqm, final_ci = rly.get_interval_estimates({f: v[:, None] for f, v in finals.items()},
                                                      lambda x: np.array([metrics.aggregate_iqm(x)]), reps=2000)
-    driver = (f"python benchmark/evidence.py --script {opts.script} --total-timesteps {opts.total_timesteps} "
-              f"--eval-interval {opts.eval_interval} --jobs {opts.jobs}")
+    driver = " ".join(["python benchmark/evidence.py --script", opts.script]
+                      + (["--families", *opts.families] if opts.families != FAMILIES else [])
+                      + (["--seeds", *map(str, opts.seeds)] if opts.seeds != PAPER_SEEDS else [])
+                      + ["--total-timesteps", str(opts.total_timesteps), "--eval-interval", str(opts.eval_interval),
+                         "--jobs", str(opts.jobs)]
+                      + (["--name", opts.name] if opts.name != f"{opts.script}_dispersion4" else [])
+                      + (["--", *opts.extra] if opts.extra else []))
     lines = [f"# {opts.title}", "", f"Produced by `{driver}` ({opts.jobs} runs at a time, one torch thread each, "
              "on a 2-core CPU shared with other jobs: the SPS column is only indicative).", "",
              "Commands (one per family and seed):", "", "```"]
@@ -153,7 +159,7 @@ def aggregate(opts, rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--script", default="ippo_hyper_vmas", choices=["ippo_hyper_vmas", "mappo_hyper_vmas"])
-    parser.add_argument("--families", nargs="+", default=["mlp", "linear", "nops", "fups"])
+    parser.add_argument("--families", nargs="+", default=FAMILIES)
     parser.add_argument("--seeds", nargs="+", type=int, default=PAPER_SEEDS,
                         help="seeds (default: the paper's five, Table 9: %(default)s)")
     parser.add_argument("--total-timesteps", type=int, default=1_000_000)

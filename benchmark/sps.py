@@ -1,4 +1,4 @@
-"""Training speed (env-steps/s) of the scripts, and the ratios the issues set as targets.
+"""Training speed (env-steps/s) of the scripts, and its ratios between families and to random actions.
 
 Every measurement runs the real script in its own process and reads its per-iteration timings
 (perf/rollout_seconds + perf/update_seconds in TensorBoard) for iterations 2.. (the first warms
