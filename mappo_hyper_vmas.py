@@ -1075,11 +1075,11 @@ def ppo_update(agent, optimizer, batch: dict, args: Args, batch_size: int, actio
                 raise FloatingPointError("loss is not finite")
             if epoch == 0 and start == 0:  # part of one minibatch per update is enough for this metric
                 subset = {key: value[:, : args.interference_samples] for key, value in mb.items()}
-                running = [buffer.clone() for buffer in agent.buffers()]  # a metric must not move DiCo's SND_hat
+                snd_hat = getattr(agent.actor, "snd_hat", None)  # a metric must not move DiCo's SND_hat
+                saved = None if snd_hat is None else snd_hat.clone()
                 interference = gradient_interference(ppo_loss(agent, params, subset, args)[1], actor_params)
-                for buffer, saved in zip(agent.buffers(), running):
-                    if not torch.equal(buffer, saved):  # untouched buffers (one-hot IDs) stay in the graph
-                        buffer.copy_(saved)
+                if saved is not None:
+                    snd_hat.copy_(saved)
             optimizer.zero_grad()
             loss.backward()
             with_grad = [p for p in agent.parameters() if p.grad is not None]

@@ -235,3 +235,20 @@ def test_snd_dataset_bad_flags_are_one_line_exit_2(tmp_path, argv, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert not out.exists() and sorted(os.listdir(tmp_path)) == ["foreign.pt"]
+
+
+def test_dico_interference_metric_does_not_move_the_running_estimate(script):
+    args, env, agent = build(script, *NAV_DICO, "--update-epochs", 1, "--num-minibatches", 1,
+                             "--interference-samples", 8)
+    n, batch_size = args.n_agents, 40
+    obs = torch.randn(n, batch_size, env.obs_dim)
+    with torch.no_grad():
+        action, logprob, _, value = agent.get_action_and_value(obs)
+        measured = float(agent.actor.deviation_snd(obs, agent.actor.deviation()))
+    batch = dict(obs=obs, actions=action, logprobs=logprob, advantages=torch.randn(n, batch_size),
+                 returns=torch.randn(n, batch_size), values=value)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-4)
+    script.ppo_update(agent, optimizer, batch, args, batch_size)
+    # One training minibatch: the estimate is its measured value; the metric's extra forward pass on
+    # the first 8 samples would have moved it by tau toward their (different) measure.
+    assert float(agent.actor.snd_hat) == pytest.approx(measured, rel=1e-5)
