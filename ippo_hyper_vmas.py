@@ -22,13 +22,14 @@ import math
 import os
 import pickle
 import random
+import re
 import signal
 import sys
 import time
 import warnings
 import zipfile
 from dataclasses import dataclass
-from typing import Optional
+from typing import Annotated, Optional
 
 import numpy as np
 import torch
@@ -38,6 +39,11 @@ import tyro
 
 
 # ===== 1. Arguments =====
+# A flag whose default depends on others (the scenario, the family) is None here and filled in by
+# resolve_args; its docstring names the real default, so tyro's own "(default: None)" is hidden.
+DOC_DEFAULT = tyro.conf.arg(help_behavior_hint="")
+
+
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
@@ -54,16 +60,18 @@ class Args:
     """the wandb's project name"""
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """if toggled, every evaluation's first episode is saved as runs_dir/run_name/videos/eval_<step>.mp4 and to TensorBoard (eval/video; wandb with --track); needs hypermarl_extras.py and EGL (no display or GPU needed)"""
     runs_dir: str = "runs"
     """folder for TensorBoard logs and checkpoints (runs_dir/run_name)"""
     save_model: bool = False
     """if toggled, write a checkpoint every --save-interval steps and at the end"""
-    save_interval: Optional[int] = None
+    save_interval: Annotated[Optional[int], DOC_DEFAULT] = None
     """environment steps between checkpoints (default: --eval-interval)"""
     resume: Optional[str] = None
-    """path of a checkpoint to continue training from (same flags as the original run)"""
+    """path of a checkpoint to continue training from; the run's flags come from it, and only --total-timesteps, the intervals, logging and --cuda may change"""
     eval_only: bool = False
-    """if toggled, only evaluate --checkpoint (return and SND) and exit; writes nothing"""
+    """if toggled, only evaluate --checkpoint (return and SND) and exit; writes nothing (with --capture-video: the video, in a new runs_dir folder)"""
     checkpoint: Optional[str] = None
     """checkpoint to evaluate with --eval-only"""
     snd_obs_file: Optional[str] = None
@@ -76,17 +84,17 @@ class Args:
     """number of agents (at least 2)"""
     max_steps: int = 100
     """episode time limit (truncation, bootstrapped from V(next state))"""
-    continuous_actions: Optional[bool] = None
+    continuous_actions: Annotated[Optional[bool], DOC_DEFAULT] = None
     """continuous (Gaussian) or discrete (categorical) actions (default: dispersion discrete, navigation continuous)"""
-    n_food: Optional[int] = None
+    n_food: Annotated[Optional[int], DOC_DEFAULT] = None
     """[dispersion] number of food items (default: n_agents)"""
     share_reward: bool = False
     """[dispersion] one team reward instead of per-agent rewards"""
     penalise_by_time: bool = True
     """[dispersion] -0.01 per step without food (Table 11: on)"""
-    food_radius: Optional[float] = None
+    food_radius: Annotated[Optional[float], DOC_DEFAULT] = None
     """[dispersion] food radius (default: 0.08)"""
-    agents_with_same_goal: Optional[int] = None
+    agents_with_same_goal: Annotated[Optional[int], DOC_DEFAULT] = None
     """[navigation] how many agents share the first goal: 1 (all different) .. n_agents (all same) (default: 1)"""
     split_goals: bool = False
     """[navigation] two groups of n/2 agents, one goal each"""
@@ -96,71 +104,71 @@ class Args:
     """[navigation] one team reward instead of per-agent rewards"""
     collisions: bool = False
     """[navigation] agents collide and carry a LIDAR"""
-    lidar_range: Optional[float] = None
+    lidar_range: Annotated[Optional[float], DOC_DEFAULT] = None
     """[navigation] LIDAR range, only with --collisions (default: 0.35)"""
-    agent_radius: Optional[float] = None
+    agent_radius: Annotated[Optional[float], DOC_DEFAULT] = None
     """[navigation] agent radius (default: 0.1)"""
 
     # PPO. None = the paper's value for the scenario (Table 9 Dispersion, Table 12 Navigation).
-    total_timesteps: Optional[int] = None
+    total_timesteps: Annotated[Optional[int], DOC_DEFAULT] = None
     """total environment steps (Dispersion 20M, Navigation 10M)"""
-    learning_rate: Optional[float] = None
+    learning_rate: Annotated[Optional[float], DOC_DEFAULT] = None
     """Adam learning rate (Dispersion 5e-4, Navigation 5e-5 or Table 15's value for the family and goal setting)"""
-    num_envs: Optional[int] = None
+    num_envs: Annotated[Optional[int], DOC_DEFAULT] = None
     """parallel VMAS environments (Dispersion 16, Navigation 600)"""
-    num_steps: Optional[int] = None
+    num_steps: Annotated[Optional[int], DOC_DEFAULT] = None
     """steps per environment per rollout (Dispersion 128, Navigation 100)"""
     anneal_lr: bool = False
     """if toggled, the learning rate decays linearly to 0"""
-    gamma: Optional[float] = None
+    gamma: Annotated[Optional[float], DOC_DEFAULT] = None
     """discount factor (Dispersion 0.99, Navigation 0.9)"""
-    gae_lambda: Optional[float] = None
+    gae_lambda: Annotated[Optional[float], DOC_DEFAULT] = None
     """GAE lambda (Dispersion 0.95, Navigation 0.9)"""
-    num_minibatches: Optional[int] = None
+    num_minibatches: Annotated[Optional[int], DOC_DEFAULT] = None
     """minibatches per epoch (Dispersion 2, Navigation 30)"""
-    update_epochs: Optional[int] = None
+    update_epochs: Annotated[Optional[int], DOC_DEFAULT] = None
     """PPO epochs per rollout (Dispersion 4, Navigation 45)"""
     norm_adv: bool = True
     """if toggled, advantages are normalised per minibatch"""
-    clip_coef: Optional[float] = None
+    clip_coef: Annotated[Optional[float], DOC_DEFAULT] = None
     """surrogate clipping coefficient (0.2; Navigation with 4 or 8 agents: Table 15's value for the family and goal setting)"""
     clip_vloss: bool = True
     """if toggled, the value loss is clipped like the policy (CleanRL)"""
-    ent_coef: Optional[float] = None
+    ent_coef: Annotated[Optional[float], DOC_DEFAULT] = None
     """entropy bonus (Dispersion 0.01, Navigation 0.0)"""
-    vf_coef: Optional[float] = None
+    vf_coef: Annotated[Optional[float], DOC_DEFAULT] = None
     """value loss coefficient (Dispersion 0.5, Navigation 1.0)"""
-    max_grad_norm: Optional[float] = None
+    max_grad_norm: Annotated[Optional[float], DOC_DEFAULT] = None
     """global gradient-norm clip (Dispersion 0.5, Navigation 5.0)"""
-    actor_hidden_dims: Optional[list[int]] = None
+    actor_hidden_dims: Annotated[Optional[list[int]], DOC_DEFAULT] = None
     """hidden layers of every agent's actor (Dispersion 64 64, Navigation 256 256)"""
-    critic_hidden_dims: Optional[list[int]] = None
+    critic_hidden_dims: Annotated[Optional[list[int]], DOC_DEFAULT] = None
     """hidden layers of every agent's critic (Dispersion 64 64, Navigation 256 256)"""
-    activation: Optional[str] = None
+    activation: Annotated[Optional[str], DOC_DEFAULT] = None
     """activation of actor and critic: relu | tanh (Dispersion relu, Navigation tanh)"""
 
     # Families and HyperMARL options
     hypernet: str = "mlp"
     """actor/critic family: mlp | linear (HyperMARL) | fups (shared + one-hot ID) | nops (one network per agent) | dico"""
-    hypernet_embedding_dim: Optional[int] = None
+    hypernet_embedding_dim: Annotated[Optional[int], DOC_DEFAULT] = None
     """[mlp] size of the learned agent embedding (default: 4, Tables 10/13)"""
-    hypernet_hidden_dims: Optional[list[int]] = None
+    hypernet_hidden_dims: Annotated[Optional[list[int]], DOC_DEFAULT] = None
     """[mlp] hidden layers of the hypernetwork (default: 64)"""
-    hypernet_embedding: Optional[str] = None
+    hypernet_embedding: Annotated[Optional[str], DOC_DEFAULT] = None
     """[mlp] learned (orthogonally initialised, default) | onehot (ablation)"""
-    hypernet_init: Optional[str] = None
+    hypernet_init: Annotated[Optional[str], DOC_DEFAULT] = None
     """[mlp, linear] scaled (section 4.3 as the authors' code does it, default) | matched (ours, mlp only: unit-norm hidden features, every generated layer at the target's scale) | default (PyTorch init: w/o RF)"""
-    hypernet_input: Optional[str] = None
+    hypernet_input: Annotated[Optional[str], DOC_DEFAULT] = None
     """[mlp, linear] agent (gradient decoupling, default) | agent+obs (ablation w/o GD: per-sample weights)"""
-    dico_snd_des: Optional[float] = None
+    dico_snd_des: Annotated[Optional[float], DOC_DEFAULT] = None
     """[dico] desired SND; -1 = unconstrained (default: Table 14 for the goal setting, else -1)"""
 
     # Evaluation and metrics
-    eval_interval: Optional[int] = None
+    eval_interval: Annotated[Optional[int], DOC_DEFAULT] = None
     """environment steps between evaluations (Dispersion 100k, Navigation 120k)"""
-    eval_episodes: Optional[int] = None
+    eval_episodes: Annotated[Optional[int], DOC_DEFAULT] = None
     """evaluation episodes (Dispersion 32, Navigation 200)"""
-    eval_deterministic: Optional[bool] = None
+    eval_deterministic: Annotated[Optional[bool], DOC_DEFAULT] = None
     """evaluate with the mode (argmax / mean) instead of sampled actions (default: Dispersion True, the authors' code; Navigation False, its baselines' configs, appendix D.1.1)"""
     snd_samples: int = 1000
     """observations (from evaluation rollouts) on which SND is computed"""
@@ -219,7 +227,8 @@ HYPERNET_DEFAULTS = dict(
     hypernet_embedding_dim=4, hypernet_hidden_dims=[64], hypernet_embedding="learned",
     hypernet_init="scaled", hypernet_input="agent",
 )  # Tables 10 and 13 (IPPO column)
-# Flags that define the model and the environment: a checkpoint only loads where they match.
+MAX_SEED = 2**32 - 1 - 10_000  # NumPy takes seeds below 2**32, and the evaluation environment uses seed + 10000
+# Flags that define the model and the environment: --eval-only takes them from its checkpoint.
 COMPAT_FIELDS = (
     "scenario", "n_agents", "max_steps", "continuous_actions", "n_food", "share_reward",
     "penalise_by_time", "food_radius", "agents_with_same_goal", "split_goals", "observe_all_goals",
@@ -227,6 +236,11 @@ COMPAT_FIELDS = (
     "critic_hidden_dims", "activation", "hypernet", "hypernet_embedding_dim", "hypernet_hidden_dims",
     "hypernet_embedding", "hypernet_init", "hypernet_input", "dico_snd_des",
 )
+# What --resume may change (budget, logging, cadence, device); every other flag is the checkpoint's.
+RESUME_MAY_CHANGE = ("total_timesteps", "eval_interval", "save_interval", "save_model", "print_interval",
+                     "runs_dir", "track", "wandb_project_name", "wandb_entity", "cuda", "capture_video")
+# Flags that say what to do with a checkpoint, not what the run is.
+INVOCATION_FIELDS = ("resume", "eval_only", "checkpoint", "snd_obs_file")
 
 
 # ===== 2. Input validation =====
@@ -269,6 +283,12 @@ def navigation_goal_setting(args: Args) -> Optional[str]:
 
 def resolve_args(args: Args) -> Args:
     """Checks every flag and fills the paper's defaults; raises ArgError naming the flag."""
+    check_given_flags(args)
+    return fill_defaults(args)
+
+
+def check_given_flags(args: Args) -> None:
+    """Checks on the flags as given, before any default or checkpoint fills the rest."""
     if args.scenario not in SCENARIOS:
         raise ArgError(f"--scenario: must be one of {', '.join(SCENARIOS)}, got {args.scenario!r}")
     if args.hypernet not in FAMILIES:
@@ -285,7 +305,23 @@ def resolve_args(args: Args) -> Args:
             raise ArgError(f"--{name.replace('_', '-')}: only with --hypernet {' or '.join(allowed)}, got --hypernet {args.hypernet}")
     if args.dico_snd_des is not None and args.hypernet != "dico":
         raise ArgError(f"--dico-snd-des: only with --hypernet dico, got --hypernet {args.hypernet}")
+    if args.lidar_range is not None and not args.collisions:
+        raise ArgError("--lidar-range: only with --collisions (agents carry a LIDAR only then)")
+    if args.eval_only and not args.checkpoint:
+        raise ArgError("--eval-only: needs --checkpoint PATH")
+    if args.checkpoint and not args.eval_only:
+        raise ArgError("--checkpoint: only with --eval-only (use --resume to continue training)")
+    if args.eval_only and args.resume:
+        raise ArgError("--resume: cannot be combined with --eval-only")
+    if args.snd_obs_file is not None and not args.eval_only:
+        raise ArgError("--snd-obs-file: only with --eval-only")
+    for flag, path in (("--resume", args.resume), ("--checkpoint", args.checkpoint), ("--snd-obs-file", args.snd_obs_file)):
+        if path is not None and not os.path.isfile(path):
+            raise ArgError(f"{flag}: {path!r} is a folder, not a file" if os.path.isdir(path) else f"{flag}: no such file {path!r}")
 
+
+def fill_defaults(args: Args) -> Args:
+    """The paper's value for every flag left at None, then the checks of the values."""
     values = dict(PAPER_DEFAULTS[args.scenario])
     values.update(SCENARIO_OPTIONS[args.scenario])
     if args.hypernet == "mlp":
@@ -315,6 +351,14 @@ def check_values(args: Args) -> None:
         if not value > 0:
             raise ArgError(f"--{name.replace('_', '-')}: must be positive, got {value}")
 
+    for field in dataclasses.fields(Args):  # inf and nan pass every comparison below: refuse them first
+        value = getattr(args, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ArgError(f"--{field.name.replace('_', '-')}: must be a finite number, got {value}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ArgError(f"--seed: must be between 0 and {MAX_SEED}, got {args.seed}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.exp_name):
+        raise ArgError(f"--exp-name: must be a plain name (letters, digits, '.', '_', '-'), got {args.exp_name!r}")
     if args.n_agents < 2:
         raise ArgError(f"--n-agents: must be at least 2, got {args.n_agents}")
     for name in ("max_steps", "total_timesteps", "learning_rate", "num_envs", "num_steps",
@@ -357,17 +401,19 @@ def check_values(args: Args) -> None:
         positive("food_radius")
     else:
         check_navigation(args)
-    if args.eval_only and not args.checkpoint:
-        raise ArgError("--eval-only: needs --checkpoint PATH")
-    if args.checkpoint and not args.eval_only:
-        raise ArgError("--checkpoint: only with --eval-only (use --resume to continue training)")
-    if args.eval_only and args.resume:
-        raise ArgError("--resume: cannot be combined with --eval-only")
-    if args.snd_obs_file is not None and not args.eval_only:
-        raise ArgError("--snd-obs-file: only with --eval-only")
-    for flag, path in (("--resume", args.resume), ("--checkpoint", args.checkpoint), ("--snd-obs-file", args.snd_obs_file)):
-        if path is not None and not os.path.isfile(path):
-            raise ArgError(f"{flag}: no such file {path!r}")
+    if not args.eval_only or args.capture_video:
+        check_output_folder("--runs-dir", args.runs_dir)
+
+
+def check_output_folder(flag: str, path: str) -> None:
+    """A folder this run may create and write into, checked before anything is written."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ArgError(f"{flag}: {existing!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ArgError(f"{flag}: {existing!r} is not writable")
 
 
 def check_navigation(args: Args) -> None:
@@ -1129,20 +1175,50 @@ def load_snd_obs(path: str, obs_dim: int):
     return torch.from_numpy(obs.reshape(-1, obs_dim))
 
 
-def load_checkpoint(path: str, args: Args, flag: str) -> dict:
+def load_checkpoint(path: str, flag: str) -> dict:
     """weights_only=True: a file that smuggles code, or is not ours, is refused."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
-        raise CheckpointError(f"{flag}: {path!r} is not a readable checkpoint ({str(error).splitlines()[0][:120]})")
+    except pickle.UnpicklingError:  # torch's message advises turning weights_only off: never relay that
+        raise CheckpointError(f"{flag}: {path!r} holds objects other than tensors and plain data: refused")
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+        why = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]  # an empty file's error is blank
+        raise CheckpointError(f"{flag}: {path!r} is not a readable checkpoint ({why})")
     required = {"format", "args", "run_name", "model", "optimizer", "env", "rng", "global_step", "iteration"}
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or not required <= set(state):
         raise CheckpointError(f"{flag}: {path!r} is not a {CHECKPOINT_FORMAT} checkpoint")
-    for name in COMPAT_FIELDS:
-        saved, ours = state["args"].get(name), getattr(args, name)
-        if saved != ours:
-            raise CheckpointError(f"{flag}: checkpoint has {name}={saved!r}, this run has {name}={ours!r}")
     return state
+
+
+def take_flags_from_checkpoint(args: Args, saved: dict, flag: str) -> list[str]:
+    """--resume continues the saved run, so its flags are the checkpoint's, and --eval-only takes the
+    model's (COMPAT_FIELDS) from it. A flag given with another value is an error, except the ones
+    RESUME_MAY_CHANGE, which take effect. Returns those changes, to report."""
+    defaults = {field.name: field.default for field in dataclasses.fields(Args)}
+    names = COMPAT_FIELDS if flag == "--checkpoint" else [n for n in defaults if n not in INVOCATION_FIELDS]
+    changes = []
+    for name in names:
+        given, kept = getattr(args, name), saved.get(name, defaults[name])
+        if given == defaults[name] or given == kept:  # left out, or given as the run had it
+            setattr(args, name, kept)
+        elif flag == "--resume" and name in RESUME_MAY_CHANGE:
+            changes.append(f"--{name.replace('_', '-')} {kept} -> {given}")
+        else:
+            raise CheckpointError(f"--{name.replace('_', '-')}: the checkpoint's run has {kept!r}, not {given!r}; "
+                                  f"{flag} takes it from the checkpoint (leave the flag out)")
+    return changes
+
+
+def new_run_folder(runs_dir: str, prefix: str) -> str:
+    """A fresh folder runs_dir/<prefix>__<time>[_k]: mkdir is atomic, so runs started in the same
+    second (a sweep launched with &) never share one. Returns its name."""
+    os.makedirs(runs_dir, exist_ok=True)
+    stamp = int(time.time())
+    for k in itertools.count():
+        name = f"{prefix}__{stamp}" + (f"_{k}" if k else "")
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(os.path.join(runs_dir, name))
+            return name
 
 
 def rng_state() -> dict:
@@ -1161,13 +1237,23 @@ def set_rng_state(state: dict) -> None:
 
 
 # ===== 8. Main =====
-def evaluate(agent, eval_env: VmasEnv, initial_rng: list, args: Args, seed: int, snd_obs=None, keep_obs=False):
+def duration(seconds: float) -> str:
+    """1h02m, 3m05s or 12s."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def evaluate(agent, eval_env: VmasEnv, initial_rng: list, args: Args, seed: int, snd_obs=None, keep_obs=False,
+             video=None):
     """Episodes on the evaluation environment, which starts from the same random state every time
     (so evaluations differ only by the policy), with the mode or, --eval-deterministic False, with
     actions sampled from a generator seeded with seed (so evaluation never touches the training RNG).
     Then SND (Eq. 9) on snd_obs (an (N, obs_dim) tensor, appendix D.1.2's shared dataset) or on
     --snd-samples of the episodes' observations. Returns (mean return, per-agent returns, SND,
-    with keep_obs the episodes' observations (N, n_agents, obs_dim), else None)."""
+    with keep_obs the episodes' observations (N, n_agents, obs_dim), else None). A list as video
+    receives the frames of the first episode (rendering draws no random numbers)."""
     eval_env._rng = list(initial_rng)
     obs = eval_env.reset()
     n, num_envs = args.n_agents, eval_env.num_envs
@@ -1175,6 +1261,8 @@ def evaluate(agent, eval_env: VmasEnv, initial_rng: list, args: Args, seed: int,
     active = torch.ones(num_envs, dtype=torch.bool, device=obs.device)
     seen = []
     generator = torch.Generator(device=obs.device).manual_seed(seed)
+    if video is not None:
+        video.append(eval_env.env.render(mode="rgb_array", env_index=0))
     with torch.no_grad():
         params = agent.generate()
         for _ in range(args.max_steps):
@@ -1184,6 +1272,8 @@ def evaluate(agent, eval_env: VmasEnv, initial_rng: list, args: Args, seed: int,
             else:
                 action = sample_action(agent.policy(obs, params), agent.discrete, generator)
             obs, reward, terminated, truncated, _, _ = eval_env.step(agent.env_action(action))
+            if video is not None and active[0] and not (terminated[0] or truncated[0]):  # else it is reset
+                video.append(eval_env.env.render(mode="rgb_array", env_index=0))
             returns += reward * active
             active &= ~(terminated | truncated)
             if not active.any():
@@ -1205,14 +1295,30 @@ def evaluate(agent, eval_env: VmasEnv, initial_rng: list, args: Args, seed: int,
 
 def main(argv=None) -> int:
     try:
-        args = resolve_args(parse_args(argv))
+        args = parse_args(argv)
+        check_given_flags(args)
+        loaded, changes = None, []
+        if args.resume or args.checkpoint:
+            flag = "--resume" if args.resume else "--checkpoint"
+            loaded = load_checkpoint(args.resume or args.checkpoint, flag)
+            changes = take_flags_from_checkpoint(args, loaded["args"], flag)
+        fill_defaults(args)
+        if loaded is not None and args.resume and loaded["global_step"] >= args.total_timesteps:
+            raise ArgError(f"--total-timesteps: the run already trained {loaded['global_step']} of {args.total_timesteps} "
+                           f"steps; give a larger budget to train on")
         if args.track and not args.eval_only:
             try:
                 import wandb
             except ImportError:
                 raise ArgError("--track: wandb is not installed (pip install wandb)")
-        source = args.resume or args.checkpoint
-        loaded = load_checkpoint(source, args, "--resume" if args.resume else "--checkpoint") if source else None
+        if args.capture_video:
+            try:
+                import hypermarl_extras as extras
+            except ImportError:
+                raise ArgError("--capture-video: needs hypermarl_extras.py beside this script")
+            problem = extras.probe_capture_video("vmas")
+            if problem:
+                raise ArgError(problem)
     except (ArgError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -1247,15 +1353,19 @@ def main(argv=None) -> int:
             if isinstance(snd_obs, str):
                 print(f"error: --snd-obs-file: {snd_obs}", file=sys.stderr)
                 return 2
-        ret, per_agent, snd, _ = evaluate(agent, eval_env, eval_rng, args, args.seed + 10_000, snd_obs)
+        video = [] if args.capture_video else None
+        ret, per_agent, snd, _ = evaluate(agent, eval_env, eval_rng, args, args.seed + 10_000, snd_obs, video=video)
         print(f"eval/episodic_return={ret:.4f} diversity/snd={snd:.6f} per_agent={[round(r, 4) for r in per_agent]}")
+        if video:
+            path = os.path.join(args.runs_dir, new_run_folder(args.runs_dir, f"{loaded['run_name']}__eval"), "eval.mp4")
+            extras.save_video(None, path, "eval/video", video, loaded["global_step"], 1 / eval_env.env.world.dt)
+            print(f"video: {path}")
         return 0
 
     batch_size = args.num_envs * args.num_steps
     num_iterations = args.total_timesteps // batch_size
     n = args.n_agents
     global_step, start_iteration = 0, 1
-    run_name = f"vmas_{args.scenario}__{args.exp_name}__{args.hypernet}__{args.seed}__{int(time.time())}"
     next_obs = envs.reset()
     if loaded is not None:
         agent.load_state_dict(loaded["model"])
@@ -1266,6 +1376,9 @@ def main(argv=None) -> int:
         next_obs = envs.obs
         set_rng_state(loaded["rng"])
         global_step, start_iteration, run_name = loaded["global_step"], loaded["iteration"], loaded["run_name"]
+        print(f"resume: {run_name} at step {global_step}" + (f"; changed: {', '.join(changes)}" if changes else ""))
+    else:
+        run_name = new_run_folder(args.runs_dir, f"vmas_{args.scenario}__{args.exp_name}__{args.hypernet}__{args.seed}")
     run_dir = os.path.join(args.runs_dir, run_name)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
 
@@ -1311,7 +1424,10 @@ def main(argv=None) -> int:
         print(f"\nsignal {signum}: saving a checkpoint and stopping", flush=True)
 
     previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    start_time, start_step = time.time(), global_step
+    start_time, start_step, printed_at = time.time(), global_step, 0.0
+    print(f"plan: {num_iterations - start_iteration + 1} iterations of {batch_size} steps ({E} envs x {T}) up to "
+          f"step {num_iterations * batch_size:,}, evaluating every {args.eval_interval:,}; an estimate of the time "
+          f"follows the first iteration", flush=True)
     next_eval = (global_step // args.eval_interval + 1) * args.eval_interval
     next_save = (global_step // args.save_interval + 1) * args.save_interval
     exit_code, next_iteration = 0, start_iteration
@@ -1393,16 +1509,25 @@ def main(argv=None) -> int:
             line = None
             if global_step >= next_eval or iteration == num_iterations:
                 next_eval = (global_step // args.eval_interval + 1) * args.eval_interval
-                eval_return, eval_per_agent, snd, _ = evaluate(agent, eval_env, eval_rng, args, args.seed + 10_000)
+                video = [] if args.capture_video else None
+                eval_return, eval_per_agent, snd, _ = evaluate(agent, eval_env, eval_rng, args, args.seed + 10_000,
+                                                               video=video)
+                if video:
+                    extras.save_video(writer, os.path.join(run_dir, "videos", f"eval_{global_step}.mp4"), "eval/video",
+                                      video, global_step, 1 / eval_env.env.world.dt)
                 writer.add_scalar("eval/episodic_return", eval_return, global_step)
                 for i, value in enumerate(eval_per_agent):
                     writer.add_scalar(f"eval/episodic_return_agent{i}", value, global_step)
                 writer.add_scalar("diversity/snd", snd, global_step)
                 line = f"eval_return={eval_return:.3f} snd={snd:.4f}"
-            if line or iteration % args.print_interval == 0:
-                train_return = torch.cat(finished_returns, 1).mean().item() if finished_returns else float("nan")
-                print(f"global_step={global_step} iteration={iteration}/{num_iterations} "
-                      f"episodic_return={train_return:.3f} SPS={sps}" + (f" {line}" if line else ""), flush=True)
+            elapsed = time.time() - start_time
+            if line or iteration % args.print_interval == 0 or iteration == start_iteration or elapsed - printed_at >= 60:
+                printed_at = elapsed
+                train_return = (f"{torch.cat(finished_returns, 1).mean().item():.3f}" if finished_returns
+                                else "no_episode_ended")
+                eta = elapsed / (global_step - start_step) * (num_iterations * batch_size - global_step)
+                print(f"global_step={global_step} iteration={iteration}/{num_iterations} episodic_return={train_return} "
+                      f"SPS={sps} elapsed={duration(elapsed)} eta={duration(eta)}" + (f" {line}" if line else ""), flush=True)
             if args.save_model and global_step >= next_save and iteration < num_iterations:
                 next_save = (global_step // args.save_interval + 1) * args.save_interval
                 save_checkpoint(checkpoint_path, capture_state(iteration + 1))

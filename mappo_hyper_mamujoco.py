@@ -32,12 +32,14 @@ import math
 import os
 import pickle
 import random
+import re
 import signal
 import sys
+import threading
 import time
 import zipfile
 from dataclasses import dataclass
-from typing import Optional
+from typing import Annotated, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -48,6 +50,11 @@ import tyro
 
 
 # ===== 1. Arguments =====
+# A flag whose default depends on others (the task, the algorithm, the actor) is None here and filled
+# in by resolve_args; its docstring names the real default, so tyro's own "(default: None)" is hidden.
+DOC_DEFAULT = tyro.conf.arg(help_behavior_hint="")
+
+
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
@@ -61,26 +68,30 @@ class Args:
     torch_threads: int = 1
     """torch threads while collecting (HARL's torch_threads); 1 avoids OpenMP stalls while the
     environment workers share the cores"""
-    update_threads: Optional[int] = None
+    update_threads: Annotated[Optional[int], DOC_DEFAULT] = None
     """torch threads for the update, when the environment workers are idle (default: torch's, one per
-    physical core or OMP_NUM_THREADS)"""
+    physical core or OMP_NUM_THREADS); on the CPU the numbers depend on it: give it to compare runs
+    across machines (--resume keeps the run's)"""
     track: bool = False
     """if toggled, this experiment is tracked with Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "hypermarl"
     """the wandb's project name"""
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """if toggled, every evaluation's first episode is saved as runs_dir/run_name/videos/eval_<step>.mp4 and to TensorBoard (eval/video; wandb with --track); needs hypermarl_extras.py and EGL (no display or GPU needed)"""
     runs_dir: str = "runs"
     """folder for TensorBoard logs and checkpoints (runs_dir/run_name)"""
     save_model: bool = False
     """if toggled, write a checkpoint every --save-interval steps and at the end"""
-    save_interval: Optional[int] = None
+    save_interval: Annotated[Optional[int], DOC_DEFAULT] = None
     """environment steps between checkpoints (default: --eval-interval)"""
     resume: Optional[str] = None
-    """path of a checkpoint to continue training from (same flags as the original run); the
-    environments continue their episodes, so the numbers are those of an uninterrupted run"""
+    """path of a checkpoint to continue training from; the run's flags come from it, and only
+    --total-timesteps, the intervals, logging, --cuda and --async-envs may change; the environments
+    continue their episodes, so the numbers are those of an uninterrupted run"""
     eval_only: bool = False
-    """if toggled, only evaluate --checkpoint (return and SND) and exit; writes nothing"""
+    """if toggled, only evaluate --checkpoint (return and SND) and exit; writes nothing (with --capture-video: the video, in a new runs_dir folder)"""
     checkpoint: Optional[str] = None
     """checkpoint to evaluate with --eval-only"""
 
@@ -110,30 +121,30 @@ class Args:
     algo: str = "mappo"
     """mappo (all actors updated in parallel) | happo (independent actors updated one after the
     other, weighted by the ratio product of the agents updated before: Zhong et al. 2024)"""
-    actor: Optional[str] = None
+    actor: Annotated[Optional[str], DOC_DEFAULT] = None
     """mlp | linear (HyperMARL hypernetworks) | fups (one shared actor with a one-hot ID) |
     ind (independent actors); default mlp for mappo, ind for happo (the only actor HAPPO accepts)"""
     critic: str = "shared"
     """shared (one centralised V(s) with one ValueNorm, HARL's for MAPPO and HAPPO) | per-agent (one
     centralised critic per agent, ours)"""
-    learning_rate: Optional[float] = None
+    learning_rate: Annotated[Optional[float], DOC_DEFAULT] = None
     """actor Adam learning rate (Tables 17-20: 5e-4; Walker2d 1e-3)"""
-    critic_learning_rate: Optional[float] = None
+    critic_learning_rate: Annotated[Optional[float], DOC_DEFAULT] = None
     """critic Adam learning rate (Tables 17-20: 5e-4; Walker2d 1e-3)"""
-    update_epochs: Optional[int] = None
+    update_epochs: Annotated[Optional[int], DOC_DEFAULT] = None
     """actor epochs per update (ppo_epoch: HalfCheetah 15, others 5)"""
-    critic_epochs: Optional[int] = None
+    critic_epochs: Annotated[Optional[int], DOC_DEFAULT] = None
     """critic epochs per update (critic_epoch: HalfCheetah 15, others 5)"""
-    num_minibatches: Optional[int] = None
+    num_minibatches: Annotated[Optional[int], DOC_DEFAULT] = None
     """actor minibatches per epoch (actor_num_mini_batch: Walker2d 2, others 1)"""
-    critic_num_minibatches: Optional[int] = None
+    critic_num_minibatches: Annotated[Optional[int], DOC_DEFAULT] = None
     """critic minibatches per epoch (critic_num_mini_batch: Walker2d 2, others 1)"""
-    clip_coef: Optional[float] = None
+    clip_coef: Annotated[Optional[float], DOC_DEFAULT] = None
     """ratio and value clip (Table 21 for mlp/linear: HalfCheetah, Walker2d 0.0375, Ant, Humanoid
     0.075; Tables 17-20 otherwise: 0.05, 0.05, 0.1, 0.1)"""
-    ent_coef: Optional[float] = None
+    ent_coef: Annotated[Optional[float], DOC_DEFAULT] = None
     """entropy bonus (HalfCheetah 0.01, others 0)"""
-    fixed_order: Optional[bool] = None
+    fixed_order: Annotated[Optional[bool], DOC_DEFAULT] = None
     """[happo] update agents in index order rather than a random order each update (Table 17: true for
     Ant, although HARL's tuned HAPPO config for Ant has false; Tables 18-20: false)"""
     gamma: float = 0.99
@@ -153,9 +164,9 @@ class Args:
     """gradient-norm clip, per agent for independent actors and per critic"""
     adam_eps: float = 1e-5
     """Adam epsilon (HARL opti_eps)"""
-    actor_hidden_dims: Optional[list[int]] = None
+    actor_hidden_dims: Annotated[Optional[list[int]], DOC_DEFAULT] = None
     """hidden layers of every agent's actor (HARL: 128 128 128)"""
-    critic_hidden_dims: Optional[list[int]] = None
+    critic_hidden_dims: Annotated[Optional[list[int]], DOC_DEFAULT] = None
     """hidden layers of every critic (HARL: 128 128 128)"""
     std_x_coef: float = 1.0
     """Gaussian std = sigmoid(log_std / x) * y, log_std initialised to x (HARL std_x_coef)"""
@@ -163,15 +174,15 @@ class Args:
     """see --std-x-coef (HARL std_y_coef)"""
 
     # HyperMARL (section 4, Table 21) and the ablations of section 6
-    hypernet_embedding_dim: Optional[int] = None
+    hypernet_embedding_dim: Annotated[Optional[int], DOC_DEFAULT] = None
     """[mlp] size of the learned agent embedding (default: 64, Table 21)"""
-    hypernet_hidden_dims: Optional[list[int]] = None
+    hypernet_hidden_dims: Annotated[Optional[list[int]], DOC_DEFAULT] = None
     """[mlp] hidden layers of the hypernetwork (default: 64, Table 21; 32 = HyperMARL-S)"""
-    hypernet_embedding: Optional[str] = None
+    hypernet_embedding: Annotated[Optional[str], DOC_DEFAULT] = None
     """[mlp] learned (orthogonally initialised, default) | onehot (ablation)"""
-    hypernet_init: Optional[str] = None
+    hypernet_init: Annotated[Optional[str], DOC_DEFAULT] = None
     """[mlp, linear] scaled (section 4.3 as the authors' code does it, default) | matched (ours, mlp only: unit-norm hidden features, every generated layer at the target's scale) | default (PyTorch init: w/o RF)"""
-    hypernet_input: Optional[str] = None
+    hypernet_input: Annotated[Optional[str], DOC_DEFAULT] = None
     """[mlp, linear] agent (gradient decoupling, default) | agent+obs (ablation w/o GD: per-sample weights)"""
 
     # Evaluation and metrics
@@ -222,12 +233,20 @@ HYPERNET_DEFAULTS = dict(
     hypernet_embedding_dim=64, hypernet_hidden_dims=[64], hypernet_embedding="learned",
     hypernet_init="scaled", hypernet_input="agent",
 )  # Table 21
-# Flags that define the model and the environment: a checkpoint only loads where they match.
+# Flags that define the model and the environment: --eval-only takes them from its checkpoint.
 COMPAT_FIELDS = (
     "task", "obs_mode", "agent_obsk", "max_episode_steps", "algo", "actor", "critic", "norm_obs", "norm_value",
     "actor_hidden_dims", "critic_hidden_dims", "std_x_coef", "std_y_coef", "hypernet_embedding_dim",
     "hypernet_hidden_dims", "hypernet_embedding", "hypernet_init", "hypernet_input",
 )
+# What --resume may change (budget, logging, cadence, device, worker processes); every other flag is the
+# checkpoint's. --no-async-envs changes no number; the thread counts do (a matrix product's sums split
+# otherwise), so a resumed run keeps the threads it was started with.
+RESUME_MAY_CHANGE = ("total_timesteps", "eval_interval", "save_interval", "save_model", "print_interval",
+                     "runs_dir", "track", "wandb_project_name", "wandb_entity", "cuda", "capture_video",
+                     "async_envs")
+# Flags that say what to do with a checkpoint, not what the run is.
+INVOCATION_FIELDS = ("resume", "eval_only", "checkpoint")
 
 
 # ===== 2. Input validation =====
@@ -253,26 +272,46 @@ def parse_args(argv=None) -> Args:
 
 def resolve_args(args: Args) -> Args:
     """Checks every flag and fills the paper's defaults; raises ArgError naming the flag."""
+    check_given_flags(args)
+    return fill_defaults(args)
+
+
+def check_given_flags(args: Args) -> None:
+    """Checks on the flags as given, before any default or checkpoint fills the rest."""
     if args.task not in TASKS:
         raise ArgError(f"--task: must be one of {', '.join(TASKS)}, got {args.task!r}")
-    if args.actor is None:
-        args.actor = "ind" if args.algo == "happo" else "mlp"
     for name, allowed in (("obs_mode", ("global", "local")), ("algo", ("mappo", "happo")),
-                          ("actor", ACTORS), ("critic", ("shared", "per-agent"))):
+                          ("actor", ACTORS + (None,)), ("critic", ("shared", "per-agent"))):
         if getattr(args, name) not in allowed:
-            raise ArgError(f"--{name.replace('_', '-')}: must be one of {', '.join(allowed)}, got {getattr(args, name)!r}")
+            choices = ", ".join(a for a in allowed if a is not None)
+            raise ArgError(f"--{name.replace('_', '-')}: must be one of {choices}, got {getattr(args, name)!r}")
+    actor = args.actor or ("ind" if args.algo == "happo" else "mlp")  # fill_defaults' choice
     for name in HYPERNET_DEFAULTS:  # options of some actors only: refused elsewhere, never ignored
         mlp_only = name not in ("hypernet_init", "hypernet_input")
         allowed = ("mlp",) if mlp_only else ("mlp", "linear")
-        if getattr(args, name) is not None and args.actor not in allowed:
-            raise ArgError(f"--{name.replace('_', '-')}: only with --actor {' or '.join(allowed)}, got --actor {args.actor}")
-    if args.algo == "happo" and args.actor != "ind":  # shared weights: one agent's step moves the others
-        raise ArgError(f"--actor: --algo happo needs disjoint per-agent actors (ind), got --actor {args.actor}")
+        if getattr(args, name) is not None and actor not in allowed:
+            raise ArgError(f"--{name.replace('_', '-')}: only with --actor {' or '.join(allowed)}, got --actor {actor}")
+    if args.algo == "happo" and actor != "ind":  # shared weights: one agent's step moves the others
+        raise ArgError(f"--actor: --algo happo needs disjoint per-agent actors (ind), got --actor {actor}")
     if args.fixed_order is not None and args.algo != "happo":
         raise ArgError(f"--fixed-order: only with --algo happo, got --algo {args.algo}")
     if args.obs_mode != "local" and args.agent_obsk != 1:
         raise ArgError(f"--agent-obsk: only with --obs-mode local, got --obs-mode {args.obs_mode}")
+    if args.eval_only and not args.checkpoint:
+        raise ArgError("--eval-only: needs --checkpoint PATH")
+    if args.checkpoint and not args.eval_only:
+        raise ArgError("--checkpoint: only with --eval-only (use --resume to continue training)")
+    if args.eval_only and args.resume:
+        raise ArgError("--resume: cannot be combined with --eval-only")
+    for flag, path in (("--resume", args.resume), ("--checkpoint", args.checkpoint)):
+        if path is not None and not os.path.isfile(path):
+            raise ArgError(f"{flag}: {path!r} is a folder, not a file" if os.path.isdir(path) else f"{flag}: no such file {path!r}")
 
+
+def fill_defaults(args: Args) -> Args:
+    """The paper's value for every flag left at None, then the checks of the values."""
+    if args.actor is None:
+        args.actor = "ind" if args.algo == "happo" else "mlp"
     table = PAPER_DEFAULTS[args.task]
     values = {k: v for k, v in table.items() if k != "hyper_clip_coef"}
     if args.actor in ("mlp", "linear"):
@@ -301,6 +340,12 @@ def check_values(args: Args) -> None:
         if not value > 0:
             raise ArgError(f"--{name.replace('_', '-')}: must be positive, got {value}")
 
+    for field in dataclasses.fields(Args):  # inf and nan pass every comparison below: refuse them first
+        value = getattr(args, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ArgError(f"--{field.name.replace('_', '-')}: must be a finite number, got {value}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.exp_name):
+        raise ArgError(f"--exp-name: must be a plain name (letters, digits, '.', '_', '-'), got {args.exp_name!r}")
     for name in ("torch_threads", "update_threads", "max_episode_steps", "num_envs", "total_timesteps", "num_steps", "learning_rate",
                  "critic_learning_rate", "update_epochs", "critic_epochs", "num_minibatches",
                  "critic_num_minibatches", "clip_coef", "huber_delta", "max_grad_norm", "adam_eps",
@@ -308,6 +353,10 @@ def check_values(args: Args) -> None:
                  "snd_gaussian_samples", "interference_interval", "interference_samples",
                  "print_interval", "save_interval"):
         positive(name)
+    max_seed = 2**32 - 1 - 10_000 - (args.eval_episodes - 1)  # NumPy takes seeds below 2**32
+    if not 0 <= args.seed <= max_seed:
+        raise ArgError(f"--seed: must be between 0 and {max_seed} (evaluation episode k uses seed + 10000 + k, "
+                       f"below 2**32), got {args.seed}")
     for name in ("gamma", "gae_lambda"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ArgError(f"--{name.replace('_', '-')}: must be in [0, 1], got {getattr(args, name)}")
@@ -336,23 +385,27 @@ def check_values(args: Args) -> None:
             raise ArgError(f"--hypernet-init: matched is for --actor mlp, got --actor {args.actor}")
         if args.hypernet_input not in ("agent", "agent+obs"):
             raise ArgError(f"--hypernet-input: must be agent or agent+obs, got {args.hypernet_input!r}")
-    if args.eval_only and not args.checkpoint:
-        raise ArgError("--eval-only: needs --checkpoint PATH")
-    if args.checkpoint and not args.eval_only:
-        raise ArgError("--checkpoint: only with --eval-only (use --resume to continue training)")
-    if args.eval_only and args.resume:
-        raise ArgError("--resume: cannot be combined with --eval-only")
-    for flag, path in (("--resume", args.resume), ("--checkpoint", args.checkpoint)):
-        if path is not None and not os.path.isfile(path):
-            raise ArgError(f"{flag}: no such file {path!r}")
+    if not args.eval_only or args.capture_video:
+        check_output_folder("--runs-dir", args.runs_dir)
+
+
+def check_output_folder(flag: str, path: str) -> None:
+    """A folder this run may create and write into, checked before anything is written."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ArgError(f"{flag}: {existing!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ArgError(f"{flag}: {existing!r} is not writable")
 
 
 # ===== 3. Environment =====
-def make_parallel_env(task: str, agent_obsk: int = 1, max_episode_steps: int = 1000):
-    """The PettingZoo parallel env of a task. Humanoid-17x1 is not built into Gymnasium-Robotics
-    ("UNKNOWN partitioning config"): its partition, one joint (one actuator) per agent, is built
-    from Gymnasium-Robotics' own graph of the Humanoid (whose single-agent partition lists the 17
-    actuated joints)."""
+def make_parallel_env(task: str, agent_obsk: int = 1, max_episode_steps: int = 1000, render_mode=None):
+    """The PettingZoo parallel env of a task (render_mode "rgb_array": frames for --capture-video).
+    Humanoid-17x1 is not built into Gymnasium-Robotics ("UNKNOWN partitioning config"): its
+    partition, one joint (one actuator) per agent, is built from Gymnasium-Robotics' own graph of
+    the Humanoid (whose single-agent partition lists the 17 actuated joints)."""
     from gymnasium_robotics import mamujoco_v1
 
     scenario, conf = TASKS[task]
@@ -361,8 +414,9 @@ def make_parallel_env(task: str, agent_obsk: int = 1, max_episode_steps: int = 1
         factorization = {"partition": [(joint,) for joint in parts[0]], "edges": edges, "globals": global_nodes}
         # agent_conf must not be None (None means one agent seeing everything); the factorization overrides it
         return mamujoco_v1.parallel_env(scenario, conf, agent_obsk=agent_obsk, agent_factorization=factorization,
-                                        max_episode_steps=max_episode_steps)
-    return mamujoco_v1.parallel_env(scenario, conf, agent_obsk=agent_obsk, max_episode_steps=max_episode_steps)
+                                        max_episode_steps=max_episode_steps, render_mode=render_mode)
+    return mamujoco_v1.parallel_env(scenario, conf, agent_obsk=agent_obsk, max_episode_steps=max_episode_steps,
+                                    render_mode=render_mode)
 
 
 def pad_stack(arrays, width: int):
@@ -398,9 +452,10 @@ class MaMuJoCoEnv(gym.Env):
 
     metadata = {"render_modes": []}
 
-    def __init__(self, task: str, obs_mode: str = "global", agent_obsk: int = 1, max_episode_steps: int = 1000):
+    def __init__(self, task: str, obs_mode: str = "global", agent_obsk: int = 1, max_episode_steps: int = 1000,
+                 render_mode: Optional[str] = None):
         super().__init__()
-        self.ma = make_parallel_env(task, agent_obsk, max_episode_steps)
+        self.ma = make_parallel_env(task, agent_obsk, max_episode_steps, render_mode)
         self.base = self.ma.single_agent_env  # gymnasium.make(...-v5): TimeLimit(1000) and checkers
         self.obs_mode = obs_mode
         agents = self.ma.possible_agents
@@ -510,9 +565,41 @@ def make_vector_env(args: Args) -> gym.vector.VectorEnv:
     fns = [functools.partial(make_env, args.task, args.obs_mode, args.agent_obsk, args.max_episode_steps)
            for _ in range(args.num_envs)]
     mode = gym.vector.AutoresetMode.SAME_STEP
-    if args.async_envs and args.num_envs > 1:
-        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode)
-    return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
+    if not (args.async_envs and args.num_envs > 1):
+        return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
+    worker = functools.partial(env_worker, os.getpid())
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, worker=worker)
+    # The workers inherit the blocked mask: a Ctrl-C right after their start cannot kill them before
+    # env_worker has ignored it.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, worker=worker)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def env_worker(main_pid: int, *args) -> None:
+    """gymnasium's AsyncVectorEnv worker, deaf to the SIGINT and SIGTERM that a terminal's Ctrl-C,
+    `timeout` and Slurm send to every process of the job: the main process saves a checkpoint, which
+    needs the workers' simulator states, and then closes them. SIGTERM from the main process itself
+    still ends a worker: multiprocessing's terminate() (a forced close, or the exit of a process
+    that left its workers open) sends it and then waits for the worker. A worker whose main process
+    was killed (SIGKILL) exits when its pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):  # SIGTERM stays blocked (make_vector_env): only this thread takes it
+        def sigterm_from_main():
+            while signal.sigwaitinfo({signal.SIGTERM}).si_pid != main_pid:
+                pass
+            os._exit(128 + signal.SIGTERM)  # the status of a death by SIGTERM
+
+        threading.Thread(target=sigterm_from_main, daemon=True).start()
+    else:  # macOS: a forced close still ends the workers, by closing their pipes
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        gym.vector.async_vector_env._async_worker(*args)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass  # the main process is gone: nobody to report to, and no traceback for the terminal
 
 
 class RunningMeanStd:
@@ -1323,21 +1410,51 @@ def save_checkpoint(path: str, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str, args: Args, flag: str) -> dict:
+def load_checkpoint(path: str, flag: str) -> dict:
     """weights_only=True: a file that smuggles code, or is not ours, is refused."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
-        raise CheckpointError(f"{flag}: {path!r} is not a readable checkpoint ({str(error).splitlines()[0][:120]})")
+    except pickle.UnpicklingError:  # torch's message advises turning weights_only off: never relay that
+        raise CheckpointError(f"{flag}: {path!r} holds objects other than tensors and plain data: refused")
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+        why = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]  # an empty file's error is blank
+        raise CheckpointError(f"{flag}: {path!r} is not a readable checkpoint ({why})")
     required = {"format", "args", "run_name", "actor", "critics", "value_norm", "obs_norm", "actor_optimizer",
                 "critic_optimizer", "rng", "global_step", "iteration"}
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or not required <= set(state):
         raise CheckpointError(f"{flag}: {path!r} is not a {CHECKPOINT_FORMAT} checkpoint")
-    for name in COMPAT_FIELDS:
-        saved, ours = state["args"].get(name), getattr(args, name)
-        if saved != ours:
-            raise CheckpointError(f"{flag}: checkpoint has {name}={saved!r}, this run has {name}={ours!r}")
     return state
+
+
+def take_flags_from_checkpoint(args: Args, saved: dict, flag: str) -> list[str]:
+    """--resume continues the saved run, so its flags are the checkpoint's, and --eval-only takes the
+    model's (COMPAT_FIELDS) from it. A flag given with another value is an error, except the ones
+    RESUME_MAY_CHANGE, which take effect. Returns those changes, to report."""
+    defaults = {field.name: field.default for field in dataclasses.fields(Args)}
+    names = COMPAT_FIELDS if flag == "--checkpoint" else [n for n in defaults if n not in INVOCATION_FIELDS]
+    changes = []
+    for name in names:
+        given, kept = getattr(args, name), saved.get(name, defaults[name])
+        if given == defaults[name] or given == kept:  # left out, or given as the run had it
+            setattr(args, name, kept)
+        elif flag == "--resume" and name in RESUME_MAY_CHANGE:
+            changes.append(f"--{name.replace('_', '-')} {kept} -> {given}")
+        else:
+            raise CheckpointError(f"--{name.replace('_', '-')}: the checkpoint's run has {kept!r}, not {given!r}; "
+                                  f"{flag} takes it from the checkpoint (leave the flag out)")
+    return changes
+
+
+def new_run_folder(runs_dir: str, prefix: str) -> str:
+    """A fresh folder runs_dir/<prefix>__<time>[_k]: mkdir is atomic, so runs started in the same
+    second (a sweep launched with &) never share one. Returns its name."""
+    os.makedirs(runs_dir, exist_ok=True)
+    stamp = int(time.time())
+    for k in itertools.count():
+        name = f"{prefix}__{stamp}" + (f"_{k}" if k else "")
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(os.path.join(runs_dir, name))
+            return name
 
 
 def vector_env_state(envs, flat, episode_return, episode_length) -> dict:
@@ -1372,25 +1489,50 @@ def set_rng_state(state: dict) -> None:
 
 
 # ===== 8. Main =====
+def duration(seconds: float) -> str:
+    """1h02m, 3m05s or 12s."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
 class Evaluator:
     """eval_episodes deterministic episodes side by side, episode k seeded seed + 10000 + k: every
     evaluation (and --eval-only on a checkpoint, with its saved normalisers) sees the same
-    starting states, so a restored checkpoint scores exactly what the run scored."""
+    starting states, so a restored checkpoint scores exactly what the run scored. With
+    --capture-video, episode 0's environment renders (its GL context opens at the first frame, and
+    close() must free it before the interpreter exits, or EGL prints errors)."""
 
     def __init__(self, args: Args, device):
-        self.envs = [MaMuJoCoEnv(args.task, args.obs_mode, args.agent_obsk, args.max_episode_steps)
-                     for _ in range(args.eval_episodes)]
+        self.envs = [MaMuJoCoEnv(args.task, args.obs_mode, args.agent_obsk, args.max_episode_steps,
+                                 "rgb_array" if args.capture_video and k == 0 else None)
+                     for k in range(args.eval_episodes)]
         self.args, self.device = args, device
 
-    def __call__(self, actor: GaussianActor, obs_norm: ObsNormalizer):
+    def video_timing(self) -> tuple[int, float]:
+        """(stride, fps) of the videos: real time, at most 50 frames a second."""
+        import hypermarl_extras
+
+        return hypermarl_extras.video_timing(self.envs[0].base.metadata["render_fps"])
+
+    def __call__(self, actor: GaussianActor, obs_norm: ObsNormalizer, video: Optional[list] = None):
+        """(mean return, SND). A list as video receives every stride-th frame of episode 0 (rendering
+        reads the simulation and changes nothing in it)."""
         args, envs = self.args, self.envs
         flats = [env.reset(seed=args.seed + 10_000 + k)[0] for k, env in enumerate(envs)]
+        if video is not None:
+            import hypermarl_extras
+
+            stride = self.video_timing()[0]
+            video.append(hypermarl_extras.mamujoco_frame(envs[0].ma))
         returns, active = np.zeros(len(envs)), np.ones(len(envs), dtype=bool)
         pool, generator = [], torch.Generator().manual_seed(args.seed)
         with torch.no_grad():
             params = actor.generate()
-            for _ in range(args.max_episode_steps + 1):
+            for t in range(args.max_episode_steps + 1):
                 live = np.nonzero(active)[0]
+                film = video is not None and active[0] and (t + 1) % stride == 0
                 pool.append(np.stack([flats[k] for k in live]))
                 x = torch.as_tensor(self.inputs(pool[-1], obs_norm), device=self.device)
                 mean, _ = actor(x, params)
@@ -1399,6 +1541,8 @@ class Evaluator:
                     flats[k], reward, terminated, truncated, _ = envs[k].step(actions[j])
                     returns[k] += reward
                     active[k] = not (terminated or truncated)
+                if film:  # no autoreset here: the last step's frame shows how the episode ended
+                    video.append(hypermarl_extras.mamujoco_frame(envs[0].ma))
                 if not active.any():
                     break
             # SND's joint states, drawn from the raw observations (global mode: 1/n_agents of the memory of
@@ -1423,14 +1567,31 @@ class Evaluator:
 
 def main(argv=None) -> int:
     try:
-        args = resolve_args(parse_args(argv))
+        args = parse_args(argv)
+        check_given_flags(args)
+        loaded, changes = None, []
+        if args.resume or args.checkpoint:
+            flag = "--resume" if args.resume else "--checkpoint"
+            loaded = load_checkpoint(args.resume or args.checkpoint, flag)
+            changes = take_flags_from_checkpoint(args, loaded["args"], flag)
+        fill_defaults(args)
+        if loaded is not None and args.resume and loaded["global_step"] >= args.total_timesteps:
+            raise ArgError(f"--total-timesteps: the run already trained {loaded['global_step']} of {args.total_timesteps} "
+                           f"steps; give a larger budget to train on")
         if args.track and not args.eval_only:
             try:
                 import wandb
             except ImportError:
                 raise ArgError("--track: wandb is not installed (pip install wandb)")
-        source = args.resume or args.checkpoint
-        loaded = load_checkpoint(source, args, "--resume" if args.resume else "--checkpoint") if source else None
+        if args.capture_video:
+            try:
+                import hypermarl_extras as extras
+            except ImportError:
+                raise ArgError("--capture-video: needs hypermarl_extras.py beside this script")
+            extras.default_mujoco_gl()  # before anything imports mujoco, which reads it once
+            problem = extras.probe_capture_video("mujoco")
+            if problem:
+                raise ArgError(problem)
     except (ArgError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -1460,18 +1621,24 @@ def main(argv=None) -> int:
     critic_optimizer = torch.optim.Adam(critics.parameters(), lr=args.critic_learning_rate, eps=args.adam_eps, fused=fused)
 
     if args.eval_only:
-        actor.load_state_dict(loaded["actor"])
-        obs_norm.load_state_dict(loaded["obs_norm"])
-        eval_return, snd = evaluator(actor, obs_norm)
-        print(f"eval/episodic_return={eval_return:.4f} diversity/snd={snd:.6f}")
-        evaluator.close()
+        try:
+            actor.load_state_dict(loaded["actor"])
+            obs_norm.load_state_dict(loaded["obs_norm"])
+            video = [] if args.capture_video else None
+            eval_return, snd = evaluator(actor, obs_norm, video)
+            print(f"eval/episodic_return={eval_return:.4f} diversity/snd={snd:.6f}")
+            if video:
+                path = os.path.join(args.runs_dir, new_run_folder(args.runs_dir, f"{loaded['run_name']}__eval"), "eval.mp4")
+                extras.save_video(None, path, "eval/video", video, loaded["global_step"], evaluator.video_timing()[1])
+                print(f"video: {path}")
+        finally:
+            evaluator.close()
         return 0
 
     T, E = args.num_steps, args.num_envs
     batch_size = T * E
     num_iterations = args.total_timesteps // batch_size
     global_step, start_iteration = 0, 1
-    run_name = f"mamujoco_{args.task.replace('|', '_')}__{args.exp_name}__{args.algo}_{args.actor}__{args.seed}__{int(time.time())}"
     if loaded is not None:
         actor.load_state_dict(loaded["actor"])
         critics.load_state_dict(loaded["critics"])
@@ -1481,6 +1648,10 @@ def main(argv=None) -> int:
         critic_optimizer.load_state_dict(loaded["critic_optimizer"])
         set_rng_state(loaded["rng"])
         global_step, start_iteration, run_name = loaded["global_step"], loaded["iteration"], loaded["run_name"]
+        print(f"resume: {run_name} at step {global_step}" + (f"; changed: {', '.join(changes)}" if changes else ""))
+    else:
+        run_name = new_run_folder(args.runs_dir, f"mamujoco_{args.task.replace('|', '_')}__{args.exp_name}__"
+                                                 f"{args.algo}_{args.actor}__{args.seed}")
     run_dir = os.path.join(args.runs_dir, run_name)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
 
@@ -1531,10 +1702,14 @@ def main(argv=None) -> int:
     episode_return, episode_length = np.zeros(E), np.zeros(E, dtype=np.int64)
     if loaded is not None and len(loaded.get("envs", {}).get("sim", ())) == E:
         flat, episode_return, episode_length = load_vector_env_state(envs, loaded["envs"])
-    elif loaded is not None:  # older checkpoint, or another --num-envs
+    elif loaded is not None:  # an older checkpoint, without the environments' states
         print("note: the checkpoint's environment states do not fit this run: new episodes start")
-    start_time, start_step = time.time(), global_step
+    start_time, start_step, printed_at = time.time(), global_step, 0.0
+    print(f"plan: {num_iterations - start_iteration + 1} iterations of {batch_size} steps ({E} envs x {T}) up to "
+          f"step {num_iterations * batch_size:,}, evaluating every {args.eval_interval:,}; an estimate of the time "
+          f"follows the first iteration", flush=True)
     rollout_time = update_time = 0.0
+    window_returns = []  # episodes that ended since the last progress line
     next_eval = (global_step // args.eval_interval + 1) * args.eval_interval
     next_save = (global_step // args.save_interval + 1) * args.save_interval
     exit_code, next_iteration = 0, start_iteration
@@ -1640,15 +1815,25 @@ def main(argv=None) -> int:
             line = None
             if global_step >= next_eval or iteration == num_iterations:
                 next_eval = (global_step // args.eval_interval + 1) * args.eval_interval
-                eval_return, snd = evaluator(actor, obs_norm)
+                video = [] if args.capture_video else None
+                eval_return, snd = evaluator(actor, obs_norm, video)
+                if video:
+                    extras.save_video(writer, os.path.join(run_dir, "videos", f"eval_{global_step}.mp4"), "eval/video",
+                                      video, global_step, evaluator.video_timing()[1])
                 writer.add_scalar("eval/episodic_return", eval_return, global_step)
                 writer.add_scalar("diversity/snd", snd, global_step)
                 line = f"eval_return={eval_return:.3f} snd={snd:.4f}"
-            if line or iteration % args.print_interval == 0:
-                train_return = float(np.mean(finished_returns)) if finished_returns else float("nan")
+            window_returns += finished_returns
+            elapsed = time.time() - start_time
+            if line or iteration % args.print_interval == 0 or iteration == start_iteration or elapsed - printed_at >= 60:
+                printed_at = elapsed
+                train_return = f"{np.mean(window_returns):.3f}" if window_returns else "no_episode_ended"
+                window_returns = []
+                eta = elapsed / (global_step - start_step) * (num_iterations * batch_size - global_step)
                 print(f"global_step={global_step} iteration={iteration}/{num_iterations} "
-                      f"episodic_return={train_return:.3f} SPS={sps} rollout_s={rollout_time:.1f} "
-                      f"update_s={update_time:.1f}" + (f" {line}" if line else ""), flush=True)
+                      f"episodic_return={train_return} SPS={sps} elapsed={duration(elapsed)} eta={duration(eta)} "
+                      f"rollout_s_total={rollout_time:.1f} update_s_total={update_time:.1f}"
+                      + (f" {line}" if line else ""), flush=True)
             if args.save_model and global_step >= next_save and iteration < num_iterations:
                 next_save = (global_step // args.save_interval + 1) * args.save_interval
                 save_checkpoint(checkpoint_path, capture_state(iteration + 1))
@@ -1656,6 +1841,11 @@ def main(argv=None) -> int:
         if exit_code == 0 and (args.save_model or stop["signal"] is not None):
             save_checkpoint(checkpoint_path, capture_state(next_iteration))
             print(f"checkpoint: {checkpoint_path} (continue with --resume {checkpoint_path})")
+    except BaseException:
+        # An exception (a second Ctrl-C) can cut a step or a get_attr after some of the workers' replies
+        # were read: a polite close would wait for those again, forever. Stop the workers instead.
+        envs.close(terminate=True)
+        raise
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)

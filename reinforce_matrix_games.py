@@ -52,16 +52,18 @@ Quick start:  python reinforce_matrix_games.py --game specialisation --n-agents 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import io
 import itertools
 import math
 import os
 import random
+import re
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
+from typing import Annotated, Optional
 
 import numpy as np
 import torch
@@ -72,6 +74,11 @@ from torch.func import functional_call, stack_module_state, vmap
 
 
 # ===== 1. Arguments =====
+# A flag that only some methods use is None here, so that giving it to another method is an error,
+# and validate_args fills it in; its docstring names the real default, so tyro's own "(default: None)" is hidden.
+DOC_DEFAULT = tyro.conf.arg(help_behavior_hint="")
+
+
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
@@ -107,11 +114,11 @@ class Args:
     hidden_size: int = 4
     """hidden units of every agent's network (NoPS and the HyperMARL target); FuPS and FuPS+ID use hidden_size * n_agents (Table 8 counts)"""
     hyper_linear_shared_bias: bool = True
-    """[hyper-linear] the shared bias b of Eq. (5); without it the hypernetwork is exactly NoPS"""
-    hypernet_embedding_dim: int = 4
-    """[hyper-mlp] size of the learned, orthogonally initialised agent embedding"""
-    hypernet_hidden_dims: list[int] = field(default_factory=lambda: [8])
-    """[hyper-mlp] hidden layers of each of the hypernetwork's generators (8: 330/428/624 parameters at n = 2/4/8)"""
+    """[hyper-linear] the shared bias b of Eq. (5); without it (--no-hyper-linear-shared-bias) the hypernetwork is exactly NoPS"""
+    hypernet_embedding_dim: Annotated[Optional[int], DOC_DEFAULT] = None
+    """[hyper-mlp] size of the learned, orthogonally initialised agent embedding (default: 4)"""
+    hypernet_hidden_dims: Annotated[Optional[list[int]], DOC_DEFAULT] = None
+    """[hyper-mlp] hidden layers of each of the hypernetwork's generators (default: 8, giving 330/428/624 parameters at n = 2/4/8)"""
 
     # REINFORCE (Table 8)
     num_trials: int = 10_000
@@ -144,6 +151,8 @@ METHOD_NAMES = {"nops": "NoPS", "fups": "FuPS", "fups-id": "FuPS+ID", "hyper-lin
                 "hyper-mlp": "HyperMARL (MLP)"}
 # Table 8: total parameters per method.
 PAPER_PARAMS = {"nops": {2: 36, 4: 112, 8: 384}, "fups": {2: 34, 4: 100, 8: 328}, "fups-id": {2: 42, 4: 148, 8: 552}}
+HYPER_MLP_DEFAULTS = dict(hypernet_embedding_dim=4, hypernet_hidden_dims=[8])
+MAX_SEED = 2**32 - 1 - 10_000  # NumPy takes seeds below 2**32, and the evaluation environment uses seed + 10000
 
 
 # ===== 2. Input validation =====
@@ -167,30 +176,61 @@ def parse_args(argv=None) -> Args:
         raise ArgError(" ".join(message) if message else "invalid arguments; see --help")
 
 
-def validate_args(args: Args) -> Args:
-    """Checks every flag; raises ArgError naming the flag."""
+def validate_args(args: Args, methods: Optional[list[str]] = None) -> Args:
+    """Checks every flag; raises ArgError naming the flag. Returns a copy with the [hyper-mlp]
+    defaults filled in. methods: the methods these flags will train (default: --method); a flag
+    marked [method] in --help is refused unless one of them is that method."""
 
     def positive(name):
         value = getattr(args, name)
         if not value > 0:
             raise ArgError(f"--{name.replace('_', '-')}: must be positive, got {value}")
 
+    for field in dataclasses.fields(Args):  # inf and nan pass every comparison below: refuse them first
+        value = getattr(args, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ArgError(f"--{field.name.replace('_', '-')}: must be a finite number, got {value}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ArgError(f"--seed: must be between 0 and {MAX_SEED}, got {args.seed}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.exp_name):
+        raise ArgError(f"--exp-name: must be a plain name (letters, digits, '.', '_', '-'), got {args.exp_name!r}")
     for flag, value, allowed in (("game", args.game, GAMES), ("method", args.method, METHODS),
                                  ("reward", args.reward, REWARDS), ("returns", args.returns, RETURNS)):
         if value not in allowed:
             raise ArgError(f"--{flag}: must be one of {', '.join(allowed)}, got {value!r}")
+    trained = f"--method {args.method}" if methods is None else f"--methods {' '.join(methods)}"
+    methods = [args.method] if methods is None else list(methods)
+    for flag, given, method in (("--no-hyper-linear-shared-bias", not args.hyper_linear_shared_bias, "hyper-linear"),
+                                ("--hypernet-embedding-dim", args.hypernet_embedding_dim is not None, "hyper-mlp"),
+                                ("--hypernet-hidden-dims", args.hypernet_hidden_dims is not None, "hyper-mlp")):
+        if given and method not in methods:
+            raise ArgError(f"{flag}: only with --method {method}, got {trained}")
+    args = dataclasses.replace(args, **{name: copy.copy(value) for name, value in HYPER_MLP_DEFAULTS.items()
+                                        if getattr(args, name) is None})
     if args.n_agents < 2:
         raise ArgError(f"--n-agents: must be at least 2, got {args.n_agents}")
     for name in ("num_trials", "batch_size", "learning_rate", "num_seeds", "eval_trials", "eval_interval",
                  "log_interval", "hidden_size", "hypernet_embedding_dim", "num_threads"):
         positive(name)
+    if args.seed + args.num_seeds - 1 > MAX_SEED:
+        raise ArgError(f"--num-seeds: the last seed, {args.seed} + {args.num_seeds} - 1, must be at most {MAX_SEED}")
     if args.num_trials < args.batch_size:
         raise ArgError(f"--num-trials: must be at least --batch-size = {args.batch_size}, got {args.num_trials}")
     if len(args.hypernet_hidden_dims) == 0 or min(args.hypernet_hidden_dims) <= 0:
         raise ArgError(f"--hypernet-hidden-dims: must be one or more positive sizes, got {args.hypernet_hidden_dims}")
-    if not math.isfinite(args.learning_rate):
-        raise ArgError(f"--learning-rate: must be finite, got {args.learning_rate}")
+    check_output_folder("--runs-dir", args.runs_dir)
     return args
+
+
+def check_output_folder(flag: str, path: str) -> None:
+    """A folder this run may create and write into, checked before anything is written."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ArgError(f"{flag}: {existing!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ArgError(f"{flag}: {existing!r} is not writable")
 
 
 # ===== 3. Environment =====
@@ -533,9 +573,11 @@ def evaluate_policies(pop: Population, game: str, seeds: list[int], eval_trials:
         return dict(argmax=argmax, sampled=sampled, expected=expected_team_reward(game, probs), snd=policy_snd(probs))
 
 
-def train(game: str, method: str, n_agents: int, seeds: list[int], args: Args, writers=None, pop=None) -> dict:
+def train(game: str, method: str, n_agents: int, seeds: list[int], args: Args, writers=None, pop=None,
+          progress: bool = False) -> dict:
     """REINFORCE for every seed at once; returns per-seed final metrics and learning curves.
-    pop: an existing Population to train (default: a fresh one for method and seeds)."""
+    pop: an existing Population to train (default: a fresh one for method and seeds).
+    progress: print a line with the elapsed time and an estimate of the rest once a minute."""
     pop = Population(method, n_agents, seeds, args) if pop is None else pop
     params = pop.parameters()
     optimizer = torch.optim.SGD(params, lr=args.learning_rate)
@@ -557,7 +599,7 @@ def train(game: str, method: str, n_agents: int, seeds: list[int], args: Args, w
         return ev
 
     record_eval(0)
-    start = time.time()
+    start = printed_at = time.time()
     for update in range(1, num_updates + 1):
         logits = pop.logits()
         with torch.no_grad():
@@ -592,6 +634,11 @@ def train(game: str, method: str, n_agents: int, seeds: list[int], args: Args, w
         if trials % args.eval_interval == 0 or update == num_updates:
             if not curve["trials"] or curve["trials"][-1] != trials:
                 record_eval(trials)
+        if progress and update < num_updates and time.time() - printed_at >= 60:  # short runs print no progress
+            printed_at = time.time()
+            elapsed = printed_at - start
+            print(f"trials={trials}/{num_updates * args.batch_size} train_reward={stats['reward'].mean().item():.4f} "
+                  f"elapsed={duration(elapsed)} eta={duration(elapsed / update * (num_updates - update))}", flush=True)
     final = evaluate_policies(pop, game, seeds, args.eval_trials)
     stacked = {key: torch.stack(value) for key, value in history.items()}  # (U, S)
     return dict(
@@ -618,13 +665,33 @@ def save_checkpoint(path: str, state: dict) -> None:
 
 
 # ===== 8. Main =====
+def new_run_folder(runs_dir: str, prefix: str) -> str:
+    """A fresh folder runs_dir/<prefix>__<time>[_k]: mkdir is atomic, so runs started in the same
+    second (a sweep launched with &) never share one. Returns its name."""
+    os.makedirs(runs_dir, exist_ok=True)
+    stamp = int(time.time())
+    for k in itertools.count():
+        name = f"{prefix}__{stamp}" + (f"_{k}" if k else "")
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(os.path.join(runs_dir, name))
+            return name
+
+
+def duration(seconds: float) -> str:
+    """1h02m, 3m05s or 12s."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
 def make_writers(args: Args, game: str, n_agents: int, method: str, seeds: list[int]):
     from torch.utils.tensorboard import SummaryWriter
 
-    writers, stamp = [], int(time.time())
+    writers = []
     config_table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
     for seed in seeds:
-        run_name = f"matrix_{game}_n{n_agents}__{args.exp_name}__{method}__{seed}__{stamp}"
+        run_name = new_run_folder(args.runs_dir, f"matrix_{game}_n{n_agents}__{args.exp_name}__{method}__{seed}")
         writer = SummaryWriter(os.path.join(args.runs_dir, run_name))
         writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{config_table}|game|{game}|\n|method|{method}|\n|n_agents|{n_agents}|\n|run_seed|{seed}|")
         writers.append(writer)
@@ -663,7 +730,7 @@ def main(argv=None) -> int:
     writers = make_writers(args, args.game, args.n_agents, args.method, seeds)
     start = time.time()
     try:
-        result = train(args.game, args.method, args.n_agents, seeds, args, writers)
+        result = train(args.game, args.method, args.n_agents, seeds, args, writers, progress=True)
         for s, writer in enumerate(writers):
             writer.add_scalar("eval/final_grad_var_mean", result["grad_var"][s], args.num_trials)
             writer.add_scalar("eval/final_interference_mean", result["interference"][s], args.num_trials)
@@ -680,9 +747,10 @@ def main(argv=None) -> int:
         print(f"seed={seed} eval/episodic_return={result['argmax'][s]:.4f} "
               f"eval/episodic_return_sampled={result['sampled'][s]:.4f} grad/actor_var={result['grad_var'][s]:.3e} "
               f"grad/interference={result['interference'][s]:.4f} diversity/snd={result['snd'][s]:.4f}")
+    elapsed = time.time() - start
     print(f"{args.game} n={args.n_agents} {METHOD_NAMES[args.method]}: argmax {np.mean(result['argmax']):.4f} ± "
           f"{np.std(result['argmax']):.4f}, sampled {np.mean(result['sampled']):.4f} ± {np.std(result['sampled']):.4f} "
-          f"({time.time() - start:.1f} s, runs in {args.runs_dir})")
+          f"({f'{elapsed:.1f} s' if elapsed < 60 else duration(elapsed)}, runs in {args.runs_dir})")
     return 0
 
 

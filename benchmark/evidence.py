@@ -4,17 +4,20 @@
     python benchmark/evidence.py --script mappo_hyper_vmas --total-timesteps 1000000 --jobs 2
 
 Runs every family x seed (--jobs at a time, one torch thread each), keeps the TensorBoard logs
-under --work-dir, and writes to benchmark/results/:
+under --work-dir (default: a new folder runs/evidence_<name>_<time>), and writes to --out (default:
+the --work-dir; `--out benchmark/results` regenerates the committed results):
   <name>.csv  one row per run and evaluation: step, eval return, SND, gradient variance, interference
   <name>.png  evaluation return against steps: IQM over seeds with a 95% stratified bootstrap CI
   <name>.md   final return (IQM and CI from rliable, mean +- std), final SND, mean gradient variance,
               mean interference, and the commands that produced them.
---aggregate-only rebuilds the outputs from existing logs.
+--aggregate-only rebuilds the outputs from the logs of an earlier --work-dir; with --work-dir of an
+earlier run, the runs that already have logs are skipped.
 """
 
 import argparse
 import csv
 import os
+import re
 import subprocess
 import sys
 import time
@@ -22,7 +25,9 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "benchmark", "results")
+sys.path.insert(0, os.path.join(ROOT, "benchmark"))
+from sps import OneLineParser, at_least, check_writable, new_output_folder  # noqa: E402
+
 FAMILIES = ["mlp", "linear", "nops", "fups"]
 
 
@@ -93,7 +98,8 @@ def aggregate(opts, rows):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = os.path.join(RESULTS, opts.name)
+    os.makedirs(opts.out, exist_ok=True)
+    path = os.path.join(opts.out, opts.name)
     with open(f"{path}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -157,23 +163,37 @@ def aggregate(opts, rows):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--script", default="ippo_hyper_vmas", choices=["ippo_hyper_vmas", "mappo_hyper_vmas"])
     parser.add_argument("--families", nargs="+", default=FAMILIES)
     parser.add_argument("--seeds", nargs="+", type=int, default=PAPER_SEEDS,
                         help="seeds (default: the paper's five, Table 9: %(default)s)")
-    parser.add_argument("--total-timesteps", type=int, default=1_000_000)
-    parser.add_argument("--eval-interval", type=int, default=50_000)
-    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--total-timesteps", type=at_least(1), default=1_000_000)
+    parser.add_argument("--eval-interval", type=at_least(1), default=50_000)
+    parser.add_argument("--jobs", type=at_least(1), default=2)
     parser.add_argument("--name", default=None, help="output name (default: <script>_dispersion4)")
-    parser.add_argument("--work-dir", default=None, help="where the runs' logs go (default: runs/evidence_<name>)")
-    parser.add_argument("--aggregate-only", action="store_true")
+    parser.add_argument("--work-dir", default=None,
+                        help="where the runs' logs go (default: a new folder runs/evidence_<name>_<time>); "
+                             "an earlier run's folder resumes it")
+    parser.add_argument("--out", default=None, help="folder for <name>.csv, .png and .md (default: the --work-dir)")
+    parser.add_argument("--aggregate-only", action="store_true", help="only rebuild the outputs from --work-dir's logs")
     parser.add_argument("extra", nargs="*", help="more flags for the script, after --")
     opts = parser.parse_args()
     opts.name = opts.name or f"{opts.script}_dispersion4"
-    opts.work_dir = opts.work_dir or os.path.join(ROOT, "runs", f"evidence_{opts.name}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", opts.name):
+        parser.error(f"--name: must be a plain name (letters, digits, '.', '_', '-'), got {opts.name!r}")
+    if opts.aggregate_only and opts.work_dir is None:
+        parser.error("--aggregate-only: needs --work-dir, the folder of the runs to aggregate")
+    if opts.aggregate_only and not os.path.isdir(opts.work_dir):
+        parser.error(f"--work-dir: no such folder {opts.work_dir!r}")
+    check_writable(parser, "--work-dir", opts.work_dir or "runs")
+    if opts.out is not None:
+        check_writable(parser, "--out", opts.out)
     opts.title = f"{opts.script.split('_')[0].upper()} on Dispersion (4 agents), {opts.total_timesteps:,} steps"
+    if opts.work_dir is None:
+        opts.work_dir = new_output_folder(f"evidence_{opts.name}")
     os.makedirs(opts.work_dir, exist_ok=True)
+    opts.out = opts.out or opts.work_dir
     if not opts.aggregate_only:
         run_all(opts)
     aggregate(opts, collect(opts))

@@ -16,7 +16,7 @@ Each cell is the mean [min, max] over agents and --seeds initialisations (seeds 
 
     python benchmark/init_scale.py            # about 2 minutes on 2 cores
 
-Writes benchmark/results/init_scale.md (and prints it).
+Writes init_scale.md (and prints it) to a new folder runs/init_scale_<time>, or to the file --out names.
 """
 
 import argparse
@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import ippo_hyper_vmas  # noqa: E402
 import mappo_hyper_vmas  # noqa: E402
-from sps import OneLineParser, at_least  # noqa: E402  (benchmark/ is on sys.path when run as a script)
+from sps import OneLineParser, at_least, output_file  # noqa: E402  (benchmark/ is on sys.path when run as a script)
 
 SCRIPTS = {"IPPO": ippo_hyper_vmas, "MAPPO": mappo_hyper_vmas}
 INITS = ("scaled", "matched", "default")
@@ -62,8 +62,9 @@ def main():
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=at_least(1), default=10)
     parser.add_argument("--n-agents", type=at_least(2), default=4)
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmark", "results", "init_scale.md"))
+    parser.add_argument("--out", default=None, help="the Markdown file to write (default: init_scale.md in a new folder runs/init_scale_<time>)")
     opts = parser.parse_args()
+    opts.out = output_file(parser, opts.out, "init_scale", "init_scale.md")
     torch.set_num_threads(1)
 
     lines = ["# Scale of the generated layers at initialisation (section 4.3)", "",

@@ -3,15 +3,18 @@ reinforce_matrix_games.py, with the paper's values beside ours, and a plot of th
 
     python benchmark/matrix_games.py                               # a new folder runs/matrix_games_<time>
     python benchmark/matrix_games.py --out benchmark/results       # regenerates the committed results
+                                                                   # (TensorBoard logs: benchmark/results/runs, ignored by git)
     python benchmark/matrix_games.py --games synchronisation --n-agents 8 --methods fups fups-id --num-seeds 100
     python benchmark/matrix_games.py --methods nops fups fups-id --returns raw --out /tmp/raw
 
 Any other flag is reinforce_matrix_games.py's (--returns, --reward, --num-trials, --seed, --num-seeds,
---runs-dir for the TensorBoard logs, ...); --num-seeds defaults to 5 here (Table 8). Writes to --out:
+--runs-dir for the TensorBoard logs, ...); --num-seeds defaults to 5 here (Table 8), and --runs-dir to
+the folder runs/ inside --out. Writes to --out:
   matrix_games_sweep.md    Tables 2 and 6 (ours, the paper's value in brackets, a mark where they differ
                            by more than one std), seeds at the optimum, parameters, gradient statistics, SND
   matrix_games_sweep.json  per-seed final values and learning curves
   matrix_games_n<N>.png    evaluation reward against training trials at the largest n
+  runs/                    one TensorBoard run per game x n x method x seed (unless --runs-dir says elsewhere)
 """
 
 import argparse
@@ -28,6 +31,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import reinforce_matrix_games as mg  # noqa: E402
+sys.path.insert(0, os.path.join(ROOT, "benchmark"))
+from sps import check_writable, new_output_folder  # noqa: E402
 
 # Table 2 (argmax evaluation) and Table 6 (sampled actions): (mean, std) over 5 seeds for n = 2, 4, 8.
 PAPER_TABLE2 = {
@@ -208,21 +213,27 @@ def main(argv=None) -> int:
             parser.error(f"{flag}: the sweep sets it" + (f"; use {instead}" if instead else ""))
     if not any(item == "--num-seeds" or item.startswith("--num-seeds=") for item in rest):
         rest += ["--num-seeds", "5"]  # Table 8
+    if opts.out is not None:
+        check_writable(parser, "--out", opts.out)
+    runs_dir_given = any(item == "--runs-dir" or item.startswith("--runs-dir=") for item in rest)
+    if not runs_dir_given:  # checked where it will be: inside --out, or inside the new folder in runs/
+        rest += ["--runs-dir", os.path.join(opts.out or "runs", "runs")]
     try:
-        args = mg.validate_args(mg.parse_args(rest))
+        args = mg.validate_args(mg.parse_args(rest), methods=opts.methods)
     except mg.ArgError as error:
         parser.error(str(error))
-    if opts.out is not None and os.path.exists(opts.out) and not os.path.isdir(opts.out):
-        parser.error(f"--out: {opts.out!r} is a file, not a folder")
     try:  # the plot comes after the whole sweep: fail now, not then
         import matplotlib  # noqa: F401
     except ImportError:
         parser.error("matplotlib is not installed (pip install -r requirements-dev.txt); the sweep ends with a plot")
-    out = opts.out or os.path.join("runs", time.strftime("matrix_games_%Y%m%d-%H%M%S"))
+    out = opts.out or new_output_folder("matrix_games")
+    if not runs_dir_given:
+        args.runs_dir = os.path.join(out, "runs")
 
     torch.set_num_threads(args.num_threads)
     seeds = list(range(args.seed, args.seed + args.num_seeds))
     start, results = time.time(), []
+    total = len(opts.n_agents) * len(opts.games) * len(opts.methods)
     for n in opts.n_agents:
         for game in opts.games:
             for method in opts.methods:
@@ -235,11 +246,13 @@ def main(argv=None) -> int:
                         writer.close()
                 result.pop("population")
                 results.append(result)
-                print(f"{game:15s} n={n} {mg.METHOD_NAMES[method]:18s} params={result['params']:4d} "
+                elapsed = time.time() - start
+                eta = f" eta {mg.duration(elapsed / len(results) * (total - len(results)))}" if len(results) < total else ""
+                print(f"[{len(results)}/{total}] {game:15s} n={n} {mg.METHOD_NAMES[method]:18s} params={result['params']:4d} "
                       f"argmax {np.mean(result['argmax']):.3f} ± {np.std(result['argmax']):.3f}  "
                       f"sampled {np.mean(result['sampled']):.4f} ± {np.std(result['sampled']):.4f}  "
                       f"grad var {np.mean(result['grad_var']):.2e}  interference {np.mean(result['interference']):.3f}  "
-                      f"({time.time() - t0:.1f} s)", flush=True)
+                      f"({time.time() - t0:.1f} s; elapsed {mg.duration(elapsed)}{eta})", flush=True)
     runtime = time.time() - start
     tables, misses = sweep_tables(results, args)
     cpu = platform.processor() or platform.machine()

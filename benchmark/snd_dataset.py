@@ -37,9 +37,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def rollout_observations(script, path: str, episodes: int, seed: int) -> torch.Tensor:
     """(N, n_agents, obs_dim) observations of `episodes` evaluation episodes of one checkpoint."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != script.CHECKPOINT_FORMAT:
-        raise script.CheckpointError(f"--checkpoints: {path!r} is not a {script.CHECKPOINT_FORMAT} checkpoint")
+    state = script.load_checkpoint(path, "--checkpoints")  # weights_only; one line for any bad file
     saved = {k: v for k, v in state["args"].items() if k in {f.name for f in script.dataclasses.fields(script.Args)}}
     args = script.Args(**saved)
     args.eval_episodes, args.seed = episodes, seed
@@ -72,6 +70,8 @@ def main(argv=None) -> int:
         parser.error(f"--out: must be an .npz file name, got {opts.out!r}")
     if not os.path.isdir(os.path.dirname(os.path.abspath(opts.out))):
         parser.error(f"--out: no such folder {os.path.dirname(opts.out)!r}")
+    if not os.access(os.path.dirname(os.path.abspath(opts.out)), os.W_OK | os.X_OK):
+        parser.error(f"--out: {os.path.dirname(os.path.abspath(opts.out))!r} is not writable")
     script = __import__(opts.script)
     torch.manual_seed(opts.seed)
     pools = []
@@ -81,8 +81,9 @@ def main(argv=None) -> int:
             print(f"{path}: {pools[-1].shape[0]:,} time steps", flush=True)
     except (ValueError, RuntimeError, KeyError, TypeError, EOFError, OSError, pickle.UnpicklingError,
             zipfile.BadZipFile) as error:  # ValueError includes the scripts' ArgError and CheckpointError
-        parser.error(str(error).splitlines()[0] if isinstance(error, (script.CheckpointError, script.ArgError))
-                     else f"--checkpoints: cannot load ({str(error).splitlines()[0][:120]})")
+        why = (str(error).splitlines() or [type(error).__name__])[0]  # some errors have no message
+        parser.error(why if isinstance(error, (script.CheckpointError, script.ArgError))
+                     else f"--checkpoints: cannot load ({why[:120]})")
     if len({pool.shape[1:] for pool in pools}) != 1:
         parser.error(f"--checkpoints: observations of different shapes {sorted({tuple(p.shape[1:]) for p in pools})}")
     pool = torch.cat(pools)

@@ -10,10 +10,12 @@ and the ratio of medians.
     python benchmark/sps.py --only dispersion navigation
     python benchmark/sps.py --quick          # 1 repeat, fewer iterations: a smoke test
 
-Writes benchmark/results/sps.md (and prints it).
+Writes sps.md (and prints it) to a new folder runs/sps_<time>, or to the file --out names.
 """
 
 import argparse
+import contextlib
+import itertools
 import os
 import platform
 import statistics
@@ -48,6 +50,41 @@ def at_least(minimum):
 
     parse.__name__ = "int"
     return parse
+
+
+def check_writable(parser, flag, folder):
+    """Fails now, not after the benchmark: the nearest existing folder on the way must be a
+    folder this process may write into."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        parser.error(f"{flag}: {existing!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        parser.error(f"{flag}: {existing!r} is not writable")
+
+
+def new_output_folder(tool, parent="runs"):
+    """parent/<tool>_<time>[_k], never one that exists: mkdir is atomic, so two runs started in the
+    same second get a folder each, and committed results are only written with an explicit --out."""
+    os.makedirs(parent, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for k in itertools.count():
+        path = os.path.join(parent, f"{tool}_{stamp}" + (f"_{k}" if k else ""))
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path)
+            return path
+
+
+def output_file(parser, out, tool, filename):
+    """--out if given (checked now, before any work), else filename in a new folder runs/<tool>_<time>."""
+    if out is None:
+        check_writable(parser, "--out", "runs")
+        return os.path.join(new_output_folder(tool), filename)
+    if os.path.isdir(out):
+        parser.error(f"--out: {out!r} is a folder; give the name of the file to write")
+    check_writable(parser, "--out", os.path.dirname(os.path.abspath(out)))
+    return out
 
 
 def timed_run(script, argv, iterations, batch):
@@ -199,8 +236,9 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--iterations", type=at_least(4), default=6,
                         help="iterations per run (the first is not timed; Navigation and 64 agents run half as many)")
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmark", "results", "sps.md"))
+    parser.add_argument("--out", default=None, help="the Markdown file to write (default: sps.md in a new folder runs/sps_<time>)")
     opts = parser.parse_args()
+    opts.out = output_file(parser, opts.out, "sps", "sps.md")
     repeats = 1 if opts.quick else opts.repeats
     iterations = 3 if opts.quick else opts.iterations
     started = time.time()
@@ -208,7 +246,7 @@ def main():
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU", ""]
     def save():
-        os.makedirs(os.path.dirname(opts.out), exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
         with open(opts.out, "w") as f:
             f.write("\n".join(lines + [f"Benchmark time so far: {(time.time() - started) / 60:.1f} min", ""]))
 

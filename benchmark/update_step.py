@@ -23,7 +23,7 @@ The third row is HyperMARL-S (section 6: hypernetwork hidden layer 32 instead of
 
     python benchmark/update_step.py            # about 3 minutes on 2 cores
 
-Writes benchmark/results/update_step.md (and prints it).
+Writes update_step.md (and prints it) to a new folder runs/update_step_<time>, or to the file --out names.
 """
 
 import argparse
@@ -38,7 +38,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import ippo_hyper_vmas as script  # noqa: E402
-from sps import OneLineParser, at_least  # noqa: E402  (benchmark/ is on sys.path when run as a script)
+from sps import OneLineParser, at_least, output_file  # noqa: E402  (benchmark/ is on sys.path when run as a script)
 
 N_AGENTS, OBS_DIM, ACT_DIM, BATCH = 8, 20, 2, 60_000  # Navigation, 8 agents: 600 envs x 100 steps
 
@@ -87,8 +87,9 @@ def generate_forward_backward(agent):
 def main():
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=at_least(1), default=5)
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmark", "results", "update_step.md"))
+    parser.add_argument("--out", default=None, help="the Markdown file to write (default: update_step.md in a new folder runs/update_step_<time>)")
     opts = parser.parse_args()
+    opts.out = output_file(parser, opts.out, "update_step", "update_step.md")
     torch.set_num_threads(2)
     generator = torch.Generator().manual_seed(1)
     batch = {key: torch.randn(N_AGENTS, BATCH, *shape, generator=generator)
@@ -126,7 +127,7 @@ def main():
         real = fups / (fups + in_step[family] - in_step["fups"])
         lines.append(f"| {family} | {fups / statistics.median(steps[family]):.2f} | {isolated:.2f} | {real:.2f} |")
     lines.append("")
-    os.makedirs(os.path.dirname(opts.out), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
     with open(opts.out, "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))

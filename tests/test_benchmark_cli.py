@@ -26,3 +26,89 @@ def test_bad_flag_is_one_line_exit_2_and_writes_nothing(tmp_path, script, argv, 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.stderr  # not "error: argument --x"
     assert "Traceback" not in result.stderr and not out.exists()
+
+
+# ----- outputs: never a committed file by default, and a bad --out fails before any work -----
+def run_tool(script, argv, cwd, timeout=120):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", script)] + argv, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def committed_results():
+    """Name -> bytes of every file under benchmark/results (the committed results)."""
+    results = os.path.join(ROOT, "benchmark", "results")
+    return {os.path.join(folder, name): open(os.path.join(folder, name), "rb").read()
+            for folder, _, names in os.walk(results) if "__pycache__" not in folder for name in names}
+
+
+BAD_OUTS = {"a folder": lambda tmp: str(tmp), "inside a file": lambda tmp: str(tmp / "notes.txt" / "result.md"),
+            "not writable": lambda tmp: "/proc/sys/x/result.md"}
+
+
+@pytest.mark.parametrize("script", ["sps.py", "init_scale.py", "update_step.py"])
+@pytest.mark.parametrize("where", sorted(BAD_OUTS))
+def test_bad_out_fails_at_once_with_one_line(tmp_path, script, where):
+    (tmp_path / "notes.txt").write_text("keep")
+    result = run_tool(script, ["--out", BAD_OUTS[where](tmp_path)], tmp_path, timeout=60)  # the benchmarks take minutes
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --out: "), result.stderr
+    assert result.stdout == "" and os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_init_scale_writes_a_new_folder_in_runs_not_the_committed_results(tmp_path):
+    before = committed_results()
+    for _ in range(2):
+        result = run_tool("init_scale.py", ["--seeds", "1", "--n-agents", "2"], tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert committed_results() == before
+    folders = sorted(os.listdir(tmp_path / "runs"))
+    assert len(folders) == 2 and all(f.startswith("init_scale_") for f in folders)  # never reused
+    assert all(os.listdir(tmp_path / "runs" / f) == ["init_scale.md"] for f in folders)
+    assert os.listdir(tmp_path) == ["runs"]
+
+
+def test_default_output_folders_are_new_even_within_one_second(tmp_path, monkeypatch):
+    sys.path.insert(0, os.path.join(ROOT, "benchmark"))
+    import sps
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sps.time, "strftime", lambda *_: "20260101-000000")
+    first, second = sps.new_output_folder("sps"), sps.new_output_folder("sps")
+    assert first != second and os.path.isdir(first) and os.path.isdir(second)
+    assert sorted(os.listdir(tmp_path / "runs")) == ["sps_20260101-000000", "sps_20260101-000000_1"]
+
+
+TINY_VMAS = ["--num-envs", "4", "--num-steps", "8", "--num-minibatches", "2", "--update-epochs", "2",
+             "--eval-episodes", "3", "--snd-samples", "40", "--actor-hidden-dims", "16", "16",
+             "--critic-hidden-dims", "16", "16", "--max-steps", "6"]
+
+
+def test_evidence_writes_a_new_folder_in_runs_not_the_committed_results(tmp_path):
+    before = committed_results()
+    argv = ["--families", "fups", "--seeds", "1", "2", "--total-timesteps", "64", "--eval-interval", "32", "--"]
+    result = run_tool("evidence.py", argv + TINY_VMAS, tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert committed_results() == before
+    (folder,) = os.listdir(tmp_path / "runs")
+    assert folder.startswith("evidence_ippo_hyper_vmas_dispersion4_")
+    outputs = set(os.listdir(tmp_path / "runs" / folder))
+    assert {f"ippo_hyper_vmas_dispersion4.{ext}" for ext in ("csv", "md", "png")} | {"fups_1", "fups_2"} <= outputs
+    assert os.listdir(tmp_path) == ["runs"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--aggregate-only"], "--aggregate-only: needs --work-dir"),
+    (["--aggregate-only", "--work-dir", "nowhere"], "--work-dir: no such folder"),
+    (["--work-dir", "/proc/sys/x"], "--work-dir: '/proc/sys' is not writable"),
+    (["--work-dir", "notes.txt/runs"], "--work-dir: "),
+    (["--out", "notes.txt"], "--out: "),
+    (["--out", "/proc/sys/x"], "--out: '/proc/sys' is not writable"),
+    (["--jobs", "0"], "--jobs: must be at least 1, got 0"),
+    (["--name", "../x"], "--name: must be a plain name"),
+])
+def test_evidence_bad_input_is_one_line_before_any_run(tmp_path, argv, message):
+    (tmp_path / "notes.txt").write_text("keep")
+    result = run_tool("evidence.py", argv + ["--total-timesteps", "64"], tmp_path, timeout=60)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.stderr
+    assert result.stdout == "" and os.listdir(tmp_path) == ["notes.txt"]

@@ -109,15 +109,40 @@ def test_benchmark_sweep_end_to_end(tmp_path):
     assert set(os.listdir(tmp_path)) == {"res", "runs"}
 
 
-def test_benchmark_default_output_is_a_new_folder(tmp_path):
-    argv = [sys.executable, BENCHMARK, "--games", "specialisation", "--n-agents", "2", "--methods", "nops",
-            "--num-trials", "20", "--num-seeds", "1", "--eval-trials", "10", "--runs-dir", "tb"]
+def committed_results():
+    results = os.path.join(ROOT, "benchmark", "results")
+    return {os.path.join(folder, name): open(os.path.join(folder, name), "rb").read()
+            for folder, _, names in os.walk(results) if "__pycache__" not in folder for name in names}
+
+
+def test_benchmark_default_output_is_a_new_folder_with_the_tensorboard_runs_inside(tmp_path):
+    before = committed_results()
+    argv = [sys.executable, BENCHMARK, "--games", "specialisation", "--n-agents", "2", "--methods", "nops", "fups",
+            "--num-trials", "20", "--num-seeds", "2", "--eval-trials", "10"]
+    for _ in range(2):
+        proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert committed_results() == before and os.listdir(tmp_path) == ["runs"]
+    folders = sorted(os.listdir(tmp_path / "runs"))
+    assert len(folders) == 2 and all(folder.startswith("matrix_games_") for folder in folders)  # never reused
+    for folder in folders:
+        assert sorted(os.listdir(tmp_path / "runs" / folder)) == ["matrix_games_n2.png", "matrix_games_sweep.json",
+                                                                 "matrix_games_sweep.md", "runs"]
+        assert len(os.listdir(tmp_path / "runs" / folder / "runs")) == 2 * 2  # method x seed
+    # progress: configurations done, elapsed time, and an estimate of the rest until the last
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("[")]
+    assert lines[0].startswith("[1/2] ") and "elapsed " in lines[0] and " eta " in lines[0]
+    assert lines[1].startswith("[2/2] ") and " eta " not in lines[1]
+
+
+def test_benchmark_takes_method_flags_when_one_of_its_methods_uses_them(tmp_path):
+    argv = [sys.executable, BENCHMARK, "--games", "specialisation", "--n-agents", "2", "--methods", "nops", "hyper-mlp",
+            "--hypernet-embedding-dim", "8", "--num-trials", "20", "--num-seeds", "1", "--eval-trials", "10",
+            "--out", "res"]
     proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (folder,) = os.listdir(tmp_path / "runs")
-    assert folder.startswith("matrix_games_")
-    assert sorted(os.listdir(tmp_path / "runs" / folder)) == ["matrix_games_n2.png", "matrix_games_sweep.json",
-                                                             "matrix_games_sweep.md"]
+    data = json.loads((tmp_path / "res" / "matrix_games_sweep.json").read_text())
+    assert data["args"]["hypernet_embedding_dim"] == 8
 
 
 def test_benchmark_without_matplotlib_stops_before_the_sweep(tmp_path):
@@ -148,6 +173,13 @@ def test_benchmark_num_seeds_in_equals_form_is_kept(tmp_path):
     (["--reward", "mine"], "--reward"),
     (["--num-trials", "0"], "--num-trials"),
     (["--bogus"], "--bogus"),
+    (["--out", os.path.join(SCRIPT, "res")], "--out"),  # inside a file
+    (["--out", "/proc/sys/x"], "--out"),  # not writable
+    (["--runs-dir", "/proc/sys/x"], "--runs-dir"),
+    (["--seed", "-1"], "--seed"),
+    (["--learning-rate", "inf"], "--learning-rate"),
+    (["--methods", "nops", "fups", "--hypernet-embedding-dim", "8"], "--hypernet-embedding-dim"),
+    (["--methods", "hyper-mlp", "--no-hyper-linear-shared-bias"], "--no-hyper-linear-shared-bias"),
 ])
 def test_benchmark_bad_input_is_one_line(argv, needle, tmp_path):
     proc = subprocess.run([sys.executable, BENCHMARK, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=60)

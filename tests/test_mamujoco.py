@@ -3,8 +3,15 @@ normalisers, checkpoints, bad input, and every task x actor family x algorithm e
 
 import contextlib
 import io
+import itertools
 import math
 import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -454,8 +461,13 @@ def test_resume_gives_the_same_numbers_as_an_uninterrupted_run(tmp_path, envs):
     assert run_main(argv("part", 64))[0] == 0
     (part_dir,) = [tmp_path / "part" / d for d in os.listdir(tmp_path / "part")]
     checkpoint = str(part_dir / "checkpoint.pt")
-    code, _, err = run_main(argv("part", 128, "--resume", checkpoint))
+    # worker processes may change on resume: they change no number
+    changes = ["--no-async-envs"] if "2" in envs else []
+    code, out, err = run_main(argv("part", 128, "--resume", checkpoint, *changes))
     assert code == 0, err
+    (changed,) = [line for line in out.splitlines() if line.startswith("resume: ")]
+    assert changed.endswith(("changed: --total-timesteps 64 -> 128", "changed: --async-envs True -> False, "
+                             "--total-timesteps 64 -> 128")[bool(changes)]), changed
     (full_dir,) = [tmp_path / "full" / d for d in os.listdir(tmp_path / "full")]
     a = torch.load(full_dir / "checkpoint.pt", weights_only=True)
     b = torch.load(checkpoint, weights_only=True)
@@ -523,7 +535,7 @@ def test_checkpoint_of_another_task_is_refused(tmp_path):
     code, out, _ = run_main(tiny_argv(tmp_path, "--save-model"))
     path = [ln.split()[1] for ln in out.splitlines() if ln.startswith("checkpoint: ")][0]
     code, _, err = run_main(tiny_argv(tmp_path, "--eval-only", "--checkpoint", path, task="Walker2d-2x3"))
-    assert code == 2 and "--checkpoint: checkpoint has task='HalfCheetah-2x3'" in err
+    assert code == 2 and err.startswith("error: --task: the checkpoint's run has 'HalfCheetah-2x3', not 'Walker2d-2x3'")
 
 
 def test_script_runs_as_a_subprocess(tmp_path):
@@ -539,3 +551,364 @@ def test_script_runs_as_a_subprocess(tmp_path):
     assert os.path.isdir(tmp_path / "runs")
     bad = subprocess.run([sys.executable, script, "--task", "nope"], cwd=tmp_path, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --task:")
+
+
+# ----- signals: a terminal's Ctrl-C, `timeout` and Slurm signal every process of the job -----
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mappo_hyper_mamujoco.py")
+ASYNC = ["--num-envs", "2", "--num-steps", "16", "--print-interval", "1", "--eval-interval", str(10**9)]
+
+
+@pytest.fixture
+def spawn():
+    """spawn(runs_dir, *flags): the script in its own process group, with two environment worker
+    processes; a group still running when the test ends (it failed) is killed."""
+    processes = []
+
+    def start(runs_dir, *extra):
+        argv = [sys.executable, "-u", SCRIPT] + tiny_argv(runs_dir, *ASYNC, *extra)
+        processes.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          start_new_session=True))
+        return processes[-1]
+
+    yield start
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+
+
+def read_until(process, prefix, timeout=120):
+    """stdout up to the first line that starts with prefix (the process group is killed after timeout)."""
+    timer = threading.Timer(timeout, lambda: os.killpg(process.pid, signal.SIGKILL))
+    timer.start()
+    try:
+        for line in process.stdout:
+            if line.startswith(prefix):
+                return line
+    finally:
+        timer.cancel()
+    raise AssertionError(f"no line starting with {prefix!r}: {process.communicate()[1][-3000:]}")
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
+def children(pid):
+    """Live child processes of pid (Linux /proc)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def gone(pids, wait=10.0):
+    deadline = time.time() + wait
+    while any(map(alive, pids)):
+        if time.time() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads worker processes from /proc")
+
+
+@needs_proc
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_signal_to_the_process_group_saves_the_final_state_and_resumes_exactly(spawn, tmp_path, signame):
+    """The environment workers get the signal too: they must outlive it so that the main process can
+    save their simulator states with the rest (the state after the iteration the signal arrived in,
+    from which a resumed run continues as if never stopped), then close them and exit 0."""
+    sig = getattr(signal, signame)
+    process = spawn(tmp_path / "stopped", "--total-timesteps", 32 * 2000)
+    run_dir = read_until(process, "run: ").split(maxsplit=1)[1].strip()
+    read_until(process, "global_step=")  # training runs
+    workers = children(process.pid)
+    assert len(workers) == 2
+    assert not os.path.exists(os.path.join(run_dir, "checkpoint.pt"))  # no --save-model: no periodic save
+    os.killpg(process.pid, sig)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert f"signal {int(sig)}: saving a checkpoint" in out and "Traceback" not in err, err
+    (path,) = [ln.split()[1] for ln in out.splitlines() if ln.startswith("checkpoint: ")]
+    assert path == os.path.join(run_dir, "checkpoint.pt")
+    assert gone(workers)  # closed by the main process
+    state = torch.load(path, weights_only=True)
+    stopped_at = state["global_step"]
+    assert stopped_at >= 32 and stopped_at % 32 == 0 and state["iteration"] == stopped_at // 32 + 1
+    assert len(state["envs"]["sim"]) == 2
+
+    # resumed to two more updates: the same numbers as a run that was never stopped
+    total = str(stopped_at + 64)
+    code, _, err = run_main(tiny_argv(tmp_path / "stopped", *ASYNC, "--save-model", "--total-timesteps", total,
+                                      "--resume", path))
+    assert code == 0, err
+    code, _, err = run_main(tiny_argv(tmp_path / "full", *ASYNC, "--save-model", "--total-timesteps", total))
+    assert code == 0, err
+    (full_dir,) = [tmp_path / "full" / d for d in os.listdir(tmp_path / "full")]
+    a = torch.load(full_dir / "checkpoint.pt", weights_only=True)
+    b = torch.load(path, weights_only=True)
+    assert a["global_step"] == b["global_step"] == stopped_at + 64
+    for part in ("actor", "critics", "value_norm"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    assert torch.equal(a["obs_norm"]["state"]["mean"], b["obs_norm"]["state"]["mean"])
+    assert torch.equal(a["envs"]["obs"], b["envs"]["obs"]) and a["envs"]["sim"] == b["envs"]["sim"]
+    assert scalars_by_step(str(full_dir)) == scalars_by_step(run_dir)
+
+
+@needs_proc
+def test_second_ctrl_c_stops_at_once_and_closes_the_workers(spawn, tmp_path):
+    """The workers ignore Ctrl-C; the main process does not, the second time."""
+    process = spawn(tmp_path, "--total-timesteps", 2000 * 2000, "--num-steps", "1000")  # seconds per iteration
+    read_until(process, "global_step=")  # the end of iteration 1
+    workers = children(process.pid)
+    assert len(workers) == 2
+    time.sleep(0.5)  # into iteration 2 (a signal before its start would save at once)
+    os.killpg(process.pid, signal.SIGINT)
+    read_until(process, "signal 2: saving a checkpoint")
+    assert not gone(workers, wait=0.3)  # the first Ctrl-C left the workers running
+    os.killpg(process.pid, signal.SIGINT)  # mid-iteration: before the save
+    out, err = process.communicate(timeout=120)
+    assert process.returncode != 0 and "KeyboardInterrupt" in err
+    assert "checkpoint: " not in out
+    assert gone(workers)
+
+
+@needs_proc
+def test_workers_of_a_killed_run_exit_quietly(spawn, tmp_path):
+    """SIGKILL cannot be caught: the workers see their pipes close and exit, with no traceback each."""
+    process = spawn(tmp_path, "--total-timesteps", 32 * 2000)
+    read_until(process, "global_step=")
+    workers = children(process.pid)
+    assert len(workers) == 2
+    os.kill(process.pid, signal.SIGKILL)
+    _, err = process.communicate(timeout=60)  # the workers hold stdout and stderr until they exit
+    assert gone(workers)
+    assert "Traceback" not in err, err
+
+
+def test_progress_line_says_totals_and_when_no_episode_ended(tmp_path):
+    """40-step episodes, 32-step iterations, a line every 2: episodes end in iterations 2, 3, 4, 5 and 7.
+    Iteration 1 alone had none; the line of iteration 6 reports the episode of iteration 5."""
+    code, out, err = run_main(tiny_argv(tmp_path / "a", "--total-timesteps", 32))
+    assert code == 0, err
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("global_step=")]
+    assert "episodic_return=no_episode_ended " in line and "nan" not in line
+    assert "rollout_s_total=" in line and "update_s_total=" in line and " rollout_s=" not in line
+    code, out, err = run_main(tiny_argv(tmp_path / "b", "--total-timesteps", 192, "--print-interval", 2))
+    assert code == 0, err
+    lines = {int(ln.split("iteration=")[1].split("/")[0]): ln for ln in out.splitlines() if ln.startswith("global_step=")}
+    assert sorted(lines) == [1, 2, 4, 6]  # and the first iteration's, at once
+    (run,) = os.listdir(tmp_path / "b")
+    logged = scalars_by_step(str(tmp_path / "b" / run))
+    assert ("charts/episodic_return", 192) not in logged  # iteration 6 itself ended no episode
+    shown = float(lines[6].split("episodic_return=")[1].split()[0])
+    assert shown == pytest.approx(logged[("charts/episodic_return", 160)], abs=1e-3)
+
+
+# ----- bad input, resume, run folders, progress, help, videos -----
+@pytest.mark.parametrize("flags,needle", [
+    (["--seed", "-1"], "--seed: must be between 0 and "),
+    (["--seed", str(2**32 - 10_001)], "--seed: must be between 0 and 4294957294"),  # eval episode 1 reaches 2**32
+    (["--learning-rate", "inf"], "--learning-rate: must be a finite number"),
+    (["--max-grad-norm", "inf"], "--max-grad-norm: must be a finite number"),
+    (["--ent-coef", "nan"], "--ent-coef: must be a finite number"),
+    (["--exp-name", "../../x"], "--exp-name: must be a plain name"),
+    (["--resume", "/"], "--resume: '/' is a folder"),
+    (["--eval-only", "--checkpoint", "/"], "--checkpoint: '/' is a folder"),
+    (["--checkpoint", "x.pt"], "--checkpoint: only with --eval-only"),
+    (["--eval-only", "--checkpoint", "x.pt", "--resume", "x.pt"], "--resume: cannot be combined with --eval-only"),
+    (["--fixed-order", "False"], "--fixed-order: only with --algo happo"),
+    (["--agent-obsk", "0"], "--agent-obsk: only with --obs-mode local"),
+    (["--hypernet-init", "matched", "--actor", "linear"], "--hypernet-init: matched is for --actor mlp"),
+    (["--hypernet-input", "agent+obs", "--actor", "fups"], "--hypernet-input: only with --actor mlp or linear"),
+    (["--algo", "happo", "--actor", "mlp"], "--actor: --algo happo needs"),
+])
+def test_bad_input_of_a_run_that_would_start_is_one_line(tmp_path, flags, needle):
+    """tiny_argv: a short run if the input were accepted."""
+    runs = tmp_path / "runs"
+    argv = tiny_argv(runs, *flags, actor="fups" if "--actor" in flags else "mlp")
+    if "--actor" in flags:  # the flag under test names the actor
+        i = argv.index("--actor")
+        del argv[i: i + 2]
+    code, out, err = run_main(argv)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {needle}"), err
+    assert os.listdir(tmp_path) == []
+
+
+def test_largest_seed_keeps_every_evaluation_seed_below_2_to_the_32():
+    assert mj.resolve_args(mj.Args(seed=2**32 - 10_002, eval_episodes=2)).seed == 2**32 - 10_002
+
+
+@pytest.mark.parametrize("where", ["file", "inside-file", "read-only"])
+def test_runs_dir_that_cannot_hold_runs_is_refused_before_anything_is_written(tmp_path, where):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    runs_dir = {"file": blocker, "inside-file": blocker / "runs", "read-only": "/proc/sys/hypermarl-runs"}[where]
+    code, out, err = run_main(tiny_argv(runs_dir))
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: --runs-dir: "), err
+    assert os.listdir(tmp_path) == ["blocker"]
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--checkpoint"])
+def test_empty_checkpoint_file_is_one_line(tmp_path, flag):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    extra = ["--resume", empty] if flag == "--resume" else ["--eval-only", "--checkpoint", empty]
+    code, out, err = run_main(tiny_argv(tmp_path / "runs", *extra))
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {flag}: "), err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_checkpoint_with_code_in_it_is_refused_without_torchs_advice(tmp_path):
+    path = tmp_path / "code.pt"
+    torch.save({"format": mj.CHECKPOINT_FORMAT, "args": argparse_namespace()}, path)
+    code, out, err = run_main(tiny_argv(tmp_path / "runs", "--eval-only", "--checkpoint", path))
+    assert code == 2 and err.count("\n") == 1, err
+    assert "holds objects other than tensors and plain data: refused" in err and "weights_only" not in err
+
+
+def argparse_namespace():
+    import argparse
+
+    return argparse.Namespace(task="HalfCheetah-2x3")  # not a plain type: weights_only refuses it
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A finished 64-step run with a checkpoint (seed 3, 16-unit networks): its run folder."""
+    runs = tmp_path_factory.mktemp("saved")
+    code, _, err = run_main(tiny_argv(runs, "--save-model", "--seed", 3))
+    assert code == 0, err
+    (run,) = os.listdir(runs)
+    return runs / run
+
+
+@pytest.mark.parametrize("extra,flag", [
+    (["--learning-rate", "1e-3"], "--learning-rate"), (["--num-envs", "2"], "--num-envs"),
+    (["--seed", "4"], "--seed"), (["--actor", "fups"], "--actor"),
+    (["--update-threads", "7"], "--update-threads"),  # threads change the sums of a matrix product
+    (["--total-timesteps", "32"], "--total-timesteps: the run already trained 64 of 32"),  # less than it did
+    ([], "--total-timesteps: the run already trained 64 of 64"),  # nothing to do is not a silent success
+])
+def test_resume_refuses_flags_that_would_change_the_run(saved_run, extra, flag):
+    before = {name: os.path.getmtime(saved_run / name) for name in os.listdir(saved_run)}
+    code, out, err = run_main(["--resume", str(saved_run / "checkpoint.pt"), *extra])
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {flag}"), err
+    assert "the checkpoint's run has" in err or "already trained" in err
+    assert {name: os.path.getmtime(saved_run / name) for name in os.listdir(saved_run)} == before
+
+
+def test_resume_takes_the_run_from_the_checkpoint_and_reports_what_changed(saved_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / saved_run.name
+    shutil.copytree(saved_run, run_dir)
+    checkpoint = str(run_dir / "checkpoint.pt")
+    code, out, err = run_main(["--resume", checkpoint, "--total-timesteps", "96", "--runs-dir", str(tmp_path)])
+    assert code == 0, err
+    (line,) = [line for line in out.splitlines() if line.startswith("resume: ")]
+    assert line == (f"resume: {saved_run.name} at step 64; changed: --runs-dir {saved_run.parent} -> {tmp_path}, "
+                    f"--total-timesteps 64 -> 96")
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["global_step"] == 96 and state["args"]["seed"] == 3 and state["args"]["actor_hidden_dims"] == [16, 16]
+    assert os.listdir(tmp_path) == [saved_run.name]  # the same run folder continues
+    assert ("losses/value_loss", 96) in scalars_by_step(str(run_dir))
+
+
+def test_eval_only_takes_the_model_flags_from_the_checkpoint(saved_run):
+    # trained with 16-unit layers, 40-step episodes and a small hypernetwork: the defaults would not load
+    code, out, err = run_main(["--eval-only", "--checkpoint", str(saved_run / "checkpoint.pt"), "--eval-episodes", "2"])
+    assert code == 0 and "eval/episodic_return=" in out, err
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    clock = itertools.count()
+    monkeypatch.setattr(mj.time, "time", lambda: 1_800_000_000 + next(clock) * 1e-5)  # never a new second
+    for _ in range(2):
+        assert run_main(tiny_argv(tmp_path, "--save-model", "--total-timesteps", 32))[0] == 0
+    folders = sorted(os.listdir(tmp_path))
+    assert len(folders) == 2 and all((tmp_path / f / "checkpoint.pt").is_file() for f in folders)
+    assert folders[0].endswith("__1800000000") and folders[1].endswith("__1800000000_1")
+
+
+def test_progress_lines_give_the_plan_elapsed_time_and_eta_at_least_every_minute(tmp_path, monkeypatch):
+    clock = itertools.count()
+    monkeypatch.setattr(mj.time, "time", lambda: 1_800_000_000 + next(clock) * 100.0)  # every call: 100 s later
+    code, out, err = run_main(tiny_argv(tmp_path, "--total-timesteps", 96, "--print-interval", 100))
+    assert code == 0, err
+    assert "plan: 3 iterations of 32 steps (1 envs x 32) up to step 96, evaluating every 100,000" in out
+    lines = [line for line in out.splitlines() if line.startswith("global_step=")]
+    assert [line.split()[1] for line in lines] == ["iteration=1/3", "iteration=2/3", "iteration=3/3"]
+    duration = r"(\d+h\d\dm|\d+m\d\ds|\d+s)"  # 1h02m, 3m05s or 12s
+    assert all(re.search(f" elapsed={duration} eta={duration} ", line) for line in lines), lines
+    assert " eta=0s " in lines[-1] and " eta=0s " not in lines[0]
+
+
+def test_help_shows_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        mj.parse_args(["--help"])
+    text = re.sub(r"[│\s]+", " ", capsys.readouterr().out)  # the box's lines wrap "(default: None)"
+    assert "(Tables 17-20: 5e-4; Walker2d 1e-3)" in text and "(default: torch's, one per physical core" in text
+    # only the flags whose default really is None say so: --wandb-entity, --resume, --checkpoint
+    assert text.count("(default: None)") == 3, text
+
+
+def video_frames(path):
+    import imageio.v2 as imageio
+
+    return [np.asarray(frame) for frame in imageio.get_reader(path)]
+
+
+def test_capture_video_writes_non_blank_episodes_and_changes_no_number(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("MUJOCO_GL", "egl")  # what the script sets, undone after the test
+    runs = {}
+    for name, extra in (("plain", []), ("video", ["--capture-video"])):
+        code, out, err = run_main(tiny_argv(tmp_path / name, "--eval-interval", 32, "--save-model", *extra))
+        assert code == 0, err
+        (run,) = os.listdir(tmp_path / name)
+        runs[name] = str(tmp_path / name / run)
+    assert sorted(os.listdir(os.path.join(runs["video"], "videos"))) == ["eval_32.mp4", "eval_64.mp4"]
+    frames = video_frames(os.path.join(runs["video"], "videos", "eval_64.mp4"))
+    assert len(frames) == 41 and frames[0].shape == (480, 480, 3)  # the reset and 40 steps, at 20 fps
+    assert all(f.std() > 3 for f in frames)  # not blank: floor, sky and robot are drawn
+    assert (np.abs(frames[0].astype(int) - frames[-1].astype(int)).max(-1) > 30).sum() > 50  # it moved
+    accumulator = EventAccumulator(runs["video"], size_guidance={"images": 0})
+    accumulator.Reload()
+    summaries = accumulator.Images("eval/video")
+    assert [s.step for s in summaries] == [32, 64] and summaries[0].encoded_image_string[:3] == b"GIF"
+    returns = {name: {k: v for k, v in scalars_by_step(run).items() if k[0] in ("eval/episodic_return", "diversity/snd")}
+               for name, run in runs.items()}
+    assert len(returns["plain"]) == 4 and returns["plain"] == returns["video"]
+
+    # --eval-only: the video goes to a new folder beside the run; nothing else is written
+    code, out, err = run_main(["--eval-only", "--checkpoint", os.path.join(runs["video"], "checkpoint.pt"),
+                               "--eval-episodes", "2", "--capture-video", "--runs-dir", str(tmp_path / "video")])
+    assert code == 0, err
+    (path,) = [line.split()[1] for line in out.splitlines() if line.startswith("video: ")]
+    run = os.path.basename(runs["video"])
+    assert os.path.basename(os.path.dirname(path)).startswith(f"{run}__eval__") and os.listdir(os.path.dirname(path)) == ["eval.mp4"]
+    assert len(video_frames(path)) == 41
+
+
+def test_capture_video_without_a_renderer_fails_at_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("__EGL_VENDOR_LIBRARY_FILENAMES", "/nonexistent/egl.json")  # no EGL in the probe
+    monkeypatch.setenv("MUJOCO_GL", "egl")
+    monkeypatch.delenv("DISPLAY", raising=False)
+    code, out, err = run_main(tiny_argv(tmp_path / "runs", "--capture-video"))
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: --capture-video: ") and "install" in err, err
+    assert not (tmp_path / "runs").exists()

@@ -2,8 +2,10 @@
 (no shared bias) == NoPS, seed batching, a single run end to end, and bad input. The sweep
 (benchmark/matrix_games.py) and the fidelity findings are in test_fidelity_matrix.py."""
 
+import dataclasses
 import itertools
 import os
+import re
 import subprocess
 import sys
 
@@ -112,7 +114,7 @@ def test_parameter_counts_match_table_8(method):
 
 def test_hyper_linear_without_shared_bias_is_nops():
     n, seeds = 4, [1, 2]
-    args = make_args(hyper_linear_shared_bias=False, num_trials=250, eval_interval=250)
+    args = make_args(method="hyper-linear", hyper_linear_shared_bias=False, num_trials=250, eval_interval=250)
     assert mg.count_params("hyper-linear", n, args) == mg.count_params("nops", n, args)
     hyper = mg.Population("hyper-linear", n, seeds, args)
     nops = mg.Population("nops", n, seeds, args)
@@ -179,6 +181,17 @@ def test_single_run_in_process(tmp_path, capsys):
     (["--learning-rate", "-1"], "--learning-rate"),
     (["--returns", "gae"], "--returns"),
     (["--reward", "mine"], "--reward"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(2**32)], "--seed"),  # NumPy seeds stop below 2**32
+    (["--seed", str(2**32 - 1 - 10_000), "--num-seeds", "2"], "--num-seeds"),  # the last seed is past the range
+    (["--learning-rate", "inf"], "--learning-rate"),
+    (["--learning-rate", "nan"], "--learning-rate"),
+    (["--exp-name", "../../x"], "--exp-name"),
+    (["--exp-name", ""], "--exp-name"),
+    # flags marked [method] in --help are refused with the other methods
+    (["--hypernet-embedding-dim", "8"], "--hypernet-embedding-dim"),
+    (["--method", "hyper-linear", "--hypernet-hidden-dims", "16"], "--hypernet-hidden-dims"),
+    (["--method", "hyper-mlp", "--no-hyper-linear-shared-bias"], "--no-hyper-linear-shared-bias"),
 ])
 def test_bad_input_in_process(argv, flag, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -207,6 +220,100 @@ def test_bad_input_exits_2_from_the_command_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: --n-agents: must be at least 2, got 1"]
     assert proc.stdout == "" and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("where", ["a file", "inside a file", "not writable"])
+def test_runs_dir_that_cannot_be_written_is_refused_before_anything(where, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("keep")
+    runs_dir = {"a file": "notes.txt", "inside a file": "notes.txt/runs", "not writable": "/proc/sys/x"}[where]
+    assert mg.main(["--num-trials", "20", "--runs-dir", runs_dir]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --runs-dir: "), captured.err
+    assert captured.out == "" and os.listdir(tmp_path) == ["notes.txt"]
+    assert (tmp_path / "notes.txt").read_text() == "keep"
+
+
+def bracketed_flags(help_text):
+    """{flag: the methods in its "[...]" mark} from --help."""
+    method = "|".join(re.escape(m) for m in mg.METHODS)
+    marked = {}
+    for block in re.split(r"\n(?=│ --)", help_text):
+        found = re.search(rf"\[((?:{method})(?:, (?:{method}))*)\]", block)
+        if block.startswith("│ --") and found:
+            marked[block.split()[1].rstrip(",")] = found.group(1).split(", ")
+    return marked
+
+
+def script_help():
+    proc = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, COLUMNS="200"))
+    assert proc.returncode == 0
+    return proc.stdout
+
+
+# The argv that gives each [method] flag; a new flag marked in --help must be added here.
+METHOD_FLAG_ARGV = {"--hyper-linear-shared-bias": ["--no-hyper-linear-shared-bias"],
+                    "--hypernet-embedding-dim": ["--hypernet-embedding-dim", "8"],
+                    "--hypernet-hidden-dims": ["--hypernet-hidden-dims", "16"]}
+
+
+def test_every_method_only_flag_in_the_help_is_enforced(tmp_path, monkeypatch, capsys):
+    marked = bracketed_flags(script_help())
+    assert set(marked) == set(METHOD_FLAG_ARGV), marked
+    monkeypatch.chdir(tmp_path)
+    for flag, methods in marked.items():
+        for method in mg.METHODS:
+            argv = ["--method", method, "--num-trials", "10", "--runs-dir", "runs"] + METHOD_FLAG_ARGV[flag]
+            code = mg.main(argv)
+            captured = capsys.readouterr()
+            if method in methods:
+                assert code == 0, (argv, captured.err)
+            else:
+                assert code == 2 and captured.err.startswith(f"error: {METHOD_FLAG_ARGV[flag][0]}: only with --method "), argv
+
+
+def test_method_defaults_are_filled_in_and_given_values_kept():
+    args = make_args()
+    assert args.hypernet_embedding_dim == 4 and args.hypernet_hidden_dims == [8] and args.hyper_linear_shared_bias
+    assert mg.count_params("hyper-mlp", 2, args) == 330  # the help's count for the default hidden layer 8
+    given = make_args(method="hyper-mlp", hypernet_embedding_dim=8, hypernet_hidden_dims=[16])
+    assert given.hypernet_embedding_dim == 8 and given.hypernet_hidden_dims == [16]
+
+
+def test_help_shows_each_default_once():
+    blocks = re.split(r"\n(?=│ --)", script_help())
+    options = [" ".join(block.split()) for block in blocks if block.startswith("│ --")]
+    assert len(options) == len(dataclasses.fields(mg.Args))
+    doubled = [text for text in options if text.count("(default:") > 1]
+    assert not doubled, doubled
+    assert not [text for text in options if "(default: None)" in text and not text.startswith("│ --wandb-entity")]
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch, capsys):
+    ticks = itertools.count()
+    monkeypatch.setattr(mg.time, "time", lambda: 1_800_000_000.0 + 1e-6 * next(ticks))  # never the next second
+    argv = ["--num-trials", "20", "--num-seeds", "2", "--runs-dir", str(tmp_path)]
+    assert mg.main(argv) == 0 and mg.main(argv) == 0
+    folders = sorted(os.listdir(tmp_path))
+    assert len(folders) == 4, folders  # two runs x two seeds, none shared
+    assert all(len(os.listdir(tmp_path / folder)) == 1 for folder in folders)  # one event file each
+
+
+def test_a_long_run_prints_its_progress_with_elapsed_time_and_an_estimate(tmp_path, monkeypatch, capsys):
+    clock = itertools.count(start=1_800_000_000, step=7)  # every reading of the clock: 7 s later
+    monkeypatch.setattr(mg.time, "time", lambda: float(next(clock)))
+    assert mg.main(["--num-trials", "200", "--runs-dir", str(tmp_path)]) == 0
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trials=")]
+    assert progress, "no progress line"
+    assert all(re.fullmatch(r"trials=\d+/200 train_reward=\S+ elapsed=\S+ eta=\S+", line) for line in progress), progress
+    assert progress[0].startswith("trials=") and "elapsed=1m" in progress[0]
+
+
+def test_a_short_run_prints_no_progress(tmp_path, capsys):
+    assert mg.main(["--num-trials", "200", "--runs-dir", str(tmp_path)]) == 0
+    assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("trials=")]
 
 
 def test_per_agent_gradients_sum_to_the_update_gradient():

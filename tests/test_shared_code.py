@@ -16,10 +16,13 @@ HYPERNETWORKS = ["layer_init", "layer_shapes", "num_target_params", "target_init
 METRICS = ["js_distance_categorical", "js_distance_gaussian", "system_neural_diversity",
            "gradient_variance_and_norm", "gradient_interference"]
 COPIES = {
-    "reinforce_matrix_games": HYPERNETWORKS + ["js_distance_categorical", "parse_args"],
+    "reinforce_matrix_games": HYPERNETWORKS + ["js_distance_categorical", "parse_args", "DOC_DEFAULT", "MAX_SEED",
+                                               "check_output_folder", "new_run_folder", "duration"],
     "mappo_hyper_mamujoco": HYPERNETWORKS + METRICS + ["SharedNet", "IndependentNets", "save_checkpoint",
                                                        "rng_to_tensors", "rng_from_tensors", "compute_gae",
-                                                       "clip_grad_norm", "parse_args"],
+                                                       "clip_grad_norm", "parse_args", "DOC_DEFAULT", "resolve_args",
+                                                       "check_output_folder", "take_flags_from_checkpoint",
+                                                       "new_run_folder", "duration"],
 }
 
 

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_dirs, scalar_tags, tiny_args
+from conftest import ROOT, load_script, run_dirs, scalar_tags, tiny_args
 
 FAMILIES = ["mlp", "linear", "fups", "nops", "dico"]
 REQUIRED_TAGS = {"charts/episodic_return", "charts/SPS", "losses/policy_loss", "losses/value_loss",
@@ -120,9 +120,12 @@ def test_checkpoint_is_refused_when_incompatible_foreign_or_corrupt(script, tmp_
         argv = tiny_args(tmp_path / "eval", "--eval-only", "--checkpoint", path, *extra)
         code, out, err = run(script, argv, capsys)
         assert code == 2, name
-        assert err.count("\n") == 1 and err.startswith("error: --checkpoint"), (name, err)
-        if name in ("n_agents", "hypernet", "scenario"):
-            assert name in err
+        assert err.count("\n") == 1, (name, err)
+        if name in ("n_agents", "hypernet", "scenario"):  # the model's flags come from the checkpoint
+            assert err.startswith(f"error: --{name.replace('_', '-')}: the checkpoint's run has"), (name, err)
+        else:
+            assert err.startswith("error: --checkpoint"), (name, err)
+            assert "weights_only" not in err  # never relay torch's advice to load unsafely
     assert not os.path.exists(tmp_path / "eval")
 
 
@@ -146,11 +149,19 @@ BAD_INPUT = [
     (["--resume", "/no/such/checkpoint.pt"], "--resume"),
     (["--n-agents", "four"], "--n-agents"),
     (["--no-such-flag", 1], "--no-such-flag"),
+    (["--seed", -1], "--seed"),
+    (["--seed", 2**32], "--seed"),
+    (["--learning-rate", "inf"], "--learning-rate"),
+    (["--ent-coef", "nan"], "--ent-coef"),
+    (["--exp-name", "../../x"], "--exp-name"),
+    (["--resume", "/"], "--resume"),  # a folder
+    (["--eval-only", "--checkpoint", "/"], "--checkpoint"),
 ]
 NAVIGATION_BAD_INPUT = [
     (["--agents-with-same-goal", 5, "--n-agents", 4], "--agents-with-same-goal"),
     (["--split-goals", "--n-agents", 3], "--split-goals"),
     (["--agents-with-same-goal", 2, "--collisions"], "--collisions"),
+    (["--lidar-range", 0.5], "--lidar-range"),  # agents carry a LIDAR only with --collisions
     (["--penalise-by-time"], None),  # the default value of a dispersion flag is harmless
     (["--no-penalise-by-time"], "--penalise-by-time"),
 ]
@@ -204,15 +215,18 @@ def test_nan_loss_stops_with_the_update_number_and_keeps_the_checkpoint(script, 
     assert state["global_step"] == 32 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-def test_sigterm_saves_a_checkpoint_that_resumes(script, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_the_process_group_saves_a_checkpoint_that_resumes(script, signum, tmp_path):
     argv = [sys.executable, "-u", f"{script.__name__}.py"] + tiny_args(tmp_path, "--total-timesteps", 32 * 2000,
                                                                      "--print-interval", 1, "--eval-interval", 10**9)
-    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # its own process group, signalled as a whole: what a terminal's Ctrl-C, Slurm or timeout do
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     deadline = time.time() + 120
     for line in process.stdout:
         if line.startswith("global_step=") or time.time() > deadline:
             break
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signum)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err
     assert "--resume" in out
@@ -220,3 +234,121 @@ def test_sigterm_saves_a_checkpoint_that_resumes(script, tmp_path):
     state = load(os.path.join(run_dir, "checkpoint.pt"))
     assert 32 <= state["global_step"] < 32 * 2000 and state["iteration"] == state["global_step"] // 32 + 1
     assert not [f for f in os.listdir(run_dir) if f.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("where", ["file", "inside-file", "read-only"])
+def test_runs_dir_that_cannot_hold_runs_is_refused_before_anything_is_written(script, where, tmp_path, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    runs_dir = {"file": blocker, "inside-file": blocker / "runs", "read-only": "/proc/sys/hypermarl-runs"}[where]
+    code, out, err = run(script, tiny_args(runs_dir), capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: --runs-dir: "), err
+    assert sorted(os.listdir(tmp_path)) == ["blocker"]
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--checkpoint"])
+def test_empty_checkpoint_file_is_one_line(script, flag, tmp_path, capsys):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    extra = ["--resume", empty] if flag == "--resume" else ["--eval-only", "--checkpoint", empty]
+    code, out, err = run(script, tiny_args(tmp_path / "runs", *extra), capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {flag}: "), err
+    assert not os.path.exists(tmp_path / "runs")
+
+
+@pytest.fixture
+def saved_run(script, tmp_path, capsys):
+    """A finished 64-step run with a checkpoint: (run folder, checkpoint path)."""
+    assert run(script, tiny_args(tmp_path / "runs", "--save-model", "--seed", 3), capsys)[0] == 0
+    (run_dir,) = run_dirs(tmp_path / "runs")
+    return run_dir, os.path.join(run_dir, "checkpoint.pt")
+
+
+@pytest.mark.parametrize("extra,flag", [
+    (["--learning-rate", 1e-3], "--learning-rate"), (["--num-envs", 8], "--num-envs"),
+    (["--num-steps", 4, "--num-minibatches", 2], "--num-steps"), (["--seed", 4], "--seed"),
+    (["--total-timesteps", 32], "--total-timesteps"),  # less than the run has already done
+    ([], "--total-timesteps"),  # the run is complete: nothing to do is not a silent success
+])
+def test_resume_refuses_flags_that_would_change_the_run(script, saved_run, extra, flag, capsys):
+    run_dir, checkpoint = saved_run
+    before = {name: os.path.getmtime(os.path.join(run_dir, name)) for name in os.listdir(run_dir)}
+    code, out, err = run(script, ["--resume", checkpoint, *map(str, extra)], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {flag}: "), err
+    assert {name: os.path.getmtime(os.path.join(run_dir, name)) for name in os.listdir(run_dir)} == before
+
+
+def test_resume_takes_the_run_from_the_checkpoint_and_reports_what_changed(script, saved_run, capsys):
+    run_dir, checkpoint = saved_run
+    code, out, err = run(script, ["--resume", checkpoint, "--total-timesteps", "96"], capsys)
+    assert code == 0, err
+    assert "changed: --total-timesteps 64 -> 96" in out
+    state = load(checkpoint)
+    assert state["global_step"] == 96 and state["args"]["seed"] == 3 and state["args"]["num_envs"] == 4
+    assert scalar_tags(run_dir)["losses/value_loss"]  # the same run folder continues
+    assert run_dirs(os.path.dirname(run_dir)) == [run_dir]
+
+
+def test_eval_only_takes_the_model_flags_from_the_checkpoint(script, saved_run, tmp_path, capsys):
+    _, checkpoint = saved_run  # trained with 16-unit layers: the default 64 64 would not load
+    code, out, err = run(script, ["--eval-only", "--checkpoint", checkpoint, "--eval-episodes", "2"], capsys)
+    assert code == 0 and "eval/episodic_return=" in out, err
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(script, tmp_path, capsys, monkeypatch):
+    clock = iter(range(10**6))
+    monkeypatch.setattr(script.time, "time", lambda: 1_800_000_000 + next(clock) * 1e-4)  # never a new second
+    for _ in range(2):
+        assert run(script, tiny_args(tmp_path, "--save-model"), capsys)[0] == 0
+    folders = run_dirs(tmp_path)
+    assert len(folders) == 2 and all(os.path.isfile(os.path.join(f, "checkpoint.pt")) for f in folders)
+
+
+def test_progress_lines_give_the_plan_elapsed_time_and_eta(script, tmp_path, capsys):
+    # 8-step rollouts of 100-step episodes: the first iterations end no episode
+    code, out, err = run(script, tiny_args(tmp_path, "--max-steps", 100, "--print-interval", 1), capsys)
+    assert code == 0, err
+    assert "plan: 2 iterations of 32 steps (4 envs x 8) up to step 64" in out
+    lines = [line for line in out.splitlines() if line.startswith("global_step=")]
+    assert lines[0].startswith("global_step=32 iteration=1/2 ")
+    assert all(" elapsed=" in line and " eta=" in line for line in lines)
+    assert "episodic_return=no_episode_ended" in lines[0] and "nan" not in out
+
+
+def test_help_shows_each_default_once(script, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "Dispersion 5e-4" in text
+    # only the flags whose default really is None say so
+    assert text.count("(default: None)") == 4, text
+
+
+def test_capture_video_writes_non_blank_episodes_and_changes_no_number(tmp_path, capsys):
+    script = load_script("ippo_hyper_vmas")  # evaluate() is the same in both scripts (test_shared_code)
+    import imageio.v2 as imageio
+    import numpy as np
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for name, extra in (("plain", []), ("video", ["--capture-video"])):
+        assert run(script, tiny_args(tmp_path / name, "--max-steps", 20, *extra), capsys)[0] == 0
+    (plain,), (video,) = run_dirs(tmp_path / "plain"), run_dirs(tmp_path / "video")
+    assert sorted(os.listdir(os.path.join(video, "videos"))) == ["eval_32.mp4", "eval_64.mp4"]
+    frames = [np.asarray(f) for f in imageio.get_reader(os.path.join(video, "videos", "eval_64.mp4"))]
+    assert len(frames) >= 10 and frames[0].ndim == 3
+    assert all(f.std() > 3 for f in frames)  # not blank: the arena, agents and food are drawn
+    assert (np.abs(frames[0].astype(int) - frames[-1].astype(int)).max(-1) > 30).sum() > 50  # agents moved
+    accumulator = EventAccumulator(video, size_guidance={"images": 0})
+    accumulator.Reload()
+    (summary, _) = accumulator.Images("eval/video")
+    assert summary.encoded_image_string[:3] == b"GIF" and summary.step == 32
+    assert scalar_tags(plain)["eval/episodic_return"] == scalar_tags(video)["eval/episodic_return"]
+
+
+def test_capture_video_without_a_renderer_fails_at_once(tmp_path, capsys, monkeypatch):
+    script = load_script("ippo_hyper_vmas")
+    monkeypatch.setenv("__EGL_VENDOR_LIBRARY_FILENAMES", "/nonexistent/egl.json")  # no EGL in the probe
+    monkeypatch.delenv("DISPLAY", raising=False)
+    code, out, err = run(script, tiny_args(tmp_path / "runs", "--capture-video"), capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: --capture-video: ") and "install" in err
+    assert not os.path.exists(tmp_path / "runs")

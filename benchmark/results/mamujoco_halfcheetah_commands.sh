@@ -8,8 +8,9 @@
 # Budget: 500k environment steps per run (the paper trains 10M), paper/HARL hyperparameters
 # otherwise (Table 20 + Table 21), evaluation every 50k steps over 10 deterministic episodes.
 # Runs one after the other (2-core CPU). Then: python benchmark/results/mamujoco_summarize.py $RUNS
+# (which writes to a new folder runs/mamujoco_summarize_<time>; --out benchmark/results replaces the committed files)
 set -euo pipefail
-RUNS=${RUNS:-runs_mamujoco_evidence}
+RUNS=${RUNS:-runs/mamujoco_evidence}
 STEPS=${STEPS:-500000}
 for seed in 1 2; do
   for cfg in "mappo mlp" "mappo ind" "happo ind" "mappo fups"; do

@@ -1,6 +1,7 @@
 """Summarise mappo_hyper_mamujoco.py runs: evaluation curves (CSV), a plot and a Markdown table.
 
-Usage: python benchmark/results/mamujoco_summarize.py RUNS_DIR [--out benchmark/results] [--name mamujoco_halfcheetah]
+Usage: python benchmark/results/mamujoco_summarize.py RUNS_DIR [--out FOLDER] [--name mamujoco_halfcheetah]
+(default --out: a new folder runs/mamujoco_summarize_<time>; --out benchmark/results replaces the committed files)
 Reads every run's TensorBoard events (eval/episodic_return, diversity/snd, charts/SPS) and groups
 runs by algorithm and actor family (from the run name: mamujoco_TASK__EXP__ALGO_ACTOR__SEED__TIME).
 """
@@ -8,6 +9,7 @@ runs by algorithm and actor family (from the run name: mamujoco_TASK__EXP__ALGO_
 import argparse
 import csv
 import os
+import time
 
 import numpy as np
 
@@ -39,7 +41,7 @@ def flag(runs, key, method=None):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("runs_dir")
-    parser.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
+    parser.add_argument("--out", default=None, help="output folder (default: a new runs/mamujoco_summarize_<time>)")
     parser.add_argument("--name", default="mamujoco_halfcheetah")
     opts = parser.parse_args()
     rows, runs = [], {}
@@ -57,6 +59,8 @@ def main():
             rows.append(dict(task=task, method=method, seed=seed, step=step, eval_return=value, snd=snd.get(step, float("nan"))))
         runs[(task, method, seed)] = dict(curve=scalars["eval/episodic_return"], sps=sps[-1] if sps else float("nan"),
                                           snd=scalars.get("diversity/snd", [(0, float("nan"))])[-1][1], config=config)
+    if opts.out is None:  # never over the committed results unless asked to
+        opts.out = os.path.join("runs", time.strftime("mamujoco_summarize_%Y%m%d-%H%M%S"))
     os.makedirs(opts.out, exist_ok=True)
     csv_path = os.path.join(opts.out, f"{opts.name}_eval.csv")
     with open(csv_path, "w", newline="") as f:
