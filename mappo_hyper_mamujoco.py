@@ -37,6 +37,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 import zipfile
 from dataclasses import dataclass
 from typing import Annotated, Optional
@@ -88,8 +89,9 @@ class Args:
     """environment steps between checkpoints (default: --eval-interval)"""
     resume: Optional[str] = None
     """path of a checkpoint to continue training from; the run's flags come from it, and only
-    --total-timesteps, the intervals, logging, --cuda and --async-envs may change; the environments
-    continue their episodes, so the numbers are those of an uninterrupted run"""
+    --total-timesteps, --eval-interval, --save-interval, --print-interval, --save-model, --runs-dir,
+    --capture-video, --cuda, --async-envs and the wandb flags may change; the environments continue
+    their episodes, so the numbers are those of an uninterrupted run"""
     eval_only: bool = False
     """if toggled, only evaluate --checkpoint (return and SND) and exit; writes nothing (with --capture-video: the video, in a new runs_dir folder)"""
     checkpoint: Optional[str] = None
@@ -272,12 +274,26 @@ def parse_args(argv=None) -> Args:
 
 def resolve_args(args: Args) -> Args:
     """Checks every flag and fills the paper's defaults; raises ArgError naming the flag."""
+    check_invocation(args)
     check_given_flags(args)
     return fill_defaults(args)
 
 
+def check_invocation(args: Args) -> None:
+    """What to do with a checkpoint: train on from it, or only evaluate it."""
+    if args.eval_only and not args.checkpoint:
+        raise ArgError("--eval-only: needs --checkpoint PATH")
+    if args.checkpoint and not args.eval_only:
+        raise ArgError("--checkpoint: only with --eval-only (use --resume to continue training)")
+    if args.eval_only and args.resume:
+        raise ArgError("--resume: cannot be combined with --eval-only")
+    for flag, path in (("--resume", args.resume), ("--checkpoint", args.checkpoint)):
+        if path is not None and not os.path.isfile(path):
+            raise ArgError(f"{flag}: {path!r} is a folder, not a file" if os.path.isdir(path) else f"{flag}: no such file {path!r}")
+
+
 def check_given_flags(args: Args) -> None:
-    """Checks on the flags as given, before any default or checkpoint fills the rest."""
+    """The flags of a new run, as given: each only where it applies (a checkpoint's run passed them)."""
     if args.task not in TASKS:
         raise ArgError(f"--task: must be one of {', '.join(TASKS)}, got {args.task!r}")
     for name, allowed in (("obs_mode", ("global", "local")), ("algo", ("mappo", "happo")),
@@ -297,15 +313,8 @@ def check_given_flags(args: Args) -> None:
         raise ArgError(f"--fixed-order: only with --algo happo, got --algo {args.algo}")
     if args.obs_mode != "local" and args.agent_obsk != 1:
         raise ArgError(f"--agent-obsk: only with --obs-mode local, got --obs-mode {args.obs_mode}")
-    if args.eval_only and not args.checkpoint:
-        raise ArgError("--eval-only: needs --checkpoint PATH")
-    if args.checkpoint and not args.eval_only:
-        raise ArgError("--checkpoint: only with --eval-only (use --resume to continue training)")
-    if args.eval_only and args.resume:
-        raise ArgError("--resume: cannot be combined with --eval-only")
-    for flag, path in (("--resume", args.resume), ("--checkpoint", args.checkpoint)):
-        if path is not None and not os.path.isfile(path):
-            raise ArgError(f"{flag}: {path!r} is a folder, not a file" if os.path.isdir(path) else f"{flag}: no such file {path!r}")
+    if args.save_interval is not None and not args.save_model:
+        raise ArgError("--save-interval: only with --save-model")
 
 
 def fill_defaults(args: Args) -> Args:
@@ -391,11 +400,13 @@ def check_values(args: Args) -> None:
 
 def check_output_folder(flag: str, path: str) -> None:
     """A folder this run may create and write into, checked before anything is written."""
+    if not path:
+        raise ArgError(f"{flag}: must name a folder, got ''")
     existing = os.path.abspath(path)
-    while not os.path.exists(existing):
+    while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ArgError(f"{flag}: {existing!r} is a file, not a folder")
+    if not os.path.isdir(existing):  # a file, or a link to nothing
+        raise ArgError(f"{flag}: {existing!r} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ArgError(f"{flag}: {existing!r} is not writable")
 
@@ -1413,10 +1424,14 @@ def save_checkpoint(path: str, state: dict) -> None:
 def load_checkpoint(path: str, flag: str) -> dict:
     """weights_only=True: a file that smuggles code, or is not ours, is refused."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about some foreign files: the one line below says it
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # torch's message advises turning weights_only off: never relay that
         raise CheckpointError(f"{flag}: {path!r} holds objects other than tensors and plain data: refused")
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+        if "weights_only" in str(error):  # e.g. a TorchScript archive: again, no advice to load it unsafely
+            raise CheckpointError(f"{flag}: {path!r} is not a checkpoint torch can load as plain data: refused")
         why = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]  # an empty file's error is blank
         raise CheckpointError(f"{flag}: {path!r} is not a readable checkpoint ({why})")
     required = {"format", "args", "run_name", "actor", "critics", "value_norm", "obs_norm", "actor_optimizer",
@@ -1426,7 +1441,19 @@ def load_checkpoint(path: str, flag: str) -> dict:
     return state
 
 
-def take_flags_from_checkpoint(args: Args, saved: dict, flag: str) -> list[str]:
+def flags_given(argv: list[str]) -> set[str]:
+    """The Args fields named on the command line (--x, --x=v, --no-x): a flag given with its default
+    value is not the same as a flag left out."""
+    names = {field.name for field in dataclasses.fields(Args)}
+    given = set()
+    for token in argv:
+        if token.startswith("--"):
+            name = token[2:].split("=", 1)[0].replace("-", "_")
+            given.add(name[3:] if name not in names and name.startswith("no_") else name)
+    return given & names
+
+
+def take_flags_from_checkpoint(args: Args, saved: dict, flag: str, given: set[str]) -> list[str]:
     """--resume continues the saved run, so its flags are the checkpoint's, and --eval-only takes the
     model's (COMPAT_FIELDS) from it. A flag given with another value is an error, except the ones
     RESUME_MAY_CHANGE, which take effect. Returns those changes, to report."""
@@ -1434,14 +1461,16 @@ def take_flags_from_checkpoint(args: Args, saved: dict, flag: str) -> list[str]:
     names = COMPAT_FIELDS if flag == "--checkpoint" else [n for n in defaults if n not in INVOCATION_FIELDS]
     changes = []
     for name in names:
-        given, kept = getattr(args, name), saved.get(name, defaults[name])
-        if given == defaults[name] or given == kept:  # left out, or given as the run had it
+        value, kept = getattr(args, name), saved.get(name, defaults[name])
+        if name not in given or value == kept:
             setattr(args, name, kept)
         elif flag == "--resume" and name in RESUME_MAY_CHANGE:
-            changes.append(f"--{name.replace('_', '-')} {kept} -> {given}")
+            changes.append(f"--{name.replace('_', '-')} {kept} -> {value}")
         else:
-            raise CheckpointError(f"--{name.replace('_', '-')}: the checkpoint's run has {kept!r}, not {given!r}; "
+            raise CheckpointError(f"--{name.replace('_', '-')}: the checkpoint's run has {kept!r}, not {value!r}; "
                                   f"{flag} takes it from the checkpoint (leave the flag out)")
+    if flag == "--resume" and "save_interval" not in given and saved["save_interval"] == saved["eval_interval"]:
+        args.save_interval = args.eval_interval  # its default follows --eval-interval, which may have changed
     return changes
 
 
@@ -1567,17 +1596,21 @@ class Evaluator:
 
 def main(argv=None) -> int:
     try:
+        argv = sys.argv[1:] if argv is None else [str(token) for token in argv]
         args = parse_args(argv)
-        check_given_flags(args)
+        check_invocation(args)
         loaded, changes = None, []
         if args.resume or args.checkpoint:
             flag = "--resume" if args.resume else "--checkpoint"
             loaded = load_checkpoint(args.resume or args.checkpoint, flag)
-            changes = take_flags_from_checkpoint(args, loaded["args"], flag)
+            changes = take_flags_from_checkpoint(args, loaded["args"], flag, flags_given(argv))
+        else:
+            check_given_flags(args)
         fill_defaults(args)
-        if loaded is not None and args.resume and loaded["global_step"] >= args.total_timesteps:
-            raise ArgError(f"--total-timesteps: the run already trained {loaded['global_step']} of {args.total_timesteps} "
-                           f"steps; give a larger budget to train on")
+        batch_size = args.num_envs * args.num_steps
+        if args.resume and loaded["iteration"] > args.total_timesteps // batch_size:
+            raise ArgError(f"--total-timesteps: the run already trained {loaded['global_step']} steps, in iterations "
+                           f"of {batch_size}; give at least {loaded['iteration'] * batch_size} to train on")
         if args.track and not args.eval_only:
             try:
                 import wandb
@@ -1666,6 +1699,7 @@ def main(argv=None) -> int:
     config_table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{config_table}")
     print(f"run: {run_dir}")
+    print(f"device: {device}" + (" (CUDA is not available)" if args.cuda and device.type != "cuda" else ""))
     print("config: " + " ".join(f"{key}={value}" for key, value in vars(args).items()))
     print(f"task: {args.task} agents={n} act_dims={probe.act_dims} local_obs_dims={probe.local_obs_dims} "
           f"state_dim={S} actor_obs_dim={D} critics={C}")
@@ -1768,6 +1802,9 @@ def main(argv=None) -> int:
                                                   args.gamma, args.gae_lambda)
             rollout_seconds = time.time() - tick
             rollout_time += rollout_seconds
+            if iteration == start_iteration:  # an iteration can take minutes on a CPU: say so early
+                print(f"iteration {iteration}: rollout took {rollout_seconds:.1f} s; updating "
+                      f"({args.update_epochs} actor and {args.critic_epochs} critic epochs)", flush=True)
             tick = time.time()
             torch.set_num_threads(args.update_threads)  # the environment workers wait: use every core
 

@@ -224,11 +224,13 @@ def validate_args(args: Args, methods: Optional[list[str]] = None) -> Args:
 
 def check_output_folder(flag: str, path: str) -> None:
     """A folder this run may create and write into, checked before anything is written."""
+    if not path:
+        raise ArgError(f"{flag}: must name a folder, got ''")
     existing = os.path.abspath(path)
-    while not os.path.exists(existing):
+    while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ArgError(f"{flag}: {existing!r} is a file, not a folder")
+    if not os.path.isdir(existing):  # a file, or a link to nothing
+        raise ArgError(f"{flag}: {existing!r} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ArgError(f"{flag}: {existing!r} is not writable")
 

@@ -18,6 +18,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sps import OneLineParser  # noqa: E402  (one line, exit 2 for bad flags, like every tool here)
 
 
 def episode_frames(script: str, checkpoint: str, seed: int, work_dir: str) -> list:
@@ -27,7 +29,8 @@ def episode_frames(script: str, checkpoint: str, seed: int, work_dir: str) -> li
                "--capture-video", "--runs-dir", work_dir, "--seed", str(seed)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        sys.exit(f"error: --checkpoints: {checkpoint}: {result.stderr.strip().splitlines()[-1]}")
+        why = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+        sys.exit(f"error: --checkpoints: {checkpoint}: {why}")
     print(result.stdout.strip().splitlines()[0], f"({checkpoint}, seed {seed})")
     (path,) = glob.glob(os.path.join(work_dir, "*", "eval.mp4"))
     return [np.asarray(frame) for frame in imageio.get_reader(path)]
@@ -37,12 +40,12 @@ def labelled(frame: np.ndarray, label: str, scale: int) -> np.ndarray:
     from PIL import Image, ImageDraw, ImageFont
 
     image = Image.fromarray(frame[::scale, ::scale])
-    ImageDraw.Draw(image).text((10, 8), label, fill=(0, 0, 0), font=ImageFont.load_default(size=20))
+    ImageDraw.Draw(image).text((8, 6), label, fill=(0, 0, 0), font=ImageFont.load_default(size=40 // scale))
     return np.asarray(image)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoints", nargs="+", required=True, help="VMAS checkpoints (--save-model)")
     parser.add_argument("--labels", nargs="+", required=True, help="one label per checkpoint")
     parser.add_argument("--script", default="ippo_hyper_vmas", choices=["ippo_hyper_vmas", "mappo_hyper_vmas"])
@@ -58,8 +61,8 @@ def main(argv=None) -> int:
     if missing:
         parser.error(f"--checkpoints: no such file {missing[0]!r}")
     folder = os.path.dirname(os.path.abspath(opts.out))
-    if not opts.out.endswith(".gif") or not os.path.isdir(folder):
-        parser.error(f"--out: must be a .gif file in an existing folder, got {opts.out!r}")
+    if not opts.out.endswith(".gif") or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        parser.error(f"--out: must be a .gif file in an existing, writable folder, got {opts.out!r}")
 
     import hypermarl_extras as extras
 

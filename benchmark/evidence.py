@@ -11,13 +11,15 @@ the --work-dir; `--out benchmark/results` regenerates the committed results):
   <name>.md   final return (IQM and CI from rliable, mean +- std), final SND, mean gradient variance,
               mean interference, and the commands that produced them.
 --aggregate-only rebuilds the outputs from the logs of an earlier --work-dir; with --work-dir of an
-earlier run, the runs that already have logs are skipped.
+earlier run, the runs that finished are skipped and the others run again (a run that fails stops the
+tool before it aggregates).
 """
 
 import argparse
 import csv
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -48,16 +50,23 @@ def command(opts, family, seed):
             "--exp-name", opts.name, "--runs-dir", os.path.join(opts.work_dir, f"{family}_{seed}"), *opts.extra]
 
 
+def finished(opts, family, seed):
+    """A run whose log reached its last iteration: a killed or failed run is run again."""
+    log = os.path.join(opts.work_dir, f"{family}_{seed}.log")
+    return os.path.isfile(log) and re.search(r"iteration=(\d+)/\1 ", open(log).read()) is not None
+
+
 def run_all(opts):
     pending = [(f, s) for s in opts.seeds for f in opts.families]
-    running = []
+    running, failed = [], []
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     while pending or running:
         while pending and len(running) < opts.jobs:
             family, seed = pending.pop(0)
-            if os.path.isdir(os.path.join(opts.work_dir, f"{family}_{seed}")):
-                print(f"skip {family} seed {seed}: already has logs")
+            if finished(opts, family, seed):
+                print(f"skip {family} seed {seed}: already finished")
                 continue
+            shutil.rmtree(os.path.join(opts.work_dir, f"{family}_{seed}"), ignore_errors=True)  # a partial run
             log = open(os.path.join(opts.work_dir, f"{family}_{seed}.log"), "w")
             print("run:", " ".join(command(opts, family, seed)), flush=True)
             running.append((subprocess.Popen(command(opts, family, seed), stdout=log, stderr=subprocess.STDOUT, env=env),
@@ -67,7 +76,12 @@ def run_all(opts):
             if process.poll() is not None:
                 running.remove(item)
                 print(f"done {family} seed {seed}: exit {process.returncode}, {time.time() - started:.0f} s", flush=True)
+                if process.returncode != 0:
+                    failed.append(f"{family} seed {seed} (see {family}_{seed}.log)")
         time.sleep(1)
+    if failed:
+        print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}; nothing aggregated", file=sys.stderr)
+        sys.exit(1)
 
 
 def collect(opts):

@@ -14,6 +14,9 @@ CASES = [
     ("sps.py", ["--only", "foo"], "--only: invalid choice: 'foo'"),
     ("update_step.py", ["--repeats", "abc"], "--repeats: invalid int value: 'abc'"),
     ("update_step.py", ["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ("compare_videos.py", ["--checkpoints", "a.pt", "b.pt", "--labels", "A"], "--labels: one per checkpoint (2), got 1"),
+    ("compare_videos.py", ["--checkpoints", "no.pt", "--labels", "A"], "--checkpoints: no such file 'no.pt'"),
+    ("compare_videos.py", ["--checkpoints", __file__, "--labels", "A"], "--out: must be a .gif file"),
 ]
 
 

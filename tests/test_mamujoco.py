@@ -800,8 +800,9 @@ def saved_run(tmp_path_factory):
     (["--learning-rate", "1e-3"], "--learning-rate"), (["--num-envs", "2"], "--num-envs"),
     (["--seed", "4"], "--seed"), (["--actor", "fups"], "--actor"),
     (["--update-threads", "7"], "--update-threads"),  # threads change the sums of a matrix product
-    (["--total-timesteps", "32"], "--total-timesteps: the run already trained 64 of 32"),  # less than it did
-    ([], "--total-timesteps: the run already trained 64 of 64"),  # nothing to do is not a silent success
+    (["--total-timesteps", "32"], "--total-timesteps: the run already trained 64 steps"),  # less than it did
+    ([], "--total-timesteps: the run already trained 64 steps"),  # nothing to do is not a silent success
+    (["--total-timesteps", "80"], "--total-timesteps: the run already trained 64 steps"),  # not one more iteration
 ])
 def test_resume_refuses_flags_that_would_change_the_run(saved_run, extra, flag):
     before = {name: os.path.getmtime(saved_run / name) for name in os.listdir(saved_run)}

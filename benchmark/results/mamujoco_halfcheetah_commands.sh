@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Ran with the script's earlier behaviour (commit f4d10bd: running-mean/std inputs without
+# Ran with the script before commit dcc2dc5 (running-mean/std inputs without
 # LayerNorms, per-agent MAPPO critics, 4 envs x 500 steps, actions clipped, not rescaled). With the
 # current script these commands train with its current defaults (20 envs x 200 steps, HARL's
 # LayerNorms, one critic) and will not reproduce mamujoco_halfcheetah.md.
@@ -10,7 +10,7 @@
 # Runs one after the other (2-core CPU). Then: python benchmark/results/mamujoco_summarize.py $RUNS
 # (which writes to a new folder runs/mamujoco_summarize_<time>; --out benchmark/results replaces the committed files)
 set -euo pipefail
-RUNS=${RUNS:-runs/mamujoco_evidence}
+RUNS=${RUNS:-runs/mamujoco_evidence_$(date +%Y%m%d-%H%M%S)}
 STEPS=${STEPS:-500000}
 for seed in 1 2; do
   for cfg in "mappo mlp" "mappo ind" "happo ind" "mappo fups"; do

@@ -9,7 +9,7 @@ runs by algorithm and actor family (from the run name: mamujoco_TASK__EXP__ALGO_
 import argparse
 import csv
 import os
-import time
+import sys
 
 import numpy as np
 
@@ -44,6 +44,8 @@ def main():
     parser.add_argument("--out", default=None, help="output folder (default: a new runs/mamujoco_summarize_<time>)")
     parser.add_argument("--name", default="mamujoco_halfcheetah")
     opts = parser.parse_args()
+    if not os.path.isdir(opts.runs_dir):
+        parser.error(f"runs_dir: no such folder {opts.runs_dir!r}")
     rows, runs = [], {}
     for name in sorted(os.listdir(opts.runs_dir)):
         parts = name.split("__")
@@ -59,8 +61,14 @@ def main():
             rows.append(dict(task=task, method=method, seed=seed, step=step, eval_return=value, snd=snd.get(step, float("nan"))))
         runs[(task, method, seed)] = dict(curve=scalars["eval/episodic_return"], sps=sps[-1] if sps else float("nan"),
                                           snd=scalars.get("diversity/snd", [(0, float("nan"))])[-1][1], config=config)
-    if opts.out is None:  # never over the committed results unless asked to
-        opts.out = os.path.join("runs", time.strftime("mamujoco_summarize_%Y%m%d-%H%M%S"))
+    if not runs:
+        print(f"error: runs_dir: {opts.runs_dir!r} holds no mappo_hyper_mamujoco.py run with evaluations", file=sys.stderr)
+        sys.exit(2)
+    if opts.out is None:  # never over the committed results unless asked to, never a folder in use
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from sps import new_output_folder
+
+        opts.out = new_output_folder("mamujoco_summarize")
     os.makedirs(opts.out, exist_ok=True)
     csv_path = os.path.join(opts.out, f"{opts.name}_eval.csv")
     with open(csv_path, "w", newline="") as f:
