@@ -55,6 +55,8 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, cuda is used when available (networks and VMAS alike)"""
+    compile: bool = False
+    """if toggled, torch.compile the rollout's policy step and the minibatch gradient step (LeanRL's recipe): the first iteration compiles (about a minute), later ones launch far fewer GPU kernels; same numbers as eager up to float rounding"""
     track: bool = False
     """if toggled, this experiment is tracked with Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "hypermarl"
@@ -70,7 +72,7 @@ class Args:
     save_interval: Annotated[Optional[int], DOC_DEFAULT] = None
     """environment steps between checkpoints (default: --eval-interval)"""
     resume: Optional[str] = None
-    """path of a checkpoint to continue training from; the run's flags come from it, and only --total-timesteps, --eval-interval, --save-interval, --print-interval, --save-model, --runs-dir, --capture-video, --cuda and the wandb flags may change"""
+    """path of a checkpoint to continue training from; the run's flags come from it, and only --total-timesteps, --eval-interval, --save-interval, --print-interval, --save-model, --runs-dir, --capture-video, --cuda, --compile and the wandb flags may change"""
     eval_only: bool = False
     """if toggled, only evaluate --checkpoint (return and SND) and exit; writes nothing (with --capture-video: the video, in a new runs_dir folder)"""
     checkpoint: Optional[str] = None
@@ -239,7 +241,7 @@ COMPAT_FIELDS = (
 )
 # What --resume may change (budget, logging, cadence, device); every other flag is the checkpoint's.
 RESUME_MAY_CHANGE = ("total_timesteps", "eval_interval", "save_interval", "save_model", "print_interval",
-                     "runs_dir", "track", "wandb_project_name", "wandb_entity", "cuda", "capture_video")
+                     "runs_dir", "track", "wandb_project_name", "wandb_entity", "cuda", "compile", "capture_video")
 # Flags that say what to do with a checkpoint, not what the run is.
 INVOCATION_FIELDS = ("resume", "eval_only", "checkpoint", "snd_obs_file")
 
@@ -453,6 +455,8 @@ class VmasEnv:
     step() returns the next observations (fresh ones for environments that just ended, so the
     first action of a new episode sees its own observation) and, separately, the final
     observations of the ended episodes (to bootstrap V(next state) after a time limit).
+    Returns and lengths of ended episodes are summed on the device and read once per iteration
+    (take_ended_episodes), so stepping never waits for the GPU on their account.
     Each instance owns its random stream: VMAS keeps one stream for all environments, which would
     otherwise tie the training and evaluation environments together.
     """
@@ -483,6 +487,9 @@ class VmasEnv:
             self.act_high = torch.as_tensor(space.high, device=device)
         self.episode_return = torch.zeros(self.n_agents, num_envs, device=device)
         self.episode_length = torch.zeros(num_envs, dtype=torch.long, device=device)
+        self.ended_returns = torch.zeros(self.n_agents, device=device)  # sums over the episodes that ended
+        self.ended_lengths = torch.zeros((), dtype=torch.long, device=device)
+        self.ended_count = torch.zeros((), dtype=torch.long, device=device)
         self.obs = None
 
     @contextlib.contextmanager
@@ -512,24 +519,46 @@ class VmasEnv:
             done = terminated | truncated
             self.episode_return += rewards
             self.episode_length += 1
-            finished = None
+            self.ended_returns += (self.episode_return * done).sum(1)
+            self.ended_lengths += (self.episode_length * done).sum()
+            self.ended_count += done.sum()
+            self.episode_return *= ~done
+            self.episode_length *= ~done
             final_obs = obs
+            # The rollout's one host sync per step: VMAS's step has already waited for the device (it
+            # asserts on every action), and a step where nothing ended then costs no reset at all.
             if done.any():
-                finished = dict(returns=self.episode_return[:, done].clone(), lengths=self.episode_length[done].clone())
-                self.episode_return[:, done] = 0
-                self.episode_length[done] = 0
                 obs = self._reset_done(done, obs)
         self.obs = obs
-        return obs, rewards, terminated, truncated, final_obs, finished
+        return obs, rewards, terminated, truncated, final_obs
 
     def _reset_done(self, done: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
-        if done.all():  # one batched reset is much cheaper than num_envs single ones
-            return torch.stack(self.env.reset())
-        for index in done.nonzero().flatten().tolist():
-            # Observations are recomputed once below, not after every single reset.
-            self.env.reset_at(index, return_observations=False)
-        return torch.stack(self.env.get_from_scenario(get_observations=True, get_rewards=False,
-                                                       get_infos=False, get_dones=False)[0])
+        """Fresh initial states for the ended environments at the cost of one batched reset, whatever
+        their number: VMAS resets the whole batch, then the environments that go on get their state
+        back with one masked write per tensor. (VMAS's reset_at(i) resets one environment per call, a
+        Python loop of small kernels once episodes fall out of step.)"""
+        going_on = [(holder, key, value.clone()) for holder in self._state_holders().values()
+                    for key, value in vars(holder).items() if isinstance(value, torch.Tensor)]
+        fresh_obs = torch.stack(self.env.reset())
+        for holder, key, old in going_on:
+            if old.dim() > 0 and old.shape[0] == self.num_envs:  # one row per environment
+                ended = done.view((-1,) + (1,) * (old.dim() - 1))
+                setattr(holder, key, torch.where(ended, getattr(holder, key), old))
+            else:  # shared by all environments (gravity): never reset
+                setattr(holder, key, old)
+        return torch.where(done[None, :, None], fresh_obs, obs)
+
+    def take_ended_episodes(self):
+        """(mean return per agent, mean length) of the episodes that ended since the last call, or
+        None if none did; the one host sync for them, once per iteration."""
+        count = int(self.ended_count)
+        result = None
+        if count:
+            result = ((self.ended_returns / count).tolist(), float(self.ended_lengths) / count)
+        self.ended_returns.zero_()
+        self.ended_lengths.zero_()
+        self.ended_count.zero_()
+        return result
 
     # -- exact save/restore of the simulator (for checkpoints that resume bit for bit) --
     def _state_holders(self):
@@ -851,6 +880,9 @@ class DiCoMLP(nn.Module):
         i, j = torch.triu_indices(n, n, offset=1, device=x.device)
         return torch.linalg.vector_norm(outputs[i] - outputs[j], dim=-1).mean()
 
+    # Eager under --compile: a compiled backward would read SND_hat after the in-place update below
+    # (torch 2.13; measured: first-minibatch gradients off by up to 140%).
+    @torch.compiler.disable
     def scaling_ratio(self, x, deviation_params, update_estimate=True):
         if self.snd_des <= 0:
             return 0.0 if self.snd_des == 0 else 1.0
@@ -1074,6 +1106,17 @@ def compute_gae(rewards, values, next_values, terminated, dones, gamma, gae_lamb
     return advantages, advantages + values
 
 
+def bootstrap_values(agent, final_obs, truncated, params) -> torch.Tensor:
+    """V(final observation) where an episode reached its time limit, 0 elsewhere, (T, n_agents, E):
+    the critic runs once after the rollout, on those steps only (a termination bootstraps from 0)."""
+    values = torch.zeros(final_obs.shape[:3], device=final_obs.device)
+    t, e = truncated[:, 0].nonzero(as_tuple=True)  # one host sync per rollout
+    if len(t):
+        x = final_obs[t, :, e].transpose(0, 1)  # (n_agents, ended, obs_dim)
+        values[t, :, e] = agent.get_value(critic_input(x), params).T
+    return values
+
+
 def ppo_loss(agent, params, mb: dict, args: Args):
     """CleanRL's clipped surrogate, clipped value loss and entropy bonus, kept per agent."""
     _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb["obs"], mb["actions"], params)
@@ -1105,46 +1148,60 @@ def ppo_loss(agent, params, mb: dict, args: Args):
 
 def clip_grad_norm(params, norms, max_norm: float) -> None:
     """nn.utils.clip_grad_norm_ from the per-tensor norms already computed for the metrics (the same
-    global norm and result), and no pass over the gradient when it is below max_norm."""
+    global norm and result); unconditional, so that it never waits for the GPU (a factor of 1 is exact)."""
     total_norm = torch.linalg.vector_norm(torch.stack(norms))
-    if max_norm / (total_norm + 1e-6) < 1:
-        nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
+    nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
 
 
-def ppo_update(agent, optimizer, batch: dict, args: Args, batch_size: int, action_optimizer=None):
+def gradient_step(agent, mb: dict, args: Args):
+    """One minibatch: generate the weights, the loss, its gradient and the paper's gradient variance
+    over the actor's gradient, then the clip (the optimiser steps after). With --compile this is
+    what torch.compile fuses: on a GPU the eager step is thousands of tiny kernel launches."""
+    params = agent.generate()
+    loss, _, stats = ppo_loss(agent, params, mb, args)
+    loss.backward()
+    actor_ids = {id(p) for p in agent.actor_parameters()}
+    with_grad = [p for p in agent.parameters() if p.grad is not None]
+    norms = [torch.linalg.vector_norm(p.grad) for p in with_grad]  # one pass, for metrics and clip
+    actor_grads = [(p.grad, norm) for p, norm in zip(with_grad, norms) if id(p) in actor_ids]
+    variance, norm = gradient_variance_and_norm(*zip(*actor_grads))
+    clip_grad_norm(with_grad, norms, args.max_grad_norm)
+    return loss.detach(), stats, variance, norm
+
+
+def interference_of(agent, mb: dict, args: Args) -> float:
+    """The gradient-interference metric on the first --interference-samples of a minibatch (eager:
+    its batched per-agent gradients stay outside --compile); DiCo's SND_hat is left as it was."""
+    subset = {key: value[:, : args.interference_samples] for key, value in mb.items()}
+    snd_hat = getattr(agent.actor, "snd_hat", None)
+    saved = None if snd_hat is None else snd_hat.clone()
+    interference = gradient_interference(ppo_loss(agent, agent.generate(), subset, args)[1], agent.actor_parameters())
+    if saved is not None:
+        snd_hat.copy_(saved)
+    return interference
+
+
+def ppo_update(agent, optimizer, batch: dict, args: Args, batch_size: int, action_optimizer=None, step=gradient_step):
     """update_epochs passes over the rollout in minibatches; weights are generated once per minibatch.
     action_optimizer (DiCo, Gaussian actions): after each minibatch's PPO step, one step of DiCo's
-    action-space loss with its own Adam and the same gradient clip, as their callback does."""
-    actor_params = agent.actor_parameters()
-    actor_ids = {id(p) for p in actor_params}
+    action-space loss with its own Adam and the same gradient clip, as their callback does.
+    step: gradient_step, or its torch.compile'd version."""
     minibatch_size = batch_size // args.num_minibatches
-    grad_vars, grad_norms, interference, totals = [], [], float("nan"), {}
+    grad_vars, grad_norms, totals = [], [], {}
+    finite = torch.ones((), dtype=torch.bool, device=batch["obs"].device)
     for epoch in range(args.update_epochs):
         order = torch.randperm(batch_size, device=batch["obs"].device)
         for start in range(0, batch_size, minibatch_size):
             idx = order[start: start + minibatch_size]
             mb = {key: value[:, idx] for key, value in batch.items()}
-            params = agent.generate()
-            loss, actor_loss_per_agent, stats = ppo_loss(agent, params, mb, args)
-            if not torch.isfinite(loss):
-                raise FloatingPointError("loss is not finite")
             if epoch == 0 and start == 0:  # part of one minibatch per update is enough for this metric
-                subset = {key: value[:, : args.interference_samples] for key, value in mb.items()}
-                snd_hat = getattr(agent.actor, "snd_hat", None)  # a metric must not move DiCo's SND_hat
-                saved = None if snd_hat is None else snd_hat.clone()
-                interference = gradient_interference(ppo_loss(agent, params, subset, args)[1], actor_params)
-                if saved is not None:
-                    snd_hat.copy_(saved)
+                interference = interference_of(agent, mb, args)
             optimizer.zero_grad()
-            loss.backward()
-            with_grad = [p for p in agent.parameters() if p.grad is not None]
-            norms = [torch.linalg.vector_norm(p.grad) for p in with_grad]  # one pass, for metrics and clip
-            actor_grads = [(p.grad, norm) for p, norm in zip(with_grad, norms) if id(p) in actor_ids]
-            variance, norm = gradient_variance_and_norm(*zip(*actor_grads))  # the paper's gradient variance
+            loss, stats, variance, norm = step(agent, mb, args)
+            optimizer.step()
+            finite &= torch.isfinite(loss)  # checked once, after the update: no host sync per minibatch
             grad_vars.append(variance)
             grad_norms.append(norm)
-            clip_grad_norm(with_grad, norms, args.max_grad_norm)
-            optimizer.step()
             if action_optimizer is not None:
                 stats["dico_action_loss"] = action_loss = dico_action_space_loss(agent, mb["obs"])
                 action_optimizer.zero_grad()
@@ -1153,6 +1210,8 @@ def ppo_update(agent, optimizer, batch: dict, args: Args, batch_size: int, actio
                 action_optimizer.step()
             for key, value in stats.items():
                 totals[key] = value.detach()
+    if not finite:
+        raise FloatingPointError("loss is not finite")
     totals["actor_var"] = torch.stack(grad_vars).mean()
     totals["actor_norm"] = torch.stack(grad_norms).mean()
     return {key: float(value) for key, value in totals.items()} | {"interference": interference}
@@ -1305,7 +1364,7 @@ def evaluate(agent, eval_env: VmasEnv, initial_rng: list, args: Args, seed: int,
                 action = agent.act_deterministic(obs, params)
             else:
                 action = sample_action(agent.policy(obs, params), agent.discrete, generator)
-            obs, reward, terminated, truncated, _, _ = eval_env.step(agent.env_action(action))
+            obs, reward, terminated, truncated, _ = eval_env.step(agent.env_action(action))
             if video is not None and active[0] and not (terminated[0] or truncated[0]):  # else it is reset
                 video.append(eval_env.env.render(mode="rgb_array", env_index=0))
             returns += reward * active
@@ -1385,6 +1444,12 @@ def main(argv=None) -> int:
 
     # DiCo's action-space loss has its own Adam (their callback: lr 3e-5, torch's default eps).
     action_optimizer = torch.optim.Adam(agent.actor.parameters(), lr=3e-5) if agent.squash else None
+    # --compile: the two functions that run thousands of times per iteration (the optimiser step stays
+    # eager: fused Adam is already one kernel, and a compiled one would recompile whenever --anneal-lr moves lr).
+    policy_step, update_step = agent.get_action_and_value, gradient_step
+    if args.compile:
+        torch._inductor.config.fallback_random = True  # eager's random numbers: the actions of an eager run
+        policy_step, update_step = torch.compile(policy_step), torch.compile(update_step)
 
     if args.eval_only:
         agent.load_state_dict(loaded["model"])
@@ -1446,9 +1511,9 @@ def main(argv=None) -> int:
     logprobs = torch.zeros((T, n, E), device=device)
     rewards = torch.zeros((T, n, E), device=device)
     values = torch.zeros((T, n, E), device=device)
-    bootstrap = torch.zeros((T, n, E), device=device)
+    final_obs = torch.zeros((T, n, E, obs_dim), device=device)  # differs from obs[t + 1] where an episode ended
     terminateds = torch.zeros((T, 1, E), device=device)
-    dones = torch.zeros((T, 1, E), device=device)
+    truncateds = torch.zeros((T, 1, E), device=device)
 
     def capture_state(iteration):
         return dict(format=CHECKPOINT_FORMAT, args=dataclasses.asdict(args), run_name=run_name,
@@ -1480,27 +1545,19 @@ def main(argv=None) -> int:
                 frac = 1.0 - (iteration - 1.0) / num_iterations
                 optimizer.param_groups[0]["lr"] = frac * args.learning_rate
 
-            finished_returns, finished_lengths = [], []
             rollout_start = time.perf_counter()
             with torch.no_grad():
                 params = agent.generate()  # the parameters do not change during a rollout
                 for step in range(T):
                     global_step += E
                     obs[step] = next_obs
-                    action, logprob, _, value = agent.get_action_and_value(next_obs, params=params)
+                    action, logprob, _, value = policy_step(next_obs, params=params)
                     values[step], actions[step], logprobs[step] = value, action, logprob
-                    next_obs, reward, terminated, truncated, final_obs, finished = envs.step(agent.env_action(action))
-                    rewards[step] = reward
-                    terminateds[step, 0] = terminated.float()
-                    dones[step, 0] = (terminated | truncated).float()
-                    bootstrap[step] = 0.0
-                    if truncated.any():  # bootstrap a time limit from the value of the final state
-                        bootstrap[step] = agent.get_value(critic_input(final_obs), params) * truncated
-                    if finished is not None:
-                        finished_returns.append(finished["returns"])
-                        finished_lengths.append(finished["lengths"])
+                    next_obs, reward, terminated, truncated, final_obs[step] = envs.step(agent.env_action(action))
+                    rewards[step], terminateds[step, 0], truncateds[step, 0] = reward, terminated, truncated
+                dones = torch.maximum(terminateds, truncateds)
                 next_values = torch.cat([values[1:], agent.get_value(critic_input(next_obs), params).unsqueeze(0)])
-                next_values = torch.where(dones.bool(), bootstrap, next_values)
+                next_values = torch.where(dones.bool(), bootstrap_values(agent, final_obs, truncateds, params), next_values)
                 advantages, returns = compute_gae(rewards, values, next_values, terminateds, dones,
                                                   args.gamma, args.gae_lambda)
 
@@ -1515,7 +1572,7 @@ def main(argv=None) -> int:
                 print(f"iteration {iteration}: rollout took {update_start - rollout_start:.1f} s; updating "
                       f"({args.update_epochs} epochs x {args.num_minibatches} minibatches)", flush=True)
             try:
-                stats = ppo_update(agent, optimizer, batch, args, T * E, action_optimizer)
+                stats = ppo_update(agent, optimizer, batch, args, T * E, action_optimizer, update_step)
             except FloatingPointError:
                 print(f"error: the loss became NaN/inf at update {iteration} (global step {global_step}); "
                       f"stopping. Last good checkpoint: {checkpoint_path if args.save_model else 'none (no --save-model)'}",
@@ -1527,12 +1584,13 @@ def main(argv=None) -> int:
             # Logging (CleanRL names; perf/* splits the time between collection and update)
             writer.add_scalar("perf/rollout_seconds", update_start - rollout_start, global_step)
             writer.add_scalar("perf/update_seconds", update_end - update_start, global_step)
-            if finished_returns:
-                ep_returns = torch.cat(finished_returns, 1)  # (n_agents, episodes)
-                writer.add_scalar("charts/episodic_return", ep_returns.mean().item(), global_step)
+            ended = envs.take_ended_episodes()
+            if ended:
+                ended_returns, ended_length = ended
+                writer.add_scalar("charts/episodic_return", sum(ended_returns) / n, global_step)
                 for i in range(n):
-                    writer.add_scalar(f"charts/episodic_return_agent{i}", ep_returns[i].mean().item(), global_step)
-                writer.add_scalar("charts/episodic_length", torch.cat(finished_lengths).float().mean().item(), global_step)
+                    writer.add_scalar(f"charts/episodic_return_agent{i}", ended_returns[i], global_step)
+                writer.add_scalar("charts/episodic_length", ended_length, global_step)
             y_pred, y_true = values.flatten(), returns.flatten()
             var_y = torch.var(y_true)
             explained_var = float("nan") if var_y == 0 else float(1 - torch.var(y_true - y_pred) / var_y)
@@ -1567,8 +1625,7 @@ def main(argv=None) -> int:
             elapsed = time.time() - start_time
             if line or iteration % args.print_interval == 0 or iteration == start_iteration or elapsed - printed_at >= 60:
                 printed_at = elapsed
-                train_return = (f"{torch.cat(finished_returns, 1).mean().item():.3f}" if finished_returns
-                                else "no_episode_ended")
+                train_return = f"{sum(ended[0]) / n:.3f}" if ended else "no_episode_ended"
                 eta = elapsed / (global_step - start_step) * (num_iterations * batch_size - global_step)
                 print(f"global_step={global_step} iteration={iteration}/{num_iterations} episodic_return={train_return} "
                       f"SPS={sps} elapsed={duration(elapsed)} eta={duration(eta)}" + (f" {line}" if line else ""), flush=True)

@@ -6,15 +6,18 @@ up); a run's SPS is batch * iterations / their total time. Each configuration ru
 times, interleaved with the others so that machine noise spreads evenly; tables give the median
 and the ratio of medians.
 
-    python benchmark/sps.py                  # everything (about 1.5 hours on 2 cores: 64 agents alone take 50 min)
+    python benchmark/sps.py                  # everything (about 1.5 hours on 2 cores: 64 agents alone take 50 min,
+                                             # not counting the envs section, whose 4096 environments take far longer)
     python benchmark/sps.py --only dispersion navigation
     python benchmark/sps.py --quick          # 1 repeat, fewer iterations: a smoke test
+    python benchmark/sps.py --only envs --env-counts 16 600 4096 --device cuda   # scaling in the number of environments
 
 Writes sps.md (and prints it) to a new folder runs/sps_<time>, or to the file --out names.
 """
 
 import argparse
 import contextlib
+import importlib
 import itertools
 import os
 import platform
@@ -87,16 +90,30 @@ def output_file(parser, out, tool, filename):
     return out
 
 
-def timed_run(script, argv, iterations, batch):
+class MissingFlag(Exception):
+    """The script does not know a flag it was given (exit 2, "unrecognized" in its error)."""
+
+
+def timed_run(script, argv, iterations, batch, desync_envs=None):
     """One training run of script.py in its own process, evaluation off; returns the seconds of
-    collection and of update of iterations 2.. (the first warms up), from its perf/* scalars."""
+    collection and of update of iterations 2.. (the first warms up), from its perf/* scalars.
+    desync_envs: run it through the --_child launcher, which desynchronises the episodes of the
+    training environments (the ones with that many environments)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), *argv, "--runs-dir", tmp,
+        launcher = [os.path.join(ROOT, f"{script}.py")]
+        if desync_envs is not None:
+            launcher = [os.path.abspath(__file__), "--_child", script, str(desync_envs)]
+        cmd = [sys.executable, *launcher, *argv, "--runs-dir", tmp,
                "--total-timesteps", str(batch * iterations), "--eval-interval", str(10**12),
                "--eval-episodes", "1", "--print-interval", str(10**6)]
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode == 2 and "unrecognized" in result.stderr.lower():  # tyro: "Unrecognized options"
+            raise MissingFlag(result.stderr.strip())
+        if result.returncode:
+            print(result.stderr[-3000:], file=sys.stderr)  # the run's own error, above the traceback
+            raise subprocess.CalledProcessError(result.returncode, cmd, result.stdout, result.stderr)
         (run,) = os.listdir(tmp)
         accumulator = EventAccumulator(os.path.join(tmp, run))
         accumulator.Reload()
@@ -105,9 +122,9 @@ def timed_run(script, argv, iterations, batch):
     return rollout[1:], update[1:]
 
 
-def run_vmas(script, argv, iterations, batch):
+def run_vmas(script, argv, iterations, batch, desync_envs=None):
     """One training run; returns (SPS over iterations 2.., update share of the time)."""
-    rollout, update = timed_run(script, argv, iterations, batch)
+    rollout, update = timed_run(script, argv, iterations, batch, desync_envs)
     total = sum(rollout) + sum(update)
     return batch * len(rollout) / total, sum(update) / total
 
@@ -163,6 +180,182 @@ def end_to_end_table(script_argv, batch, iterations, repeats, samples):
         median = statistics.median(values)
         lines.append(f"| {s} | {f} | {median:,.0f} | {median / random_sps:.2f} |")
     return lines + [""]
+
+
+# ----- the envs section: training and VMAS as the number of environments grows -----
+ENVS_ARGV = ["--scenario", "dispersion", "--n-agents", "4", "--num-steps", "128", "--update-epochs", "4",
+             "--num-minibatches", "2"]  # the paper's Dispersion settings but for --num-envs
+ENVS_FAMILIES = ("fups", "mlp", "nops")
+DESYNC_SEED = 12345
+
+
+def desync_steps(vmas_env, max_steps, seed=DESYNC_SEED):
+    """Episodes that end at different steps, as a trained policy's do: VMAS truncates an environment
+    when its step counter (vmas_env.steps, one float per environment) reaches max_steps, so random
+    counters in [0, max_steps) spread the ends over every step (about num_envs / max_steps each)."""
+    counters = torch.randint(0, max_steps, vmas_env.steps.shape, generator=torch.Generator().manual_seed(seed))
+    vmas_env.steps = counters.to(vmas_env.steps)  # its dtype and device
+
+
+def child(argv):
+    """python benchmark/sps.py --_child SCRIPT NUM_ENVS [SCRIPT's flags]: SCRIPT.main(flags) with the
+    episodes of its training environments (the VmasEnv of NUM_ENVS environments, not the evaluation
+    one) desynchronised after each reset() it asks for (the first, in practice: later ends are reset
+    in place and keep the counters apart). timed_run's launcher; returns the script's exit status."""
+    script, num_envs = importlib.import_module(argv[0]), int(argv[1])
+    reset = script.VmasEnv.reset
+
+    def desynchronised_reset(self):
+        obs = reset(self)
+        if self.num_envs == num_envs:
+            desync_steps(self.env, self.env.max_steps)
+        return obs
+
+    script.VmasEnv.reset = desynchronised_reset
+    return script.main(argv[2:])
+
+
+def synchronize(device):
+    if device.type == "cuda":  # CUDA runs asynchronously: the clock must wait for the work
+        torch.cuda.synchronize(device)
+
+
+def random_actions(space, n_agents, num_envs, device):
+    """(n_agents, num_envs[, act_dim]) uniform actions of a VMAS action space."""
+    if hasattr(space, "n"):
+        return torch.randint(0, int(space.n), (n_agents, num_envs), device=device)
+    low, high = (torch.as_tensor(bound, device=device) for bound in (space.low, space.high))
+    return low + (high - low) * torch.rand((n_agents, num_envs) + tuple(low.shape), device=device)
+
+
+RANDOM_SECONDS = 2.0
+
+
+@torch.no_grad()  # as the training's rollout steps
+def stepping_sps(step, num_envs, steps, device, warmup=10):
+    """Env-steps per second of step(), over rounds of steps calls until RANDOM_SECONDS have passed:
+    a few hundred steps of 16 environments take a tenth of a second, too short on a shared machine."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    done, start = 0, time.perf_counter()
+    while done == 0 or time.perf_counter() - start < RANDOM_SECONDS:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+        done += steps
+    return done * num_envs / (time.perf_counter() - start)
+
+
+def raw_vmas_sps(args, device, steps, desync):
+    """vmas.make_env as VmasEnv calls it, random actions. Synchronised: env.reset() once every
+    environment is done, as raw VMAS users do. Desynchronised: each ended environment gets its own
+    env.reset_at(i), VMAS's way of resetting some environments (the loop VmasEnv avoids)."""
+    import vmas
+
+    import ippo_hyper_vmas as script
+
+    env = vmas.make_env(args.scenario, num_envs=args.num_envs, device=device,
+                        continuous_actions=args.continuous_actions, max_steps=args.max_steps, seed=args.seed,
+                        terminated_truncated=True, **script.scenario_kwargs(args))
+    env.reset()
+    if desync:
+        desync_steps(env, args.max_steps)
+
+    def step():
+        actions = random_actions(env.action_space[0], args.n_agents, args.num_envs, device)
+        _, _, terminated, truncated, _ = env.step(list(actions.unbind(0)))
+        done = terminated | truncated
+        if desync:
+            for i in done.nonzero().flatten().tolist():
+                env.reset_at(i)
+        elif done.all():
+            env.reset()
+
+    return stepping_sps(step, args.num_envs, steps, device)
+
+
+def vmas_env_sps(args, device, steps, desync):
+    """The script's own VmasEnv (its batched resets of ended environments included), random actions."""
+    import ippo_hyper_vmas as script
+
+    env = script.VmasEnv(args, args.num_envs, args.seed, device)
+    env.reset()
+    if desync:
+        desync_steps(env.env, args.max_steps)
+    space = env.env.action_space[0]
+    return stepping_sps(lambda: env.step(random_actions(space, args.n_agents, args.num_envs, device)),
+                        args.num_envs, steps, device)
+
+
+def envs_table(env_counts, device, desync, iterations, repeats):
+    """Random-action SPS of raw VMAS and of VmasEnv, and training SPS (eager and --compile), per
+    number of environments; medians over repeats, interleaved."""
+    import ippo_hyper_vmas as script
+
+    steps = 128 * (iterations - 1)  # as many collection steps as a training run times
+    flags = ENVS_ARGV + ["--cuda" if device.type == "cuda" else "--no-cuda"]
+    runs = [(family, compiled) for compiled in (False, True) for family in ENVS_FAMILIES]
+    samples = {}
+    for _ in range(repeats):
+        for n in env_counts:
+            args = script.resolve_args(script.parse_args(ENVS_ARGV + ["--num-envs", str(n)]))
+            samples.setdefault((n, "raw"), []).append(raw_vmas_sps(args, device, steps, desync=False))
+            if desync:
+                samples.setdefault((n, "reset_at"), []).append(raw_vmas_sps(args, device, steps, desync=True))
+            samples.setdefault((n, "wrapper"), []).append(vmas_env_sps(args, device, steps, desync))
+            for family, compiled in runs:
+                argv = flags + ["--num-envs", str(n), "--hypernet", family] + (["--compile"] if compiled else [])
+                try:
+                    sps, share = run_vmas("ippo_hyper_vmas", argv, iterations, n * 128, n if desync else None)
+                except MissingFlag:  # the script has no --compile (yet): a gap in the table, not a crash
+                    sps = share = None
+                samples.setdefault((n, family, compiled), []).append(sps)
+                samples.setdefault((n, family, compiled, "share"), []).append(share)
+
+    def median(key):
+        values = samples.get(key)
+        return None if not values or None in values else statistics.median(values)
+
+    def share(n, compiled):
+        value = median((n, "mlp", compiled, "share"))
+        return "n/a" if value is None else f"{value:.0%}"
+
+    def cell(value):
+        return "n/a" if value is None else f"{value:,.0f}"
+
+    episodes = "desynchronised" if desync else "synchronised"
+    command = f"python benchmark/sps.py {' '.join(sys.argv[1:])}".rstrip()
+    launcher = " through `benchmark/sps.py --_child` (which desynchronises its training episodes)" if desync else ""
+    lines = [f"### Dispersion, 4 agents, {' / '.join(map(str, env_counts))} environments "
+             f"({device.type}, {episodes} episodes)", "", f"`{command}`", "",
+             f"Training: `ippo_hyper_vmas.py {' '.join(flags)} --num-envs N --hypernet F [--compile]`{launcher}, "
+             f"{iterations} iterations (the first not timed) x {repeats} repeats; random stepping: rounds of {steps} steps "
+             f"for at least {RANDOM_SECONDS:.0f} s.", "",
+             "| envs | raw VMAS random-action SPS | raw VMAS, reset_at loop | VmasEnv random-action SPS | "
+             "training SPS fups / mlp / nops | same with --compile | training / VmasEnv | update share (mlp) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for n in env_counts:
+        wrapper = median((n, "wrapper"))
+        eager = " / ".join(cell(median((n, f, False))) for f in ENVS_FAMILIES)
+        compiled = " / ".join(cell(median((n, f, True))) for f in ENVS_FAMILIES)
+        ratios = {f: median((n, f, False)) / wrapper for f in ("mlp", "fups")}
+        lines.append(f"| {n} | {cell(median((n, 'raw')))} | {cell(median((n, 'reset_at')))} | {cell(wrapper)} | "
+                     f"{eager} | {compiled} | {ratios['mlp']:.2f} (fups {ratios['fups']:.2f}) | "
+                     f"{share(n, False)} eager, {share(n, True)} compiled |")
+    lines += ["",
+              "- raw VMAS random-action SPS: `vmas.make_env` with VmasEnv's arguments, uniform random actions, "
+              "synchronised episodes, `env.reset()` once every environment is done.",
+              "- raw VMAS, reset_at loop: the same with desynchronised episodes, each ended environment reset "
+              "by its own `env.reset_at(i)`" + ("." if desync else " (n/a: run without --no-desync)."),
+              f"- VmasEnv random-action SPS: the script's wrapper ({episodes} episodes), uniform random actions, "
+              "its one batched reset per step where environments ended.",
+              f"- training SPS fups / mlp / nops: env-steps per second of training ({episodes} episodes), "
+              "collection and update, iterations 2.., per hypernet family.",
+              "- same with --compile: the script with `--compile` (n/a: the script has no such flag).",
+              "- training / VmasEnv: eager mlp training SPS / VmasEnv random-action SPS (in brackets: fups).",
+              "- update share (mlp): the update's share of the training time (collection the rest).", ""]
+    return lines
 
 
 def mamujoco_tables(repeats, quick):
@@ -230,21 +423,30 @@ def mamujoco_tables(repeats, quick):
 
 def main():
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", default=["dispersion", "scale", "navigation", "mamujoco"],
-                        choices=["dispersion", "scale", "navigation", "mamujoco"])
+    sections = ["dispersion", "scale", "navigation", "mamujoco", "envs"]
+    parser.add_argument("--only", nargs="+", default=sections, choices=sections)
     parser.add_argument("--repeats", type=at_least(1), default=3)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--iterations", type=at_least(4), default=6,
                         help="iterations per run (the first is not timed; Navigation and 64 agents run half as many)")
+    parser.add_argument("--env-counts", nargs="+", type=at_least(1), default=[16, 600, 4096],
+                        help="envs section: numbers of environments (4096 trains slowly on a CPU: see --iterations)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="envs section: where VMAS and the training runs (--cuda / --no-cuda) run")
+    parser.add_argument("--desync", action=argparse.BooleanOptionalAction, default=True,
+                        help="envs section: episodes that end at different steps, as a trained policy's do")
     parser.add_argument("--out", default=None, help="the Markdown file to write (default: sps.md in a new folder runs/sps_<time>)")
     opts = parser.parse_args()
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device: cuda is not available on this machine")
     opts.out = output_file(parser, opts.out, "sps", "sps.md")
     repeats = 1 if opts.quick else opts.repeats
     iterations = 3 if opts.quick else opts.iterations
     started = time.time()
     lines = ["# Training speed", "", f"Command: `python benchmark/sps.py {' '.join(sys.argv[1:])}`".rstrip(), "",
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU", ""]
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU"
+             + (f"; envs section on {torch.cuda.get_device_name()}" if opts.device == "cuda" else ""), ""]
     def save():
         os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
         with open(opts.out, "w") as f:
@@ -277,9 +479,14 @@ def main():
                   f"SPS {sps:,.0f}; the update takes {share:.0%} of the time (collection the rest).", ""]
     if "mamujoco" in opts.only:
         lines += mamujoco_tables(repeats, opts.quick)
+        save()
+    if "envs" in opts.only:
+        lines += envs_table(opts.env_counts, torch.device(opts.device), opts.desync, iterations, repeats)
     save()
     print(open(opts.out).read())
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--_child"]:  # timed_run's launcher (see child), not a user's flag
+        sys.exit(child(sys.argv[2:]))
     main()

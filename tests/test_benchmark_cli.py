@@ -12,6 +12,11 @@ CASES = [
     ("sps.py", ["--repeats", "0"], "--repeats: must be at least 1, got 0"),
     ("sps.py", ["--iterations", "1"], "--iterations: must be at least 4, got 1"),
     ("sps.py", ["--only", "foo"], "--only: invalid choice: 'foo'"),
+    ("sps.py", ["--only", "envs", "--env-counts", "0"], "--env-counts: must be at least 1, got 0"),
+    ("sps.py", ["--only", "envs", "--env-counts", "16", "abc"], "--env-counts: invalid int value: 'abc'"),
+    ("sps.py", ["--only", "envs", "--env-counts"], "--env-counts: expected at least one argument"),
+    ("sps.py", ["--only", "envs", "--device", "tpu"], "--device: invalid choice: 'tpu'"),
+    ("sps.py", ["--only", "envs", "--desync", "yes"], "unrecognized arguments: yes"),
     ("update_step.py", ["--repeats", "abc"], "--repeats: invalid int value: 'abc'"),
     ("update_step.py", ["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     ("compare_videos.py", ["--checkpoints", "a.pt", "b.pt", "--labels", "A"], "--labels: one per checkpoint (2), got 1"),
@@ -29,6 +34,17 @@ def test_bad_flag_is_one_line_exit_2_and_writes_nothing(tmp_path, script, argv, 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.stderr  # not "error: argument --x"
     assert "Traceback" not in result.stderr and not out.exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("out", [True, False], ids=["--out", "default folder"])
+def test_sps_device_cuda_without_cuda_is_one_line_and_writes_nothing(tmp_path, out):
+    argv = ["--only", "envs", "--device", "cuda"] + (["--out", str(tmp_path / "result.md")] if out else [])
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "sps.py")] + argv, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and lines == ["error: --device: cuda is not available on this machine"], result.stderr
+    assert result.stdout == "" and os.listdir(tmp_path) == []  # neither result.md nor runs/sps_<time>
 
 
 # ----- outputs: never a committed file by default, and a bad --out fails before any work -----

@@ -53,6 +53,25 @@ def test_linear_agent_plus_obs_ablation_runs_continuous(script, tmp_path, capsys
     assert code == 0, err
 
 
+@pytest.mark.parametrize("name, family, scenario", [("ippo_hyper_vmas", "mlp", "dispersion"),
+                                                    ("mappo_hyper_vmas", "dico", "navigation")])
+def test_compile_gives_the_numbers_of_eager(name, family, scenario, tmp_path, capsys):
+    """--compile (rollout policy step and gradient step through torch.compile's inductor) against
+    eager: every logged number within float rounding, over two iterations (DiCo covers the eager
+    SND_hat update, Gaussian actions and its second optimiser)."""
+    script = load_script(name)
+    for flag in ("--no-compile", "--compile"):
+        argv = tiny_args(tmp_path / flag, "--hypernet", family, "--n-agents", 2, "--num-envs", 8, "--num-steps", 16,
+                         "--total-timesteps", 256, "--eval-interval", 128, scenario=scenario)
+        assert run(script, argv + [flag], capsys)[0] == 0
+    (eager,), (compiled,) = run_dirs(tmp_path / "--no-compile"), run_dirs(tmp_path / "--compile")
+    eager, compiled = scalar_tags(eager), scalar_tags(compiled)
+    assert set(eager) == set(compiled)
+    for tag in eager:
+        if not tag.startswith("perf/") and tag != "charts/SPS":
+            assert compiled[tag] == pytest.approx(eager[tag], rel=1e-3, abs=1e-5), tag
+
+
 def test_same_seed_same_numbers(script, tmp_path, capsys):
     for name in ("a", "b"):
         assert run(script, tiny_args(tmp_path / name, "--exp-name", name), capsys)[0] == 0

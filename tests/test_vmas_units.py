@@ -352,11 +352,12 @@ def test_env_truncation_resets_in_place_and_returns_final_observations(script):
     assert obs.shape == (2, 3, env.obs_dim)
     stay = torch.zeros(2, 3, dtype=torch.long)  # action 0: no-op
     env.env.steps[0] = args.max_steps - 2  # environment 0 reaches its time limit one step early
-    obs, reward, terminated, truncated, final_obs, finished = env.step(stay)
-    assert truncated.tolist() == [False, False, False]
-    obs, reward, terminated, truncated, final_obs, finished = env.step(stay)
+    obs, reward, terminated, truncated, final_obs = env.step(stay)
+    assert truncated.tolist() == [False, False, False] and env.take_ended_episodes() is None
+    obs, reward, terminated, truncated, final_obs = env.step(stay)
     assert truncated.tolist() == [True, False, False] and not terminated.any()
-    assert finished["returns"].shape == (2, 1) and finished["lengths"].tolist() == [2]
+    returns, length = env.take_ended_episodes()
+    assert len(returns) == 2 and length == 2 and env.take_ended_episodes() is None
     assert env.env.steps.tolist() == [0, 2, 2]  # only the ended environment was reset
     # the next action of environment 0 sees its fresh observation; its final one is kept apart
     fresh = torch.stack(env.env.get_from_scenario(get_observations=True, get_rewards=False, get_infos=False,
@@ -366,13 +367,68 @@ def test_env_truncation_resets_in_place_and_returns_final_observations(script):
     torch.testing.assert_close(obs[:, 1:], final_obs[:, 1:])
 
 
+def per_env_state(env):
+    """Every per-environment tensor of the simulator, by name."""
+    return {f"{name}/{key}": value.clone() for name, holder in env._state_holders().items()
+            for key, value in vars(holder).items() if isinstance(value, torch.Tensor) and value.shape[:1] == (env.num_envs,)}
+
+
+def test_ended_environments_reset_in_one_batched_call_and_the_others_go_on_untouched(script, monkeypatch):
+    _, env = dispersion_env(script, num_envs=6)
+    _, twin = dispersion_env(script, num_envs=6)  # the same environments, where nothing ends early
+    env.reset()
+    twin.reset()
+    calls = []
+    monkeypatch.setattr(env.env, "reset_at", lambda *a, **k: calls.append("reset_at"))
+    original_reset = env.env.reset
+    monkeypatch.setattr(env.env, "reset", lambda *a, **k: calls.append("reset") or original_reset(*a, **k))
+    env.env.steps[[1, 3, 4]] = 3  # three environments reach the 5-step limit at the second step
+    action = torch.randint(0, 9, (2, 6), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        env.step(action)
+        twin.step(action)
+    assert calls == ["reset"]  # one batched reset for the three ended environments, no loop over them
+    ours, theirs = per_env_state(env), per_env_state(twin)
+    going_on = torch.tensor([True, False, True, False, False, True])
+    for name in ours:  # the environments that go on were not touched
+        assert torch.equal(ours[name][going_on], theirs[name][going_on]), name
+    assert env.env.steps.tolist() == [2, 0, 2, 0, 0, 2]
+    positions = torch.stack([food.state.pos for food in env.env.world.landmarks])
+    assert not torch.equal(positions[:, ~going_on], torch.stack([food.state.pos for food in twin.env.world.landmarks])[:, ~going_on])
+
+
+def test_ended_environments_get_fresh_independent_states_from_vmas_distribution(script):
+    """Initial food positions (agents start at the origin) after the batched reset: distinct across environments and resets,
+    and the same distribution as VMAS's own reset (two-sample Kolmogorov-Smirnov on each axis)."""
+    from scipy.stats import ks_2samp
+
+    _, env = dispersion_env(script, num_envs=40)
+    env.reset()
+    env.env.steps[:] = torch.arange(40) % 5  # every step, 8 of the 40 environments reach the time limit
+    stay = torch.zeros(2, 40, dtype=torch.long)
+    starts = []
+    for _ in range(25):
+        _, _, _, truncated, _ = env.step(stay)
+        assert truncated.sum() == 8
+        starts.append(torch.stack([food.state.pos for food in env.env.world.landmarks])[:, truncated].flatten(0, 1))
+    ours = torch.cat(starts)  # 25 resets x 8 environments x 2 food items
+    assert len(torch.unique(ours, dim=0)) == len(ours)
+    _, reference_env = dispersion_env(script, num_envs=400)
+    reference_env.reset()
+    reference = torch.stack([food.state.pos for food in reference_env.env.world.landmarks]).flatten(0, 1)
+    for axis in range(2):
+        assert ks_2samp(ours[:, axis].numpy(), reference[:, axis].numpy()).pvalue > 1e-3
+
+
 def test_env_termination_is_not_truncation(script):
     # Food so large that every agent sits on every food item at once: all food eaten, episode over.
     args, env = dispersion_env(script, food_radius=5.0)
     env.reset()
-    _, reward, terminated, truncated, _, finished = env.step(torch.zeros(2, 3, dtype=torch.long))
+    _, reward, terminated, truncated, _ = env.step(torch.zeros(2, 3, dtype=torch.long))
     assert terminated.all() and not truncated.any()
-    assert finished is not None and (reward > 0).all()
+    returns, length = env.take_ended_episodes()
+    assert (reward > 0).all() and length == 1
+    torch.testing.assert_close(torch.tensor(returns), reward.mean(1))
 
 
 def test_continuous_actions_outside_the_box_are_legal(script):
