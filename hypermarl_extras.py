@@ -1,9 +1,19 @@
-"""Evaluation videos for --capture-video (CleanRL's flag), on machines with or without a display.
+"""What the training scripts need beyond training: checkpoints, resuming, evaluation videos.
 
-The training scripts import this module only when --capture-video is given: training, checkpoints
-and evaluation run from each script alone, and a script copied into another project without this
-file trains as before.
+The scripts import this module only where a feature needs it (--save-model, --resume, --eval-only,
+the checkpoint written on Ctrl-C or SIGTERM, --capture-video): training and evaluation run from each
+script alone, and a script copied into another project without this file trains as before.
 
+Checkpoints (every script):
+    save_checkpoint(path, state)                 atomic: a crash mid-write leaves the previous file
+    load_checkpoint(path, flag, fmt, required)   weights_only=True; a foreign or tampered file is refused
+    flags_given(argv, args_cls)                  the Args fields named on the command line
+    take_flags_from_checkpoint(...)              --resume / --checkpoint take the saved run's flags
+    rng_state() / set_rng_state(state)           torch, NumPy, Python (and CUDA) generators
+    rng_to_tensors(states) / rng_from_tensors(state)   the same as plain data
+    load_snd_obs(path, obs_dim)                  an SND dataset (.npz) for --eval-only --snd-obs-file
+    vmas_env_state(env) / load_vmas_env_state(env, state)   a VMAS simulator, bit for bit
+Videos (--capture-video):
     probe_capture_video(simulator)   None, or one line saying what to install (checked before a run starts)
     mamujoco_frame(parallel_env)     one MaMuJoCo frame, without shadows (software rendering)
     video_timing(steps_per_second)   (stride, fps) for real-time playback
@@ -15,13 +25,19 @@ Without a GPU, Mesa's EGL renders in software (llvmpipe): no display and no GPU 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
+import pickle
+import random
 import subprocess
 import sys
+import warnings
+import zipfile
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
 
 GL_HINT = ("install EGL with Mesa's software renderer (Debian/Ubuntu: apt-get install libegl1 libegl-mesa0 "
            "libgl1-mesa-dri) or a GPU driver")
@@ -158,3 +174,138 @@ def save_video(writer, path: str, tag: str, frames: Sequence[np.ndarray], step: 
                           encoded_image_string=gif_bytes(frames, fps))
     # _get_file_writer() is how every SummaryWriter.add_* reaches the event file, add_video included
     writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+
+
+# ===== Checkpoints =====
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: reported as one line, exit status 2."""
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Atomic: a crash mid-write leaves the previous checkpoint intact."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, flag: str, fmt: str, required: set) -> dict:
+    """weights_only=True: a file that smuggles code, or is not ours (format fmt), is refused."""
+    try:
+        with warnings.catch_warnings():  # torch warns about some foreign files: the one line below says it
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message advises turning weights_only off: never relay that
+        raise CheckpointError(f"{flag}: {path!r} holds objects other than tensors and plain data: refused")
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+        if "weights_only" in str(error):  # e.g. a TorchScript archive: again, no advice to load it unsafely
+            raise CheckpointError(f"{flag}: {path!r} is not a checkpoint torch can load as plain data: refused")
+        why = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]  # an empty file's error is blank
+        raise CheckpointError(f"{flag}: {path!r} is not a readable checkpoint ({why})")
+    if not isinstance(state, dict) or state.get("format") != fmt or not set(required) <= set(state):
+        raise CheckpointError(f"{flag}: {path!r} is not a {fmt} checkpoint")
+    return state
+
+
+def flags_given(argv: list[str], args_cls) -> set[str]:
+    """The Args fields named on the command line (--x, --x=v, --no-x): a flag given with its default
+    value is not the same as a flag left out."""
+    names = {field.name for field in dataclasses.fields(args_cls)}
+    given = set()
+    for token in argv:
+        if token.startswith("--"):
+            name = token[2:].split("=", 1)[0].replace("-", "_")
+            given.add(name[3:] if name not in names and name.startswith("no_") else name)
+    return given & names
+
+
+def take_flags_from_checkpoint(args, saved: dict, flag: str, given: set[str], compat_fields, resume_may_change,
+                               invocation_fields) -> list[str]:
+    """--resume continues the saved run, so its flags are the checkpoint's, and --eval-only takes the
+    model's (compat_fields) from it. A flag given with another value is an error, except the ones in
+    resume_may_change, which take effect. Returns those changes, to report."""
+    defaults = {field.name: getattr(args, field.name) for field in dataclasses.fields(args)}
+    names = compat_fields if flag == "--checkpoint" else [n for n in defaults if n not in invocation_fields]
+    changes = []
+    for name in names:
+        value, kept = getattr(args, name), saved.get(name, defaults[name])
+        if name not in given or value == kept:
+            setattr(args, name, kept)
+        elif flag == "--resume" and name in resume_may_change:
+            changes.append(f"--{name.replace('_', '-')} {kept} -> {value}")
+        else:
+            raise CheckpointError(f"--{name.replace('_', '-')}: the checkpoint's run has {kept!r}, not {value!r}; "
+                                  f"{flag} takes it from the checkpoint (leave the flag out)")
+    if (flag == "--resume" and "save_interval" in saved and "save_interval" not in given
+            and saved["save_interval"] == saved["eval_interval"]):
+        args.save_interval = args.eval_interval  # its default follows --eval-interval, which may have changed
+    return changes
+
+
+def rng_to_tensors(states: list) -> dict:
+    """[torch, numpy, python] RNG states as tensors and lists, loadable with weights_only=True."""
+    torch_state, np_state, py_state = states
+    return dict(torch=torch_state.clone(), numpy_keys=torch.as_tensor(np_state[1].astype(np.int64)),
+                numpy_rest=[int(np_state[2]), int(np_state[3]), float(np_state[4])],
+                python=[py_state[0], list(py_state[1]), py_state[2]])
+
+
+def rng_from_tensors(state: dict) -> list:
+    pos, has_gauss, cached = state["numpy_rest"]
+    np_state = ("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached)
+    version, internal, gauss_next = state["python"]
+    return [state["torch"].clone(), np_state, (version, tuple(internal), gauss_next)]
+
+
+def rng_state() -> dict:
+    state = rng_to_tensors([torch.get_rng_state(), np.random.get_state(), random.getstate()])
+    state["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch_state, np_state, py_state = rng_from_tensors(state)
+    torch.set_rng_state(torch_state)
+    np.random.set_state(np_state)
+    random.setstate(py_state)
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_snd_obs(path: str, obs_dim: int) -> torch.Tensor:
+    """The observations of an SND dataset (.npz, key obs) as an (N, obs_dim) tensor; ValueError if not."""
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy array
+            raise ValueError("a .npy array, not an .npz archive")
+        with data:
+            obs = np.asarray(data["obs"], dtype=np.float32)
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as error:  # EOFError: an empty file
+        raise ValueError(f"--snd-obs-file: {path!r} is not an .npz file with an obs array "
+                         f"({str(error).splitlines()[0][:120]})")
+    if obs.ndim not in (2, 3) or obs.shape[-1] != obs_dim or obs.size == 0:
+        raise ValueError(f"--snd-obs-file: {path!r} holds observations of shape {obs.shape}; "
+                         f"this scenario's have {obs_dim} features")
+    if not np.isfinite(obs).all():
+        raise ValueError(f"--snd-obs-file: {path!r} holds non-finite observations")
+    return torch.from_numpy(obs.reshape(-1, obs_dim))
+
+
+def vmas_env_state(env) -> dict:
+    """A VmasEnv's whole simulator state (every tensor of the environment, scenario, world and
+    entities), its random stream and its running episode sums: a resumed run steps bit for bit."""
+    tensors = {f"{name}/{key}": value.clone() for name, holder in env._state_holders().items()
+               for key, value in vars(holder).items() if isinstance(value, torch.Tensor)}
+    return dict(tensors=tensors, rng=rng_to_tensors(env._rng), obs=env.obs.clone(),
+                episode_return=env.episode_return.clone(), episode_length=env.episode_length.clone())
+
+
+def load_vmas_env_state(env, state: dict) -> None:
+    holders = env._state_holders()
+    for path, value in state["tensors"].items():
+        name, key = path.split("/")
+        setattr(holders[name], key, value.clone().to(env.device))
+    env._rng = rng_from_tensors(state["rng"])
+    env.obs = state["obs"].to(env.device)
+    env.episode_return = state["episode_return"].to(env.device)
+    env.episode_length = state["episode_length"].to(env.device)

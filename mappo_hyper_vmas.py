@@ -3,12 +3,12 @@
 HyperMARL (Tessera, Rahman & Albrecht) generates every agent's actor and critic weights with a
 hypernetwork conditioned on that agent's embedding, so all agents share one set of trainable
 parameters yet each acts with its own network. MAPPO: every agent's critic sees the global state
-(section 3's critic_input); everything else is ippo_hyper_vmas.py line for line. Read top to bottom:
+(critic_input, section 4); everything else is ippo_hyper_vmas.py line for line. Read top to bottom:
 
-    1. Arguments        5. Metrics (SND, gradient variance, interference)
-    2. Input validation 6. Algorithm (GAE, PPO update)
-    3. Environment      7. Checkpoints
-    4. Networks         8. Main (the training loop)
+    1. Arguments (the paper's values)     5. Metrics (SND, gradient variance, interference)
+    2. Environment                        6. The update (GAE, PPO)
+    3. Hypernetworks (Eq. 5, 6, 4.3)      7. The training loop, then evaluation
+    4. Baselines and the agent            Appendix: input checks, checkpoints, --eval-only
 
 Quick start:  python mappo_hyper_vmas.py --n-agents 4 --hypernet mlp --total-timesteps 300000
 """
@@ -17,34 +17,26 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
-import itertools
 import math
 import os
-import pickle
 import random
 import re
 import signal
 import sys
 import time
 import warnings
-import zipfile
-from dataclasses import dataclass
-from typing import Annotated, Optional
+from dataclasses import dataclass, field
+from typing import Literal, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from torch.distributions import Categorical, Normal
 
 
 # ===== 1. Arguments =====
-# A flag whose default depends on others (the scenario, the family) is None here and filled in by
-# resolve_args; its docstring names the real default, so tyro's own "(default: None)" is hidden.
-DOC_DEFAULT = tyro.conf.arg(help_behavior_hint="")
-
-
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
@@ -68,9 +60,9 @@ class Args:
     runs_dir: str = "runs"
     """folder for TensorBoard logs and checkpoints (runs_dir/run_name)"""
     save_model: bool = False
-    """if toggled, write a checkpoint every --save-interval steps and at the end"""
-    save_interval: Annotated[Optional[int], DOC_DEFAULT] = None
-    """environment steps between checkpoints (default: --eval-interval)"""
+    """if toggled, write a checkpoint every --save-interval steps and at the end (needs hypermarl_extras.py)"""
+    save_interval: int = 100_000
+    """environment steps between checkpoints (unless given: --eval-interval)"""
     resume: Optional[str] = None
     """path of a checkpoint to continue training from; the run's flags come from it, and only --total-timesteps, --eval-interval, --save-interval, --print-interval, --save-model, --runs-dir, --capture-video, --cuda, --compile and the wandb flags may change"""
     eval_only: bool = False
@@ -80,99 +72,99 @@ class Args:
     snd_obs_file: Optional[str] = None
     """[--eval-only] compute SND on every observation of this .npz file (key obs, (N, obs_dim) or (N, n_agents, obs_dim); benchmark/snd_dataset.py builds it, appendix D.1.2)"""
 
-    # Environment (VMAS). None = the paper's value for the scenario (Tables 11 and 16).
-    scenario: str = "dispersion"
-    """VMAS scenario: dispersion | navigation"""
+    # Environment (VMAS): Dispersion's values (Table 11); Navigation's are in NAVIGATION (Table 16)
+    scenario: Literal["dispersion", "navigation"] = "dispersion"
+    """VMAS scenario (--help after it shows its defaults)"""
     n_agents: int = 4
     """number of agents (at least 2)"""
     max_steps: int = 100
     """episode time limit (truncation, bootstrapped from V(next state))"""
-    continuous_actions: Annotated[Optional[bool], DOC_DEFAULT] = None
-    """continuous (Gaussian) or discrete (categorical) actions (default: dispersion discrete, navigation continuous)"""
-    n_food: Annotated[Optional[int], DOC_DEFAULT] = None
+    continuous_actions: bool = False
+    """continuous (Gaussian) or discrete (categorical) actions"""
+    n_food: int = 4
     """[dispersion] number of food items (default: n_agents)"""
     share_reward: bool = False
     """[dispersion] one team reward instead of per-agent rewards"""
     penalise_by_time: bool = True
-    """[dispersion] -0.01 per step without food (Table 11: on)"""
-    food_radius: Annotated[Optional[float], DOC_DEFAULT] = None
-    """[dispersion] food radius (default: 0.08)"""
-    agents_with_same_goal: Annotated[Optional[int], DOC_DEFAULT] = None
-    """[navigation] how many agents share the first goal: 1 (all different) .. n_agents (all same) (default: 1)"""
+    """[dispersion] -0.01 per step without food"""
+    food_radius: float = 0.08
+    """[dispersion] food radius"""
+    agents_with_same_goal: int = 1
+    """[navigation] how many agents share the first goal: 1 (all different) .. n_agents (all same)"""
     split_goals: bool = False
     """[navigation] two groups of n/2 agents, one goal each"""
     observe_all_goals: bool = True
-    """[navigation] every agent observes every goal (Table 16: on)"""
+    """[navigation] every agent observes every goal"""
     shared_rew: bool = False
     """[navigation] one team reward instead of per-agent rewards"""
     collisions: bool = False
     """[navigation] agents collide and carry a LIDAR"""
-    lidar_range: Annotated[Optional[float], DOC_DEFAULT] = None
-    """[navigation] LIDAR range, only with --collisions (default: 0.35)"""
-    agent_radius: Annotated[Optional[float], DOC_DEFAULT] = None
-    """[navigation] agent radius (default: 0.1)"""
+    lidar_range: float = 0.35
+    """[navigation] LIDAR range, only with --collisions"""
+    agent_radius: float = 0.1
+    """[navigation] agent radius"""
 
-    # PPO. None = the paper's value for the scenario (Table 9 Dispersion, Table 12 Navigation).
-    total_timesteps: Annotated[Optional[int], DOC_DEFAULT] = None
-    """total environment steps (Dispersion 20M, Navigation 10M)"""
-    learning_rate: Annotated[Optional[float], DOC_DEFAULT] = None
-    """Adam learning rate (Dispersion 5e-4, Navigation 5e-5 or Table 15's value for the family and goal setting)"""
-    num_envs: Annotated[Optional[int], DOC_DEFAULT] = None
-    """parallel VMAS environments (Dispersion 16, Navigation 600)"""
-    num_steps: Annotated[Optional[int], DOC_DEFAULT] = None
-    """steps per environment per rollout (Dispersion 128, Navigation 100)"""
+    # PPO: Dispersion's values (Table 9); Navigation's are in NAVIGATION (Tables 12 and 15)
+    total_timesteps: int = 20_000_000
+    """total environment steps"""
+    learning_rate: float = 5e-4
+    """Adam learning rate"""
+    num_envs: int = 16
+    """parallel VMAS environments"""
+    num_steps: int = 128
+    """steps per environment per rollout"""
     anneal_lr: bool = False
     """if toggled, the learning rate decays linearly to 0"""
-    gamma: Annotated[Optional[float], DOC_DEFAULT] = None
-    """discount factor (Dispersion 0.99, Navigation 0.9)"""
-    gae_lambda: Annotated[Optional[float], DOC_DEFAULT] = None
-    """GAE lambda (Dispersion 0.95, Navigation 0.9)"""
-    num_minibatches: Annotated[Optional[int], DOC_DEFAULT] = None
-    """minibatches per epoch (Dispersion 2, Navigation 30)"""
-    update_epochs: Annotated[Optional[int], DOC_DEFAULT] = None
-    """PPO epochs per rollout (Dispersion 4, Navigation 45)"""
+    gamma: float = 0.99
+    """discount factor"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    num_minibatches: int = 2
+    """minibatches per epoch"""
+    update_epochs: int = 4
+    """PPO epochs per rollout"""
     norm_adv: bool = True
     """if toggled, advantages are normalised per minibatch"""
-    clip_coef: Annotated[Optional[float], DOC_DEFAULT] = None
-    """surrogate clipping coefficient (0.2; Navigation with 4 or 8 agents: Table 15's value for the family and goal setting)"""
+    clip_coef: float = 0.2
+    """surrogate clipping coefficient"""
     clip_vloss: bool = True
     """if toggled, the value loss is clipped like the policy (CleanRL)"""
-    ent_coef: Annotated[Optional[float], DOC_DEFAULT] = None
-    """entropy bonus (Dispersion 0.01, Navigation 0.0)"""
-    vf_coef: Annotated[Optional[float], DOC_DEFAULT] = None
-    """value loss coefficient (Dispersion 0.5, Navigation 1.0)"""
-    max_grad_norm: Annotated[Optional[float], DOC_DEFAULT] = None
-    """global gradient-norm clip (Dispersion 0.5, Navigation 5.0)"""
-    actor_hidden_dims: Annotated[Optional[list[int]], DOC_DEFAULT] = None
-    """hidden layers of every agent's actor (Dispersion 64 64, Navigation 256 256)"""
-    critic_hidden_dims: Annotated[Optional[list[int]], DOC_DEFAULT] = None
-    """hidden layers of every agent's critic (Dispersion 64 64, Navigation 256 256)"""
-    activation: Annotated[Optional[str], DOC_DEFAULT] = None
-    """activation of actor and critic: relu | tanh (Dispersion relu, Navigation tanh)"""
+    ent_coef: float = 0.01
+    """entropy bonus"""
+    vf_coef: float = 0.5
+    """value loss coefficient"""
+    max_grad_norm: float = 0.5
+    """global gradient-norm clip"""
+    actor_hidden_dims: list[int] = field(default_factory=lambda: [64, 64])
+    """hidden layers of every agent's actor"""
+    critic_hidden_dims: list[int] = field(default_factory=lambda: [64, 64])
+    """hidden layers of every agent's critic"""
+    activation: Literal["relu", "tanh"] = "relu"
+    """activation of actor and critic"""
 
-    # Families and HyperMARL options
-    hypernet: str = "mlp"
-    """actor/critic family: mlp | linear (HyperMARL) | fups (shared + one-hot ID) | nops (one network per agent) | dico"""
-    hypernet_embedding_dim: Annotated[Optional[int], DOC_DEFAULT] = None
-    """[mlp] size of the learned agent embedding (default: 8, Tables 10/13)"""
-    hypernet_hidden_dims: Annotated[Optional[list[int]], DOC_DEFAULT] = None
-    """[mlp] hidden layers of the hypernetwork (default: 64)"""
-    hypernet_embedding: Annotated[Optional[str], DOC_DEFAULT] = None
-    """[mlp] learned (orthogonally initialised, default) | onehot (ablation)"""
-    hypernet_init: Annotated[Optional[str], DOC_DEFAULT] = None
-    """[mlp, linear] scaled (section 4.3 as the authors' code does it, default) | matched (ours, mlp only: unit-norm hidden features, every generated layer at the target's scale) | default (PyTorch init: w/o RF)"""
-    hypernet_input: Annotated[Optional[str], DOC_DEFAULT] = None
-    """[mlp, linear] agent (gradient decoupling, default) | agent+obs (ablation w/o GD: per-sample weights)"""
-    dico_snd_des: Annotated[Optional[float], DOC_DEFAULT] = None
-    """[dico] desired SND; -1 = unconstrained (default: Table 14 for the goal setting, else -1)"""
+    # Families and HyperMARL options (Tables 10 and 13)
+    hypernet: Literal["mlp", "linear", "fups", "nops", "dico"] = "mlp"
+    """actor/critic family: mlp | linear (HyperMARL, Eq. 6 | 5) | fups (shared + one-hot ID) | nops (one network per agent) | dico"""
+    hypernet_embedding_dim: int = 8
+    """[mlp] size of the learned agent embedding"""
+    hypernet_hidden_dims: list[int] = field(default_factory=lambda: [64])
+    """[mlp] hidden layers of the hypernetwork"""
+    hypernet_embedding: Literal["learned", "onehot"] = "learned"
+    """[mlp] learned (orthogonally initialised) | onehot (ablation)"""
+    hypernet_init: Literal["scaled", "matched", "default"] = "scaled"
+    """[mlp, linear] scaled (section 4.3 as the authors' code does it) | matched (ours, mlp only: unit-norm hidden features, every generated layer at the target's scale) | default (PyTorch init: w/o RF)"""
+    hypernet_input: Literal["agent", "agent+obs"] = "agent"
+    """[mlp, linear] agent (gradient decoupling) | agent+obs (ablation w/o GD: per-sample weights)"""
+    dico_snd_des: float = -1.0
+    """[dico] desired SND; -1 = unconstrained (Navigation: Table 14's value for the goal setting)"""
 
-    # Evaluation and metrics
-    eval_interval: Annotated[Optional[int], DOC_DEFAULT] = None
-    """environment steps between evaluations (Dispersion 100k, Navigation 120k)"""
-    eval_episodes: Annotated[Optional[int], DOC_DEFAULT] = None
-    """evaluation episodes (Dispersion 32, Navigation 200)"""
-    eval_deterministic: Annotated[Optional[bool], DOC_DEFAULT] = None
-    """evaluate with the mode (argmax / mean) instead of sampled actions (default: Dispersion True, the authors' code; Navigation False, its baselines' configs, appendix D.1.1)"""
+    # Evaluation and metrics (appendix D.1.1)
+    eval_interval: int = 100_000
+    """environment steps between evaluations"""
+    eval_episodes: int = 32
+    """evaluation episodes"""
+    eval_deterministic: bool = True
+    """evaluate with the mode (argmax / mean) instead of sampled actions (Dispersion: the authors' code; Navigation samples, as its baselines' configs do)"""
     snd_samples: int = 1000
     """observations (from evaluation rollouts) on which SND is computed"""
     snd_gaussian_samples: int = 64
@@ -183,37 +175,16 @@ class Args:
     """print a progress line every this many iterations (and at every evaluation)"""
 
 
-SCENARIOS = ("dispersion", "navigation")
-FAMILIES = ("mlp", "linear", "fups", "nops", "dico")
-SCENARIO_OPTIONS = {
-    # Table 11 (Dispersion) and Table 16 (Navigation) settings of the paper.
-    "dispersion": dict(n_food=None, share_reward=False, penalise_by_time=True, food_radius=0.08),
-    "navigation": dict(
-        agents_with_same_goal=1, split_goals=False, observe_all_goals=True, shared_rew=False,
-        collisions=False, lidar_range=0.35, agent_radius=0.1,
-    ),
-}
-PAPER_DEFAULTS = {
-    # Table 9 (Dispersion, MAPPO) and Table 12 (Navigation); eval protocol of appendix D.1.1.
-    "dispersion": dict(
-        total_timesteps=20_000_000, learning_rate=5e-4, num_envs=16, num_steps=128, gamma=0.99,
-        gae_lambda=0.95, num_minibatches=2, update_epochs=4, ent_coef=0.01, vf_coef=0.5,
-        max_grad_norm=0.5, actor_hidden_dims=[64, 64], critic_hidden_dims=[64, 64],
-        activation="relu", continuous_actions=False, eval_interval=100_000, eval_episodes=32,
-        clip_coef=0.2, eval_deterministic=True,
-    ),
-    "navigation": dict(
-        # Table 12 prints 10^6 timesteps; appendix D.1.1 says 10M for Navigation: we follow D.1.1.
-        total_timesteps=10_000_000, learning_rate=5e-5, num_envs=600, num_steps=100, gamma=0.9,
-        gae_lambda=0.9, num_minibatches=30, update_epochs=45, ent_coef=0.0, vf_coef=1.0,
-        max_grad_norm=5.0, actor_hidden_dims=[256, 256], critic_hidden_dims=[256, 256],
-        activation="tanh", continuous_actions=True, eval_interval=120_000, eval_episodes=200,
-        clip_coef=0.2, eval_deterministic=False,  # the baselines sample at evaluation (D.1.1)
-    ),
-}
-# Table 15: (CLIP_EPS, LR) selected per family for Navigation with 4 and 8 agents, by goal setting:
-# "same" (all agents share one goal), "different" (one goal each), "half" (Table 15's "Two Goals" /
-# "Four Goals": half the agents share a goal, as the authors' run scripts set it up).
+# Navigation's values where they differ from Dispersion's: Tables 12 and 16, evaluation of D.1.1
+# (Table 12 prints 10^6 timesteps; appendix D.1.1 says 10M for Navigation: we follow D.1.1).
+NAVIGATION = dict(
+    total_timesteps=10_000_000, learning_rate=5e-5, num_envs=600, num_steps=100, gamma=0.9, gae_lambda=0.9,
+    num_minibatches=30, update_epochs=45, ent_coef=0.0, vf_coef=1.0, max_grad_norm=5.0,
+    actor_hidden_dims=[256, 256], critic_hidden_dims=[256, 256], activation="tanh", continuous_actions=True,
+    eval_interval=120_000, eval_episodes=200, eval_deterministic=False,
+)
+# Table 15: (clip_coef, learning_rate) per family for Navigation with 4 and 8 agents, by goal setting:
+# "same" (one goal for all), "different" (one goal each), "half" (half the agents share a goal).
 NAVIGATION_SWEEP = {
     "fups": {8: dict(same=(0.2, 5e-5), different=(0.1, 5e-5), half=(0.1, 5e-5)),
              4: dict(same=(0.2, 5e-5), different=(0.2, 5e-5), half=(0.2, 5e-5))},
@@ -226,239 +197,48 @@ NAVIGATION_SWEEP = {
     "dico": {8: dict(same=(0.2, 5e-5), different=(0.1, 2.5e-4), half=(0.1, 2.5e-4)),
              4: dict(same=(0.2, 5e-5), different=(0.1, 2.5e-4), half=(0.1, 5e-4))},
 }
-HYPERNET_DEFAULTS = dict(
-    hypernet_embedding_dim=8, hypernet_hidden_dims=[64], hypernet_embedding="learned",
-    hypernet_init="scaled", hypernet_input="agent",
-)  # Tables 10 and 13 (MAPPO column)
-MAX_SEED = 2**32 - 1 - 10_000  # NumPy takes seeds below 2**32, and the evaluation environment uses seed + 10000
+
+
+def paper_defaults(args: Args, given: set[str]) -> Args:
+    """The paper's value for every flag not given: the scenario's, then those that follow other flags."""
+    n, same = args.n_agents, args.agents_with_same_goal
+    values = dict(n_food=n)
+    if args.scenario == "navigation":
+        values.update(NAVIGATION)
+        goals = {n: "same", 1: "different"}.get(same, "half" if 2 * same == n else None)
+        if goals in NAVIGATION_SWEEP[args.hypernet].get(n, {}):
+            values["clip_coef"], values["learning_rate"] = NAVIGATION_SWEEP[args.hypernet][n][goals]
+        # Table 14: SND_des 0 when all agents share a goal, 1.2 for two agents with different goals
+        values["dico_snd_des"] = 0.0 if same == n else 1.2 if (n, same) == (2, 1) else -1.0
+    values["save_interval"] = args.eval_interval if "eval_interval" in given else values.get("eval_interval", args.eval_interval)
+    return dataclasses.replace(args, **{k: v for k, v in values.items() if k not in given})
+
+
+# The keyword arguments each VMAS scenario receives besides n_agents (names as VMAS spells them).
+SCENARIO_OPTIONS = {
+    "dispersion": ("n_food", "share_reward", "penalise_by_time", "food_radius"),
+    "navigation": ("agents_with_same_goal", "split_goals", "observe_all_goals", "shared_rew", "collisions",
+                   "lidar_range", "agent_radius"),
+}
 # Flags that define the model and the environment: --eval-only takes them from its checkpoint.
 COMPAT_FIELDS = (
-    "scenario", "n_agents", "max_steps", "continuous_actions", "n_food", "share_reward",
-    "penalise_by_time", "food_radius", "agents_with_same_goal", "split_goals", "observe_all_goals",
-    "shared_rew", "collisions", "lidar_range", "agent_radius", "actor_hidden_dims",
-    "critic_hidden_dims", "activation", "hypernet", "hypernet_embedding_dim", "hypernet_hidden_dims",
-    "hypernet_embedding", "hypernet_init", "hypernet_input", "dico_snd_des",
+    "scenario", "n_agents", "max_steps", "continuous_actions", "n_food", "share_reward", "penalise_by_time",
+    "food_radius", "agents_with_same_goal", "split_goals", "observe_all_goals", "shared_rew", "collisions",
+    "lidar_range", "agent_radius", "actor_hidden_dims", "critic_hidden_dims", "activation", "hypernet",
+    "hypernet_embedding_dim", "hypernet_hidden_dims", "hypernet_embedding", "hypernet_init", "hypernet_input",
+    "dico_snd_des",
 )
-# What --resume may change (budget, logging, cadence, device); every other flag is the checkpoint's.
-RESUME_MAY_CHANGE = ("total_timesteps", "eval_interval", "save_interval", "save_model", "print_interval",
-                     "runs_dir", "track", "wandb_project_name", "wandb_entity", "cuda", "compile", "capture_video")
-# Flags that say what to do with a checkpoint, not what the run is.
-INVOCATION_FIELDS = ("resume", "eval_only", "checkpoint", "snd_obs_file")
 
 
-# ===== 2. Input validation =====
-class ArgError(ValueError):
-    """A bad flag value: reported as one line, exit status 2, nothing written."""
-
-
-def parse_args(argv=None) -> Args:
-    """tyro's parser, with its boxed error message folded into one ArgError line."""
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(captured):
-            return tyro.cli(Args, args=argv)
-    except SystemExit as exit_:
-        if exit_.code in (0, None):
-            raise
-        # The box's title comes first, then the message up to the first blank line: keep the
-        # message, on one line, and drop the drawing.
-        rows = [line.strip("│╭╮╰╯─|+-= \t") for line in captured.getvalue().splitlines()]
-        message = list(itertools.takewhile(bool, itertools.dropwhile(lambda row: not row, rows[1:])))
-        raise ArgError(" ".join(message) if message else "invalid arguments; see --help")
-
-
-def default_dico_snd(args: Args) -> float:
-    # Table 14: 0 when all agents share a goal, 1.2 for two agents with different goals, else -1.
-    if args.scenario == "navigation":
-        if args.agents_with_same_goal == args.n_agents:
-            return 0.0
-        if args.n_agents == 2 and args.agents_with_same_goal == 1:
-            return 1.2
-    return -1.0
-
-
-def navigation_goal_setting(args: Args) -> Optional[str]:
-    """Table 15's goal setting of a Navigation run: same, different, half, or None (none of them)."""
-    n, same = args.n_agents, args.agents_with_same_goal
-    same = SCENARIO_OPTIONS["navigation"]["agents_with_same_goal"] if same is None else same
-    return {n: "same", 1: "different"}.get(same, "half" if 2 * same == n else None)
-
-
-def resolve_args(args: Args) -> Args:
-    """Checks every flag and fills the paper's defaults; raises ArgError naming the flag."""
-    check_invocation(args)
-    check_given_flags(args)
-    return fill_defaults(args)
-
-
-def check_invocation(args: Args) -> None:
-    """What to do with a checkpoint: train on from it, or only evaluate it."""
-    if args.eval_only and not args.checkpoint:
-        raise ArgError("--eval-only: needs --checkpoint PATH")
-    if args.checkpoint and not args.eval_only:
-        raise ArgError("--checkpoint: only with --eval-only (use --resume to continue training)")
-    if args.eval_only and args.resume:
-        raise ArgError("--resume: cannot be combined with --eval-only")
-    if args.snd_obs_file is not None and not args.eval_only:
-        raise ArgError("--snd-obs-file: only with --eval-only")
-    for flag, path in (("--resume", args.resume), ("--checkpoint", args.checkpoint), ("--snd-obs-file", args.snd_obs_file)):
-        if path is not None and not os.path.isfile(path):
-            raise ArgError(f"{flag}: {path!r} is a folder, not a file" if os.path.isdir(path) else f"{flag}: no such file {path!r}")
-
-
-def check_given_flags(args: Args) -> None:
-    """The flags of a new run, as given: each only where it applies (a checkpoint's run passed them)."""
-    if args.scenario not in SCENARIOS:
-        raise ArgError(f"--scenario: must be one of {', '.join(SCENARIOS)}, got {args.scenario!r}")
-    if args.hypernet not in FAMILIES:
-        raise ArgError(f"--hypernet: must be one of {', '.join(FAMILIES)}, got {args.hypernet!r}")
-    other = [s for s in SCENARIOS if s != args.scenario][0]
-    field_defaults = {field.name: field.default for field in dataclasses.fields(Args)}
-    for name in SCENARIO_OPTIONS[other]:
-        if getattr(args, name) != field_defaults[name]:
-            raise ArgError(f"--{name.replace('_', '-')}: is a {other} option, not for --scenario {args.scenario}")
-    for name in HYPERNET_DEFAULTS:
-        mlp_only = name not in ("hypernet_init", "hypernet_input")
-        allowed = ("mlp",) if mlp_only else ("mlp", "linear")
-        if getattr(args, name) is not None and args.hypernet not in allowed:
-            raise ArgError(f"--{name.replace('_', '-')}: only with --hypernet {' or '.join(allowed)}, got --hypernet {args.hypernet}")
-    if args.dico_snd_des is not None and args.hypernet != "dico":
-        raise ArgError(f"--dico-snd-des: only with --hypernet dico, got --hypernet {args.hypernet}")
-    if args.lidar_range is not None and not args.collisions:
-        raise ArgError("--lidar-range: only with --collisions (agents carry a LIDAR only then)")
-    if args.save_interval is not None and not args.save_model:
-        raise ArgError("--save-interval: only with --save-model")
-
-
-def fill_defaults(args: Args) -> Args:
-    """The paper's value for every flag left at None, then the checks of the values."""
-    values = dict(PAPER_DEFAULTS[args.scenario])
-    values.update(SCENARIO_OPTIONS[args.scenario])
-    if args.hypernet == "mlp":
-        values.update(HYPERNET_DEFAULTS)
-    elif args.hypernet == "linear":
-        values.update({k: HYPERNET_DEFAULTS[k] for k in ("hypernet_init", "hypernet_input")})
-    if args.scenario == "navigation":
-        tuned = NAVIGATION_SWEEP[args.hypernet].get(args.n_agents, {}).get(navigation_goal_setting(args))
-        if tuned is not None:
-            values["clip_coef"], values["learning_rate"] = tuned
-    for name, default in values.items():
-        if getattr(args, name) is None:
-            setattr(args, name, default)
-    if args.scenario == "dispersion" and args.n_food is None:
-        args.n_food = args.n_agents
-    if args.save_interval is None:
-        args.save_interval = args.eval_interval
-    if args.hypernet == "dico" and args.dico_snd_des is None:
-        args.dico_snd_des = default_dico_snd(args)
-    check_values(args)
-    return args
-
-
-def check_values(args: Args) -> None:
-    def positive(name):
-        value = getattr(args, name)
-        if not value > 0:
-            raise ArgError(f"--{name.replace('_', '-')}: must be positive, got {value}")
-
-    for field in dataclasses.fields(Args):  # inf and nan pass every comparison below: refuse them first
-        value = getattr(args, field.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ArgError(f"--{field.name.replace('_', '-')}: must be a finite number, got {value}")
-    if not 0 <= args.seed <= MAX_SEED:
-        raise ArgError(f"--seed: must be between 0 and {MAX_SEED}, got {args.seed}")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.exp_name):
-        raise ArgError(f"--exp-name: must be a plain name (letters, digits, '.', '_', '-'), got {args.exp_name!r}")
-    if args.n_agents < 2:
-        raise ArgError(f"--n-agents: must be at least 2, got {args.n_agents}")
-    for name in ("max_steps", "total_timesteps", "learning_rate", "num_envs", "num_steps",
-                 "num_minibatches", "update_epochs", "clip_coef", "max_grad_norm", "eval_interval",
-                 "eval_episodes", "snd_samples", "snd_gaussian_samples", "interference_samples", "print_interval",
-                 "save_interval"):
-        positive(name)
-    for name in ("gamma", "gae_lambda"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            raise ArgError(f"--{name.replace('_', '-')}: must be in [0, 1], got {getattr(args, name)}")
-    for name in ("ent_coef", "vf_coef"):
-        if getattr(args, name) < 0:
-            raise ArgError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(args, name)}")
-    for name in ("actor_hidden_dims", "critic_hidden_dims", "hypernet_hidden_dims"):
-        dims = getattr(args, name)
-        if dims is not None and (len(dims) == 0 or min(dims) <= 0):
-            raise ArgError(f"--{name.replace('_', '-')}: must be one or more positive sizes, got {dims}")
-    if args.activation not in ("relu", "tanh"):
-        raise ArgError(f"--activation: must be relu or tanh, got {args.activation!r}")
-    batch_size = args.num_envs * args.num_steps
-    if batch_size % args.num_minibatches:
-        raise ArgError(f"--num-minibatches: must divide num_envs * num_steps = {batch_size}, got {args.num_minibatches}")
-    if args.total_timesteps < batch_size:
-        raise ArgError(f"--total-timesteps: must be at least num_envs * num_steps = {batch_size}, got {args.total_timesteps}")
-    if args.hypernet == "mlp":
-        positive("hypernet_embedding_dim")
-        if args.hypernet_embedding not in ("learned", "onehot"):
-            raise ArgError(f"--hypernet-embedding: must be learned or onehot, got {args.hypernet_embedding!r}")
-    if args.hypernet in ("mlp", "linear"):
-        if args.hypernet_init not in ("scaled", "matched", "default"):
-            raise ArgError(f"--hypernet-init: must be scaled, matched or default, got {args.hypernet_init!r}")
-        if args.hypernet_init == "matched" and args.hypernet != "mlp":  # the linear one's scaled init is already exact
-            raise ArgError(f"--hypernet-init: matched is for --hypernet mlp, got --hypernet {args.hypernet}")
-        if args.hypernet_input not in ("agent", "agent+obs"):
-            raise ArgError(f"--hypernet-input: must be agent or agent+obs, got {args.hypernet_input!r}")
-    if args.hypernet == "dico" and not (args.dico_snd_des == -1 or args.dico_snd_des >= 0):
-        raise ArgError(f"--dico-snd-des: must be -1 (unconstrained) or >= 0, got {args.dico_snd_des}")
-    if args.scenario == "dispersion":
-        positive("n_food")
-        positive("food_radius")
-    else:
-        check_navigation(args)
-    if not args.eval_only or args.capture_video:
-        check_output_folder("--runs-dir", args.runs_dir)
-
-
-def check_output_folder(flag: str, path: str) -> None:
-    """A folder this run may create and write into, checked before anything is written."""
-    if not path:
-        raise ArgError(f"{flag}: must name a folder, got ''")
-    existing = os.path.abspath(path)
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):  # a file, or a link to nothing
-        raise ArgError(f"{flag}: {existing!r} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ArgError(f"{flag}: {existing!r} is not writable")
-
-
-def check_navigation(args: Args) -> None:
-    n, same = args.n_agents, args.agents_with_same_goal
-    for name in ("lidar_range", "agent_radius"):
-        if not getattr(args, name) > 0:
-            raise ArgError(f"--{name.replace('_', '-')}: must be positive, got {getattr(args, name)}")
-    if not 1 <= same <= n:
-        raise ArgError(f"--agents-with-same-goal: must be between 1 and n_agents = {n}, got {same}")
-    if same > 1 and args.collisions:
-        raise ArgError("--collisions: agents cannot share a goal with collisions on (VMAS asserts it); use --agents-with-same-goal 1")
-    if args.split_goals and (n % 2 or same != n // 2):
-        raise ArgError(f"--split-goals: needs an even n_agents and --agents-with-same-goal n/2, got n={n}, same={same}")
-
-
-# ===== 3. Environment =====
-def scenario_kwargs(args: Args) -> dict:
-    """The keyword arguments VMAS's scenario receives (names exactly as VMAS spells them)."""
-    kwargs = {"n_agents": args.n_agents}
-    kwargs.update({name: getattr(args, name) for name in SCENARIO_OPTIONS[args.scenario]})
-    return kwargs
-
-
+# ===== 2. Environment =====
 class VmasEnv:
     """VMAS with agent-major tensors, terminated/truncated kept apart and in-place auto-reset.
 
-    step() returns the next observations (fresh ones for environments that just ended, so the
-    first action of a new episode sees its own observation) and, separately, the final
-    observations of the ended episodes (to bootstrap V(next state) after a time limit).
-    Returns and lengths of ended episodes are summed on the device and read once per iteration
-    (take_ended_episodes), so stepping never waits for the GPU on their account.
-    Each instance owns its random stream: VMAS keeps one stream for all environments, which would
-    otherwise tie the training and evaluation environments together.
+    step() returns the next observations (fresh ones where an episode just ended, so a new episode's
+    first action sees its own observation) and, separately, the ended episodes' final observations
+    (to bootstrap V(next state) after a time limit). Returns and lengths of ended episodes are summed
+    on the device and read once per iteration. Each instance owns its random stream: VMAS keeps one
+    for all environments, which would tie the training and evaluation environments together.
     """
 
     def __init__(self, args: Args, num_envs: int, seed: int, device: torch.device):
@@ -467,16 +247,17 @@ class VmasEnv:
 
         self._shared_rng = Environment.vmas_random_state
         self._rng = list(self._shared_rng)
+        kwargs = dict(n_agents=args.n_agents)
+        kwargs.update({name: getattr(args, name) for name in SCENARIO_OPTIONS[args.scenario]})
         with self.own_rng(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            self.env = vmas.make_env(
-                args.scenario, num_envs=num_envs, device=device,
-                continuous_actions=args.continuous_actions, max_steps=args.max_steps, seed=seed,
-                terminated_truncated=True, **scenario_kwargs(args),
-            )
+            self.env = vmas.make_env(args.scenario, num_envs=num_envs, device=device, seed=seed,
+                                     continuous_actions=args.continuous_actions, max_steps=args.max_steps,
+                                     terminated_truncated=True, **kwargs)
         unused = [str(w.message) for w in caught if "not used" in str(w.message)]
         if unused:  # VMAS only warns about keyword arguments it ignores: refuse them instead.
             raise ArgError(f"--scenario {args.scenario}: {unused[0]}")
+        self._start_rng = list(self._rng)
         self.num_envs, self.n_agents, self.device = num_envs, args.n_agents, device
         self.obs_dim = self.env.observation_space[0].shape[0]
         space = self.env.action_space[0]
@@ -502,9 +283,13 @@ class VmasEnv:
             self._rng = self._shared_rng[:]
             self._shared_rng[:] = saved
 
+    def rewind(self) -> None:
+        """Back to the random state of construction: every evaluation then meets the same episodes."""
+        self._rng = list(self._start_rng)
+
     def reset(self) -> torch.Tensor:
         with self.own_rng():
-            self.obs = torch.stack(self.env.reset())
+            self.obs = torch.stack(self.env.reset())  # (n_agents, num_envs, obs_dim)
         self.episode_return.zero_()
         self.episode_length.zero_()
         return self.obs
@@ -533,10 +318,9 @@ class VmasEnv:
         return obs, rewards, terminated, truncated, final_obs
 
     def _reset_done(self, done: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
-        """Fresh initial states for the ended environments at the cost of one batched reset, whatever
-        their number: VMAS resets the whole batch, then the environments that go on get their state
-        back with one masked write per tensor. (VMAS's reset_at(i) resets one environment per call, a
-        Python loop of small kernels once episodes fall out of step.)"""
+        """Fresh states for the ended environments with one batched reset, whatever their number: the
+        environments that go on get their state back with one masked write per tensor (VMAS's
+        reset_at(i) resets one environment per call, a Python loop once episodes fall out of step)."""
         going_on = [(holder, key, value.clone()) for holder in self._state_holders().values()
                     for key, value in vars(holder).items() if isinstance(value, torch.Tensor)]
         fresh_obs = torch.stack(self.env.reset())
@@ -548,63 +332,22 @@ class VmasEnv:
                 setattr(holder, key, old)
         return torch.where(done[None, :, None], fresh_obs, obs)
 
-    def take_ended_episodes(self):
-        """(mean return per agent, mean length) of the episodes that ended since the last call, or
-        None if none did; the one host sync for them, once per iteration."""
-        count = int(self.ended_count)
-        result = None
-        if count:
-            result = ((self.ended_returns / count).tolist(), float(self.ended_lengths) / count)
-        self.ended_returns.zero_()
-        self.ended_lengths.zero_()
-        self.ended_count.zero_()
-        return result
-
-    # -- exact save/restore of the simulator (for checkpoints that resume bit for bit) --
-    def _state_holders(self):
-        env = self.env
-        holders = {"env": env, "scenario": env.scenario, "world": env.world}
-        for i, entity in enumerate(env.world.entities):
-            holders[f"entity{i}"] = entity
-            holders[f"entity{i}.state"] = entity.state
+    def _state_holders(self) -> dict:
+        holders = {"env": self.env, "scenario": self.env.scenario, "world": self.env.world}
+        for i, entity in enumerate(self.env.world.entities):
+            holders[f"entity{i}"], holders[f"entity{i}.state"] = entity, entity.state
         return holders
 
-    def state_dict(self) -> dict:
-        tensors = {}
-        for name, holder in self._state_holders().items():
-            for key, value in vars(holder).items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"{name}/{key}"] = value.clone()
-        return dict(tensors=tensors, rng=rng_to_tensors(self._rng), obs=self.obs.clone(),
-                    episode_return=self.episode_return.clone(), episode_length=self.episode_length.clone())
-
-    def load_state_dict(self, state: dict) -> None:
-        holders = self._state_holders()
-        for path, value in state["tensors"].items():
-            name, key = path.split("/")
-            setattr(holders[name], key, value.clone().to(self.device))
-        self._rng = rng_from_tensors(state["rng"])
-        self.obs = state["obs"].to(self.device)
-        self.episode_return = state["episode_return"].to(self.device)
-        self.episode_length = state["episode_length"].to(self.device)
+    def take_ended_episodes(self):
+        """(mean return per agent, mean length) of the episodes ended since the last call, or None."""
+        count = int(self.ended_count)  # the one host sync for them, once per iteration
+        result = ((self.ended_returns / count).tolist(), float(self.ended_lengths) / count) if count else None
+        for total in (self.ended_returns, self.ended_lengths, self.ended_count):
+            total.zero_()
+        return result
 
 
-def rng_to_tensors(states: list) -> dict:
-    """[torch, numpy, python] RNG states as tensors and lists, loadable with weights_only=True."""
-    torch_state, np_state, py_state = states
-    return dict(torch=torch_state.clone(), numpy_keys=torch.as_tensor(np_state[1].astype(np.int64)),
-                numpy_rest=[int(np_state[2]), int(np_state[3]), float(np_state[4])],
-                python=[py_state[0], list(py_state[1]), py_state[2]])
-
-
-def rng_from_tensors(state: dict) -> list:
-    pos, has_gauss, cached = state["numpy_rest"]
-    np_state = ("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached)
-    version, internal, gauss_next = state["python"]
-    return [state["torch"].clone(), np_state, (version, tuple(internal), gauss_next)]
-
-
-# ===== 4. Networks =====
+# ===== 3. Hypernetworks (Eq. 5, Eq. 6, section 4.3) =====
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)
@@ -632,22 +375,15 @@ def target_init_vector(sizes: list[int], gains: list[float]) -> torch.Tensor:
 
 def unflatten_params(theta: torch.Tensor, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(..., m) flat parameters -> [(W (..., fan_in, fan_out), b (..., 1, fan_out)) per layer].
-
-    One split rather than a slice per tensor: a slice's backward writes a zero tensor of all m
-    parameters, a split's backward one concatenation.
-    """
+    One split, not a slice per tensor: a slice's backward writes a zero tensor of all m parameters."""
     shapes = layer_shapes(sizes)
     chunks = theta.split([n for fan_in, fan_out in shapes for n in (fan_in * fan_out, fan_out)], dim=-1)
     return [(chunks[2 * k].unflatten(-1, shape), chunks[2 * k + 1].unsqueeze(-2)) for k, shape in enumerate(shapes)]
 
 
 def batched_mlp(x: torch.Tensor, params, activation) -> torch.Tensor:
-    """All agents' networks in one batched matmul per layer.
-
-    x: (n_agents, batch, fan_in), agent-major. W: (n_agents, fan_in, fan_out) is shared by the
-    agent's whole batch; (n_agents, batch, fan_in, fan_out) only for per-sample weights (the
-    agent+obs ablation).
-    """
+    """All agents' networks in one batched matmul per layer. x: (n_agents, batch, fan_in); W:
+    (n_agents, fan_in, fan_out), or (n_agents, batch, fan_in, fan_out) for per-sample weights."""
     for k, (weight, bias) in enumerate(params):
         if weight.dim() == 3:
             x = torch.baddbmm(bias, x, weight)
@@ -662,9 +398,8 @@ class LinearHypernet(nn.Module):
     """Eq. (5): theta_i = 1_i W + b, a one-hot agent ID into one linear layer.
 
     Row i of W is agent i's whole flattened network; b is shared by all agents. With
-    shared_bias=False this is exactly n independent networks (each agent's gradient only reaches
-    its own row). obs_dim > 0 is the ablation without gradient decoupling: the input becomes
-    [1_i, o] and the weights are generated per sample.
+    shared_bias=False this is exactly n independent networks. obs_dim > 0 is the ablation without
+    gradient decoupling: the input becomes [1_i, o] and the weights are generated per sample.
     """
 
     def __init__(self, n_agents, sizes, gains, init="scaled", shared_bias=True, obs_dim=0):
@@ -692,16 +427,15 @@ class LinearHypernet(nn.Module):
 class MLPHypernet(nn.Module):
     """Eq. (6): theta_i = f(g(e_i)), an MLP g (ReLU) on the agent embedding e_i, then a linear head f.
 
-    As in the authors' code, every generated tensor has its own generator (g, f): one for each
-    layer's weight, one for each layer's bias. Embeddings are learned and orthogonally initialised
-    with gain sqrt(2), as there (section 4.2), or fixed one-hot IDs.
+    As in the authors' code, every generated tensor (each layer's weight, each layer's bias) has its
+    own sub-network (g, f). Embeddings are learned and orthogonally initialised with gain sqrt(2), as
+    there (section 4.2), or fixed one-hot IDs.
     init="scaled", section 4.3 as the authors' code does it: g starts as Flax's default (LeCun
-    normal, zero bias); column j of a weight head (hidden unit j's share) is a flattened orthogonal
-    matrix with the target layer's gain; bias heads start at zero. A generated layer is then
-    sum_j g_j(e_i) O_j, so its scale is |g(e_i)| times the target's (benchmark/init_scale.py).
-    init="matched" (ours): g's output is also L2-normalised (for the whole run) and each weight
-    head's columns are made orthogonal, so every generated layer starts with exactly the target's
-    Frobenius norm, whatever the embedding. init="default": PyTorch's init (ablation w/o RF).
+    normal, zero bias); column j of a weight head is a flattened orthogonal matrix with the target
+    layer's gain; bias heads start at zero, so a generated layer is sum_j g_j(e_i) O_j, |g(e_i)| times
+    the target's scale (benchmark/init_scale.py). init="matched" (ours): g's output is also
+    L2-normalised (for the whole run) and each weight head's columns are made orthogonal, so every
+    generated layer starts at exactly the target's norm. init="default": PyTorch's (w/o RF).
     """
 
     def __init__(self, n_agents, sizes, gains, embedding_dim, hidden_dims, embedding="learned",
@@ -739,9 +473,9 @@ class MLPHypernet(nn.Module):
                     tensor.zero_()
 
     def forward(self, obs=None):
-        z = self.embedding
+        z = self.embedding  # (n_agents, embedding_dim)
         if self.obs_dim:
-            z = torch.cat([z.unsqueeze(1).expand(-1, obs.shape[1], -1), obs], -1)
+            z = torch.cat([z.unsqueeze(1).expand(-1, obs.shape[1], -1), obs], -1)  # (n_agents, batch, e + obs_dim)
         theta = []
         for trunk, head in zip(self.trunks, self.heads):
             features = trunk(z)
@@ -749,25 +483,21 @@ class MLPHypernet(nn.Module):
         return [(theta[2 * k].unflatten(-1, shape), theta[2 * k + 1].unsqueeze(-2)) for k, shape in enumerate(self.shapes)]
 
 
+# ===== 4. Baselines and the agent =====
 class SharedNet(nn.Module):
-    """FuPS: one network for every agent, input [o, 1_i] (use_id) or o alone.
-
-    [o, 1_i] W = o W_obs + W_id[i]: the ID only adds a per-agent bias to the first layer, so the
-    one-hot vector is never materialised.
-    """
+    """FuPS: one network for every agent, input [o, 1_i] (use_id) or o alone. [o, 1_i] W = o W_obs +
+    W_id[i]: the ID only adds a per-agent bias to the first layer, so it is never materialised."""
 
     def __init__(self, n_agents, sizes, gains, use_id=True):
         super().__init__()
         self.n_agents, self.use_id = n_agents, use_id
-        first_in = sizes[0] + (n_agents if use_id else 0)
-        dims = [first_in] + list(sizes[1:])
+        dims = [sizes[0] + (n_agents if use_id else 0)] + list(sizes[1:])
         self.layers = nn.ModuleList(layer_init(nn.Linear(i, o), g) for (i, o), g in zip(layer_shapes(dims), gains))
 
-    def forward(self, obs=None):
+    def forward(self):
         n, params = self.n_agents, []
         for k, layer in enumerate(self.layers):
-            weight = layer.weight.T
-            bias = layer.bias.expand(n, -1)
+            weight, bias = layer.weight.T, layer.bias.expand(n, -1)
             if k == 0 and self.use_id:
                 weight, id_rows = weight[: -n], weight[-n:]
                 bias = bias + id_rows  # row i of W_id is agent i's extra bias
@@ -788,79 +518,69 @@ class IndependentNets(nn.Module):
             self.weights.append(nn.Parameter(weight.transpose(1, 2).contiguous()))
             self.biases.append(nn.Parameter(torch.zeros(n_agents, 1, fan_out)))
 
-    def forward(self, obs=None):
+    def forward(self):
         return list(zip(self.weights, self.biases))
 
 
-def make_generator(args: Args, family: str, n_agents: int, sizes: list[int], gains: list[float]) -> nn.Module:
-    """The module that yields every agent's (W, b) for one network (actor or critic)."""
-    obs_dim = sizes[0] if getattr(args, "hypernet_input", None) == "agent+obs" else 0
-    if family == "mlp":
-        return MLPHypernet(n_agents, sizes, gains, args.hypernet_embedding_dim, args.hypernet_hidden_dims,
-                           args.hypernet_embedding, args.hypernet_init, obs_dim)
-    if family == "linear":
-        return LinearHypernet(n_agents, sizes, gains, args.hypernet_init, obs_dim=obs_dim)
-    if family == "fups":
-        return SharedNet(n_agents, sizes, gains, use_id=True)
-    if family == "nops":
-        return IndependentNets(n_agents, sizes, gains)
-    raise ValueError(family)
-
-
 class PerAgentMLP(nn.Module):
-    """One network per agent, whatever the family: x (n_agents, batch, in) -> (n_agents, batch, out)."""
+    """One network per agent, whatever the family: x (n_agents, batch, in) -> (n_agents, batch, out).
+    weight_net yields every agent's [(W, b) per layer]: a hypernetwork, FuPS's shared net or NoPS's."""
 
-    def __init__(self, args, family, n_agents, sizes, gains, activation):
+    def __init__(self, args: Args, family: str, n_agents: int, sizes: list[int], gains: list[float], activation):
         super().__init__()
-        self.generator = make_generator(args, family, n_agents, sizes, gains)
+        self.per_sample = family in ("mlp", "linear") and args.hypernet_input == "agent+obs"
+        obs_dim = sizes[0] if self.per_sample else 0
+        if family == "mlp":
+            self.weight_net = MLPHypernet(n_agents, sizes, gains, args.hypernet_embedding_dim, args.hypernet_hidden_dims,
+                                          args.hypernet_embedding, args.hypernet_init, obs_dim)
+        elif family == "linear":
+            self.weight_net = LinearHypernet(n_agents, sizes, gains, args.hypernet_init, obs_dim=obs_dim)
+        else:
+            self.weight_net = SharedNet(n_agents, sizes, gains) if family == "fups" else IndependentNets(n_agents, sizes, gains)
         self.activation = activation
-        self.per_sample = getattr(args, "hypernet_input", None) == "agent+obs" and family in ("mlp", "linear")
 
-    def generate(self, x=None):
-        """Every agent's (W, b); None for per-sample weights, which forward() makes from x."""
-        return None if self.per_sample else self.generator()
+    def generate(self):
+        """Every agent's weights; None for per-sample weights, which forward() makes from x."""
+        return None if self.per_sample else self.weight_net()
 
     def forward(self, x, params=None):
         if params is None:
-            params = self.generator(x if self.per_sample else None)
+            params = self.weight_net(x) if self.per_sample else self.weight_net()
         return batched_mlp(x, params, self.activation)
 
 
-def torch_default_init_(net) -> None:
-    """nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases: DiCo's
-    networks are torchrl MLPs, which keep it (no orthogonal init)."""
+def torch_default_init_(module: nn.Module) -> None:
+    """nn.Linear's default init, U(+-1/sqrt(fan_in)) for weights and biases: DiCo's networks are
+    torchrl MLPs, which keep it (no orthogonal init)."""
     with torch.no_grad():
-        if isinstance(net, SharedNet):
-            for layer in net.layers:
+        if isinstance(module, SharedNet):
+            for layer in module.layers:
                 layer.reset_parameters()
             return
-        for weight, bias in zip(net.weights, net.biases):
+        for weight, bias in zip(module.weights, module.biases):
             bound = weight.shape[1] ** -0.5
             weight.uniform_(-bound, bound)
             bias.uniform_(-bound, bound)
 
 
 class DiCoMLP(nn.Module):
-    """DiCo (Bettini et al. 2024) as its authors' code runs it (proroklab/ControllingBehavioralDiversity):
-    pi_i(o) = shared(o) + (SND_des / SND_hat) * deviation_i(o).
+    """DiCo (Bettini et al. 2024) as its authors' code runs it: pi_i(o) = shared(o) + (SND_des /
+    SND_hat) * deviation_i(o).
 
-    Gaussian actions: the shared network outputs a mean, squashed by tanh into the action box
-    [-1, 1] (their process_shared), and a state-dependent std (torchrl's "biased_softplus_1.0":
-    softplus(x + b) + 0.01 with softplus(b) = 0.99, so std 1 at x = 0); the per-agent deviation
-    networks (nothing shared) output mean offsets only; actions follow a TanhNormal (Agent.squash).
-    SND_hat is their running estimate: every forward pass with gradient (a training minibatch)
-    moves it by tau = 0.01 (their config) toward the mean pairwise L2 distance between the deviation
-    outputs, every agent's network applied to every agent's observation; the first value is the
-    measured one (bootstrap_from_desired_snd: False); the gradient flows through the new term, the
-    stored estimate is detached. Passes without gradient (rollouts, evaluation) use the stored value
-    (ratio 1 before the first update). SND_des = -1: ratio 1 (unconstrained); 0: ratio 0 (shared only).
-    Discrete actions (not in the paper nor in DiCo's code): logits = shared + ratio * deviation.
+    Gaussian actions: the shared network outputs a mean, squashed by tanh into [-1, 1] (their
+    process_shared), and a state-dependent std (torchrl's biased softplus: softplus(x + b) + 0.01,
+    std 1 at x = 0); the per-agent deviation networks output mean offsets; actions follow a
+    TanhNormal (Agent.squash). SND_hat is their running estimate: each training forward pass moves
+    it by tau = 0.01 toward the mean pairwise L2 distance between the deviation outputs (every
+    agent's network on every agent's observation), starting from the first measurement; rollouts and
+    evaluation use the stored value. SND_des -1: ratio 1 (unconstrained); 0: shared network only.
+    Discrete actions (in neither the paper nor DiCo's code): logits = shared + ratio * deviation.
     """
 
     TAU = 0.01
     STD_BIAS = math.log(math.expm1(0.99))  # softplus(STD_BIAS) + 0.01 = 1
 
-    def __init__(self, args, n_agents, sizes, gains, activation, snd_des, discrete):
+    def __init__(self, n_agents, sizes, gains, activation, snd_des, discrete):
         super().__init__()
         act_dim = sizes[-1]
         self.shared = SharedNet(n_agents, list(sizes[:-1]) + [act_dim if discrete else 2 * act_dim], gains, use_id=False)
@@ -870,7 +590,7 @@ class DiCoMLP(nn.Module):
         self.activation, self.snd_des, self.discrete = activation, snd_des, discrete
         self.register_buffer("snd_hat", torch.tensor(float("nan")))  # in the checkpoint with the weights
 
-    def generate(self, x=None):
+    def generate(self):
         return self.shared(), self.deviation()
 
     def deviation_snd(self, x, deviation_params) -> torch.Tensor:
@@ -917,14 +637,10 @@ def dico_action_space_loss(agent, obs: torch.Tensor) -> torch.Tensor:
 
 
 def critic_input(obs: torch.Tensor) -> torch.Tensor:
-    """MAPPO: every agent's critic sees the global state, (n_agents, batch, n_agents * obs_dim).
-
-    VMAS has no global state: as in the paper it is the concatenation of all agents' observations
-    of the same time step (agent-major data keeps them at the same batch index).
-    """
+    """MAPPO: every agent's critic sees the global state, (n_agents, batch, n_agents * obs_dim): VMAS
+    has none, so as in the paper it is all agents' observations of the same step, concatenated."""
     n, batch, obs_dim = obs.shape
-    state = obs.transpose(0, 1).reshape(batch, n * obs_dim)
-    return state.unsqueeze(0).expand(n, -1, -1)
+    return obs.transpose(0, 1).reshape(batch, n * obs_dim).unsqueeze(0).expand(n, -1, -1)
 
 
 class Agent(nn.Module):
@@ -941,12 +657,12 @@ class Agent(nn.Module):
         # DiCo's TanhNormal: the stored action is the Gaussian sample u, the environment gets tanh(u).
         self.discrete, self.squash = discrete, args.hypernet == "dico" and not discrete
         if args.hypernet == "dico":
-            self.actor = DiCoMLP(args, n, actor_sizes, actor_gains, activation, args.dico_snd_des, discrete)
+            self.actor = DiCoMLP(n, actor_sizes, actor_gains, activation, args.dico_snd_des, discrete)
             # BenchMARL's IPPO (DiCo's config) gives every agent its own critic; its MAPPO shares one
             # centralised critic (here with a one-hot ID, since rewards are per agent).
             centralised = critic_in_dim != obs_dim
             self.critic = PerAgentMLP(args, "fups" if centralised else "nops", n, critic_sizes, critic_gains, activation)
-            torch_default_init_(self.critic.generator)
+            torch_default_init_(self.critic.weight_net)
         else:
             self.actor = PerAgentMLP(args, args.hypernet, n, actor_sizes, actor_gains, activation)
             self.critic = PerAgentMLP(args, args.hypernet, n, critic_sizes, critic_gains, activation)
@@ -954,59 +670,41 @@ class Agent(nn.Module):
             self.actor_logstd = nn.Parameter(torch.zeros(n if args.hypernet == "nops" else 1, 1, act_dim))
 
     def actor_parameters(self):
-        params = list(self.actor.parameters())
-        return params + ([self.actor_logstd] if hasattr(self, "actor_logstd") else [])
+        return list(self.actor.parameters()) + ([self.actor_logstd] if hasattr(self, "actor_logstd") else [])
 
     def env_action(self, action):
         return torch.tanh(action) if self.squash else action
 
     def generate(self):
-        """Every agent's weights, generated once and reused for a whole rollout or minibatch."""
+        """(actor weights, critic weights) of every agent, generated once per rollout or minibatch."""
         return self.actor.generate(), self.critic.generate()
 
     def get_value(self, critic_x, params=None):
         return self.critic(critic_x, None if params is None else params[1]).squeeze(-1)
 
     def policy(self, x, params=None):
-        """Logits (discrete) or (mean, std) (continuous), each (n_agents, batch, act)."""
+        """Every agent's action distribution on x (n_agents, batch, obs_dim), batch shape (n_agents, batch)."""
         out = self.actor(x, None if params is None else params[0])
-        if self.discrete or isinstance(out, tuple):  # DiCo's std comes from its shared network
-            return out
-        return out, self.actor_logstd.exp().expand_as(out)
+        if self.discrete:
+            return Categorical(logits=out)
+        mean, std = out if isinstance(out, tuple) else (out, self.actor_logstd.exp().expand_as(out))  # DiCo: its std
+        return Normal(mean, std)
 
     def get_action_and_value(self, x, action=None, params=None):
         dist = self.policy(x, params)
         if action is None:
-            action = sample_action(dist, self.discrete)
-        logprob, entropy = log_prob_entropy(dist, action, self.discrete)
+            action = dist.sample()
+        logprob, entropy = dist.log_prob(action), dist.entropy()
+        if not self.discrete:
+            logprob, entropy = logprob.sum(-1), entropy.sum(-1)
         if self.squash:  # TanhNormal: minus log|d tanh(u)/du|; the entropy is its one-sample estimate at u
             log_jacobian = (2 * (math.log(2.0) - action - F.softplus(-2 * action))).sum(-1)
             logprob, entropy = logprob - log_jacobian, entropy + log_jacobian.detach()
         return action, logprob, entropy, self.get_value(critic_input(x), params)
 
-    def act_deterministic(self, x, params=None):
-        dist = self.policy(x, params)
-        return dist.argmax(-1) if self.discrete else dist[0]
 
-
-def sample_action(dist, discrete: bool, generator=None) -> torch.Tensor:
-    if discrete:  # Gumbel-max: a categorical sample without building a Distribution object
-        uniform = torch.rand(dist.shape, generator=generator, dtype=dist.dtype, device=dist.device)
-        return torch.argmax(dist - torch.log(-torch.log(uniform)), dim=-1)
-    mean, std = dist
-    return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
-
-
-def log_prob_entropy(dist, action, discrete: bool):
-    if discrete:
-        logp = torch.log_softmax(dist, -1)
-        entropy = -(logp.exp() * logp).sum(-1)
-        return logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), entropy
-    mean, std = dist
-    log_std = torch.log(std)
-    logprob = (-((action - mean) ** 2) / (2 * std**2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-    entropy = (0.5 + 0.5 * math.log(2 * math.pi) + log_std).sum(-1)
-    return logprob, entropy
+# Argument validation of torch.distributions reads values back from the GPU at every sample.
+torch.distributions.Distribution.set_default_validate_args(False)
 
 
 # ===== 5. Metrics =====
@@ -1021,13 +719,9 @@ def js_distance_categorical(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def js_distance_gaussian(mu1, std1, mu2, std2, n_samples=64, generator=None) -> torch.Tensor:
-    """Jensen-Shannon distance in base 2 between diagonal Gaussians (..., d), by Monte Carlo.
-
-    JSD = 1/2 E_p[log p - log m] + 1/2 E_q[log q - log m], m = (p + q) / 2, each expectation
-    estimated with n_samples antithetic draws (x = mu +- std * z). There is no closed form; the
-    estimate is unbiased for the divergence and its error falls as 1/sqrt(n_samples) (identical
-    Gaussians give exactly 0).
-    """
+    """Jensen-Shannon distance in base 2 between diagonal Gaussians (..., d), by Monte Carlo (there
+    is no closed form): JSD = 1/2 E_p[log p - log m] + 1/2 E_q[log q - log m], m = (p + q) / 2, each
+    expectation from n_samples antithetic draws; identical Gaussians give exactly 0."""
     half = max(n_samples // 2, 1)
     z = torch.randn((half,) + mu1.shape, generator=generator, device=mu1.device, dtype=mu1.dtype)
     z = torch.cat([z, -z])
@@ -1047,39 +741,32 @@ def js_distance_gaussian(mu1, std1, mu2, std2, n_samples=64, generator=None) -> 
 
 
 def system_neural_diversity(dist, discrete: bool, n_samples=64, generator=None) -> float:
-    """Eq. (9): mean Jensen-Shannon distance over agent pairs and observations.
-
-    dist: every agent's policy on the SAME observations, logits (n_agents, batch, k) or
-    (mean, std) each (n_agents, batch, d).
-    """
+    """Eq. (9): mean Jensen-Shannon distance over agent pairs and observations. dist: every agent's
+    policy on the SAME observations, logits (n_agents, batch, k) or (mean, std) each (n_agents, batch, d)."""
     n = (dist if discrete else dist[0]).shape[0]
     i, j = torch.triu_indices(n, n, offset=1)
-    dist = dist.detach() if discrete else (dist[0].detach(), dist[1].detach())
     if discrete:
-        probs = torch.softmax(dist, -1)
+        probs = torch.softmax(dist.detach(), -1)
         distances = js_distance_categorical(probs[i], probs[j])
     else:
-        mean, std = dist
+        mean, std = dist[0].detach(), dist[1].detach()
         distances = js_distance_gaussian(mean[i], std[i], mean[j], std[j], n_samples, generator)
     return float(distances.mean())
 
 
-def gradient_variance_and_norm(grads, norms):
+def gradient_variance_and_norm(grads):
     """Variance and L2 norm over all entries of the gradient, from each tensor's sum and norm: no
     concatenated copy of millions of entries at every gradient step."""
     count = sum(g.numel() for g in grads)
     total = torch.stack([g.sum() for g in grads]).sum()
-    squares = torch.stack(norms).square().sum()
+    squares = torch.stack([torch.linalg.vector_norm(g) for g in grads]).square().sum()
     return (squares - total**2 / count) / (count - 1), squares.sqrt()
 
 
 def gradient_interference(per_agent_loss: torch.Tensor, params) -> float:
-    """Mean pairwise cosine similarity between the agents' gradients on the shared parameters.
-
-    Gradient i is d(loss_i)/d(all actor parameters): its cosine with gradient j is 0 when the two
-    agents touch disjoint parameters (NoPS), positive when their updates agree and negative when
-    they conflict. All n gradients come from one batched backward pass.
-    """
+    """Mean pairwise cosine similarity between the agents' gradients on the shared parameters: 0 when
+    two agents touch disjoint parameters (NoPS), positive when their updates agree, negative when
+    they conflict. All n gradients come from one batched backward pass."""
     n = per_agent_loss.shape[0]
     grads = torch.autograd.grad(per_agent_loss, params, grad_outputs=torch.eye(n, device=per_agent_loss.device),
                                 is_grads_batched=True, retain_graph=True, allow_unused=True)
@@ -1089,14 +776,11 @@ def gradient_interference(per_agent_loss: torch.Tensor, params) -> float:
     return float(cosine[~torch.eye(n, dtype=torch.bool, device=cosine.device)].mean())
 
 
-# ===== 6. Algorithm =====
+# ===== 6. The update (GAE, PPO) =====
 def compute_gae(rewards, values, next_values, terminated, dones, gamma, gae_lambda):
-    """Generalised advantage estimation over a (T, ...) rollout.
-
-    next_values[t] is V(s_{t+1}) for the true next state: at a time limit, the value of the final
-    observation (bootstrap); at termination it is multiplied by 0. dones stops the recursion at
-    every episode end, whatever its cause.
-    """
+    """Generalised advantage estimation over a (T, ...) rollout. next_values[t] is V(s_{t+1}) for
+    the true next state (at a time limit, the final observation's value); a termination multiplies
+    it by 0. dones stops the recursion at every episode end, whatever its cause."""
     advantages = torch.zeros_like(rewards)
     last = torch.zeros_like(rewards[0])
     for t in reversed(range(rewards.shape[0])):
@@ -1108,12 +792,11 @@ def compute_gae(rewards, values, next_values, terminated, dones, gamma, gae_lamb
 
 def bootstrap_values(agent, final_obs, truncated, params) -> torch.Tensor:
     """V(final observation) where an episode reached its time limit, 0 elsewhere, (T, n_agents, E):
-    the critic runs once after the rollout, on those steps only (a termination bootstraps from 0)."""
+    the critic runs once after the rollout, on those steps only."""
     values = torch.zeros(final_obs.shape[:3], device=final_obs.device)
     t, e = truncated[:, 0].nonzero(as_tuple=True)  # one host sync per rollout
     if len(t):
-        x = final_obs[t, :, e].transpose(0, 1)  # (n_agents, ended, obs_dim)
-        values[t, :, e] = agent.get_value(critic_input(x), params).T
+        values[t, :, e] = agent.get_value(critic_input(final_obs[t, :, e].transpose(0, 1)), params).T
     return values
 
 
@@ -1146,282 +829,71 @@ def ppo_loss(agent, params, mb: dict, args: Args):
     return loss, actor_loss_per_agent, stats
 
 
-def clip_grad_norm(params, norms, max_norm: float) -> None:
-    """nn.utils.clip_grad_norm_ from the per-tensor norms already computed for the metrics (the same
-    global norm and result); unconditional, so that it never waits for the GPU (a factor of 1 is exact)."""
-    total_norm = torch.linalg.vector_norm(torch.stack(norms))
-    nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
-
-
 def gradient_step(agent, mb: dict, args: Args):
-    """One minibatch: generate the weights, the loss, its gradient and the paper's gradient variance
-    over the actor's gradient, then the clip (the optimiser steps after). With --compile this is
-    what torch.compile fuses: on a GPU the eager step is thousands of tiny kernel launches."""
-    params = agent.generate()
-    loss, _, stats = ppo_loss(agent, params, mb, args)
+    """One minibatch: generate the weights, the loss and its gradient, the paper's gradient variance
+    (over the actor's gradient), then the clip. --compile fuses this whole function."""
+    loss, _, stats = ppo_loss(agent, agent.generate(), mb, args)
     loss.backward()
-    actor_ids = {id(p) for p in agent.actor_parameters()}
-    with_grad = [p for p in agent.parameters() if p.grad is not None]
-    norms = [torch.linalg.vector_norm(p.grad) for p in with_grad]  # one pass, for metrics and clip
-    actor_grads = [(p.grad, norm) for p, norm in zip(with_grad, norms) if id(p) in actor_ids]
-    variance, norm = gradient_variance_and_norm(*zip(*actor_grads))
-    clip_grad_norm(with_grad, norms, args.max_grad_norm)
-    return loss.detach(), stats, variance, norm
+    actor_grads = [p.grad for p in agent.actor_parameters() if p.grad is not None]
+    stats["actor_var"], stats["actor_norm"] = gradient_variance_and_norm(actor_grads)
+    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+    return loss.detach(), stats
 
 
 def interference_of(agent, mb: dict, args: Args) -> float:
-    """The gradient-interference metric on the first --interference-samples of a minibatch (eager:
-    its batched per-agent gradients stay outside --compile); DiCo's SND_hat is left as it was."""
+    """The gradient-interference metric on the first --interference-samples of a minibatch (eager
+    under --compile); DiCo's SND_hat is left as it was."""
     subset = {key: value[:, : args.interference_samples] for key, value in mb.items()}
-    snd_hat = getattr(agent.actor, "snd_hat", None)
-    saved = None if snd_hat is None else snd_hat.clone()
+    snd_hat = getattr(agent.actor, "snd_hat", torch.zeros(())).clone()
     interference = gradient_interference(ppo_loss(agent, agent.generate(), subset, args)[1], agent.actor_parameters())
-    if saved is not None:
-        snd_hat.copy_(saved)
+    if hasattr(agent.actor, "snd_hat"):
+        agent.actor.snd_hat.copy_(snd_hat)
     return interference
 
 
-def ppo_update(agent, optimizer, batch: dict, args: Args, batch_size: int, action_optimizer=None, step=gradient_step):
-    """update_epochs passes over the rollout in minibatches; weights are generated once per minibatch.
-    action_optimizer (DiCo, Gaussian actions): after each minibatch's PPO step, one step of DiCo's
-    action-space loss with its own Adam and the same gradient clip, as their callback does.
-    step: gradient_step, or its torch.compile'd version."""
+def ppo_update(agent, optimizer, batch: dict, args: Args, action_optimizer=None, step=gradient_step) -> dict:
+    """update_epochs passes over the rollout (n_agents, batch_size, ...) in minibatches. DiCo with
+    Gaussian actions (action_optimizer): after each PPO step, one step of its action-space loss with
+    its own Adam and the same clip, as their callback does. step: gradient_step, maybe compiled."""
+    batch_size = batch["obs"].shape[1]
     minibatch_size = batch_size // args.num_minibatches
-    grad_vars, grad_norms, totals = [], [], {}
-    finite = torch.ones((), dtype=torch.bool, device=batch["obs"].device)
+    history, finite = [], torch.ones((), dtype=torch.bool, device=batch["obs"].device)
     for epoch in range(args.update_epochs):
         order = torch.randperm(batch_size, device=batch["obs"].device)
         for start in range(0, batch_size, minibatch_size):
-            idx = order[start: start + minibatch_size]
-            mb = {key: value[:, idx] for key, value in batch.items()}
+            mb = {key: value[:, order[start: start + minibatch_size]] for key, value in batch.items()}
             if epoch == 0 and start == 0:  # part of one minibatch per update is enough for this metric
                 interference = interference_of(agent, mb, args)
             optimizer.zero_grad()
-            loss, stats, variance, norm = step(agent, mb, args)
+            loss, stats = step(agent, mb, args)
             optimizer.step()
             finite &= torch.isfinite(loss)  # checked once, after the update: no host sync per minibatch
-            grad_vars.append(variance)
-            grad_norms.append(norm)
             if action_optimizer is not None:
                 stats["dico_action_loss"] = action_loss = dico_action_space_loss(agent, mb["obs"])
                 action_optimizer.zero_grad()
                 action_loss.backward()
                 nn.utils.clip_grad_norm_(agent.actor.parameters(), args.max_grad_norm)
                 action_optimizer.step()
-            for key, value in stats.items():
-                totals[key] = value.detach()
+            history.append(stats)
     if not finite:
         raise FloatingPointError("loss is not finite")
-    totals["actor_var"] = torch.stack(grad_vars).mean()
-    totals["actor_norm"] = torch.stack(grad_norms).mean()
-    return {key: float(value) for key, value in totals.items()} | {"interference": interference}
+    # the losses of the last minibatch (CleanRL's); the gradient statistics averaged over the update
+    result = {key: float(value.detach()) for key, value in history[-1].items()}
+    for key in ("actor_var", "actor_norm"):
+        result[key] = float(torch.stack([stats[key] for stats in history]).mean())
+    return result | {"interference": interference}
 
 
-# ===== 7. Checkpoints =====
-CHECKPOINT_FORMAT = "hypermarl-mappo-vmas/2"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: reported as one line, exit status 2."""
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    """Atomic: a crash mid-write leaves the previous checkpoint intact."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_snd_obs(path: str, obs_dim: int):
-    """The observations of an SND dataset (.npz, key obs) as an (N, obs_dim) tensor, or why not (a str)."""
-    try:
-        data = np.load(path, allow_pickle=False)
-        if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy array
-            raise ValueError("a .npy array, not an .npz archive")
-        with data:
-            obs = np.asarray(data["obs"], dtype=np.float32)
-    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as error:  # EOFError: an empty file
-        return f"{path!r} is not an .npz file with an obs array ({str(error).splitlines()[0][:120]})"
-    if obs.ndim not in (2, 3) or obs.shape[-1] != obs_dim or obs.size == 0:
-        return f"{path!r} holds observations of shape {obs.shape}; this scenario's have {obs_dim} features"
-    if not np.isfinite(obs).all():
-        return f"{path!r} holds non-finite observations"
-    return torch.from_numpy(obs.reshape(-1, obs_dim))
-
-
-def load_checkpoint(path: str, flag: str) -> dict:
-    """weights_only=True: a file that smuggles code, or is not ours, is refused."""
-    try:
-        with warnings.catch_warnings():  # torch warns about some foreign files: the one line below says it
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # torch's message advises turning weights_only off: never relay that
-        raise CheckpointError(f"{flag}: {path!r} holds objects other than tensors and plain data: refused")
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
-        if "weights_only" in str(error):  # e.g. a TorchScript archive: again, no advice to load it unsafely
-            raise CheckpointError(f"{flag}: {path!r} is not a checkpoint torch can load as plain data: refused")
-        why = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]  # an empty file's error is blank
-        raise CheckpointError(f"{flag}: {path!r} is not a readable checkpoint ({why})")
-    required = {"format", "args", "run_name", "model", "optimizer", "env", "rng", "global_step", "iteration"}
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or not required <= set(state):
-        raise CheckpointError(f"{flag}: {path!r} is not a {CHECKPOINT_FORMAT} checkpoint")
-    return state
-
-
-def flags_given(argv: list[str]) -> set[str]:
-    """The Args fields named on the command line (--x, --x=v, --no-x): a flag given with its default
-    value is not the same as a flag left out."""
-    names = {field.name for field in dataclasses.fields(Args)}
-    given = set()
-    for token in argv:
-        if token.startswith("--"):
-            name = token[2:].split("=", 1)[0].replace("-", "_")
-            given.add(name[3:] if name not in names and name.startswith("no_") else name)
-    return given & names
-
-
-def take_flags_from_checkpoint(args: Args, saved: dict, flag: str, given: set[str]) -> list[str]:
-    """--resume continues the saved run, so its flags are the checkpoint's, and --eval-only takes the
-    model's (COMPAT_FIELDS) from it. A flag given with another value is an error, except the ones
-    RESUME_MAY_CHANGE, which take effect. Returns those changes, to report."""
-    defaults = {field.name: field.default for field in dataclasses.fields(Args)}
-    names = COMPAT_FIELDS if flag == "--checkpoint" else [n for n in defaults if n not in INVOCATION_FIELDS]
-    changes = []
-    for name in names:
-        value, kept = getattr(args, name), saved.get(name, defaults[name])
-        if name not in given or value == kept:
-            setattr(args, name, kept)
-        elif flag == "--resume" and name in RESUME_MAY_CHANGE:
-            changes.append(f"--{name.replace('_', '-')} {kept} -> {value}")
-        else:
-            raise CheckpointError(f"--{name.replace('_', '-')}: the checkpoint's run has {kept!r}, not {value!r}; "
-                                  f"{flag} takes it from the checkpoint (leave the flag out)")
-    if flag == "--resume" and "save_interval" not in given and saved["save_interval"] == saved["eval_interval"]:
-        args.save_interval = args.eval_interval  # its default follows --eval-interval, which may have changed
-    return changes
-
-
-def new_run_folder(runs_dir: str, prefix: str) -> str:
-    """A fresh folder runs_dir/<prefix>__<time>[_k]: mkdir is atomic, so runs started in the same
-    second (a sweep launched with &) never share one. Returns its name."""
-    os.makedirs(runs_dir, exist_ok=True)
-    stamp = int(time.time())
-    for k in itertools.count():
-        name = f"{prefix}__{stamp}" + (f"_{k}" if k else "")
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(os.path.join(runs_dir, name))
-            return name
-
-
-def rng_state() -> dict:
-    state = rng_to_tensors([torch.get_rng_state(), np.random.get_state(), random.getstate()])
-    state["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch_state, np_state, py_state = rng_from_tensors(state)
-    torch.set_rng_state(torch_state)
-    np.random.set_state(np_state)
-    random.setstate(py_state)
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ===== 8. Main =====
-def duration(seconds: float) -> str:
-    """1h02m, 3m05s or 12s."""
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-def evaluate(agent, eval_env: VmasEnv, initial_rng: list, args: Args, seed: int, snd_obs=None, keep_obs=False,
-             video=None):
-    """Episodes on the evaluation environment, which starts from the same random state every time
-    (so evaluations differ only by the policy), with the mode or, --eval-deterministic False, with
-    actions sampled from a generator seeded with seed (so evaluation never touches the training RNG).
-    Then SND (Eq. 9) on snd_obs (an (N, obs_dim) tensor, appendix D.1.2's shared dataset) or on
-    --snd-samples of the episodes' observations. Returns (mean return, per-agent returns, SND,
-    with keep_obs the episodes' observations (N, n_agents, obs_dim), else None). A list as video
-    receives the frames of the first episode (rendering draws no random numbers)."""
-    eval_env._rng = list(initial_rng)
-    obs = eval_env.reset()
-    n, num_envs = args.n_agents, eval_env.num_envs
-    returns = torch.zeros(n, num_envs, device=obs.device)
-    active = torch.ones(num_envs, dtype=torch.bool, device=obs.device)
-    seen = []
-    generator = torch.Generator(device=obs.device).manual_seed(seed)
-    if video is not None:
-        video.append(eval_env.env.render(mode="rgb_array", env_index=0))
-    with torch.no_grad():
-        params = agent.generate()
-        for _ in range(args.max_steps):
-            seen.append(obs[:, active])
-            if args.eval_deterministic:
-                action = agent.act_deterministic(obs, params)
-            else:
-                action = sample_action(agent.policy(obs, params), agent.discrete, generator)
-            obs, reward, terminated, truncated, _ = eval_env.step(agent.env_action(action))
-            if video is not None and active[0] and not (terminated[0] or truncated[0]):  # else it is reset
-                video.append(eval_env.env.render(mode="rgb_array", env_index=0))
-            returns += reward * active
-            active &= ~(terminated | truncated)
-            if not active.any():
-                break
-        if snd_obs is None:
-            pool = torch.cat([step.reshape(-1, step.shape[-1]) for step in seen])
-            pool = pool[torch.randperm(pool.shape[0], generator=generator, device=obs.device)[: args.snd_samples]]
-        else:  # the episodes' own observations are not needed: no copy of them
-            pool = snd_obs.to(obs.device)
-        snd = 0.0
-        for chunk in pool.split(10_000):  # chunks keep a million-observation dataset in memory
-            # Eq. (9) evaluates every agent's policy on the same observations.
-            dist = agent.policy(chunk.expand(n, -1, -1), params)
-            snd += system_neural_diversity(dist, agent.discrete, args.snd_gaussian_samples, generator) * len(chunk)
-        snd /= pool.shape[0]
-    episodes_obs = torch.cat(seen, 1).transpose(0, 1) if keep_obs else None
-    return returns.mean(0).mean().item(), returns.mean(1).tolist(), snd, episodes_obs
-
-
+# ===== 7. The training loop =====
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(token) for token in argv]
     try:
-        argv = sys.argv[1:] if argv is None else [str(token) for token in argv]
-        args = parse_args(argv)
-        check_invocation(args)
-        loaded, changes = None, []
-        if args.resume or args.checkpoint:
-            flag = "--resume" if args.resume else "--checkpoint"
-            loaded = load_checkpoint(args.resume or args.checkpoint, flag)
-            changes = take_flags_from_checkpoint(args, loaded["args"], flag, flags_given(argv))
-            if args.anneal_lr and any(change.startswith("--total-timesteps") for change in changes):
-                raise ArgError("--total-timesteps: the run anneals its learning rate over its budget (--anneal-lr); "
-                               "a new budget would change the schedule")
-        else:
-            check_given_flags(args)
-        fill_defaults(args)
-        batch_size = args.num_envs * args.num_steps
-        if args.resume and loaded["iteration"] > args.total_timesteps // batch_size:
-            raise ArgError(f"--total-timesteps: the run already trained {loaded['global_step']} steps, in iterations "
-                           f"of {batch_size}; give at least {loaded['iteration'] * batch_size} to train on")
-        if args.track and not args.eval_only:
-            try:
-                import wandb
-            except ImportError:
-                raise ArgError("--track: wandb is not installed (pip install wandb)")
-        if args.capture_video:
-            try:
-                import hypermarl_extras as extras
-            except ImportError:
-                raise ArgError("--capture-video: needs hypermarl_extras.py beside this script")
-            problem = extras.probe_capture_video("vmas")
-            if problem:
-                raise ArgError(problem)
-    except (ArgError, CheckpointError) as error:
+        args, loaded, changes = read_command_line(argv)  # the appendix: presets, checks, a checkpoint's flags
+    except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except SystemExit as exit_:  # tyro: --help, or a value it refused (its message is printed)
+        return exit_.code
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -1431,62 +903,39 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     try:
-        envs = VmasEnv(args, args.num_envs, args.seed, device) if not args.eval_only else None
+        envs = None if args.eval_only else VmasEnv(args, args.num_envs, args.seed, device)
         eval_env = VmasEnv(args, args.eval_episodes, args.seed + 10_000, device)
-    except ArgError as error:
+    except ArgError as error:  # VMAS ignores a keyword argument of this scenario
         print(f"error: {error}", file=sys.stderr)
         return 2
-    eval_rng = list(eval_env._rng)
     obs_dim, act_dim, discrete = eval_env.obs_dim, eval_env.act_dim, eval_env.discrete
     critic_in_dim = critic_input(torch.zeros(args.n_agents, 1, obs_dim)).shape[-1]
     agent = Agent(args, obs_dim, act_dim, discrete, critic_in_dim).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
-
     # DiCo's action-space loss has its own Adam (their callback: lr 3e-5, torch's default eps).
     action_optimizer = torch.optim.Adam(agent.actor.parameters(), lr=3e-5) if agent.squash else None
-    # --compile: the two functions that run thousands of times per iteration (the optimiser step stays
-    # eager: fused Adam is already one kernel, and a compiled one would recompile whenever --anneal-lr moves lr).
+    # --compile: the two functions that run thousands of times per iteration (Adam stays eager: fused,
+    # it is one kernel already, and a compiled one would recompile whenever --anneal-lr moves lr).
     policy_step, update_step = agent.get_action_and_value, gradient_step
     if args.compile:
         torch._inductor.config.fallback_random = True  # eager's random numbers: the actions of an eager run
         policy_step, update_step = torch.compile(policy_step), torch.compile(update_step)
-
     if args.eval_only:
-        agent.load_state_dict(loaded["model"])
-        snd_obs = None
-        if args.snd_obs_file:
-            snd_obs = load_snd_obs(args.snd_obs_file, obs_dim)
-            if isinstance(snd_obs, str):
-                print(f"error: --snd-obs-file: {snd_obs}", file=sys.stderr)
-                return 2
-        video = [] if args.capture_video else None
-        ret, per_agent, snd, _ = evaluate(agent, eval_env, eval_rng, args, args.seed + 10_000, snd_obs, video=video)
-        print(f"eval/episodic_return={ret:.4f} diversity/snd={snd:.6f} per_agent={[round(r, 4) for r in per_agent]}")
-        if video:
-            path = os.path.join(args.runs_dir, new_run_folder(args.runs_dir, f"{loaded['run_name']}__eval"), "eval.mp4")
-            extras.save_video(None, path, "eval/video", video, loaded["global_step"], 1 / eval_env.env.world.dt)
-            print(f"video: {path}")
-        return 0
+        return evaluate_checkpoint(args, loaded, agent, eval_env)
 
+    n, T, E = args.n_agents, args.num_steps, args.num_envs
+    batch_size = T * E
     num_iterations = args.total_timesteps // batch_size
-    n = args.n_agents
     global_step, start_iteration = 0, 1
     next_obs = envs.reset()
     if loaded is not None:
-        agent.load_state_dict(loaded["model"])
-        optimizer.load_state_dict(loaded["optimizer"])
-        if action_optimizer is not None:
-            action_optimizer.load_state_dict(loaded["action_optimizer"])
-        envs.load_state_dict(loaded["env"])
+        global_step, start_iteration, run_name = restore_run(loaded, agent, optimizer, action_optimizer, envs)
         next_obs = envs.obs
-        set_rng_state(loaded["rng"])
-        global_step, start_iteration, run_name = loaded["global_step"], loaded["iteration"], loaded["run_name"]
         print(f"resume: {run_name} at step {global_step}" + (f"; changed: {', '.join(changes)}" if changes else ""))
     else:
         run_name = new_run_folder(args.runs_dir, f"vmas_{args.scenario}__{args.exp_name}__{args.hypernet}__{args.seed}")
     run_dir = os.path.join(args.runs_dir, run_name)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-
     if args.track:
         import wandb
 
@@ -1495,16 +944,14 @@ def main(argv=None) -> int:
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(run_dir)
-    config_table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{config_table}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     print(f"run: {run_dir}")
     print(f"device: {device}" + (" (CUDA is not available)" if args.cuda and device.type != "cuda" else ""))
     print("config: " + " ".join(f"{key}={value}" for key, value in vars(args).items()))
-    n_params = sum(p.numel() for p in agent.parameters())
-    print(f"parameters: actor {sum(p.numel() for p in agent.actor_parameters())}, total {n_params}")
+    print(f"parameters: actor {sum(p.numel() for p in agent.actor_parameters())}, "
+          f"total {sum(p.numel() for p in agent.parameters())}")
 
-    # Rollout storage, time-major (T, n_agents, num_envs, ...)
-    T, E = args.num_steps, args.num_envs
+    # ALGO Logic: Storage setup, time-major (T, n_agents, num_envs, ...)
     obs = torch.zeros((T, n, E, obs_dim), device=device)
     actions = torch.zeros((T, n, E) + (() if discrete else (act_dim,)), device=device,
                           dtype=torch.long if discrete else torch.float)
@@ -1515,18 +962,13 @@ def main(argv=None) -> int:
     terminateds = torch.zeros((T, 1, E), device=device)
     truncateds = torch.zeros((T, 1, E), device=device)
 
-    def capture_state(iteration):
-        return dict(format=CHECKPOINT_FORMAT, args=dataclasses.asdict(args), run_name=run_name,
-                    model=agent.state_dict(), optimizer=optimizer.state_dict(), env=envs.state_dict(),
-                    rng=rng_state(), global_step=global_step, iteration=iteration,
-                    action_optimizer=action_optimizer.state_dict() if action_optimizer else {})
-
-    stop = {"signal": None}
+    # Ctrl-C or SIGTERM: finish the iteration, save a checkpoint, stop (a second one stops at once)
+    stop = []
 
     def request_stop(signum, frame):
-        if stop["signal"] is not None:  # a second Ctrl-C stops at once
+        if stop:
             raise KeyboardInterrupt
-        stop["signal"] = signum
+        stop.append(signum)
         print(f"\nsignal {signum}: saving a checkpoint and stopping", flush=True)
 
     previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -1536,18 +978,18 @@ def main(argv=None) -> int:
           f"follows the first iteration", flush=True)
     next_eval = (global_step // args.eval_interval + 1) * args.eval_interval
     next_save = (global_step // args.save_interval + 1) * args.save_interval
-    exit_code, next_iteration = 0, start_iteration
+    exit_code, iteration = 0, start_iteration
     try:
         for iteration in range(start_iteration, num_iterations + 1):
-            if stop["signal"] is not None:  # between iterations the state is consistent: save it
+            if stop:  # between iterations the state is consistent: save it
                 break
             if args.anneal_lr:
-                frac = 1.0 - (iteration - 1.0) / num_iterations
-                optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+                optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
 
+            # ALGO LOGIC: collect a rollout with every agent's weights generated once
             rollout_start = time.perf_counter()
             with torch.no_grad():
-                params = agent.generate()  # the parameters do not change during a rollout
+                params = agent.generate()
                 for step in range(T):
                     global_step += E
                     obs[step] = next_obs
@@ -1555,56 +997,55 @@ def main(argv=None) -> int:
                     values[step], actions[step], logprobs[step] = value, action, logprob
                     next_obs, reward, terminated, truncated, final_obs[step] = envs.step(agent.env_action(action))
                     rewards[step], terminateds[step, 0], truncateds[step, 0] = reward, terminated, truncated
+
+                # bootstrap value: V(next state), V(final observation) at a time limit, 0 at termination
                 dones = torch.maximum(terminateds, truncateds)
                 next_values = torch.cat([values[1:], agent.get_value(critic_input(next_obs), params).unsqueeze(0)])
                 next_values = torch.where(dones.bool(), bootstrap_values(agent, final_obs, truncateds, params), next_values)
                 advantages, returns = compute_gae(rewards, values, next_values, terminateds, dones,
                                                   args.gamma, args.gae_lambda)
 
-            def agent_major(x):  # (T, n, E, ...) -> (n, T * E, ...)
+            # flatten the batch: (T, n, E, ...) -> (n, T * E, ...), agent-major
+            def agent_major(x):
                 return x.transpose(0, 1).reshape((n, T * E) + x.shape[3:])
 
-            batch = dict(obs=agent_major(obs), actions=agent_major(actions),
-                         logprobs=agent_major(logprobs), advantages=agent_major(advantages),
-                         returns=agent_major(returns), values=agent_major(values))
+            batch = dict(obs=agent_major(obs), actions=agent_major(actions), logprobs=agent_major(logprobs),
+                         advantages=agent_major(advantages), returns=agent_major(returns), values=agent_major(values))
+
+            # Optimizing the policy and value network
             update_start = time.perf_counter()
             if iteration == start_iteration:  # an iteration can take minutes (Navigation on a CPU): say so early
                 print(f"iteration {iteration}: rollout took {update_start - rollout_start:.1f} s; updating "
                       f"({args.update_epochs} epochs x {args.num_minibatches} minibatches)", flush=True)
             try:
-                stats = ppo_update(agent, optimizer, batch, args, T * E, action_optimizer, update_step)
+                stats = ppo_update(agent, optimizer, batch, args, action_optimizer, update_step)
             except FloatingPointError:
-                print(f"error: the loss became NaN/inf at update {iteration} (global step {global_step}); "
-                      f"stopping. Last good checkpoint: {checkpoint_path if args.save_model else 'none (no --save-model)'}",
+                print(f"error: the loss became NaN/inf at update {iteration} (global step {global_step}); stopping. "
+                      f"Last good checkpoint: {checkpoint_path if args.save_model else 'none (no --save-model)'}",
                       file=sys.stderr)
                 exit_code = 1  # the checkpoint on disk (if any) is the last good one: leave it
                 break
 
-            update_end = time.perf_counter()
-            # Logging (CleanRL names; perf/* splits the time between collection and update)
+            # TRY NOT TO MODIFY: record rewards, losses and gradient statistics for plotting purposes
             writer.add_scalar("perf/rollout_seconds", update_start - rollout_start, global_step)
-            writer.add_scalar("perf/update_seconds", update_end - update_start, global_step)
+            writer.add_scalar("perf/update_seconds", time.perf_counter() - update_start, global_step)
             ended = envs.take_ended_episodes()
             if ended:
-                ended_returns, ended_length = ended
-                writer.add_scalar("charts/episodic_return", sum(ended_returns) / n, global_step)
+                writer.add_scalar("charts/episodic_return", sum(ended[0]) / n, global_step)
                 for i in range(n):
-                    writer.add_scalar(f"charts/episodic_return_agent{i}", ended_returns[i], global_step)
-                writer.add_scalar("charts/episodic_length", ended_length, global_step)
-            y_pred, y_true = values.flatten(), returns.flatten()
-            var_y = torch.var(y_true)
-            explained_var = float("nan") if var_y == 0 else float(1 - torch.var(y_true - y_pred) / var_y)
+                    writer.add_scalar(f"charts/episodic_return_agent{i}", ended[0][i], global_step)
+                writer.add_scalar("charts/episodic_length", ended[1], global_step)
+            var_y = torch.var(returns)
+            explained_var = float("nan") if var_y == 0 else float(1 - torch.var(returns - values) / var_y)
             writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-            for key in ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"):
-                writer.add_scalar(f"losses/{key}", stats[key], global_step)
+            for key in ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac", "dico_action_loss"):
+                if key in stats:
+                    writer.add_scalar(f"losses/{key}", stats[key], global_step)
             writer.add_scalar("losses/explained_variance", explained_var, global_step)
-            writer.add_scalar("grad/actor_var", stats["actor_var"], global_step)
-            writer.add_scalar("grad/actor_norm", stats["actor_norm"], global_step)
-            writer.add_scalar("grad/interference", stats["interference"], global_step)
+            for key in ("actor_var", "actor_norm", "interference"):
+                writer.add_scalar(f"grad/{key}", stats[key], global_step)
             if args.hypernet == "dico" and args.dico_snd_des > 0:
                 writer.add_scalar("diversity/dico_snd_hat", float(agent.actor.snd_hat), global_step)
-            if "dico_action_loss" in stats:
-                writer.add_scalar("losses/dico_action_loss", stats["dico_action_loss"], global_step)
             sps = int((global_step - start_step) / (time.time() - start_time))
             writer.add_scalar("charts/SPS", sps, global_step)
 
@@ -1612,9 +1053,10 @@ def main(argv=None) -> int:
             if global_step >= next_eval or iteration == num_iterations:
                 next_eval = (global_step // args.eval_interval + 1) * args.eval_interval
                 video = [] if args.capture_video else None
-                eval_return, eval_per_agent, snd, _ = evaluate(agent, eval_env, eval_rng, args, args.seed + 10_000,
-                                                               video=video)
+                eval_return, eval_per_agent, snd, _ = evaluate(agent, eval_env, args, args.seed + 10_000, video=video)
                 if video:
+                    import hypermarl_extras as extras
+
                     extras.save_video(writer, os.path.join(run_dir, "videos", f"eval_{global_step}.mp4"), "eval/video",
                                       video, global_step, 1 / eval_env.env.world.dt)
                 writer.add_scalar("eval/episodic_return", eval_return, global_step)
@@ -1625,16 +1067,17 @@ def main(argv=None) -> int:
             elapsed = time.time() - start_time
             if line or iteration % args.print_interval == 0 or iteration == start_iteration or elapsed - printed_at >= 60:
                 printed_at = elapsed
-                train_return = f"{sum(ended[0]) / n:.3f}" if ended else "no_episode_ended"
                 eta = elapsed / (global_step - start_step) * (num_iterations * batch_size - global_step)
-                print(f"global_step={global_step} iteration={iteration}/{num_iterations} episodic_return={train_return} "
-                      f"SPS={sps} elapsed={duration(elapsed)} eta={duration(eta)}" + (f" {line}" if line else ""), flush=True)
+                print(f"global_step={global_step} iteration={iteration}/{num_iterations} episodic_return="
+                      f"{f'{sum(ended[0]) / n:.3f}' if ended else 'no_episode_ended'} SPS={sps} "
+                      f"elapsed={duration(elapsed)} eta={duration(eta)}" + (f" {line}" if line else ""), flush=True)
             if args.save_model and global_step >= next_save and iteration < num_iterations:
                 next_save = (global_step // args.save_interval + 1) * args.save_interval
-                save_checkpoint(checkpoint_path, capture_state(iteration + 1))
-            next_iteration = iteration + 1
-        if exit_code == 0 and (args.save_model or stop["signal"] is not None):
-            save_checkpoint(checkpoint_path, capture_state(next_iteration))
+                save_run(checkpoint_path, args, run_name, agent, optimizer, action_optimizer, envs, global_step, iteration + 1)
+        else:
+            iteration = num_iterations + 1
+        if exit_code == 0 and (args.save_model or stop):
+            save_run(checkpoint_path, args, run_name, agent, optimizer, action_optimizer, envs, global_step, iteration)
             print(f"checkpoint: {checkpoint_path} (continue with --resume {checkpoint_path})")
     finally:
         for sig, handler in previous_handlers.items():
@@ -1643,6 +1086,276 @@ def main(argv=None) -> int:
         if args.track:
             wandb.finish()
     return exit_code
+
+
+def evaluate(agent, eval_env: VmasEnv, args: Args, seed: int, snd_obs=None, keep_obs=False, video=None):
+    """Episodes on the evaluation environment, rewound to the same random state every time (so
+    evaluations differ only by the policy), with the mode or sampled actions (--no-eval-deterministic)
+    drawn from seed, never from the training RNG. Then SND (Eq. 9) on snd_obs ((N, obs_dim),
+    appendix D.1.2's shared dataset) or on --snd-samples of the episodes' observations. Returns
+    (mean return, per-agent returns, SND, with keep_obs the observations (N, n_agents, obs_dim)).
+    A list as video receives the frames of the first episode (rendering draws no random numbers)."""
+    eval_env.rewind()
+    obs = eval_env.reset()
+    n, device = args.n_agents, obs.device
+    returns = torch.zeros(n, eval_env.num_envs, device=device)
+    active = torch.ones(eval_env.num_envs, dtype=torch.bool, device=device)
+    seen = []
+    if video is not None:
+        video.append(eval_env.env.render(mode="rgb_array", env_index=0))
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        params = agent.generate()
+        for _ in range(args.max_steps):
+            seen.append(obs[:, active])
+            dist = agent.policy(obs, params)
+            action = dist.mode if args.eval_deterministic else dist.sample()
+            obs, reward, terminated, truncated, _ = eval_env.step(agent.env_action(action))
+            if video is not None and active[0] and not (terminated[0] or truncated[0]):  # else it is reset
+                video.append(eval_env.env.render(mode="rgb_array", env_index=0))
+            returns += reward * active
+            active &= ~(terminated | truncated)
+            if not active.any():
+                break
+        pool = snd_obs.to(device) if snd_obs is not None else torch.cat([o.reshape(-1, o.shape[-1]) for o in seen])
+        if snd_obs is None:
+            pool = pool[torch.randperm(pool.shape[0], device=device)[: args.snd_samples]]
+        snd = 0.0
+        for chunk in pool.split(10_000):  # chunks keep a million-observation dataset in memory
+            dist = agent.policy(chunk.expand(n, -1, -1), params)  # Eq. (9): every agent on the same observations
+            dist = dist.logits if agent.discrete else (dist.mean, dist.stddev)
+            snd += system_neural_diversity(dist, agent.discrete, args.snd_gaussian_samples) * len(chunk)
+        snd /= pool.shape[0]
+    episodes_obs = torch.cat(seen, 1).transpose(0, 1) if keep_obs else None
+    return returns.mean(0).mean().item(), returns.mean(1).tolist(), snd, episodes_obs
+
+
+# ===== Appendix: input checks, run folders, checkpoints, --eval-only =====
+class ArgError(ValueError):
+    """A bad flag value: reported as one line, exit status 2, nothing written."""
+
+
+def parse_args(argv=None, checked=True) -> Args:
+    """The flags given, the paper's values for the others (--help shows them), then (checked) the checks."""
+    argv = sys.argv[1:] if argv is None else [str(token) for token in argv]
+    given = flags_given(argv)
+    args = paper_defaults(tyro.cli(Args, args=[a for a in argv if a not in ("-h", "--help")]), given)
+    if "-h" in argv or "--help" in argv:
+        tyro.cli(Args, args=argv, default=args)
+    if checked:
+        check_given_flags(args, given)
+        check_values(args)
+    return args
+
+
+def flags_given(argv: list[str]) -> set[str]:
+    """The Args fields named on the command line (--x, --x=v, --no-x)."""
+    names = {f.name for f in dataclasses.fields(Args)}
+    tokens = [token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")]
+    return {name[3:] if name not in names and name.startswith("no_") else name for name in tokens} & names
+
+
+def check_given_flags(args: Args, given: set[str]) -> None:
+    """Each flag given only where it applies (a checkpoint's run passed this when it started)."""
+    other = "navigation" if args.scenario == "dispersion" else "dispersion"
+    misplaced = {name: f"is a {other} option, not for --scenario {args.scenario}" for name in SCENARIO_OPTIONS[other]}
+    for name in ("hypernet_embedding_dim", "hypernet_hidden_dims", "hypernet_embedding"):
+        misplaced[name] = "only with --hypernet mlp" if args.hypernet != "mlp" else None
+    for name in ("hypernet_init", "hypernet_input"):
+        misplaced[name] = "only with --hypernet mlp or linear" if args.hypernet not in ("mlp", "linear") else None
+    misplaced["dico_snd_des"] = "only with --hypernet dico" if args.hypernet != "dico" else None
+    misplaced["lidar_range"] = misplaced.get("lidar_range") or (None if args.collisions else "only with --collisions")
+    misplaced["save_interval"] = None if args.save_model else "only with --save-model"
+    for name in sorted(given):
+        if misplaced.get(name):
+            raise ArgError(f"--{name.replace('_', '-')}: {misplaced[name]}" +
+                           (f", got --hypernet {args.hypernet}" if name.startswith(("hypernet_", "dico")) else ""))
+
+
+def check_values(args: Args) -> None:
+    """The values of a run's flags, the checkpoint's included."""
+    def fail(name, why):
+        raise ArgError(f"--{name.replace('_', '-')}: {why}, got {getattr(args, name)!r}")
+
+    for f in dataclasses.fields(Args):  # inf and nan pass every comparison below: refuse them first
+        if isinstance(getattr(args, f.name), float) and not math.isfinite(getattr(args, f.name)):
+            fail(f.name, "must be a finite number")
+    if not 0 <= args.seed <= 2**32 - 1 - 10_000:  # NumPy's limit, less the evaluation environment's offset
+        fail("seed", f"must be between 0 and {2**32 - 1 - 10_000}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.exp_name):
+        fail("exp_name", "must be a plain name (letters, digits, '.', '_', '-')")
+    if args.n_agents < 2:
+        fail("n_agents", "must be at least 2")
+    for name in ("max_steps", "total_timesteps", "learning_rate", "num_envs", "num_steps", "num_minibatches",
+                 "update_epochs", "clip_coef", "max_grad_norm", "eval_interval", "eval_episodes", "snd_samples",
+                 "snd_gaussian_samples", "interference_samples", "print_interval", "save_interval", "n_food",
+                 "food_radius", "lidar_range", "agent_radius", "hypernet_embedding_dim"):
+        if not getattr(args, name) > 0:
+            fail(name, "must be positive")
+    for name in ("gamma", "gae_lambda"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            fail(name, "must be in [0, 1]")
+    for name in ("ent_coef", "vf_coef"):
+        if getattr(args, name) < 0:
+            fail(name, "must be >= 0")
+    for name in ("actor_hidden_dims", "critic_hidden_dims", "hypernet_hidden_dims"):
+        if not getattr(args, name) or min(getattr(args, name)) <= 0:
+            fail(name, "must be one or more positive sizes")
+    batch_size = args.num_envs * args.num_steps
+    if batch_size % args.num_minibatches:
+        fail("num_minibatches", f"must divide num_envs * num_steps = {batch_size}")
+    if args.total_timesteps < batch_size:
+        fail("total_timesteps", f"must be at least num_envs * num_steps = {batch_size}")
+    if args.hypernet_init == "matched" and args.hypernet == "linear":  # the linear one's scaled init is exact already
+        raise ArgError("--hypernet-init: matched is for --hypernet mlp, got --hypernet linear")
+    if args.hypernet == "dico" and not (args.dico_snd_des == -1 or args.dico_snd_des >= 0):
+        fail("dico_snd_des", "must be -1 (unconstrained) or >= 0")
+    n, same = args.n_agents, args.agents_with_same_goal
+    if args.scenario == "navigation" and not 1 <= same <= n:
+        fail("agents_with_same_goal", f"must be between 1 and n_agents = {n}")
+    if args.scenario == "navigation" and same > 1 and args.collisions:
+        raise ArgError("--collisions: agents cannot share a goal with collisions on (VMAS asserts it); "
+                       "use --agents-with-same-goal 1")
+    if args.scenario == "navigation" and args.split_goals and (n % 2 or same != n // 2):
+        raise ArgError(f"--split-goals: needs an even n_agents and --agents-with-same-goal n/2, got n={n}, same={same}")
+    if not args.eval_only or args.capture_video:
+        check_output_folder("--runs-dir", args.runs_dir)
+
+
+def check_output_folder(flag: str, path: str) -> None:
+    """A folder this run may create and write into, checked before anything is written."""
+    if not path:
+        raise ArgError(f"{flag}: must name a folder, got ''")
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):  # a file, or a link to nothing
+        raise ArgError(f"{flag}: {existing!r} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ArgError(f"{flag}: {existing!r} is not writable")
+
+
+def new_run_folder(runs_dir: str, prefix: str) -> str:
+    """A fresh folder runs_dir/<prefix>__<time>[_k]: mkdir is atomic, so runs started in the same
+    second (a sweep launched with &) never share one. Returns its name."""
+    os.makedirs(runs_dir, exist_ok=True)
+    stamp, k = int(time.time()), 0
+    while True:
+        name = f"{prefix}__{stamp}" + (f"_{k}" if k else "")
+        try:
+            os.mkdir(os.path.join(runs_dir, name))
+            return name
+        except FileExistsError:
+            k += 1
+
+
+def duration(seconds: float) -> str:
+    """1h02m, 3m05s or 12s."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+CHECKPOINT_FORMAT = "hypermarl-mappo-vmas/3"
+CHECKPOINT_KEYS = {"format", "args", "run_name", "model", "optimizer", "action_optimizer", "env", "rng",
+                   "global_step", "iteration"}
+# What --resume may change (budget, logging, cadence, device); every other flag is the checkpoint's.
+RESUME_MAY_CHANGE = ("total_timesteps", "eval_interval", "save_interval", "save_model", "print_interval",
+                     "runs_dir", "track", "wandb_project_name", "wandb_entity", "cuda", "compile", "capture_video")
+INVOCATION_FIELDS = ("resume", "eval_only", "checkpoint", "snd_obs_file")  # what to do, not what the run is
+
+
+def read_command_line(argv: list[str]):
+    """(args, the checkpoint to resume or evaluate or None, the flags --resume changes); ValueError
+    (one line) for a bad flag or file, before anything is written."""
+    args = parse_args(argv, checked=False)
+    if args.eval_only != bool(args.checkpoint):
+        raise ArgError("--eval-only: needs --checkpoint PATH" if args.eval_only else
+                       "--checkpoint: only with --eval-only (use --resume to continue training)")
+    if args.eval_only and args.resume:
+        raise ArgError("--resume: cannot be combined with --eval-only")
+    if args.snd_obs_file is not None and not args.eval_only:
+        raise ArgError("--snd-obs-file: only with --eval-only")
+    for flag, path in (("--resume", args.resume), ("--checkpoint", args.checkpoint), ("--snd-obs-file", args.snd_obs_file)):
+        if path is not None and not os.path.isfile(path):
+            raise ArgError(f"{flag}: {path!r} is a folder, not a file" if os.path.isdir(path) else f"{flag}: no such file {path!r}")
+    loaded, changes = None, []
+    if not (args.resume or args.checkpoint):
+        check_given_flags(args, flags_given(argv))
+    else:
+        import hypermarl_extras as extras
+
+        flag = "--resume" if args.resume else "--checkpoint"
+        loaded = extras.load_checkpoint(args.resume or args.checkpoint, flag, CHECKPOINT_FORMAT, CHECKPOINT_KEYS)
+        changes = extras.take_flags_from_checkpoint(args, loaded["args"], flag, flags_given(argv), COMPAT_FIELDS,
+                                                    RESUME_MAY_CHANGE, INVOCATION_FIELDS)
+        if args.anneal_lr and any(change.startswith("--total-timesteps") for change in changes):
+            raise ArgError("--total-timesteps: the run anneals its learning rate over its budget (--anneal-lr); "
+                           "a new budget would change the schedule")
+        if args.resume and loaded["iteration"] > args.total_timesteps // (args.num_envs * args.num_steps):
+            raise ArgError(f"--total-timesteps: the run already trained {loaded['global_step']} steps, in iterations of "
+                           f"{args.num_envs * args.num_steps}; give at least "
+                           f"{loaded['iteration'] * args.num_envs * args.num_steps} to train on")
+    check_values(args)
+    if args.track and not args.eval_only:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ArgError("--track: wandb is not installed (pip install wandb)")
+    if args.save_model or args.capture_video:
+        try:
+            import hypermarl_extras as extras
+        except ImportError:
+            raise ArgError(f"--{'save-model' if args.save_model else 'capture-video'}: needs hypermarl_extras.py beside this script")
+        if args.capture_video and (problem := extras.probe_capture_video("vmas")):
+            raise ArgError(problem)
+    return args, loaded, changes
+
+
+def save_run(path, args, run_name, agent, optimizer, action_optimizer, envs, global_step, iteration) -> None:
+    """Everything a resumed run needs to go on bit for bit, written atomically."""
+    try:
+        import hypermarl_extras as extras
+    except ImportError:  # a script copied without its helper: training went on, only the checkpoint is missing
+        print("no checkpoint written: hypermarl_extras.py is not beside this script", file=sys.stderr)
+        return
+    extras.save_checkpoint(path, dict(
+        format=CHECKPOINT_FORMAT, args=dataclasses.asdict(args), run_name=run_name, model=agent.state_dict(),
+        optimizer=optimizer.state_dict(), action_optimizer=action_optimizer.state_dict() if action_optimizer else {},
+        env=extras.vmas_env_state(envs), rng=extras.rng_state(), global_step=global_step, iteration=iteration))
+
+
+def restore_run(loaded, agent, optimizer, action_optimizer, envs):
+    import hypermarl_extras as extras
+
+    agent.load_state_dict(loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    if action_optimizer is not None:
+        action_optimizer.load_state_dict(loaded["action_optimizer"])
+    extras.load_vmas_env_state(envs, loaded["env"])
+    extras.set_rng_state(loaded["rng"])
+    return loaded["global_step"], loaded["iteration"], loaded["run_name"]
+
+
+def evaluate_checkpoint(args, loaded, agent, eval_env) -> int:
+    """--eval-only: the return and SND of a checkpoint's policy, printed; writes nothing but a video."""
+    import hypermarl_extras as extras
+
+    agent.load_state_dict(loaded["model"])
+    try:
+        snd_obs = extras.load_snd_obs(args.snd_obs_file, eval_env.obs_dim) if args.snd_obs_file else None
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    video = [] if args.capture_video else None
+    ret, per_agent, snd, _ = evaluate(agent, eval_env, args, args.seed + 10_000, snd_obs, video=video)
+    print(f"eval/episodic_return={ret:.4f} diversity/snd={snd:.6f} per_agent={[round(r, 4) for r in per_agent]}")
+    if video:
+        path = os.path.join(args.runs_dir, new_run_folder(args.runs_dir, f"{loaded['run_name']}__eval"), "eval.mp4")
+        extras.save_video(None, path, "eval/video", video, loaded["global_step"], 1 / eval_env.env.world.dt)
+        print(f"video: {path}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ EMBEDDINGS = ("learned", "onehot")
 
 def layer_ratios(script, scenario, embedding, init, n_agents, seeds):
     """{(network, layer): (shape, gain, tensor of ratios over seeds x agents)} and the resolved args."""
-    args = script.resolve_args(script.Args(scenario=scenario, n_agents=n_agents, hypernet="mlp",
-                                           hypernet_embedding=embedding, hypernet_init=init))
+    args = script.parse_args(["--scenario", scenario, "--n-agents", str(n_agents), "--hypernet", "mlp",
+                              "--hypernet-embedding", embedding, "--hypernet-init", init])
     env = script.VmasEnv(args, 1, 0, torch.device("cpu"))
     critic_in_dim = script.critic_input(torch.zeros(n_agents, 1, env.obs_dim)).shape[-1]
     ratios = {}
@@ -49,7 +49,7 @@ def layer_ratios(script, scenario, embedding, init, n_agents, seeds):
         agent = script.Agent(args, env.obs_dim, env.act_dim, env.discrete, critic_in_dim)
         with torch.no_grad():
             for network, module in (("actor", agent.actor), ("critic", agent.critic)):
-                sizes = module.generator.shapes
+                sizes = module.weight_net.shapes
                 gains = [math.sqrt(2)] * (len(sizes) - 1) + [0.01 if network == "actor" else 1.0]
                 for k, ((weight, bias), shape, gain) in enumerate(zip(module.generate(), sizes, gains)):
                     ratio = weight.flatten(1).norm(dim=1) / (gain * math.sqrt(min(shape)))

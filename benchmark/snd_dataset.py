@@ -25,6 +25,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import hypermarl_extras as extras  # noqa: E402
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -37,7 +38,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 def rollout_observations(script, path: str, episodes: int, seed: int) -> torch.Tensor:
     """(N, n_agents, obs_dim) observations of `episodes` evaluation episodes of one checkpoint."""
-    state = script.load_checkpoint(path, "--checkpoints")  # weights_only; one line for any bad file
+    state = extras.load_checkpoint(path, "--checkpoints", script.CHECKPOINT_FORMAT,  # weights_only; one line
+                                   script.CHECKPOINT_KEYS)
     saved = {k: v for k, v in state["args"].items() if k in {f.name for f in script.dataclasses.fields(script.Args)}}
     args = script.Args(**saved)
     args.eval_episodes, args.seed = episodes, seed
@@ -46,7 +48,7 @@ def rollout_observations(script, path: str, episodes: int, seed: int) -> torch.T
     agent = script.Agent(args, env.obs_dim, env.act_dim, env.discrete, critic_in_dim)
     agent.load_state_dict(state["model"])
     args.snd_samples = 1  # the SND of the rollout itself is not needed here
-    return script.evaluate(agent, env, list(env._rng), args, seed, keep_obs=True)[3]
+    return script.evaluate(agent, env, args, seed, keep_obs=True)[3]
 
 
 def main(argv=None) -> int:
@@ -82,7 +84,7 @@ def main(argv=None) -> int:
     except (ValueError, RuntimeError, KeyError, TypeError, EOFError, OSError, pickle.UnpicklingError,
             zipfile.BadZipFile) as error:  # ValueError includes the scripts' ArgError and CheckpointError
         why = (str(error).splitlines() or [type(error).__name__])[0]  # some errors have no message
-        parser.error(why if isinstance(error, (script.CheckpointError, script.ArgError))
+        parser.error(why if isinstance(error, (extras.CheckpointError, script.ArgError))
                      else f"--checkpoints: cannot load ({why[:120]})")
     if len({pool.shape[1:] for pool in pools}) != 1:
         parser.error(f"--checkpoints: observations of different shapes {sorted({tuple(p.shape[1:]) for p in pools})}")

@@ -133,7 +133,7 @@ def random_action_sps(scenario_argv, steps, repeats):
     """The same VMAS environments (same wrapper, resets included) stepped with random actions."""
     import ippo_hyper_vmas as script
 
-    args = script.resolve_args(script.parse_args(scenario_argv))
+    args = script.parse_args(scenario_argv)
     results = []
     for repeat in range(repeats):
         env = script.VmasEnv(args, args.num_envs, repeat, torch.device("cpu"))
@@ -299,7 +299,7 @@ def envs_table(env_counts, device, desync, iterations, repeats):
     samples = {}
     for _ in range(repeats):
         for n in env_counts:
-            args = script.resolve_args(script.parse_args(ENVS_ARGV + ["--num-envs", str(n)]))
+            args = script.parse_args(ENVS_ARGV + ["--num-envs", str(n)])
             samples.setdefault((n, "raw"), []).append(raw_vmas_sps(args, device, steps, desync=False))
             if desync:
                 samples.setdefault((n, "reset_at"), []).append(raw_vmas_sps(args, device, steps, desync=True))
@@ -376,10 +376,10 @@ def mamujoco_tables(repeats, quick):
         envs.close()
         return steps * num_envs / elapsed
 
-    def train(task, actor, algo, num_envs, iterations, async_envs):
+    def train(task, hypernet, algo, num_envs, iterations, async_envs):
         """(SPS, collection and update microseconds per environment step) over iterations 2.."""
         batch = num_envs * 500
-        argv = ["--task", task, "--actor", actor, "--algo", algo, "--num-envs", str(num_envs), "--num-steps", "500",
+        argv = ["--task", task, "--hypernet", hypernet, "--algo", algo, "--num-envs", str(num_envs), "--num-steps", "500",
                 "--async-envs" if async_envs else "--no-async-envs"]
         rollout, update = timed_run("mappo_hyper_mamujoco", argv, iterations, batch)
         steps = batch * len(rollout)
@@ -391,10 +391,10 @@ def mamujoco_tables(repeats, quick):
              "HARL's HalfCheetah settings (15 actor and 15 critic full-batch epochs, [128, 128, 128] "
              "networks), 500 steps x 4 environments per iteration, the update on every core "
              "(`--update-threads`), collection on 1 thread. Times are per environment step.", "",
-             "| actor | algo | vector env | training SPS | random-action SPS | ratio | collection µs | "
+             "| hypernet | algo | vector env | training SPS | random-action SPS | ratio | collection µs | "
              "update µs | bound |", "|---|---|---|---|---|---|---|---|---|"]
-    configs = [("mlp", "mappo", True), ("ind", "mappo", True), ("ind", "happo", True), ("fups", "mappo", True),
-               ("mlp", "mappo", False), ("ind", "mappo", False)]
+    configs = [("mlp", "mappo", True), ("nops", "mappo", True), ("nops", "happo", True), ("fups", "mappo", True),
+               ("mlp", "mappo", False), ("nops", "mappo", False)]
     results = {c: [] for c in configs}
     randoms = {True: [], False: []}
     for _ in range(repeats):
@@ -402,22 +402,22 @@ def mamujoco_tables(repeats, quick):
             randoms[async_envs].append(random_sps("HalfCheetah-2x3", 4, random_steps, async_envs))
         for c in configs:
             results[c].append(train("HalfCheetah-2x3", c[0], c[1], 4, iterations, c[2]))
-    for (actor, algo, async_envs), values in results.items():
+    for (hypernet, algo, async_envs), values in results.items():
         sps, roll, upd = (statistics.median(v) for v in zip(*values))
         rand = statistics.median(randoms[async_envs])
         env_us = 1e6 / rand
-        lines.append(f"| {actor} | {algo} | {'async' if async_envs else 'sync'} | {sps:,.0f} | {rand:,.0f} | "
+        lines.append(f"| {hypernet} | {algo} | {'async' if async_envs else 'sync'} | {sps:,.0f} | {rand:,.0f} | "
                      f"{sps / rand:.2f} | {roll:.0f} | {upd:.0f} | {env_us / (env_us + upd):.2f} |")
     lines += ["", "bound: the ratio if collection cost no more than random stepping, "
               "random µs / (random µs + update µs).", ""]
-    humanoid = {"mlp": [], "ind": []}
+    humanoid = {"mlp": [], "nops": []}
     for _ in range(repeats):  # interleaved, like the configurations above
-        for actor in humanoid:
-            humanoid[actor].append(train("Humanoid-17x1", actor, "mappo", 4, iterations, True)[0])
-    humanoid = {actor: statistics.median(values) for actor, values in humanoid.items()}
-    lines += ["### MaMuJoCo, Humanoid-17x1 (17 agents), 4 environments", "", "| actor | SPS |", "|---|---|"]
+        for hypernet in humanoid:
+            humanoid[hypernet].append(train("Humanoid-17x1", hypernet, "mappo", 4, iterations, True)[0])
+    humanoid = {hypernet: statistics.median(values) for hypernet, values in humanoid.items()}
+    lines += ["### MaMuJoCo, Humanoid-17x1 (17 agents), 4 environments", "", "| hypernet | SPS |", "|---|---|"]
     lines += [f"| {a} | {v:,.0f} |" for a, v in humanoid.items()]
-    lines += ["", f"HyperMARL (mlp) / independent actors at 17 agents: {humanoid['mlp'] / humanoid['ind']:.2f}", ""]
+    lines += ["", f"HyperMARL (mlp) / independent actors at 17 agents: {humanoid['mlp'] / humanoid['nops']:.2f}", ""]
     return lines
 
 

@@ -49,8 +49,8 @@ FAMILIES = {"fups": ["--hypernet", "fups"], "mlp": ["--hypernet", "mlp"],
 
 def build(family_argv):
     torch.manual_seed(0)
-    args = script.resolve_args(script.parse_args(
-        ["--scenario", "navigation", "--n-agents", str(N_AGENTS), "--update-epochs", "1"] + family_argv))
+    args = script.parse_args(["--scenario", "navigation", "--n-agents", str(N_AGENTS), "--update-epochs", "1"]
+                             + family_argv)
     agent = script.Agent(args, OBS_DIM, ACT_DIM, False, OBS_DIM)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     return args, agent, optimizer
@@ -74,7 +74,7 @@ def in_step_ms(args, agent, optimizer, batch):
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        script.ppo_update(agent, optimizer, batch, args, BATCH)
+        script.ppo_update(agent, optimizer, batch, args)
     total_us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in HYPERNET_OPS)
     return total_us / 1000 / args.num_minibatches
 
@@ -100,7 +100,7 @@ def main():
     for _ in range(opts.repeats):  # interleaved, so that machine noise spreads evenly
         for family, (args, agent, optimizer) in setups.items():
             start = time.perf_counter()
-            script.ppo_update(agent, optimizer, batch, args, BATCH)
+            script.ppo_update(agent, optimizer, batch, args)
             steps[family].append(1000 * (time.perf_counter() - start) / args.num_minibatches)
     lines = ["# One gradient step, Navigation with 8 agents (paper minibatch and networks)", "",
              f"Command: `{' '.join(['python', 'benchmark/update_step.py'] + sys.argv[1:])}`", "",

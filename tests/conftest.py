@@ -40,3 +40,15 @@ def scalar_tags(run_dir):
     accumulator = EventAccumulator(run_dir)
     accumulator.Reload()
     return {tag: [event.value for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def parsed(script, **flags):
+    """script.parse_args of flags given as keywords (lists as several values, booleans as --x / --no-x)."""
+    argv = []
+    for name, value in flags.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag] + [str(v) for v in (value if isinstance(value, list) else [value])]
+    return script.parse_args(argv)

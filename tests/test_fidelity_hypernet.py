@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT
+from conftest import ROOT, parsed
 
 SIZES = [6, 16, 16, 5]
 GAINS = [math.sqrt(2), math.sqrt(2), 0.01]
@@ -103,8 +103,8 @@ def test_default_init_removes_all_of_section_4_3(script):
 
 
 def built_agent(script, scenario, embedding, init, seed=0):
-    args = script.resolve_args(script.Args(scenario=scenario, hypernet="mlp", hypernet_embedding=embedding,
-                                           hypernet_init=init))
+    args = parsed(script, scenario=scenario, hypernet="mlp", hypernet_embedding=embedding,
+                                           hypernet_init=init)
     env = script.VmasEnv(args, 1, 0, torch.device("cpu"))
     critic_in_dim = script.critic_input(torch.zeros(args.n_agents, 1, env.obs_dim)).shape[-1]
     torch.manual_seed(seed)
@@ -113,11 +113,11 @@ def built_agent(script, scenario, embedding, init, seed=0):
 
 def scale_ratios(network, kind):
     """Per generated layer: (n_agents,) RMS singular value / the target's gain, and g's feature norms."""
-    layers = network.generator.shapes
+    layers = network.weight_net.shapes
     gains = [math.sqrt(2)] * (len(layers) - 1) + [0.01 if kind == "actor" else 1.0]
     with torch.no_grad():
         generated = network.generate()
-        feature_norms = [trunk(network.generator.embedding).norm(dim=-1) for trunk in network.generator.trunks[::2]]
+        feature_norms = [trunk(network.weight_net.embedding).norm(dim=-1) for trunk in network.weight_net.trunks[::2]]
     ratios = [w.flatten(1).norm(dim=1) / (g * math.sqrt(min(shape))) for (w, _), shape, g in zip(generated, layers, gains)]
     return ratios, feature_norms, generated
 
@@ -128,7 +128,7 @@ def test_every_generated_layer_of_actor_and_critic_at_init(script, scenario, emb
     # matched (ours): every layer of both networks, every agent, at the target's scale
     agent, env = built_agent(script, scenario, embedding, "matched")
     state = script.__name__ == "mappo_hyper_vmas"  # MAPPO's critic is generated for the global state
-    assert agent.critic.generator.shapes[0][0] == env.obs_dim * (agent.actor.generator.embedding.shape[0] if state else 1)
+    assert agent.critic.weight_net.shapes[0][0] == env.obs_dim * (agent.actor.weight_net.embedding.shape[0] if state else 1)
     for network, kind in ((agent.actor, "actor"), (agent.critic, "critic")):
         ratios, _, generated = scale_ratios(network, kind)
         assert len(ratios) == 3
@@ -151,14 +151,21 @@ def run(argv, cwd):
 @pytest.mark.parametrize("argv, message", [
     (["ippo_hyper_vmas.py", "--hypernet", "linear", "--hypernet-init", "matched"],
      "error: --hypernet-init: matched is for --hypernet mlp, got --hypernet linear"),
-    (["mappo_hyper_vmas.py", "--hypernet-init", "orthogonal"],
-     "error: --hypernet-init: must be scaled, matched or default, got 'orthogonal'"),
-    (["mappo_hyper_mamujoco.py", "--actor", "linear", "--hypernet-init", "matched"],
-     "error: --hypernet-init: matched is for --actor mlp, got --actor linear"),
+    (["mappo_hyper_mamujoco.py", "--hypernet", "linear", "--hypernet-init", "matched"],
+     "error: --hypernet-init: matched is for --hypernet mlp, got --hypernet linear"),
 ])
 def test_bad_hypernet_init_is_one_line_exit_2(tmp_path, argv, message):
     result = run([os.path.join(ROOT, argv[0]), "--runs-dir", str(tmp_path / "runs")] + argv[1:], tmp_path)
     assert result.returncode == 2 and result.stderr.strip() == message, result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("script", ["mappo_hyper_vmas.py", "mappo_hyper_mamujoco.py"])
+def test_an_unknown_hypernet_init_is_refused_by_the_parser(tmp_path, script):
+    result = run([os.path.join(ROOT, script), "--runs-dir", str(tmp_path / "runs"), "--hypernet-init", "orthogonl"],
+                 tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--hypernet-init" in result.stderr and "'scaled', 'matched', 'default'" in result.stderr.replace("\n", "")
     assert not (tmp_path / "runs").exists()
 
 

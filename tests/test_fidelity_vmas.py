@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+import hypermarl_extras as extras
 from conftest import ROOT, run_dirs, tiny_args
 
 
 def build(script, *argv):
-    args = script.resolve_args(script.parse_args([str(a) for a in argv]))
+    args = script.parse_args([str(a) for a in argv])
     env = script.VmasEnv(args, 2, 0, torch.device("cpu"))
     critic_in = script.critic_input(torch.zeros(args.n_agents, 1, env.obs_dim)).shape[-1]
     torch.manual_seed(0)
@@ -51,7 +52,7 @@ def test_dico_critic_std_and_squashing_follow_their_code(script):
     _, env, agent = build(script, *NAV_DICO)
     # IPPO: one critic per agent (their ippo.yaml: share_param_critic False); MAPPO: one shared critic.
     expected = script.IndependentNets if script.__name__.startswith("ippo") else script.SharedNet
-    assert isinstance(agent.critic.generator, expected)
+    assert isinstance(agent.critic.weight_net, expected)
     assert not hasattr(agent, "actor_logstd")  # the std comes from the shared network
     assert env.act_low.tolist() == [-1.0, -1.0] and env.act_high.tolist() == [1.0, 1.0]  # the box tanh maps to
     with torch.no_grad():
@@ -62,7 +63,8 @@ def test_dico_critic_std_and_squashing_follow_their_code(script):
             weight.mul_(100.0)  # deviations far outside the box
     x = torch.randn(3, 40, env.obs_dim)
     with torch.no_grad():
-        mean, std = agent.policy(x)
+        dist = agent.policy(x)
+        mean, std = dist.mean, dist.stddev
     torch.testing.assert_close(std, torch.ones_like(std))  # biased_softplus_1.0 at 0 is 1
     assert agent.actor.shared.layers[-1].out_features == 2 * env.act_dim
     # TanhNormal: log-prob of the squashed action, and tanh(u) goes to the environment.
@@ -107,10 +109,10 @@ def test_dico_resume_is_bit_exact_with_the_running_estimate(script, tmp_path, ca
 
 # ----- Evaluation mode (appendix D.1.1) -----
 def test_evaluation_mode_follows_d11_per_scenario(script, tmp_path):
-    assert script.resolve_args(script.parse_args([])).eval_deterministic is True
-    assert script.resolve_args(script.parse_args(["--scenario", "navigation"])).eval_deterministic is False
-    argv = ["--scenario", "navigation", "--eval-deterministic", "True"]
-    assert script.resolve_args(script.parse_args(argv)).eval_deterministic is True
+    assert script.parse_args([]).eval_deterministic is True
+    assert script.parse_args(["--scenario", "navigation"]).eval_deterministic is False
+    argv = ["--scenario", "navigation", "--eval-deterministic"]
+    assert script.parse_args(argv).eval_deterministic is True
 
 
 def test_sampled_evaluation_is_reproducible_and_leaves_the_training_rng_alone(script):
@@ -119,13 +121,12 @@ def test_sampled_evaluation_is_reproducible_and_leaves_the_training_rng_alone(sc
                              "--critic-hidden-dims", 8)
     with torch.no_grad():
         agent.actor_logstd.fill_(0.5)
-    rng = list(env._rng)
     torch.manual_seed(123)
-    sampled = [script.evaluate(agent, env, rng, args, 7)[0] for _ in range(2)]
+    sampled = [script.evaluate(agent, env, args, 7)[0] for _ in range(2)]
     assert torch.equal(torch.get_rng_state(), torch.manual_seed(123).get_state())
     assert sampled[0] == sampled[1]
     args.eval_deterministic = True
-    assert script.evaluate(agent, env, rng, args, 7)[0] != sampled[0]
+    assert script.evaluate(agent, env, args, 7)[0] != sampled[0]
 
 
 # ----- SND on a shared dataset (appendix D.1.2) -----
@@ -153,7 +154,7 @@ def test_snd_on_an_observation_file_and_the_dataset_builder(script, tmp_path, ca
     agent.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
     with torch.no_grad():
         flat = torch.from_numpy(obs.reshape(-1, 16))
-        expected = script.system_neural_diversity(agent.policy(flat.expand(4, -1, -1)), True)
+        expected = script.system_neural_diversity(agent.policy(flat.expand(4, -1, -1)).logits, True)
     assert snd == pytest.approx(expected, abs=2e-6)
 
 
@@ -182,9 +183,10 @@ def test_snd_obs_files_that_are_not_datasets_are_refused(script, tmp_path, capsy
              "object.npz": lambda p: np.savez(p, obs=np.array([{}], dtype=object))}  # pickled: refused
     for name, write in files.items():
         write(tmp_path / name)
-        assert isinstance(script.load_snd_obs(str(tmp_path / name), 16), str), name
+        with pytest.raises(ValueError, match="--snd-obs-file: "):
+            extras.load_snd_obs(str(tmp_path / name), 16)
     np.savez(tmp_path / "ok.npz", obs=np.ones((5, 4, 16), np.float32))
-    assert script.load_snd_obs(str(tmp_path / "ok.npz"), 16).shape == (20, 16)
+    assert extras.load_snd_obs(str(tmp_path / "ok.npz"), 16).shape == (20, 16)
     assert script.main(tiny_args(tmp_path / "train", "--save-model")) == 0
     (run_dir,) = run_dirs(tmp_path / "train")
     capsys.readouterr()
@@ -202,9 +204,9 @@ def test_snd_obs_files_that_are_not_datasets_are_refused(script, tmp_path, capsy
 ])
 def test_navigation_defaults_follow_table_15(script, family, n, same, clip, lr):
     argv = ["--scenario", "navigation", "--hypernet", family, "--n-agents", str(n), "--agents-with-same-goal", str(same)]
-    args = script.resolve_args(script.parse_args(argv))
+    args = script.parse_args(argv)
     assert (args.clip_coef, args.learning_rate) == (clip, lr)
-    args = script.resolve_args(script.parse_args(argv + ["--clip-coef", "0.3", "--learning-rate", "1e-3"]))
+    args = script.parse_args(argv + ["--clip-coef", "0.3", "--learning-rate", "1e-3"])
     assert (args.clip_coef, args.learning_rate) == (0.3, 1e-3)  # explicit flags win
 
 
@@ -248,7 +250,7 @@ def test_dico_interference_metric_does_not_move_the_running_estimate(script):
     batch = dict(obs=obs, actions=action, logprobs=logprob, advantages=torch.randn(n, batch_size),
                  returns=torch.randn(n, batch_size), values=value)
     optimizer = torch.optim.Adam(agent.parameters(), lr=1e-4)
-    script.ppo_update(agent, optimizer, batch, args, batch_size)
+    script.ppo_update(agent, optimizer, batch, args)
     # One training minibatch: the estimate is its measured value; the metric's extra forward pass on
     # the first 8 samples would have moved it by tau toward their (different) measure.
     assert float(agent.actor.snd_hat) == pytest.approx(measured, rel=1e-5)

@@ -9,20 +9,17 @@ import pytest
 from conftest import ROOT
 
 # What mappo_hyper_vmas.py may change relative to ippo_hyper_vmas.py: the centralised critic.
-ALLOWED_VMAS_DIFFERENCES = {"critic_input", "Args", "HYPERNET_DEFAULTS", "PAPER_DEFAULTS", "CHECKPOINT_FORMAT"}
+ALLOWED_VMAS_DIFFERENCES = {"critic_input", "Args", "CHECKPOINT_FORMAT"}
+MAX_CHANGED_VMAS_LINES = 40
 # Pieces every script copies verbatim from ippo_hyper_vmas.py (the canonical copy).
 HYPERNETWORKS = ["layer_init", "layer_shapes", "num_target_params", "target_init_vector", "unflatten_params",
                  "batched_mlp", "LinearHypernet", "MLPHypernet"]
 METRICS = ["js_distance_categorical", "js_distance_gaussian", "system_neural_diversity",
            "gradient_variance_and_norm", "gradient_interference"]
 COPIES = {
-    "reinforce_matrix_games": HYPERNETWORKS + ["js_distance_categorical", "parse_args", "DOC_DEFAULT", "MAX_SEED",
-                                               "check_output_folder", "new_run_folder", "duration"],
-    "mappo_hyper_mamujoco": HYPERNETWORKS + METRICS + ["SharedNet", "IndependentNets", "save_checkpoint",
-                                                       "rng_to_tensors", "rng_from_tensors", "compute_gae",
-                                                       "clip_grad_norm", "parse_args", "DOC_DEFAULT", "resolve_args",
-                                                       "check_output_folder", "take_flags_from_checkpoint",
-                                                       "new_run_folder", "duration"],
+    "reinforce_matrix_games": HYPERNETWORKS + ["js_distance_categorical"],
+    "mappo_hyper_mamujoco": HYPERNETWORKS + METRICS + ["SharedNet", "IndependentNets", "compute_gae",
+                                                       "check_output_folder", "new_run_folder", "duration"],
 }
 
 
@@ -52,7 +49,7 @@ def test_mappo_diff_is_small():
     mappo = open(os.path.join(ROOT, "mappo_hyper_vmas.py")).read().splitlines()
     changed = sum(1 for line in difflib.unified_diff(ippo, mappo, lineterm="", n=0)
                   if line[:1] in "+-" and not line.startswith(("+++", "---")))
-    assert changed < 0.15 * len(ippo), changed
+    assert changed <= MAX_CHANGED_VMAS_LINES, changed
 
 
 def test_mappo_args_have_the_same_fields_as_ippo():

@@ -35,7 +35,7 @@ def test_hypernetwork_learns_small_dispersion(script, tmp_path, capsys, one_thre
     assert script.main(argv) == 0, capsys.readouterr().err
     (run_dir,) = run_dirs(tmp_path)
     trained = scalar_tags(run_dir)["eval/episodic_return"][-1]
-    baseline = random_policy_return(script, script.resolve_args(script.parse_args(argv)))
+    baseline = random_policy_return(script, script.parse_args(argv))
     # A uniformly random policy scores about -0.9 (-0.01 per step, food found by chance); the
     # hypernetwork (the authors' initialisation) reaches +0.18 (IPPO; -0.44 at 300k) and, MAPPO,
     # +0.53 already at 300k, on one thread.

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import ROOT, load_script, run_dirs, scalar_tags, tiny_args
+from conftest import ROOT, load_script, run_dirs, scalar_tags, tiny_args, parsed
 
 FAMILIES = ["mlp", "linear", "fups", "nops", "dico"]
 REQUIRED_TAGS = {"charts/episodic_return", "charts/SPS", "losses/policy_loss", "losses/value_loss",
@@ -155,20 +155,15 @@ BAD_INPUT = [
     (["--total-timesteps", 0], "--total-timesteps"),
     (["--learning-rate", 0], "--learning-rate"),
     (["--num-minibatches", 3], "--num-minibatches"),
-    (["--scenario", "football"], "--scenario"),
-    (["--hypernet", "transformer"], "--hypernet"),
     (["--hypernet", "fups", "--hypernet-init", "default"], "--hypernet-init"),
     (["--hypernet", "nops", "--hypernet-embedding-dim", 8], "--hypernet-embedding-dim"),
     (["--hypernet", "linear", "--hypernet-hidden-dims", 32], "--hypernet-hidden-dims"),
     (["--hypernet", "mlp", "--dico-snd-des", 1.0], "--dico-snd-des"),
-    (["--hypernet-embedding", "random"], "--hypernet-embedding"),
     (["--gamma", 1.5], "--gamma"),
     (["--n-food", 2, "--scenario", "navigation"], "--n-food"),
     (["--collisions"], "--collisions"),
     (["--eval-only"], "--eval-only"),
     (["--resume", "/no/such/checkpoint.pt"], "--resume"),
-    (["--n-agents", "four"], "--n-agents"),
-    (["--no-such-flag", 1], "--no-such-flag"),
     (["--seed", -1], "--seed"),
     (["--seed", 2**32], "--seed"),
     (["--learning-rate", "inf"], "--learning-rate"),
@@ -197,6 +192,27 @@ def test_bad_input_is_one_line_exit_2_nothing_written(script, extra, flag, tmp_p
     assert not os.path.exists(tmp_path / "runs")
 
 
+# Values of the wrong type or outside a flag's choices: tyro's own message (naming the flag, with its
+# "did you mean" hint for a misspelt flag), exit status 2, nothing written.
+@pytest.mark.parametrize("extra,flag", [
+    (["--scenario", "football"], "--scenario"),
+    (["--hypernet", "transformer"], "--hypernet"),
+    (["--hypernet-embedding", "random"], "--hypernet-embedding"),
+    (["--activation", "gelu"], "--activation"),
+    (["--n-agents", "four"], "--n-agents"),
+    (["--no-such-flag", 1], "--no-such-flag"),
+])
+def test_bad_values_are_refused_by_the_parser(script, extra, flag, tmp_path, capsys):
+    code, out, err = run(script, tiny_args(tmp_path / "runs", *extra), capsys)
+    assert code == 2 and flag in err and "Traceback" not in err, err
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_a_misspelt_flag_gets_a_suggestion(script, capsys):
+    code, out, err = run(script, ["--n-agent", "3"], capsys)
+    assert code == 2 and "--n-agent" in err and "--n-agents" in err.replace("--n-agent ", ""), err
+
+
 def test_bad_input_exit_status_from_the_command_line(script, tmp_path):
     result = subprocess.run([sys.executable, f"{script.__name__}.py", "--num-minibatches", "3",
                              "--runs-dir", str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -206,10 +222,9 @@ def test_bad_input_exit_status_from_the_command_line(script, tmp_path):
 
 
 def test_unknown_scenario_kwarg_is_an_error_not_a_warning(script, monkeypatch):
-    args = script.resolve_args(script.Args(total_timesteps=4096))
-    original = script.scenario_kwargs
-    monkeypatch.setattr(script, "scenario_kwargs", lambda a: original(a) | {"shared_reward": True})
-    with pytest.raises(script.ArgError, match="shared_reward"):
+    args = parsed(script, total_timesteps=4096)
+    monkeypatch.setitem(script.SCENARIO_OPTIONS, "dispersion", script.SCENARIO_OPTIONS["dispersion"] + ("shared_rew",))
+    with pytest.raises(script.ArgError, match="shared_rew"):
         script.VmasEnv(args, 2, 0, torch.device("cpu"))
 
 
@@ -366,9 +381,15 @@ def test_help_shows_each_default_once(script, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         script.parse_args(["--help"])
     text = capsys.readouterr().out
-    assert "Dispersion 5e-4" in text
+    assert "Adam learning rate (default: 0.0005)" in text and "parallel VMAS environments (default: 16)" in text
     # only the flags whose default really is None say so
     assert text.count("(default: None)") == 4, text
+    # a scenario's help shows its own defaults (Table 12), and Table 15's for its family and goal setting
+    with pytest.raises(SystemExit):
+        script.parse_args(["--scenario", "navigation", "--n-agents", "8", "--hypernet", "nops", "--help"])
+    text = capsys.readouterr().out
+    assert "(default: 600)" in text and "(default: 5e-05)" in text and "(default: navigation)" in text
+    assert "surrogate clipping coefficient (default: 0.2)" in text  # nops, 8 agents, one goal each
 
 
 def test_capture_video_writes_non_blank_episodes_and_changes_no_number(tmp_path, capsys):
