@@ -1284,12 +1284,13 @@ def read_command_line(argv: list[str]):
     if not (args.resume or args.checkpoint):
         check_given_flags(args, flags_given(argv))
     else:
-        import hypermarl_extras as extras
-
         flag = "--resume" if args.resume else "--checkpoint"
+        extras = import_extras(flag)
         loaded = extras.load_checkpoint(args.resume or args.checkpoint, flag, CHECKPOINT_FORMAT, CHECKPOINT_KEYS)
         changes = extras.take_flags_from_checkpoint(args, loaded["args"], flag, flags_given(argv), COMPAT_FIELDS,
                                                     RESUME_MAY_CHANGE, INVOCATION_FIELDS)
+        if flag == "--checkpoint":  # the evaluation's defaults are those of the checkpoint's scenario
+            args = paper_defaults(args, flags_given(argv) | set(COMPAT_FIELDS))
         if args.anneal_lr and any(change.startswith("--total-timesteps") for change in changes):
             raise ArgError("--total-timesteps: the run anneals its learning rate over its budget (--anneal-lr); "
                            "a new budget would change the schedule")
@@ -1303,14 +1304,20 @@ def read_command_line(argv: list[str]):
             import wandb  # noqa: F401
         except ImportError:
             raise ArgError("--track: wandb is not installed (pip install wandb)")
-    if args.save_model or args.capture_video:
-        try:
-            import hypermarl_extras as extras
-        except ImportError:
-            raise ArgError(f"--{'save-model' if args.save_model else 'capture-video'}: needs hypermarl_extras.py beside this script")
-        if args.capture_video and (problem := extras.probe_capture_video("vmas")):
-            raise ArgError(problem)
+    if args.save_model:
+        import_extras("--save-model")
+    if args.capture_video and (problem := import_extras("--capture-video").probe_capture_video("vmas")):
+        raise ArgError(problem)
     return args, loaded, changes
+
+
+def import_extras(flag: str):
+    """hypermarl_extras.py, which checkpoints and videos need, or one line saying it is missing."""
+    try:
+        import hypermarl_extras
+    except ImportError:
+        raise ArgError(f"{flag}: needs hypermarl_extras.py beside this script")
+    return hypermarl_extras
 
 
 def save_run(path, args, run_name, agent, optimizer, action_optimizer, envs, global_step, iteration) -> None:

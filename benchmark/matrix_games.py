@@ -1,20 +1,21 @@
-"""Tables 2 and 6 of the paper (and HyperMARL rows): every game x n x method x seed of
+"""Tables 2 and 6 of the paper (and HyperMARL rows): every game x n x family x seed of
 reinforce_matrix_games.py, with the paper's values beside ours, and a plot of the learning curves.
 
     python benchmark/matrix_games.py                               # a new folder runs/matrix_games_<time>
     python benchmark/matrix_games.py --out benchmark/results       # regenerates the committed results
                                                                    # (TensorBoard logs: benchmark/results/runs, ignored by git)
-    python benchmark/matrix_games.py --games synchronisation --n-agents 8 --methods fups fups-id --num-seeds 100
-    python benchmark/matrix_games.py --methods nops fups fups-id --returns raw --out /tmp/raw
+    python benchmark/matrix_games.py --games synchronisation --n-agents 8 --hypernets fups-noid fups --num-seeds 100
+    python benchmark/matrix_games.py --hypernets nops fups-noid fups --returns raw --out /tmp/raw
 
-Any other flag is reinforce_matrix_games.py's (--returns, --reward, --num-trials, --seed, --num-seeds,
---runs-dir for the TensorBoard logs, ...); --num-seeds defaults to 5 here (Table 8), and --runs-dir to
-the folder runs/ inside --out. Writes to --out:
+--hypernets takes reinforce_matrix_games.py's --hypernet values: nops, fups-noid (Table 2's FuPS), fups
+(FuPS+ID), linear, mlp. Any other flag is the script's, checked by tyro as there (--returns, --reward,
+--num-trials, --seed, --num-seeds, --runs-dir for the TensorBoard logs, ...); --num-seeds defaults to
+5 here (Table 8), and --runs-dir to the folder runs/ inside --out. Writes to --out:
   matrix_games_sweep.md    Tables 2 and 6 (ours, the paper's value in brackets, a mark where they differ
                            by more than one std), seeds at the optimum, parameters, gradient statistics, SND
   matrix_games_sweep.json  per-seed final values and learning curves
   matrix_games_n<N>.png    evaluation reward against training trials at the largest n
-  runs/                    one TensorBoard run per game x n x method x seed (unless --runs-dir says elsewhere)
+  runs/                    one TensorBoard run per game x n x family x seed (unless --runs-dir says elsewhere)
 """
 
 import argparse
@@ -24,42 +25,42 @@ import os
 import platform
 import sys
 import time
+import typing
 
 import numpy as np
 import torch
+import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import reinforce_matrix_games as mg  # noqa: E402
 sys.path.insert(0, os.path.join(ROOT, "benchmark"))
-from sps import check_writable, new_output_folder  # noqa: E402
+from sps import OneLineParser, check_writable, new_output_folder  # noqa: E402
 
+GAMES = typing.get_args(typing.get_type_hints(mg.Args)["game"])
+# The families in the paper's row order (tables, plot), with the paper's names.
+NAMES = {"nops": "NoPS", "fups-noid": "FuPS", "fups": "FuPS+ID", "linear": "HyperMARL (linear)",
+         "mlp": "HyperMARL (MLP)"}
+# Table 8: total parameters per family.
+PAPER_PARAMS = {"nops": {2: 36, 4: 112, 8: 384}, "fups-noid": {2: 34, 4: 100, 8: 328}, "fups": {2: 42, 4: 148, 8: 552}}
 # Table 2 (argmax evaluation) and Table 6 (sampled actions): (mean, std) over 5 seeds for n = 2, 4, 8.
 PAPER_TABLE2 = {
     ("specialisation", "nops"): {2: (1.00, 0.00), 4: (1.00, 0.00), 8: (1.00, 0.00)},
-    ("specialisation", "fups"): {2: (0.50, 0.00), 4: (0.25, 0.00), 8: (0.13, 0.00)},
-    ("specialisation", "fups-id"): {2: (1.00, 0.00), 4: (0.95, 0.10), 8: (0.53, 0.09)},
+    ("specialisation", "fups-noid"): {2: (0.50, 0.00), 4: (0.25, 0.00), 8: (0.13, 0.00)},
+    ("specialisation", "fups"): {2: (1.00, 0.00), 4: (0.95, 0.10), 8: (0.53, 0.09)},
     ("synchronisation", "nops"): {2: (1.00, 0.00), 4: (1.00, 0.00), 8: (0.13, 0.00)},
-    ("synchronisation", "fups"): {2: (1.00, 0.00), 4: (1.00, 0.00), 8: (1.00, 0.00)},
-    ("synchronisation", "fups-id"): {2: (1.00, 0.00), 4: (1.00, 0.00), 8: (0.30, 0.35)},
+    ("synchronisation", "fups-noid"): {2: (1.00, 0.00), 4: (1.00, 0.00), 8: (1.00, 0.00)},
+    ("synchronisation", "fups"): {2: (1.00, 0.00), 4: (1.00, 0.00), 8: (0.30, 0.35)},
 }
 PAPER_TABLE6 = {
     ("specialisation", "nops"): {2: (.9996, .0004), 4: (.9988, .0007), 8: (.9989, .0008)},
-    ("specialisation", "fups"): {2: (.7493, .0062), 4: (.6826, .0039), 8: (.6545, .0025)},
-    ("specialisation", "fups-id"): {2: (.9999, .0002), 4: (.9995, .0003), 8: (.7275, .0293)},
+    ("specialisation", "fups-noid"): {2: (.7493, .0062), 4: (.6826, .0039), 8: (.6545, .0025)},
+    ("specialisation", "fups"): {2: (.9999, .0002), 4: (.9995, .0003), 8: (.7275, .0293)},
     ("synchronisation", "nops"): {2: (.9993, .0004), 4: (.9976, .0022), 8: (.1250, 0.0)},
-    ("synchronisation", "fups"): {2: (.9999, .0002), 4: (1.0, 0.0), 8: (.3000, .3500)},
-    ("synchronisation", "fups-id"): {2: (.9999, 0.0), 4: (.9999, .0003), 8: (.1250, 0.0)},
+    ("synchronisation", "fups-noid"): {2: (.9999, .0002), 4: (1.0, 0.0), 8: (.3000, .3500)},
+    ("synchronisation", "fups"): {2: (.9999, 0.0), 4: (.9999, .0003), 8: (.1250, 0.0)},
 }
 SOLVED = 0.99  # a seed "solves" a game when its evaluation reward is at least this
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse with the repository's convention for bad input: one line, exit status 2."""
-
-    def error(self, message):
-        print(f"error: {message.removeprefix('argument ')}", file=sys.stderr)
-        sys.exit(2)
 
 
 def n_agents(text):
@@ -83,68 +84,68 @@ def format_cell(ours, paper, digits):
     return text + f" ({paper[0]:.{digits}f} ± {paper[1]:.{digits}f})" + (" ✗" if off else ""), off
 
 
-def game_tables(games, methods, ns, cell) -> list[str]:
-    """One markdown table per game (rows: methods, columns: n); cell(game, method, n) -> text."""
+def game_tables(games, hypernets, ns, cell) -> list[str]:
+    """One markdown table per game (rows: families, columns: n); cell(game, hypernet, n) -> text."""
     header = "| Method | " + " | ".join(str(n) for n in ns) + " |\n|---|" + "---|" * len(ns)
     lines = []
     for game in games:
         lines += [f"**{game.capitalize()} game**\n", header]
-        for method in methods:
-            lines.append(f"| {mg.METHOD_NAMES[method]} | " + " | ".join(cell(game, method, n) for n in ns) + " |")
+        for hypernet in hypernets:
+            lines.append(f"| {NAMES[hypernet]} | " + " | ".join(cell(game, hypernet, n) for n in ns) + " |")
         lines.append("")
     return lines
 
 
 def sweep_tables(results: list[dict], args) -> tuple[str, list[str]]:
-    """Markdown in the layout of Tables 2 and 6 (rows: methods, columns: n), plus parameters and gradients."""
-    by_key = {(r["game"], r["method"], r["n_agents"]): r for r in results}
+    """Markdown in the layout of Tables 2 and 6 (rows: families, columns: n), plus parameters and gradients."""
+    by_key = {(r["game"], r["hypernet"], r["n_agents"]): r for r in results}
     ns = sorted({r["n_agents"] for r in results})
-    methods = [m for m in mg.METHODS if any(r["method"] == m for r in results)]
-    games = [g for g in mg.GAMES if any(r["game"] == g for r in results)]
+    hypernets = [h for h in NAMES if any(r["hypernet"] == h for r in results)]
+    games = [g for g in GAMES if any(r["game"] == g for r in results)]
     lines, misses = [], []
     for title, key, paper_table, digits in (
             ("Table 2 (argmax evaluation)", "argmax", PAPER_TABLE2, 2),
             ("Table 6 (sampled actions)", "sampled", PAPER_TABLE6, 4)):
 
-        def paper_cell(game, method, n):
-            r = by_key.get((game, method, n))
+        def paper_cell(game, hypernet, n):
+            r = by_key.get((game, hypernet, n))
             if r is None:
                 return "—"
-            text, off = format_cell(r[key], paper_table.get((game, method), {}).get(n), digits)
+            text, off = format_cell(r[key], paper_table.get((game, hypernet), {}).get(n), digits)
             if off:
-                misses.append(f"{title.split(' (')[0]} {game} {mg.METHOD_NAMES[method]} n={n}: {text}")
+                misses.append(f"{title.split(' (')[0]} {game} {NAMES[hypernet]} n={n}: {text}")
             return text
 
         lines.append(f"### {title}: ours mean ± std over {args.num_seeds} seeds (paper's value), ✗ = more than one std away\n")
-        lines += game_tables(games, methods, ns, paper_cell)
+        lines += game_tables(games, hypernets, ns, paper_cell)
 
-    def solved_cell(game, method, n):
-        r = by_key.get((game, method, n))
+    def solved_cell(game, hypernet, n):
+        r = by_key.get((game, hypernet, n))
         if r is None:
             return "—"
         return " / ".join(str(sum(v >= SOLVED for v in r[key])) for key in ("argmax", "sampled")) + f" of {len(r['argmax'])}"
 
     lines.append(f"### Seeds at the optimum (evaluation reward ≥ {SOLVED}): argmax / sampled\n")
-    lines += game_tables(games, methods, ns, solved_cell)
+    lines += game_tables(games, hypernets, ns, solved_cell)
     lines += ["### Parameters per method (Table 8 in brackets)\n",
               "| Method | " + " | ".join(str(n) for n in ns) + " |\n|---|" + "---|" * len(ns)]
-    for method in methods:
+    for hypernet in hypernets:
         cells = []
         for n in ns:
-            paper = mg.PAPER_PARAMS.get(method, {}).get(n)
-            cells.append(f"{mg.count_params(method, n, args)}" + (f" ({paper})" if paper is not None else ""))
-        lines.append(f"| {mg.METHOD_NAMES[method]} | " + " | ".join(cells) + " |")
+            paper = PAPER_PARAMS.get(hypernet, {}).get(n)
+            cells.append(f"{mg.count_params(hypernet, n, args)}" + (f" ({paper})" if paper is not None else ""))
+        lines.append(f"| {NAMES[hypernet]} | " + " | ".join(cells) + " |")
     lines.append("")
     for title, key, fmt in (("Gradient variance (variance across all policy parameters of each update's gradient, averaged over training)", "grad_var", ".2e"),
                             ("Interference (mean pairwise cosine similarity of the agents' gradients, averaged over training)", "interference", ".3f"),
                             ("SND (mean pairwise Jensen-Shannon distance between agents' final policies)", "snd", ".3f")):
 
-        def stat_cell(game, method, n, key=key, fmt=fmt):
-            r = by_key.get((game, method, n))
+        def stat_cell(game, hypernet, n, key=key, fmt=fmt):
+            r = by_key.get((game, hypernet, n))
             return "—" if r is None else f"{np.mean(r[key]):{fmt}} ± {np.std(r[key]):{fmt}}"
 
         lines.append(f"### {title}\n")
-        lines += game_tables(games, methods, ns, stat_cell)
+        lines += game_tables(games, hypernets, ns, stat_cell)
     return "\n".join(lines), misses
 
 
@@ -160,26 +161,26 @@ def rounded(value, digits=6):
 
 
 def plot_curves(results: list[dict], n_agents: int, path: str) -> None:
-    """Evaluation reward against training trials per method at n_agents, both games, argmax and sampled."""
+    """Evaluation reward against training trials per family at n_agents, both games, argmax and sampled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    games = [g for g in mg.GAMES if any(r["game"] == g and r["n_agents"] == n_agents for r in results)]
+    games = [g for g in GAMES if any(r["game"] == g and r["n_agents"] == n_agents for r in results)]
     fig, axes = plt.subplots(len(games), 2, figsize=(10, 3.6 * len(games)), squeeze=False)
     for row, game in enumerate(games):
         for col, (key, label) in enumerate((("argmax", "argmax actions (Table 2)"), ("sampled", "sampled actions (Table 6)"))):
             ax = axes[row][col]
-            for method in mg.METHODS:
-                r = next((r for r in results if (r["game"], r["method"], r["n_agents"]) == (game, method, n_agents)), None)
+            for k, hypernet in enumerate(NAMES):
+                r = next((r for r in results if (r["game"], r["hypernet"], r["n_agents"]) == (game, hypernet, n_agents)), None)
                 if r is None:
                     continue
                 x = np.array(r["curve"]["trials"])
                 y = np.array(r["curve"][key])  # (S, T)
                 mean, std = y.mean(0), y.std(0)
-                k = mg.METHODS.index(method)  # layered widths and dashes keep coinciding curves visible
-                line, = ax.plot(x, mean, label=mg.METHOD_NAMES[method], linewidth=3.2 - 0.6 * k,
+                # layered widths and dashes keep coinciding curves visible
+                line, = ax.plot(x, mean, label=NAMES[hypernet], linewidth=3.2 - 0.6 * k,
                                 linestyle=["-", "-", "--", "-.", ":"][k])
                 ax.fill_between(x, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), color=line.get_color(), alpha=0.15)
             ax.set_title(f"{game.capitalize()}, n = {n_agents}: {label}")
@@ -203,12 +204,13 @@ def write_atomic(path, text):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    parser.add_argument("--games", nargs="+", default=list(mg.GAMES), choices=mg.GAMES)
+    parser.add_argument("--games", nargs="+", default=list(GAMES), choices=GAMES)
     parser.add_argument("--n-agents", nargs="+", type=n_agents, default=[2, 4, 8])
-    parser.add_argument("--methods", nargs="+", default=list(mg.METHODS), choices=mg.METHODS)
+    parser.add_argument("--hypernets", nargs="+", default=list(NAMES), choices=list(NAMES),
+                        help="the families to train (reinforce_matrix_games.py's --hypernet; default: all)")
     parser.add_argument("--out", default=None, help="output folder (default: a new folder runs/matrix_games_<time>)")
     opts, rest = parser.parse_known_args(argv)
-    for flag, instead in (("--game", "--games"), ("--method", "--methods"), ("--save-model", None)):
+    for flag, instead in (("--game", "--games"), ("--hypernet", "--hypernets"), ("--save-model", None)):
         if any(item == flag or item.startswith(flag + "=") for item in rest):
             parser.error(f"{flag}: the sweep sets it" + (f"; use {instead}" if instead else ""))
     if not any(item == "--num-seeds" or item.startswith("--num-seeds=") for item in rest):
@@ -218,8 +220,9 @@ def main(argv=None) -> int:
     runs_dir_given = any(item == "--runs-dir" or item.startswith("--runs-dir=") for item in rest)
     if not runs_dir_given:  # checked where it will be: inside --out, or inside the new folder in runs/
         rest += ["--runs-dir", os.path.join(opts.out or "runs", "runs")]
+    args = tyro.cli(mg.Args, args=rest, prog="python reinforce_matrix_games.py")  # a bad choice or type: exit 2
     try:
-        args = mg.validate_args(mg.parse_args(rest), methods=opts.methods)
+        mg.check_args(args, mg.flags_given(rest), hypernets=opts.hypernets)
     except mg.ArgError as error:
         parser.error(str(error))
     try:  # the plot comes after the whole sweep: fail now, not then
@@ -233,14 +236,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.num_threads)
     seeds = list(range(args.seed, args.seed + args.num_seeds))
     start, results = time.time(), []
-    total = len(opts.n_agents) * len(opts.games) * len(opts.methods)
+    total = len(opts.n_agents) * len(opts.games) * len(opts.hypernets)
     for n in opts.n_agents:
         for game in opts.games:
-            for method in opts.methods:
-                writers = mg.make_writers(args, game, n, method, seeds)
+            for hypernet in opts.hypernets:
+                writers = mg.make_writers(args, game, n, hypernet, seeds)
                 t0 = time.time()
                 try:
-                    result = mg.train(game, method, n, seeds, args, writers)
+                    result = mg.train(game, hypernet, n, seeds, args, writers)
                 finally:
                     for writer in writers:
                         writer.close()
@@ -248,7 +251,7 @@ def main(argv=None) -> int:
                 results.append(result)
                 elapsed = time.time() - start
                 eta = f" eta {mg.duration(elapsed / len(results) * (total - len(results)))}" if len(results) < total else ""
-                print(f"[{len(results)}/{total}] {game:15s} n={n} {mg.METHOD_NAMES[method]:18s} params={result['params']:4d} "
+                print(f"[{len(results)}/{total}] {game:15s} n={n} {NAMES[hypernet]:18s} params={result['params']:4d} "
                       f"argmax {np.mean(result['argmax']):.3f} ± {np.std(result['argmax']):.3f}  "
                       f"sampled {np.mean(result['sampled']):.4f} ± {np.std(result['sampled']):.4f}  "
                       f"grad var {np.mean(result['grad_var']):.2e}  interference {np.mean(result['interference']):.3f}  "

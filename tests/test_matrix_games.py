@@ -1,13 +1,15 @@
-"""Tests for reinforce_matrix_games.py: payoffs, Theorem B.1, Table 8 parameter counts, hyper-linear
-(no shared bias) == NoPS, seed batching, a single run end to end, and bad input. The sweep
+"""Tests for reinforce_matrix_games.py: payoffs, Theorem B.1, Table 8 parameter counts, --hypernet
+linear (no shared bias) == NoPS, seed batching, a single run end to end, and bad input. The sweep
 (benchmark/matrix_games.py) and the fidelity findings are in test_fidelity_matrix.py."""
 
 import dataclasses
+import functools
 import itertools
 import os
 import re
 import subprocess
 import sys
+import typing
 
 import numpy as np
 import pytest
@@ -18,6 +20,12 @@ SCRIPT = os.path.join(REPO, "reinforce_matrix_games.py")
 sys.path.insert(0, REPO)
 
 import reinforce_matrix_games as mg  # noqa: E402
+
+sys.path.insert(0, os.path.join(REPO, "benchmark"))
+import matrix_games as bench  # noqa: E402  (the paper's values live with the sweep)
+
+HYPERNETS = typing.get_args(typing.get_type_hints(mg.Args)["hypernet"])
+GAMES = typing.get_args(typing.get_type_hints(mg.Args)["game"])
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -32,7 +40,8 @@ def one_thread():
 
 def make_args(**overrides):
     args = mg.Args(**overrides)
-    return mg.validate_args(args)
+    mg.check_args(args, set(overrides))
+    return args
 
 
 # ----- payoffs -----
@@ -67,7 +76,7 @@ def test_n_player_payoffs(n):
     assert mg.payoff("specialisation", batch, n).shape == (1, 3, n)
 
 
-@pytest.mark.parametrize("game", mg.GAMES)
+@pytest.mark.parametrize("game", GAMES)
 def test_expected_team_reward_matches_enumeration(game):
     n = 3
     probs = torch.softmax(torch.randn(n, n, generator=torch.Generator().manual_seed(0)), -1).double()
@@ -81,7 +90,7 @@ def test_expected_team_reward_matches_enumeration(game):
 # ----- Theorem B.1 -----
 def test_theorem_b1_closed_form_on_a_grid():
     alphas = torch.linspace(0, 1, 1001, dtype=torch.float64)
-    closed = mg.shared_policy_return_2p(alphas)
+    closed = -alphas ** 2 + alphas + 0.5  # Eq. (13): a shared policy with P(a = 0) = alpha
     probs = torch.stack([alphas, 1 - alphas], -1).unsqueeze(-2).expand(-1, 2, 2)  # both agents share alpha
     exact = mg.expected_team_reward("specialisation", probs)
     assert torch.allclose(closed, exact, atol=1e-12)  # Eq. (13) is the game's expected return
@@ -92,7 +101,7 @@ def test_theorem_b1_closed_form_on_a_grid():
 def test_trained_fups_stays_below_075_but_nops_does_not():
     args = make_args(num_trials=2000, eval_interval=2000)
     seeds = [1, 2, 3]
-    fups = mg.train("specialisation", "fups", 2, seeds, args)
+    fups = mg.train("specialisation", "fups-noid", 2, seeds, args)
     # Exact expected return of the learned shared policy: never above 0.75.
     assert max(fups["expected"]) <= 0.75 + 1e-6
     # Sampled evaluation (1000 trials, team reward in {0.5, 1}: std <= 0.25): within sampling error.
@@ -105,18 +114,20 @@ def test_trained_fups_stays_below_075_but_nops_does_not():
 
 
 # ----- architectures -----
-@pytest.mark.parametrize("method", ["nops", "fups", "fups-id"])
-def test_parameter_counts_match_table_8(method):
+@pytest.mark.parametrize("hypernet", ["nops", "fups-noid", "fups"])
+def test_parameter_counts_match_table_8(hypernet):
     args = make_args()
-    for n, count in mg.PAPER_PARAMS[method].items():
-        assert mg.count_params(method, n, args) == count
+    assert bench.PAPER_PARAMS[hypernet] == {"nops": {2: 36, 4: 112, 8: 384}, "fups-noid": {2: 34, 4: 100, 8: 328},
+                                            "fups": {2: 42, 4: 148, 8: 552}}[hypernet]  # Table 8
+    for n, count in bench.PAPER_PARAMS[hypernet].items():
+        assert mg.count_params(hypernet, n, args) == count
 
 
-def test_hyper_linear_without_shared_bias_is_nops():
+def test_linear_hypernet_without_shared_bias_is_nops():
     n, seeds = 4, [1, 2]
-    args = make_args(method="hyper-linear", hyper_linear_shared_bias=False, num_trials=250, eval_interval=250)
-    assert mg.count_params("hyper-linear", n, args) == mg.count_params("nops", n, args)
-    hyper = mg.Population("hyper-linear", n, seeds, args)
+    args = make_args(hypernet="linear", hyper_linear_shared_bias=False, num_trials=250, eval_interval=250)
+    assert mg.count_params("linear", n, args) == mg.count_params("nops", n, args)
+    hyper = mg.Population("linear", n, seeds, args)
     nops = mg.Population("nops", n, seeds, args)
     with torch.no_grad():  # give NoPS the networks the hypernetwork generates
         generated = vmap_generate(hyper)
@@ -124,8 +135,8 @@ def test_hyper_linear_without_shared_bias_is_nops():
             nops.params[f"weights.{k}"].copy_(weight)
             nops.params[f"biases.{k}"].copy_(bias)
         assert torch.allclose(hyper.logits(), nops.logits(), atol=1e-7)
-    for game in mg.GAMES:
-        out_h = mg.train(game, "hyper-linear", n, seeds, args, pop=hyper)
+    for game in GAMES:
+        out_h = mg.train(game, "linear", n, seeds, args, pop=hyper)
         out_n = mg.train(game, "nops", n, seeds, args, pop=nops)
         # Same actions every update (same seeds, same probabilities) -> same SGD steps -> same policies.
         assert torch.allclose(hyper.logits(), nops.logits(), atol=1e-5)
@@ -137,23 +148,24 @@ def test_hyper_linear_without_shared_bias_is_nops():
 def vmap_generate(pop):
     from torch.func import functional_call, vmap
 
-    return vmap(lambda p, b: functional_call(pop.base.hypernet, ({k[len("hypernet."):]: v for k, v in p.items()},
-                                                                   {k[len("hypernet."):]: v for k, v in b.items()}), ()))(
-        pop.params, {k: v for k, v in pop.buffers.items() if k.startswith("hypernet.")})
+    prefix = "weight_net."
+    return vmap(lambda p, b: functional_call(pop.base.weight_net, ({k[len(prefix):]: v for k, v in p.items()},
+                                                                   {k[len(prefix):]: v for k, v in b.items()}), ()))(
+        pop.params, {k: v for k, v in pop.buffers.items() if k.startswith(prefix)})
 
 
 def test_shared_bias_couples_agents():
     # Negative control for the test above: with Eq. (5)'s shared bias the agents' gradients overlap.
     args = make_args(num_trials=200, eval_interval=200)
-    out = mg.train("specialisation", "hyper-linear", 4, [1, 2], args)
+    out = mg.train("specialisation", "linear", 4, [1, 2], args)
     assert min(abs(x) for x in out["interference"]) > 1e-4
-    assert mg.count_params("hyper-linear", 4, args) == mg.count_params("nops", 4, args) + 28
+    assert mg.count_params("linear", 4, args) == mg.count_params("nops", 4, args) + 28
 
 
 def test_seed_batching_does_not_change_a_seed():
     args = make_args(num_trials=300, eval_interval=300)
-    alone = mg.train("specialisation", "hyper-mlp", 4, [2], args)
-    batched = mg.train("specialisation", "hyper-mlp", 4, [1, 2], args)
+    alone = mg.train("specialisation", "mlp", 4, [2], args)
+    batched = mg.train("specialisation", "mlp", 4, [1, 2], args)
     assert abs(alone["sampled"][0] - batched["sampled"][1]) < 1e-6
     assert abs(alone["grad_var"][0] - batched["grad_var"][1]) < 1e-6 * max(1.0, alone["grad_var"][0])
 
@@ -161,26 +173,27 @@ def test_seed_batching_does_not_change_a_seed():
 # ----- end to end -----
 def test_single_run_in_process(tmp_path, capsys):
     runs = tmp_path / "runs"
-    code = mg.main(["--method", "fups-id", "--n-agents", "4", "--num-trials", "100", "--num-seeds", "2",
-                    "--runs-dir", str(runs)])
+    code = mg.main(["--hypernet", "fups", "--n-agents", "4", "--num-trials", "100", "--num-seeds", "2",
+                    "--runs-dir", str(runs), "--save-model"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "parameters: FuPS+ID 148 (Table 8: 148)" in out
+    assert "parameters: fups 148" in out  # Table 8's FuPS+ID
     dirs = sorted(os.listdir(runs))
-    assert len(dirs) == 2 and all(d.startswith("matrix_specialisation_n4__") and "__fups-id__" in d for d in dirs)
+    assert len(dirs) == 2 and all(d.startswith("matrix_specialisation_n4__") and "__fups__" in d for d in dirs)
     assert all(any(f.startswith("events.out.tfevents") for f in os.listdir(runs / d)) for d in dirs)
+    # --save-model: every seed's own final parameters, loadable without pickled code
+    saved = [torch.load(runs / d / "model.pt", weights_only=True) for d in dirs]
+    assert [s["seed"] for s in saved] == [1, 2] and saved[0]["args"]["hypernet"] == "fups"
+    assert saved[0]["model"]["net.0.weight"].shape == (16, 4)
+    assert not torch.equal(saved[0]["model"]["net.0.weight"], saved[1]["model"]["net.0.weight"])
 
 
 @pytest.mark.parametrize("argv, flag", [
     (["--n-agents", "1"], "--n-agents"),
-    (["--method", "ippo"], "--method"),
-    (["--game", "chess"], "--game"),
     (["--num-trials", "0"], "--num-trials"),
     (["--batch-size", "0"], "--batch-size"),
     (["--num-trials", "5", "--batch-size", "10"], "--num-trials"),
     (["--learning-rate", "-1"], "--learning-rate"),
-    (["--returns", "gae"], "--returns"),
-    (["--reward", "mine"], "--reward"),
     (["--seed", "-1"], "--seed"),
     (["--seed", str(2**32)], "--seed"),  # NumPy seeds stop below 2**32
     (["--seed", str(2**32 - 1 - 10_000), "--num-seeds", "2"], "--num-seeds"),  # the last seed is past the range
@@ -188,10 +201,13 @@ def test_single_run_in_process(tmp_path, capsys):
     (["--learning-rate", "nan"], "--learning-rate"),
     (["--exp-name", "../../x"], "--exp-name"),
     (["--exp-name", ""], "--exp-name"),
-    # flags marked [method] in --help are refused with the other methods
+    (["--hypernet", "mlp", "--hypernet-hidden-dims", "0"], "--hypernet-hidden-dims"),
+    (["--hypernet", "mlp", "--hypernet-embedding-dim", "0"], "--hypernet-embedding-dim"),
+    # flags marked [family] in --help are refused with the other families, even given with their default
     (["--hypernet-embedding-dim", "8"], "--hypernet-embedding-dim"),
-    (["--method", "hyper-linear", "--hypernet-hidden-dims", "16"], "--hypernet-hidden-dims"),
-    (["--method", "hyper-mlp", "--no-hyper-linear-shared-bias"], "--no-hyper-linear-shared-bias"),
+    (["--hypernet", "linear", "--hypernet-hidden-dims", "8"], "--hypernet-hidden-dims"),
+    (["--hypernet", "mlp", "--no-hyper-linear-shared-bias"], "--no-hyper-linear-shared-bias"),
+    (["--hypernet", "fups", "--hyper-linear-shared-bias"], "--hyper-linear-shared-bias"),
 ])
 def test_bad_input_in_process(argv, flag, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -204,13 +220,16 @@ def test_bad_input_in_process(argv, flag, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("argv, needle", [(["--n-agents", "abc"], "--n-agents"), (["--bogus"], "--bogus"),
-                                          (["--num-trials"], "--num-trials")])
-def test_parser_errors_are_one_line(argv, needle, tmp_path, monkeypatch, capsys):
+                                          (["--num-trials"], "--num-trials"), (["--hypernet", "ippo"], "'ippo'"),
+                                          (["--hypernet", "fups-id"], "'fups-id'"), (["--method", "nops"], "--method"),
+                                          (["--game", "chess"], "'chess'"), (["--returns", "gae"], "'gae'"),
+                                          (["--reward", "mine"], "'mine'")])
+def test_tyro_refuses_bad_choices_and_types_with_exit_2(argv, needle, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert mg.main(argv) == 2
+    with pytest.raises(SystemExit) as exit_:
+        mg.main(argv)
     captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], captured.err
+    assert exit_.value.code == 2 and needle in captured.err, captured.err
     assert captured.out == "" and os.listdir(tmp_path) == []
 
 
@@ -236,16 +255,17 @@ def test_runs_dir_that_cannot_be_written_is_refused_before_anything(where, tmp_p
 
 
 def bracketed_flags(help_text):
-    """{flag: the methods in its "[...]" mark} from --help."""
-    method = "|".join(re.escape(m) for m in mg.METHODS)
+    """{flag: the families in its "[...]" mark} from --help."""
+    family = "|".join(re.escape(h) for h in HYPERNETS)
     marked = {}
     for block in re.split(r"\n(?=│ --)", help_text):
-        found = re.search(rf"\[((?:{method})(?:, (?:{method}))*)\]", block)
+        found = re.search(rf"\[((?:{family})(?:, (?:{family}))*)\]", block)
         if block.startswith("│ --") and found:
             marked[block.split()[1].rstrip(",")] = found.group(1).split(", ")
     return marked
 
 
+@functools.lru_cache(maxsize=1)
 def script_help():
     proc = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True, timeout=60,
                           env=dict(os.environ, COLUMNS="200"))
@@ -253,32 +273,34 @@ def script_help():
     return proc.stdout
 
 
-# The argv that gives each [method] flag; a new flag marked in --help must be added here.
-METHOD_FLAG_ARGV = {"--hyper-linear-shared-bias": ["--no-hyper-linear-shared-bias"],
+# The argv that gives each [family] flag; a new flag marked in --help must be added here.
+FAMILY_FLAG_ARGV = {"--hyper-linear-shared-bias": ["--no-hyper-linear-shared-bias"],
                     "--hypernet-embedding-dim": ["--hypernet-embedding-dim", "8"],
                     "--hypernet-hidden-dims": ["--hypernet-hidden-dims", "16"]}
 
 
-def test_every_method_only_flag_in_the_help_is_enforced(tmp_path, monkeypatch, capsys):
+def test_every_family_only_flag_in_the_help_is_enforced(tmp_path, monkeypatch, capsys):
     marked = bracketed_flags(script_help())
-    assert set(marked) == set(METHOD_FLAG_ARGV), marked
+    assert set(marked) == set(FAMILY_FLAG_ARGV), marked
     monkeypatch.chdir(tmp_path)
-    for flag, methods in marked.items():
-        for method in mg.METHODS:
-            argv = ["--method", method, "--num-trials", "10", "--runs-dir", "runs"] + METHOD_FLAG_ARGV[flag]
+    for flag, families in marked.items():
+        for hypernet in HYPERNETS:
+            argv = ["--hypernet", hypernet, "--num-trials", "10", "--runs-dir", "runs"] + FAMILY_FLAG_ARGV[flag]
             code = mg.main(argv)
             captured = capsys.readouterr()
-            if method in methods:
+            if hypernet in families:
                 assert code == 0, (argv, captured.err)
             else:
-                assert code == 2 and captured.err.startswith(f"error: {METHOD_FLAG_ARGV[flag][0]}: only with --method "), argv
+                assert code == 2 and captured.err == (f"error: {FAMILY_FLAG_ARGV[flag][0]}: only with --hypernet "
+                                                      f"{families[0]}, got --hypernet {hypernet}\n"), argv
 
 
-def test_method_defaults_are_filled_in_and_given_values_kept():
-    args = make_args()
+def test_family_defaults_are_literal_and_given_values_kept():
+    args = mg.Args()
     assert args.hypernet_embedding_dim == 4 and args.hypernet_hidden_dims == [8] and args.hyper_linear_shared_bias
-    assert mg.count_params("hyper-mlp", 2, args) == 330  # the help's count for the default hidden layer 8
-    given = make_args(method="hyper-mlp", hypernet_embedding_dim=8, hypernet_hidden_dims=[16])
+    assert mg.count_params("mlp", 2, args) == 330  # the help's count for the default hidden layer 8
+    assert mg.Args().hypernet_hidden_dims is not args.hypernet_hidden_dims  # a fresh list per Args
+    given = make_args(hypernet="mlp", hypernet_embedding_dim=8, hypernet_hidden_dims=[16])
     assert given.hypernet_embedding_dim == 8 and given.hypernet_hidden_dims == [16]
 
 
@@ -320,12 +342,12 @@ def test_per_agent_gradients_sum_to_the_update_gradient():
     # One seed: the batched per-agent gradients (used for interference and for the update) must add
     # up to what a plain backward of the summed loss gives.
     args = make_args()
-    for method in mg.METHODS:
-        pop = mg.Population(method, 4, [3], args)
+    for hypernet in HYPERNETS:
+        pop = mg.Population(hypernet, 4, [3], args)
         params = pop.parameters()
         actions = mg.sample_actions(torch.softmax(pop.logits(), -1).detach(), 10, [torch.Generator().manual_seed(0)])
         rewards = mg.payoff("specialisation", actions, 4)
         summed = mg.per_agent_gradients(mg.reinforce_loss(pop.logits(), actions, rewards, "normalize"), params).sum(0)[0]
         mg.reinforce_loss(pop.logits(), actions, rewards, "normalize").sum().backward()
-        assert summed.abs().max() > 0, method
-        assert torch.allclose(summed, torch.cat([p.grad.flatten() for p in params]), atol=1e-6), method
+        assert summed.abs().max() > 0, hypernet
+        assert torch.allclose(summed, torch.cat([p.grad.flatten() for p in params]), atol=1e-6), hypernet

@@ -29,14 +29,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# Measured on one thread (evaluation return, seed 1): IPPO -0.76 at 204,800 steps, +0.17 at 409,600;
+# MAPPO (its centralised critic learns faster here) +0.21 at 204,800.
+BUDGET = {"ippo_hyper_vmas": 409_600, "mappo_hyper_vmas": 204_800}
+
+
 def test_hypernetwork_learns_small_dispersion(script, tmp_path, capsys, one_thread):
-    argv = ["--n-agents", "2", "--hypernet", "mlp", "--total-timesteps", "409600", "--eval-interval", "102400",
+    budget = BUDGET[script.__name__]
+    argv = ["--n-agents", "2", "--hypernet", "mlp", "--total-timesteps", budget, "--eval-interval", budget // 2,
             "--runs-dir", str(tmp_path), "--seed", "1"]
     assert script.main(argv) == 0, capsys.readouterr().err
     (run_dir,) = run_dirs(tmp_path)
     trained = scalar_tags(run_dir)["eval/episodic_return"][-1]
     baseline = random_policy_return(script, script.parse_args(argv))
-    # A uniformly random policy scores about -0.9 (-0.01 per step, food found by chance); the
-    # hypernetwork (the authors' initialisation) reaches +0.18 (IPPO; -0.44 at 300k) and, MAPPO,
-    # +0.53 already at 300k, on one thread.
+    # A uniformly random policy scores about -0.9 (-0.01 per step, food found by chance).
     assert trained > baseline + 0.7, (trained, baseline)
