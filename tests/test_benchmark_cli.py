@@ -36,6 +36,15 @@ def test_bad_flag_is_one_line_exit_2_and_writes_nothing(tmp_path, script, argv, 
     assert "Traceback" not in result.stderr and not out.exists()
 
 
+@pytest.mark.parametrize("argv, message", [(["--rounds", "0"], "--rounds: must be at least 1, got 0"),
+                                           (["--scenario", "football"], "--scenario: invalid choice: 'football' (choose from 'dispersion', 'navigation')")])
+def test_distributions_cost_bad_flag_is_one_line_exit_2(tmp_path, argv, message):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "distributions_cost.py")] + argv,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"error: {message}"], result.stderr
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("out", [True, False], ids=["--out", "default folder"])
 def test_sps_device_cuda_without_cuda_is_one_line_and_writes_nothing(tmp_path, out):

@@ -63,8 +63,7 @@ def test_dico_critic_std_and_squashing_follow_their_code(script):
             weight.mul_(100.0)  # deviations far outside the box
     x = torch.randn(3, 40, env.obs_dim)
     with torch.no_grad():
-        dist = agent.policy(x)
-        mean, std = dist.mean, dist.stddev
+        mean, std = agent.policy(x)
     torch.testing.assert_close(std, torch.ones_like(std))  # biased_softplus_1.0 at 0 is 1
     assert agent.actor.shared.layers[-1].out_features == 2 * env.act_dim
     # TanhNormal: log-prob of the squashed action, and tanh(u) goes to the environment.
@@ -157,7 +156,7 @@ def test_snd_on_an_observation_file_and_the_dataset_builder(script, tmp_path, ca
     agent.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
     with torch.no_grad():
         flat = torch.from_numpy(obs.reshape(-1, 16))
-        expected = script.system_neural_diversity(agent.policy(flat.expand(4, -1, -1)).logits, True)
+        expected = script.system_neural_diversity(agent.policy(flat.expand(4, -1, -1)), True)
     assert snd == pytest.approx(expected, abs=2e-6)
 
 

@@ -29,9 +29,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-# Measured on one thread (evaluation return, seed 1): IPPO -0.76 at 204,800 steps, +0.17 at 409,600;
-# MAPPO (its centralised critic learns faster here) +0.21 at 204,800.
-BUDGET = {"ippo_hyper_vmas": 409_600, "mappo_hyper_vmas": 204_800}
+# Measured on one thread (evaluation return, seed 1): IPPO -0.01 at 307,200 steps and +0.75 at 409,600;
+# MAPPO +0.09 and +0.51. The budget leaves a margin for another CPU's float rounding.
+BUDGET = {"ippo_hyper_vmas": 409_600, "mappo_hyper_vmas": 409_600}
 
 
 def test_hypernetwork_learns_small_dispersion(script, tmp_path, capsys, one_thread):

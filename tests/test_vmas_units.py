@@ -306,21 +306,37 @@ def test_gradient_variance_is_variance_over_all_actor_entries(script):
     assert norm.item() == pytest.approx(flat.norm().item(), rel=1e-5)
 
 
-def test_log_probs_are_the_distributions_and_dico_squashes_them_like_a_tanh_normal(script):
+def test_log_prob_and_entropy_match_torch_distributions(script):
     torch.manual_seed(7)
-    _, agent = small_agent(script, "mlp")
-    obs = torch.randn(3, 10, 6)
-    action, logprob, entropy, _ = agent.get_action_and_value(obs)
-    dist = agent.policy(obs)
-    assert isinstance(dist, torch.distributions.Categorical) and action.shape == (3, 10)
-    torch.testing.assert_close(logprob, dist.log_prob(action))
-    torch.testing.assert_close(entropy, dist.entropy())
+    logits = torch.randn(3, 10, 5)
+    action = torch.randint(0, 5, (3, 10))
+    logprob, entropy = script.log_prob_entropy(logits, action, discrete=True)
+    reference = torch.distributions.Categorical(logits=logits)
+    torch.testing.assert_close(logprob, reference.log_prob(action))
+    torch.testing.assert_close(entropy, reference.entropy())
+    mean, std = torch.randn(3, 10, 2), torch.rand(3, 10, 2) + 0.1
+    action = torch.randn(3, 10, 2)
+    logprob, entropy = script.log_prob_entropy((mean, std), action, discrete=False)
+    normal = torch.distributions.Normal(mean, std)
+    torch.testing.assert_close(logprob, normal.log_prob(action).sum(-1))
+    torch.testing.assert_close(entropy, normal.entropy().sum(-1))
+    # Gumbel-max sampling follows the softmax probabilities
+    torch.manual_seed(8)
+    logits = torch.tensor([0.0, 1.0, 2.0]).expand(1, 20000, 3)
+    counts = torch.bincount(script.sample_action(logits, True).flatten(), minlength=3).float() / 20000
+    torch.testing.assert_close(counts, torch.softmax(torch.tensor([0.0, 1.0, 2.0]), 0), atol=0.015, rtol=0)
+
+
+def test_dico_log_probs_are_a_tanh_normal_s(script):
+    torch.manual_seed(7)
     args = parsed(script, scenario="navigation", hypernet="dico", n_agents=3, actor_hidden_dims=[8],
                   critic_hidden_dims=[8])
     agent = script.Agent(args, 6, 2, False, script.critic_input(torch.zeros(3, 1, 6)).shape[-1])
+    obs = torch.randn(3, 10, 6)
     u, logprob, _, _ = agent.get_action_and_value(obs)
-    normal = agent.policy(obs)
-    tanh_normal = torch.distributions.TransformedDistribution(normal, torch.distributions.transforms.TanhTransform())
+    mean, std = agent.policy(obs)
+    tanh_normal = torch.distributions.TransformedDistribution(torch.distributions.Normal(mean, std),
+                                                              torch.distributions.transforms.TanhTransform())
     # the stored action is the Gaussian sample u; its log-probability is that of tanh(u) under TanhNormal
     torch.testing.assert_close(logprob, tanh_normal.log_prob(torch.tanh(u)).sum(-1), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(agent.env_action(u), torch.tanh(u))
