@@ -7,7 +7,6 @@ script alone, and a script copied into another project without this file trains 
 Checkpoints (every script):
     save_checkpoint(path, state)                 atomic: a crash mid-write leaves the previous file
     load_checkpoint(path, flag, fmt, required)   weights_only=True; a foreign or tampered file is refused
-    flags_given(argv, args_cls)                  the Args fields named on the command line
     take_flags_from_checkpoint(...)              --resume / --checkpoint take the saved run's flags
     rng_state() / set_rng_state(state)           torch, NumPy, Python (and CUDA) generators
     rng_to_tensors(states) / rng_from_tensors(state)   the same as plain data
@@ -202,21 +201,13 @@ def load_checkpoint(path: str, flag: str, fmt: str, required: set) -> dict:
             raise CheckpointError(f"{flag}: {path!r} is not a checkpoint torch can load as plain data: refused")
         why = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]  # an empty file's error is blank
         raise CheckpointError(f"{flag}: {path!r} is not a readable checkpoint ({why})")
-    if not isinstance(state, dict) or state.get("format") != fmt or not set(required) <= set(state):
+    found = state.get("format") if isinstance(state, dict) else None
+    if isinstance(found, str) and found.split("/")[0] == fmt.split("/")[0] and found != fmt:
+        raise CheckpointError(f"{flag}: {path!r} is a {found} checkpoint, written by an older version of this "
+                              f"script; this one reads {fmt}")
+    if found != fmt or not set(required) <= set(state):
         raise CheckpointError(f"{flag}: {path!r} is not a {fmt} checkpoint")
     return state
-
-
-def flags_given(argv: list[str], args_cls) -> set[str]:
-    """The Args fields named on the command line (--x, --x=v, --no-x): a flag given with its default
-    value is not the same as a flag left out."""
-    names = {field.name for field in dataclasses.fields(args_cls)}
-    given = set()
-    for token in argv:
-        if token.startswith("--"):
-            name = token[2:].split("=", 1)[0].replace("-", "_")
-            given.add(name[3:] if name not in names and name.startswith("no_") else name)
-    return given & names
 
 
 def take_flags_from_checkpoint(args, saved: dict, flag: str, given: set[str], compat_fields, resume_may_change,

@@ -15,6 +15,7 @@ Quick start:  python ippo_hyper_vmas.py --n-agents 4 --hypernet mlp --total-time
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import os
@@ -60,7 +61,7 @@ class Args:
     save_model: bool = False
     """if toggled, write a checkpoint every --save-interval steps and at the end (needs hypermarl_extras.py)"""
     save_interval: int = 100_000
-    """environment steps between checkpoints (unless given: --eval-interval)"""
+    """environment steps between checkpoints (follows --eval-interval unless given)"""
     resume: Optional[str] = None
     """path of a checkpoint to continue training from; the run's flags come from it, and only --total-timesteps, --eval-interval, --save-interval, --print-interval, --save-model, --runs-dir, --capture-video, --cuda, --compile and the wandb flags may change"""
     eval_only: bool = False
@@ -70,7 +71,7 @@ class Args:
     snd_obs_file: Optional[str] = None
     """[--eval-only] compute SND on every observation of this .npz file (key obs, (N, obs_dim) or (N, n_agents, obs_dim); benchmark/snd_dataset.py builds it, appendix D.1.2)"""
 
-    # Environment (VMAS): Dispersion's values (Table 11); Navigation's are in NAVIGATION (Table 16)
+    # Environment (VMAS): Table 11 (Dispersion) and Table 16 (Navigation)
     scenario: Literal["dispersion", "navigation"] = "dispersion"
     """VMAS scenario (--help after it shows its defaults)"""
     n_agents: int = 4
@@ -80,7 +81,7 @@ class Args:
     continuous_actions: bool = False
     """continuous (Gaussian) or discrete (categorical) actions"""
     n_food: int = 4
-    """[dispersion] number of food items (default: n_agents)"""
+    """[dispersion] number of food items (follows --n-agents unless given)"""
     share_reward: bool = False
     """[dispersion] one team reward instead of per-agent rewards"""
     penalise_by_time: bool = True
@@ -102,7 +103,7 @@ class Args:
     agent_radius: float = 0.1
     """[navigation] agent radius"""
 
-    # PPO: Dispersion's values (Table 9); Navigation's are in NAVIGATION (Tables 12 and 15)
+    # PPO: Dispersion's values (Table 9); Navigation's are in NAVIGATION (Table 12) and NAVIGATION_SWEEP (Table 15)
     total_timesteps: int = 20_000_000
     """total environment steps"""
     learning_rate: float = 5e-4
@@ -202,14 +203,24 @@ def paper_defaults(args: Args, given: set[str]) -> Args:
     n, same = args.n_agents, args.agents_with_same_goal
     values = dict(n_food=n)
     if args.scenario == "navigation":
-        values.update(NAVIGATION)
-        goals = {n: "same", 1: "different"}.get(same, "half" if 2 * same == n else None)
+        values.update(copy.deepcopy(NAVIGATION))  # its lists are the run's own, not the table's
+        if same == n:
+            goals = "same"
+        elif same == 1:
+            goals = "different"
+        else:
+            goals = "half" if 2 * same == n else None
         if goals in NAVIGATION_SWEEP[args.hypernet].get(n, {}):
             values["clip_coef"], values["learning_rate"] = NAVIGATION_SWEEP[args.hypernet][n][goals]
-        # Table 14: SND_des 0 when all agents share a goal, 1.2 for two agents with different goals
-        values["dico_snd_des"] = 0.0 if same == n else 1.2 if (n, same) == (2, 1) else -1.0
-    values["save_interval"] = args.eval_interval if "eval_interval" in given else values.get("eval_interval", args.eval_interval)
+        if args.hypernet == "dico":  # Table 14: 0 when all agents share a goal, 1.2 for two agents with two goals
+            values["dico_snd_des"] = 0.0 if goals == "same" else 1.2 if (n, goals) == (2, "different") else -1.0
+    eval_interval = args.eval_interval if "eval_interval" in given else values.get("eval_interval", args.eval_interval)
+    values["save_interval"] = eval_interval
     return dataclasses.replace(args, **{k: v for k, v in values.items() if k not in given})
+
+
+class ArgError(ValueError):
+    """A bad flag value: reported as one line, exit status 2, nothing written."""
 
 
 # The keyword arguments each VMAS scenario receives besides n_agents (names as VMAS spells them).
@@ -634,6 +645,27 @@ def dico_action_space_loss(agent, obs: torch.Tensor) -> torch.Tensor:
     return overflow.max(0).values.square().mean()
 
 
+# Written out rather than torch.distributions objects, which cost 4% of a Dispersion iteration on a CPU
+# (measured; the README's Speed section); tested against torch.distributions.
+def sample_action(dist, discrete: bool) -> torch.Tensor:
+    """An action from a policy's output dist: logits (..., k), or (mean, std) each (..., d)."""
+    if discrete:  # Gumbel-max: argmax(logits + Gumbel noise) is a categorical sample
+        return torch.argmax(dist - torch.log(-torch.log(torch.rand_like(dist))), dim=-1)
+    mean, std = dist
+    return mean + std * torch.randn_like(mean)
+
+
+def log_prob_entropy(dist, action, discrete: bool):
+    """log pi(action) and the entropy of the policy, summed over action dimensions (Gaussian)."""
+    if discrete:
+        logp = torch.log_softmax(dist, -1)
+        return logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+    mean, std = dist
+    log_std = torch.log(std)
+    logprob = (-((action - mean) ** 2) / (2 * std**2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+    return logprob, (0.5 + 0.5 * math.log(2 * math.pi) + log_std).sum(-1)
+
+
 def critic_input(obs: torch.Tensor) -> torch.Tensor:
     """IPPO: every agent's critic sees only its own observation, (n_agents, batch, obs_dim)."""
     return obs
@@ -694,25 +726,6 @@ class Agent(nn.Module):
             log_jacobian = (2 * (math.log(2.0) - action - F.softplus(-2 * action))).sum(-1)
             logprob, entropy = logprob - log_jacobian, entropy + log_jacobian.detach()
         return action, logprob, entropy, self.get_value(critic_input(x), params)
-
-
-# Written out rather than torch.distributions objects, which cost 4% of a Dispersion iteration on a CPU
-# (measured; the README's Speed section); tested against torch.distributions.
-def sample_action(dist, discrete: bool) -> torch.Tensor:
-    if discrete:  # Gumbel-max: argmax(logits + Gumbel noise) is a categorical sample
-        return torch.argmax(dist - torch.log(-torch.log(torch.rand_like(dist))), dim=-1)
-    mean, std = dist
-    return mean + std * torch.randn_like(mean)
-
-
-def log_prob_entropy(dist, action, discrete: bool):
-    if discrete:
-        logp = torch.log_softmax(dist, -1)
-        return logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
-    mean, std = dist
-    log_std = torch.log(std)
-    logprob = (-((action - mean) ** 2) / (2 * std**2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-    return logprob, (0.5 + 0.5 * math.log(2 * math.pi) + log_std).sum(-1)
 
 
 # ===== 5. Metrics =====
@@ -865,7 +878,7 @@ def ppo_update(agent, optimizer, batch: dict, args: Args, action_optimizer=None,
     its own Adam and the same clip, as their callback does. step: gradient_step, maybe compiled."""
     batch_size = batch["obs"].shape[1]
     minibatch_size = batch_size // args.num_minibatches
-    history, finite = [], torch.ones((), dtype=torch.bool, device=batch["obs"].device)
+    grad_vars, grad_norms, finite = [], [], torch.ones((), dtype=torch.bool, device=batch["obs"].device)
     for epoch in range(args.update_epochs):
         order = torch.randperm(batch_size, device=batch["obs"].device)
         for start in range(0, batch_size, minibatch_size):
@@ -882,14 +895,14 @@ def ppo_update(agent, optimizer, batch: dict, args: Args, action_optimizer=None,
                 action_loss.backward()
                 nn.utils.clip_grad_norm_(agent.actor.parameters(), args.max_grad_norm)
                 action_optimizer.step()
-            history.append(stats)
+            grad_vars.append(stats.pop("actor_var"))
+            grad_norms.append(stats.pop("actor_norm"))
     if not finite:
         raise FloatingPointError("loss is not finite")
     # the losses of the last minibatch (CleanRL's); the gradient statistics averaged over the update
-    result = {key: float(value.detach()) for key, value in history[-1].items()}
-    for key in ("actor_var", "actor_norm"):
-        result[key] = float(torch.stack([stats[key] for stats in history]).mean())
-    return result | {"interference": interference}
+    return {key: float(value.detach()) for key, value in stats.items()} | dict(
+        actor_var=float(torch.stack(grad_vars).mean()), actor_norm=float(torch.stack(grad_norms).mean()),
+        interference=interference)
 
 
 # ===== 7. The training loop =====
@@ -1084,8 +1097,8 @@ def main(argv=None) -> int:
                 save_run(checkpoint_path, args, run_name, agent, optimizer, action_optimizer, envs, global_step, iteration + 1)
         else:
             iteration = num_iterations + 1
-        if exit_code == 0 and (args.save_model or stop):
-            save_run(checkpoint_path, args, run_name, agent, optimizer, action_optimizer, envs, global_step, iteration)
+        if exit_code == 0 and (args.save_model or stop) and save_run(checkpoint_path, args, run_name, agent, optimizer,
+                                                                     action_optimizer, envs, global_step, iteration):
             print(f"checkpoint: {checkpoint_path} (continue with --resume {checkpoint_path})")
     finally:
         for sig, handler in previous_handlers.items():
@@ -1103,16 +1116,17 @@ def evaluate(agent, eval_env: VmasEnv, args: Args, seed: int, snd_obs=None, keep
     appendix D.1.2's shared dataset) or on --snd-samples of the episodes' observations. Returns
     (mean return, per-agent returns, SND, with keep_obs the observations (N, n_agents, obs_dim)).
     A list as video receives the frames of the first episode (rendering draws no random numbers)."""
-    eval_env.rewind()
-    obs = eval_env.reset()
-    n, device = args.n_agents, obs.device
-    returns = torch.zeros(n, eval_env.num_envs, device=device)
-    active = torch.ones(eval_env.num_envs, dtype=torch.bool, device=device)
-    seen = []
-    if video is not None:
-        video.append(eval_env.env.render(mode="rgb_array", env_index=0))
+    n, device = args.n_agents, eval_env.device
+    # On CUDA, VMAS draws from torch's CUDA generator: forked and seeded here, like the policy's samples
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
+        eval_env.rewind()
+        obs = eval_env.reset()
+        returns = torch.zeros(n, eval_env.num_envs, device=device)
+        active = torch.ones(eval_env.num_envs, dtype=torch.bool, device=device)
+        seen = []
+        if video is not None:
+            video.append(eval_env.env.render(mode="rgb_array", env_index=0))
         params = agent.generate()
         for _ in range(args.max_steps):
             seen.append(obs[:, active])
@@ -1140,11 +1154,7 @@ def evaluate(agent, eval_env: VmasEnv, args: Args, seed: int, snd_obs=None, keep
     return returns.mean(0).mean().item(), returns.mean(1).tolist(), snd, episodes_obs
 
 
-# ===== Appendix: input checks, run folders, checkpoints, --eval-only =====
-class ArgError(ValueError):
-    """A bad flag value: reported as one line, exit status 2, nothing written."""
-
-
+# ===== Appendix: input checks, checkpoints, --eval-only =====
 def parse_args(argv=None, checked=True) -> Args:
     """The flags given, the paper's values for the others (--help shows them), then (checked) the checks."""
     argv = sys.argv[1:] if argv is None else [str(token) for token in argv]
@@ -1166,20 +1176,26 @@ def flags_given(argv: list[str]) -> set[str]:
 
 
 def check_given_flags(args: Args, given: set[str]) -> None:
-    """Each flag given only where it applies (a checkpoint's run passed this when it started)."""
+    """Each flag given only where it applies (with a checkpoint: to the checkpoint's run)."""
+    def refuse(name, why):
+        if name in given:
+            raise ArgError(f"--{name.replace('_', '-')}: {why}")
+
     other = "navigation" if args.scenario == "dispersion" else "dispersion"
-    misplaced = {name: f"is a {other} option, not for --scenario {args.scenario}" for name in SCENARIO_OPTIONS[other]}
-    for name in ("hypernet_embedding_dim", "hypernet_hidden_dims", "hypernet_embedding"):
-        misplaced[name] = "only with --hypernet mlp" if args.hypernet != "mlp" else None
-    for name in ("hypernet_init", "hypernet_input"):
-        misplaced[name] = "only with --hypernet mlp or linear" if args.hypernet not in ("mlp", "linear") else None
-    misplaced["dico_snd_des"] = "only with --hypernet dico" if args.hypernet != "dico" else None
-    misplaced["lidar_range"] = misplaced.get("lidar_range") or (None if args.collisions else "only with --collisions")
-    misplaced["save_interval"] = None if args.save_model else "only with --save-model"
-    for name in sorted(given):
-        if misplaced.get(name):
-            raise ArgError(f"--{name.replace('_', '-')}: {misplaced[name]}" +
-                           (f", got --hypernet {args.hypernet}" if name.startswith(("hypernet_", "dico")) else ""))
+    for name in SCENARIO_OPTIONS[other]:
+        refuse(name, f"is a {other} option, not for --scenario {args.scenario}")
+    if args.hypernet != "mlp":
+        for name in ("hypernet_embedding_dim", "hypernet_hidden_dims", "hypernet_embedding"):
+            refuse(name, f"only with --hypernet mlp, got --hypernet {args.hypernet}")
+    if args.hypernet not in ("mlp", "linear"):
+        for name in ("hypernet_init", "hypernet_input"):
+            refuse(name, f"only with --hypernet mlp or linear, got --hypernet {args.hypernet}")
+    if args.hypernet != "dico":
+        refuse("dico_snd_des", f"only with --hypernet dico, got --hypernet {args.hypernet}")
+    if not args.collisions:
+        refuse("lidar_range", "only with --collisions (agents carry a LIDAR only then)")
+    if not args.save_model:
+        refuse("save_interval", "only with --save-model")
 
 
 def check_values(args: Args) -> None:
@@ -1291,9 +1307,7 @@ def read_command_line(argv: list[str]):
         if path is not None and not os.path.isfile(path):
             raise ArgError(f"{flag}: {path!r} is a folder, not a file" if os.path.isdir(path) else f"{flag}: no such file {path!r}")
     loaded, changes = None, []
-    if not (args.resume or args.checkpoint):
-        check_given_flags(args, flags_given(argv))
-    else:
+    if args.resume or args.checkpoint:
         flag = "--resume" if args.resume else "--checkpoint"
         extras = import_extras(flag)
         loaded = extras.load_checkpoint(args.resume or args.checkpoint, flag, CHECKPOINT_FORMAT, CHECKPOINT_KEYS)
@@ -1301,13 +1315,14 @@ def read_command_line(argv: list[str]):
                                                     RESUME_MAY_CHANGE, INVOCATION_FIELDS)
         if flag == "--checkpoint":  # the evaluation's defaults are those of the checkpoint's scenario
             args = paper_defaults(args, flags_given(argv) | set(COMPAT_FIELDS))
-        if args.anneal_lr and any(change.startswith("--total-timesteps") for change in changes):
-            raise ArgError("--total-timesteps: the run anneals its learning rate over its budget (--anneal-lr); "
-                           "a new budget would change the schedule")
-        if args.resume and loaded["iteration"] > args.total_timesteps // (args.num_envs * args.num_steps):
-            raise ArgError(f"--total-timesteps: the run already trained {loaded['global_step']} steps, in iterations of "
-                           f"{args.num_envs * args.num_steps}; give at least "
-                           f"{loaded['iteration'] * args.num_envs * args.num_steps} to train on")
+    check_given_flags(args, flags_given(argv))
+    if args.resume and args.anneal_lr and any(change.startswith("--total-timesteps") for change in changes):
+        raise ArgError("--total-timesteps: the run anneals its learning rate over its budget (--anneal-lr); "
+                       "a new budget would change the schedule")
+    if args.resume and loaded["iteration"] > args.total_timesteps // (args.num_envs * args.num_steps):
+        raise ArgError(f"--total-timesteps: the run already trained {loaded['global_step']} steps, in iterations of "
+                       f"{args.num_envs * args.num_steps}; give at least "
+                       f"{loaded['iteration'] * args.num_envs * args.num_steps} to train on")
     check_values(args)
     if args.track and not args.eval_only:
         try:
@@ -1330,17 +1345,18 @@ def import_extras(flag: str):
     return hypermarl_extras
 
 
-def save_run(path, args, run_name, agent, optimizer, action_optimizer, envs, global_step, iteration) -> None:
-    """Everything a resumed run needs to go on bit for bit, written atomically."""
+def save_run(path, args, run_name, agent, optimizer, action_optimizer, envs, global_step, iteration) -> bool:
+    """Everything a resumed run needs to go on bit for bit, written atomically; False if it could not be."""
     try:
         import hypermarl_extras as extras
     except ImportError:  # a script copied without its helper: training went on, only the checkpoint is missing
         print("no checkpoint written: hypermarl_extras.py is not beside this script", file=sys.stderr)
-        return
+        return False
     extras.save_checkpoint(path, dict(
         format=CHECKPOINT_FORMAT, args=dataclasses.asdict(args), run_name=run_name, model=agent.state_dict(),
         optimizer=optimizer.state_dict(), action_optimizer=action_optimizer.state_dict() if action_optimizer else {},
         env=extras.vmas_env_state(envs), rng=extras.rng_state(), global_step=global_step, iteration=iteration))
+    return True
 
 
 def restore_run(loaded, agent, optimizer, action_optimizer, envs):

@@ -7,7 +7,7 @@ agent, this script measures the same quantity, ||W_i||_F / sqrt(min(fan_in, fan_
 divides it by the gain (1.00 = the target's scale), for:
 
 - both VMAS scripts (IPPO; MAPPO, whose critic sees the global state) and both scenarios, with
-  the architectures the scripts resolve (PAPER_DEFAULTS, HYPERNET_DEFAULTS; --n-agents agents);
+  the architectures the scripts resolve (their Args and Navigation presets; --n-agents agents);
 - both embeddings (learned, onehot);
 - the three --hypernet-init values: scaled (the authors' scheme, default), matched (ours),
   default (PyTorch's init: the w/o RF ablation).

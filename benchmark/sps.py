@@ -257,7 +257,8 @@ def raw_vmas_sps(args, device, steps, desync):
 
     env = vmas.make_env(args.scenario, num_envs=args.num_envs, device=device,
                         continuous_actions=args.continuous_actions, max_steps=args.max_steps, seed=args.seed,
-                        terminated_truncated=True, **script.scenario_kwargs(args))
+                        terminated_truncated=True, n_agents=args.n_agents,
+                        **{name: getattr(args, name) for name in script.SCENARIO_OPTIONS[args.scenario]})
     env.reset()
     if desync:
         desync_steps(env, args.max_steps)

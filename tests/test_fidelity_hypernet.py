@@ -34,7 +34,7 @@ def manual_forward(hyper, normalise):
 
 
 @pytest.mark.parametrize("init", ["scaled", "matched", "default"])
-def test_one_generator_per_weight_and_per_bias_and_no_normalisation_unless_matched(script, init):
+def test_one_sub_network_per_weight_and_per_bias_and_no_normalisation_unless_matched(script, init):
     torch.manual_seed(0)
     hyper = script.MLPHypernet(4, SIZES, GAINS, embedding_dim=4, hidden_dims=[16, 8], init=init)
     shapes = list(zip(SIZES[:-1], SIZES[1:]))
@@ -89,7 +89,7 @@ def test_scaled_init_is_the_authors_scheme(script):
 
 
 def test_default_init_removes_all_of_section_4_3(script):
-    """w/o RF: PyTorch's init in every layer of every generator (no orthogonal columns, no zero bias
+    """w/o RF: PyTorch's init in every layer of every sub-network (no orthogonal columns, no zero bias
     heads, no normalisation: see above); the embedding stays orthogonal (section 4.2)."""
     torch.manual_seed(3)
     hyper = script.MLPHypernet(4, SIZES, GAINS, embedding_dim=4, hidden_dims=[16], init="default")

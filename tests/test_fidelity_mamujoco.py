@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import mappo_hyper_mamujoco as mj
-from conftest import ROOT
-from test_mamujoco import run_main, tiny_argv
+from conftest import ROOT, parsed
+from test_mamujoco import FAMILIES, run_main, tiny_argv
 
 
 # ----- 1. actions in [-1, 1], rescaled to the joints' ranges (HARL's NormalizedActions) -----
@@ -30,7 +30,7 @@ def test_humanoid_actions_at_initialisation_rarely_saturate(algo, extra):
     """HARL: under 1% of the controls an initial policy sends sit at Humanoid's +-0.4 limits (std
     sigmoid(1) / 2 = 0.37 in [-1, 1] units). Sent unscaled, 27% of them would."""
     torch.manual_seed(0)
-    args = mj.resolve_args(mj.Args(task="Humanoid-17x1", algo=algo, **extra))
+    args = parsed(mj, task="Humanoid-17x1", algo=algo, **extra)
     env = mj.MaMuJoCoEnv("Humanoid-17x1")
     actor = mj.GaussianActor(args, env.n_agents, mj.actor_obs_dim(args, env), env.act_dim, env.act_mask)
     flat, _ = env.reset(seed=0)
@@ -39,8 +39,7 @@ def test_humanoid_actions_at_initialisation_rarely_saturate(algo, extra):
         params = actor.generate()
         for t in range(300):
             x = torch.as_tensor(mj.actor_inputs(None, env.split(flat[None])[1], env.n_agents))
-            mean, std = actor(x, params)
-            flat, _, terminated, truncated, _ = env.step((mean + std * torch.randn_like(mean))[:, 0].numpy())
+            flat, _, terminated, truncated, _ = env.step(actor(x, params).sample()[:, 0].numpy())
             controls.append(env.base.unwrapped.data.ctrl.copy())
             if terminated or truncated:
                 flat, _ = env.reset(seed=t)
@@ -72,17 +71,17 @@ def harl_mlp_base(x, layers, norms):
     return h
 
 
-@pytest.mark.parametrize("actor", list(mj.ACTORS))
-def test_every_actor_family_is_harls_mlp_base(actor):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_actor_family_is_harls_mlp_base(family):
     torch.manual_seed(1)
-    args = mj.resolve_args(mj.Args(actor=actor, actor_hidden_dims=[16, 8]))
+    args = parsed(mj, hypernet=family, actor_hidden_dims=[16, 8])
     net = mj.GaussianActor(args, 3, 7, 2, np.ones((3, 2), bool)).net
     with torch.no_grad():  # LayerNorm gains and biases away from their identity init
         for p in list(net.norm_weights) + list(net.norm_biases):
             p.add_(0.3 * torch.randn_like(p))
     assert len(net.norm_weights) == 3  # input, and each of the two hidden layers
     # one set per agent for independent actors, one shared set for FuPS and the hypernetworks
-    assert net.norm_weights[0].shape[0] == (3 if actor == "ind" else 1)
+    assert net.norm_weights[0].shape[0] == (3 if family == "nops" else 1)
     x = 5 * torch.randn(3, 11, 7) + 2
     params = net.generate()
     out = net(x, params)
@@ -97,7 +96,7 @@ def test_every_actor_family_is_harls_mlp_base(actor):
 @pytest.mark.parametrize("critic,n_critics", [("shared", 1), ("per-agent", 3)])
 def test_critic_is_harls_v_net(critic, n_critics):
     torch.manual_seed(2)
-    args = mj.resolve_args(mj.Args(critic=critic, critic_hidden_dims=[16, 8]))
+    args = parsed(mj, critic=critic, critic_hidden_dims=[16, 8])
     critics = mj.CentralCritics(args, n_critics, 9)
     state = 4 * torch.randn(13, 9) - 3
     values = critics(state)
@@ -112,7 +111,7 @@ def test_critic_is_harls_v_net(critic, n_critics):
 # ----- 3. one centralised critic and one ValueNorm, for MAPPO and HAPPO -----
 @pytest.mark.parametrize("algo", ["mappo", "happo"])
 def test_one_centralised_critic_by_default(tmp_path, algo):
-    code, out, err = run_main(tiny_argv(tmp_path, "--save-model", actor="ind", algo=algo, task="Ant-4x2"))
+    code, out, err = run_main(tiny_argv(tmp_path, "--save-model", hypernet="nops", algo=algo, task="Ant-4x2"))
     assert code == 0, err
     assert "agents=4" in out and "critics=1" in out
     path = [ln.split()[1] for ln in out.splitlines() if ln.startswith("checkpoint: ")][0]
@@ -124,23 +123,23 @@ def test_one_centralised_critic_by_default(tmp_path, algo):
 
 # ----- 4. HAPPO: independent actors only -----
 def test_happo_defaults_to_independent_actors():
-    assert mj.resolve_args(mj.Args(algo="happo")).actor == "ind"
-    assert mj.resolve_args(mj.Args()).actor == "mlp"
+    assert parsed(mj, algo="happo").hypernet == "nops"
+    assert parsed(mj).hypernet == "mlp"
 
 
-@pytest.mark.parametrize("actor", ["mlp", "linear", "fups"])
-def test_happo_refuses_actors_with_shared_weights(tmp_path, actor):
+@pytest.mark.parametrize("family", ["mlp", "linear", "fups"])
+def test_happo_refuses_actors_with_shared_weights(tmp_path, family):
     runs = tmp_path / "runs"
-    code, _, err = run_main(tiny_argv(runs, actor=actor, algo="happo"))  # tiny: a run if it were accepted
+    code, _, err = run_main(tiny_argv(runs, hypernet=family, algo="happo"))  # tiny: a run if it were accepted
     assert code == 2
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --actor:") and "happo" in lines[0], err
+    assert len(lines) == 1 and lines[0].startswith("error: --hypernet:") and "happo" in lines[0], err
     assert not runs.exists()
 
 
 # ----- 5. rollout and evaluation sizes; the running normaliser is ours, off by default -----
 def test_defaults_follow_harl_tuned_configs_and_appendix_d11():
-    args = mj.resolve_args(mj.Args())
+    args = parsed(mj)
     # HARL tuned_configs/mamujoco/<task>/happo/config.json: n_rollout_threads 20, episode_length 200
     assert (args.num_envs, args.num_steps) == (20, 200)
     assert args.eval_episodes == 40  # appendix D.1.1 ("over 40 episodes"); HARL's eval_episodes
@@ -181,7 +180,7 @@ def test_per_agent_adam_steps_on_its_parameters_device_after_loading_a_cpu_check
 
 
 def test_mamujoco_summary_reports_the_runs_own_settings(tmp_path):
-    """The header of benchmark/results/mamujoco_summarize.py's table gives the environments, steps,
+    """The header of benchmark/mamujoco_summarize.py's table gives the environments, steps,
     evaluation episodes and clip the runs logged, not the settings of the first evidence."""
     import subprocess
     import sys
@@ -189,9 +188,9 @@ def test_mamujoco_summary_reports_the_runs_own_settings(tmp_path):
     from test_mamujoco import run_main
 
     runs = tmp_path / "runs"
-    for actor in ("mlp", "ind"):
-        assert run_main(tiny_argv(runs, "--eval-interval", "32", actor=actor))[0] == 0
-    script = os.path.join(ROOT, "benchmark", "results", "mamujoco_summarize.py")
+    for family in ("mlp", "nops"):
+        assert run_main(tiny_argv(runs, "--eval-interval", "32", hypernet=family))[0] == 0
+    script = os.path.join(ROOT, "benchmark", "mamujoco_summarize.py")
     done = subprocess.run([sys.executable, script, str(runs), "--out", str(tmp_path), "--name", "tiny"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -203,18 +202,16 @@ def test_mamujoco_summary_reports_the_runs_own_settings(tmp_path):
 
 
 @pytest.mark.parametrize("flags,needle", [
-    (["--critic", "auto"], "error: --critic: must be one of shared, per-agent"),  # the old default
-    (["--critic", "centralised"], "error: --critic:"),
-    (["--algo", "happo", "--actor", "fups", "--critic", "per-agent"], "error: --actor:"),
-    (["--norm-obs", "yes"], "error: "),  # a toggle takes no value
+    (["--critic", "auto"], "--critic"),  # the old default: tyro's message names the flag and the choices
+    (["--critic", "centralised"], "--critic"),
+    (["--algo", "happo", "--hypernet", "fups", "--critic", "per-agent"], "error: --hypernet:"),  # one line, ours
+    (["--norm-obs", "yes"], "yes"),  # a toggle takes no value
 ])
-def test_bad_critic_and_norm_obs_values_exit_2_with_one_line(tmp_path, flags, needle):
-    from test_mamujoco import run_main
-
+def test_bad_critic_and_norm_obs_values_exit_2(tmp_path, flags, needle):
     runs = tmp_path / "runs"
     code, out, err = run_main(["--runs-dir", str(runs)] + flags)
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith(needle), err
+    assert code == 2 and needle in err, err
+    assert not needle.startswith("error: ") or (err.startswith(needle) and err.count("\n") == 1), err
     assert not runs.exists() and not out
 
 
@@ -224,8 +221,8 @@ def test_evaluation_snd_is_drawn_from_every_agents_inputs_of_the_episodes(task, 
     joint state, not n_agents inputs; 1 GB on Humanoid-17x1 otherwise) and builds the inputs of its
     sample only. Same SND as keeping every agent's input of every step and sampling from those."""
     torch.manual_seed(0)
-    args = mj.resolve_args(mj.Args(task=task, obs_mode=obs_mode, actor="fups", eval_episodes=3, max_episode_steps=20,
-                                   snd_samples=30, actor_hidden_dims=[16], norm_obs=True))
+    args = parsed(mj, task=task, obs_mode=obs_mode, hypernet="fups", eval_episodes=3, max_episode_steps=20,
+                  snd_samples=30, actor_hidden_dims=[16], norm_obs=True)
     evaluator = mj.Evaluator(args, torch.device("cpu"))
     env = evaluator.envs[0]
     actor = mj.GaussianActor(args, env.n_agents, mj.actor_obs_dim(args, env), env.act_dim, env.act_mask)
@@ -245,14 +242,15 @@ def test_evaluation_snd_is_drawn_from_every_agents_inputs_of_the_episodes(task, 
             x = torch.as_tensor(mj.actor_inputs(obs_norm.local(local) if local is not None else None,
                                                 obs_norm.state(state), env.n_agents))
             inputs.append(x)
-            actions = actor(x)[0].numpy().transpose(1, 0, 2)
+            actions = actor(x).mean.numpy().transpose(1, 0, 2)
             for j, k in enumerate(live):
                 flats[k], reward, terminated, truncated, _ = envs[k].step(actions[j])
                 returns[k] += reward
                 active[k] = not (terminated or truncated)
         pool = torch.cat(inputs, 1)
         pool = pool[:, torch.randperm(pool.shape[1], generator=torch.Generator().manual_seed(args.seed))[:30]]
-        mean, std = mj.common_action_dims(*actor(pool), actor.act_mask)
+        dist = actor(pool)
+        mean, std = mj.common_action_dims(dist.mean, dist.stddev, actor.act_mask)
         expected = mj.system_neural_diversity((mean, std), False, args.snd_gaussian_samples,
                                               torch.Generator().manual_seed(args.seed))
     assert eval_return == returns.mean() and snd == expected and snd > 0
@@ -265,12 +263,12 @@ def _orthogonal_with_gain(weight, gain):
     torch.testing.assert_close(m @ m.T, gain**2 * torch.eye(m.shape[0]), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("actor", ["ind", "fups"])
-def test_harl_init_of_the_networks_that_are_not_generated(actor):
+@pytest.mark.parametrize("family", ["nops", "fups"])
+def test_harl_init_of_the_networks_that_are_not_generated(family):
     """HARL (Tables 17-20): orthogonal_ init with gain calculate_gain("relu") in MLPBase, gain 0.01 on
     the Gaussian's mean layer and 1 on the value head, zero biases, LayerNorms at (1, 0), log_std = x."""
     torch.manual_seed(4)
-    args = mj.resolve_args(mj.Args(actor=actor, actor_hidden_dims=[32, 16], critic_hidden_dims=[32, 16]))
+    args = parsed(mj, hypernet=family, actor_hidden_dims=[32, 16], critic_hidden_dims=[32, 16])
     actor_ = mj.GaussianActor(args, 3, 40, 5, np.ones((3, 5), bool))
     critic = mj.CentralCritics(args, 1, 40)
     for net, gains in ((actor_.net, [2**0.5, 2**0.5, 0.01]), (critic.net, [2**0.5, 2**0.5, 1.0])):

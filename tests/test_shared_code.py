@@ -20,8 +20,9 @@ COPIES = {
     "reinforce_matrix_games": [p for p in HYPERNETWORKS if p != "layer_init"] + ["js_distance_categorical", "ArgError",
                                                                                  "flags_given", "check_output_folder",
                                                                                  "new_run_folder", "duration"],
-    "mappo_hyper_mamujoco": HYPERNETWORKS + METRICS + ["SharedNet", "IndependentNets", "compute_gae",
-                                                       "check_output_folder", "new_run_folder", "duration"],
+    "mappo_hyper_mamujoco": HYPERNETWORKS + METRICS + ["SharedNet", "IndependentNets", "compute_gae", "ArgError",
+                                                       "parse_args", "flags_given", "check_output_folder",
+                                                       "new_run_folder", "duration"],
 }
 
 

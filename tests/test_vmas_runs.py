@@ -135,7 +135,11 @@ def test_checkpoint_is_refused_when_incompatible_foreign_or_corrupt(script, tmp_
     torch.save({"model": {}}, foreign)
     hostile = tmp_path / "hostile.pt"
     torch.save({"format": "x", "payload": subprocess.Popen}, hostile)  # not loadable with weights_only
-    cases.update(corrupt=(str(corrupt), []), foreign=(str(foreign), []), hostile=(str(hostile), []))
+    older = tmp_path / "older.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    torch.save(state | {"format": state["format"].split("/")[0] + "/2"}, older)
+    cases.update(corrupt=(str(corrupt), []), foreign=(str(foreign), []), hostile=(str(hostile), []),
+                 older=(str(older), []))
     for name, (path, extra) in cases.items():
         argv = tiny_args(tmp_path / "eval", "--eval-only", "--checkpoint", path, *extra)
         code, out, err = run(script, argv, capsys)
@@ -146,6 +150,7 @@ def test_checkpoint_is_refused_when_incompatible_foreign_or_corrupt(script, tmp_
         else:
             assert err.startswith("error: --checkpoint"), (name, err)
             assert "weights_only" not in err  # never relay torch's advice to load unsafely
+    assert "written by an older version" in err, err  # the last case: a format this script no longer reads
     assert not os.path.exists(tmp_path / "eval")
 
 
@@ -324,6 +329,7 @@ def saved_run(script, tmp_path, capsys):
     (["--learning-rate", 1e-3], "--learning-rate"), (["--num-envs", 8], "--num-envs"),
     (["--num-steps", 4, "--num-minibatches", 2], "--num-steps"), (["--seed", 4], "--seed"),
     (["--seed", 1], "--seed"),  # given with the default value: still not the run's seed
+    (["--lidar-range", 0.35], "--lidar-range"),  # a Navigation flag, for the checkpoint's Dispersion run
     (["--total-timesteps", 32], "--total-timesteps"),  # less than the run has already done
     (["--total-timesteps", 80], "--total-timesteps"),  # more, but not one more 32-step iteration
     ([], "--total-timesteps"),  # the run is complete: nothing to do is not a silent success

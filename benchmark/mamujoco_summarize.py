@@ -1,20 +1,24 @@
 """Summarise mappo_hyper_mamujoco.py runs: evaluation curves (CSV), a plot and a Markdown table.
 
-Usage: python benchmark/results/mamujoco_summarize.py RUNS_DIR [--out FOLDER] [--name mamujoco_halfcheetah]
+Usage: python benchmark/mamujoco_summarize.py RUNS_DIR [--out FOLDER] [--name mamujoco_halfcheetah]
 (default --out: a new folder runs/mamujoco_summarize_<time>; --out benchmark/results replaces the committed files)
 Reads every run's TensorBoard events (eval/episodic_return, diversity/snd, charts/SPS) and groups
-runs by algorithm and actor family (from the run name: mamujoco_TASK__EXP__ALGO_ACTOR__SEED__TIME).
+runs by algorithm and actor family (from the run name: mamujoco_TASK__EXP__ALGO_HYPERNET__SEED__TIME;
+runs older than --hypernet name independent actors "ind", today's "nops").
 """
 
-import argparse
 import csv
 import os
 import sys
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sps import OneLineParser, new_output_folder  # noqa: E402  (bad input: one line, exit 2)
+
 LABELS = {"mappo_mlp": "HyperMARL MLP (MAPPO)", "mappo_linear": "HyperMARL linear (MAPPO)",
-          "mappo_ind": "Ind. actors (MAPPO)", "happo_ind": "HAPPO", "mappo_fups": "FuPS (MAPPO)"}
+          "mappo_nops": "Ind. actors (MAPPO)", "mappo_ind": "Ind. actors (MAPPO)", "happo_nops": "HAPPO",
+          "happo_ind": "HAPPO", "mappo_fups": "FuPS (MAPPO)"}
 
 
 def read_run(run_dir):
@@ -39,7 +43,7 @@ def flag(runs, key, method=None):
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = OneLineParser(description="Summarise mappo_hyper_mamujoco.py runs: CSV, plot and Markdown table.")
     parser.add_argument("runs_dir")
     parser.add_argument("--out", default=None, help="output folder (default: a new runs/mamujoco_summarize_<time>)")
     parser.add_argument("--name", default="mamujoco_halfcheetah")
@@ -65,9 +69,6 @@ def main():
         print(f"error: runs_dir: {opts.runs_dir!r} holds no mappo_hyper_mamujoco.py run with evaluations", file=sys.stderr)
         sys.exit(2)
     if opts.out is None:  # never over the committed results unless asked to, never a folder in use
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from sps import new_output_folder
-
         opts.out = new_output_folder("mamujoco_summarize")
     os.makedirs(opts.out, exist_ok=True)
     csv_path = os.path.join(opts.out, f"{opts.name}_eval.csv")
@@ -116,8 +117,8 @@ def main():
               f"of Tables 17-21 (clip: {clips}), {envs} environments x {steps} steps per update, evaluation "
               f"every {interval} steps over {episodes} deterministic episodes (seeds 10000+k, the same every "
               "time), as each run's logged flags say. Commands: "
-              f"{opts.name}_commands.sh; curves: {opts.name}_eval.csv and {opts.name}.png; this table: "
-              "mamujoco_summarize.py.", "",
+              f"benchmark/{opts.name}_commands.sh; curves: {opts.name}_eval.csv and {opts.name}.png; this table: "
+              "benchmark/mamujoco_summarize.py.", "",
               "Final = last evaluation; best = best evaluation of a run; SND = Jensen-Shannon system neural "
               "diversity (base 2, [0, 1]) of the final policy on evaluation states; SPS = training env-steps/s "
               "(2-core CPU shared with other jobs, so only roughly comparable).", "",
