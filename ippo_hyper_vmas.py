@@ -856,11 +856,8 @@ def gradient_step(agent, mb: dict, args: Args):
     loss, _, stats = ppo_loss(agent, agent.generate(), mb, args)
     loss.backward()
     actor_grads = [p.grad for p in agent.actor_parameters() if p.grad is not None]
-    critic_grads = [p.grad for p in agent.critic.parameters() if p.grad is not None]
     stats["actor_var"], stats["actor_norm"] = gradient_variance_and_norm(actor_grads)
-    # clip_grad_norm_ with the actor's norm just measured: one pass less over the gradients
-    total_norm = torch.linalg.vector_norm(torch.stack([stats["actor_norm"]] + [torch.linalg.vector_norm(g) for g in critic_grads]))
-    nn.utils.clip_grads_with_norm_(actor_grads + critic_grads, args.max_grad_norm, total_norm)
+    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
     return loss.detach(), stats
 
 
