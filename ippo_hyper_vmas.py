@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import math
 import os
 import random
@@ -1074,7 +1075,8 @@ def main(argv=None) -> int:
             if global_step >= next_eval or iteration == num_iterations:
                 next_eval = (global_step // args.eval_interval + 1) * args.eval_interval
                 video = [] if args.capture_video else None
-                eval_return, eval_per_agent, snd, _ = evaluate(agent, eval_env, args, args.seed + 10_000, video=video)
+                eval_return, eval_per_agent, snd, _, episodes = evaluate(agent, eval_env, args, args.seed + 10_000,
+                                                                         video=video)
                 if video:
                     import hypermarl_extras as extras
 
@@ -1084,6 +1086,8 @@ def main(argv=None) -> int:
                 for i, value in enumerate(eval_per_agent):
                     writer.add_scalar(f"eval/episodic_return_agent{i}", value, global_step)
                 writer.add_scalar("diversity/snd", snd, global_step)
+                with open(os.path.join(run_dir, "evaluations.jsonl"), "a") as f:  # every episode, for rliable
+                    f.write(json.dumps({"step": global_step, "episode_returns": episodes, "snd": snd}) + "\n")
                 line = f"eval_return={eval_return:.3f} snd={snd:.4f}"
             elapsed = time.time() - start_time
             if line or iteration % args.print_interval == 0 or iteration == start_iteration or elapsed - printed_at >= 60:
@@ -1114,7 +1118,8 @@ def evaluate(agent, eval_env: VmasEnv, args: Args, seed: int, snd_obs=None, keep
     evaluations differ only by the policy), with the mode or sampled actions (--no-eval-deterministic)
     drawn from seed, never from the training RNG. Then SND (Eq. 9) on snd_obs ((N, obs_dim),
     appendix D.1.2's shared dataset) or on --snd-samples of the episodes' observations. Returns
-    (mean return, per-agent returns, SND, with keep_obs the observations (N, n_agents, obs_dim)).
+    (mean return, per-agent returns, SND, with keep_obs the observations (N, n_agents, obs_dim),
+    every episode's team return).
     A list as video receives the frames of the first episode (rendering draws no random numbers)."""
     n, device = args.n_agents, eval_env.device
     # On CUDA, VMAS draws from torch's CUDA generator: forked and seeded here, like the policy's samples
@@ -1151,7 +1156,7 @@ def evaluate(agent, eval_env: VmasEnv, args: Args, seed: int, snd_obs=None, keep
             snd += system_neural_diversity(dist, agent.discrete, args.snd_gaussian_samples) * len(chunk)
         snd /= pool.shape[0]
     episodes_obs = torch.cat(seen, 1).transpose(0, 1) if keep_obs else None
-    return returns.mean(0).mean().item(), returns.mean(1).tolist(), snd, episodes_obs
+    return returns.mean(0).mean().item(), returns.mean(1).tolist(), snd, episodes_obs, returns.mean(0).tolist()
 
 
 # ===== Appendix: input checks, checkpoints, --eval-only =====
@@ -1382,7 +1387,7 @@ def evaluate_checkpoint(args, loaded, agent, eval_env) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     video = [] if args.capture_video else None
-    ret, per_agent, snd, _ = evaluate(agent, eval_env, args, args.seed + 10_000, snd_obs, video=video)
+    ret, per_agent, snd, _, _ = evaluate(agent, eval_env, args, args.seed + 10_000, snd_obs, video=video)
     print(f"eval/episodic_return={ret:.4f} diversity/snd={snd:.6f} per_agent={[round(r, 4) for r in per_agent]}")
     if video:
         path = os.path.join(args.runs_dir, new_run_folder(args.runs_dir, f"{loaded['run_name']}__eval"), "eval.mp4")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import random
@@ -1252,7 +1253,7 @@ def main(argv=None) -> int:
             if global_step >= next_eval or iteration == num_iterations:
                 next_eval = (global_step // args.eval_interval + 1) * args.eval_interval
                 video = [] if args.capture_video else None
-                eval_return, snd = evaluator(actor, obs_norm, video)
+                eval_return, snd, episodes = evaluator(actor, obs_norm, video)
                 if video:
                     import hypermarl_extras as extras
 
@@ -1260,6 +1261,8 @@ def main(argv=None) -> int:
                                       video, global_step, evaluator.video_timing()[1])
                 writer.add_scalar("eval/episodic_return", eval_return, global_step)
                 writer.add_scalar("diversity/snd", snd, global_step)
+                with open(os.path.join(run_dir, "evaluations.jsonl"), "a") as f:  # every episode, for rliable
+                    f.write(json.dumps({"step": global_step, "episode_returns": episodes, "snd": snd}) + "\n")
                 line = f"eval_return={eval_return:.3f} snd={snd:.4f}"
             window_returns += finished_returns
             elapsed = time.time() - start_time
@@ -1315,7 +1318,7 @@ class Evaluator:
         return extras.video_timing(self.envs[0].base.metadata["render_fps"])
 
     def __call__(self, actor: GaussianActor, obs_norm: ObsNormalizer, video: Optional[list] = None):
-        """(mean return, SND). A list as video receives every stride-th frame of episode 0 (rendering
+        """(mean return, SND, every episode's return). A list as video receives every stride-th frame of episode 0 (rendering
         reads the simulation and changes nothing in it)."""
         args, envs = self.args, self.envs
         flats = [env.reset(seed=args.seed + 10_000 + k)[0] for k, env in enumerate(envs)]
@@ -1349,7 +1352,7 @@ class Evaluator:
             dist = actor(torch.as_tensor(x, device=self.device), params)
             snd = system_neural_diversity(common_action_dims(dist.mean, dist.stddev, actor.act_mask), False,
                                           args.snd_gaussian_samples, torch.Generator(device=self.device).manual_seed(args.seed))
-        return float(returns.mean()), snd
+        return float(returns.mean()), snd, returns.tolist()
 
     def inputs(self, flat: np.ndarray, obs_norm: ObsNormalizer) -> np.ndarray:
         """Raw observations (batch, flat) -> every agent's actor input (n_agents, batch, obs_dim)."""
@@ -1570,7 +1573,7 @@ def evaluate_checkpoint(args, loaded, actor, obs_norm, evaluator) -> int:
     obs_norm.load_state_dict(loaded["obs_norm"])
     video = [] if args.capture_video else None
     try:
-        eval_return, snd = evaluator(actor, obs_norm, video)
+        eval_return, snd, _ = evaluator(actor, obs_norm, video)
         print(f"eval/episodic_return={eval_return:.4f} diversity/snd={snd:.6f}")
         if video:
             import hypermarl_extras as extras
