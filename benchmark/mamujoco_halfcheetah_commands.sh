@@ -8,8 +8,10 @@
 # HyperMARL MLP (MAPPO), independent actors (MAPPO), HAPPO (independent actors), FuPS (MAPPO).
 # Budget: 500k environment steps per run (the paper trains 10M), paper/HARL hyperparameters
 # otherwise (Table 20 + Table 21), evaluation every 50k steps over 10 deterministic episodes.
-# Runs one after the other (2-core CPU). Then: python benchmark/mamujoco_summarize.py $RUNS
-# (which writes to a new folder runs/mamujoco_summarize_<time>; --out benchmark/results replaces the committed files)
+# Runs one after the other (2-core CPU). The table and plot were made by benchmark/mamujoco_summarize.py,
+# since folded into benchmark/aggregate.py, which reads the summary.json files of benchmark/launch.py's runs:
+# today's equivalent is `python benchmark/launch.py table4 --only HalfCheetah --seeds 1 2 --budget 500000
+# -- --eval-interval 50000 --eval-episodes 10`, then `python benchmark/aggregate.py runs/grids/table4`.
 set -euo pipefail
 RUNS=${RUNS:-runs/mamujoco_evidence_$(date +%Y%m%d-%H%M%S)}
 STEPS=${STEPS:-500000}

@@ -104,39 +104,3 @@ def test_default_output_folders_are_new_even_within_one_second(tmp_path, monkeyp
     first, second = sps.new_output_folder("sps"), sps.new_output_folder("sps")
     assert first != second and os.path.isdir(first) and os.path.isdir(second)
     assert sorted(os.listdir(tmp_path / "runs")) == ["sps_20260101-000000", "sps_20260101-000000_1"]
-
-
-TINY_VMAS = ["--num-envs", "4", "--num-steps", "8", "--num-minibatches", "2", "--update-epochs", "2",
-             "--eval-episodes", "3", "--snd-samples", "40", "--actor-hidden-dims", "16", "16",
-             "--critic-hidden-dims", "16", "16", "--max-steps", "6"]
-
-
-def test_evidence_writes_a_new_folder_in_runs_not_the_committed_results(tmp_path):
-    before = committed_results()
-    argv = ["--families", "fups", "--seeds", "1", "2", "--total-timesteps", "64", "--eval-interval", "32", "--"]
-    result = run_tool("evidence.py", argv + TINY_VMAS, tmp_path, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert committed_results() == before
-    (folder,) = os.listdir(tmp_path / "runs")
-    assert folder.startswith("evidence_ippo_hyper_vmas_dispersion4_")
-    outputs = set(os.listdir(tmp_path / "runs" / folder))
-    assert {f"ippo_hyper_vmas_dispersion4.{ext}" for ext in ("csv", "md", "png")} | {"fups_1", "fups_2"} <= outputs
-    assert os.listdir(tmp_path) == ["runs"]
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--aggregate-only"], "--aggregate-only: needs --work-dir"),
-    (["--aggregate-only", "--work-dir", "nowhere"], "--work-dir: no such folder"),
-    (["--work-dir", "/proc/sys/x"], "--work-dir: '/proc/sys' is not writable"),
-    (["--work-dir", "notes.txt/runs"], "--work-dir: "),
-    (["--out", "notes.txt"], "--out: "),
-    (["--out", "/proc/sys/x"], "--out: '/proc/sys' is not writable"),
-    (["--jobs", "0"], "--jobs: must be at least 1, got 0"),
-    (["--name", "../x"], "--name: must be a plain name"),
-])
-def test_evidence_bad_input_is_one_line_before_any_run(tmp_path, argv, message):
-    (tmp_path / "notes.txt").write_text("keep")
-    result = run_tool("evidence.py", argv + ["--total-timesteps", "64"], tmp_path, timeout=60)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.stderr
-    assert result.stdout == "" and os.listdir(tmp_path) == ["notes.txt"]

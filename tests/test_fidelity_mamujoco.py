@@ -180,24 +180,28 @@ def test_per_agent_adam_steps_on_its_parameters_device_after_loading_a_cpu_check
 
 
 def test_mamujoco_summary_reports_the_runs_own_settings(tmp_path):
-    """The header of benchmark/mamujoco_summarize.py's table gives the environments, steps,
-    evaluation episodes and clip the runs logged, not the settings of the first evidence."""
+    """benchmark/aggregate.py's table header gives the environments, steps, evaluation episodes and
+    clip the runs logged (launch.py's summary "config", read from the run's TensorBoard), not the
+    settings of the first evidence."""
     import subprocess
     import sys
 
-    from test_mamujoco import run_main
+    sys.path.insert(0, os.path.join(ROOT, "benchmark"))
+    import launch
 
-    runs = tmp_path / "runs"
     for family in ("mlp", "nops"):
+        runs = tmp_path / "grid" / family
         assert run_main(tiny_argv(runs, "--eval-interval", "32", hypernet=family))[0] == 0
-    script = os.path.join(ROOT, "benchmark", "mamujoco_summarize.py")
-    done = subprocess.run([sys.executable, script, str(runs), "--out", str(tmp_path), "--name", "tiny"],
+        run = launch.Run("table4", "mamujoco", "HalfCheetah-2x3", family, 1, "mappo_hyper_mamujoco.py", [], 64)
+        launch.write_summary(run, launch.run_folder(str(runs)), argv=[], extra=[], wall_seconds=1.0)
+    script = os.path.join(ROOT, "benchmark", "aggregate.py")
+    done = subprocess.run([sys.executable, script, str(tmp_path / "grid"), "--out", str(tmp_path), "--reps", "20"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    header = (tmp_path / "tiny.md").read_text().split("| method |")[0]
-    assert "1 environments x 32 steps per update" in header
-    assert "evaluation every 32 steps over 2 deterministic episodes" in header
-    assert "HyperMARL MLP (MAPPO) 0.0375, Ind. actors (MAPPO) 0.05" in header  # Table 21, Table 20
+    header = (tmp_path / "table4.md").read_text().split("## HalfCheetah-2x3")[0]
+    for setting in ("num_envs=1", "num_steps=32", "eval_interval=32", "eval_episodes=2"):
+        assert setting in header
+    assert "clip_coef: nops 0.05, mlp 0.0375" in header  # Table 20, Table 21
     assert "v5" in header and "v2" in header and "500" not in header
 
 
@@ -230,7 +234,7 @@ def test_evaluation_snd_is_drawn_from_every_agents_inputs_of_the_episodes(task, 
     rng = np.random.default_rng(0)
     obs_norm.update(rng.standard_normal((5, env.n_agents, env.local_obs_dim)) if obs_mode == "local" else None,
                     rng.standard_normal((5, env.state_dim)))
-    eval_return, snd = evaluator(actor, obs_norm)
+    eval_return, snd, _ = evaluator(actor, obs_norm)
     # reference: every agent's input of every step of every episode, then the same draw
     envs, inputs, returns = evaluator.envs, [], np.zeros(3)
     flats = [e.reset(seed=args.seed + 10_000 + k)[0] for k, e in enumerate(envs)]

@@ -212,11 +212,27 @@ def test_navigation_defaults_follow_table_15(script, family, n, same, clip, lr):
     assert (args.clip_coef, args.learning_rate) == (0.3, 1e-3)  # explicit flags win
 
 
-def test_evidence_uses_table_9_seeds():
-    result = subprocess.run([sys.executable, "-c", "import sys; sys.argv = ['evidence.py', '--help'];"
-                             "import runpy; runpy.run_path('benchmark/evidence.py', run_name='__main__')"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert "[30, 1, 42, 72858, 2300658]" in " ".join(result.stdout.split())
+def test_grids_use_the_papers_seeds_budgets_and_settings():
+    """benchmark/launch.py: Table 9's seeds, appendix D's budgets (20M Dispersion, 10M Navigation
+    and MaMuJoCo), Table 11's Dispersion and Table 16's goal settings for 2, 4, 8 agents."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmark"))
+    import launch
+
+    figure2 = launch.GRIDS["figure2-ippo"]()
+    assert sorted({r.seed for r in figure2}) == sorted([30, 1, 42, 72858, 2300658])
+    assert {r.budget for r in figure2} == {20_000_000} and len(figure2) == 4 * 5
+    assert {r.method for r in figure2} == {"mlp", "linear", "nops", "fups"}
+    figure4 = launch.GRIDS["figure4"]()
+    assert {r.budget for r in figure4} == {10_000_000}
+    assert sorted({r.task for r in figure4}) == sorted(
+        ["navigation-2-same", "navigation-2-different"] + [f"navigation-{n}-{g}" for n in (4, 8)
+                                                            for g in ("same", "different", "half")])
+    run = next(r for r in figure4 if r.task == "navigation-8-half" and r.method == "dico")
+    import ippo_hyper_vmas as script
+
+    args = script.parse_args(run.argv())  # Table 15's DiCo row for 8 agents, half the agents on one goal
+    assert (args.agents_with_same_goal, args.clip_coef, args.learning_rate, args.dico_snd_des) == (4, 0.1, 2.5e-4, -1.0)
+    assert {r.budget for r in launch.GRIDS["table4"]()} == {10_000_000}
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,0 +1,714 @@
+"""The paper's experiment grids, one command each, on a laptop, a GPU box, a Slurm cluster or a Ray cluster.
+
+    python benchmark/launch.py figure2-ippo --dry-run                  # the runs and their cost, nothing started
+    python benchmark/launch.py figure2-ippo --budget 2000000 --jobs 2  # here: 2 runs at a time
+    python benchmark/launch.py figure4 --backend slurm --slurm-partition gpu --timeout-min 240
+    python benchmark/launch.py table4 --backend ray --ray-address auto --gpus-per-run 0.25
+    python benchmark/aggregate.py runs/grids/figure2-ippo             # plots and tables, rliable
+
+A grid expands to (script, flags, seed) runs with the paper's seeds, budgets and evaluation
+protocol (each script's paper defaults); --budget, --seeds, --only and extra script flags after
+`--` override them. Every run lives in OUT/<grid>/<run_id>/ (the script's --runs-dir; log.txt
+holds its output) and checkpoints (--save-model) as it goes. When a run exits cleanly the
+launcher writes summary.json next to its TensorBoard log (configuration, git commit, every
+evaluation's episode returns in marl-eval's layout, final SND, gradient statistics, SPS). The
+same command again skips finished runs and resumes interrupted ones from their checkpoint
+(--resume): the scripts save one on Ctrl-C and SIGTERM, so a preempted Slurm job (requeued by
+submitit) or a killed Ray task (retried) continues where it stopped. Ctrl-C (SIGTERM, SIGHUP) of the
+launcher starts no further run and has every running script save its checkpoint and exit; a second
+one stops them at once.
+
+Backends, all existing engines: local (a pool of subprocesses; --runs-per-gpu runs share each GPU),
+slurm (submitit job arrays; --backend submitit-local runs the same code path on this machine),
+ray (--ray-address of a running cluster, else a local one; fractional --gpus-per-run).
+Figure 10 is a parameter count, not a training grid: `launch.py figure10` writes its table and plot.
+"""
+
+import argparse
+import dataclasses
+import json
+import re
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmark"))
+from sps import OneLineParser, at_least, check_writable  # noqa: E402  (bad input: one line, exit 2)
+
+PAPER_SEEDS = [30, 1, 42, 72858, 2300658]  # Table 9; the paper runs 5 seeds everywhere (appendix D)
+MATRIX_SEEDS = [1, 2, 3, 4, 5]  # Table 8: 5 seeds (benchmark/matrix_games.py's)
+FAMILIES = ["mlp", "linear", "nops", "fups"]
+# Figure 7 / Figure 17: HyperMARL (MLP) and its ablations (section 6)
+ABLATIONS = {"mlp": [], "mlp-S": ["--hypernet-hidden-dims", "32"], "mlp-onehot": ["--hypernet-embedding", "onehot"],
+             "mlp-noRF": ["--hypernet-init", "default"], "mlp-noGD": ["--hypernet-input", "agent+obs"]}
+MAMUJOCO_TASKS = ["Humanoid-17x1", "Walker2d-2x3", "HalfCheetah-2x3", "Ant-4x2"]  # Table 4
+# Table 4's columns: HAPPO, FuPS, independent actors (MAPPO), HyperMARL (MLP)
+MAMUJOCO_METHODS = {"happo": ["--algo", "happo", "--hypernet", "nops"], "fups": ["--hypernet", "fups"],
+                    "nops": ["--hypernet", "nops"], "mlp": ["--hypernet", "mlp"]}
+
+
+@dataclasses.dataclass
+class Run:
+    grid: str
+    env: str  # vmas | mamujoco | matrix
+    task: str
+    method: str
+    seed: int
+    script: str
+    flags: list  # the script's flags, the seed and budget excluded
+    budget: int  # environment steps (matrix games: trials)
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.script.split('_')[0]}-{self.task}-{self.method}-s{self.seed}".replace("|", "_")
+
+    def argv(self) -> list[str]:
+        budget_flag = "--num-trials" if self.env == "matrix" else "--total-timesteps"
+        return [*self.flags, "--seed", str(self.seed), budget_flag, str(self.budget)]
+
+
+# ===== The grids =====
+def dispersion(grid: str, script: str, methods: dict) -> list[Run]:
+    """Figure 2 / Figure 17: Dispersion, 4 agents (Table 11), 20M steps (Table 9)."""
+    return [Run(grid, "vmas", "dispersion-4", method, seed, script,
+                ["--scenario", "dispersion", "--n-agents", "4", *flags], 20_000_000)
+            for method, flags in methods.items() for seed in PAPER_SEEDS]
+
+
+def navigation(grid: str) -> list[Run]:
+    """Figure 4 / Figure 16: Navigation with 2, 4, 8 agents, one goal for all ("same"), one goal each
+    ("different") or two groups ("half", n > 2); 10M steps (appendix D). The script applies Table 15's
+    clip and learning rate and Table 14's DiCo SND_des for each setting."""
+    runs = []
+    for n in (2, 4, 8):
+        goals = {"same": n, "different": 1, **({"half": n // 2} if n > 2 else {})}
+        for goal, same in goals.items():
+            for method in ["fups", "nops", "mlp", "linear", "dico"]:
+                runs += [Run(grid, "vmas", f"navigation-{n}-{goal}", method, seed, "ippo_hyper_vmas.py",
+                             ["--scenario", "navigation", "--n-agents", str(n), "--agents-with-same-goal", str(same),
+                              "--hypernet", method], 10_000_000) for seed in PAPER_SEEDS]
+    return runs
+
+
+def mamujoco(grid: str, tasks: list[str], methods: dict) -> list[Run]:
+    """Table 4, Figures 5 and 7: MAPPO variants on MaMuJoCo, 10M steps (appendix D, Tables 17-21)."""
+    return [Run(grid, "mamujoco", task, method, seed, "mappo_hyper_mamujoco.py", ["--task", task, *flags], 10_000_000)
+            for task in tasks for method, flags in methods.items() for seed in PAPER_SEEDS]
+
+
+def matrix_games(grid: str) -> list[Run]:
+    """Tables 2 and 6: REINFORCE on both games with 2, 4, 8 agents, 10,000 trials (Table 8)."""
+    return [Run(grid, "matrix", f"{game}-n{n}", method, seed, "reinforce_matrix_games.py",
+                ["--game", game, "--n-agents", str(n), "--hypernet", method], 10_000)
+            for game in ("specialisation", "synchronisation") for n in (2, 4, 8)
+            for method in ["nops", "fups-noid", "fups", "linear", "mlp"] for seed in MATRIX_SEEDS]
+
+
+def hypernet_flags(methods) -> dict:
+    return {method: ["--hypernet", method] for method in methods}
+
+
+GRIDS = {
+    "figure2-ippo": lambda: dispersion("figure2-ippo", "ippo_hyper_vmas.py", hypernet_flags(FAMILIES)),
+    "figure2-mappo": lambda: dispersion("figure2-mappo", "mappo_hyper_vmas.py", hypernet_flags(FAMILIES)),
+    "figure4": lambda: navigation("figure4"),
+    "table4": lambda: mamujoco("table4", MAMUJOCO_TASKS, MAMUJOCO_METHODS),
+    "figure5": lambda: mamujoco("figure5", ["Humanoid-17x1"], MAMUJOCO_METHODS),
+    "figure7": lambda: mamujoco("figure7", ["Humanoid-17x1"], {k: ["--hypernet", "mlp", *v] for k, v in ABLATIONS.items()}),
+    "figure17-ippo": lambda: dispersion("figure17-ippo", "ippo_hyper_vmas.py",
+                                        {k: ["--hypernet", "mlp", *v] for k, v in ABLATIONS.items()}),
+    "figure17-mappo": lambda: dispersion("figure17-mappo", "mappo_hyper_vmas.py",
+                                         {k: ["--hypernet", "mlp", *v] for k, v in ABLATIONS.items()}),
+    "table2-6": lambda: matrix_games("table2-6"),
+}
+# Training steps per second of one run per setting (evaluations excluded), measured on a 2-core x86
+# CPU (torch 2.13, one thread, beside two other training runs) by `launch.py GRID --measure 1`: the
+# cost estimates of --dry-run (README, "Reproduce the paper").
+CPU_SPS = {}
+
+
+# ===== One run: start or resume it, then write its summary =====
+def run_folder(run_dir: str):
+    """The script's own run folder inside run_dir (it names it run_name), or None before it exists."""
+    if not os.path.isdir(run_dir):
+        return None
+    folders = [f for f in sorted(os.listdir(run_dir)) if os.path.isdir(os.path.join(run_dir, f))]
+    return os.path.join(run_dir, folders[-1]) if folders else None
+
+
+def command(run: Run, run_dir: str, extra: list) -> list[str]:
+    """The script's command line: --resume from the run's checkpoint if there is one, else a fresh start."""
+    folder = run_folder(run_dir)
+    checkpoint = folder and os.path.join(folder, "checkpoint.pt")
+    if checkpoint and os.path.isfile(checkpoint):  # its flags come from the checkpoint; the budget may grow
+        return [sys.executable, os.path.join(ROOT, run.script), "--resume", checkpoint,
+                "--total-timesteps", str(run.budget)]
+    if folder:  # interrupted before its first checkpoint (or a matrix game: seconds): start again
+        shutil.rmtree(folder)
+    save = [] if run.env == "matrix" else ["--save-model"]
+    return [sys.executable, os.path.join(ROOT, run.script), *run.argv(), *extra, *save,
+            "--runs-dir", run_dir, "--exp-name", run.grid]
+
+
+CHILDREN = set()  # the scripts running in this process, for stop_children
+# The signals that asked for a stop (Ctrl-C, SIGTERM, SIGHUP): start no new run. A list, not a
+# threading.Event: Ray and submitit pickle run_one with the globals it reads, and a lock does not pickle.
+STOP = []
+
+
+def completed(run: Run, folder: str) -> bool:
+    """Whether the run reached its budget: a script stopped by a signal exits 0 too, after saving its
+    checkpoint, so its state says how far it got (matrix games have no checkpoint: exit 0 is the end).
+    Compared with run.budget, not the checkpoint's: a larger --budget makes a finished run unfinished."""
+    if run.env == "matrix":
+        return True
+    import torch
+
+    state = torch.load(os.path.join(folder, "checkpoint.pt"), map_location="cpu", weights_only=True)
+    batch = state["args"]["num_envs"] * state["args"]["num_steps"]
+    return state["global_step"] + batch > run.budget  # no whole iteration left to train
+
+
+def run_one(run: Run, grid_dir: str, extra: list, threads: int = 1, gpu=None) -> str:
+    """Start or resume one run and wait for it: 'finished', 'stopped' (checkpointed before its budget),
+    'skipped' (finished before), 'not started' (a stop came first) or 'failed (...)'."""
+    run_dir = os.path.join(grid_dir, run.run_id)
+    now = state(run_dir, run.budget)
+    if now == "finished":
+        return "skipped"
+    if STOP:
+        return "not started"
+    if now == "interrupted" and completed(run, run_folder(run_dir)):
+        # it trained its budget but the launcher was gone before the summary (killed): the script would
+        # refuse a --resume with nothing left to train, so only the summary is missing
+        write_summary(run, run_folder(run_dir), last_command(run_dir), extra, None)
+        return "finished"
+    os.makedirs(run_dir, exist_ok=True)
+    argv = command(run, run_dir, extra)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    start = time.time()
+    log_path = os.path.join(run_dir, "log.txt")
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(argv)}\n")
+        log.flush()
+        # its own session: a Ctrl-C in the terminal reaches the launcher only, which passes exactly one
+        # SIGTERM on (the scripts checkpoint on the first signal and stop at once on a second)
+        child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+        CHILDREN.add(child)
+        try:
+            if STOP:  # the stop came while it started: stop_children may not have seen it
+                stop_child(child, again=False)
+            code = wait(child)
+        except BaseException:  # Ray's cancel (KeyboardInterrupt), submitit's requeue (SystemExit): the run
+            stop_child(child, again=False)  # saves its checkpoint before this task ends
+            child.wait()
+            raise
+        finally:
+            CHILDREN.discard(child)
+    if code != 0:
+        if STOP:  # killed by the stop before it installed its handler: nothing to save yet
+            return "stopped"
+        return f"failed (exit {code}: {last_line(log_path)}; see {log_path})"
+    if not completed(run, run_folder(run_dir)):
+        return "stopped"
+    write_summary(run, run_folder(run_dir), argv, extra, time.time() - start)
+    return "finished"
+
+
+def wait(child) -> int:
+    """child.wait() in a helper thread: Popen.wait holds a lock while it blocks, so a signal handler
+    in the waiting thread that waits for the child too (submitit's checkpoint()) would wait forever."""
+    waiter = threading.Thread(target=child.wait, daemon=True)
+    waiter.start()
+    while waiter.is_alive():  # a signal interrupts the join, runs its handler, and the join goes on;
+        waiter.join(1.0)  # Ray's cancel raises KeyboardInterrupt in this thread, seen between joins only
+    return child.returncode
+
+
+def stop_child(child, again=True) -> None:
+    """SIGTERM: the script finishes its iteration, saves a checkpoint and exits 0; a second SIGTERM
+    (again, e.g. a second Ctrl-C) stops it at once, with its last periodic checkpoint."""
+    if child.poll() is None and (again or not getattr(child, "stopped", False)):
+        child.stopped = True
+        child.send_signal(signal.SIGTERM)
+
+
+def stop_children() -> None:
+    """Pass a stop on to the running scripts (they checkpoint and exit) and wait for them. Forgets
+    them too: submitit pickles checkpoint()'s task with the globals run_one reads, CHILDREN included,
+    and a Popen does not pickle."""
+    for child in list(CHILDREN):
+        stop_child(child)
+    for child in list(CHILDREN):
+        child.wait()
+        CHILDREN.discard(child)
+
+
+def last_line(path: str) -> str:
+    """The last line of a log (a script's error is one line), shortened."""
+    lines = [line.strip() for line in open(path, errors="replace").read().splitlines() if line.strip()]
+    return (lines[-1][:200] if lines else "no output")
+
+
+def last_command(run_dir: str) -> list:
+    """The command of the run's last start, from its log.txt ('$ ' lines)."""
+    lines = [line for line in open(os.path.join(run_dir, "log.txt")) if line.startswith("$ ")]
+    return lines[-1][2:].split() if lines else []
+
+
+# ===== summary.json =====
+def read_events(folder: str):
+    """The run's TensorBoard scalars {tag: [(step, value)]} and its flags {name: value as text}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(folder, size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    config = {}
+    if "hyperparameters/text_summary" in acc.Tags()["tensors"]:
+        text = acc.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
+        config = dict(row.strip("|").split("|", 1) for row in text.splitlines()[2:] if row.count("|") >= 3)
+    return scalars, config
+
+
+def evaluations(folder: str, scalars: dict) -> list[dict]:
+    """Every evaluation, in step order: the episodes' returns from evaluations.jsonl (VMAS, MaMuJoCo;
+    the last line of a step wins, as a run resumed after a hard kill repeats evaluations), or the
+    TensorBoard values (matrix games: the exact expected reward, no episodes)."""
+    path = os.path.join(folder, "evaluations.jsonl")
+    if os.path.isfile(path):
+        by_step = {}
+        for line in open(path):
+            entry = json.loads(line)
+            by_step[entry["step"]] = {"step_count": entry["step"], "return": entry["episode_returns"],
+                                      "snd": [entry["snd"]]}
+        return [by_step[step] for step in sorted(by_step)]
+    sampled = dict(scalars.get("eval/episodic_return_sampled", []))
+    snd = dict(scalars.get("diversity/snd", []))
+    return [{"step_count": step, "return": [value], "return_sampled": [sampled.get(step)], "snd": [snd.get(step)]}
+            for step, value in scalars.get("eval/episodic_return", [])]
+
+
+def git_commit(script: str):
+    """(HEAD's commit, whether the script or its helper differ from it: the code that ran is not the commit's)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", script, "hypermarl_extras.py"],
+                               cwd=ROOT).returncode != 0
+        return commit.stdout.strip(), dirty
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+
+
+def mean_of(scalars: dict, tag: str):
+    values = [value for _, value in scalars.get(tag, []) if math.isfinite(value)]
+    return sum(values) / len(values) if values else None
+
+
+def write_summary(run: Run, folder: str, argv: list, extra: list, wall_seconds: float) -> dict:
+    scalars, config = read_events(folder)
+    evals = evaluations(folder, scalars)
+    steps = {f"step_{k}": e for k, e in enumerate(evals)}
+    absolute = {key: value for key, value in evals[-1].items() if key != "step_count"} if evals else {}
+    commit, dirty = git_commit(run.script)
+    sps = scalars.get("charts/SPS", [])
+    summary = dict(
+        format="hypermarl-summary/1", grid=run.grid, run_id=run.run_id, env=run.env, task=run.task,
+        method=run.method, seed=run.seed, script=run.script, argv=run.argv() + extra, command=argv[1:], config=config,
+        git_commit=commit, git_dirty=dirty, total_timesteps=run.budget,
+        wall_seconds=None if wall_seconds is None else round(wall_seconds, 1),  # None: recovered, see run_one
+        sps=sps[-1][1] if sps else None,
+        final_return=sum(evals[-1]["return"]) / len(evals[-1]["return"]) if evals else None,
+        final_snd=evals[-1]["snd"][0] if evals else None,
+        gradient={f"{key}_mean": mean_of(scalars, f"grad/{key}") for key in ("actor_var", "actor_norm", "interference")},
+        marl_eval={run.env: {run.task: {run.method: {f"seed_{run.seed}": {**steps, "absolute_metrics": absolute}}}}},
+    )
+    tmp = os.path.join(folder, "summary.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(tmp, os.path.join(folder, "summary.json"))  # "finished" means a whole summary
+    return summary
+
+
+# ===== Backends =====
+def launch_local(runs, grid_dir, extra, opts) -> list[str]:
+    """--jobs runs at a time, each a subprocess; with GPUs, job slot k uses GPU k % GPUs, so
+    --runs-per-gpu runs share each GPU whatever order the runs end in."""
+    import queue
+    from concurrent.futures import ThreadPoolExecutor
+
+    gpus = gpu_count()
+    slots = queue.Queue()
+    for k in range(opts.jobs):
+        slots.put(k % gpus if gpus else None)
+
+    def start(run):
+        gpu = slots.get()
+        try:
+            return run_one(run, grid_dir, extra, opts.threads, gpu)
+        finally:
+            slots.put(gpu)
+
+    with ThreadPoolExecutor(opts.jobs) as pool:  # a thread per slot, each waiting on its script
+        return list(pool.map(start, runs))  # after a stop, the runs not started return at once
+
+
+class RunTask:
+    """A submitit job: one run. On preemption or time-out submitit calls checkpoint() (USR2) in the
+    job's main thread: the script saves its checkpoint and exits, and submitit requeues this task,
+    which resumes the run from that checkpoint (submitit's Checkpointable protocol)."""
+
+    def __call__(self, run, grid_dir, extra, threads):
+        return run_one(run, grid_dir, extra, threads)
+
+    def checkpoint(self, run, grid_dir, extra, threads):
+        import submitit
+
+        stop_children()  # waits: the requeued task must not start while the script still writes
+        return submitit.helpers.DelayedSubmission(RunTask(), run, grid_dir, extra, threads)
+
+
+def launch_submitit(runs, grid_dir, extra, opts) -> list[str]:
+    """A Slurm job array (or submitit's local executor: every run at once), one task per run."""
+    import submitit
+
+    cluster = "local" if opts.backend == "submitit-local" else "slurm"
+    executor = submitit.AutoExecutor(folder=os.path.join(grid_dir, "submitit", "%j"), cluster=cluster)
+    gpus = math.ceil(opts.gpus_per_run) or None  # None: no --gpus-per-node=0, which clusters without GPUs refuse
+    params = dict(timeout_min=opts.timeout_min, cpus_per_task=opts.threads, gpus_per_node=gpus,
+                  slurm_array_parallelism=opts.jobs, name=os.path.basename(grid_dir))
+    if cluster == "slurm":
+        params.update(slurm_partition=opts.slurm_partition, slurm_additional_parameters=dict(requeue=True))
+    executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    n = len(runs)
+    jobs = executor.map_array(RunTask(), runs, [grid_dir] * n, [extra] * n, [opts.threads] * n)
+    print(f"submitted {n} runs: job array {jobs[0].job_id.split('_')[0]} (logs in {grid_dir}/submitit)", flush=True)
+    if cluster == "slurm" and not opts.wait:
+        return ["submitted"] * n
+    while not STOP and not all(job.done() for job in jobs):
+        time.sleep(1)
+    if STOP:
+        if cluster == "slurm":  # the jobs are the cluster's: stop waiting only
+            print("stopped waiting; the jobs go on (scancel stops them: their runs checkpoint)", file=sys.stderr)
+            return ["submitted" if not job.done() else job_result(job) for job in jobs]
+        for job in jobs:  # SIGINT: the task's run_one passes a SIGTERM on to its script, which checkpoints
+            job.cancel(check=False)
+        while not all(job.done() for job in jobs):
+            time.sleep(0.5)
+        return ["stopped" if result.startswith("failed") else result for result in map(job_result, jobs)]
+    return [job_result(job) for job in jobs]
+
+
+def job_result(job) -> str:
+    """The run's state, or one line naming the job's log for a job that raised."""
+    try:
+        return job.result()
+    except Exception as error:  # submitit re-raises the job's error with its whole traceback
+        return f"failed (job {job.job_id}: {str(error).strip().splitlines()[-1][:200]}; see {job.paths.stderr})"
+
+
+def launch_ray(runs, grid_dir, extra, opts) -> list[str]:
+    """One Ray task per run; --gpus-per-run below 1 packs several runs on one GPU. Without
+    --ray-address a local cluster of --jobs x --threads CPUs runs --jobs runs at a time. A cluster's
+    nodes must see this repository and --out at the same paths (a shared file system). A task whose
+    worker dies is retried and resumes from the run's checkpoint; a stop cancels the tasks (each passes
+    a SIGTERM on to its script, which checkpoints)."""
+    import ray
+
+    cpus = {} if opts.ray_address else dict(num_cpus=opts.jobs * opts.threads)
+    ray.init(address=opts.ray_address, include_dashboard=False, log_to_driver=False, **cpus)
+    install_stop_handlers()  # ray.init installs its own SIGTERM handler
+    try:
+        task = ray.remote(num_cpus=opts.threads, num_gpus=opts.gpus_per_run, max_retries=3)(run_one)
+        refs = [task.remote(run, grid_dir, extra, opts.threads) for run in runs]
+        pending = list(refs)
+        while pending and not STOP:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+        for ref in pending:
+            ray.cancel(ref)  # KeyboardInterrupt in the task: run_one stops its script with a checkpoint
+        results = []
+        for ref in refs:
+            try:
+                results.append(ray.get(ref))
+            except ray.exceptions.TaskCancelledError:
+                results.append("stopped")
+            except ray.exceptions.RayError as error:
+                results.append(f"failed (ray: {str(error).strip().splitlines()[0][:200]})")
+        return results
+    finally:
+        ray.shutdown()
+
+
+BACKENDS = {"local": launch_local, "slurm": launch_submitit, "submitit-local": launch_submitit, "ray": launch_ray}
+
+
+def gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+# ===== Figure 10: parameters against agents =====
+def figure10(out: str) -> None:
+    """Actor parameters of IPPO's families on Dispersion for 4 .. 1024 agents, with as many food as
+    agents (the observation grows with n) and with 4 food (it does not: the agents' own cost alone)."""
+    import torch
+
+    sys.path.insert(0, ROOT)
+    import ippo_hyper_vmas as script
+
+    counts = {"n_food = n_agents": {}, "n_food = 4": {}}
+    for setting, per_method in counts.items():
+        for n in (4, 8, 16, 32, 64, 128, 256, 512, 1024):
+            n_food = n if setting == "n_food = n_agents" else 4
+            obs_dim = 4 + 3 * n_food  # Dispersion (VMAS 1.5): position, velocity, then 3 numbers per food
+            for method in FAMILIES:
+                args = script.paper_defaults(script.Args(n_agents=n, n_food=n_food, hypernet=method),
+                                             {"n_agents", "n_food", "hypernet"})
+                with torch.device("meta"):  # shapes only: 200M parameters at 1024 agents, never allocated
+                    agent = script.Agent(args, obs_dim, 9, True, obs_dim)  # 9 discrete actions
+                per_method.setdefault(method, {})[n] = sum(p.numel() for p in agent.actor.parameters())
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "figure10.json"), "w") as f:
+        json.dump(counts, f, indent=1)
+    lines = ["# Figure 10: actor parameters against agents (IPPO, Dispersion)\n",
+             f"Command: `python benchmark/launch.py figure10 --out {os.path.relpath(os.path.dirname(out), ROOT)}` "
+             "(trainable parameters of each family's actor at the paper's settings, counted on PyTorch's "
+             "meta device).\n"]
+    for setting, per_method in counts.items():
+        lines += [f"\n## {setting}\n", "| agents | " + " | ".join(FAMILIES) + " |", "|---" * (len(FAMILIES) + 1) + "|"]
+        lines += [f"| {n} | " + " | ".join(f"{per_method[m][n]:,}" for m in FAMILIES) + " |" for n in per_method["mlp"]]
+    open(os.path.join(out, "figure10.md"), "w").write("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, (setting, per_method) in zip(axes, counts.items()):
+        for method in FAMILIES:
+            ax.plot(list(per_method[method]), list(per_method[method].values()), marker="o", label=method)
+        ax.set(xscale="log", yscale="log", xlabel="agents", title=f"Figure 10, {setting}")
+    axes[0].set_ylabel("actor parameters")
+    axes[0].legend()
+    fig.savefig(os.path.join(out, "figure10.png"), dpi=120, bbox_inches="tight")
+    print(f"wrote {out}/figure10.md, .json, .png")
+
+
+# ===== --measure: the cost of a grid, from a short run of each setting =====
+def iteration_steps(run: Run) -> int:
+    """Environment steps of one iteration of this run at the paper's settings (the script's own defaults)."""
+    sys.path.insert(0, ROOT)
+    script = __import__(run.script[:-3])
+    args = script.parse_args(run.argv(), checked=False)
+    return args.num_envs * args.num_steps
+
+
+def cost_key(run: Run) -> tuple:
+    """(script, task, method), Navigation's goal setting left out: it changes no shape, so no cost."""
+    return run.script, re.sub(r"-(same|different|half)$", "", run.task), run.method
+
+
+def measure(runs: list[Run], extra: list, iterations: int, threads: int) -> dict:
+    """Steps per second of training (rollout + update; the evaluations excluded) of one run per
+    setting (cost_key), over `iterations` iterations (the first left out when there are more), in a
+    temporary folder. Returns {cost_key: sps}."""
+    import tempfile
+
+    settings = {}
+    for run in runs:
+        settings.setdefault(cost_key(run), run)
+    sps = {}
+    for key, run in settings.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            if run.env == "matrix":  # the whole run takes seconds: time it
+                start = time.time()
+                subprocess.run([sys.executable, os.path.join(ROOT, run.script), *run.argv(), *extra, "--runs-dir", tmp],
+                               check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+                sps[key] = run.budget / (time.time() - start)
+                continue
+            steps = iteration_steps(run)
+            short = dataclasses.replace(run, budget=steps * iterations)
+            subprocess.run([sys.executable, os.path.join(ROOT, run.script), *short.argv(), *extra, "--runs-dir", tmp,
+                            "--eval-interval", str(10**12)], check=True, capture_output=True,
+                           env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+            scalars, _ = read_events(run_folder(tmp))
+            timed = slice(1 if iterations > 1 else 0, None)  # the first iteration also warms up
+            seconds = sum(v for _, v in scalars["perf/rollout_seconds"][timed] + scalars["perf/update_seconds"][timed])
+            sps[key] = steps * len(scalars["perf/rollout_seconds"][timed]) / seconds
+        print(f"  {' '.join(key)}: {sps[key]:,.0f} steps/s", flush=True)
+    return sps
+
+
+# ===== Command line =====
+def select(runs: list[Run], opts) -> list[Run]:
+    if opts.seeds:
+        runs = [dataclasses.replace(r, seed=s) for r in runs if r.seed == runs[0].seed for s in opts.seeds]
+    if opts.budget:
+        runs = [dataclasses.replace(r, budget=opts.budget) for r in runs]
+    if opts.methods:
+        runs = [r for r in runs if r.method in opts.methods]
+    if opts.only:
+        runs = [r for r in runs if any(pattern in r.run_id for pattern in opts.only)]
+    seeds = list(dict.fromkeys(r.seed for r in runs))
+    return sorted(runs, key=lambda r: seeds.index(r.seed))  # seed by seed: a grid stopped early has every method
+
+
+def cost_hours(runs: list[Run], sps: dict = None) -> float:
+    """CPU-hours of the runs at sps {(script, task): steps per second} (default: CPU_SPS's measurements)."""
+    sps = sps or CPU_SPS
+    return sum(run.budget / sps[cost_key(run)] for run in runs) / 3600
+
+
+def cost_line(runs: list[Run]) -> str:
+    if all(cost_key(r) in CPU_SPS for r in runs):
+        return f"about {cost_hours(runs):,.1f} CPU-hours at one thread per run (measured on a 2-core CPU: CPU_SPS)"
+    return "cost not measured here: --measure 1 measures it"
+
+
+def cost_table(runs: list[Run], sps: dict) -> str:
+    lines = ["| script | task | method | steps/s (one run) | runs | steps per run | CPU-hours |",
+             "|---|---|---|---|---|---|---|"]
+    for key in dict.fromkeys(cost_key(r) for r in runs):
+        group = [r for r in runs if cost_key(r) == key]
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {sps[key]:,.0f} | {len(group)} | {group[0].budget:,} | "
+                     f"{cost_hours(group, sps):,.1f} |")
+    lines.append(f"| all | | | | {len(runs)} | | {cost_hours(runs, sps):,.1f} |")
+    return "\n".join(lines)
+
+
+def parse(argv):
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = OneLineParser(description=__doc__.split("\n")[0], epilog="Flags after -- go to every run's script.")
+    parser.add_argument("grid", choices=[*GRIDS, "figure10"], help="the figure or table to reproduce")
+    parser.add_argument("--out", default="runs/grids", help="grids live in OUT/<grid>/ (default: runs/grids)")
+    parser.add_argument("--budget", type=at_least(1), help="steps per run (matrix games: trials) instead of the paper's")
+    parser.add_argument("--seeds", type=int, nargs="+", help="these seeds instead of the paper's five")
+    parser.add_argument("--methods", nargs="+", help="only these methods (e.g. mlp nops; --dry-run lists them)")
+    parser.add_argument("--only", nargs="+", help="only runs whose id contains one of these (e.g. navigation-8 s30)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs, their state and cost; start nothing")
+    parser.add_argument("--measure", type=at_least(1), metavar="ITERATIONS",
+                        help="time this many iterations of one run per setting here, print the grid's cost; start nothing")
+    parser.add_argument("--backend", choices=list(BACKENDS), default="local")
+    parser.add_argument("--jobs", type=at_least(1), help="runs at a time (default: GPUs x --runs-per-gpu, else CPU cores)")
+    parser.add_argument("--runs-per-gpu", type=at_least(1), default=4, help="[local] runs sharing one GPU")
+    parser.add_argument("--threads", type=at_least(1), default=1, help="CPU threads per run (OMP_NUM_THREADS)")
+    parser.add_argument("--gpus-per-run", type=float, default=0.0, help="[ray, slurm] GPUs per run; below 1 shares a GPU (ray)")
+    parser.add_argument("--ray-address", help="[ray] a running cluster (e.g. auto); default: start a local one")
+    parser.add_argument("--slurm-partition", help="[slurm] partition")
+    parser.add_argument("--timeout-min", type=at_least(1), default=240, help="[slurm] minutes per job before it is requeued")
+    parser.add_argument("--wait", action="store_true", help="[slurm] wait for the array and print each run's state")
+    opts = parser.parse_args(argv)
+    if opts.gpus_per_run < 0:
+        parser.error(f"--gpus-per-run: must be at least 0, got {opts.gpus_per_run}")
+    check_writable(parser, "--out", os.path.join(opts.out, opts.grid))  # now, before any folder is made
+    if opts.grid != "figure10":
+        check_selection(parser, opts)
+    if opts.backend == "ray" and opts.ray_address and opts.ray_address != "auto":
+        check_reachable(parser, opts.ray_address)
+    if opts.jobs is None:
+        opts.jobs = gpu_count() * opts.runs_per_gpu or max(1, (os.cpu_count() or 1) // opts.threads)
+    return opts, extra
+
+
+def check_selection(parser, opts) -> None:
+    """A --methods or --only pattern that picks no run is a typo: say so instead of skipping it."""
+    grid = GRIDS[opts.grid]()
+    methods = list(dict.fromkeys(r.method for r in grid))
+    unknown = [m for m in opts.methods or [] if m not in methods]
+    if unknown:
+        parser.error(f"--methods: {opts.grid} has no method {' '.join(unknown)} (its methods: {' '.join(methods)})")
+    candidates = select(grid, argparse.Namespace(**{**vars(opts), "only": None}))
+    unmatched = [p for p in opts.only or [] if not any(p in r.run_id for r in candidates)]
+    if unmatched:
+        parser.error(f"--only: no run of {opts.grid} matches {' '.join(unmatched)} (--dry-run lists the run ids)")
+
+
+def check_reachable(parser, address: str) -> None:
+    """ray.init retries an unreachable address for a long while: a TCP connection fails at once."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as error:
+        parser.error(f"--ray-address: cannot reach {address!r} (host:port or auto; {error})")
+
+
+def request_stop(signum, frame) -> None:
+    """Ctrl-C, SIGTERM, SIGHUP: start no new run and pass one SIGTERM on to each running script (it
+    saves a checkpoint and exits: the same command resumes it); a second signal stops them at once.
+    The handler only signals: the backends' waits notice the stop and wind down."""
+    STOP.append(signum)
+    print(f"\nsignal {signum}: the running scripts save a checkpoint and stop; the same command resumes them"
+          + (" (again: they stop at once)" if len(STOP) > 1 else ""), file=sys.stderr, flush=True)
+    for child in list(CHILDREN):
+        stop_child(child)
+
+
+def install_stop_handlers() -> dict:
+    return {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+
+
+def main(argv=None) -> int:
+    opts, extra = parse(sys.argv[1:] if argv is None else list(argv))
+    grid_dir = os.path.abspath(os.path.join(opts.out, opts.grid))
+    if opts.grid == "figure10":
+        figure10(grid_dir)
+        return 0
+    runs = select(GRIDS[opts.grid](), opts)
+    states = {r.run_id: state(os.path.join(grid_dir, r.run_id), r.budget) for r in runs}
+    print(f"{opts.grid}: {len(runs)} runs in {grid_dir} ({sum(s == 'finished' for s in states.values())} finished, "
+          f"{sum(s == 'interrupted' for s in states.values())} to resume); " + cost_line(runs), flush=True)
+    if opts.measure:
+        print(cost_table(runs, measure(runs, extra, opts.measure, opts.threads)))
+        return 0
+    if opts.dry_run:
+        for run in runs:
+            print(f"  [{states[run.run_id]}] {run.run_id}: python {run.script} {' '.join(run.argv() + extra)}")
+        return 0
+    pending = [r for r in runs if states[r.run_id] != "finished"]
+    previous = install_stop_handlers()
+    try:
+        results = BACKENDS[opts.backend](pending, grid_dir, extra, opts)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    failed = [f"{r.run_id}: {res}" for r, res in zip(pending, results) if res.startswith("failed")]
+    count = {res: results.count(res) for res in ("finished", "stopped", "not started", "submitted")}
+    print(f"{opts.grid}: {len(runs) - len(pending) + results.count('skipped')} skipped (finished before), "
+          f"{count['finished']} finished, {count['stopped'] + count['not started']} stopped or not started "
+          f"(the same command resumes them), {len(failed)} failed"
+          + (f", {count['submitted']} submitted" if count["submitted"] else "")
+          + "".join(f"\n  {line}" for line in failed))
+    print(f"next: python benchmark/aggregate.py {grid_dir}")
+    if STOP:
+        return 128 + STOP[0]  # the shell's convention for a process stopped by a signal
+    return 1 if failed else 0
+
+
+def state(run_dir: str, budget: int) -> str:
+    """new | started (no checkpoint yet) | interrupted (a checkpoint to resume) | finished (a summary at
+    this budget or a larger one: a larger --budget later resumes finished runs from their checkpoints)."""
+    folder = run_folder(run_dir)
+    if folder is None:
+        return "new"
+    summary = os.path.join(folder, "summary.json")
+    if os.path.isfile(summary) and json.load(open(summary))["total_timesteps"] >= budget:
+        return "finished"
+    return "interrupted" if os.path.isfile(os.path.join(folder, "checkpoint.pt")) else "started"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""benchmark/aggregate.py against hand computations, on synthetic summary.json files (no training)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.stats
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmark"))
+import aggregate  # noqa: E402
+
+REPS = 300
+
+
+def write_summary(folder, grid, task, method, seed, evals, env="vmas", config=None, **extra):
+    """A summary.json in launch.py's layout; evals: {step: [episode returns]} (or {step: {metric: [...]}})."""
+    steps = {}
+    for i, (step, value) in enumerate(sorted(evals.items())):
+        metrics = value if isinstance(value, dict) else {"return": value, "snd": [0.5]}
+        steps[f"step_{i}"] = {"step_count": step, **metrics}
+    last = steps[f"step_{len(evals) - 1}"]
+    summary = {"format": "hypermarl-summary/1", "grid": grid, "run_id": f"{grid}-{task}-{method}-s{seed}", "env": env,
+               "task": task, "method": method, "seed": seed, "script": "ippo_hyper_vmas.py",
+               "argv": ["--hypernet", method, "--seed", str(seed)], "config": config or {"num_envs": "16"},
+               "git_commit": "abc123", "git_dirty": False, "total_timesteps": max(evals), "wall_seconds": 1.0,
+               "sps": 1000.0, "final_return": float(np.mean(last["return"])), "final_snd": 0.5,
+               "gradient": {"actor_var_mean": 1e-4, "actor_norm_mean": 1.0, "interference_mean": 0.1},
+               "marl_eval": {env: {task: {method: {f"seed_{seed}": {**steps, "absolute_metrics": {
+                   k: v for k, v in last.items() if k != "step_count"}}}}}}, **extra}
+    path = folder / summary["run_id"] / "run" / "summary.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(summary))
+    return path
+
+
+def cli(*argv, timeout=120):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "aggregate.py"), *map(str, argv)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+class Opts:
+    reps, seed, at = REPS, 7, None
+
+
+def hand_bootstrap(x, func, reps, seed):
+    """rliable's stratified bootstrap written out: per draw, runs resampled with replacement within each
+    task (np.random.choice on numpy's global RNG), then the 2.5 and 97.5 percentiles of func."""
+    np.random.seed(seed)
+    n, m = x.shape
+    values = [func(x[np.random.choice(n, (n, m)), np.arange(m)]) for _ in range(reps)]
+    return np.percentile(values, [2.5, 97.5])
+
+
+def test_iqm_and_ci_match_a_hand_computation():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(9, 3))
+    iqm, lo, hi = aggregate.iqm_ci(Opts, x)
+    assert iqm == pytest.approx(scipy.stats.trim_mean(x.ravel(), 0.25))
+    # rliable's definition by hand: drop the lowest and highest quarter (27 / 4 = 6.75 rounds down to 6 per side)
+    flat = np.sort(x.ravel())
+    assert iqm == pytest.approx(flat[6:-6].mean())
+    hand = hand_bootstrap(x, lambda s: scipy.stats.trim_mean(s.ravel(), 0.25), REPS, Opts.seed)
+    assert (lo, hi) == pytest.approx(tuple(hand), abs=1e-12)  # the same draws, not just close
+    assert lo < iqm < hi
+
+
+def test_ci_collapses_when_every_run_scores_the_same():
+    iqm, lo, hi = aggregate.iqm_ci(Opts, np.full((5, 1), 3.25))
+    assert iqm == lo == hi == 3.25
+
+
+def test_probability_of_improvement_is_the_mann_whitney_count():
+    x = np.array([[1.0, 5.0], [2.0, 6.0], [3.0, 7.0], [4.0, 0.0]])
+    y = np.array([[2.0, 5.0], [0.5, 1.0], [3.0, 9.0]])
+    p, lo, hi = aggregate.poi_ci(Opts, x, y)
+    hand = np.mean([np.mean([(a > b) + 0.5 * (a == b) for a in x[:, t] for b in y[:, t]]) for t in range(2)])
+    assert p == pytest.approx(hand)
+    assert 0 <= lo <= p <= hi <= 1
+
+
+def make_grid(tmp_path, budgets_reached=None):
+    """figure2-like grid: 2 tasks x 2 methods x 4 seeds; returns {(task, method, seed): final score}."""
+    rng = np.random.default_rng(1)
+    finals = {}
+    for task, offset in (("dispersion-4", 0.0), ("navigation-4-same", 100.0)):
+        for method, shift in (("fups", 0.0), ("mlp", 1.0)):
+            for seed in (1, 2, 3, 4):
+                last = (budgets_reached or {}).get((task, method, seed), 200)
+                evals = {step: list(offset + shift + rng.normal(size=3)) for step in range(100, last + 1, 100)}
+                write_summary(tmp_path / "grids", "figure2-ippo", task, method, seed, evals)
+                finals[task, method, seed] = evals
+    return finals
+
+
+def table_row(text, section, method):
+    block = text.split(f"## {section}\n")[1].split("\n## ")[0]
+    return next(line for line in block.splitlines() if line.startswith(f"| {method} |"))
+
+
+def numbers(cell):
+    return [float(v.replace(",", "")) for v in re.findall(r"-?[\d,]*\.\d+", cell)]
+
+
+def test_tables_per_task_and_across_tasks(tmp_path):
+    evals = make_grid(tmp_path)
+    out = tmp_path / "out"
+    done = cli(tmp_path / "grids", "--out", out, "--reps", REPS, "--seed", 7)
+    assert done.returncode == 0, done.stderr
+    text = (out / "figure2-ippo.md").read_text()
+    assert "| 200 steps: IQM [95% CI] |" in text and "200 steps (the last step every run reached)" in text
+    for name in ("final", "curves", "profile", "poi"):
+        assert (out / f"figure2-ippo_{name}.png").stat().st_size > 1000
+    score = {k: np.mean(v[200]) for k, v in evals.items()}
+    x = np.array([score["dispersion-4", "mlp", s] for s in (1, 2, 3, 4)])
+    cells = table_row(text, "dispersion-4", "mlp").split("|")
+    assert numbers(cells[2])[0] == pytest.approx(scipy.stats.trim_mean(x, 0.25), abs=1e-3)
+    assert numbers(cells[3]) == pytest.approx([x.mean(), x.std()], abs=1e-3)
+    assert cells[4].strip() == "4"
+    # across tasks: min-max per task over all runs of that task, then the IQM over runs x tasks
+    tasks = ("dispersion-4", "navigation-4-same")
+    norm = {}
+    for t in tasks:
+        allv = [score[t, m, s] for m in ("fups", "mlp") for s in (1, 2, 3, 4)]
+        for m in ("fups", "mlp"):
+            norm[t, m] = (np.array([score[t, m, s] for s in (1, 2, 3, 4)]) - min(allv)) / (max(allv) - min(allv))
+    for m in ("fups", "mlp"):
+        rect = np.stack([norm[t, m] for t in tasks], 1)
+        cell = table_row(text, "Across tasks", m).split("|")[2]
+        assert numbers(cell)[0] == pytest.approx(scipy.stats.trim_mean(rect.ravel(), 0.25), abs=1e-3)
+    # probability of improvement fups over mlp: the Mann-Whitney count per task, averaged
+    hand = np.mean([np.mean([(a > b) + 0.5 * (a == b) for a in norm[t, "fups"] for b in norm[t, "mlp"]]) for t in tasks])
+    row = next(line for line in text.splitlines() if line.startswith("| fups | mlp |"))
+    assert numbers(row.split("|")[3])[0] == pytest.approx(hand, abs=1e-3)
+    assert "figure only, no numbers in the paper" in text
+    assert "num_envs=16" in text and "abc123: 16 runs" in text
+    assert "python ippo_hyper_vmas.py --hypernet mlp --seed 3" in text
+
+
+def test_at_leaves_out_runs_that_did_not_reach_the_budget(tmp_path):
+    evals = make_grid(tmp_path, budgets_reached={("dispersion-4", "mlp", 2): 100, ("dispersion-4", "mlp", 4): 100})
+    out = tmp_path / "out"
+    done = cli(tmp_path / "grids", "--out", out, "--reps", 50, "--at", 100, 200)
+    assert done.returncode == 0, done.stderr
+    text = (out / "figure2-ippo.md").read_text()
+    cells = table_row(text, "dispersion-4", "mlp").split("|")
+    assert cells[4].strip() == "4"  # every run reached 100
+    assert cells[7].strip() == "2 of 4 (2 did not reach 200)"
+    kept = np.array([np.mean(evals["dispersion-4", "mlp", s][200]) for s in (1, 3)])
+    assert numbers(cells[6]) == pytest.approx([kept.mean(), kept.std()], abs=1e-3)
+    # the default budget is the last step every run reached: 100 here
+    runs = [aggregate.load_run(p) for p in sorted((tmp_path / "grids").rglob("summary.json"))]
+    assert aggregate.Grid("figure2-ippo", runs, Opts).budgets == [100]
+
+
+def test_table4_grid_shows_the_papers_numbers_and_the_runs_settings(tmp_path):
+    for method, clip in (("mlp", "0.0375"), ("nops", "0.05")):
+        for seed in (1, 2):
+            write_summary(tmp_path / "grids", "table4", "Humanoid-17x1", method, seed, {100: [float(seed)]}, env="mamujoco",
+                          config={"num_envs": "1", "num_steps": "32", "eval_episodes": "2", "clip_coef": clip, "seed": str(seed)})
+    done = cli(tmp_path / "grids", "--out", tmp_path / "out", "--reps", 20)
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "out" / "table4.md").read_text()
+    assert "6,544.10 (3,868.00, 6,664.89)" in table_row(text, "Humanoid-17x1", "mlp")
+    assert "6,188.46 (5,006.13, 6,851.74)" in table_row(text, "Humanoid-17x1", "nops")
+    header = text.split("## Humanoid-17x1")[0]
+    assert "eval_episodes=2, num_envs=1, num_steps=32" in header
+    assert "- by method, clip_coef: nops 0.05, mlp 0.0375" in header
+    assert "- differ between runs of a method: seed" in header
+
+
+def test_matrix_grid_tables_2_and_6(tmp_path):
+    for method in ("nops", "fups"):
+        for seed in (1, 2, 3):
+            value = 1.0 if method == "nops" else [0.5, 1.0, 1.0][seed - 1]
+            write_summary(tmp_path / "grids", "table2-6", "specialisation-n4", method, seed, env="matrix",
+                          evals={1000: {"return": [value], "return_sampled": [value - 0.01]}})
+    done = cli(tmp_path / "grids", "--out", tmp_path / "out", "--reps", 20)
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "out" / "table2-6.md").read_text()
+    table2 = text.split("## Table 2")[1].split("## Table 6")[0]
+    table6 = text.split("## Table 6")[1]
+    fups = np.array([0.5, 1.0, 1.0])
+    assert f"| FuPS+ID | {fups.mean():.2f} ± {fups.std():.2f} (0.95 ± 0.10) (n=3) |" in table2
+    assert f"| NoPS | {0.99:.4f} ± 0.0000 (0.9988 ± 0.0007)" in table6
+
+
+@pytest.mark.parametrize("make, argv, message", [
+    (None, ["--at", "0"], "error: --at: must be at least 1, got 0"),
+    (None, [], "error: PATH: no summary.json in"),
+    ("bad-json", [], "malformed summary.json (JSONDecodeError"),
+    ("no-marl-eval", [], "malformed summary.json (KeyError: 'marl_eval')"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, make, argv, message):
+    grids = tmp_path / "grids"
+    grids.mkdir()
+    bad = None
+    if make:
+        bad = write_summary(grids, "figure4", "navigation-2-same", "mlp", 1, {100: [1.0]})
+        summary = json.loads(bad.read_text())
+        bad.write_text("{not json" if make == "bad-json" else json.dumps({k: v for k, v in summary.items() if k != "marl_eval"}))
+    out = tmp_path / "out"
+    done = cli(grids, "--out", out, *argv)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
+    assert bad is None or str(bad) in lines[0]  # names the file
+    assert not out.exists()

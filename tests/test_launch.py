@@ -1,0 +1,355 @@
+"""benchmark/launch.py: grids run end to end on every backend (local, submitit's local executor, a
+local Ray cluster), finished runs are skipped, stopped and preempted runs resume from their checkpoint
+with the numbers of an uninterrupted run, and bad input is one line, exit 2, nothing written.
+Every training here is a few hundred steps with tiny networks."""
+
+import glob
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(ROOT, "benchmark", "launch.py")
+
+TINY_VMAS = ["--num-envs", "4", "--num-steps", "8", "--num-minibatches", "2", "--update-epochs", "2",
+             "--eval-episodes", "3", "--snd-samples", "40", "--actor-hidden-dims", "16", "16",
+             "--critic-hidden-dims", "16", "16", "--max-steps", "6"]  # 32 steps per iteration
+TINY_MAMUJOCO = ["--no-cuda", "--num-envs", "1", "--num-steps", "32", "--update-epochs", "2", "--critic-epochs", "2",
+                 "--actor-hidden-dims", "16", "16", "--critic-hidden-dims", "16", "16", "--eval-episodes", "2",
+                 "--max-episode-steps", "40", "--snd-samples", "20", "--snd-gaussian-samples", "8",
+                 "--interference-samples", "16", "--no-async-envs"]
+
+
+def launch(argv, cwd, timeout=180):
+    return subprocess.run([sys.executable, LAUNCH, *argv], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def load_launch():
+    """launch.py as a module (for RunTask, main and the grids), without running its command line."""
+    spec = importlib.util.spec_from_file_location("launch", LAUNCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_folder(grid_dir, run_id):
+    (folder,) = [f for f in glob.glob(os.path.join(grid_dir, run_id, "*")) if os.path.isdir(f)]
+    return folder
+
+
+def summary(grid_dir, run_id):
+    return json.load(open(os.path.join(run_folder(grid_dir, run_id), "summary.json")))
+
+
+def log(grid_dir, run_id):
+    return open(os.path.join(grid_dir, run_id, "log.txt")).read()
+
+
+def starts(grid_dir, run_id):
+    """The commands the launcher started for a run (log.txt's '$ ' lines)."""
+    return [line for line in log(grid_dir, run_id).splitlines() if line.startswith("$ ")]
+
+
+def seed_entry(s):
+    return s["marl_eval"][s["env"]][s["task"]][s["method"]][f"seed_{s['seed']}"]
+
+
+def wait_for(predicate, timeout=120, what="a condition"):
+    end = time.time() + timeout
+    while not predicate():
+        assert time.time() < end, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def check_vmas_summary(s, grid, method, budget):
+    """The fields of grid_spec.md, and every evaluation's episodes as evaluations.jsonl has them."""
+    assert s["format"] == "hypermarl-summary/1" and s["grid"] == grid and s["env"] == "vmas"
+    assert s["task"] == "dispersion-4" and s["method"] == method and s["seed"] == 1 and s["total_timesteps"] == budget
+    assert s["argv"][s["argv"].index("--seed") + 1] == "1"
+    assert s["config"]["hypernet"] == method and s["config"]["num_envs"] == "4"  # TensorBoard's hyperparameters
+    assert s["git_commit"] is None or len(s["git_commit"]) == 40
+    assert s["sps"] > 0 and s["wall_seconds"] > 0
+    assert all(isinstance(v, float) and math.isfinite(v) for v in s["gradient"].values()), s["gradient"]
+    folder = os.path.dirname(s["_path"])
+    lines = [json.loads(line) for line in open(os.path.join(folder, "evaluations.jsonl"))]
+    entry = seed_entry(s)
+    steps = [entry[f"step_{k}"] for k in range(len(entry) - 1)]
+    assert [e["step_count"] for e in steps] == sorted({line["step"] for line in lines})
+    by_step = {line["step"]: line for line in lines}
+    assert all(e["return"] == by_step[e["step_count"]]["episode_returns"] for e in steps)
+    assert all(e["snd"] == [by_step[e["step_count"]]["snd"]] for e in steps)
+    assert entry["absolute_metrics"] == {"return": steps[-1]["return"], "snd": steps[-1]["snd"]}
+    assert s["final_return"] == pytest.approx(sum(steps[-1]["return"]) / len(steps[-1]["return"]))
+    assert s["final_snd"] == steps[-1]["snd"][0] and steps[-1]["step_count"] == budget
+
+
+def summaries(grid_dir):
+    out = {}
+    for path in glob.glob(os.path.join(grid_dir, "*", "*", "summary.json")):
+        out[os.path.basename(os.path.dirname(os.path.dirname(path)))] = {**json.load(open(path)), "_path": path}
+    return out
+
+
+# ----- local backend -----
+def test_local_grid_writes_summaries_skips_finished_runs_and_grows_with_a_larger_budget(tmp_path, capsys):
+    argv = ["figure2-ippo", "--out", str(tmp_path), "--methods", "fups", "mlp", "--seeds", "1", "--jobs", "2"]
+    tiny = ["--", *TINY_VMAS, "--eval-interval", "32"]
+    result = launch(argv + ["--budget", "64"] + tiny, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    grid_dir = str(tmp_path / "figure2-ippo")
+    found = summaries(grid_dir)
+    assert sorted(found) == ["ippo-dispersion-4-fups-s1", "ippo-dispersion-4-mlp-s1"]
+    for method in ("fups", "mlp"):
+        check_vmas_summary(found[f"ippo-dispersion-4-{method}-s1"], "figure2-ippo", method, 64)
+
+    logs = {run_id: log(grid_dir, run_id) for run_id in found}
+    again = launch(argv + ["--budget", "64"] + tiny, tmp_path)  # nothing left to do: no script starts
+    assert again.returncode == 0 and "2 skipped (finished before), 0 finished" in again.stdout, again.stdout
+    assert {run_id: log(grid_dir, run_id) for run_id in found} == logs
+    assert load_launch().main(argv + ["--budget", "96", "--dry-run"]) == 0
+    listed = capsys.readouterr().out
+    assert listed.count("[interrupted]") == 2 and "0 finished, 2 to resume" in listed, listed  # a larger budget
+
+    grown = launch(argv + ["--budget", "96"] + tiny, tmp_path)  # resumes both from their final checkpoints
+    assert grown.returncode == 0, grown.stdout + grown.stderr
+    for run_id, before in found.items():
+        assert starts(grid_dir, run_id)[1].endswith(f"--resume {run_folder(grid_dir, run_id)}/checkpoint.pt "
+                                                    "--total-timesteps 96")
+        after = summaries(grid_dir)[run_id]
+        check_vmas_summary(after, "figure2-ippo", before["method"], 96)
+        entry, old = seed_entry(after), seed_entry(before)
+        assert [entry["step_0"], entry["step_1"]] == [old["step_0"], old["step_1"]]
+        assert entry["step_2"]["step_count"] == 96
+
+
+def test_a_stopped_grid_resumes_with_the_numbers_of_an_uninterrupted_run(tmp_path):
+    """Ctrl-C (SIGINT to the launcher alone, as its scripts run in their own session) stops the
+    running script after a checkpoint and starts no further run; the same command resumes it."""
+    tiny = ["--", *TINY_VMAS, "--eval-interval", "320", "--print-interval", "1"]
+    argv = ["figure2-ippo", "--methods", "mlp", "fups", "--seeds", "1", "--budget", str(32 * 40)]
+    reference = subprocess.Popen([sys.executable, LAUNCH, *argv, "--methods", "mlp", "--out", str(tmp_path / "b"),
+                                  *tiny], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    grid_dir = str(tmp_path / "a" / "figure2-ippo")
+    first = subprocess.Popen([sys.executable, LAUNCH, *argv, "--jobs", "1", "--out", str(tmp_path / "a"), *tiny],
+                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    mlp = "ippo-dispersion-4-mlp-s1"
+    log_path = os.path.join(grid_dir, mlp, "log.txt")
+    wait_for(lambda: os.path.isfile(log_path) and "global_step=" in open(log_path).read(), what="a first iteration")
+    first.send_signal(signal.SIGINT)
+    output = first.communicate(timeout=120)[0]
+    assert first.returncode == 130, output
+    assert "0 finished, 2 stopped or not started" in output, output
+    assert "signal 15: saving a checkpoint" in log(grid_dir, mlp)
+    assert os.path.isfile(os.path.join(run_folder(grid_dir, mlp), "checkpoint.pt")) and summaries(grid_dir) == {}
+    assert not os.path.exists(os.path.join(grid_dir, "ippo-dispersion-4-fups-s1"))  # never started
+
+    again = launch([*argv, "--jobs", "2", "--out", str(tmp_path / "a"), *tiny], tmp_path)
+    assert again.returncode == 0 and "2 finished" in again.stdout, again.stdout + again.stderr
+    assert [" --resume " in line for line in starts(grid_dir, mlp)] == [False, True]
+    assert reference.wait(timeout=120) == 0, reference.stdout.read()
+    resumed, uninterrupted = summaries(grid_dir)[mlp], summaries(str(tmp_path / "b" / "figure2-ippo"))[mlp]
+    assert seed_entry(resumed) == seed_entry(uninterrupted) and len(seed_entry(resumed)) == 5  # 4 evaluations
+    for key in ("final_return", "final_snd", "total_timesteps"):
+        assert resumed[key] == uninterrupted[key], key
+
+
+def test_matrix_grid_and_a_failing_run_names_its_log(tmp_path):
+    argv = ["table2-6", "--out", str(tmp_path), "--only", "specialisation-n2", "--methods", "mlp", "fups-noid",
+            "--seeds", "1", "--jobs", "2"]
+    result = launch(argv + ["--budget", "20"], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    found = summaries(str(tmp_path / "table2-6"))
+    assert sorted(found) == ["reinforce-specialisation-n2-fups-noid-s1", "reinforce-specialisation-n2-mlp-s1"]
+    for s in found.values():
+        assert s["env"] == "matrix" and s["task"] == "specialisation-n2" and s["config"]["num_trials"] == "20"
+        last = seed_entry(s)["absolute_metrics"]
+        assert set(last) == {"return", "return_sampled", "snd"} and 0 < last["return"][0] <= 1
+        assert s["final_return"] == last["return"][0] and s["final_snd"] == last["snd"][0]
+        assert s["gradient"]["actor_var_mean"] > 0
+
+    failed = launch(argv + ["--budget", "5", "--methods", "mlp", "--seeds", "2"], tmp_path)  # below a batch of 10
+    log_path = os.path.join(tmp_path, "table2-6", "reinforce-specialisation-n2-mlp-s2", "log.txt")
+    assert failed.returncode == 1 and "1 failed" in failed.stdout, failed.stdout + failed.stderr
+    assert (f"reinforce-specialisation-n2-mlp-s2: failed (exit 2: error: --num-trials: must be at least --batch-size"
+            f" = 10, got 5; see {log_path})") in failed.stdout
+
+
+# ----- submitit (local executor) and Ray -----
+def children(pid):
+    """The processes whose parent is pid (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def test_submitit_local_runs_mamujoco_runs_end_to_end(tmp_path):
+    argv = ["table4", "--backend", "submitit-local", "--out", str(tmp_path), "--only", "HalfCheetah-2x3",
+            "--methods", "mlp", "nops", "--seeds", "1", "--budget", "64", "--", *TINY_MAMUJOCO]
+    result = launch(argv, tmp_path, timeout=300)
+    assert result.returncode == 0 and "2 finished" in result.stdout, result.stdout + result.stderr
+    found = summaries(str(tmp_path / "table4"))
+    assert sorted(found) == ["mappo-HalfCheetah-2x3-mlp-s1", "mappo-HalfCheetah-2x3-nops-s1"]
+    for s in found.values():
+        assert s["env"] == "mamujoco" and s["task"] == "HalfCheetah-2x3" and s["config"]["hypernet"] == s["method"]
+        assert seed_entry(s)["step_0"]["step_count"] == 64 and len(seed_entry(s)["step_0"]["return"]) == 2
+        assert math.isfinite(s["final_snd"]) and s["sps"] > 0
+    assert os.path.isdir(tmp_path / "table4" / "submitit")  # the jobs' own logs
+
+
+def test_submitit_preemption_checkpoints_the_run_and_the_requeued_task_resumes_it(tmp_path):
+    """submitit's local executor sends the job USR2 (what Slurm sends before a preemption or the time
+    limit): RunTask.checkpoint stops the script with a checkpoint, the job is requeued, and the new
+    task resumes the run (--resume) to its end."""
+    submitit = pytest.importorskip("submitit")
+    launch_module = load_launch()  # not in sys.modules: pickled by value, as from `python launch.py` (__main__)
+    (run,) = [r for r in launch_module.GRIDS["figure2-ippo"]() if r.method == "mlp" and r.seed == 30]
+    run = launch_module.dataclasses.replace(run, seed=1, budget=32 * 40)
+    grid_dir = str(tmp_path / "figure2-ippo")
+    executor = submitit.AutoExecutor(folder=str(tmp_path / "submitit"), cluster="local")
+    executor.update_parameters(timeout_min=5)
+    job = executor.submit(launch_module.RunTask(), run, grid_dir, [*TINY_VMAS, "--print-interval", "1"], 1)
+    log_path = os.path.join(grid_dir, run.run_id, "log.txt")
+    wait_for(lambda: os.path.isfile(log_path) and "global_step=" in open(log_path).read(), what="a first iteration")
+    # USR2 to the job's task, as Slurm signals it (LocalJob._interrupt signals the local controller,
+    # which does not pass USR2 on in submitit 1.5.4: it dies, and the task runs on unsignalled)
+    (task_pid,) = children(job._process.pid)
+    os.kill(task_pid, signal.SIGUSR2)
+    try:  # bounded: a checkpoint() that waits for the script forever (a Popen.wait deadlock) hangs here
+        wait_for(job.done, timeout=120, what="the requeued job")
+    finally:
+        for pid in children(job._process.pid):
+            os.kill(pid, signal.SIGKILL)  # only left when the test failed
+    assert job.result() == "finished"
+    assert "signal 15: saving a checkpoint" in log(grid_dir, run.run_id)
+    assert [" --resume " in line for line in starts(grid_dir, run.run_id)] == [False, True]
+    s = summaries(grid_dir)[run.run_id]
+    assert s["total_timesteps"] == 32 * 40 and seed_entry(s)["absolute_metrics"]["return"]
+
+
+def test_ray_local_cluster_runs_a_grid_stops_it_and_resumes_it(tmp_path):
+    """A Ctrl-C of the launcher cancels the Ray tasks: each passes a SIGTERM on to its script, which
+    saves a checkpoint; the same command resumes both runs to their summaries."""
+    pytest.importorskip("ray")
+    argv = [sys.executable, LAUNCH, "figure2-mappo", "--backend", "ray", "--out", str(tmp_path), "--methods", "linear",
+            "nops", "--seeds", "1", "--jobs", "2", "--budget", str(32 * 40), "--", *TINY_VMAS, "--eval-interval", "320",
+            "--print-interval", "1"]
+    grid_dir = str(tmp_path / "figure2-mappo")
+    run_ids = ["mappo-dispersion-4-linear-s1", "mappo-dispersion-4-nops-s1"]
+    first = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    logs = [os.path.join(grid_dir, run_id, "log.txt") for run_id in run_ids]
+    wait_for(lambda: all(os.path.isfile(p) and "global_step=" in open(p).read() for p in logs), what="both runs")
+    first.send_signal(signal.SIGINT)
+    output = first.communicate(timeout=120)[0]
+    assert first.returncode == 130 and "0 finished, 2 stopped" in output, output
+    for run_id in run_ids:
+        assert "signal 15: saving a checkpoint" in log(grid_dir, run_id)
+        assert os.path.isfile(os.path.join(run_folder(grid_dir, run_id), "checkpoint.pt"))
+
+    again = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "2 finished" in again.stdout, again.stdout + again.stderr
+    found = summaries(grid_dir)
+    assert sorted(found) == run_ids
+    for run_id, s in found.items():
+        check_vmas_summary(s, "figure2-mappo", s["method"], 32 * 40)
+        assert s["script"] == "mappo_hyper_vmas.py"
+        assert [" --resume " in line for line in starts(grid_dir, run_id)] == [False, True]
+
+
+# ----- bad input, --dry-run, figure 10 -----
+BAD = [
+    (["nogrid"], "grid: invalid choice: 'nogrid'"),
+    (["figure2-ippo", "--budget", "0"], "--budget: must be at least 1, got 0"),
+    (["figure2-ippo", "--jobs", "0"], "--jobs: must be at least 1, got 0"),
+    (["figure2-ippo", "--gpus-per-run", "-1"], "--gpus-per-run: must be at least 0, got -1.0"),
+    (["figure2-ippo", "--methods", "dico"],
+     "--methods: figure2-ippo has no method dico (its methods: mlp linear nops fups)"),
+    (["figure2-ippo", "--methods", "mlp", "nosp"], "--methods: figure2-ippo has no method nosp"),
+    (["figure4", "--only", "navigation-16"], "--only: no run of figure4 matches navigation-16"),
+    (["figure2-ippo", "--out", "notes.txt"], "--out: "),
+    (["figure2-ippo", "--out", "/proc/sys/x"], "--out: '/proc/sys' is not writable"),
+    (["figure10", "--out", "/proc/sys/x"], "--out: '/proc/sys' is not writable"),
+    (["figure2-ippo", "--backend", "ray", "--ray-address", "127.0.0.1:1"], "--ray-address: cannot reach '127.0.0.1:1'"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys, argv, message):
+    launch_module = load_launch()
+    for backend in launch_module.BACKENDS:  # a check that lets bad input through must not start a grid here
+        monkeypatch.setitem(launch_module.BACKENDS, backend, lambda *_: pytest.fail("bad input reached a backend"))
+    (tmp_path / "notes.txt").write_text("keep")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        launch_module.main(argv)
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), captured.err
+    assert captured.out == "" and os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_bad_input_from_the_command_line(tmp_path):
+    result = launch(["figure2-ippo", "--jobs", "0"], tmp_path)
+    assert result.returncode == 2 and result.stderr == "error: --jobs: must be at least 1, got 0\n"
+    assert result.stdout == "" and os.listdir(tmp_path) == []
+
+
+def test_dry_run_lists_runs_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert load_launch().main(["figure4", "--out", "grids", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    # Navigation: n = 2 (same, different), 4 and 8 (same, different, half) x 5 methods x 5 seeds
+    assert out.startswith("figure4: 200 runs in ") and out.count("  [new] ") == 200, out[:500]
+    assert "[new] ippo-navigation-8-half-dico-s2300658: python ippo_hyper_vmas.py --scenario navigation" in out
+    assert os.listdir(tmp_path) == []
+
+
+def test_figure10_counts_are_the_scripts_actor_parameters(tmp_path, monkeypatch):
+    launch_module = load_launch()
+    assert launch_module.main(["figure10", "--out", str(tmp_path)]) == 0
+    assert sorted(os.listdir(tmp_path / "figure10")) == ["figure10.json", "figure10.md", "figure10.png"]
+    counts = json.load(open(tmp_path / "figure10" / "figure10.json"))
+    sys.path.insert(0, ROOT)
+    import ippo_hyper_vmas as script
+
+    n = 8
+    for setting, n_food in (("n_food = n_agents", n), ("n_food = 4", 4)):
+        obs_dim = 4 + 3 * n_food  # Dispersion: position, velocity, 3 numbers per food
+        for method in ("mlp", "linear", "nops", "fups"):
+            args = script.paper_defaults(script.Args(n_agents=n, n_food=n_food, hypernet=method),
+                                         {"n_agents", "n_food", "hypernet"})
+            agent = script.Agent(args, obs_dim, 9, True, obs_dim)  # real tensors this time
+            assert counts[setting][method][str(n)] == sum(p.numel() for p in agent.actor.parameters()), method
+    table = open(tmp_path / "figure10" / "figure10.md").read()
+    assert f"| 8 | {counts['n_food = n_agents']['mlp']['8']:,} |" in table
+    assert f"| 8 | {counts['n_food = 4']['mlp']['8']:,} |" in table
+
+
+def test_measure_times_each_setting_and_multiplies_out(tmp_path, monkeypatch, capsys):
+    """--measure: one short run per (script, task, method), training seconds from the run's own
+    perf/* logs, then each setting's runs x budget / steps per second; nothing left behind."""
+    monkeypatch.chdir(tmp_path)
+    launch_module = load_launch()
+    argv = ["figure2-ippo", "--measure", "3", "--methods", "fups", "--budget", "3600000", "--", *TINY_VMAS]
+    assert launch_module.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[2]: line.strip("|").split(" | ") for line in out.splitlines()
+            if line.startswith("| ippo_hyper_vmas.py | dispersion-4 |")}
+    (row,) = rows.values()
+    sps, runs, hours = float(row[3].replace(",", "")), int(row[4]), float(row[6])
+    assert runs == 5 and sps > 0  # Table 9's five seeds: 5 x 3.6M steps / sps = 5,000 / sps hours
+    assert hours == pytest.approx(5_000 / sps, rel=0.01, abs=0.05), row  # the table rounds both
+    assert os.listdir(tmp_path) == []
