@@ -82,8 +82,10 @@ def load_run(path):
 
 
 def score(run, budget, metric="return"):
-    """The run's last evaluation at or before budget; None if the run never reached the budget."""
-    if run["evals"][-1][0] < budget:
+    """The run's last evaluation at or before budget; None if the run never reached the budget. A run
+    trained to a budget of at least this one reached it, though its last step may fall short of it by
+    less than an iteration (the scripts train whole iterations: 244 x 2,048 = 499,712 for 500,000)."""
+    if run["evals"][-1][0] < budget and run.get("total_timesteps", 0) < budget:
         return None
     before = [m for step, m in run["evals"] if step <= budget]
     return before[-1].get(metric) if before else None

@@ -131,7 +131,79 @@ GRIDS = {
 # Training steps per second of one run per setting (evaluations excluded), measured on a 2-core x86
 # CPU (torch 2.13, one thread, beside two other training runs) by `launch.py GRID --measure 1`: the
 # cost estimates of --dry-run (README, "Reproduce the paper").
-CPU_SPS = {}
+CPU_SPS = {
+    ('ippo_hyper_vmas.py', 'dispersion-4', 'fups'): 4204,
+    ('ippo_hyper_vmas.py', 'dispersion-4', 'linear'): 2576,
+    ('ippo_hyper_vmas.py', 'dispersion-4', 'mlp'): 2425,
+    ('ippo_hyper_vmas.py', 'dispersion-4', 'mlp-S'): 2346,
+    ('ippo_hyper_vmas.py', 'dispersion-4', 'mlp-noGD'): 335,
+    ('ippo_hyper_vmas.py', 'dispersion-4', 'mlp-noRF'): 2611,
+    ('ippo_hyper_vmas.py', 'dispersion-4', 'mlp-onehot'): 2456,
+    ('ippo_hyper_vmas.py', 'dispersion-4', 'nops'): 4566,
+    ('ippo_hyper_vmas.py', 'navigation-2', 'fups'): 475,
+    ('ippo_hyper_vmas.py', 'navigation-2', 'mlp'): 297,
+    ('ippo_hyper_vmas.py', 'navigation-2', 'nops'): 577,
+    ('ippo_hyper_vmas.py', 'navigation-4', 'mlp'): 188,
+    ('ippo_hyper_vmas.py', 'navigation-8', 'mlp'): 123,
+    ('mappo_hyper_mamujoco.py', 'Ant-4x2', 'fups'): 1131,
+    ('mappo_hyper_mamujoco.py', 'Ant-4x2', 'happo'): 1539,
+    ('mappo_hyper_mamujoco.py', 'Ant-4x2', 'mlp'): 913,
+    ('mappo_hyper_mamujoco.py', 'Ant-4x2', 'nops'): 1116,
+    ('mappo_hyper_mamujoco.py', 'HalfCheetah-2x3', 'fups'): 1300,
+    ('mappo_hyper_mamujoco.py', 'HalfCheetah-2x3', 'happo'): 1393,
+    ('mappo_hyper_mamujoco.py', 'HalfCheetah-2x3', 'mlp'): 1527,
+    ('mappo_hyper_mamujoco.py', 'HalfCheetah-2x3', 'nops'): 1528,
+    ('mappo_hyper_mamujoco.py', 'Humanoid-17x1', 'fups'): 398,
+    ('mappo_hyper_mamujoco.py', 'Humanoid-17x1', 'happo'): 560,
+    ('mappo_hyper_mamujoco.py', 'Humanoid-17x1', 'mlp'): 267,
+    ('mappo_hyper_mamujoco.py', 'Humanoid-17x1', 'mlp-S'): 264,
+    ('mappo_hyper_mamujoco.py', 'Humanoid-17x1', 'mlp-noGD'): 8,  # iteration 2 of 3: 4,000 steps in 488 s
+    ('mappo_hyper_mamujoco.py', 'Humanoid-17x1', 'mlp-noRF'): 268,
+    ('mappo_hyper_mamujoco.py', 'Humanoid-17x1', 'mlp-onehot'): 252,
+    ('mappo_hyper_mamujoco.py', 'Humanoid-17x1', 'nops'): 416,
+    ('mappo_hyper_mamujoco.py', 'Walker2d-2x3', 'fups'): 2096,
+    ('mappo_hyper_mamujoco.py', 'Walker2d-2x3', 'happo'): 1280,
+    ('mappo_hyper_mamujoco.py', 'Walker2d-2x3', 'mlp'): 1911,
+    ('mappo_hyper_mamujoco.py', 'Walker2d-2x3', 'nops'): 1862,
+    ('mappo_hyper_vmas.py', 'dispersion-4', 'fups'): 2448,
+    ('mappo_hyper_vmas.py', 'dispersion-4', 'linear'): 2335,
+    ('mappo_hyper_vmas.py', 'dispersion-4', 'mlp'): 3074,
+    ('mappo_hyper_vmas.py', 'dispersion-4', 'mlp-S'): 2527,
+    ('mappo_hyper_vmas.py', 'dispersion-4', 'mlp-noGD'): 324,
+    ('mappo_hyper_vmas.py', 'dispersion-4', 'mlp-noRF'): 3781,
+    ('mappo_hyper_vmas.py', 'dispersion-4', 'mlp-onehot'): 2613,
+    ('mappo_hyper_vmas.py', 'dispersion-4', 'nops'): 2063,
+    ('reinforce_matrix_games.py', 'specialisation-n2', 'fups'): 1641,
+    ('reinforce_matrix_games.py', 'specialisation-n2', 'fups-noid'): 1884,
+    ('reinforce_matrix_games.py', 'specialisation-n2', 'linear'): 1609,
+    ('reinforce_matrix_games.py', 'specialisation-n2', 'mlp'): 1717,
+    ('reinforce_matrix_games.py', 'specialisation-n2', 'nops'): 2117,
+    ('reinforce_matrix_games.py', 'specialisation-n4', 'fups'): 2027,
+    ('reinforce_matrix_games.py', 'specialisation-n4', 'fups-noid'): 2177,
+    ('reinforce_matrix_games.py', 'specialisation-n4', 'linear'): 1773,
+    ('reinforce_matrix_games.py', 'specialisation-n4', 'mlp'): 1724,
+    ('reinforce_matrix_games.py', 'specialisation-n4', 'nops'): 1748,
+    ('reinforce_matrix_games.py', 'specialisation-n8', 'fups'): 2232,
+    ('reinforce_matrix_games.py', 'specialisation-n8', 'fups-noid'): 2165,
+    ('reinforce_matrix_games.py', 'specialisation-n8', 'linear'): 2080,
+    ('reinforce_matrix_games.py', 'specialisation-n8', 'mlp'): 1699,
+    ('reinforce_matrix_games.py', 'specialisation-n8', 'nops'): 2080,
+    ('reinforce_matrix_games.py', 'synchronisation-n2', 'fups'): 2237,
+    ('reinforce_matrix_games.py', 'synchronisation-n2', 'fups-noid'): 2195,
+    ('reinforce_matrix_games.py', 'synchronisation-n2', 'linear'): 2081,
+    ('reinforce_matrix_games.py', 'synchronisation-n2', 'mlp'): 1582,
+    ('reinforce_matrix_games.py', 'synchronisation-n2', 'nops'): 2038,
+    ('reinforce_matrix_games.py', 'synchronisation-n4', 'fups'): 2012,
+    ('reinforce_matrix_games.py', 'synchronisation-n4', 'fups-noid'): 1766,
+    ('reinforce_matrix_games.py', 'synchronisation-n4', 'linear'): 1850,
+    ('reinforce_matrix_games.py', 'synchronisation-n4', 'mlp'): 1627,
+    ('reinforce_matrix_games.py', 'synchronisation-n4', 'nops'): 2144,
+    ('reinforce_matrix_games.py', 'synchronisation-n8', 'fups'): 1941,
+    ('reinforce_matrix_games.py', 'synchronisation-n8', 'fups-noid'): 1853,
+    ('reinforce_matrix_games.py', 'synchronisation-n8', 'linear'): 1664,
+    ('reinforce_matrix_games.py', 'synchronisation-n8', 'mlp'): 1541,
+    ('reinforce_matrix_games.py', 'synchronisation-n8', 'nops'): 1904,
+}
 
 
 # ===== One run: start or resume it, then write its summary =====
@@ -275,7 +347,8 @@ def read_events(folder: str):
     scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
     config = {}
     if "hyperparameters/text_summary" in acc.Tags()["tensors"]:
-        text = acc.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
+        # the last start's: a resumed run logs its flags again, and --resume may change some (the budget)
+        text = acc.Tensors("hyperparameters/text_summary")[-1].tensor_proto.string_val[0].decode()
         config = dict(row.strip("|").split("|", 1) for row in text.splitlines()[2:] if row.count("|") >= 3)
     return scalars, config
 
@@ -533,21 +606,25 @@ def measure(runs: list[Run], extra: list, iterations: int, threads: int) -> dict
     sps = {}
     for key, run in settings.items():
         with tempfile.TemporaryDirectory() as tmp:
-            if run.env == "matrix":  # the whole run takes seconds: time it
-                start = time.time()
-                subprocess.run([sys.executable, os.path.join(ROOT, run.script), *run.argv(), *extra, "--runs-dir", tmp],
-                               check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
-                sps[key] = run.budget / (time.time() - start)
-                continue
-            steps = iteration_steps(run)
-            short = dataclasses.replace(run, budget=steps * iterations)
-            subprocess.run([sys.executable, os.path.join(ROOT, run.script), *short.argv(), *extra, "--runs-dir", tmp,
-                            "--eval-interval", str(10**12)], check=True, capture_output=True,
-                           env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
-            scalars, _ = read_events(run_folder(tmp))
             timed = slice(1 if iterations > 1 else 0, None)  # the first iteration also warms up
-            seconds = sum(v for _, v in scalars["perf/rollout_seconds"][timed] + scalars["perf/update_seconds"][timed])
-            sps[key] = steps * len(scalars["perf/rollout_seconds"][timed]) / seconds
+            if run.env == "matrix":  # the whole run takes seconds: time it
+                start, argv = time.time(), run.argv()
+            else:
+                steps = iteration_steps(run)
+                argv = dataclasses.replace(run, budget=steps * iterations).argv() + ["--eval-interval", str(10**12)]
+            # no pipes: a MaMuJoCo run's environment workers would hold them open after a failure
+            code = subprocess.call([sys.executable, os.path.join(ROOT, run.script), *argv, *extra, "--runs-dir", tmp],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+            if code != 0:
+                print(f"  {' '.join(key)}: failed (exit {code}; run it alone to see why)", flush=True)
+                continue
+            if run.env == "matrix":
+                sps[key] = run.budget / (time.time() - start)  # start-up included: it is most of the run
+            else:
+                scalars, _ = read_events(run_folder(tmp))
+                seconds = sum(v for _, v in scalars["perf/rollout_seconds"][timed] + scalars["perf/update_seconds"][timed])
+                sps[key] = steps * len(scalars["perf/rollout_seconds"][timed]) / seconds
         print(f"  {' '.join(key)}: {sps[key]:,.0f} steps/s", flush=True)
     return sps
 
@@ -569,12 +646,19 @@ def select(runs: list[Run], opts) -> list[Run]:
 def cost_hours(runs: list[Run], sps: dict = None) -> float:
     """CPU-hours of the runs at sps {(script, task): steps per second} (default: CPU_SPS's measurements)."""
     sps = sps or CPU_SPS
-    return sum(run.budget / sps[cost_key(run)] for run in runs) / 3600
+    return sum(run.budget / speed(sps, run) for run in runs) / 3600
+
+
+def speed(sps: dict, run: Run):
+    """The run's measured steps per second, else (a method not measured) the mlp method's on its task."""
+    key = cost_key(run)
+    return sps.get(key) or sps.get((*key[:2], "mlp"))
 
 
 def cost_line(runs: list[Run]) -> str:
-    if all(cost_key(r) in CPU_SPS for r in runs):
-        return f"about {cost_hours(runs):,.1f} CPU-hours at one thread per run (measured on a 2-core CPU: CPU_SPS)"
+    if all(speed(CPU_SPS, r) for r in runs):
+        guessed = " (the mlp method's speed for methods not measured)" * any(cost_key(r) not in CPU_SPS for r in runs)
+        return f"about {cost_hours(runs):,.0f} CPU-hours at one thread per run (measured on a 2-core CPU: CPU_SPS){guessed}"
     return "cost not measured here: --measure 1 measures it"
 
 
@@ -583,9 +667,14 @@ def cost_table(runs: list[Run], sps: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for key in dict.fromkeys(cost_key(r) for r in runs):
         group = [r for r in runs if cost_key(r) == key]
+        if key not in sps:
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | failed | {len(group)} | {group[0].budget:,} | - |")
+            continue
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {sps[key]:,.0f} | {len(group)} | {group[0].budget:,} | "
                      f"{cost_hours(group, sps):,.1f} |")
-    lines.append(f"| all | | | | {len(runs)} | | {cost_hours(runs, sps):,.1f} |")
+    measured = [r for r in runs if cost_key(r) in sps]
+    lines.append(f"| all{' measured' if len(measured) < len(runs) else ''} | | | | {len(measured)} | | "
+                 f"{cost_hours(measured, sps):,.1f} |")
     return "\n".join(lines)
 
 

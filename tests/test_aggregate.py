@@ -157,6 +157,15 @@ def test_at_leaves_out_runs_that_did_not_reach_the_budget(tmp_path):
     assert aggregate.Grid("figure2-ippo", runs, Opts).budgets == [100]
 
 
+def test_a_run_trained_to_a_budget_reached_it_though_whole_iterations_stop_short(tmp_path):
+    """A 500,000-step run of 2,048-step iterations ends at 499,712: it counts at --at 500000, a run
+    trained to 400,000 does not."""
+    write_summary(tmp_path, "figure2-ippo", "dispersion-4", "mlp", 1, {499_712: [0.5]}, total_timesteps=500_000)
+    write_summary(tmp_path, "figure2-ippo", "dispersion-4", "mlp", 2, {399_360: [0.1]}, total_timesteps=400_000)
+    runs = [aggregate.load_run(p) for p in sorted(tmp_path.rglob("summary.json"))]
+    assert [aggregate.score(run, 500_000) for run in runs] == [0.5, None]
+
+
 def test_table4_grid_shows_the_papers_numbers_and_the_runs_settings(tmp_path):
     for method, clip in (("mlp", "0.0375"), ("nops", "0.05")):
         for seed in (1, 2):
