@@ -184,7 +184,8 @@ class Grid:
 
     def count(self, task, method, budget):
         runs = self.of(task, method)
-        n, short = len(self.scores(task, method, budget)), sum(r["evals"][-1][0] < budget for r in runs)
+        n = len(self.scores(task, method, budget))
+        short = sum(r["evals"][-1][0] < budget and r.get("total_timesteps", 0) < budget for r in runs)  # as score()
         why = [f"{short} did not reach {budget:,}"] * bool(short)
         why += [f"{len(runs) - n - short} without an evaluation by then"] * (len(runs) - n > short)
         return f"{n}" if n == len(runs) else f"{n} of {len(runs)} ({', '.join(why)})"
@@ -380,7 +381,7 @@ def main():
     parser.add_argument("--at", nargs="+", type=at_least(1), default=None, metavar="STEP",
                         help="budgets in environment steps (default: the last step every run of a grid reached)")
     parser.add_argument("--reps", type=at_least(1), default=2000, help="bootstrap draws per CI (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="numpy seed before each bootstrap (default %(default)s)")
+    parser.add_argument("--seed", type=at_least(0), default=0, help="numpy seed before each bootstrap (default %(default)s)")
     opts = parser.parse_args()
     opts.at = sorted(set(opts.at)) if opts.at else None
     if opts.out is not None:

@@ -26,6 +26,7 @@ Figure 10 is a parameter count, not a training grid: `launch.py figure10` writes
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import re
 import math
@@ -84,7 +85,8 @@ def dispersion(grid: str, script: str, methods: dict) -> list[Run]:
 
 def navigation(grid: str) -> list[Run]:
     """Figure 4 / Figure 16: Navigation with 2, 4, 8 agents, one goal for all ("same"), one goal each
-    ("different") or two groups ("half", n > 2); 10M steps (appendix D). The script applies Table 15's
+    ("different") or half the agents on one goal and the others one goal each ("half", n > 2: Figure 16's
+    "Two Goals" / "Four Goals", read as the README's deviations say); 10M steps (appendix D). The script applies Table 15's
     clip and learning rate and Table 14's DiCo SND_des for each setting."""
     runs = []
     for n in (2, 4, 8):
@@ -219,9 +221,10 @@ def command(run: Run, run_dir: str, extra: list) -> list[str]:
     """The script's command line: --resume from the run's checkpoint if there is one, else a fresh start."""
     folder = run_folder(run_dir)
     checkpoint = folder and os.path.join(folder, "checkpoint.pt")
-    if checkpoint and os.path.isfile(checkpoint):  # its flags come from the checkpoint; the budget may grow
+    if checkpoint and os.path.isfile(checkpoint):  # its flags come from the checkpoint; the budget may grow;
+        # the flags after -- again, for those a checkpoint does not keep (--no-cuda, --print-interval, ...)
         return [sys.executable, os.path.join(ROOT, run.script), "--resume", checkpoint,
-                "--total-timesteps", str(run.budget)]
+                "--total-timesteps", str(run.budget), *extra]
     if folder:  # interrupted before its first checkpoint (or a matrix game: seconds): start again
         shutil.rmtree(folder)
     save = [] if run.env == "matrix" else ["--save-model"]
@@ -252,6 +255,18 @@ def run_one(run: Run, grid_dir: str, extra: list, threads: int = 1, gpu=None) ->
     """Start or resume one run and wait for it: 'finished', 'stopped' (checkpointed before its budget),
     'skipped' (finished before), 'not started' (a stop came first) or 'failed (...)'."""
     run_dir = os.path.join(grid_dir, run.run_id)
+    if STOP:
+        return "skipped" if state(run_dir, run.budget) == "finished" else "not started"
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, ".lock"), "w") as lock:
+        try:  # two launchers on one grid (a Slurm array submitted twice): one run, one process
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return "failed (another launcher is running it now)"
+        return run_locked(run, run_dir, extra, threads, gpu)
+
+
+def run_locked(run: Run, run_dir: str, extra: list, threads: int, gpu) -> str:
     now = state(run_dir, run.budget)
     if now == "finished":
         return "skipped"
@@ -262,7 +277,6 @@ def run_one(run: Run, grid_dir: str, extra: list, threads: int = 1, gpu=None) ->
         # refuse a --resume with nothing left to train, so only the summary is missing
         write_summary(run, run_folder(run_dir), last_command(run_dir), extra, None)
         return "finished"
-    os.makedirs(run_dir, exist_ok=True)
     argv = command(run, run_dir, extra)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     if gpu is not None:
@@ -327,7 +341,8 @@ def stop_children() -> None:
 
 def last_line(path: str) -> str:
     """The last line of a log (a script's error is one line), shortened."""
-    lines = [line.strip() for line in open(path, errors="replace").read().splitlines() if line.strip()]
+    lines = [line.strip(" │╭╰─") for line in open(path, errors="replace").read().splitlines()]  # tyro's box
+    lines = [line for line in lines if line]
     return (lines[-1][:200] if lines else "no output")
 
 
@@ -455,7 +470,9 @@ def launch_submitit(runs, grid_dir, extra, opts) -> list[str]:
     import submitit
 
     cluster = "local" if opts.backend == "submitit-local" else "slurm"
-    executor = submitit.AutoExecutor(folder=os.path.join(grid_dir, "submitit", "%j"), cluster=cluster)
+    # submitit requeues a timed-out task only 3 times by default: a 10M-step Navigation run needs more
+    executor = submitit.AutoExecutor(folder=os.path.join(grid_dir, "submitit", "%j"), cluster=cluster,
+                                     slurm_max_num_timeout=1000)
     gpus = math.ceil(opts.gpus_per_run) or None  # None: no --gpus-per-node=0, which clusters without GPUs refuse
     params = dict(timeout_min=opts.timeout_min, cpus_per_task=opts.threads, gpus_per_node=gpus,
                   slurm_array_parallelism=opts.jobs, name=os.path.basename(grid_dir))
@@ -581,11 +598,11 @@ def figure10(out: str) -> None:
 
 
 # ===== --measure: the cost of a grid, from a short run of each setting =====
-def iteration_steps(run: Run) -> int:
-    """Environment steps of one iteration of this run at the paper's settings (the script's own defaults)."""
+def iteration_steps(run: Run, extra: list) -> int:
+    """Environment steps of one iteration of this run (the paper's settings and the flags after --)."""
     sys.path.insert(0, ROOT)
     script = __import__(run.script[:-3])
-    args = script.parse_args(run.argv(), checked=False)
+    args = script.parse_args(run.argv() + extra, checked=False)
     return args.num_envs * args.num_steps
 
 
@@ -610,7 +627,7 @@ def measure(runs: list[Run], extra: list, iterations: int, threads: int) -> dict
             if run.env == "matrix":  # the whole run takes seconds: time it
                 start, argv = time.time(), run.argv()
             else:
-                steps = iteration_steps(run)
+                steps = iteration_steps(run, extra)
                 argv = dataclasses.replace(run, budget=steps * iterations).argv() + ["--eval-interval", str(10**12)]
             # no pipes: a MaMuJoCo run's environment workers would hold them open after a failure
             code = subprocess.call([sys.executable, os.path.join(ROOT, run.script), *argv, *extra, "--runs-dir", tmp],
@@ -701,8 +718,10 @@ def parse(argv):
     parser.add_argument("--timeout-min", type=at_least(1), default=240, help="[slurm] minutes per job before it is requeued")
     parser.add_argument("--wait", action="store_true", help="[slurm] wait for the array and print each run's state")
     opts = parser.parse_args(argv)
-    if opts.gpus_per_run < 0:
-        parser.error(f"--gpus-per-run: must be at least 0, got {opts.gpus_per_run}")
+    if not 0 <= opts.gpus_per_run < math.inf:
+        parser.error(f"--gpus-per-run: must be a number of at least 0, got {opts.gpus_per_run}")
+    if opts.seeds and (len(set(opts.seeds)) < len(opts.seeds) or min(opts.seeds) < 0):
+        parser.error(f"--seeds: must be distinct and at least 0, got {' '.join(map(str, opts.seeds))}")
     check_writable(parser, "--out", os.path.join(opts.out, opts.grid))  # now, before any folder is made
     if opts.grid != "figure10":
         check_selection(parser, opts)

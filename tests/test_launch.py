@@ -120,8 +120,9 @@ def test_local_grid_writes_summaries_skips_finished_runs_and_grows_with_a_larger
     grown = launch(argv + ["--budget", "96"] + tiny, tmp_path)  # resumes both from their final checkpoints
     assert grown.returncode == 0, grown.stdout + grown.stderr
     for run_id, before in found.items():
+        # the flags after -- again (a checkpoint does not keep them all); the script accepts its own values
         assert starts(grid_dir, run_id)[1].endswith(f"--resume {run_folder(grid_dir, run_id)}/checkpoint.pt "
-                                                    "--total-timesteps 96")
+                                                    f"--total-timesteps 96 {' '.join(tiny[1:])}")
         after = summaries(grid_dir)[run_id]
         check_vmas_summary(after, "figure2-ippo", before["method"], 96)
         entry, old = seed_entry(after), seed_entry(before)
@@ -274,7 +275,10 @@ BAD = [
     (["nogrid"], "grid: invalid choice: 'nogrid'"),
     (["figure2-ippo", "--budget", "0"], "--budget: must be at least 1, got 0"),
     (["figure2-ippo", "--jobs", "0"], "--jobs: must be at least 1, got 0"),
-    (["figure2-ippo", "--gpus-per-run", "-1"], "--gpus-per-run: must be at least 0, got -1.0"),
+    (["figure2-ippo", "--gpus-per-run", "-1"], "--gpus-per-run: must be a number of at least 0, got -1.0"),
+    (["figure2-ippo", "--gpus-per-run", "nan"], "--gpus-per-run: must be a number of at least 0, got nan"),
+    (["figure2-ippo", "--seeds", "1", "1"], "--seeds: must be distinct and at least 0, got 1 1"),
+    (["figure2-ippo", "--seeds", "-5"], "--seeds: must be distinct and at least 0, got -5"),
     (["figure2-ippo", "--methods", "dico"],
      "--methods: figure2-ippo has no method dico (its methods: mlp linear nops fups)"),
     (["figure2-ippo", "--methods", "mlp", "nosp"], "--methods: figure2-ippo has no method nosp"),
@@ -353,3 +357,18 @@ def test_measure_times_each_setting_and_multiplies_out(tmp_path, monkeypatch, ca
     assert runs == 5 and sps > 0  # Table 9's five seeds: 5 x 3.6M steps / sps = 5,000 / sps hours
     assert hours == pytest.approx(5_000 / sps, rel=0.01, abs=0.05), row  # the table rounds both
     assert os.listdir(tmp_path) == []
+
+
+def test_a_run_another_launcher_holds_is_not_started_twice(tmp_path):
+    """Two launchers on one grid (a Slurm array submitted again while it runs): the second finds the
+    run's lock taken and starts nothing in its folder."""
+    import fcntl
+
+    launch_module = load_launch()
+    run = launch_module.GRIDS["figure2-ippo"]()[0]
+    run_dir = tmp_path / run.run_id
+    run_dir.mkdir()
+    with open(run_dir / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert launch_module.run_one(run, str(tmp_path), TINY_VMAS) == "failed (another launcher is running it now)"
+    assert os.listdir(run_dir) == [".lock"]  # no log, no run folder
