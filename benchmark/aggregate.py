@@ -67,8 +67,6 @@ def load_run(path):
             s = json.load(f)
         if not isinstance(s, dict) or s.get("format") != FORMAT:
             raise ValueError(f"format is not {FORMAT!r}")
-        if s["grid"] == "figure10":  # parameter counts, no evaluations: launch.py reports them
-            return s
         run = s["marl_eval"][s["env"]][s["task"]][s["method"]][f"seed_{s['seed']}"]
         # a metric the run did not log at a step is [None] or []: left out of that evaluation
         means = lambda v: {k: float(np.mean([e for e in x if e is not None])) for k, x in v.items()  # noqa: E731
@@ -397,11 +395,6 @@ def main():
             parser.error(f"PATH: {seen[key]} and {path} are the same run {'/'.join(map(str, key))}")
         seen[key] = path
         grids[run["grid"]].append(run)
-    skipped = grids.pop("figure10", None)
-    if skipped:
-        print(f"figure10: {len(skipped)} parameter-count summaries skipped (benchmark/launch.py tabulates them)")
-    if not grids:
-        parser.error("PATH: no grid with evaluations to aggregate")
     out = opts.out or new_output_folder("aggregate")  # never over the committed results unless --out says so
     os.makedirs(out, exist_ok=True)
     for name, runs in sorted(grids.items()):
