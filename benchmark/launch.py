@@ -220,16 +220,20 @@ def run_folder(run_dir: str):
 def command(run: Run, run_dir: str, extra: list) -> list[str]:
     """The script's command line: --resume from the run's checkpoint if there is one, else a fresh start."""
     folder = run_folder(run_dir)
+    if folder and not os.path.isfile(os.path.join(folder, "checkpoint.pt")):
+        shutil.rmtree(folder)  # interrupted before its first checkpoint (or a matrix game: seconds): start again
+    return [sys.executable, *script_argv(run, run_dir, extra)]
+
+
+def script_argv(run: Run, run_dir: str, extra: list) -> list[str]:
+    """The script and its flags as command() starts it now (--dry-run prints them; nothing changes)."""
+    folder = run_folder(run_dir)
     checkpoint = folder and os.path.join(folder, "checkpoint.pt")
     if checkpoint and os.path.isfile(checkpoint):  # its flags come from the checkpoint; the budget may grow;
         # the flags after -- again, for those a checkpoint does not keep (--no-cuda, --print-interval, ...)
-        return [sys.executable, os.path.join(ROOT, run.script), "--resume", checkpoint,
-                "--total-timesteps", str(run.budget), *extra]
-    if folder:  # interrupted before its first checkpoint (or a matrix game: seconds): start again
-        shutil.rmtree(folder)
+        return [os.path.join(ROOT, run.script), "--resume", checkpoint, "--total-timesteps", str(run.budget), *extra]
     save = [] if run.env == "matrix" else ["--save-model"]
-    return [sys.executable, os.path.join(ROOT, run.script), *run.argv(), *extra, *save,
-            "--runs-dir", run_dir, "--exp-name", run.grid]
+    return [os.path.join(ROOT, run.script), *run.argv(), *extra, *save, "--runs-dir", run_dir, "--exp-name", run.grid]
 
 
 CHILDREN = set()  # the scripts running in this process, for stop_children
@@ -275,7 +279,7 @@ def run_locked(run: Run, run_dir: str, extra: list, threads: int, gpu) -> str:
     if now == "interrupted" and completed(run, run_folder(run_dir)):
         # it trained its budget but the launcher was gone before the summary (killed): the script would
         # refuse a --resume with nothing left to train, so only the summary is missing
-        write_summary(run, run_folder(run_dir), last_command(run_dir), extra, None)
+        write_summary(run, run_folder(run_dir), last_command(run_dir), extra)
         return "finished"
     argv = command(run, run_dir, extra)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
@@ -300,13 +304,14 @@ def run_locked(run: Run, run_dir: str, extra: list, threads: int, gpu) -> str:
             raise
         finally:
             CHILDREN.discard(child)
+            log.write(f"# wall_seconds {time.time() - start:.1f}\n")  # a resumed run's: the sum over its starts
     if code != 0:
         if STOP:  # killed by the stop before it installed its handler: nothing to save yet
             return "stopped"
         return f"failed (exit {code}: {last_line(log_path)}; see {log_path})"
     if not completed(run, run_folder(run_dir)):
         return "stopped"
-    write_summary(run, run_folder(run_dir), argv, extra, time.time() - start)
+    write_summary(run, run_folder(run_dir), argv, extra)
     return "finished"
 
 
@@ -342,8 +347,14 @@ def stop_children() -> None:
 def last_line(path: str) -> str:
     """The last line of a log (a script's error is one line), shortened."""
     lines = [line.strip(" │╭╰─") for line in open(path, errors="replace").read().splitlines()]  # tyro's box
-    lines = [line for line in lines if line]
+    lines = [line for line in lines if line and not line.startswith("# wall_seconds ")]  # the launcher's own
     return (lines[-1][:200] if lines else "no output")
+
+
+def wall_seconds(run_dir: str):
+    """The run's time over all its starts, from log.txt (a start whose launcher was killed is missing)."""
+    lines = [line for line in open(os.path.join(run_dir, "log.txt")) if line.startswith("# wall_seconds ")]
+    return round(sum(float(line.split()[-1]) for line in lines), 1) if lines else None
 
 
 def last_command(run_dir: str) -> list:
@@ -368,10 +379,13 @@ def read_events(folder: str):
     return scalars, config
 
 
-def evaluations(folder: str, scalars: dict) -> list[dict]:
+def evaluations(folder: str, scalars: dict, interval: int = 0) -> list[dict]:
     """Every evaluation, in step order: the episodes' returns from evaluations.jsonl (VMAS, MaMuJoCo;
     the last line of a step wins, as a run resumed after a hard kill repeats evaluations), or the
-    TensorBoard values (matrix games: the exact expected reward, no episodes)."""
+    TensorBoard values (matrix games: the exact expected reward, no episodes). With the run's
+    eval interval, an evaluation off its schedule (a script evaluates at its budget's end, so a run
+    continued to a larger --budget has one at each former end) is left out, the last one kept: every
+    run's step_k is then the same evaluation as a straight run's."""
     path = os.path.join(folder, "evaluations.jsonl")
     if os.path.isfile(path):
         by_step = {}
@@ -379,7 +393,11 @@ def evaluations(folder: str, scalars: dict) -> list[dict]:
             entry = json.loads(line)
             by_step[entry["step"]] = {"step_count": entry["step"], "return": entry["episode_returns"],
                                       "snd": [entry["snd"]]}
-        return [by_step[step] for step in sorted(by_step)]
+        steps = sorted(by_step)
+        if interval > 0:  # on schedule: the first evaluation at or past a multiple of the interval
+            steps = [s for k, s in enumerate(steps)
+                     if k == 0 or k == len(steps) - 1 or s // interval > steps[k - 1] // interval]
+        return [by_step[step] for step in steps]
     sampled = dict(scalars.get("eval/episodic_return_sampled", []))
     snd = dict(scalars.get("diversity/snd", []))
     return [{"step_count": step, "return": [value], "return_sampled": [sampled.get(step)], "snd": [snd.get(step)]}
@@ -402,9 +420,9 @@ def mean_of(scalars: dict, tag: str):
     return sum(values) / len(values) if values else None
 
 
-def write_summary(run: Run, folder: str, argv: list, extra: list, wall_seconds: float) -> dict:
+def write_summary(run: Run, folder: str, argv: list, extra: list) -> dict:
     scalars, config = read_events(folder)
-    evals = evaluations(folder, scalars)
+    evals = evaluations(folder, scalars, int(config.get("eval_interval", 0)))
     steps = {f"step_{k}": e for k, e in enumerate(evals)}
     absolute = {key: value for key, value in evals[-1].items() if key != "step_count"} if evals else {}
     commit, dirty = git_commit(run.script)
@@ -413,7 +431,7 @@ def write_summary(run: Run, folder: str, argv: list, extra: list, wall_seconds: 
         format="hypermarl-summary/1", grid=run.grid, run_id=run.run_id, env=run.env, task=run.task,
         method=run.method, seed=run.seed, script=run.script, argv=run.argv() + extra, command=argv[1:], config=config,
         git_commit=commit, git_dirty=dirty, total_timesteps=run.budget,
-        wall_seconds=None if wall_seconds is None else round(wall_seconds, 1),  # None: recovered, see run_one
+        wall_seconds=wall_seconds(os.path.dirname(folder)),
         sps=sps[-1][1] if sps else None,
         final_return=sum(evals[-1]["return"]) / len(evals[-1]["return"]) if evals else None,
         final_snd=evals[-1]["snd"][0] if evals else None,
@@ -745,6 +763,27 @@ def check_selection(parser, opts) -> None:
         parser.error(f"--only: no run of {opts.grid} matches {' '.join(unmatched)} (--dry-run lists the run ids)")
 
 
+def refused_flags(runs: list[Run], extra: list):
+    """The first script's refusal of the flags after -- (one line), checked on one run per setting
+    before anything starts; None if every script takes them."""
+    sys.path.insert(0, ROOT)
+    for run in {cost_key(r): r for r in runs}.values():
+        script, argv = __import__(run.script[:-3]), run.argv() + extra
+        program, sys.argv[0] = sys.argv[0], run.script  # tyro's hints name the script, not the launcher
+        try:
+            if hasattr(script, "parse_args"):
+                script.parse_args(argv)
+            else:  # the matrix games: tyro, then the cross-flag checks
+                script.check_args(script.tyro.cli(script.Args, args=argv), script.flags_given(argv))
+        except ValueError as error:
+            return f"{run.script}: {error}"
+        except SystemExit:  # tyro printed its message (a bad value, an unknown flag) or --help
+            return f"{run.script} refused them (its message is above)"
+        finally:
+            sys.argv[0] = program
+    return None
+
+
 def check_reachable(parser, address: str) -> None:
     """ray.init retries an unreachable address for a long while: a TCP connection fails at once."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
@@ -776,6 +815,10 @@ def main(argv=None) -> int:
         figure10(grid_dir)
         return 0
     runs = select(GRIDS[opts.grid](), opts)
+    refused = extra and refused_flags(runs, extra)
+    if refused:
+        print(f"error: flags after --: {refused}", file=sys.stderr)
+        raise SystemExit(2)
     states = {r.run_id: state(os.path.join(grid_dir, r.run_id), r.budget) for r in runs}
     print(f"{opts.grid}: {len(runs)} runs in {grid_dir} ({sum(s == 'finished' for s in states.values())} finished, "
           f"{sum(s == 'interrupted' for s in states.values())} to resume); " + cost_line(runs), flush=True)
@@ -784,7 +827,8 @@ def main(argv=None) -> int:
         return 0
     if opts.dry_run:
         for run in runs:
-            print(f"  [{states[run.run_id]}] {run.run_id}: python {run.script} {' '.join(run.argv() + extra)}")
+            flags = script_argv(run, os.path.join(grid_dir, run.run_id), extra)[1:]
+            print(f"  [{states[run.run_id]}] {run.run_id}: python {run.script} {' '.join(flags)}")
         return 0
     pending = [r for r in runs if states[r.run_id] != "finished"]
     previous = install_stop_handlers()

@@ -193,7 +193,7 @@ def test_mamujoco_summary_reports_the_runs_own_settings(tmp_path):
         runs = tmp_path / "grid" / family
         assert run_main(tiny_argv(runs, "--eval-interval", "32", hypernet=family))[0] == 0
         run = launch.Run("table4", "mamujoco", "HalfCheetah-2x3", family, 1, "mappo_hyper_mamujoco.py", [], 64)
-        launch.write_summary(run, launch.run_folder(str(runs)), argv=[], extra=[], wall_seconds=1.0)
+        launch.write_summary(run, launch.run_folder(str(runs)), argv=[], extra=[])
     script = os.path.join(ROOT, "benchmark", "aggregate.py")
     done = subprocess.run([sys.executable, script, str(tmp_path / "grid"), "--out", str(tmp_path), "--reps", "20"],
                           capture_output=True, text=True, timeout=300)

@@ -116,6 +116,7 @@ def test_local_grid_writes_summaries_skips_finished_runs_and_grows_with_a_larger
     assert load_launch().main(argv + ["--budget", "96", "--dry-run"]) == 0
     listed = capsys.readouterr().out
     assert listed.count("[interrupted]") == 2 and "0 finished, 2 to resume" in listed, listed  # a larger budget
+    assert listed.count("--total-timesteps 96") == 2 and listed.count(" --resume ") == 2, listed  # as it will start
 
     grown = launch(argv + ["--budget", "96"] + tiny, tmp_path)  # resumes both from their final checkpoints
     assert grown.returncode == 0, grown.stdout + grown.stderr
@@ -128,6 +129,7 @@ def test_local_grid_writes_summaries_skips_finished_runs_and_grows_with_a_larger
         entry, old = seed_entry(after), seed_entry(before)
         assert [entry["step_0"], entry["step_1"]] == [old["step_0"], old["step_1"]]
         assert entry["step_2"]["step_count"] == 96
+        assert after["wall_seconds"] > before["wall_seconds"]  # both starts
 
 
 def test_a_stopped_grid_resumes_with_the_numbers_of_an_uninterrupted_run(tmp_path):
@@ -268,6 +270,21 @@ def test_ray_local_cluster_runs_a_grid_stops_it_and_resumes_it(tmp_path):
         check_vmas_summary(s, "figure2-mappo", s["method"], 32 * 40)
         assert s["script"] == "mappo_hyper_vmas.py"
         assert [" --resume " in line for line in starts(grid_dir, run_id)] == [False, True]
+        times = [float(line.split()[-1]) for line in log(grid_dir, run_id).splitlines() if line.startswith("# wall_seconds")]
+        assert len(times) == 2 and s["wall_seconds"] == pytest.approx(sum(times), abs=0.1)  # both starts
+
+
+def test_evaluations_off_schedule_are_left_out(tmp_path):
+    """A run grown from budget 250 to 350 (interval 100) evaluated at its first end too (250): its
+    step_k must be a straight run's, so that one goes; the final evaluation stays."""
+    steps = [100, 200, 250, 300, 350]
+    with open(tmp_path / "evaluations.jsonl", "w") as f:
+        for step in steps + [300]:  # a resume after a hard kill repeats an evaluation: the last line wins
+            f.write(json.dumps({"step": step, "episode_returns": [step / 1000, 1.0], "snd": step}) + "\n")
+    launch_module = load_launch()
+    kept = launch_module.evaluations(str(tmp_path), {}, 100)
+    assert [e["step_count"] for e in kept] == [100, 200, 300, 350] and kept[2]["return"] == [0.3, 1.0]
+    assert [e["step_count"] for e in launch_module.evaluations(str(tmp_path), {})] == steps
 
 
 # ----- bad input, --dry-run, figure 10 -----
@@ -287,6 +304,10 @@ BAD = [
     (["figure2-ippo", "--out", "/proc/sys/x"], "--out: '/proc/sys' is not writable"),
     (["figure10", "--out", "/proc/sys/x"], "--out: '/proc/sys' is not writable"),
     (["figure2-ippo", "--backend", "ray", "--ray-address", "127.0.0.1:1"], "--ray-address: cannot reach '127.0.0.1:1'"),
+    (["figure2-ippo", "--", "--lidar-range", "0.3"],
+     "flags after --: ippo_hyper_vmas.py: --lidar-range: is a navigation option, not for --scenario dispersion"),
+    (["table2-6", "--methods", "mlp", "--", "--hypernet-hidden-dims", "0"],
+     "flags after --: reinforce_matrix_games.py: --hypernet-hidden-dims: must be one or more positive sizes"),
 ]
 
 
@@ -318,6 +339,7 @@ def test_dry_run_lists_runs_and_writes_nothing(tmp_path, monkeypatch, capsys):
     # Navigation: n = 2 (same, different), 4 and 8 (same, different, half) x 5 methods x 5 seeds
     assert out.startswith("figure4: 200 runs in ") and out.count("  [new] ") == 200, out[:500]
     assert "[new] ippo-navigation-8-half-dico-s2300658: python ippo_hyper_vmas.py --scenario navigation" in out
+    assert out.count(" --save-model --runs-dir ") == 200  # the command as the launcher will start it
     assert os.listdir(tmp_path) == []
 
 
