@@ -353,7 +353,8 @@ def last_line(path: str) -> str:
 
 def wall_seconds(run_dir: str):
     """The run's time over all its starts, from log.txt (a start whose launcher was killed is missing)."""
-    lines = [line for line in open(os.path.join(run_dir, "log.txt")) if line.startswith("# wall_seconds ")]
+    path = os.path.join(run_dir, "log.txt")
+    lines = [line for line in open(path) if line.startswith("# wall_seconds ")] if os.path.isfile(path) else []
     return round(sum(float(line.split()[-1]) for line in lines), 1) if lines else None
 
 
