@@ -43,6 +43,12 @@ PAPER_TABLE4 = {
     "Ant-4x2": {"happo": (6031.92, 5924.32, 6149.22), "fups": (6148.58, 5988.63, 6223.88),
                 "nops": (6046.23, 5924.62, 6216.57), "mlp": (5940.16, 5485.77, 6280.59)}}
 PAPER_IQM = {"table4": PAPER_TABLE4, "figure5": {"Humanoid-17x1": PAPER_TABLE4["Humanoid-17x1"]}}
+# Table 3a: SND (mean, std over seeds) on Dispersion at 20M steps, about 1,000 times below Eq. (9) as
+# written (README, implementation detail 12): its ordering compares, its values do not.
+PAPER_SND = {"figure2-ippo": {"mlp": (6.3e-4, 2.0e-5), "linear": (6.4e-4, 7.0e-6), "nops": (6.9e-4, 7.0e-6),
+                              "fups": (2.4e-4, 1.1e-4)},
+             "figure2-mappo": {"mlp": (6.7e-4, 5.0e-6), "linear": (6.6e-4, 1.2e-5), "nops": (6.6e-4, 1.5e-5),
+                               "fups": (3.7e-4, 8.1e-5)}}
 ORDER = ["happo", "nops", "fups-noid", "fups", "dico", "linear", "mlp"]  # table rows: baselines first
 
 
@@ -191,7 +197,9 @@ class Grid:
     def task_table(self, task):
         paper = PAPER_IQM.get(self.name, {}).get(task)
         head = "| method | " + " | ".join(f"{b:,} {self.unit}: IQM [95% CI] | mean ± std | runs" for b in self.budgets)
+        paper_snd = PAPER_SND.get(self.name)
         head += " | final SND | mean actor grad variance | SPS |" + (" paper IQM (95% CI) |" if paper else "")
+        head += " paper SND (Table 3a) |" if paper_snd else ""
         lines = [head, "|---" * (head.count("|") - 1) + "|"]
         everything = np.concatenate([self.scores(task, m, b) for m in self.methods for b in self.budgets])
         d = 1 if len(everything) and np.abs(everything).max() >= 100 else 3  # one precision per table
@@ -212,6 +220,9 @@ class Grid:
             if paper:
                 p = paper.get(m)
                 cells.append(f"{p[0]:,.2f} ({p[1]:,.2f}, {p[2]:,.2f})" if p else "not in the paper")
+            if paper_snd:
+                p = paper_snd.get(m)
+                cells.append(f"{p[0]:.1e} ± {p[1]:.1e}" if p else "not in the paper")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         return lines
 
@@ -297,6 +308,10 @@ class Grid:
                       "runs use Gymnasium-Robotics' v5 tasks, whose rewards differ, so the columns are not directly comparable.", ""]
         elif self.name == "table2-6":
             lines += ["Paper: Tables 2 and 6 (5 seeds each), values imported from benchmark/matrix_games.py.", ""]
+        elif self.name in PAPER_SND:
+            lines += ["Paper: Figure 2 plots the returns (no numbers); Table 3a gives each method's SND at 20M steps "
+                      "(mean ± std), on a scale about 1,000 times below Eq. (9) as written: compare its ordering, not "
+                      "its values (README, implementation detail 12).", ""]
         else:
             lines += ["Paper: " + ("figure only, no numbers in the paper." if self.name in TITLES else "not one of the paper's grids."), ""]
         for task in self.tasks:

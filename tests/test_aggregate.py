@@ -136,7 +136,9 @@ def test_tables_per_task_and_across_tasks(tmp_path):
     hand = np.mean([np.mean([(a > b) + 0.5 * (a == b) for a in norm[t, "fups"] for b in norm[t, "mlp"]]) for t in tasks])
     row = next(line for line in text.splitlines() if line.startswith("| fups | mlp |"))
     assert numbers(row.split("|")[3])[0] == pytest.approx(hand, abs=1e-3)
-    assert "figure only, no numbers in the paper" in text
+    assert "Table 3a gives each method's SND" in text  # the paper's SND beside ours, per method
+    assert table_row(text, "dispersion-4", "mlp").endswith("| 6.3e-04 ± 2.0e-05 |")
+    assert table_row(text, "dispersion-4", "fups").endswith("| 2.4e-04 ± 1.1e-04 |")
     assert "num_envs=16" in text and "abc123: 16 runs" in text
     assert "python ippo_hyper_vmas.py --hypernet mlp --seed 3" in text
 
