@@ -768,7 +768,7 @@ def refused_flags(runs: list[Run], extra: list):
     """The first script's refusal of the flags after -- (one line), checked on one run per setting
     before anything starts; None if every script takes them."""
     sys.path.insert(0, ROOT)
-    for run in {cost_key(r): r for r in runs}.values():
+    for run in {(r.script, r.task, r.method): r for r in runs}.values():
         script, argv = __import__(run.script[:-3]), run.argv() + extra
         program, sys.argv[0] = sys.argv[0], run.script  # tyro's hints name the script, not the launcher
         try:
