@@ -6,9 +6,11 @@
 PATHs are grid folders (searched for summary.json) or summary files. Per grid it writes <grid>.md and
 <grid>_final.png (IQM + 95% CI per task and method), <grid>_curves.png (IQM + 95% CI per evaluation
 step), <grid>_profile.png (performance profiles) and <grid>_poi.png (probability of improvement).
-A run's score is the mean of its last evaluation's episode returns at or before the budget (--at;
-default: the last step every run of the grid reached); runs that did not reach a budget are left
-out of that budget's column. Every CI is a 95% stratified bootstrap (--reps draws, numpy seeded
+A run's score at a budget (--at; default: the last step every run of the grid reached) is the mean
+of the episode returns of its first evaluation at or after the budget (the scripts evaluate at the
+first iteration past each multiple of their interval), or of its final evaluation if it was
+trained to that budget (whole iterations stop a little short of it); runs that did not reach a
+budget are left out of that budget's column. Every CI is a 95% stratified bootstrap (--reps draws, numpy seeded
 with --seed before each estimate: rliable draws from numpy's global RNG, not from its random_state).
 """
 
@@ -86,13 +88,14 @@ def load_run(path):
 
 
 def score(run, budget, metric="return"):
-    """The run's last evaluation at or before budget; None if the run never reached the budget. A run
-    trained to a budget of at least this one reached it, though its last step may fall short of it by
-    less than an iteration (the scripts train whole iterations: 244 x 2,048 = 499,712 for 500,000)."""
+    """The run's evaluation at budget: its first at or after it (a script evaluates at the first
+    iteration past each multiple of its interval: 501,760 for 500,000 in 2,048-step iterations), else,
+    for a run trained to this budget or more, its final one (whole iterations stop short of the budget:
+    499,712 for 500,000); None if the run never reached the budget."""
     if run["evals"][-1][0] < budget and run.get("total_timesteps", 0) < budget:
         return None
-    before = [m for step, m in run["evals"] if step <= budget]
-    return before[-1].get(metric) if before else None
+    after = [m for step, m in run["evals"] if step >= budget]
+    return (after[0] if after else run["evals"][-1][1]).get(metric)
 
 
 def seeded(opts, fn, *args, **kwargs):
@@ -191,7 +194,7 @@ class Grid:
         n = len(self.scores(task, method, budget))
         short = sum(r["evals"][-1][0] < budget and r.get("total_timesteps", 0) < budget for r in runs)  # as score()
         why = [f"{short} did not reach {budget:,}"] * bool(short)
-        why += [f"{len(runs) - n - short} without an evaluation by then"] * (len(runs) - n > short)
+        why += [f"{len(runs) - n - short} without this metric"] * (len(runs) - n > short)
         return f"{n}" if n == len(runs) else f"{n} of {len(runs)} ({', '.join(why)})"
 
     def task_table(self, task):
@@ -298,11 +301,12 @@ class Grid:
                  f"{len(self.runs)} runs: {len(self.tasks)} task(s) x {len(self.methods)} method(s), "
                  f"{' / '.join(map(str, n_seeds))} seed(s) per task and method (seeds {sorted({r['seed'] for r in self.runs})}).", "",
                  f"Budget(s): {', '.join(f'{b:,}' for b in self.budgets)} {self.unit} ({budget_note}). Score of a run = mean "
-                 "of its last evaluation's episode returns at or before the budget; a run whose last evaluation comes "
-                 "before a budget is left out of that column (the runs column says so). IQM = 25% trimmed mean, std with "
-                 "ddof 0; CIs: 95% "
-                 f"stratified bootstrap ({self.opts.reps} draws, seed {self.opts.seed}). SND, gradient variance and SPS: "
-                 "means over the runs of their whole training.", ""] + self.settings()
+                 "of the episode returns of its first evaluation at or after the budget, or of its final evaluation if it "
+                 "was trained to that budget (whole iterations stop just short of it); a run that did not reach a budget "
+                 "is left out of that column (the runs column says so). IQM = 25% trimmed mean, std with ddof 0; CIs: 95% "
+                 f"stratified bootstrap ({self.opts.reps} draws, seed {self.opts.seed}). Final SND: each run's last "
+                 "evaluation; gradient variance: each run's mean over its training; SPS: each run's last logged value; "
+                 "each averaged over the runs.", ""] + self.settings()
         if self.name in PAPER_IQM:
             lines += ["Paper: Table 4's IQM (95% CI) (Figure 5 plots its Humanoid row), MaMuJoCo v2 at 10M steps; these "
                       "runs use Gymnasium-Robotics' v5 tasks, whose rewards differ, so the columns are not directly comparable.", ""]

@@ -131,8 +131,8 @@ GRIDS = {
     "table2-6": lambda: matrix_games("table2-6"),
 }
 # Training steps per second of one run per setting (evaluations excluded), measured on a 2-core x86
-# CPU (torch 2.13, one thread, beside two other training runs) by `launch.py GRID --measure 1`: the
-# cost estimates of --dry-run (README, "Reproduce the paper").
+# CPU (torch 2.13, one thread, beside two other training runs) by `launch.py GRID --measure K` (K in the
+# README, "What a grid costs"): the cost estimates of --dry-run.
 CPU_SPS = {
     ('ippo_hyper_vmas.py', 'dispersion-4', 'fups'): 4204,
     ('ippo_hyper_vmas.py', 'dispersion-4', 'linear'): 2576,

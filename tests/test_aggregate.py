@@ -164,8 +164,13 @@ def test_a_run_trained_to_a_budget_reached_it_though_whole_iterations_stop_short
     trained to 400,000 does not."""
     write_summary(tmp_path, "figure2-ippo", "dispersion-4", "mlp", 1, {499_712: [0.5]}, total_timesteps=500_000)
     write_summary(tmp_path, "figure2-ippo", "dispersion-4", "mlp", 2, {399_360: [0.1]}, total_timesteps=400_000)
+    # a run continued to 2M: its 500k evaluation is the first past 500,000 (a straight run's schedule)
+    write_summary(tmp_path, "figure2-ippo", "dispersion-4", "mlp", 3, {401_408: [0.2], 501_760: [0.3], 1_998_848: [0.9]},
+                  total_timesteps=2_000_000)
     runs = [aggregate.load_run(p) for p in sorted(tmp_path.rglob("summary.json"))]
-    assert [aggregate.score(run, 500_000) for run in runs] == [0.5, None]
+    assert [aggregate.score(run, 500_000) for run in runs] == [0.5, None, 0.3]
+    assert [aggregate.score(run, 2_000_000) for run in runs] == [None, None, 0.9]
+    assert [aggregate.score(run, 400_000) for run in runs] == [0.5, 0.1, 0.2]  # final (trained to 400k), first past
 
 
 def test_table4_grid_shows_the_papers_numbers_and_the_runs_settings(tmp_path):
