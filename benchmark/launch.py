@@ -766,7 +766,14 @@ def check_selection(parser, opts) -> None:
 
 def refused_flags(runs: list[Run], extra: list):
     """The first script's refusal of the flags after -- (one line), checked on one run per setting
-    before anything starts; None if every script takes them."""
+    before anything starts; None if every script takes them. A flag the grid sets itself is refused
+    too: given twice, the later would win and, say, turn an ablation back into HyperMARL."""
+    given = {token.split("=", 1)[0] for token in extra if token.startswith("--")}
+    for run in runs:
+        clash = sorted(given & {token for token in run.argv() if token.startswith("--")})
+        if clash:
+            return (f"{clash[0]}: the grid sets it for {run.run_id} (--budget, --seeds and --methods choose "
+                    f"budgets, seeds and runs; leave the flag out)")
     sys.path.insert(0, ROOT)
     for run in {(r.script, r.task, r.method): r for r in runs}.values():
         script, argv = __import__(run.script[:-3]), run.argv() + extra

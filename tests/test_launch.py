@@ -306,6 +306,9 @@ BAD = [
     (["figure2-ippo", "--backend", "ray", "--ray-address", "127.0.0.1:1"], "--ray-address: cannot reach '127.0.0.1:1'"),
     (["figure2-ippo", "--", "--lidar-range", "0.3"],
      "flags after --: ippo_hyper_vmas.py: --lidar-range: is a navigation option, not for --scenario dispersion"),
+    (["figure17-ippo", "--", "--hypernet-init", "matched"],  # would turn the w/o RF ablation back into mlp
+     "flags after --: --hypernet-init: the grid sets it for ippo-dispersion-4-mlp-noRF-s30"),
+    (["figure2-ippo", "--", "--total-timesteps=5"], "flags after --: --total-timesteps: the grid sets it for"),
     (["table2-6", "--methods", "mlp", "--", "--hypernet-hidden-dims", "0"],
      "flags after --: reinforce_matrix_games.py: --hypernet-hidden-dims: must be one or more positive sizes"),
 ]
