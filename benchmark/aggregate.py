@@ -368,6 +368,7 @@ class Grid:
                                                         marker="o" if len(steps) <= 20 else "", linewidth=1.5)
             ax.set_title(t)
             ax.legend(fontsize=7)
+            ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter(sep=""))  # 500k, 2M: no crowded digits
         for ax in list(axes.flat)[len(self.tasks):]:
             ax.axis("off")
         fig.tight_layout()
