@@ -87,12 +87,17 @@ def load_run(path):
     return s
 
 
+def reached(run, budget) -> bool:
+    """An evaluation at or past the budget, or training to it (its last step may fall just short)."""
+    return run["evals"][-1][0] >= budget or run.get("total_timesteps", 0) >= budget
+
+
 def score(run, budget, metric="return"):
     """The run's evaluation at budget: its first at or after it (a script evaluates at the first
     iteration past each multiple of its interval: 501,760 for 500,000 in 2,048-step iterations), else,
     for a run trained to this budget or more, its final one (whole iterations stop short of the budget:
     499,712 for 500,000); None if the run never reached the budget."""
-    if run["evals"][-1][0] < budget and run.get("total_timesteps", 0) < budget:
+    if not reached(run, budget):
         return None
     after = [m for step, m in run["evals"] if step >= budget]
     return (after[0] if after else run["evals"][-1][1]).get(metric)
@@ -192,7 +197,7 @@ class Grid:
     def count(self, task, method, budget):
         runs = self.of(task, method)
         n = len(self.scores(task, method, budget))
-        short = sum(r["evals"][-1][0] < budget and r.get("total_timesteps", 0) < budget for r in runs)  # as score()
+        short = sum(not reached(r, budget) for r in runs)
         why = [f"{short} did not reach {budget:,}"] * bool(short)
         why += [f"{len(runs) - n - short} without this metric"] * (len(runs) - n > short)
         return f"{n}" if n == len(runs) else f"{n} of {len(runs)} ({', '.join(why)})"
