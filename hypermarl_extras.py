@@ -1,9 +1,15 @@
-"""What the training scripts need beyond training: checkpoints, resuming, evaluation videos.
+"""What the training scripts need beyond training: input checks, checkpoints, resuming, videos.
 
-The scripts import this module only where a feature needs it (--save-model, --resume, --eval-only,
-the checkpoint written on Ctrl-C or SIGTERM, --capture-video): training and evaluation run from each
-script alone, and a script copied into another project without this file trains as before.
+The scripts import this module only where a feature needs it: the checks of the command line, and
+--save-model, --resume, --eval-only, the checkpoint written on Ctrl-C or SIGTERM, --capture-video.
+Training runs from each script alone: a script copied into another project without this file trains
+as before, with tyro's checks of types and choices only.
 
+Command line (every script):
+    ArgError                                     a bad flag: one line, exit status 2, nothing written
+    refuse_misplaced(given, why_not)             a flag given where it does not apply
+    check_values(args, positive=..., ...)        every value in its range, --runs-dir writable, wandb there
+    read_command_line(script, argv)              flags, checks, and the checkpoint to resume or evaluate
 Checkpoints (every script):
     save_checkpoint(path, state)                 atomic: a crash mid-write leaves the previous file
     load_checkpoint(path, flag, fmt, required)   weights_only=True; a foreign or tampered file is refused
@@ -11,7 +17,7 @@ Checkpoints (every script):
     rng_state() / set_rng_state(state)           torch, NumPy, Python (and CUDA) generators
     rng_to_tensors(states) / rng_from_tensors(state)   the same as plain data
     load_snd_obs(path, obs_dim)                  an SND dataset (.npz) for --eval-only --snd-obs-file
-    vmas_env_state(env) / load_vmas_env_state(env, state)   a VMAS simulator, bit for bit
+    save_vmas_run(...) / restore_vmas_run(...)   a VMAS script's whole run, simulators included, bit for bit
 Videos (--capture-video):
     probe_capture_video(simulator)   None, or one line saying what to install (checked before a run starts)
     mamujoco_frame(parallel_env)     one MaMuJoCo frame, without shadows (software rendering)
@@ -25,10 +31,13 @@ Without a GPU, Mesa's EGL renders in software (llvmpipe): no display and no GPU 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import io
+import math
 import os
 import pickle
 import random
+import re
 import subprocess
 import sys
 import warnings
@@ -175,8 +184,119 @@ def save_video(writer, path: str, tag: str, frames: Sequence[np.ndarray], step: 
     writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
 
+# ===== Command line =====
+class ArgError(ValueError):
+    """A bad flag value: reported as one line, exit status 2, nothing written."""
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def refuse_misplaced(given: set[str], why_not: dict) -> None:
+    """why_not[name]: why flag `name` does not apply to this run (None where it does); given, it is refused."""
+    for name in sorted(given):
+        if why_not.get(name):
+            raise ArgError(f"{flag_of(name)}: {why_not[name]}")
+
+
+def check_values(args, positive=(), unit=(), nonneg=(), sizes=(), divide_batch=(), max_seed=2**32 - 1 - 10_000,
+                 seed_why="") -> None:
+    """A run's values (a checkpoint's included): finite floats, a seed NumPy takes (max_seed leaves room
+    for the evaluation's offsets), a plain --exp-name, the fields of `positive` > 0, of `unit` in [0, 1],
+    of `nonneg` >= 0, of `sizes` one or more positive sizes; with divide_batch, those fields divide
+    num_envs * num_steps and total_timesteps holds one batch. Then --runs-dir and --track."""
+    def fail(name, why):
+        raise ArgError(f"{flag_of(name)}: {why}, got {getattr(args, name)!r}")
+
+    for f in dataclasses.fields(args):  # inf and nan pass every comparison below: refuse them first
+        if isinstance(getattr(args, f.name), float) and not math.isfinite(getattr(args, f.name)):
+            fail(f.name, "must be a finite number")
+    if not 0 <= args.seed <= max_seed:
+        fail("seed", f"must be between 0 and {max_seed}{seed_why}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.exp_name):
+        fail("exp_name", "must be a plain name (letters, digits, '.', '_', '-')")
+    for names, holds, why in ((positive, lambda v: v > 0, "must be positive"),
+                              (unit, lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
+                              (nonneg, lambda v: v >= 0, "must be >= 0"),
+                              (sizes, lambda v: v and min(v) > 0, "must be one or more positive sizes")):
+        for name in names:
+            if not holds(getattr(args, name)):
+                fail(name, why)
+    if divide_batch:
+        batch_size = args.num_envs * args.num_steps
+        for name in divide_batch:
+            if batch_size % getattr(args, name):
+                fail(name, f"must divide num_envs * num_steps = {batch_size}")
+        if args.total_timesteps < batch_size:
+            fail("total_timesteps", f"must be at least num_envs * num_steps = {batch_size}")
+    eval_only = getattr(args, "eval_only", False)
+    if not eval_only or args.capture_video:
+        check_output_folder("--runs-dir", args.runs_dir)
+    if args.track and not eval_only and importlib.util.find_spec("wandb") is None:
+        raise ArgError("--track: wandb is not installed (pip install wandb)")
+
+
+def check_output_folder(flag: str, path: str) -> None:
+    """A folder this run may create and write into, checked before anything is written."""
+    if not path:
+        raise ArgError(f"{flag}: must name a folder, got ''")
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):  # a file, or a link to nothing
+        raise ArgError(f"{flag}: {existing!r} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ArgError(f"{flag}: {existing!r} is not writable")
+
+
+INVOCATION_FIELDS = ("resume", "eval_only", "checkpoint", "snd_obs_file")  # what to do, not what the run is
+
+
+def read_command_line(script, argv: list[str]):
+    """A checkpointing script's command line: (args, the checkpoint to resume or evaluate or None, the
+    flags --resume changes). ArgError or CheckpointError (one line) for a bad flag or file, before
+    anything is written. script: the module, with Args, parse_args, flags_given, paper_defaults,
+    check_args, CHECKPOINT_FORMAT, CHECKPOINT_KEYS, COMPAT_FIELDS, RESUME_MAY_CHANGE and SIMULATOR."""
+    args, given = script.parse_args(argv, checked=False), script.flags_given(argv)
+    if args.eval_only != bool(args.checkpoint):
+        raise ArgError("--eval-only: needs --checkpoint PATH" if args.eval_only else
+                       "--checkpoint: only with --eval-only (use --resume to continue training)")
+    if args.eval_only and args.resume:
+        raise ArgError("--resume: cannot be combined with --eval-only")
+    if getattr(args, "snd_obs_file", None) is not None and not args.eval_only:
+        raise ArgError("--snd-obs-file: only with --eval-only")
+    for name in ("resume", "checkpoint", "snd_obs_file"):
+        path = getattr(args, name, None)
+        if path is not None and not os.path.isfile(path):
+            raise ArgError(f"{flag_of(name)}: {path!r} is a folder, not a file" if os.path.isdir(path) else
+                           f"{flag_of(name)}: no such file {path!r}")
+    loaded, changes = None, []
+    if args.resume or args.checkpoint:
+        flag = "--resume" if args.resume else "--checkpoint"
+        loaded = load_checkpoint(args.resume or args.checkpoint, flag, script.CHECKPOINT_FORMAT, script.CHECKPOINT_KEYS)
+        changes = take_flags_from_checkpoint(args, loaded["args"], flag, given, script.COMPAT_FIELDS,
+                                             script.RESUME_MAY_CHANGE, INVOCATION_FIELDS)
+        if flag == "--checkpoint":  # the evaluation's defaults are those of the checkpoint's scenario
+            args = script.paper_defaults(args, given | set(script.COMPAT_FIELDS))
+    script.check_args(args, given)
+    if args.resume and getattr(args, "anneal_lr", False) and any(c.startswith("--total-timesteps") for c in changes):
+        raise ArgError("--total-timesteps: the run anneals its learning rate over its budget (--anneal-lr); "
+                       "a new budget would change the schedule")
+    batch_size = args.num_envs * args.num_steps
+    if args.resume and loaded["iteration"] > args.total_timesteps // batch_size:
+        raise ArgError(f"--total-timesteps: the run already trained {loaded['global_step']} steps, in iterations of "
+                       f"{batch_size}; give at least {loaded['iteration'] * batch_size} to train on")
+    if args.capture_video:
+        if script.SIMULATOR == "mujoco":
+            default_mujoco_gl()  # before anything imports mujoco, which reads it once
+        if problem := probe_capture_video(script.SIMULATOR):
+            raise ArgError(problem)
+    return args, loaded, changes
+
+
 # ===== Checkpoints =====
-class CheckpointError(ValueError):
+class CheckpointError(ArgError):
     """A checkpoint that cannot be used: reported as one line, exit status 2."""
 
 
@@ -300,3 +420,22 @@ def load_vmas_env_state(env, state: dict) -> None:
     env.obs = state["obs"].to(env.device)
     env.episode_return = state["episode_return"].to(env.device)
     env.episode_length = state["episode_length"].to(env.device)
+
+
+def save_vmas_run(path, fmt, args, run_name, agent, optimizer, action_optimizer, envs, global_step, iteration):
+    """Everything a VMAS script's resumed run needs to go on bit for bit, written atomically."""
+    save_checkpoint(path, dict(
+        format=fmt, args=dataclasses.asdict(args), run_name=run_name, model=agent.state_dict(),
+        optimizer=optimizer.state_dict(), action_optimizer=action_optimizer.state_dict() if action_optimizer else {},
+        env=vmas_env_state(envs), rng=rng_state(), global_step=global_step, iteration=iteration))
+
+
+def restore_vmas_run(loaded, agent, optimizer, action_optimizer, envs):
+    """The saved run, restored in place; returns (global_step, next iteration, run_name)."""
+    agent.load_state_dict(loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    if action_optimizer is not None:
+        action_optimizer.load_state_dict(loaded["action_optimizer"])
+    load_vmas_env_state(envs, loaded["env"])
+    set_rng_state(loaded["rng"])
+    return loaded["global_step"], loaded["iteration"], loaded["run_name"]

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import random
-import re
 import signal
 import sys
 import threading
@@ -1365,11 +1364,9 @@ class Evaluator:
             env.close()
 
 
-# ===== Appendix: input checks, checkpoints, evaluation-only =====
-class ArgError(ValueError):
-    """A bad flag value: reported as one line, exit status 2, nothing written."""
-
-
+# ===== Appendix: the command line, checkpoints, evaluation-only =====
+# The checks and the checkpoint machinery live in hypermarl_extras.py, imported only here: a script
+# copied without it trains, with tyro's checks of types and choices only.
 def parse_args(argv=None, checked=True) -> Args:
     """The flags given, the paper's values for the others (--help shows them), then (checked) the checks."""
     argv = sys.argv[1:] if argv is None else [str(token) for token in argv]
@@ -1378,8 +1375,7 @@ def parse_args(argv=None, checked=True) -> Args:
     if "-h" in argv or "--help" in argv:
         tyro.cli(Args, args=argv, default=args)
     if checked:
-        check_given_flags(args, given)
-        check_values(args)
+        check_args(args, given)
     return args
 
 
@@ -1390,76 +1386,47 @@ def flags_given(argv: list[str]) -> set[str]:
     return {name[3:] if name not in names and name.startswith("no_") else name for name in tokens} & names
 
 
-def check_given_flags(args: Args, given: set[str]) -> None:
-    """Each flag given only where it applies (a checkpoint's run passed this when it started)."""
-    misplaced = dict(save_interval=None if args.save_model else "only with --save-model",
-                     fixed_order=None if args.algo == "happo" else f"only with --algo happo, got --algo {args.algo}",
-                     agent_obsk=None if args.obs_mode == "local" else f"only with --obs-mode local, got --obs-mode {args.obs_mode}")
-    for name in ("hypernet_embedding_dim", "hypernet_hidden_dims", "hypernet_embedding"):
-        misplaced[name] = None if args.hypernet == "mlp" else f"only with --hypernet mlp, got --hypernet {args.hypernet}"
-    for name in ("hypernet_init", "hypernet_input"):
-        misplaced[name] = (None if args.hypernet in ("mlp", "linear") else
-                           f"only with --hypernet mlp or linear, got --hypernet {args.hypernet}")
-    for name in sorted(given):
-        if misplaced.get(name):
-            raise ArgError(f"--{name.replace('_', '-')}: {misplaced[name]}")
+def check_args(args: Args, given: set[str]) -> None:
+    """Each flag given only where it applies (with a checkpoint: to its run), every value in its range."""
+    import hypermarl_extras as extras
+
+    family = args.hypernet
+    why_not = dict(save_interval=None if args.save_model else "only with --save-model",
+                   fixed_order=None if args.algo == "happo" else f"only with --algo happo, got --algo {args.algo}",
+                   agent_obsk=None if args.obs_mode == "local" else f"only with --obs-mode local, got --obs-mode {args.obs_mode}")
+    why_not.update(dict.fromkeys(("hypernet_embedding_dim", "hypernet_hidden_dims", "hypernet_embedding"),
+                                 None if family == "mlp" else f"only with --hypernet mlp, got --hypernet {family}"))
+    why_not.update(dict.fromkeys(("hypernet_init", "hypernet_input"), None if family in ("mlp", "linear") else
+                                 f"only with --hypernet mlp or linear, got --hypernet {family}"))
+    extras.refuse_misplaced(given, why_not)
+    extras.check_values(args, positive=(
+        "torch_threads", "update_threads", "max_episode_steps", "num_envs", "total_timesteps", "num_steps",
+        "learning_rate", "critic_learning_rate", "update_epochs", "critic_epochs", "num_minibatches",
+        "critic_num_minibatches", "clip_coef", "huber_delta", "max_grad_norm", "adam_eps", "std_x_coef", "std_y_coef",
+        "hypernet_embedding_dim", "eval_interval", "eval_episodes", "snd_samples", "snd_gaussian_samples",
+        "interference_interval", "interference_samples", "print_interval", "save_interval"),
+        unit=("gamma", "gae_lambda"), nonneg=("ent_coef", "agent_obsk"),
+        sizes=("actor_hidden_dims", "critic_hidden_dims", "hypernet_hidden_dims"),
+        divide_batch=("num_minibatches", "critic_num_minibatches"),
+        max_seed=2**32 - 1 - 10_000 - (args.eval_episodes - 1),  # NumPy takes seeds below 2**32
+        seed_why=" (evaluation episode k uses seed + 10000 + k, below 2**32)")
+    if args.algo == "happo" and family != "nops":  # shared weights: one agent's step moves the others
+        raise extras.ArgError(f"--hypernet: --algo happo needs disjoint per-agent actors (nops), got --hypernet {family}")
+    if args.hypernet_init == "matched" and family == "linear":  # the linear one's scaled init is exact already
+        raise extras.ArgError("--hypernet-init: matched is for --hypernet mlp, got --hypernet linear")
 
 
-def check_values(args: Args) -> None:
-    """The values of a run's flags, the checkpoint's included."""
-    def fail(name, why):
-        raise ArgError(f"--{name.replace('_', '-')}: {why}, got {getattr(args, name)!r}")
-
-    for f in dataclasses.fields(Args):  # inf and nan pass every comparison below: refuse them first
-        if isinstance(getattr(args, f.name), float) and not math.isfinite(getattr(args, f.name)):
-            fail(f.name, "must be a finite number")
-    max_seed = 2**32 - 1 - 10_000 - (args.eval_episodes - 1)  # NumPy takes seeds below 2**32
-    if not 0 <= args.seed <= max_seed:
-        fail("seed", f"must be between 0 and {max_seed} (evaluation episode k uses seed + 10000 + k, below 2**32)")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.exp_name):
-        fail("exp_name", "must be a plain name (letters, digits, '.', '_', '-')")
-    for name in ("torch_threads", "update_threads", "max_episode_steps", "num_envs", "total_timesteps", "num_steps",
-                 "learning_rate", "critic_learning_rate", "update_epochs", "critic_epochs", "num_minibatches",
-                 "critic_num_minibatches", "clip_coef", "huber_delta", "max_grad_norm", "adam_eps", "std_x_coef",
-                 "std_y_coef", "hypernet_embedding_dim", "eval_interval", "eval_episodes", "snd_samples",
-                 "snd_gaussian_samples", "interference_interval", "interference_samples", "print_interval",
-                 "save_interval"):
-        if not getattr(args, name) > 0:
-            fail(name, "must be positive")
-    for name in ("gamma", "gae_lambda"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            fail(name, "must be in [0, 1]")
-    for name in ("ent_coef", "agent_obsk"):
-        if getattr(args, name) < 0:
-            fail(name, "must be >= 0")
-    for name in ("actor_hidden_dims", "critic_hidden_dims", "hypernet_hidden_dims"):
-        if not getattr(args, name) or min(getattr(args, name)) <= 0:
-            fail(name, "must be one or more positive sizes")
-    batch_size = args.num_envs * args.num_steps
-    for name in ("num_minibatches", "critic_num_minibatches"):
-        if batch_size % getattr(args, name):
-            fail(name, f"must divide num_envs * num_steps = {batch_size}")
-    if args.total_timesteps < batch_size:
-        fail("total_timesteps", f"must be at least num_envs * num_steps = {batch_size}")
-    if args.algo == "happo" and args.hypernet != "nops":  # shared weights: one agent's step moves the others
-        raise ArgError(f"--hypernet: --algo happo needs disjoint per-agent actors (nops), got --hypernet {args.hypernet}")
-    if args.hypernet_init == "matched" and args.hypernet == "linear":  # the linear one's scaled init is exact already
-        raise ArgError("--hypernet-init: matched is for --hypernet mlp, got --hypernet linear")
-    if not args.eval_only or args.capture_video:
-        check_output_folder("--runs-dir", args.runs_dir)
-
-
-def check_output_folder(flag: str, path: str) -> None:
-    """A folder this run may create and write into, checked before anything is written."""
-    if not path:
-        raise ArgError(f"{flag}: must name a folder, got ''")
-    existing = os.path.abspath(path)
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):  # a file, or a link to nothing
-        raise ArgError(f"{flag}: {existing!r} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ArgError(f"{flag}: {existing!r} is not writable")
+def read_command_line(argv: list[str]):
+    """(args, the checkpoint to resume or evaluate or None, the flags --resume changes)."""
+    try:
+        import hypermarl_extras as extras
+    except ImportError:
+        args = parse_args(argv, checked=False)
+        for name in ("resume", "eval_only", "save_model", "capture_video"):
+            if getattr(args, name):
+                raise ValueError(f"--{name.replace('_', '-')}: needs hypermarl_extras.py beside this script")
+        return args, None, []
+    return extras.read_command_line(sys.modules[__name__], argv)
 
 
 def new_run_folder(runs_dir: str, prefix: str) -> str:
@@ -1484,6 +1451,7 @@ def duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+SIMULATOR = "mujoco"  # for --capture-video's check
 CHECKPOINT_FORMAT = "hypermarl-mappo-mamujoco/3"  # 3: --hypernet, every run's environment states
 CHECKPOINT_KEYS = {"format", "args", "run_name", "actor", "critics", "value_norm", "obs_norm", "actor_optimizer",
                    "critic_optimizer", "envs", "rng", "global_step", "iteration"}
@@ -1496,51 +1464,6 @@ COMPAT_FIELDS = ("task", "obs_mode", "agent_obsk", "max_episode_steps", "algo", 
 # otherwise), so a resumed run keeps the threads it was started with.
 RESUME_MAY_CHANGE = ("total_timesteps", "eval_interval", "save_interval", "save_model", "print_interval", "runs_dir",
                      "track", "wandb_project_name", "wandb_entity", "cuda", "capture_video", "async_envs")
-INVOCATION_FIELDS = ("resume", "eval_only", "checkpoint")  # what to do, not what the run is
-
-
-def read_command_line(argv: list[str]):
-    """(args, the checkpoint to resume or evaluate or None, the flags --resume changes); ValueError
-    (one line) for a bad flag or file, before anything is written."""
-    args = parse_args(argv, checked=False)
-    if args.eval_only != bool(args.checkpoint):
-        raise ArgError("--eval-only: needs --checkpoint PATH" if args.eval_only else
-                       "--checkpoint: only with --eval-only (use --resume to continue training)")
-    if args.eval_only and args.resume:
-        raise ArgError("--resume: cannot be combined with --eval-only")
-    for flag, path in (("--resume", args.resume), ("--checkpoint", args.checkpoint)):
-        if path is not None and not os.path.isfile(path):
-            raise ArgError(f"{flag}: {path!r} is a folder, not a file" if os.path.isdir(path) else f"{flag}: no such file {path!r}")
-    loaded, changes = None, []
-    if not (args.resume or args.checkpoint):
-        check_given_flags(args, flags_given(argv))
-    else:
-        import hypermarl_extras as extras
-
-        flag = "--resume" if args.resume else "--checkpoint"
-        loaded = extras.load_checkpoint(args.resume or args.checkpoint, flag, CHECKPOINT_FORMAT, CHECKPOINT_KEYS)
-        changes = extras.take_flags_from_checkpoint(args, loaded["args"], flag, flags_given(argv), COMPAT_FIELDS,
-                                                    RESUME_MAY_CHANGE, INVOCATION_FIELDS)
-        batch_size = args.num_envs * args.num_steps
-        if args.resume and loaded["iteration"] > args.total_timesteps // batch_size:
-            raise ArgError(f"--total-timesteps: the run already trained {loaded['global_step']} steps, in iterations "
-                           f"of {batch_size}; give at least {loaded['iteration'] * batch_size} to train on")
-    check_values(args)
-    if args.track and not args.eval_only:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise ArgError("--track: wandb is not installed (pip install wandb)")
-    if args.save_model or args.capture_video:
-        try:
-            import hypermarl_extras as extras
-        except ImportError:
-            raise ArgError(f"--{'save-model' if args.save_model else 'capture-video'}: needs hypermarl_extras.py beside this script")
-        if args.capture_video:
-            extras.default_mujoco_gl()  # before anything imports mujoco, which reads it once
-            if problem := extras.probe_capture_video("mujoco"):
-                raise ArgError(problem)
-    return args, loaded, changes
 
 
 def save_run(path: str, state: dict) -> None:

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import random
-import re
 import signal
 import sys
 import time
@@ -221,25 +220,12 @@ def paper_defaults(args: Args, given: set[str]) -> Args:
     return dataclasses.replace(args, **{k: v for k, v in values.items() if k not in given})
 
 
-class ArgError(ValueError):
-    """A bad flag value: reported as one line, exit status 2, nothing written."""
-
-
 # The keyword arguments each VMAS scenario receives besides n_agents (names as VMAS spells them).
 SCENARIO_OPTIONS = {
     "dispersion": ("n_food", "share_reward", "penalise_by_time", "food_radius"),
     "navigation": ("agents_with_same_goal", "split_goals", "observe_all_goals", "shared_rew", "collisions",
                    "lidar_range", "agent_radius"),
 }
-# Flags that define the model and the environment: --eval-only takes them from its checkpoint.
-COMPAT_FIELDS = (
-    "scenario", "n_agents", "max_steps", "continuous_actions", "n_food", "share_reward", "penalise_by_time",
-    "food_radius", "agents_with_same_goal", "split_goals", "observe_all_goals", "shared_rew", "collisions",
-    "lidar_range", "agent_radius", "actor_hidden_dims", "critic_hidden_dims", "activation", "hypernet",
-    "hypernet_embedding_dim", "hypernet_hidden_dims", "hypernet_embedding", "hypernet_init", "hypernet_input",
-    "dico_snd_des",
-)
-
 
 # ===== 2. Environment =====
 class VmasEnv:
@@ -267,7 +253,7 @@ class VmasEnv:
                                      terminated_truncated=True, **kwargs)
         unused = [str(w.message) for w in caught if "not used" in str(w.message)]
         if unused:  # VMAS only warns about keyword arguments it ignores: refuse them instead.
-            raise ArgError(f"--scenario {args.scenario}: {unused[0]}")
+            raise ValueError(f"--scenario {args.scenario}: {unused[0]}")
         self._start_rng = list(self._rng)
         self.num_envs, self.n_agents, self.device = num_envs, args.n_agents, device
         self.obs_dim = self.env.observation_space[0].shape[0]
@@ -930,7 +916,7 @@ def main(argv=None) -> int:
     try:
         envs = None if args.eval_only else VmasEnv(args, args.num_envs, args.seed, device)
         eval_env = VmasEnv(args, args.eval_episodes, args.seed + 10_000, device)
-    except ArgError as error:  # VMAS ignores a keyword argument of this scenario
+    except ValueError as error:  # VMAS ignores a keyword argument of this scenario
         print(f"error: {error}", file=sys.stderr)
         return 2
     obs_dim, act_dim, discrete = eval_env.obs_dim, eval_env.act_dim, eval_env.discrete
@@ -954,7 +940,9 @@ def main(argv=None) -> int:
     global_step, start_iteration = 0, 1
     next_obs = envs.reset()
     if loaded is not None:
-        global_step, start_iteration, run_name = restore_run(loaded, agent, optimizer, action_optimizer, envs)
+        import hypermarl_extras as extras
+
+        global_step, start_iteration, run_name = extras.restore_vmas_run(loaded, agent, optimizer, action_optimizer, envs)
         next_obs = envs.obs
         print(f"resume: {run_name} at step {global_step}" + (f"; changed: {', '.join(changes)}" if changes else ""))
     else:
@@ -1162,7 +1150,9 @@ def evaluate(agent, eval_env: VmasEnv, args: Args, seed: int, snd_obs=None, keep
     return returns.mean(0).mean().item(), returns.mean(1).tolist(), snd, episodes_obs, returns.mean(0).tolist()
 
 
-# ===== Appendix: input checks, checkpoints, --eval-only =====
+# ===== Appendix: the command line, checkpoints, --eval-only =====
+# The checks and the checkpoint machinery live in hypermarl_extras.py, imported only here: a script
+# copied without it trains, with tyro's checks of types and choices only.
 def parse_args(argv=None, checked=True) -> Args:
     """The flags given, the paper's values for the others (--help shows them), then (checked) the checks."""
     argv = sys.argv[1:] if argv is None else [str(token) for token in argv]
@@ -1171,8 +1161,7 @@ def parse_args(argv=None, checked=True) -> Args:
     if "-h" in argv or "--help" in argv:
         tyro.cli(Args, args=argv, default=args)
     if checked:
-        check_given_flags(args, given)
-        check_values(args)
+        check_args(args, given)
     return args
 
 
@@ -1183,90 +1172,55 @@ def flags_given(argv: list[str]) -> set[str]:
     return {name[3:] if name not in names and name.startswith("no_") else name for name in tokens} & names
 
 
-def check_given_flags(args: Args, given: set[str]) -> None:
-    """Each flag given only where it applies (with a checkpoint: to the checkpoint's run)."""
-    def refuse(name, why):
-        if name in given:
-            raise ArgError(f"--{name.replace('_', '-')}: {why}")
+def check_args(args: Args, given: set[str]) -> None:
+    """Each flag given only where it applies (with a checkpoint: to its run), every value in its range."""
+    import hypermarl_extras as extras
 
-    other = "navigation" if args.scenario == "dispersion" else "dispersion"
-    for name in SCENARIO_OPTIONS[other]:
-        refuse(name, f"is a {other} option, not for --scenario {args.scenario}")
-    if args.hypernet != "mlp":
-        for name in ("hypernet_embedding_dim", "hypernet_hidden_dims", "hypernet_embedding"):
-            refuse(name, f"only with --hypernet mlp, got --hypernet {args.hypernet}")
-    if args.hypernet not in ("mlp", "linear"):
-        for name in ("hypernet_init", "hypernet_input"):
-            refuse(name, f"only with --hypernet mlp or linear, got --hypernet {args.hypernet}")
-    if args.hypernet != "dico":
-        refuse("dico_snd_des", f"only with --hypernet dico, got --hypernet {args.hypernet}")
-    if not args.collisions:
-        refuse("lidar_range", "only with --collisions (agents carry a LIDAR only then)")
-    if not args.save_model:
-        refuse("save_interval", "only with --save-model")
-
-
-def check_values(args: Args) -> None:
-    """The values of a run's flags, the checkpoint's included."""
-    def fail(name, why):
-        raise ArgError(f"--{name.replace('_', '-')}: {why}, got {getattr(args, name)!r}")
-
-    for f in dataclasses.fields(Args):  # inf and nan pass every comparison below: refuse them first
-        if isinstance(getattr(args, f.name), float) and not math.isfinite(getattr(args, f.name)):
-            fail(f.name, "must be a finite number")
-    if not 0 <= args.seed <= 2**32 - 1 - 10_000:  # NumPy's limit, less the evaluation environment's offset
-        fail("seed", f"must be between 0 and {2**32 - 1 - 10_000}")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.exp_name):
-        fail("exp_name", "must be a plain name (letters, digits, '.', '_', '-')")
+    other, family = ("navigation" if args.scenario == "dispersion" else "dispersion"), args.hypernet
+    why_not = dict.fromkeys(("hypernet_embedding_dim", "hypernet_hidden_dims", "hypernet_embedding"),
+                            None if family == "mlp" else f"only with --hypernet mlp, got --hypernet {family}")
+    why_not.update(dict.fromkeys(("hypernet_init", "hypernet_input"), None if family in ("mlp", "linear") else
+                                 f"only with --hypernet mlp or linear, got --hypernet {family}"))
+    why_not.update(dico_snd_des=None if family == "dico" else f"only with --hypernet dico, got --hypernet {family}",
+                   lidar_range=None if args.collisions else "only with --collisions (agents carry a LIDAR only then)",
+                   save_interval=None if args.save_model else "only with --save-model")
+    why_not.update({name: f"is a {other} option, not for --scenario {args.scenario}" for name in SCENARIO_OPTIONS[other]})
+    extras.refuse_misplaced(given, why_not)
     if args.n_agents < 2:
-        fail("n_agents", "must be at least 2")
-    for name in ("max_steps", "total_timesteps", "learning_rate", "num_envs", "num_steps", "num_minibatches",
-                 "update_epochs", "clip_coef", "max_grad_norm", "eval_interval", "eval_episodes", "snd_samples",
-                 "snd_gaussian_samples", "interference_samples", "print_interval", "save_interval", "n_food",
-                 "food_radius", "lidar_range", "agent_radius", "hypernet_embedding_dim"):
-        if not getattr(args, name) > 0:
-            fail(name, "must be positive")
-    for name in ("gamma", "gae_lambda"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            fail(name, "must be in [0, 1]")
-    for name in ("ent_coef", "vf_coef"):
-        if getattr(args, name) < 0:
-            fail(name, "must be >= 0")
-    for name in ("actor_hidden_dims", "critic_hidden_dims", "hypernet_hidden_dims"):
-        if not getattr(args, name) or min(getattr(args, name)) <= 0:
-            fail(name, "must be one or more positive sizes")
-    batch_size = args.num_envs * args.num_steps
-    if batch_size % args.num_minibatches:
-        fail("num_minibatches", f"must divide num_envs * num_steps = {batch_size}")
-    if args.total_timesteps < batch_size:
-        fail("total_timesteps", f"must be at least num_envs * num_steps = {batch_size}")
-    if args.hypernet_init == "matched" and args.hypernet == "linear":  # the linear one's scaled init is exact already
-        raise ArgError("--hypernet-init: matched is for --hypernet mlp, got --hypernet linear")
-    if args.hypernet == "dico" and not (args.dico_snd_des == -1 or args.dico_snd_des >= 0):
-        fail("dico_snd_des", "must be -1 (unconstrained) or >= 0")
+        raise extras.ArgError(f"--n-agents: must be at least 2, got {args.n_agents}")
+    extras.check_values(args, positive=(
+        "max_steps", "total_timesteps", "learning_rate", "num_envs", "num_steps", "num_minibatches", "update_epochs",
+        "clip_coef", "max_grad_norm", "eval_interval", "eval_episodes", "snd_samples", "snd_gaussian_samples",
+        "interference_samples", "print_interval", "save_interval", "n_food", "food_radius", "lidar_range",
+        "agent_radius", "hypernet_embedding_dim"), unit=("gamma", "gae_lambda"), nonneg=("ent_coef", "vf_coef"),
+        sizes=("actor_hidden_dims", "critic_hidden_dims", "hypernet_hidden_dims"), divide_batch=("num_minibatches",))
     n, same = args.n_agents, args.agents_with_same_goal
-    if args.scenario == "navigation" and not 1 <= same <= n:
-        fail("agents_with_same_goal", f"must be between 1 and n_agents = {n}")
-    if args.scenario == "navigation" and same > 1 and args.collisions:
-        raise ArgError("--collisions: agents cannot share a goal with collisions on (VMAS asserts it); "
-                       "use --agents-with-same-goal 1")
-    if args.scenario == "navigation" and args.split_goals and (n % 2 or same != n // 2):
-        raise ArgError(f"--split-goals: needs an even n_agents and --agents-with-same-goal n/2, got n={n}, same={same}")
-    if not args.eval_only or args.capture_video:
-        check_output_folder("--runs-dir", args.runs_dir)
+    for broken, why in (
+            (args.hypernet_init == "matched" and family == "linear",  # the linear one's scaled init is exact already
+             "--hypernet-init: matched is for --hypernet mlp, got --hypernet linear"),
+            (family == "dico" and not (args.dico_snd_des == -1 or args.dico_snd_des >= 0),
+             f"--dico-snd-des: must be -1 (unconstrained) or >= 0, got {args.dico_snd_des!r}"),
+            (args.scenario == "navigation" and not 1 <= same <= n,
+             f"--agents-with-same-goal: must be between 1 and n_agents = {n}, got {same!r}"),
+            (args.scenario == "navigation" and same > 1 and args.collisions,
+             "--collisions: agents cannot share a goal with collisions on (VMAS asserts it); use --agents-with-same-goal 1"),
+            (args.scenario == "navigation" and args.split_goals and (n % 2 or same != n // 2),
+             f"--split-goals: needs an even n_agents and --agents-with-same-goal n/2, got n={n}, same={same}")):
+        if broken:
+            raise extras.ArgError(why)
 
 
-def check_output_folder(flag: str, path: str) -> None:
-    """A folder this run may create and write into, checked before anything is written."""
-    if not path:
-        raise ArgError(f"{flag}: must name a folder, got ''")
-    existing = os.path.abspath(path)
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):  # a file, or a link to nothing
-        raise ArgError(f"{flag}: {existing!r} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ArgError(f"{flag}: {existing!r} is not writable")
+def read_command_line(argv: list[str]):
+    """(args, the checkpoint to resume or evaluate or None, the flags --resume changes)."""
+    try:
+        import hypermarl_extras as extras
+    except ImportError:
+        args = parse_args(argv, checked=False)
+        for name in ("resume", "eval_only", "save_model", "capture_video"):
+            if getattr(args, name):
+                raise ValueError(f"--{name.replace('_', '-')}: needs hypermarl_extras.py beside this script")
+        return args, None, []
+    return extras.read_command_line(sys.modules[__name__], argv)
 
 
 def new_run_folder(runs_dir: str, prefix: str) -> str:
@@ -1291,92 +1245,29 @@ def duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+SIMULATOR = "vmas"  # for --capture-video's check
 CHECKPOINT_FORMAT = "hypermarl-mappo-vmas/3"
 CHECKPOINT_KEYS = {"format", "args", "run_name", "model", "optimizer", "action_optimizer", "env", "rng",
                    "global_step", "iteration"}
+# Flags that define the model and the environment: --eval-only takes them from its checkpoint.
+COMPAT_FIELDS = SCENARIO_OPTIONS["dispersion"] + SCENARIO_OPTIONS["navigation"] + (
+    "scenario", "n_agents", "max_steps", "continuous_actions", "actor_hidden_dims", "critic_hidden_dims", "activation",
+    "hypernet", "hypernet_embedding_dim", "hypernet_hidden_dims", "hypernet_embedding", "hypernet_init",
+    "hypernet_input", "dico_snd_des")
 # What --resume may change (budget, logging, cadence, device); every other flag is the checkpoint's.
 RESUME_MAY_CHANGE = ("total_timesteps", "eval_interval", "save_interval", "save_model", "print_interval",
                      "runs_dir", "track", "wandb_project_name", "wandb_entity", "cuda", "compile", "capture_video")
-INVOCATION_FIELDS = ("resume", "eval_only", "checkpoint", "snd_obs_file")  # what to do, not what the run is
 
 
-def read_command_line(argv: list[str]):
-    """(args, the checkpoint to resume or evaluate or None, the flags --resume changes); ValueError
-    (one line) for a bad flag or file, before anything is written."""
-    args = parse_args(argv, checked=False)
-    if args.eval_only != bool(args.checkpoint):
-        raise ArgError("--eval-only: needs --checkpoint PATH" if args.eval_only else
-                       "--checkpoint: only with --eval-only (use --resume to continue training)")
-    if args.eval_only and args.resume:
-        raise ArgError("--resume: cannot be combined with --eval-only")
-    if args.snd_obs_file is not None and not args.eval_only:
-        raise ArgError("--snd-obs-file: only with --eval-only")
-    for flag, path in (("--resume", args.resume), ("--checkpoint", args.checkpoint), ("--snd-obs-file", args.snd_obs_file)):
-        if path is not None and not os.path.isfile(path):
-            raise ArgError(f"{flag}: {path!r} is a folder, not a file" if os.path.isdir(path) else f"{flag}: no such file {path!r}")
-    loaded, changes = None, []
-    if args.resume or args.checkpoint:
-        flag = "--resume" if args.resume else "--checkpoint"
-        extras = import_extras(flag)
-        loaded = extras.load_checkpoint(args.resume or args.checkpoint, flag, CHECKPOINT_FORMAT, CHECKPOINT_KEYS)
-        changes = extras.take_flags_from_checkpoint(args, loaded["args"], flag, flags_given(argv), COMPAT_FIELDS,
-                                                    RESUME_MAY_CHANGE, INVOCATION_FIELDS)
-        if flag == "--checkpoint":  # the evaluation's defaults are those of the checkpoint's scenario
-            args = paper_defaults(args, flags_given(argv) | set(COMPAT_FIELDS))
-    check_given_flags(args, flags_given(argv))
-    if args.resume and args.anneal_lr and any(change.startswith("--total-timesteps") for change in changes):
-        raise ArgError("--total-timesteps: the run anneals its learning rate over its budget (--anneal-lr); "
-                       "a new budget would change the schedule")
-    if args.resume and loaded["iteration"] > args.total_timesteps // (args.num_envs * args.num_steps):
-        raise ArgError(f"--total-timesteps: the run already trained {loaded['global_step']} steps, in iterations of "
-                       f"{args.num_envs * args.num_steps}; give at least "
-                       f"{loaded['iteration'] * args.num_envs * args.num_steps} to train on")
-    check_values(args)
-    if args.track and not args.eval_only:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise ArgError("--track: wandb is not installed (pip install wandb)")
-    if args.save_model:
-        import_extras("--save-model")
-    if args.capture_video and (problem := import_extras("--capture-video").probe_capture_video("vmas")):
-        raise ArgError(problem)
-    return args, loaded, changes
-
-
-def import_extras(flag: str):
-    """hypermarl_extras.py, which checkpoints and videos need, or one line saying it is missing."""
-    try:
-        import hypermarl_extras
-    except ImportError:
-        raise ArgError(f"{flag}: needs hypermarl_extras.py beside this script")
-    return hypermarl_extras
-
-
-def save_run(path, args, run_name, agent, optimizer, action_optimizer, envs, global_step, iteration) -> bool:
-    """Everything a resumed run needs to go on bit for bit, written atomically; False if it could not be."""
+def save_run(path, *run) -> bool:
+    """The run (args, run_name, agent, optimizers, envs, step, iteration), atomically; False if it could not be."""
     try:
         import hypermarl_extras as extras
     except ImportError:  # a script copied without its helper: training went on, only the checkpoint is missing
         print("no checkpoint written: hypermarl_extras.py is not beside this script", file=sys.stderr)
         return False
-    extras.save_checkpoint(path, dict(
-        format=CHECKPOINT_FORMAT, args=dataclasses.asdict(args), run_name=run_name, model=agent.state_dict(),
-        optimizer=optimizer.state_dict(), action_optimizer=action_optimizer.state_dict() if action_optimizer else {},
-        env=extras.vmas_env_state(envs), rng=extras.rng_state(), global_step=global_step, iteration=iteration))
+    extras.save_vmas_run(path, CHECKPOINT_FORMAT, *run)
     return True
-
-
-def restore_run(loaded, agent, optimizer, action_optimizer, envs):
-    import hypermarl_extras as extras
-
-    agent.load_state_dict(loaded["model"])
-    optimizer.load_state_dict(loaded["optimizer"])
-    if action_optimizer is not None:
-        action_optimizer.load_state_dict(loaded["action_optimizer"])
-    extras.load_vmas_env_state(envs, loaded["env"])
-    extras.set_rng_state(loaded["rng"])
-    return loaded["global_step"], loaded["iteration"], loaded["run_name"]
 
 
 def evaluate_checkpoint(args, loaded, agent, eval_env) -> int:

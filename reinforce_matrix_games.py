@@ -17,11 +17,9 @@ Quick start:  python reinforce_matrix_games.py --game specialisation --n-agents 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
 import random
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -490,8 +488,12 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(token) for token in argv]
     args = tyro.cli(Args, args=argv)  # a bad choice or type: tyro's own message, exit 2
     try:
-        check_args(args, flags_given(argv))
-    except ArgError as error:
+        check_args(args, flags_given(argv))  # the ranges, in hypermarl_extras.py: a script copied alone skips them
+    except ImportError:
+        if args.save_model:
+            print("error: --save-model: needs hypermarl_extras.py beside this script", file=sys.stderr)
+            return 2
+    except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
@@ -539,10 +541,6 @@ def main(argv=None) -> int:
 
 
 # ===== Appendix: input checks and run folders =====
-class ArgError(ValueError):
-    """A bad flag value: reported as one line, exit status 2, nothing written."""
-
-
 # Flags of one family ([linear], [mlp] in --help): given with another family, they are refused.
 FAMILY_FLAGS = {"hyper_linear_shared_bias": "linear", "hypernet_embedding_dim": "mlp", "hypernet_hidden_dims": "mlp"}
 
@@ -555,52 +553,26 @@ def flags_given(argv: list[str]) -> set[str]:
 
 
 def check_args(args: Args, given: set[str], hypernets: Optional[list[str]] = None) -> None:
-    """Raises ArgError naming the flag. hypernets: the families these flags train (default: --hypernet;
-    the sweep's --hypernets); a flag marked [family] in --help needs that family among them."""
-    def fail(name, why):
-        raise ArgError(f"--{name.replace('_', '-')}: {why}, got {getattr(args, name)!r}")
+    """hypermarl_extras.ArgError naming the flag. hypernets: the families these flags train (default:
+    --hypernet; the sweep's --hypernets); a flag marked [family] in --help needs that family among them."""
+    import hypermarl_extras as extras
 
     trained = f"--hypernet {args.hypernet}" if hypernets is None else f"--hypernets {' '.join(hypernets)}"
     for name in sorted(given & FAMILY_FLAGS.keys()):
         if FAMILY_FLAGS[name] not in (hypernets or [args.hypernet]):
             flag = ("no-" if getattr(args, name) is False else "") + name.replace("_", "-")
-            raise ArgError(f"--{flag}: only with --hypernet {FAMILY_FLAGS[name]}, got {trained}")
-    for f in dataclasses.fields(Args):  # inf and nan pass every comparison below: refuse them first
-        if isinstance(getattr(args, f.name), float) and not math.isfinite(getattr(args, f.name)):
-            fail(f.name, "must be a finite number")
-    max_seed = 2**32 - 1 - 10_000  # NumPy takes seeds below 2**32; evaluation uses seed + 10000
-    if not 0 <= args.seed <= max_seed:
-        fail("seed", f"must be between 0 and {max_seed}")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.exp_name):
-        fail("exp_name", "must be a plain name (letters, digits, '.', '_', '-')")
+            raise extras.ArgError(f"--{flag}: only with --hypernet {FAMILY_FLAGS[name]}, got {trained}")
     if args.n_agents < 2:
-        fail("n_agents", "must be at least 2")
-    for name in ("num_trials", "batch_size", "learning_rate", "num_seeds", "eval_trials", "eval_interval",
-                 "log_interval", "hidden_size", "hypernet_embedding_dim", "num_threads"):
-        if not getattr(args, name) > 0:
-            fail(name, "must be positive")
+        raise extras.ArgError(f"--n-agents: must be at least 2, got {args.n_agents}")
+    extras.check_values(args, positive=("num_trials", "batch_size", "learning_rate", "num_seeds", "eval_trials",
+                                        "eval_interval", "log_interval", "hidden_size", "hypernet_embedding_dim",
+                                        "num_threads"), sizes=("hypernet_hidden_dims",))
+    max_seed = 2**32 - 1 - 10_000  # NumPy takes seeds below 2**32; evaluation uses seed + 10000
     if args.seed + args.num_seeds - 1 > max_seed:
-        fail("num_seeds", f"the last seed, {args.seed} + {args.num_seeds} - 1, must be at most {max_seed}")
+        raise extras.ArgError(f"--num-seeds: the last seed, {args.seed} + {args.num_seeds} - 1, must be at most "
+                              f"{max_seed}, got {args.num_seeds!r}")
     if args.num_trials < args.batch_size:
-        fail("num_trials", f"must be at least --batch-size = {args.batch_size}")
-    if not args.hypernet_hidden_dims or min(args.hypernet_hidden_dims) <= 0:
-        fail("hypernet_hidden_dims", "must be one or more positive sizes")
-    if args.track and importlib.util.find_spec("wandb") is None:
-        raise ArgError("--track: wandb is not installed (pip install wandb)")
-    check_output_folder("--runs-dir", args.runs_dir)
-
-
-def check_output_folder(flag: str, path: str) -> None:
-    """A folder this run may create and write into, checked before anything is written."""
-    if not path:
-        raise ArgError(f"{flag}: must name a folder, got ''")
-    existing = os.path.abspath(path)
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):  # a file, or a link to nothing
-        raise ArgError(f"{flag}: {existing!r} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ArgError(f"{flag}: {existing!r} is not writable")
+        raise extras.ArgError(f"--num-trials: must be at least --batch-size = {args.batch_size}, got {args.num_trials!r}")
 
 
 def new_run_folder(runs_dir: str, prefix: str) -> str:
@@ -623,6 +595,7 @@ def duration(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
 
 
 if __name__ == "__main__":

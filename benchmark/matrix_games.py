@@ -223,7 +223,7 @@ def main(argv=None) -> int:
     args = tyro.cli(mg.Args, args=rest, prog="python reinforce_matrix_games.py")  # a bad choice or type: exit 2
     try:
         mg.check_args(args, mg.flags_given(rest), hypernets=opts.hypernets)
-    except mg.ArgError as error:
+    except ValueError as error:  # hypermarl_extras.ArgError
         parser.error(str(error))
     try:  # the plot comes after the whole sweep: fail now, not then
         import matplotlib  # noqa: F401

@@ -17,12 +17,12 @@ HYPERNETWORKS = ["layer_init", "layer_shapes", "num_target_params", "target_init
 METRICS = ["js_distance_categorical", "js_distance_gaussian", "system_neural_diversity",
            "gradient_variance_and_norm", "gradient_interference"]
 COPIES = {
-    "reinforce_matrix_games": [p for p in HYPERNETWORKS if p != "layer_init"] + ["js_distance_categorical", "ArgError",
-                                                                                 "flags_given", "check_output_folder",
-                                                                                 "new_run_folder", "duration"],
-    "mappo_hyper_mamujoco": HYPERNETWORKS + METRICS + ["SharedNet", "IndependentNets", "compute_gae", "ArgError",
-                                                       "parse_args", "flags_given", "check_output_folder",
-                                                       "new_run_folder", "duration"],
+    "reinforce_matrix_games": [p for p in HYPERNETWORKS if p != "layer_init"] + ["js_distance_categorical",
+                                                                                 "flags_given", "new_run_folder",
+                                                                                 "duration"],
+    "mappo_hyper_mamujoco": HYPERNETWORKS + METRICS + ["SharedNet", "IndependentNets", "compute_gae", "parse_args",
+                                                       "flags_given", "read_command_line", "new_run_folder",
+                                                       "duration"],
 }
 
 

@@ -229,7 +229,7 @@ def test_bad_input_exit_status_from_the_command_line(script, tmp_path):
 def test_unknown_scenario_kwarg_is_an_error_not_a_warning(script, monkeypatch):
     args = parsed(script, total_timesteps=4096)
     monkeypatch.setitem(script.SCENARIO_OPTIONS, "dispersion", script.SCENARIO_OPTIONS["dispersion"] + ("shared_rew",))
-    with pytest.raises(script.ArgError, match="shared_rew"):
+    with pytest.raises(ValueError, match="shared_rew"):
         script.VmasEnv(args, 2, 0, torch.device("cpu"))
 
 
