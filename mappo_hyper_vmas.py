@@ -890,17 +890,16 @@ def ppo_update(agent, optimizer, batch: dict, args: Args, action_optimizer=None,
     if not finite:
         raise FloatingPointError("loss is not finite")
     # the losses of the last minibatch (CleanRL's); the gradient statistics averaged over the update
-    return {key: float(value.detach()) for key, value in stats.items()} | dict(
-        actor_var=float(torch.stack(grad_vars).mean()), actor_norm=float(torch.stack(grad_norms).mean()),
-        interference=interference)
+    return {f"losses/{key}": float(value.detach()) for key, value in stats.items()} | {
+        "grad/actor_var": float(torch.stack(grad_vars).mean()), "grad/actor_norm": float(torch.stack(grad_norms).mean()),
+        "grad/interference": interference}
 
 
 # ===== 7. The training loop =====
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else [str(token) for token in argv]
     try:
-        args, loaded, changes = read_command_line(argv)  # the appendix: presets, checks, a checkpoint's flags
-    except ValueError as error:
+        args, loaded, changes = read_command_line(sys.argv[1:] if argv is None else [str(token) for token in argv])
+    except ValueError as error:  # a bad flag or file (the appendix): one line, nothing written
         print(f"error: {error}", file=sys.stderr)
         return 2
     except SystemExit as exit_:  # tyro: --help, or a value it refused (its message is printed)
@@ -937,32 +936,12 @@ def main(argv=None) -> int:
     n, T, E = args.n_agents, args.num_steps, args.num_envs
     batch_size = T * E
     num_iterations = args.total_timesteps // batch_size
-    global_step, start_iteration = 0, 1
-    next_obs = envs.reset()
-    if loaded is not None:
-        import hypermarl_extras as extras
-
-        global_step, start_iteration, run_name = extras.restore_vmas_run(loaded, agent, optimizer, action_optimizer, envs)
-        next_obs = envs.obs
-        print(f"resume: {run_name} at step {global_step}" + (f"; changed: {', '.join(changes)}" if changes else ""))
-    else:
-        run_name = new_run_folder(args.runs_dir, f"vmas_{args.scenario}__{args.exp_name}__{args.hypernet}__{args.seed}")
-    run_dir = os.path.join(args.runs_dir, run_name)
+    envs.reset()
+    # a new run folder, or the checkpoint's run restored; TensorBoard and wandb (the appendix)
+    run_name, writer, global_step, start_iteration = open_run(args, loaded, changes, agent, optimizer, action_optimizer,
+                                                              envs, device)
+    run_dir, next_obs = os.path.join(args.runs_dir, run_name), envs.obs
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    print(f"run: {run_dir}")
-    print(f"device: {device}" + (" (CUDA is not available)" if args.cuda and device.type != "cuda" else ""))
-    print("config: " + " ".join(f"{key}={value}" for key, value in vars(args).items()))
-    print(f"parameters: actor {sum(p.numel() for p in agent.actor_parameters())}, "
-          f"total {sum(p.numel() for p in agent.parameters())}")
 
     # ALGO Logic: Storage setup, time-major (T, n_agents, num_envs, ...)
     obs = torch.zeros((T, n, E, obs_dim), device=device)
@@ -975,16 +954,6 @@ def main(argv=None) -> int:
     terminateds = torch.zeros((T, 1, E), device=device)
     truncateds = torch.zeros((T, 1, E), device=device)
 
-    # Ctrl-C or SIGTERM: finish the iteration, save a checkpoint, stop (a second one stops at once)
-    stop = []
-
-    def request_stop(signum, frame):
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(signum)
-        print(f"\nsignal {signum}: saving a checkpoint and stopping", flush=True)
-
-    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     start_time, start_step, printed_at = time.time(), global_step, 0.0
     print(f"plan: {num_iterations - start_iteration + 1} iterations of {batch_size} steps ({E} envs x {T}) up to "
           f"step {num_iterations * batch_size:,}, evaluating every {args.eval_interval:,}; an estimate of the time "
@@ -992,9 +961,10 @@ def main(argv=None) -> int:
     next_eval = (global_step // args.eval_interval + 1) * args.eval_interval
     next_save = (global_step // args.save_interval + 1) * args.save_interval
     exit_code, iteration = 0, start_iteration
+    stop = StopOnSignal()  # Ctrl-C or SIGTERM: finish the iteration, save a checkpoint, stop (the appendix)
     try:
         for iteration in range(start_iteration, num_iterations + 1):
-            if stop:  # between iterations the state is consistent: save it
+            if stop.requested:  # between iterations the state is consistent: save it
                 break
             if args.anneal_lr:
                 optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
@@ -1040,46 +1010,25 @@ def main(argv=None) -> int:
                 break
 
             # TRY NOT TO MODIFY: record rewards, losses and gradient statistics for plotting purposes
-            writer.add_scalar("perf/rollout_seconds", update_start - rollout_start, global_step)
-            writer.add_scalar("perf/update_seconds", time.perf_counter() - update_start, global_step)
+            sps = int((global_step - start_step) / (time.time() - start_time))
+            var_y = torch.var(returns)
+            stats |= {"perf/rollout_seconds": update_start - rollout_start, "charts/SPS": sps,
+                      "perf/update_seconds": time.perf_counter() - update_start,
+                      "charts/learning_rate": optimizer.param_groups[0]["lr"],
+                      "losses/explained_variance": float("nan") if var_y == 0 else float(1 - torch.var(returns - values) / var_y)}
             ended = envs.take_ended_episodes()
             if ended:
-                writer.add_scalar("charts/episodic_return", sum(ended[0]) / n, global_step)
-                for i in range(n):
-                    writer.add_scalar(f"charts/episodic_return_agent{i}", ended[0][i], global_step)
-                writer.add_scalar("charts/episodic_length", ended[1], global_step)
-            var_y = torch.var(returns)
-            explained_var = float("nan") if var_y == 0 else float(1 - torch.var(returns - values) / var_y)
-            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-            for key in ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac", "dico_action_loss"):
-                if key in stats:
-                    writer.add_scalar(f"losses/{key}", stats[key], global_step)
-            writer.add_scalar("losses/explained_variance", explained_var, global_step)
-            for key in ("actor_var", "actor_norm", "interference"):
-                writer.add_scalar(f"grad/{key}", stats[key], global_step)
+                stats |= {"charts/episodic_return": sum(ended[0]) / n, "charts/episodic_length": ended[1]}
+                stats |= {f"charts/episodic_return_agent{i}": value for i, value in enumerate(ended[0])}
             if args.hypernet == "dico" and args.dico_snd_des > 0:
-                writer.add_scalar("diversity/dico_snd_hat", float(agent.actor.snd_hat), global_step)
-            sps = int((global_step - start_step) / (time.time() - start_time))
-            writer.add_scalar("charts/SPS", sps, global_step)
+                stats["diversity/dico_snd_hat"] = float(agent.actor.snd_hat)
+            for tag, value in stats.items():
+                writer.add_scalar(tag, value, global_step)
 
             line = None
             if global_step >= next_eval or iteration == num_iterations:
                 next_eval = (global_step // args.eval_interval + 1) * args.eval_interval
-                video = [] if args.capture_video else None
-                eval_return, eval_per_agent, snd, _, episodes = evaluate(agent, eval_env, args, args.seed + 10_000,
-                                                                         video=video)
-                if video:
-                    import hypermarl_extras as extras
-
-                    extras.save_video(writer, os.path.join(run_dir, "videos", f"eval_{global_step}.mp4"), "eval/video",
-                                      video, global_step, 1 / eval_env.env.world.dt)
-                writer.add_scalar("eval/episodic_return", eval_return, global_step)
-                for i, value in enumerate(eval_per_agent):
-                    writer.add_scalar(f"eval/episodic_return_agent{i}", value, global_step)
-                writer.add_scalar("diversity/snd", snd, global_step)
-                with open(os.path.join(run_dir, "evaluations.jsonl"), "a") as f:  # every episode, for rliable
-                    f.write(json.dumps({"step": global_step, "episode_returns": episodes, "snd": snd}) + "\n")
-                line = f"eval_return={eval_return:.3f} snd={snd:.4f}"
+                line = record_evaluation(agent, eval_env, args, writer, run_dir, global_step)
             elapsed = time.time() - start_time
             if line or iteration % args.print_interval == 0 or iteration == start_iteration or elapsed - printed_at >= 60:
                 printed_at = elapsed
@@ -1092,16 +1041,34 @@ def main(argv=None) -> int:
                 save_run(checkpoint_path, args, run_name, agent, optimizer, action_optimizer, envs, global_step, iteration + 1)
         else:
             iteration = num_iterations + 1
-        if exit_code == 0 and (args.save_model or stop) and save_run(checkpoint_path, args, run_name, agent, optimizer,
-                                                                     action_optimizer, envs, global_step, iteration):
+        if exit_code == 0 and (args.save_model or stop.requested) and save_run(
+                checkpoint_path, args, run_name, agent, optimizer, action_optimizer, envs, global_step, iteration):
             print(f"checkpoint: {checkpoint_path} (continue with --resume {checkpoint_path})")
     finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
+        stop.restore()
         writer.close()
         if args.track:
-            wandb.finish()
+            sys.modules["wandb"].finish()
     return exit_code
+
+
+def record_evaluation(agent, eval_env, args: Args, writer, run_dir: str, global_step: int) -> str:
+    """An evaluation (below) into TensorBoard, and every episode's return into evaluations.jsonl (for
+    rliable); with --capture-video, its first episode as a video. Returns the progress line's part."""
+    video = [] if args.capture_video else None
+    eval_return, eval_per_agent, snd, _, episodes = evaluate(agent, eval_env, args, args.seed + 10_000, video=video)
+    if video:
+        import hypermarl_extras as extras
+
+        extras.save_video(writer, os.path.join(run_dir, "videos", f"eval_{global_step}.mp4"), "eval/video",
+                          video, global_step, 1 / eval_env.env.world.dt)
+    writer.add_scalar("eval/episodic_return", eval_return, global_step)
+    for i, value in enumerate(eval_per_agent):
+        writer.add_scalar(f"eval/episodic_return_agent{i}", value, global_step)
+    writer.add_scalar("diversity/snd", snd, global_step)
+    with open(os.path.join(run_dir, "evaluations.jsonl"), "a") as f:
+        f.write(json.dumps({"step": global_step, "episode_returns": episodes, "snd": snd}) + "\n")
+    return f"eval_return={eval_return:.3f} snd={snd:.4f}"
 
 
 def evaluate(agent, eval_env: VmasEnv, args: Args, seed: int, snd_obs=None, keep_obs=False, video=None):
@@ -1257,6 +1224,53 @@ COMPAT_FIELDS = SCENARIO_OPTIONS["dispersion"] + SCENARIO_OPTIONS["navigation"] 
 # What --resume may change (budget, logging, cadence, device); every other flag is the checkpoint's.
 RESUME_MAY_CHANGE = ("total_timesteps", "eval_interval", "save_interval", "save_model", "print_interval",
                      "runs_dir", "track", "wandb_project_name", "wandb_entity", "cuda", "compile", "capture_video")
+
+
+def open_run(args, loaded, changes, agent, optimizer, action_optimizer, envs, device):
+    """A new run folder, or the checkpoint's run restored in place; TensorBoard, wandb and the run's
+    header lines. Returns (run_name, writer, global_step, first iteration)."""
+    global_step, start_iteration = 0, 1
+    if loaded is not None:
+        import hypermarl_extras as extras
+
+        global_step, start_iteration, run_name = extras.restore_vmas_run(loaded, agent, optimizer, action_optimizer, envs)
+        print(f"resume: {run_name} at step {global_step}" + (f"; changed: {', '.join(changes)}" if changes else ""))
+    else:
+        run_name = new_run_folder(args.runs_dir, f"vmas_{args.scenario}__{args.exp_name}__{args.hypernet}__{args.seed}")
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(os.path.join(args.runs_dir, run_name))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    print(f"run: {os.path.join(args.runs_dir, run_name)}")
+    print(f"device: {device}" + (" (CUDA is not available)" if args.cuda and device.type != "cuda" else ""))
+    print("config: " + " ".join(f"{key}={value}" for key, value in vars(args).items()))
+    print(f"parameters: actor {sum(p.numel() for p in agent.actor_parameters())}, "
+          f"total {sum(p.numel() for p in agent.parameters())}")
+    return run_name, writer, global_step, start_iteration
+
+
+class StopOnSignal:
+    """Ctrl-C or SIGTERM sets `requested`: the loop saves a checkpoint and stops after its iteration. A
+    second one stops at once. restore() puts the previous handlers back."""
+
+    def __init__(self):
+        self.requested = None
+        self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def request(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signum
+        print(f"\nsignal {signum}: saving a checkpoint and stopping", flush=True)
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def save_run(path, *run) -> bool:
