@@ -945,9 +945,10 @@ def actor_step(actor, optimizer, loss, max_grad_norm: float, agents=None):
 
 def ppo_stats(pg_loss, entropy, newlogprob, oldlogprob, ratio, grad_stats, clip_coef) -> dict:
     with torch.no_grad():
-        return dict(policy_loss=pg_loss.mean(), entropy=entropy.mean(), clipfrac=((ratio - 1).abs() > clip_coef).float().mean(),
-                    approx_kl=((ratio - 1) - (newlogprob - oldlogprob)).mean(), actor_var=grad_stats[0],
-                    actor_norm=grad_stats[1])
+        return {"losses/policy_loss": pg_loss.mean(), "losses/entropy": entropy.mean(),
+                "losses/clipfrac": ((ratio - 1).abs() > clip_coef).float().mean(),
+                "losses/approx_kl": ((ratio - 1) - (newlogprob - oldlogprob)).mean(),
+                "grad/actor_var": grad_stats[0], "grad/actor_norm": grad_stats[1]}
 
 
 def mean_stats(history: list[dict]) -> dict:
@@ -1074,31 +1075,10 @@ def main(argv=None) -> int:
     T, E = args.num_steps, args.num_envs
     batch_size = T * E
     num_iterations = args.total_timesteps // batch_size
-    global_step, start_iteration = 0, 1
-    if loaded is None:
-        run_name = new_run_folder(args.runs_dir, f"mamujoco_{args.task.replace('|', '_')}__{args.exp_name}__"
-                                                 f"{args.algo}_{args.hypernet}__{args.seed}")
-    else:
-        global_step, start_iteration, run_name = loaded["global_step"], loaded["iteration"], loaded["run_name"]
-        print(f"resume: {run_name} at step {global_step}" + (f"; changed: {', '.join(changes)}" if changes else ""))
+    # a new run folder, or the checkpoint's; TensorBoard and wandb (the appendix)
+    run_name, writer, global_step, start_iteration = open_run(args, loaded, changes, device, probe, actor, critics)
     run_dir = os.path.join(args.runs_dir, run_name)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    print(f"run: {run_dir}")
-    print(f"device: {device}" + (" (CUDA is not available)" if args.cuda and device.type != "cuda" else ""))
-    print("config: " + " ".join(f"{key}={value}" for key, value in vars(args).items()))
-    print(f"task: {args.task} agents={n} act_dims={probe.act_dims} local_obs_dims={probe.local_obs_dims} "
-          f"state_dim={S} actor_obs_dim={D} critics={C}")
-    print(f"parameters: actor {sum(p.numel() for p in actor.parameters())}, "
-          f"critics {sum(p.numel() for p in critics.parameters())}")
 
     # ALGO Logic: Storage setup, time-major (T, n_agents or 1, num_envs, ...)
     envs = make_vector_env(args)
@@ -1124,16 +1104,6 @@ def main(argv=None) -> int:
                       episode_length=torch.as_tensor(episode_length).clone()),
             global_step=global_step, iteration=iteration))
 
-    # Ctrl-C or SIGTERM: finish the iteration, save a checkpoint, stop (a second one stops at once)
-    stop = []
-
-    def request_stop(signum, frame):
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(signum)
-        print(f"\nsignal {signum}: saving a checkpoint and stopping", flush=True)
-
-    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     start_time, start_step, printed_at = time.time(), global_step, 0.0
     print(f"plan: {num_iterations - start_iteration + 1} iterations of {batch_size} steps ({E} envs x {T}) up to "
           f"step {num_iterations * batch_size:,}, evaluating every {args.eval_interval:,}; an estimate of the time "
@@ -1143,9 +1113,10 @@ def main(argv=None) -> int:
     next_eval = (global_step // args.eval_interval + 1) * args.eval_interval
     next_save = (global_step // args.save_interval + 1) * args.save_interval
     exit_code, next_iteration = 0, start_iteration
+    stop = StopOnSignal()  # Ctrl-C or SIGTERM: finish the iteration, save a checkpoint, stop (the appendix)
     try:
         for iteration in range(start_iteration, num_iterations + 1):
-            if stop:  # between iterations the state is consistent: save it
+            if stop.requested:  # between iterations the state is consistent: save it
                 break
 
             # ALGO LOGIC: collect a rollout with every agent's weights generated once
@@ -1223,7 +1194,7 @@ def main(argv=None) -> int:
                     stats, _ = happo_actor_update(actor, actor_optimizer, batch, args, order)
                 else:
                     stats = mappo_actor_update(actor, actor_optimizer, batch, args)
-                stats["value_loss"] = critic_update(critics, critic_optimizer, value_norm, batch, args)
+                stats["losses/value_loss"] = critic_update(critics, critic_optimizer, value_norm, batch, args)
             except FloatingPointError as error:
                 print(f"error: {error} at update {iteration} (global step {global_step}); stopping. Last good "
                       f"checkpoint: {checkpoint_path if args.save_model else 'none (no --save-model)'}", file=sys.stderr)
@@ -1234,35 +1205,20 @@ def main(argv=None) -> int:
             torch.set_num_threads(args.torch_threads)
 
             # TRY NOT TO MODIFY: record rewards, losses and gradient statistics for plotting purposes
-            if finished_returns:
-                writer.add_scalar("charts/episodic_return", float(np.mean(finished_returns)), global_step)
-                writer.add_scalar("charts/episodic_length", float(np.mean(finished_lengths)), global_step)
-            for key in ("value_loss", "policy_loss", "entropy", "approx_kl", "clipfrac"):
-                writer.add_scalar(f"losses/{key}", stats[key], global_step)
-            writer.add_scalar("grad/actor_var", stats["actor_var"], global_step)
-            writer.add_scalar("grad/actor_norm", stats["actor_norm"], global_step)
-            if interference is not None:
-                writer.add_scalar("grad/interference", interference, global_step)
             sps = int((global_step - start_step) / (time.time() - start_time))
-            writer.add_scalar("charts/SPS", sps, global_step)
-            writer.add_scalar("perf/rollout_seconds", rollout_seconds, global_step)  # this iteration's split
-            writer.add_scalar("perf/update_seconds", update_seconds, global_step)
+            stats |= {"charts/SPS": sps, "perf/rollout_seconds": rollout_seconds, "perf/update_seconds": update_seconds}
+            if finished_returns:
+                stats |= {"charts/episodic_return": float(np.mean(finished_returns)),
+                          "charts/episodic_length": float(np.mean(finished_lengths))}
+            if interference is not None:
+                stats["grad/interference"] = interference
+            for tag, value in stats.items():
+                writer.add_scalar(tag, value, global_step)
 
             line = None
             if global_step >= next_eval or iteration == num_iterations:
                 next_eval = (global_step // args.eval_interval + 1) * args.eval_interval
-                video = [] if args.capture_video else None
-                eval_return, snd, episodes = evaluator(actor, obs_norm, video)
-                if video:
-                    import hypermarl_extras as extras
-
-                    extras.save_video(writer, os.path.join(run_dir, "videos", f"eval_{global_step}.mp4"), "eval/video",
-                                      video, global_step, evaluator.video_timing()[1])
-                writer.add_scalar("eval/episodic_return", eval_return, global_step)
-                writer.add_scalar("diversity/snd", snd, global_step)
-                with open(os.path.join(run_dir, "evaluations.jsonl"), "a") as f:  # every episode, for rliable
-                    f.write(json.dumps({"step": global_step, "episode_returns": episodes, "snd": snd}) + "\n")
-                line = f"eval_return={eval_return:.3f} snd={snd:.4f}"
+                line = record_evaluation(evaluator, actor, obs_norm, args, writer, run_dir, global_step)
             window_returns += finished_returns
             elapsed = time.time() - start_time
             if line or iteration % args.print_interval == 0 or iteration == start_iteration or elapsed - printed_at >= 60:
@@ -1278,7 +1234,7 @@ def main(argv=None) -> int:
                 next_save = (global_step // args.save_interval + 1) * args.save_interval
                 save(iteration + 1)
             next_iteration = iteration + 1
-        if exit_code == 0 and (args.save_model or stop):
+        if exit_code == 0 and (args.save_model or stop.requested):
             save(next_iteration)
             print(f"checkpoint: {checkpoint_path} (continue with --resume {checkpoint_path})")
     except BaseException:
@@ -1287,14 +1243,31 @@ def main(argv=None) -> int:
         envs.close(terminate=True)
         raise
     finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
+        stop.restore()
         envs.close()
         evaluator.close()
         writer.close()
         if args.track:
-            wandb.finish()
+            sys.modules["wandb"].finish()
     return exit_code
+
+
+def record_evaluation(evaluator, actor, obs_norm, args: Args, writer, run_dir: str, global_step: int) -> str:
+    """An evaluation (Evaluator, below) into TensorBoard, and every episode's return into
+    evaluations.jsonl (for rliable); with --capture-video, its first episode as a video. Returns the
+    progress line's part."""
+    video = [] if args.capture_video else None
+    eval_return, snd, episodes = evaluator(actor, obs_norm, video)
+    if video:
+        import hypermarl_extras as extras
+
+        extras.save_video(writer, os.path.join(run_dir, "videos", f"eval_{global_step}.mp4"), "eval/video",
+                          video, global_step, evaluator.video_timing()[1])
+    writer.add_scalar("eval/episodic_return", eval_return, global_step)
+    writer.add_scalar("diversity/snd", snd, global_step)
+    with open(os.path.join(run_dir, "evaluations.jsonl"), "a") as f:
+        f.write(json.dumps({"step": global_step, "episode_returns": episodes, "snd": snd}) + "\n")
+    return f"eval_return={eval_return:.3f} snd={snd:.4f}"
 
 
 class Evaluator:
@@ -1464,6 +1437,54 @@ COMPAT_FIELDS = ("task", "obs_mode", "agent_obsk", "max_episode_steps", "algo", 
 # otherwise), so a resumed run keeps the threads it was started with.
 RESUME_MAY_CHANGE = ("total_timesteps", "eval_interval", "save_interval", "save_model", "print_interval", "runs_dir",
                      "track", "wandb_project_name", "wandb_entity", "cuda", "capture_video", "async_envs")
+
+
+def open_run(args, loaded, changes, device, probe, actor, critics):
+    """A new run folder, or the checkpoint's run (restored later, with the environments); TensorBoard,
+    wandb and the run's header lines. Returns (run_name, writer, global_step, first iteration)."""
+    global_step, start_iteration = 0, 1
+    if loaded is None:
+        run_name = new_run_folder(args.runs_dir, f"mamujoco_{args.task.replace('|', '_')}__{args.exp_name}__"
+                                                 f"{args.algo}_{args.hypernet}__{args.seed}")
+    else:
+        global_step, start_iteration, run_name = loaded["global_step"], loaded["iteration"], loaded["run_name"]
+        print(f"resume: {run_name} at step {global_step}" + (f"; changed: {', '.join(changes)}" if changes else ""))
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(os.path.join(args.runs_dir, run_name))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    print(f"run: {os.path.join(args.runs_dir, run_name)}")
+    print(f"device: {device}" + (" (CUDA is not available)" if args.cuda and device.type != "cuda" else ""))
+    print("config: " + " ".join(f"{key}={value}" for key, value in vars(args).items()))
+    print(f"task: {args.task} agents={probe.n_agents} act_dims={probe.act_dims} local_obs_dims={probe.local_obs_dims} "
+          f"state_dim={probe.state_dim} actor_obs_dim={actor_obs_dim(args, probe)} critics={critics.n_critics}")
+    print(f"parameters: actor {sum(p.numel() for p in actor.parameters())}, "
+          f"critics {sum(p.numel() for p in critics.parameters())}")
+    return run_name, writer, global_step, start_iteration
+
+
+class StopOnSignal:
+    """Ctrl-C or SIGTERM sets `requested`: the loop saves a checkpoint and stops after its iteration. A
+    second one stops at once. restore() puts the previous handlers back."""
+
+    def __init__(self):
+        self.requested = None
+        self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def request(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signum
+        print(f"\nsignal {signum}: saving a checkpoint and stopping", flush=True)
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def save_run(path: str, state: dict) -> None:

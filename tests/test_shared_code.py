@@ -21,8 +21,8 @@ COPIES = {
                                                                                  "flags_given", "new_run_folder",
                                                                                  "duration"],
     "mappo_hyper_mamujoco": HYPERNETWORKS + METRICS + ["SharedNet", "IndependentNets", "compute_gae", "parse_args",
-                                                       "flags_given", "read_command_line", "new_run_folder",
-                                                       "duration"],
+                                                       "flags_given", "read_command_line", "StopOnSignal",
+                                                       "new_run_folder", "duration"],
 }
 
 
