@@ -31,7 +31,6 @@ Without a GPU, Mesa's EGL renders in software (llvmpipe): no display and no GPU 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import io
 import math
 import os
@@ -233,8 +232,11 @@ def check_values(args, positive=(), unit=(), nonneg=(), sizes=(), divide_batch=(
     eval_only = getattr(args, "eval_only", False)
     if not eval_only or args.capture_video:
         check_output_folder("--runs-dir", args.runs_dir)
-    if args.track and not eval_only and importlib.util.find_spec("wandb") is None:
-        raise ArgError("--track: wandb is not installed (pip install wandb)")
+    if args.track and not eval_only:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ArgError("--track: wandb is not installed (pip install wandb)")
 
 
 def check_output_folder(flag: str, path: str) -> None:
@@ -257,7 +259,7 @@ def read_command_line(script, argv: list[str]):
     """A checkpointing script's command line: (args, the checkpoint to resume or evaluate or None, the
     flags --resume changes). ArgError or CheckpointError (one line) for a bad flag or file, before
     anything is written. script: the module, with Args, parse_args, flags_given, paper_defaults,
-    check_args, CHECKPOINT_FORMAT, CHECKPOINT_KEYS, COMPAT_FIELDS, RESUME_MAY_CHANGE and SIMULATOR."""
+    misplaced_flags, check_args, CHECKPOINT_FORMAT, CHECKPOINT_KEYS, COMPAT_FIELDS, RESUME_MAY_CHANGE and SIMULATOR."""
     args, given = script.parse_args(argv, checked=False), script.flags_given(argv)
     if args.eval_only != bool(args.checkpoint):
         raise ArgError("--eval-only: needs --checkpoint PATH" if args.eval_only else
@@ -279,14 +281,15 @@ def read_command_line(script, argv: list[str]):
                                              script.RESUME_MAY_CHANGE, INVOCATION_FIELDS)
         if flag == "--checkpoint":  # the evaluation's defaults are those of the checkpoint's scenario
             args = script.paper_defaults(args, given | set(script.COMPAT_FIELDS))
+        refuse_misplaced(given, script.misplaced_flags(args))  # before the budget, as the values come after it
+        if args.resume and getattr(args, "anneal_lr", False) and any(c.startswith("--total-timesteps") for c in changes):
+            raise ArgError("--total-timesteps: the run anneals its learning rate over its budget (--anneal-lr); "
+                           "a new budget would change the schedule")
+        batch_size = args.num_envs * args.num_steps  # the checkpoint's
+        if args.resume and loaded["iteration"] > args.total_timesteps // batch_size:
+            raise ArgError(f"--total-timesteps: the run already trained {loaded['global_step']} steps, in iterations "
+                           f"of {batch_size}; give at least {loaded['iteration'] * batch_size} to train on")
     script.check_args(args, given)
-    if args.resume and getattr(args, "anneal_lr", False) and any(c.startswith("--total-timesteps") for c in changes):
-        raise ArgError("--total-timesteps: the run anneals its learning rate over its budget (--anneal-lr); "
-                       "a new budget would change the schedule")
-    batch_size = args.num_envs * args.num_steps
-    if args.resume and loaded["iteration"] > args.total_timesteps // batch_size:
-        raise ArgError(f"--total-timesteps: the run already trained {loaded['global_step']} steps, in iterations of "
-                       f"{batch_size}; give at least {loaded['iteration'] * batch_size} to train on")
     if args.capture_video:
         if script.SIMULATOR == "mujoco":
             default_mujoco_gl()  # before anything imports mujoco, which reads it once

@@ -219,6 +219,10 @@ def paper_defaults(args: Args, given: set[str]) -> Args:
     return dataclasses.replace(args, **{k: v for k, v in values.items() if k not in given})
 
 
+class ScenarioOptionError(ValueError):
+    """A keyword argument VMAS ignores for this scenario: one line, exit status 2."""
+
+
 # The keyword arguments each VMAS scenario receives besides n_agents (names as VMAS spells them).
 SCENARIO_OPTIONS = {
     "dispersion": ("n_food", "share_reward", "penalise_by_time", "food_radius"),
@@ -252,7 +256,7 @@ class VmasEnv:
                                      terminated_truncated=True, **kwargs)
         unused = [str(w.message) for w in caught if "not used" in str(w.message)]
         if unused:  # VMAS only warns about keyword arguments it ignores: refuse them instead.
-            raise ValueError(f"--scenario {args.scenario}: {unused[0]}")
+            raise ScenarioOptionError(f"--scenario {args.scenario}: {unused[0]}")
         self._start_rng = list(self._rng)
         self.num_envs, self.n_agents, self.device = num_envs, args.n_agents, device
         self.obs_dim = self.env.observation_space[0].shape[0]
@@ -912,7 +916,7 @@ def main(argv=None) -> int:
     try:
         envs = None if args.eval_only else VmasEnv(args, args.num_envs, args.seed, device)
         eval_env = VmasEnv(args, args.eval_episodes, args.seed + 10_000, device)
-    except ValueError as error:  # VMAS ignores a keyword argument of this scenario
+    except ScenarioOptionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     obs_dim, act_dim, discrete = eval_env.obs_dim, eval_env.act_dim, eval_env.discrete
@@ -1136,10 +1140,8 @@ def flags_given(argv: list[str]) -> set[str]:
     return {name[3:] if name not in names and name.startswith("no_") else name for name in tokens} & names
 
 
-def check_args(args: Args, given: set[str]) -> None:
-    """Each flag given only where it applies (with a checkpoint: to its run), every value in its range."""
-    import hypermarl_extras as extras
-
+def misplaced_flags(args: Args) -> dict:
+    """Flag -> why it does not apply to this run (None where it does)."""
     other, family = ("navigation" if args.scenario == "dispersion" else "dispersion"), args.hypernet
     why_not = dict.fromkeys(("hypernet_embedding_dim", "hypernet_hidden_dims", "hypernet_embedding"),
                             None if family == "mlp" else f"only with --hypernet mlp, got --hypernet {family}")
@@ -1148,8 +1150,14 @@ def check_args(args: Args, given: set[str]) -> None:
     why_not.update(dico_snd_des=None if family == "dico" else f"only with --hypernet dico, got --hypernet {family}",
                    lidar_range=None if args.collisions else "only with --collisions (agents carry a LIDAR only then)",
                    save_interval=None if args.save_model else "only with --save-model")
-    why_not.update({name: f"is a {other} option, not for --scenario {args.scenario}" for name in SCENARIO_OPTIONS[other]})
-    extras.refuse_misplaced(given, why_not)
+    return why_not | {name: f"is a {other} option, not for --scenario {args.scenario}" for name in SCENARIO_OPTIONS[other]}
+
+
+def check_args(args: Args, given: set[str]) -> None:
+    """Each flag given only where it applies (with a checkpoint: to its run), every value in its range."""
+    import hypermarl_extras as extras
+
+    extras.refuse_misplaced(given, misplaced_flags(args))
     if args.n_agents < 2:
         raise extras.ArgError(f"--n-agents: must be at least 2, got {args.n_agents}")
     extras.check_values(args, positive=(
@@ -1158,7 +1166,7 @@ def check_args(args: Args, given: set[str]) -> None:
         "interference_samples", "print_interval", "save_interval", "n_food", "food_radius", "lidar_range",
         "agent_radius", "hypernet_embedding_dim"), unit=("gamma", "gae_lambda"), nonneg=("ent_coef", "vf_coef"),
         sizes=("actor_hidden_dims", "critic_hidden_dims", "hypernet_hidden_dims"), divide_batch=("num_minibatches",))
-    n, same = args.n_agents, args.agents_with_same_goal
+    n, same, family = args.n_agents, args.agents_with_same_goal, args.hypernet
     for broken, why in (
             (args.hypernet_init == "matched" and family == "linear",  # the linear one's scaled init is exact already
              "--hypernet-init: matched is for --hypernet mlp, got --hypernet linear"),
@@ -1180,8 +1188,8 @@ def read_command_line(argv: list[str]):
         import hypermarl_extras as extras
     except ImportError:
         args = parse_args(argv, checked=False)
-        for name in ("resume", "eval_only", "save_model", "capture_video"):
-            if getattr(args, name):
+        for name in ("resume", "eval_only", "checkpoint", "snd_obs_file", "save_model", "capture_video"):
+            if getattr(args, name, None):
                 raise ValueError(f"--{name.replace('_', '-')}: needs hypermarl_extras.py beside this script")
         return args, None, []
     return extras.read_command_line(sys.modules[__name__], argv)

@@ -1094,8 +1094,8 @@ def main(argv=None) -> int:
         flat, episode_return, episode_length = restore_run(loaded, actor, critics, value_norm, obs_norm,
                                                            actor_optimizer, critic_optimizer, envs)
 
-    def save(iteration):  # everything a resumed run needs to go on bit for bit
-        save_run(checkpoint_path, dict(
+    def save(iteration) -> bool:  # everything a resumed run needs to go on bit for bit
+        return save_run(checkpoint_path, dict(
             format=CHECKPOINT_FORMAT, args=dataclasses.asdict(args), run_name=run_name, actor=actor.state_dict(),
             critics=critics.state_dict(), value_norm=value_norm.state_dict(), obs_norm=obs_norm.state_dict(),
             actor_optimizer=actor_optimizer.state_dict(), critic_optimizer=critic_optimizer.state_dict(),
@@ -1234,8 +1234,7 @@ def main(argv=None) -> int:
                 next_save = (global_step // args.save_interval + 1) * args.save_interval
                 save(iteration + 1)
             next_iteration = iteration + 1
-        if exit_code == 0 and (args.save_model or stop.requested):
-            save(next_iteration)
+        if exit_code == 0 and (args.save_model or stop.requested) and save(next_iteration):
             print(f"checkpoint: {checkpoint_path} (continue with --resume {checkpoint_path})")
     except BaseException:
         # An exception (a second Ctrl-C) can cut a step or a get_attr after some of the workers' replies
@@ -1359,10 +1358,8 @@ def flags_given(argv: list[str]) -> set[str]:
     return {name[3:] if name not in names and name.startswith("no_") else name for name in tokens} & names
 
 
-def check_args(args: Args, given: set[str]) -> None:
-    """Each flag given only where it applies (with a checkpoint: to its run), every value in its range."""
-    import hypermarl_extras as extras
-
+def misplaced_flags(args: Args) -> dict:
+    """Flag -> why it does not apply to this run (None where it does)."""
     family = args.hypernet
     why_not = dict(save_interval=None if args.save_model else "only with --save-model",
                    fixed_order=None if args.algo == "happo" else f"only with --algo happo, got --algo {args.algo}",
@@ -1371,7 +1368,14 @@ def check_args(args: Args, given: set[str]) -> None:
                                  None if family == "mlp" else f"only with --hypernet mlp, got --hypernet {family}"))
     why_not.update(dict.fromkeys(("hypernet_init", "hypernet_input"), None if family in ("mlp", "linear") else
                                  f"only with --hypernet mlp or linear, got --hypernet {family}"))
-    extras.refuse_misplaced(given, why_not)
+    return why_not
+
+
+def check_args(args: Args, given: set[str]) -> None:
+    """Each flag given only where it applies (with a checkpoint: to its run), every value in its range."""
+    import hypermarl_extras as extras
+
+    extras.refuse_misplaced(given, misplaced_flags(args))
     extras.check_values(args, positive=(
         "torch_threads", "update_threads", "max_episode_steps", "num_envs", "total_timesteps", "num_steps",
         "learning_rate", "critic_learning_rate", "update_epochs", "critic_epochs", "num_minibatches",
@@ -1383,6 +1387,7 @@ def check_args(args: Args, given: set[str]) -> None:
         divide_batch=("num_minibatches", "critic_num_minibatches"),
         max_seed=2**32 - 1 - 10_000 - (args.eval_episodes - 1),  # NumPy takes seeds below 2**32
         seed_why=" (evaluation episode k uses seed + 10000 + k, below 2**32)")
+    family = args.hypernet
     if args.algo == "happo" and family != "nops":  # shared weights: one agent's step moves the others
         raise extras.ArgError(f"--hypernet: --algo happo needs disjoint per-agent actors (nops), got --hypernet {family}")
     if args.hypernet_init == "matched" and family == "linear":  # the linear one's scaled init is exact already
@@ -1395,8 +1400,8 @@ def read_command_line(argv: list[str]):
         import hypermarl_extras as extras
     except ImportError:
         args = parse_args(argv, checked=False)
-        for name in ("resume", "eval_only", "save_model", "capture_video"):
-            if getattr(args, name):
+        for name in ("resume", "eval_only", "checkpoint", "snd_obs_file", "save_model", "capture_video"):
+            if getattr(args, name, None):
                 raise ValueError(f"--{name.replace('_', '-')}: needs hypermarl_extras.py beside this script")
         return args, None, []
     return extras.read_command_line(sys.modules[__name__], argv)
@@ -1487,14 +1492,15 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
 
-def save_run(path: str, state: dict) -> None:
-    """A checkpoint with the global RNGs' states, written atomically."""
+def save_run(path: str, state: dict) -> bool:
+    """A checkpoint with the global RNGs' states, written atomically; False if it could not be."""
     try:
         import hypermarl_extras as extras
     except ImportError:  # a script copied without its helper: training went on, only the checkpoint is missing
         print("no checkpoint written: hypermarl_extras.py is not beside this script", file=sys.stderr)
-        return
+        return False
     extras.save_checkpoint(path, state | dict(rng=extras.rng_state()))
+    return True
 
 
 def restore_run(loaded, actor, critics, value_norm, obs_norm, actor_optimizer, critic_optimizer, envs):

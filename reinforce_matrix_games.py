@@ -540,7 +540,9 @@ def main(argv=None) -> int:
     return 0
 
 
-# ===== Appendix: input checks and run folders =====
+# ===== Appendix: the command line and run folders =====
+# The range checks live in hypermarl_extras.py, imported only here: a script copied without it trains,
+# with tyro's checks of types and choices only.
 # Flags of one family ([linear], [mlp] in --help): given with another family, they are refused.
 FAMILY_FLAGS = {"hyper_linear_shared_bias": "linear", "hypernet_embedding_dim": "mlp", "hypernet_hidden_dims": "mlp"}
 
@@ -595,7 +597,6 @@ def duration(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
 
 
 if __name__ == "__main__":

@@ -82,9 +82,9 @@ def main(argv=None) -> int:
             pools.append(rollout_observations(script, path, opts.episodes, opts.seed))
             print(f"{path}: {pools[-1].shape[0]:,} time steps", flush=True)
     except (ValueError, RuntimeError, KeyError, TypeError, EOFError, OSError, pickle.UnpicklingError,
-            zipfile.BadZipFile) as error:  # ValueError includes ArgError and CheckpointError
+            zipfile.BadZipFile) as error:  # ValueError includes ArgError, CheckpointError, ScenarioOptionError
         why = (str(error).splitlines() or [type(error).__name__])[0]  # some errors have no message
-        parser.error(why if isinstance(error, extras.ArgError)
+        parser.error(why if isinstance(error, (extras.ArgError, script.ScenarioOptionError))
                      else f"--checkpoints: cannot load ({why[:120]})")
     if len({pool.shape[1:] for pool in pools}) != 1:
         parser.error(f"--checkpoints: observations of different shapes {sorted({tuple(p.shape[1:]) for p in pools})}")

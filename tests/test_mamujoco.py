@@ -836,6 +836,7 @@ def saved_run(tmp_path_factory):
     (["--seed", "4"], "--seed"), (["--hypernet", "fups"], "--hypernet"),
     (["--update-threads", "7"], "--update-threads"),  # threads change the sums of a matrix product
     (["--total-timesteps", "32"], "--total-timesteps: the run already trained 64 steps"),  # less than it did
+    (["--total-timesteps", "16"], "--total-timesteps: the run already trained 64 steps"),  # below one batch too
     ([], "--total-timesteps: the run already trained 64 steps"),  # nothing to do is not a silent success
     (["--total-timesteps", "80"], "--total-timesteps: the run already trained 64 steps"),  # not one more iteration
 ])

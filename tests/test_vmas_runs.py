@@ -331,6 +331,7 @@ def saved_run(script, tmp_path, capsys):
     (["--seed", 1], "--seed"),  # given with the default value: still not the run's seed
     (["--lidar-range", 0.35], "--lidar-range"),  # a Navigation flag, for the checkpoint's Dispersion run
     (["--total-timesteps", 32], "--total-timesteps"),  # less than the run has already done
+    (["--total-timesteps", 16], "--total-timesteps"),  # below one batch: the same reason (next test)
     (["--total-timesteps", 80], "--total-timesteps"),  # more, but not one more 32-step iteration
     ([], "--total-timesteps"),  # the run is complete: nothing to do is not a silent success
 ])
@@ -340,6 +341,12 @@ def test_resume_refuses_flags_that_would_change_the_run(script, saved_run, extra
     code, out, err = run(script, ["--resume", checkpoint, *map(str, extra)], capsys)
     assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {flag}: "), err
     assert {name: os.path.getmtime(os.path.join(run_dir, name)) for name in os.listdir(run_dir)} == before
+
+
+def test_resume_with_a_budget_below_what_the_run_did_says_so(script, saved_run, capsys):
+    """Not "must be at least one batch": the reason is the steps the run has already trained."""
+    code, _, err = run(script, ["--resume", saved_run[1], "--total-timesteps", "16"], capsys)
+    assert code == 2 and err.startswith("error: --total-timesteps: the run already trained 64 steps"), err
 
 
 def test_resume_takes_the_run_from_the_checkpoint_and_reports_what_changed(script, saved_run, capsys):
