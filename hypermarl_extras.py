@@ -442,3 +442,23 @@ def restore_vmas_run(loaded, agent, optimizer, action_optimizer, envs):
     load_vmas_env_state(envs, loaded["env"])
     set_rng_state(loaded["rng"])
     return loaded["global_step"], loaded["iteration"], loaded["run_name"]
+
+
+def evaluate_vmas_checkpoint(script, args, loaded, agent, eval_env) -> int:
+    """--eval-only for a VMAS script: the return and SND (script.evaluate) of a checkpoint's policy,
+    printed; writes nothing but a video (--capture-video). Returns the exit status."""
+    agent.load_state_dict(loaded["model"])
+    try:
+        snd_obs = load_snd_obs(args.snd_obs_file, eval_env.obs_dim) if args.snd_obs_file else None
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    video = [] if args.capture_video else None
+    ret, per_agent, snd, _, _ = script.evaluate(agent, eval_env, args, args.seed + 10_000, snd_obs, video=video)
+    print(f"eval/episodic_return={ret:.4f} diversity/snd={snd:.6f} per_agent={[round(r, 4) for r in per_agent]}")
+    if video:
+        folder = script.new_run_folder(args.runs_dir, f"{loaded['run_name']}__eval")
+        path = os.path.join(args.runs_dir, folder, "eval.mp4")
+        save_video(None, path, "eval/video", video, loaded["global_step"], 1 / eval_env.env.world.dt)
+        print(f"video: {path}")
+    return 0

@@ -934,8 +934,10 @@ def main(argv=None) -> int:
     if args.compile:
         torch._inductor.config.fallback_random = True  # eager's random numbers: the actions of an eager run
         policy_step, update_step = torch.compile(policy_step), torch.compile(update_step)
-    if args.eval_only:
-        return evaluate_checkpoint(args, loaded, agent, eval_env)
+    if args.eval_only:  # the checkpoint's return and SND, printed (hypermarl_extras.py)
+        import hypermarl_extras as extras
+
+        return extras.evaluate_vmas_checkpoint(sys.modules[__name__], args, loaded, agent, eval_env)
 
     n, T, E = args.n_agents, args.num_steps, args.num_envs
     batch_size = T * E
@@ -1290,26 +1292,6 @@ def save_run(path, *run) -> bool:
         return False
     extras.save_vmas_run(path, CHECKPOINT_FORMAT, *run)
     return True
-
-
-def evaluate_checkpoint(args, loaded, agent, eval_env) -> int:
-    """--eval-only: the return and SND of a checkpoint's policy, printed; writes nothing but a video."""
-    import hypermarl_extras as extras
-
-    agent.load_state_dict(loaded["model"])
-    try:
-        snd_obs = extras.load_snd_obs(args.snd_obs_file, eval_env.obs_dim) if args.snd_obs_file else None
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    video = [] if args.capture_video else None
-    ret, per_agent, snd, _, _ = evaluate(agent, eval_env, args, args.seed + 10_000, snd_obs, video=video)
-    print(f"eval/episodic_return={ret:.4f} diversity/snd={snd:.6f} per_agent={[round(r, 4) for r in per_agent]}")
-    if video:
-        path = os.path.join(args.runs_dir, new_run_folder(args.runs_dir, f"{loaded['run_name']}__eval"), "eval.mp4")
-        extras.save_video(None, path, "eval/video", video, loaded["global_step"], 1 / eval_env.env.world.dt)
-        print(f"video: {path}")
-    return 0
 
 
 if __name__ == "__main__":
