@@ -12,7 +12,7 @@ the paper the v2 ones: returns are not comparable with Table 4. Read top to bott
     1. Arguments (Tables 17-21)           5. Metrics (SND, gradient variance, interference)
     2. Environment                        6. The update (GAE, MAPPO / HAPPO, value loss)
     3. Hypernetworks (Eq. 5, 6, 4.3)      7. The training loop, then evaluation
-    4. Baselines and the agent            Appendix: input checks, checkpoints, --eval-only
+    4. Baselines and the agent            Appendix: command line, run folder, checkpoints
 
 Quick start:  python mappo_hyper_mamujoco.py --task HalfCheetah-2x3 --hypernet mlp --total-timesteps 20000
 Baselines:    --hypernet nops (independent actors), --hypernet fups (shared actor + one-hot ID),
@@ -1040,10 +1040,9 @@ def interference_metric(actor, batch: dict, args: Args) -> float:
 
 # ===== 7. The training loop =====
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else [str(token) for token in argv]
     try:
-        args, loaded, changes = read_command_line(argv)  # the appendix: presets, checks, a checkpoint's flags
-    except ValueError as error:
+        args, loaded, changes = read_command_line(sys.argv[1:] if argv is None else [str(token) for token in argv])
+    except ValueError as error:  # a bad flag or file (the appendix): one line, nothing written
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -8,7 +8,7 @@ parameters yet each acts with its own network. MAPPO: every agent's critic sees 
     1. Arguments (the paper's values)     5. Metrics (SND, gradient variance, interference)
     2. Environment                        6. The update (GAE, PPO)
     3. Hypernetworks (Eq. 5, 6, 4.3)      7. The training loop, then evaluation
-    4. Baselines and the agent            Appendix: input checks, checkpoints, --eval-only
+    4. Baselines and the agent            Appendix: command line, run folder, checkpoints
 
 Quick start:  python mappo_hyper_vmas.py --n-agents 4 --hypernet mlp --total-timesteps 300000
 """
