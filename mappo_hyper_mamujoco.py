@@ -1362,7 +1362,8 @@ def misplaced_flags(args: Args) -> dict:
     family = args.hypernet
     why_not = dict(save_interval=None if args.save_model else "only with --save-model",
                    fixed_order=None if args.algo == "happo" else f"only with --algo happo, got --algo {args.algo}",
-                   agent_obsk=None if args.obs_mode == "local" else f"only with --obs-mode local, got --obs-mode {args.obs_mode}")
+                   agent_obsk=None if args.obs_mode == "local" else
+                   f"only with --obs-mode local, got --obs-mode {args.obs_mode}")
     why_not.update(dict.fromkeys(("hypernet_embedding_dim", "hypernet_hidden_dims", "hypernet_embedding"),
                                  None if family == "mlp" else f"only with --hypernet mlp, got --hypernet {family}"))
     why_not.update(dict.fromkeys(("hypernet_init", "hypernet_input"), None if family in ("mlp", "linear") else

@@ -1018,10 +1018,10 @@ def main(argv=None) -> int:
             # TRY NOT TO MODIFY: record rewards, losses and gradient statistics for plotting purposes
             sps = int((global_step - start_step) / (time.time() - start_time))
             var_y = torch.var(returns)
+            explained_var = float("nan") if var_y == 0 else float(1 - torch.var(returns - values) / var_y)
             stats |= {"perf/rollout_seconds": update_start - rollout_start, "charts/SPS": sps,
                       "perf/update_seconds": time.perf_counter() - update_start,
-                      "charts/learning_rate": optimizer.param_groups[0]["lr"],
-                      "losses/explained_variance": float("nan") if var_y == 0 else float(1 - torch.var(returns - values) / var_y)}
+                      "charts/learning_rate": optimizer.param_groups[0]["lr"], "losses/explained_variance": explained_var}
             ended = envs.take_ended_episodes()
             if ended:
                 stats |= {"charts/episodic_return": sum(ended[0]) / n, "charts/episodic_length": ended[1]}
@@ -1180,7 +1180,8 @@ def check_args(args: Args, given: set[str]) -> None:
             (args.scenario == "navigation" and not 1 <= same <= n,
              f"--agents-with-same-goal: must be between 1 and n_agents = {n}, got {same!r}"),
             (args.scenario == "navigation" and same > 1 and args.collisions,
-             "--collisions: agents cannot share a goal with collisions on (VMAS asserts it); use --agents-with-same-goal 1"),
+             "--collisions: agents cannot share a goal with collisions on (VMAS asserts it); "
+             "use --agents-with-same-goal 1"),
             (args.scenario == "navigation" and args.split_goals and (n % 2 or same != n // 2),
              f"--split-goals: needs an even n_agents and --agents-with-same-goal n/2, got n={n}, same={same}")):
         if broken:
