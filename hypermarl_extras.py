@@ -7,9 +7,11 @@ as before, with tyro's checks of types and choices only.
 
 Command line (every script):
     ArgError                                     a bad flag: one line, exit status 2, nothing written
-    refuse_misplaced(given, why_not)             a flag given where it does not apply
+    refuse_misplaced(given, why_not, args)       a flag given where it does not apply
     check_values(args, positive=..., ...)        every value in its range, --runs-dir writable, wandb there
     read_command_line(script, argv)              flags, checks, and the checkpoint to resume or evaluate
+    check_args(script, args, given)              a VMAS or the MaMuJoCo script's rules (misplaced_flags)
+    check_matrix_args(args, given)               the matrix games' rules
 Checkpoints (every script):
     save_checkpoint(path, state)                 atomic: a crash mid-write leaves the previous file
     load_checkpoint(path, flag, fmt, required)   weights_only=True; a foreign or tampered file is refused
@@ -18,6 +20,10 @@ Checkpoints (every script):
     rng_to_tensors(states) / rng_from_tensors(state)   the same as plain data
     load_snd_obs(path, obs_dim)                  an SND dataset (.npz) for --eval-only --snd-obs-file
     save_vmas_run(...) / restore_vmas_run(...)   a VMAS script's whole run, simulators included, bit for bit
+    save_mamujoco_run(...) / restore_mamujoco_run(...)   the same for the MaMuJoCo script
+    mujoco_sim_state(env) / set_mujoco_sim_state(env, state)   one MuJoCo env mid-episode, as plain data
+    evaluate_vmas_checkpoint / evaluate_mamujoco_checkpoint   --eval-only
+    save_matrix_models(...)                      the matrix games' --save-model
 Videos (--capture-video):
     probe_capture_video(simulator)   None, or one line saying what to install (checked before a run starts)
     mamujoco_frame(parallel_env)     one MaMuJoCo frame, without shadows (software rendering)
@@ -192,11 +198,13 @@ def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def refuse_misplaced(given: set[str], why_not: dict) -> None:
-    """why_not[name]: why flag `name` does not apply to this run (None where it does); given, it is refused."""
+def refuse_misplaced(given: set[str], why_not: dict, args=None) -> None:
+    """why_not[name]: why flag `name` does not apply to this run (None where it does); given, it is refused,
+    named as written (--no-x for a boolean given False)."""
     for name in sorted(given):
         if why_not.get(name):
-            raise ArgError(f"{flag_of(name)}: {why_not[name]}")
+            written = "--no-" + flag_of(name)[2:] if getattr(args, name, None) is False else flag_of(name)
+            raise ArgError(f"{written}: {why_not[name]}")
 
 
 def check_values(args, positive=(), unit=(), nonneg=(), sizes=(), divide_batch=(), max_seed=2**32 - 1 - 10_000,
@@ -259,7 +267,7 @@ def read_command_line(script, argv: list[str]):
     """A checkpointing script's command line: (args, the checkpoint to resume or evaluate or None, the
     flags --resume changes). ArgError or CheckpointError (one line) for a bad flag or file, before
     anything is written. script: the module, with Args, parse_args, flags_given, paper_defaults,
-    misplaced_flags, check_args, CHECKPOINT_FORMAT, CHECKPOINT_KEYS, COMPAT_FIELDS, RESUME_MAY_CHANGE and SIMULATOR."""
+    CHECKPOINT_FORMAT and SIMULATOR (vmas: SCENARIO_OPTIONS too)."""
     args, given = script.parse_args(argv, checked=False), script.flags_given(argv)
     if args.eval_only != bool(args.checkpoint):
         raise ArgError("--eval-only: needs --checkpoint PATH" if args.eval_only else
@@ -276,12 +284,13 @@ def read_command_line(script, argv: list[str]):
     loaded, changes = None, []
     if args.resume or args.checkpoint:
         flag = "--resume" if args.resume else "--checkpoint"
-        loaded = load_checkpoint(args.resume or args.checkpoint, flag, script.CHECKPOINT_FORMAT, script.CHECKPOINT_KEYS)
-        changes = take_flags_from_checkpoint(args, loaded["args"], flag, given, script.COMPAT_FIELDS,
-                                             script.RESUME_MAY_CHANGE, INVOCATION_FIELDS)
+        kind = script.SIMULATOR
+        loaded = load_checkpoint(args.resume or args.checkpoint, flag, script.CHECKPOINT_FORMAT, CHECKPOINT_KEYS[kind])
+        changes = take_flags_from_checkpoint(args, loaded["args"], flag, given, COMPAT_FIELDS[kind],
+                                             RESUME_MAY_CHANGE[kind], INVOCATION_FIELDS)
         if flag == "--checkpoint":  # the evaluation's defaults are those of the checkpoint's scenario
-            args = script.paper_defaults(args, given | set(script.COMPAT_FIELDS))
-        refuse_misplaced(given, script.misplaced_flags(args))  # before the budget, as the values come after it
+            args = script.paper_defaults(args, given | set(COMPAT_FIELDS[kind]))
+        refuse_misplaced(given, misplaced_flags(script, args), args)  # before the budget, as the values come after it
         if args.resume and getattr(args, "anneal_lr", False) and any(c.startswith("--total-timesteps") for c in changes):
             raise ArgError("--total-timesteps: the run anneals its learning rate over its budget (--anneal-lr); "
                            "a new budget would change the schedule")
@@ -289,7 +298,7 @@ def read_command_line(script, argv: list[str]):
         if args.resume and loaded["iteration"] > args.total_timesteps // batch_size:
             raise ArgError(f"--total-timesteps: the run already trained {loaded['global_step']} steps, in iterations "
                            f"of {batch_size}; give at least {loaded['iteration'] * batch_size} to train on")
-    script.check_args(args, given)
+    check_args(script, args, given)
     if args.capture_video:
         if script.SIMULATOR == "mujoco":
             default_mujoco_gl()  # before anything imports mujoco, which reads it once
@@ -298,9 +307,132 @@ def read_command_line(script, argv: list[str]):
     return args, loaded, changes
 
 
+# ===== Each script's flags: where they apply, and their ranges =====
+def hypernet_flags(family: str) -> dict:
+    """The hypernetwork's flags: why each does not apply to --hypernet family (None where it does)."""
+    return dict.fromkeys(("hypernet_embedding_dim", "hypernet_hidden_dims", "hypernet_embedding"),
+                         None if family == "mlp" else f"only with --hypernet mlp, got --hypernet {family}") | \
+        dict.fromkeys(("hypernet_init", "hypernet_input"), None if family in ("mlp", "linear") else
+                      f"only with --hypernet mlp or linear, got --hypernet {family}")
+
+
+def misplaced_flags(script, args) -> dict:
+    """Flag -> why it does not apply to this run of a VMAS script or the MaMuJoCo one (None where it does)."""
+    why_not = hypernet_flags(args.hypernet) | dict(save_interval=None if args.save_model else "only with --save-model")
+    if script.SIMULATOR == "mujoco":
+        return why_not | dict(
+            fixed_order=None if args.algo == "happo" else f"only with --algo happo, got --algo {args.algo}",
+            agent_obsk=None if args.obs_mode == "local" else f"only with --obs-mode local, got --obs-mode {args.obs_mode}")
+    other = "navigation" if args.scenario == "dispersion" else "dispersion"
+    why_not.update(dico_snd_des=None if args.hypernet == "dico" else
+                   f"only with --hypernet dico, got --hypernet {args.hypernet}",
+                   lidar_range=None if args.collisions else "only with --collisions (agents carry a LIDAR only then)")
+    return why_not | {name: f"is a {other} option, not for --scenario {args.scenario}"
+                      for name in script.SCENARIO_OPTIONS[other]}
+
+
+def check_args(script, args, given: set[str]) -> None:
+    """A VMAS or the MaMuJoCo script's run: each flag given only where it applies (with a checkpoint: to
+    its run), every value in its range, no combination the method or the simulator cannot run."""
+    refuse_misplaced(given, misplaced_flags(script, args), args)
+    if args.hypernet_init == "matched" and args.hypernet == "linear":  # the linear one's scaled init is exact
+        raise ArgError("--hypernet-init: matched is for --hypernet mlp, got --hypernet linear")
+    (check_mamujoco_values if script.SIMULATOR == "mujoco" else check_vmas_values)(args)
+
+
+def check_vmas_values(args) -> None:
+    n, same, navigation = args.n_agents, args.agents_with_same_goal, args.scenario == "navigation"
+    if n < 2:
+        raise ArgError(f"--n-agents: must be at least 2, got {n}")
+    check_values(args, positive=(
+        "max_steps", "total_timesteps", "learning_rate", "num_envs", "num_steps", "num_minibatches", "update_epochs",
+        "clip_coef", "max_grad_norm", "eval_interval", "eval_episodes", "snd_samples", "snd_gaussian_samples",
+        "interference_samples", "print_interval", "save_interval", "n_food", "food_radius", "lidar_range",
+        "agent_radius", "hypernet_embedding_dim"), unit=("gamma", "gae_lambda"), nonneg=("ent_coef", "vf_coef"),
+        sizes=("actor_hidden_dims", "critic_hidden_dims", "hypernet_hidden_dims"), divide_batch=("num_minibatches",))
+    for broken, why in (
+            (args.hypernet == "dico" and not (args.dico_snd_des == -1 or args.dico_snd_des >= 0),
+             f"--dico-snd-des: must be -1 (unconstrained) or >= 0, got {args.dico_snd_des!r}"),
+            (navigation and not 1 <= same <= n,
+             f"--agents-with-same-goal: must be between 1 and n_agents = {n}, got {same!r}"),
+            (navigation and same > 1 and args.collisions,
+             "--collisions: agents cannot share a goal with collisions on (VMAS asserts it); "
+             "use --agents-with-same-goal 1"),
+            (navigation and args.split_goals and (n % 2 or same != n // 2),
+             f"--split-goals: needs an even n_agents and --agents-with-same-goal n/2, got n={n}, same={same}")):
+        if broken:
+            raise ArgError(why)
+
+
+def check_mamujoco_values(args) -> None:
+    check_values(args, positive=(
+        "torch_threads", "update_threads", "max_episode_steps", "num_envs", "total_timesteps", "num_steps",
+        "learning_rate", "critic_learning_rate", "update_epochs", "critic_epochs", "num_minibatches",
+        "critic_num_minibatches", "clip_coef", "huber_delta", "max_grad_norm", "adam_eps", "std_x_coef", "std_y_coef",
+        "hypernet_embedding_dim", "eval_interval", "eval_episodes", "snd_samples", "snd_gaussian_samples",
+        "interference_interval", "interference_samples", "print_interval", "save_interval"),
+        unit=("gamma", "gae_lambda"), nonneg=("ent_coef", "agent_obsk"),
+        sizes=("actor_hidden_dims", "critic_hidden_dims", "hypernet_hidden_dims"),
+        divide_batch=("num_minibatches", "critic_num_minibatches"),
+        max_seed=2**32 - 1 - 10_000 - (args.eval_episodes - 1),  # NumPy takes seeds below 2**32
+        seed_why=" (evaluation episode k uses seed + 10000 + k, below 2**32)")
+    if args.algo == "happo" and args.hypernet != "nops":  # shared weights: one agent's step moves the others
+        raise ArgError(f"--hypernet: --algo happo needs disjoint per-agent actors (nops), got --hypernet {args.hypernet}")
+
+
+# Flags of one family of the matrix games ([linear], [mlp] in their --help)
+MATRIX_FAMILY_FLAGS = {"hyper_linear_shared_bias": "linear", "hypernet_embedding_dim": "mlp",
+                       "hypernet_hidden_dims": "mlp"}
+
+
+def check_matrix_args(args, given: set[str], hypernets: Optional[list[str]] = None) -> None:
+    """reinforce_matrix_games.py's flags. hypernets: the families they train (default: --hypernet; the
+    sweep's --hypernets); a flag marked [family] in --help needs that family among them."""
+    trained = f"--hypernet {args.hypernet}" if hypernets is None else f"--hypernets {' '.join(hypernets)}"
+    refuse_misplaced(given, {name: None if family in (hypernets or [args.hypernet]) else
+                             f"only with --hypernet {family}, got {trained}"
+                             for name, family in MATRIX_FAMILY_FLAGS.items()}, args)
+    if args.n_agents < 2:
+        raise ArgError(f"--n-agents: must be at least 2, got {args.n_agents}")
+    check_values(args, positive=("num_trials", "batch_size", "learning_rate", "num_seeds", "eval_trials",
+                                 "eval_interval", "log_interval", "hidden_size", "hypernet_embedding_dim",
+                                 "num_threads"), sizes=("hypernet_hidden_dims",))
+    max_seed = 2**32 - 1 - 10_000  # NumPy takes seeds below 2**32; evaluation uses seed + 10000
+    if args.seed + args.num_seeds - 1 > max_seed:
+        raise ArgError(f"--num-seeds: the last seed, {args.seed} + {args.num_seeds} - 1, must be at most "
+                       f"{max_seed}, got {args.num_seeds!r}")
+    if args.num_trials < args.batch_size:
+        raise ArgError(f"--num-trials: must be at least --batch-size = {args.batch_size}, got {args.num_trials!r}")
+
+
 # ===== Checkpoints =====
 class CheckpointError(ArgError):
     """A checkpoint that cannot be used: reported as one line, exit status 2."""
+
+
+# What a script's checkpoint holds; the flags that define the model and the environment, which
+# --eval-only takes from it; what --resume may change (budget, logging, cadence, device), every other
+# flag being the checkpoint's. MaMuJoCo: --no-async-envs changes no number, the thread counts do (a
+# matrix product's sums split otherwise), so a resumed run keeps the threads it was started with.
+CHECKPOINT_KEYS = {
+    "vmas": {"format", "args", "run_name", "model", "optimizer", "action_optimizer", "env", "rng", "global_step",
+             "iteration"},
+    "mujoco": {"format", "args", "run_name", "actor", "critics", "value_norm", "obs_norm", "actor_optimizer",
+               "critic_optimizer", "envs", "rng", "global_step", "iteration"}}
+COMPAT_FIELDS = {
+    "vmas": ("n_food", "share_reward", "penalise_by_time", "food_radius", "agents_with_same_goal", "split_goals",
+             "observe_all_goals", "shared_rew", "collisions", "lidar_range", "agent_radius", "scenario", "n_agents",
+             "max_steps", "continuous_actions", "actor_hidden_dims", "critic_hidden_dims", "activation", "hypernet",
+             "hypernet_embedding_dim", "hypernet_hidden_dims", "hypernet_embedding", "hypernet_init",
+             "hypernet_input", "dico_snd_des"),
+    "mujoco": ("task", "obs_mode", "agent_obsk", "max_episode_steps", "algo", "hypernet", "critic", "norm_obs",
+               "norm_value", "actor_hidden_dims", "critic_hidden_dims", "std_x_coef", "std_y_coef",
+               "hypernet_embedding_dim", "hypernet_hidden_dims", "hypernet_embedding", "hypernet_init",
+               "hypernet_input")}
+RESUME_MAY_CHANGE = {
+    simulator: ("total_timesteps", "eval_interval", "save_interval", "save_model", "print_interval", "runs_dir",
+                "track", "wandb_project_name", "wandb_entity", "cuda", "capture_video") + extra
+    for simulator, extra in (("vmas", ("compile",)), ("mujoco", ("async_envs",)))}
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -462,3 +594,79 @@ def evaluate_vmas_checkpoint(script, args, loaded, agent, eval_env) -> int:
         save_video(None, path, "eval/video", video, loaded["global_step"], 1 / eval_env.env.world.dt)
         print(f"video: {path}")
     return 0
+
+
+def mujoco_sim_state(env) -> dict:
+    """All a MaMuJoCo env (its gymnasium single-agent env) carries from one step to the next, for a
+    checkpoint to resume its episode exactly: MuJoCo's integration state, the body positions xpos and
+    xipos (Ant and Humanoid read them before stepping; mj_forward cannot recompute them), the time-limit
+    counter and the reset noise generator. Plain data: it crosses worker pipes and loads with weights_only=True."""
+    import mujoco
+
+    sim = env.unwrapped
+    physics = np.empty(mujoco.mj_stateSize(sim.model, mujoco.mjtState.mjSTATE_INTEGRATION))
+    mujoco.mj_getState(sim.model, sim.data, physics, mujoco.mjtState.mjSTATE_INTEGRATION)
+    return dict(physics=physics.tolist(), xpos=sim.data.xpos.tolist(), xipos=sim.data.xipos.tolist(),
+                elapsed_steps=env._elapsed_steps, np_random=sim.np_random.bit_generator.state)
+
+
+def set_mujoco_sim_state(env, state: dict) -> None:
+    import mujoco
+
+    sim = env.unwrapped
+    mujoco.mj_setState(sim.model, sim.data, np.array(state["physics"]), mujoco.mjtState.mjSTATE_INTEGRATION)
+    sim.data.xpos[:], sim.data.xipos[:] = state["xpos"], state["xipos"]
+    env._elapsed_steps = state["elapsed_steps"]
+    sim.np_random.bit_generator.state = state["np_random"]
+
+
+def save_mamujoco_run(path, fmt, args, run_name, actor, critics, value_norm, obs_norm, actor_optimizer,
+                      critic_optimizer, envs, flat, episode_return, episode_length, global_step, iteration):
+    """Everything the MaMuJoCo script's resumed run needs to go on bit for bit (the simulators' states
+    and the episodes under way included), written atomically."""
+    save_checkpoint(path, dict(
+        format=fmt, args=dataclasses.asdict(args), run_name=run_name, actor=actor.state_dict(),
+        critics=critics.state_dict(), value_norm=value_norm.state_dict(), obs_norm=obs_norm.state_dict(),
+        actor_optimizer=actor_optimizer.state_dict(), critic_optimizer=critic_optimizer.state_dict(),
+        envs=dict(sim=list(envs.get_attr("sim_state")), obs=torch.as_tensor(flat).clone(),
+                  episode_return=torch.as_tensor(episode_return).clone(),
+                  episode_length=torch.as_tensor(episode_length).clone()),
+        rng=rng_state(), global_step=global_step, iteration=iteration))
+
+
+def restore_mamujoco_run(loaded, actor, critics, value_norm, obs_norm, actor_optimizer, critic_optimizer, envs):
+    """The saved run, restored in place; the environments continue their episodes. Returns the loop's
+    (flat observations, episode returns, episode lengths)."""
+    for module, key in ((actor, "actor"), (critics, "critics"), (value_norm, "value_norm"), (obs_norm, "obs_norm"),
+                        (actor_optimizer, "actor_optimizer"), (critic_optimizer, "critic_optimizer")):
+        module.load_state_dict(loaded[key])
+    set_rng_state(loaded["rng"])
+    envs.set_attr("sim_state", loaded["envs"]["sim"])
+    state = loaded["envs"]
+    return state["obs"].numpy(), state["episode_return"].numpy().copy(), state["episode_length"].numpy().copy()
+
+
+def evaluate_mamujoco_checkpoint(script, args, loaded, actor, obs_norm, evaluator) -> int:
+    """--eval-only for the MaMuJoCo script: the return and SND of a checkpoint's policy, printed; writes
+    nothing but a video (--capture-video). Returns the exit status."""
+    actor.load_state_dict(loaded["actor"])
+    obs_norm.load_state_dict(loaded["obs_norm"])
+    video = [] if args.capture_video else None
+    try:
+        eval_return, snd, _ = evaluator(actor, obs_norm, video)
+        print(f"eval/episodic_return={eval_return:.4f} diversity/snd={snd:.6f}")
+        if video:
+            folder = script.new_run_folder(args.runs_dir, f"{loaded['run_name']}__eval")
+            path = os.path.join(args.runs_dir, folder, "eval.mp4")
+            save_video(None, path, "eval/video", video, loaded["global_step"], evaluator.video_timing()[1])
+            print(f"video: {path}")
+    finally:
+        evaluator.close()
+    return 0
+
+
+def save_matrix_models(args, seeds: list[int], folders: list[str], population) -> None:
+    """--save-model of the matrix games: seed s's final parameters to folders[s]/model.pt, atomically."""
+    for s, (seed, folder) in enumerate(zip(seeds, folders)):
+        model = {name: value[s].detach().clone() for name, value in population.params.items()}
+        save_checkpoint(os.path.join(folder, "model.pt"), dict(args=dataclasses.asdict(args), seed=seed, model=model))

@@ -1130,8 +1130,10 @@ def parse_args(argv=None, checked=True) -> Args:
     args = paper_defaults(tyro.cli(Args, args=[a for a in argv if a not in ("-h", "--help")]), given)
     if "-h" in argv or "--help" in argv:
         tyro.cli(Args, args=argv, default=args)
-    if checked:
-        check_args(args, given)
+    if checked:  # the checks are in hypermarl_extras.py
+        import hypermarl_extras as extras
+
+        extras.check_args(sys.modules[__name__], args, given)
     return args
 
 
@@ -1140,49 +1142,6 @@ def flags_given(argv: list[str]) -> set[str]:
     names = {f.name for f in dataclasses.fields(Args)}
     tokens = [token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")]
     return {name[3:] if name not in names and name.startswith("no_") else name for name in tokens} & names
-
-
-def misplaced_flags(args: Args) -> dict:
-    """Flag -> why it does not apply to this run (None where it does)."""
-    other, family = ("navigation" if args.scenario == "dispersion" else "dispersion"), args.hypernet
-    why_not = dict.fromkeys(("hypernet_embedding_dim", "hypernet_hidden_dims", "hypernet_embedding"),
-                            None if family == "mlp" else f"only with --hypernet mlp, got --hypernet {family}")
-    why_not.update(dict.fromkeys(("hypernet_init", "hypernet_input"), None if family in ("mlp", "linear") else
-                                 f"only with --hypernet mlp or linear, got --hypernet {family}"))
-    why_not.update(dico_snd_des=None if family == "dico" else f"only with --hypernet dico, got --hypernet {family}",
-                   lidar_range=None if args.collisions else "only with --collisions (agents carry a LIDAR only then)",
-                   save_interval=None if args.save_model else "only with --save-model")
-    return why_not | {name: f"is a {other} option, not for --scenario {args.scenario}" for name in SCENARIO_OPTIONS[other]}
-
-
-def check_args(args: Args, given: set[str]) -> None:
-    """Each flag given only where it applies (with a checkpoint: to its run), every value in its range."""
-    import hypermarl_extras as extras
-
-    extras.refuse_misplaced(given, misplaced_flags(args))
-    if args.n_agents < 2:
-        raise extras.ArgError(f"--n-agents: must be at least 2, got {args.n_agents}")
-    extras.check_values(args, positive=(
-        "max_steps", "total_timesteps", "learning_rate", "num_envs", "num_steps", "num_minibatches", "update_epochs",
-        "clip_coef", "max_grad_norm", "eval_interval", "eval_episodes", "snd_samples", "snd_gaussian_samples",
-        "interference_samples", "print_interval", "save_interval", "n_food", "food_radius", "lidar_range",
-        "agent_radius", "hypernet_embedding_dim"), unit=("gamma", "gae_lambda"), nonneg=("ent_coef", "vf_coef"),
-        sizes=("actor_hidden_dims", "critic_hidden_dims", "hypernet_hidden_dims"), divide_batch=("num_minibatches",))
-    n, same, family = args.n_agents, args.agents_with_same_goal, args.hypernet
-    for broken, why in (
-            (args.hypernet_init == "matched" and family == "linear",  # the linear one's scaled init is exact already
-             "--hypernet-init: matched is for --hypernet mlp, got --hypernet linear"),
-            (family == "dico" and not (args.dico_snd_des == -1 or args.dico_snd_des >= 0),
-             f"--dico-snd-des: must be -1 (unconstrained) or >= 0, got {args.dico_snd_des!r}"),
-            (args.scenario == "navigation" and not 1 <= same <= n,
-             f"--agents-with-same-goal: must be between 1 and n_agents = {n}, got {same!r}"),
-            (args.scenario == "navigation" and same > 1 and args.collisions,
-             "--collisions: agents cannot share a goal with collisions on (VMAS asserts it); "
-             "use --agents-with-same-goal 1"),
-            (args.scenario == "navigation" and args.split_goals and (n % 2 or same != n // 2),
-             f"--split-goals: needs an even n_agents and --agents-with-same-goal n/2, got n={n}, same={same}")):
-        if broken:
-            raise extras.ArgError(why)
 
 
 def read_command_line(argv: list[str]):
@@ -1220,18 +1179,8 @@ def duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-SIMULATOR = "vmas"  # for --capture-video's check
+SIMULATOR = "vmas"  # which checks, checkpoint fields and video probe of hypermarl_extras.py apply
 CHECKPOINT_FORMAT = "hypermarl-ippo-vmas/3"
-CHECKPOINT_KEYS = {"format", "args", "run_name", "model", "optimizer", "action_optimizer", "env", "rng",
-                   "global_step", "iteration"}
-# Flags that define the model and the environment: --eval-only takes them from its checkpoint.
-COMPAT_FIELDS = SCENARIO_OPTIONS["dispersion"] + SCENARIO_OPTIONS["navigation"] + (
-    "scenario", "n_agents", "max_steps", "continuous_actions", "actor_hidden_dims", "critic_hidden_dims", "activation",
-    "hypernet", "hypernet_embedding_dim", "hypernet_hidden_dims", "hypernet_embedding", "hypernet_init",
-    "hypernet_input", "dico_snd_des")
-# What --resume may change (budget, logging, cadence, device); every other flag is the checkpoint's.
-RESUME_MAY_CHANGE = ("total_timesteps", "eval_interval", "save_interval", "save_model", "print_interval",
-                     "runs_dir", "track", "wandb_project_name", "wandb_entity", "cuda", "compile", "capture_video")
 
 
 def open_run(args, loaded, changes, agent, optimizer, action_optimizer, envs, device):

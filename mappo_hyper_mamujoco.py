@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from gymnasium.wrappers.utils import RunningMeanStd
 from torch.distributions import Normal
 
 
@@ -297,28 +298,16 @@ class MaMuJoCoEnv(gym.Env):
         return self._flat_obs(state), float(reward), bool(terminated), bool(truncated), {}
 
     @property
-    def sim_state(self) -> dict:
-        """All the env carries from one step to the next, for a checkpoint to resume its episode exactly:
-        MuJoCo's integration state, the body positions xpos and xipos (Ant and Humanoid read them before
-        stepping; mj_forward cannot recompute them), the time-limit counter and the reset noise
-        generator. Plain data: it crosses worker pipes and loads with weights_only=True."""
-        import mujoco
+    def sim_state(self) -> dict:  # what a checkpoint needs to resume this env's episode (hypermarl_extras.py)
+        import hypermarl_extras as extras
 
-        sim = self.base.unwrapped
-        physics = np.empty(mujoco.mj_stateSize(sim.model, mujoco.mjtState.mjSTATE_INTEGRATION))
-        mujoco.mj_getState(sim.model, sim.data, physics, mujoco.mjtState.mjSTATE_INTEGRATION)
-        return dict(physics=physics.tolist(), xpos=sim.data.xpos.tolist(), xipos=sim.data.xipos.tolist(),
-                    elapsed_steps=self.base._elapsed_steps, np_random=sim.np_random.bit_generator.state)
+        return extras.mujoco_sim_state(self.base)
 
     @sim_state.setter
     def sim_state(self, state: dict) -> None:
-        import mujoco
+        import hypermarl_extras as extras
 
-        sim = self.base.unwrapped
-        mujoco.mj_setState(sim.model, sim.data, np.array(state["physics"]), mujoco.mjtState.mjSTATE_INTEGRATION)
-        sim.data.xpos[:], sim.data.xipos[:] = state["xpos"], state["xipos"]
-        self.base._elapsed_steps = state["elapsed_steps"]
-        sim.np_random.bit_generator.state = state["np_random"]
+        extras.set_mujoco_sim_state(self.base, state)
 
     def close(self):
         self.ma.close()
@@ -365,43 +354,32 @@ def env_worker(main_pid: int, *args) -> None:
         pass  # the main process is gone: nobody to report to, and no traceback for the terminal
 
 
-class RunningMeanStd:
-    """Running mean and variance over the leading axis (Chan et al.'s parallel update), float64."""
-
-    def __init__(self, shape=()):
-        self.mean, self.var, self.count = np.zeros(shape, np.float64), np.ones(shape, np.float64), 1e-4
-
-    def update(self, x: np.ndarray) -> None:
-        x = np.asarray(x, np.float64).reshape((-1,) + self.mean.shape)
-        batch_mean, batch_var, batch_count = x.mean(0), x.var(0), x.shape[0]
-        delta, total = batch_mean - self.mean, self.count + batch_count
-        m2 = self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total
-        self.mean, self.var, self.count = self.mean + delta * batch_count / total, m2 / total, total
-
-    def normalize(self, x: np.ndarray, clip: float = 10.0) -> np.ndarray:
-        return np.clip((x - self.mean) / np.sqrt(self.var + 1e-8), -clip, clip).astype(np.float32)
-
-
 class ObsNormalizer:
-    """--norm-obs (ours, off by default): running mean/std of the global state and, in local mode, of
-    every agent's own local features (padded features stay exactly 0), clipped to [-10, 10]. Part of
-    the checkpoint: a restored policy sees the inputs it was trained on."""
+    """--norm-obs (ours, off by default): running mean/std (gymnasium's RunningMeanStd, float64) of the
+    global state and, in local mode, of every agent's own local features (padded features stay exactly
+    0), clipped to [-10, 10]. Part of the checkpoint: a restored policy sees the inputs it was trained on."""
 
     def __init__(self, state_dim: int, obs_mask: Optional[np.ndarray], enabled: bool = True):
         self.enabled, self.obs_mask = enabled, obs_mask
-        self.rms = dict(state=RunningMeanStd((state_dim,))) | ({} if obs_mask is None else dict(local=RunningMeanStd(obs_mask.shape)))
+        self.rms = dict(state=RunningMeanStd(shape=(state_dim,))) | (
+            {} if obs_mask is None else dict(local=RunningMeanStd(shape=obs_mask.shape)))
 
     def update(self, local: Optional[np.ndarray], state: np.ndarray) -> None:
-        if self.enabled:
-            self.rms["state"].update(state)
-            if local is not None:
-                self.rms["local"].update(local)
+        for key, x in (("state", state), ("local", local)):
+            if self.enabled and x is not None:
+                self.rms[key].update(np.asarray(x, np.float64).reshape((-1,) + self.rms[key].mean.shape))
+
+    def normalize(self, key: str, x: np.ndarray) -> np.ndarray:
+        if not self.enabled:
+            return x.astype(np.float32)
+        rms = self.rms[key]
+        return np.clip((x - rms.mean) / np.sqrt(rms.var + 1e-8), -10.0, 10.0).astype(np.float32)
 
     def state(self, state: np.ndarray) -> np.ndarray:
-        return self.rms["state"].normalize(state) if self.enabled else state.astype(np.float32)
+        return self.normalize("state", state)
 
     def local(self, local: np.ndarray) -> np.ndarray:
-        return (self.rms["local"].normalize(local) if self.enabled else local.astype(np.float32)) * self.obs_mask
+        return self.normalize("local", local) * self.obs_mask
 
     def state_dict(self) -> dict:
         return {key: dict(mean=torch.as_tensor(r.mean), var=torch.as_tensor(r.var), count=float(r.count))
@@ -460,19 +438,6 @@ def unflatten_params(theta: torch.Tensor, sizes: list[int]) -> list[tuple[torch.
     shapes = layer_shapes(sizes)
     chunks = theta.split([n for fan_in, fan_out in shapes for n in (fan_in * fan_out, fan_out)], dim=-1)
     return [(chunks[2 * k].unflatten(-1, shape), chunks[2 * k + 1].unsqueeze(-2)) for k, shape in enumerate(shapes)]
-
-
-def batched_mlp(x: torch.Tensor, params, activation) -> torch.Tensor:
-    """All agents' networks in one batched matmul per layer. x: (n_agents, batch, fan_in); W:
-    (n_agents, fan_in, fan_out), or (n_agents, batch, fan_in, fan_out) for per-sample weights."""
-    for k, (weight, bias) in enumerate(params):
-        if weight.dim() == 3:
-            x = torch.baddbmm(bias, x, weight)
-        else:
-            x = (x.unsqueeze(-2) @ weight + bias).squeeze(-2)
-        if k < len(params) - 1:
-            x = activation(x)
-    return x
 
 
 class LinearHypernet(nn.Module):
@@ -1068,8 +1033,10 @@ def main(argv=None) -> int:
     else:
         actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=fused)
     critic_optimizer = torch.optim.Adam(critics.parameters(), lr=args.critic_learning_rate, eps=args.adam_eps, fused=fused)
-    if args.eval_only:
-        return evaluate_checkpoint(args, loaded, actor, obs_norm, evaluator)
+    if args.eval_only:  # the checkpoint's return and SND, printed (hypermarl_extras.py)
+        import hypermarl_extras as extras
+
+        return extras.evaluate_mamujoco_checkpoint(sys.modules[__name__], args, loaded, actor, obs_norm, evaluator)
 
     T, E = args.num_steps, args.num_envs
     batch_size = T * E
@@ -1090,18 +1057,14 @@ def main(argv=None) -> int:
     flat, _ = envs.reset(seed=args.seed)
     episode_return, episode_length = np.zeros(E), np.zeros(E, dtype=np.int64)
     if loaded is not None:  # weights, optimisers, normalisers, RNGs, and the environments mid-episode
-        flat, episode_return, episode_length = restore_run(loaded, actor, critics, value_norm, obs_norm,
-                                                           actor_optimizer, critic_optimizer, envs)
+        import hypermarl_extras as extras
 
-    def save(iteration) -> bool:  # everything a resumed run needs to go on bit for bit
-        return save_run(checkpoint_path, dict(
-            format=CHECKPOINT_FORMAT, args=dataclasses.asdict(args), run_name=run_name, actor=actor.state_dict(),
-            critics=critics.state_dict(), value_norm=value_norm.state_dict(), obs_norm=obs_norm.state_dict(),
-            actor_optimizer=actor_optimizer.state_dict(), critic_optimizer=critic_optimizer.state_dict(),
-            envs=dict(sim=list(envs.get_attr("sim_state")), obs=torch.as_tensor(flat).clone(),
-                      episode_return=torch.as_tensor(episode_return).clone(),
-                      episode_length=torch.as_tensor(episode_length).clone()),
-            global_step=global_step, iteration=iteration))
+        flat, episode_return, episode_length = extras.restore_mamujoco_run(
+            loaded, actor, critics, value_norm, obs_norm, actor_optimizer, critic_optimizer, envs)
+
+    def save(iteration) -> bool:  # everything a resumed run needs to go on bit for bit (the appendix)
+        return save_run(checkpoint_path, args, run_name, actor, critics, value_norm, obs_norm, actor_optimizer,
+                        critic_optimizer, envs, flat, episode_return, episode_length, global_step, iteration)
 
     start_time, start_step, printed_at = time.time(), global_step, 0.0
     print(f"plan: {num_iterations - start_iteration + 1} iterations of {batch_size} steps ({E} envs x {T}) up to "
@@ -1345,8 +1308,10 @@ def parse_args(argv=None, checked=True) -> Args:
     args = paper_defaults(tyro.cli(Args, args=[a for a in argv if a not in ("-h", "--help")]), given)
     if "-h" in argv or "--help" in argv:
         tyro.cli(Args, args=argv, default=args)
-    if checked:
-        check_args(args, given)
+    if checked:  # the checks are in hypermarl_extras.py
+        import hypermarl_extras as extras
+
+        extras.check_args(sys.modules[__name__], args, given)
     return args
 
 
@@ -1355,43 +1320,6 @@ def flags_given(argv: list[str]) -> set[str]:
     names = {f.name for f in dataclasses.fields(Args)}
     tokens = [token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")]
     return {name[3:] if name not in names and name.startswith("no_") else name for name in tokens} & names
-
-
-def misplaced_flags(args: Args) -> dict:
-    """Flag -> why it does not apply to this run (None where it does)."""
-    family = args.hypernet
-    why_not = dict(save_interval=None if args.save_model else "only with --save-model",
-                   fixed_order=None if args.algo == "happo" else f"only with --algo happo, got --algo {args.algo}",
-                   agent_obsk=None if args.obs_mode == "local" else
-                   f"only with --obs-mode local, got --obs-mode {args.obs_mode}")
-    why_not.update(dict.fromkeys(("hypernet_embedding_dim", "hypernet_hidden_dims", "hypernet_embedding"),
-                                 None if family == "mlp" else f"only with --hypernet mlp, got --hypernet {family}"))
-    why_not.update(dict.fromkeys(("hypernet_init", "hypernet_input"), None if family in ("mlp", "linear") else
-                                 f"only with --hypernet mlp or linear, got --hypernet {family}"))
-    return why_not
-
-
-def check_args(args: Args, given: set[str]) -> None:
-    """Each flag given only where it applies (with a checkpoint: to its run), every value in its range."""
-    import hypermarl_extras as extras
-
-    extras.refuse_misplaced(given, misplaced_flags(args))
-    extras.check_values(args, positive=(
-        "torch_threads", "update_threads", "max_episode_steps", "num_envs", "total_timesteps", "num_steps",
-        "learning_rate", "critic_learning_rate", "update_epochs", "critic_epochs", "num_minibatches",
-        "critic_num_minibatches", "clip_coef", "huber_delta", "max_grad_norm", "adam_eps", "std_x_coef", "std_y_coef",
-        "hypernet_embedding_dim", "eval_interval", "eval_episodes", "snd_samples", "snd_gaussian_samples",
-        "interference_interval", "interference_samples", "print_interval", "save_interval"),
-        unit=("gamma", "gae_lambda"), nonneg=("ent_coef", "agent_obsk"),
-        sizes=("actor_hidden_dims", "critic_hidden_dims", "hypernet_hidden_dims"),
-        divide_batch=("num_minibatches", "critic_num_minibatches"),
-        max_seed=2**32 - 1 - 10_000 - (args.eval_episodes - 1),  # NumPy takes seeds below 2**32
-        seed_why=" (evaluation episode k uses seed + 10000 + k, below 2**32)")
-    family = args.hypernet
-    if args.algo == "happo" and family != "nops":  # shared weights: one agent's step moves the others
-        raise extras.ArgError(f"--hypernet: --algo happo needs disjoint per-agent actors (nops), got --hypernet {family}")
-    if args.hypernet_init == "matched" and family == "linear":  # the linear one's scaled init is exact already
-        raise extras.ArgError("--hypernet-init: matched is for --hypernet mlp, got --hypernet linear")
 
 
 def read_command_line(argv: list[str]):
@@ -1429,19 +1357,8 @@ def duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-SIMULATOR = "mujoco"  # for --capture-video's check
+SIMULATOR = "mujoco"  # which checks, checkpoint fields and video probe of hypermarl_extras.py apply
 CHECKPOINT_FORMAT = "hypermarl-mappo-mamujoco/3"  # 3: --hypernet, every run's environment states
-CHECKPOINT_KEYS = {"format", "args", "run_name", "actor", "critics", "value_norm", "obs_norm", "actor_optimizer",
-                   "critic_optimizer", "envs", "rng", "global_step", "iteration"}
-# Flags that define the model and the environment: --eval-only takes them from its checkpoint.
-COMPAT_FIELDS = ("task", "obs_mode", "agent_obsk", "max_episode_steps", "algo", "hypernet", "critic", "norm_obs",
-                 "norm_value", "actor_hidden_dims", "critic_hidden_dims", "std_x_coef", "std_y_coef",
-                 "hypernet_embedding_dim", "hypernet_hidden_dims", "hypernet_embedding", "hypernet_init", "hypernet_input")
-# What --resume may change (budget, logging, cadence, device, worker processes); every other flag is the
-# checkpoint's. --no-async-envs changes no number; the thread counts do (a matrix product's sums split
-# otherwise), so a resumed run keeps the threads it was started with.
-RESUME_MAY_CHANGE = ("total_timesteps", "eval_interval", "save_interval", "save_model", "print_interval", "runs_dir",
-                     "track", "wandb_project_name", "wandb_entity", "cuda", "capture_video", "async_envs")
 
 
 def open_run(args, loaded, changes, device, probe, actor, critics):
@@ -1492,48 +1409,16 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
 
-def save_run(path: str, state: dict) -> bool:
-    """A checkpoint with the global RNGs' states, written atomically; False if it could not be."""
+def save_run(path, *run) -> bool:
+    """The run (args, run_name, networks, normalisers, optimisers, environments and where they are, step,
+    iteration), atomically; False if it could not be."""
     try:
         import hypermarl_extras as extras
     except ImportError:  # a script copied without its helper: training went on, only the checkpoint is missing
         print("no checkpoint written: hypermarl_extras.py is not beside this script", file=sys.stderr)
         return False
-    extras.save_checkpoint(path, state | dict(rng=extras.rng_state()))
+    extras.save_mamujoco_run(path, CHECKPOINT_FORMAT, *run)
     return True
-
-
-def restore_run(loaded, actor, critics, value_norm, obs_norm, actor_optimizer, critic_optimizer, envs):
-    """A checkpoint's run, restored; the environments continue their episodes. Returns the loop's
-    (flat observations, episode returns, episode lengths)."""
-    import hypermarl_extras as extras
-
-    for module, key in ((actor, "actor"), (critics, "critics"), (value_norm, "value_norm"), (obs_norm, "obs_norm"),
-                        (actor_optimizer, "actor_optimizer"), (critic_optimizer, "critic_optimizer")):
-        module.load_state_dict(loaded[key])
-    extras.set_rng_state(loaded["rng"])
-    envs.set_attr("sim_state", loaded["envs"]["sim"])
-    state = loaded["envs"]
-    return state["obs"].numpy(), state["episode_return"].numpy().copy(), state["episode_length"].numpy().copy()
-
-
-def evaluate_checkpoint(args, loaded, actor, obs_norm, evaluator) -> int:
-    """--eval-only: the return and SND of a checkpoint's policy, printed; writes nothing but a video."""
-    actor.load_state_dict(loaded["actor"])
-    obs_norm.load_state_dict(loaded["obs_norm"])
-    video = [] if args.capture_video else None
-    try:
-        eval_return, snd, _ = evaluator(actor, obs_norm, video)
-        print(f"eval/episodic_return={eval_return:.4f} diversity/snd={snd:.6f}")
-        if video:
-            import hypermarl_extras as extras
-
-            path = os.path.join(args.runs_dir, new_run_folder(args.runs_dir, f"{loaded['run_name']}__eval"), "eval.mp4")
-            extras.save_video(None, path, "eval/video", video, loaded["global_step"], evaluator.video_timing()[1])
-            print(f"video: {path}")
-    finally:
-        evaluator.close()
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,14 +1,11 @@
 """REINFORCE in the Specialisation and Synchronisation games (section 3, appendix B, Tables 2, 6, 8).
 
-n agents each pick one of n foods, once per trial (a one-step game, no observation), trained with
-REINFORCE: independent policies (--hypernet nops), a shared policy without (fups-noid, Table 2's
-"FuPS") and with a one-hot ID (fups, "FuPS+ID"), and HyperMARL's hypernetworks (linear: Eq. 5, mlp:
-Eq. 6) that produce every agent's NoPS network. Payoffs: in specialisation agent i gets 1 / k_i, k_i
-the agents (i included) that chose its food; in synchronisation everyone gets 1 if all chose the same
-food, else 1/n. Every agent learns from the team payoff (their mean), normalised over each batch.
-These readings of what the paper leaves open, and the evidence for them, are in
-benchmark/results/matrix_games.md. Seeds are vectorised: --num-seeds S trains seeds seed .. seed+S-1
-at once (torch.func.vmap), each with its own torch.Generator, so a seed's run does not depend on the batch.
+n agents each pick one of n foods once per trial (no observation). Specialisation pays agent i 1 / k_i,
+k_i the agents on its food; Synchronisation pays everyone 1 if all chose the same food, else 1/n. Every
+agent learns from the team payoff (their mean), normalised over each batch (the evidence for these
+readings: benchmark/results/matrix_games.md). Families: nops, fups-noid (Table 2's "FuPS"), fups
+("FuPS+ID"), and HyperMARL's linear (Eq. 5) and mlp (Eq. 6). --num-seeds S trains seeds seed ..
+seed+S-1 at once (torch.func.vmap), each with its own torch.Generator: a seed's run is the same alone.
 
 Quick start:  python reinforce_matrix_games.py --game specialisation --n-agents 8 --hypernet mlp
               python benchmark/matrix_games.py   # Tables 2, 6 and 8, the paper's values beside ours
@@ -127,7 +124,7 @@ def sample_actions(probs: torch.Tensor, num: int, generators: list) -> torch.Ten
     return actions.transpose(1, 2)
 
 
-# ===== 3. Hypernetworks (Eq. 5, Eq. 6, section 4.3): copied from ippo_hyper_vmas.py =====
+# ===== 3. Hypernetworks (Eq. 5, Eq. 6, section 4.3): ippo_hyper_vmas.py's, without observations =====
 def layer_shapes(sizes: list[int]) -> list[tuple[int, int]]:
     return list(zip(sizes[:-1], sizes[1:]))
 
@@ -156,80 +153,53 @@ def unflatten_params(theta: torch.Tensor, sizes: list[int]) -> list[tuple[torch.
 
 
 def batched_mlp(x: torch.Tensor, params, activation) -> torch.Tensor:
-    """All agents' networks in one batched matmul per layer. x: (n_agents, batch, fan_in); W:
-    (n_agents, fan_in, fan_out), or (n_agents, batch, fan_in, fan_out) for per-sample weights."""
+    """All agents' networks in one batched matmul per layer: x (n_agents, batch, fan_in), W (n_agents, fan_in, fan_out)."""
     for k, (weight, bias) in enumerate(params):
-        if weight.dim() == 3:
-            x = torch.baddbmm(bias, x, weight)
-        else:
-            x = (x.unsqueeze(-2) @ weight + bias).squeeze(-2)
+        x = torch.baddbmm(bias, x, weight)
         if k < len(params) - 1:
             x = activation(x)
     return x
 
 
 class LinearHypernet(nn.Module):
-    """Eq. (5): theta_i = 1_i W + b, a one-hot agent ID into one linear layer.
+    """Eq. (5): theta_i = 1_i W + b, a one-hot agent ID into one linear layer. Row i of W is agent i's
+    whole flattened network; b is shared by all agents (without it: exactly n independent networks)."""
 
-    Row i of W is agent i's whole flattened network; b is shared by all agents. With
-    shared_bias=False this is exactly n independent networks. obs_dim > 0 is the ablation without
-    gradient decoupling: the input becomes [1_i, o] and the weights are generated per sample.
-    """
-
-    def __init__(self, n_agents, sizes, gains, init="scaled", shared_bias=True, obs_dim=0):
+    def __init__(self, n_agents, sizes, gains, shared_bias=True):
         super().__init__()
-        self.n_agents, self.sizes, self.obs_dim = n_agents, list(sizes), obs_dim
-        self.head = nn.Linear(n_agents + obs_dim, num_target_params(sizes), bias=shared_bias)
+        self.sizes = list(sizes)
+        self.head = nn.Linear(n_agents, num_target_params(sizes), bias=shared_bias)
         self.register_buffer("ids", torch.eye(n_agents))
-        if init == "scaled":  # section 4.3: every agent starts with its own orthogonal network
-            with torch.no_grad():
-                self.head.weight.zero_()
-                for i in range(n_agents):
-                    self.head.weight[:, i] = target_init_vector(sizes, gains)
-                if shared_bias:
-                    self.head.bias.zero_()
+        with torch.no_grad():  # section 4.3: every agent starts with its own orthogonal network
+            self.head.weight.zero_()
+            for i in range(n_agents):
+                self.head.weight[:, i] = target_init_vector(sizes, gains)
+            if shared_bias:
+                self.head.bias.zero_()
 
-    def forward(self, obs=None):
-        if self.obs_dim == 0:
-            theta = self.head(self.ids)  # (n_agents, m): generated once, used for every sample
-        else:
-            ids = self.ids.unsqueeze(1).expand(-1, obs.shape[1], -1)
-            theta = self.head(torch.cat([ids, obs], -1))  # (n_agents, batch, m)
-        return unflatten_params(theta, self.sizes)
+    def forward(self):
+        return unflatten_params(self.head(self.ids), self.sizes)  # theta (n_agents, m), as [(W, b) per layer]
 
 
 class MLPHypernet(nn.Module):
-    """Eq. (6): theta_i = f(g(e_i)), an MLP g (ReLU) on the agent embedding e_i, then a linear head f.
+    """Eq. (6): theta_i = f(g(e_i)), an MLP g (ReLU) on the learned agent embedding e_i (orthogonal
+    init, gain sqrt(2)), then a linear head f; every generated tensor has its own (g, f), as in the
+    authors' code. Section 4.3 (init "scaled" of ippo_hyper_vmas.py, which also has the other inits):
+    g starts as Flax's default, column j of a weight head is a flattened orthogonal matrix with the
+    target layer's gain, bias heads start at zero."""
 
-    As in the authors' code, every generated tensor (each layer's weight, each layer's bias) has its
-    own sub-network (g, f). Embeddings are learned and orthogonally initialised with gain sqrt(2), as
-    there (section 4.2), or fixed one-hot IDs.
-    init="scaled", section 4.3 as the authors' code does it: g starts as Flax's default (LeCun
-    normal, zero bias); column j of a weight head is a flattened orthogonal matrix with the target
-    layer's gain; bias heads start at zero, so a generated layer is sum_j g_j(e_i) O_j, |g(e_i)| times
-    the target's scale (benchmark/init_scale.py). init="matched" (ours): g's output is also
-    L2-normalised (for the whole run) and each weight head's columns are made orthogonal, so every
-    generated layer starts at exactly the target's norm. init="default": PyTorch's (w/o RF).
-    """
-
-    def __init__(self, n_agents, sizes, gains, embedding_dim, hidden_dims, embedding="learned",
-                 init="scaled", obs_dim=0):
+    def __init__(self, n_agents, sizes, gains, embedding_dim, hidden_dims):
         super().__init__()
-        self.shapes, self.obs_dim, self.normalise = layer_shapes(sizes), obs_dim, init == "matched"
-        if embedding == "learned":
-            self.embedding = nn.Parameter(nn.init.orthogonal_(torch.empty(n_agents, embedding_dim), np.sqrt(2)))
-        else:
-            self.register_buffer("embedding", torch.eye(n_agents))
+        self.shapes = layer_shapes(sizes)
+        self.embedding = nn.Parameter(nn.init.orthogonal_(torch.empty(n_agents, embedding_dim), np.sqrt(2)))
         self.trunks, self.heads = nn.ModuleList(), nn.ModuleList()  # W_1, b_1, W_2, b_2, ...
         for size in (n for fan_in, fan_out in self.shapes for n in (fan_in * fan_out, fan_out)):
-            layers, width = [], self.embedding.shape[1] + obs_dim
+            layers, width = [], embedding_dim
             for hidden in hidden_dims:
                 layers += [nn.Linear(width, hidden), nn.ReLU()]
                 width = hidden
             self.trunks.append(nn.Sequential(*layers))
             self.heads.append(nn.Linear(width, size))
-        if init == "default":
-            return
         with torch.no_grad():
             for layer in (m for trunk in self.trunks for m in trunk if isinstance(m, nn.Linear)):
                 std = layer.in_features ** -0.5 / 0.8796256610342398  # Flax's lecun_normal: truncated at 2 std
@@ -239,21 +209,11 @@ class MLPHypernet(nn.Module):
                 weight_head, bias_head = self.heads[2 * k], self.heads[2 * k + 1]
                 for j in range(width):
                     weight_head.weight[:, j] = target_init_vector([fan_in, fan_out], [gain])[: fan_in * fan_out]
-                if init == "matched":  # nearest orthogonal columns, same norm: |f(u)| = |target| for |u| = 1
-                    u, _, vh = torch.linalg.svd(weight_head.weight, full_matrices=False)
-                    norm = gain * min(fan_in, fan_out) ** 0.5 * max(1.0, width / (fan_in * fan_out)) ** 0.5
-                    weight_head.weight.copy_(u @ vh * norm)
                 for tensor in (weight_head.bias, bias_head.weight, bias_head.bias):
                     tensor.zero_()
 
-    def forward(self, obs=None):
-        z = self.embedding  # (n_agents, embedding_dim)
-        if self.obs_dim:
-            z = torch.cat([z.unsqueeze(1).expand(-1, obs.shape[1], -1), obs], -1)  # (n_agents, batch, e + obs_dim)
-        theta = []
-        for trunk, head in zip(self.trunks, self.heads):
-            features = trunk(z)
-            theta.append(head(F.normalize(features, dim=-1) if self.normalise else features))
+    def forward(self):
+        theta = [head(trunk(self.embedding)) for trunk, head in zip(self.trunks, self.heads)]
         return [(theta[2 * k].unflatten(-1, shape), theta[2 * k + 1].unsqueeze(-2)) for k, shape in enumerate(self.shapes)]
 
 
@@ -270,16 +230,14 @@ class PerAgentPolicy(nn.Module):
         sizes, gains = [1, args.hidden_size, n_agents], [math.sqrt(2), 0.01]
         self.weight_net = None  # NoPS: its own stacked networks, below
         if hypernet == "linear":
-            self.weight_net = LinearHypernet(n_agents, sizes, gains, shared_bias=args.hyper_linear_shared_bias)
+            self.weight_net = LinearHypernet(n_agents, sizes, gains, args.hyper_linear_shared_bias)
         elif hypernet == "mlp":
             self.weight_net = MLPHypernet(n_agents, sizes, gains, args.hypernet_embedding_dim,
                                           args.hypernet_hidden_dims)
         else:
             nets = [[nn.Linear(i, o) for i, o in layer_shapes(sizes)] for _ in range(n_agents)]
-            self.weights = nn.ParameterList(nn.Parameter(torch.stack([net[k].weight.detach().T for net in nets]))
-                                            for k in range(2))
-            self.biases = nn.ParameterList(nn.Parameter(torch.stack([net[k].bias.detach()[None] for net in nets]))
-                                           for k in range(2))
+            self.weights = nn.ParameterList(torch.stack([net[k].weight.detach().T for net in nets]) for k in range(2))
+            self.biases = nn.ParameterList(torch.stack([net[k].bias.detach()[None] for net in nets]) for k in range(2))
         self.register_buffer("obs", torch.ones(n_agents, 1, 1))
 
     def forward(self):
@@ -487,12 +445,8 @@ def make_writers(args: Args, game: str, n_agents: int, hypernet: str, seeds: lis
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(token) for token in argv]
     args = tyro.cli(Args, args=argv)  # a bad choice or type: tyro's own message, exit 2
-    try:
-        check_args(args, flags_given(argv))  # the ranges, in hypermarl_extras.py: a script copied alone skips them
-    except ImportError:
-        if args.save_model:
-            print("error: --save-model: needs hypermarl_extras.py beside this script", file=sys.stderr)
-            return 2
+    try:  # the cross-flag checks and ranges (the appendix): a script copied alone has tyro's only
+        check_command_line(args, argv)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -521,19 +475,15 @@ def main(argv=None) -> int:
     finally:
         for writer in writers:
             writer.close()
-    if args.save_model:
-        import hypermarl_extras as extras  # only --save-model needs it
+    if args.save_model:  # every seed's parameters, to its run folder (hypermarl_extras.py)
+        import hypermarl_extras as extras
 
-        for s, (seed, writer) in enumerate(zip(seeds, writers)):
-            model = {name: value[s].detach().clone() for name, value in result["population"].params.items()}
-            extras.save_checkpoint(os.path.join(writer.log_dir, "model.pt"),
-                                   dict(args=dataclasses.asdict(args), seed=seed, model=model))
+        extras.save_matrix_models(args, seeds, [writer.log_dir for writer in writers], result["population"])
     for s, seed in enumerate(seeds):
         print(f"seed={seed} eval/episodic_return={result['argmax'][s]:.4f} "
               f"eval/episodic_return_sampled={result['sampled'][s]:.4f} grad/actor_var={result['grad_var'][s]:.3e} "
               f"grad/interference={result['interference'][s]:.4f} diversity/snd={result['snd'][s]:.4f}")
-    elapsed = time.time() - start
-    took = f"{elapsed:.1f} s" if elapsed < 60 else duration(elapsed)
+    took = duration(time.time() - start)
     print(f"{args.game} n={args.n_agents} {args.hypernet}: argmax {np.mean(result['argmax']):.4f} ± "
           f"{np.std(result['argmax']):.4f}, sampled {np.mean(result['sampled']):.4f} ± "
           f"{np.std(result['sampled']):.4f} ({took}, runs in {args.runs_dir})")
@@ -541,10 +491,17 @@ def main(argv=None) -> int:
 
 
 # ===== Appendix: the command line and run folders =====
-# The range checks live in hypermarl_extras.py, imported only here: a script copied without it trains,
-# with tyro's checks of types and choices only.
-# Flags of one family ([linear], [mlp] in --help): given with another family, they are refused.
-FAMILY_FLAGS = {"hyper_linear_shared_bias": "linear", "hypernet_embedding_dim": "mlp", "hypernet_hidden_dims": "mlp"}
+# The checks live in hypermarl_extras.py, imported only here: a script copied without it trains, with
+# tyro's checks of types and choices only.
+def check_command_line(args: Args, argv: list[str]) -> None:
+    """hypermarl_extras.py's checks of args; without it, only --save-model (which needs it) is refused."""
+    try:
+        import hypermarl_extras as extras
+    except ImportError:
+        if args.save_model:
+            raise ValueError("--save-model: needs hypermarl_extras.py beside this script")
+        return
+    extras.check_matrix_args(args, flags_given(argv))
 
 
 def flags_given(argv: list[str]) -> set[str]:
@@ -552,29 +509,6 @@ def flags_given(argv: list[str]) -> set[str]:
     names = {f.name for f in dataclasses.fields(Args)}
     tokens = [token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")]
     return {name[3:] if name not in names and name.startswith("no_") else name for name in tokens} & names
-
-
-def check_args(args: Args, given: set[str], hypernets: Optional[list[str]] = None) -> None:
-    """hypermarl_extras.ArgError naming the flag. hypernets: the families these flags train (default:
-    --hypernet; the sweep's --hypernets); a flag marked [family] in --help needs that family among them."""
-    import hypermarl_extras as extras
-
-    trained = f"--hypernet {args.hypernet}" if hypernets is None else f"--hypernets {' '.join(hypernets)}"
-    for name in sorted(given & FAMILY_FLAGS.keys()):
-        if FAMILY_FLAGS[name] not in (hypernets or [args.hypernet]):
-            flag = ("no-" if getattr(args, name) is False else "") + name.replace("_", "-")
-            raise extras.ArgError(f"--{flag}: only with --hypernet {FAMILY_FLAGS[name]}, got {trained}")
-    if args.n_agents < 2:
-        raise extras.ArgError(f"--n-agents: must be at least 2, got {args.n_agents}")
-    extras.check_values(args, positive=("num_trials", "batch_size", "learning_rate", "num_seeds", "eval_trials",
-                                        "eval_interval", "log_interval", "hidden_size", "hypernet_embedding_dim",
-                                        "num_threads"), sizes=("hypernet_hidden_dims",))
-    max_seed = 2**32 - 1 - 10_000  # NumPy takes seeds below 2**32; evaluation uses seed + 10000
-    if args.seed + args.num_seeds - 1 > max_seed:
-        raise extras.ArgError(f"--num-seeds: the last seed, {args.seed} + {args.num_seeds} - 1, must be at most "
-                              f"{max_seed}, got {args.num_seeds!r}")
-    if args.num_trials < args.batch_size:
-        raise extras.ArgError(f"--num-trials: must be at least --batch-size = {args.batch_size}, got {args.num_trials!r}")
 
 
 def new_run_folder(runs_dir: str, prefix: str) -> str:

@@ -782,7 +782,7 @@ def refused_flags(runs: list[Run], extra: list):
             if hasattr(script, "parse_args"):
                 script.parse_args(argv)
             else:  # the matrix games: tyro, then the cross-flag checks
-                script.check_args(script.tyro.cli(script.Args, args=argv), script.flags_given(argv))
+                script.check_command_line(script.tyro.cli(script.Args, args=argv), argv)
         except ValueError as error:
             return f"{run.script}: {error}"
         except SystemExit:  # tyro printed its message (a bad value, an unknown flag) or --help

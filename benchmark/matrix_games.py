@@ -33,6 +33,7 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import hypermarl_extras as extras  # noqa: E402
 import reinforce_matrix_games as mg  # noqa: E402
 sys.path.insert(0, os.path.join(ROOT, "benchmark"))
 from sps import OneLineParser, check_writable, new_output_folder  # noqa: E402
@@ -222,7 +223,7 @@ def main(argv=None) -> int:
         rest += ["--runs-dir", os.path.join(opts.out or "runs", "runs")]
     args = tyro.cli(mg.Args, args=rest, prog="python reinforce_matrix_games.py")  # a bad choice or type: exit 2
     try:
-        mg.check_args(args, mg.flags_given(rest), hypernets=opts.hypernets)
+        extras.check_matrix_args(args, mg.flags_given(rest), hypernets=opts.hypernets)
     except ValueError as error:  # hypermarl_extras.ArgError
         parser.error(str(error))
     try:  # the plot comes after the whole sweep: fail now, not then

@@ -39,7 +39,7 @@ class OneLineParser(argparse.ArgumentParser):
 def rollout_observations(script, path: str, episodes: int, seed: int) -> torch.Tensor:
     """(N, n_agents, obs_dim) observations of `episodes` evaluation episodes of one checkpoint."""
     state = extras.load_checkpoint(path, "--checkpoints", script.CHECKPOINT_FORMAT,  # weights_only; one line
-                                   script.CHECKPOINT_KEYS)
+                                   extras.CHECKPOINT_KEYS["vmas"])
     saved = {k: v for k, v in state["args"].items() if k in {f.name for f in script.dataclasses.fields(script.Args)}}
     args = script.Args(**saved)
     args.eval_episodes, args.seed = episodes, seed

@@ -13,6 +13,7 @@ import torch
 
 from conftest import ROOT
 
+import hypermarl_extras as extras  # noqa: E402
 import reinforce_matrix_games as mg  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "benchmark"))
@@ -32,7 +33,7 @@ def one_thread():
 
 def make_args(**overrides):
     args = mg.Args(**overrides)
-    mg.check_args(args, set(overrides))
+    extras.check_matrix_args(args, set(overrides))
     return args
 
 

@@ -765,7 +765,7 @@ def test_progress_line_says_totals_and_when_no_episode_ended(tmp_path):
     (["--eval-only", "--checkpoint", "/"], "--checkpoint: '/' is a folder"),
     (["--checkpoint", "x.pt"], "--checkpoint: only with --eval-only"),
     (["--eval-only", "--checkpoint", "x.pt", "--resume", "x.pt"], "--resume: cannot be combined with --eval-only"),
-    (["--no-fixed-order"], "--fixed-order: only with --algo happo"),
+    (["--no-fixed-order"], "--no-fixed-order: only with --algo happo"),  # named as written
     (["--agent-obsk", "0"], "--agent-obsk: only with --obs-mode local"),
     (["--hypernet-init", "matched", "--hypernet", "linear"], "--hypernet-init: matched is for --hypernet mlp"),
     (["--hypernet-input", "agent+obs", "--hypernet", "fups"], "--hypernet-input: only with --hypernet mlp or linear"),

@@ -19,6 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "reinforce_matrix_games.py")
 sys.path.insert(0, REPO)
 
+import hypermarl_extras as extras  # noqa: E402
 import reinforce_matrix_games as mg  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO, "benchmark"))
@@ -40,7 +41,7 @@ def one_thread():
 
 def make_args(**overrides):
     args = mg.Args(**overrides)
-    mg.check_args(args, set(overrides))
+    extras.check_matrix_args(args, set(overrides))
     return args
 
 

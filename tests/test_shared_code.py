@@ -2,9 +2,11 @@
 
 import ast
 import difflib
+import math
 import os
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -17,10 +19,11 @@ HYPERNETWORKS = ["layer_init", "layer_shapes", "num_target_params", "target_init
 METRICS = ["js_distance_categorical", "js_distance_gaussian", "system_neural_diversity",
            "gradient_variance_and_norm", "gradient_interference"]
 COPIES = {
-    "reinforce_matrix_games": [p for p in HYPERNETWORKS if p != "layer_init"] + ["js_distance_categorical",
-                                                                                 "flags_given", "new_run_folder",
-                                                                                 "duration"],
-    "mappo_hyper_mamujoco": HYPERNETWORKS + METRICS + ["SharedNet", "IndependentNets", "compute_gae", "parse_args",
+    # The matrix games have no observation: their hypernetworks and batched_mlp are pinned by behaviour, below.
+    "reinforce_matrix_games": ["layer_shapes", "num_target_params", "target_init_vector", "unflatten_params",
+                               "js_distance_categorical", "new_run_folder", "duration"],
+    # batched_mlp: MaMuJoCo's PerAgentMLP interleaves HARL's LayerNorms with the layers instead
+    "mappo_hyper_mamujoco": [p for p in HYPERNETWORKS if p != "batched_mlp"] + METRICS + ["SharedNet", "IndependentNets", "compute_gae", "parse_args",
                                                        "flags_given", "read_command_line", "StopOnSignal",
                                                        "new_run_folder", "duration"],
 }
@@ -74,3 +77,25 @@ def test_copied_pieces_are_identical_to_the_canonical_ones(name):
     assert not missing, f"{name}.py lacks {missing}"
     drifted = [piece for piece in COPIES[name] if copy[piece] != canonical[piece]]
     assert not drifted, f"{name}.py changed {drifted}: copy them from ippo_hyper_vmas.py"
+
+
+@pytest.mark.parametrize("family", ["linear", "linear-no-bias", "mlp"])
+def test_matrix_hypernetworks_are_ippos_without_observations(family):
+    """Same seed, same parameters (names and values), same generated weights, same policy outputs."""
+    import ippo_hyper_vmas as ippo
+    import reinforce_matrix_games as mg
+
+    sizes, gains = [1, 4, 3], [math.sqrt(2), 0.01]
+    make = {"linear": lambda m, **kw: m.LinearHypernet(3, sizes, gains, shared_bias=True, **kw),
+            "linear-no-bias": lambda m, **kw: m.LinearHypernet(3, sizes, gains, shared_bias=False, **kw),
+            "mlp": lambda m, **kw: m.MLPHypernet(3, sizes, gains, 4, [8, 5], **kw)}[family]
+    torch.manual_seed(0)
+    canonical = make(ippo, init="scaled")
+    torch.manual_seed(0)
+    copy = make(mg)
+    assert canonical.state_dict().keys() == copy.state_dict().keys()
+    assert all(torch.equal(canonical.state_dict()[k], copy.state_dict()[k]) for k in canonical.state_dict())
+    x = torch.randn(3, 7, 1)
+    for (w1, b1), (w2, b2) in zip(canonical(), copy()):
+        assert torch.equal(w1, w2) and torch.equal(b1, b2)
+    assert torch.equal(ippo.batched_mlp(x, canonical(), torch.relu), mg.batched_mlp(x, copy(), torch.relu))

@@ -184,7 +184,7 @@ NAVIGATION_BAD_INPUT = [
     (["--agents-with-same-goal", 2, "--collisions"], "--collisions"),
     (["--lidar-range", 0.5], "--lidar-range"),  # agents carry a LIDAR only with --collisions
     (["--penalise-by-time"], None),  # the default value of a dispersion flag is harmless
-    (["--no-penalise-by-time"], "--penalise-by-time"),
+    (["--no-penalise-by-time"], "--no-penalise-by-time"),  # named as written
 ]
 
 
