@@ -331,12 +331,14 @@ def misplaced_flags(script, args) -> dict:
                       for name in script.SCENARIO_OPTIONS[other]}
 
 
+# --hypernet-init matched with --hypernet linear: the linear hypernetwork's scaled init is exact already
+MATCHED_IS_FOR_MLP = "--hypernet-init: matched is for --hypernet mlp, got --hypernet linear"
+
+
 def check_args(script, args, given: set[str]) -> None:
     """A VMAS or the MaMuJoCo script's run: each flag given only where it applies (with a checkpoint: to
     its run), every value in its range, no combination the method or the simulator cannot run."""
     refuse_misplaced(given, misplaced_flags(script, args), args)
-    if args.hypernet_init == "matched" and args.hypernet == "linear":  # the linear one's scaled init is exact
-        raise ArgError("--hypernet-init: matched is for --hypernet mlp, got --hypernet linear")
     (check_mamujoco_values if script.SIMULATOR == "mujoco" else check_vmas_values)(args)
 
 
@@ -351,6 +353,7 @@ def check_vmas_values(args) -> None:
         "agent_radius", "hypernet_embedding_dim"), unit=("gamma", "gae_lambda"), nonneg=("ent_coef", "vf_coef"),
         sizes=("actor_hidden_dims", "critic_hidden_dims", "hypernet_hidden_dims"), divide_batch=("num_minibatches",))
     for broken, why in (
+            (args.hypernet_init == "matched" and args.hypernet == "linear", MATCHED_IS_FOR_MLP),
             (args.hypernet == "dico" and not (args.dico_snd_des == -1 or args.dico_snd_des >= 0),
              f"--dico-snd-des: must be -1 (unconstrained) or >= 0, got {args.dico_snd_des!r}"),
             (navigation and not 1 <= same <= n,
@@ -378,6 +381,8 @@ def check_mamujoco_values(args) -> None:
         seed_why=" (evaluation episode k uses seed + 10000 + k, below 2**32)")
     if args.algo == "happo" and args.hypernet != "nops":  # shared weights: one agent's step moves the others
         raise ArgError(f"--hypernet: --algo happo needs disjoint per-agent actors (nops), got --hypernet {args.hypernet}")
+    if args.hypernet_init == "matched" and args.hypernet == "linear":
+        raise ArgError(MATCHED_IS_FOR_MLP)
 
 
 # Flags of one family of the matrix games ([linear], [mlp] in their --help)

@@ -483,7 +483,8 @@ def main(argv=None) -> int:
         print(f"seed={seed} eval/episodic_return={result['argmax'][s]:.4f} "
               f"eval/episodic_return_sampled={result['sampled'][s]:.4f} grad/actor_var={result['grad_var'][s]:.3e} "
               f"grad/interference={result['interference'][s]:.4f} diversity/snd={result['snd'][s]:.4f}")
-    took = duration(time.time() - start)
+    elapsed = time.time() - start
+    took = f"{elapsed:.1f} s" if elapsed < 60 else duration(elapsed)
     print(f"{args.game} n={args.n_agents} {args.hypernet}: argmax {np.mean(result['argmax']):.4f} ± "
           f"{np.std(result['argmax']):.4f}, sampled {np.mean(result['sampled']):.4f} ± "
           f"{np.std(result['sampled']):.4f} ({took}, runs in {args.runs_dir})")

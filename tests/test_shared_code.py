@@ -21,7 +21,7 @@ METRICS = ["js_distance_categorical", "js_distance_gaussian", "system_neural_div
 COPIES = {
     # The matrix games have no observation: their hypernetworks and batched_mlp are pinned by behaviour, below.
     "reinforce_matrix_games": ["layer_shapes", "num_target_params", "target_init_vector", "unflatten_params",
-                               "js_distance_categorical", "new_run_folder", "duration"],
+                               "js_distance_categorical", "flags_given", "new_run_folder", "duration"],
     # batched_mlp: MaMuJoCo's PerAgentMLP interleaves HARL's LayerNorms with the layers instead
     "mappo_hyper_mamujoco": [p for p in HYPERNETWORKS if p != "batched_mlp"] + METRICS + ["SharedNet", "IndependentNets", "compute_gae", "parse_args",
                                                        "flags_given", "read_command_line", "StopOnSignal",
