@@ -318,40 +318,9 @@ def make_vector_env(args: Args) -> gym.vector.VectorEnv:
     the next episode's first observation, and the ended one's last in info["final_obs"] (to bootstrap)."""
     fns = [functools.partial(MaMuJoCoEnv, args.task, args.obs_mode, args.agent_obsk, args.max_episode_steps)
            for _ in range(args.num_envs)]
-    mode = gym.vector.AutoresetMode.SAME_STEP
-    if not (args.async_envs and args.num_envs > 1):
-        return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
-    worker = functools.partial(env_worker, os.getpid())
-    if not hasattr(signal, "pthread_sigmask"):  # Windows
-        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, worker=worker)
-    # The workers inherit the blocked mask: a Ctrl-C right after their start cannot kill them before
-    # env_worker has ignored it.
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, worker=worker)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-
-
-def env_worker(main_pid: int, *args) -> None:
-    """gymnasium's AsyncVectorEnv worker, deaf to the SIGINT and SIGTERM that Ctrl-C, `timeout` and Slurm
-    send to every process of the job: the main process saves a checkpoint, which needs the workers'
-    simulator states, then closes them. SIGTERM from the main process itself (multiprocessing's
-    terminate()) still ends a worker; a worker whose main process was killed exits when its pipe closes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if hasattr(signal, "sigwaitinfo"):  # SIGTERM stays blocked (make_vector_env): only this thread takes it
-        def sigterm_from_main():
-            while signal.sigwaitinfo({signal.SIGTERM}).si_pid != main_pid:
-                pass
-            os._exit(128 + signal.SIGTERM)  # the status of a death by SIGTERM
-
-        threading.Thread(target=sigterm_from_main, daemon=True).start()
-    else:  # macOS: a forced close still ends the workers, by closing their pipes
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        gym.vector.async_vector_env._async_worker(*args)
-    except (EOFError, BrokenPipeError, ConnectionResetError):
-        pass  # the main process is gone: nobody to report to, and no traceback for the terminal
+    if args.async_envs and args.num_envs > 1:
+        return workers_deaf_to_signals(fns)  # Ctrl-C stops the run, not the simulators (the appendix)
+    return gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
 
 class ObsNormalizer:
@@ -1299,8 +1268,8 @@ class Evaluator:
 
 
 # ===== Appendix: the command line, checkpoints, evaluation-only =====
-# The checks and the checkpoint machinery live in hypermarl_extras.py, imported only here: a script
-# copied without it trains, with tyro's checks of types and choices only.
+# The checks, checkpoints, --eval-only and videos live in hypermarl_extras.py, imported only where one
+# of them is used: a script copied without it trains, with tyro's checks of types and choices only.
 def parse_args(argv=None, checked=True) -> Args:
     """The flags given, the paper's values for the others (--help shows them), then (checked) the checks."""
     argv = sys.argv[1:] if argv is None else [str(token) for token in argv]
@@ -1333,6 +1302,42 @@ def read_command_line(argv: list[str]):
                 raise ValueError(f"--{name.replace('_', '-')}: needs hypermarl_extras.py beside this script")
         return args, None, []
     return extras.read_command_line(sys.modules[__name__], argv)
+
+
+def workers_deaf_to_signals(fns) -> gym.vector.AsyncVectorEnv:
+    """AsyncVectorEnv whose workers (env_worker) ignore Ctrl-C and SIGTERM: the main process still needs
+    their simulator states for the checkpoint it writes on a stop."""
+    mode, worker = gym.vector.AutoresetMode.SAME_STEP, functools.partial(env_worker, os.getpid())
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, worker=worker)
+    # The workers inherit the blocked mask: a Ctrl-C right after their start cannot kill them before
+    # env_worker has ignored it.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, worker=worker)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def env_worker(main_pid: int, *args) -> None:
+    """gymnasium's AsyncVectorEnv worker, deaf to the SIGINT and SIGTERM that Ctrl-C, `timeout` and Slurm
+    send to every process of the job: the main process saves a checkpoint, which needs the workers'
+    simulator states, then closes them. SIGTERM from the main process itself (multiprocessing's
+    terminate()) still ends a worker; a worker whose main process was killed exits when its pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):  # SIGTERM stays blocked (the mask above): only this thread takes it
+        def sigterm_from_main():
+            while signal.sigwaitinfo({signal.SIGTERM}).si_pid != main_pid:
+                pass
+            os._exit(128 + signal.SIGTERM)  # the status of a death by SIGTERM
+
+        threading.Thread(target=sigterm_from_main, daemon=True).start()
+    else:  # macOS: a forced close still ends the workers, by closing their pipes
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        gym.vector.async_vector_env._async_worker(*args)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass  # the main process is gone: nobody to report to, and no traceback for the terminal
 
 
 def new_run_folder(runs_dir: str, prefix: str) -> str:

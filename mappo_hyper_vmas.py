@@ -1124,8 +1124,8 @@ def evaluate(agent, eval_env: VmasEnv, args: Args, seed: int, snd_obs=None, keep
 
 
 # ===== Appendix: the command line, checkpoints, --eval-only =====
-# The checks and the checkpoint machinery live in hypermarl_extras.py, imported only here: a script
-# copied without it trains, with tyro's checks of types and choices only.
+# The checks, checkpoints, --eval-only and videos live in hypermarl_extras.py, imported only where one
+# of them is used: a script copied without it trains, with tyro's checks of types and choices only.
 def parse_args(argv=None, checked=True) -> Args:
     """The flags given, the paper's values for the others (--help shows them), then (checked) the checks."""
     argv = sys.argv[1:] if argv is None else [str(token) for token in argv]

@@ -492,7 +492,7 @@ def main(argv=None) -> int:
 
 
 # ===== Appendix: the command line and run folders =====
-# The checks live in hypermarl_extras.py, imported only here: a script copied without it trains, with
+# The checks live in hypermarl_extras.py, imported only where used: a script copied without it trains, with
 # tyro's checks of types and choices only.
 def check_command_line(args: Args, argv: list[str]) -> None:
     """hypermarl_extras.py's checks of args; without it, only --save-model (which needs it) is refused."""
