@@ -331,15 +331,13 @@ def misplaced_flags(script, args) -> dict:
                       for name in script.SCENARIO_OPTIONS[other]}
 
 
-# --hypernet-init matched with --hypernet linear: the linear hypernetwork's scaled init is exact already
-MATCHED_IS_FOR_MLP = "--hypernet-init: matched is for --hypernet mlp, got --hypernet linear"
-
-
 def check_args(script, args, given: set[str]) -> None:
     """A VMAS or the MaMuJoCo script's run: each flag given only where it applies (with a checkpoint: to
     its run), every value in its range, no combination the method or the simulator cannot run."""
     refuse_misplaced(given, misplaced_flags(script, args), args)
     (check_mamujoco_values if script.SIMULATOR == "mujoco" else check_vmas_values)(args)
+    if args.hypernet_init == "matched" and args.hypernet == "linear":  # the linear one's scaled init is exact
+        raise ArgError("--hypernet-init: matched is for --hypernet mlp, got --hypernet linear")
 
 
 def check_vmas_values(args) -> None:
@@ -353,7 +351,6 @@ def check_vmas_values(args) -> None:
         "agent_radius", "hypernet_embedding_dim"), unit=("gamma", "gae_lambda"), nonneg=("ent_coef", "vf_coef"),
         sizes=("actor_hidden_dims", "critic_hidden_dims", "hypernet_hidden_dims"), divide_batch=("num_minibatches",))
     for broken, why in (
-            (args.hypernet_init == "matched" and args.hypernet == "linear", MATCHED_IS_FOR_MLP),
             (args.hypernet == "dico" and not (args.dico_snd_des == -1 or args.dico_snd_des >= 0),
              f"--dico-snd-des: must be -1 (unconstrained) or >= 0, got {args.dico_snd_des!r}"),
             (navigation and not 1 <= same <= n,
@@ -381,8 +378,6 @@ def check_mamujoco_values(args) -> None:
         seed_why=" (evaluation episode k uses seed + 10000 + k, below 2**32)")
     if args.algo == "happo" and args.hypernet != "nops":  # shared weights: one agent's step moves the others
         raise ArgError(f"--hypernet: --algo happo needs disjoint per-agent actors (nops), got --hypernet {args.hypernet}")
-    if args.hypernet_init == "matched" and args.hypernet == "linear":
-        raise ArgError(MATCHED_IS_FOR_MLP)
 
 
 # Flags of one family of the matrix games ([linear], [mlp] in their --help)
@@ -594,11 +589,16 @@ def evaluate_vmas_checkpoint(script, args, loaded, agent, eval_env) -> int:
     ret, per_agent, snd, _, _ = script.evaluate(agent, eval_env, args, args.seed + 10_000, snd_obs, video=video)
     print(f"eval/episodic_return={ret:.4f} diversity/snd={snd:.6f} per_agent={[round(r, 4) for r in per_agent]}")
     if video:
-        folder = script.new_run_folder(args.runs_dir, f"{loaded['run_name']}__eval")
-        path = os.path.join(args.runs_dir, folder, "eval.mp4")
-        save_video(None, path, "eval/video", video, loaded["global_step"], 1 / eval_env.env.world.dt)
-        print(f"video: {path}")
+        save_eval_only_video(script, args, loaded, video, 1 / eval_env.env.world.dt)
     return 0
+
+
+def save_eval_only_video(script, args, loaded, video, fps: float) -> None:
+    """--eval-only --capture-video: the episode as runs_dir/<the checkpoint's run>__eval<...>/eval.mp4."""
+    folder = script.new_run_folder(args.runs_dir, f"{loaded['run_name']}__eval")
+    path = os.path.join(args.runs_dir, folder, "eval.mp4")
+    save_video(None, path, "eval/video", video, loaded["global_step"], fps)
+    print(f"video: {path}")
 
 
 def mujoco_sim_state(env) -> dict:
@@ -661,10 +661,7 @@ def evaluate_mamujoco_checkpoint(script, args, loaded, actor, obs_norm, evaluato
         eval_return, snd, _ = evaluator(actor, obs_norm, video)
         print(f"eval/episodic_return={eval_return:.4f} diversity/snd={snd:.6f}")
         if video:
-            folder = script.new_run_folder(args.runs_dir, f"{loaded['run_name']}__eval")
-            path = os.path.join(args.runs_dir, folder, "eval.mp4")
-            save_video(None, path, "eval/video", video, loaded["global_step"], evaluator.video_timing()[1])
-            print(f"video: {path}")
+            save_eval_only_video(script, args, loaded, video, evaluator.video_timing()[1])
     finally:
         evaluator.close()
     return 0
