@@ -7,7 +7,7 @@ parameters yet each acts with its own network. Read top to bottom:
     1. Arguments (the paper's values)     5. Metrics (SND, gradient variance, interference)
     2. Environment                        6. The update (GAE, PPO)
     3. Hypernetworks (Eq. 5, 6, 4.3)      7. The training loop, then evaluation
-    4. Baselines and the agent            Appendix: command line, run folder, checkpoints
+    4. Baselines and the agent            Appendix: command line, run folder, signals, checkpoints
 
 Quick start:  python ippo_hyper_vmas.py --n-agents 4 --hypernet mlp --total-timesteps 300000
 """
@@ -404,7 +404,7 @@ class LinearHypernet(nn.Module):
 
     def __init__(self, n_agents, sizes, gains, init="scaled", shared_bias=True, obs_dim=0):
         super().__init__()
-        self.n_agents, self.sizes, self.obs_dim = n_agents, list(sizes), obs_dim
+        self.sizes, self.obs_dim = list(sizes), obs_dim
         self.head = nn.Linear(n_agents + obs_dim, num_target_params(sizes), bias=shared_bias)
         self.register_buffer("ids", torch.eye(n_agents))
         if init == "scaled":  # section 4.3: every agent starts with its own orthogonal network
@@ -466,6 +466,8 @@ class MLPHypernet(nn.Module):
                 for j in range(width):
                     weight_head.weight[:, j] = target_init_vector([fan_in, fan_out], [gain])[: fan_in * fan_out]
                 if init == "matched":  # nearest orthogonal columns, same norm: |f(u)| = |target| for |u| = 1
+                    # (a head with fewer outputs than hidden units, never in the paper's settings, gets orthonormal rows
+                    # instead: then the target's norm holds on average, not exactly)
                     u, _, vh = torch.linalg.svd(weight_head.weight, full_matrices=False)
                     norm = gain * min(fan_in, fan_out) ** 0.5 * max(1.0, width / (fan_in * fan_out)) ** 0.5
                     weight_head.weight.copy_(u @ vh * norm)
@@ -596,7 +598,8 @@ class DiCoMLP(nn.Module):
     def deviation_snd(self, x, deviation_params) -> torch.Tensor:
         """Mean pairwise L2 distance between the agents' deviation outputs on all observations of x."""
         n = x.shape[0]
-        outputs = batched_mlp(x.reshape(1, -1, x.shape[-1]).expand(n, -1, -1), deviation_params, self.activation)
+        everyone = x.reshape(1, -1, x.shape[-1]).expand(n, -1, -1)  # (n, n * batch, obs_dim): all agents' obs
+        outputs = batched_mlp(everyone, deviation_params, self.activation)  # every agent's network on each
         i, j = torch.triu_indices(n, n, offset=1, device=x.device)
         return torch.linalg.vector_norm(outputs[i] - outputs[j], dim=-1).mean()
 
@@ -636,8 +639,8 @@ def dico_action_space_loss(agent, obs: torch.Tensor) -> torch.Tensor:
     return overflow.max(0).values.square().mean()
 
 
-# Written out rather than torch.distributions objects, which cost 4% of a Dispersion iteration on a CPU
-# (measured; the README's Speed section); tested against torch.distributions.
+# Written out rather than torch.distributions objects, which cost 6.6% of a Dispersion iteration on a CPU
+# (benchmark/distributions_cost.py; the README's Speed section); tested against torch.distributions.
 def sample_action(dist, discrete: bool) -> torch.Tensor:
     """An action from a policy's output dist: logits (..., k), or (mean, std) each (..., d)."""
     if discrete:  # Gumbel-max: argmax(logits + Gumbel noise) is a categorical sample
@@ -808,6 +811,7 @@ def bootstrap_values(agent, final_obs, truncated, params) -> torch.Tensor:
     values = torch.zeros(final_obs.shape[:3], device=final_obs.device)
     t, e = truncated[:, 0].nonzero(as_tuple=True)  # one host sync per rollout
     if len(t):
+        # [t, :, e] puts the K indexed steps first: (K, n_agents, obs_dim) -> the critic's (n_agents, K, obs_dim)
         values[t, :, e] = agent.get_value(critic_input(final_obs[t, :, e].transpose(0, 1)), params).T
     return values
 
@@ -1080,7 +1084,7 @@ def evaluate(agent, eval_env: VmasEnv, args: Args, seed: int, snd_obs=None, keep
     drawn from seed, never from the training RNG. Then SND (Eq. 9) on snd_obs ((N, obs_dim),
     appendix D.1.2's shared dataset) or on --snd-samples of the episodes' observations. Returns
     (mean return, per-agent returns, SND, with keep_obs the observations (N, n_agents, obs_dim),
-    every episode's team return).
+    every episode's return averaged over agents).
     A list as video receives the frames of the first episode (rendering draws no random numbers)."""
     n, device = args.n_agents, eval_env.device
     # On CUDA, VMAS draws from torch's CUDA generator: forked and seeded here, like the policy's samples
@@ -1108,6 +1112,7 @@ def evaluate(agent, eval_env: VmasEnv, args: Args, seed: int, snd_obs=None, keep
             active &= ~(terminated | truncated)
             if not active.any():
                 break
+        # every agent's observations pooled: (n_agents, live envs, obs_dim) per step -> (N, obs_dim)
         pool = snd_obs.to(device) if snd_obs is not None else torch.cat([o.reshape(-1, o.shape[-1]) for o in seen])
         if snd_obs is None:
             pool = pool[torch.randperm(pool.shape[0], device=device)[: args.snd_samples]]
@@ -1120,7 +1125,7 @@ def evaluate(agent, eval_env: VmasEnv, args: Args, seed: int, snd_obs=None, keep
     return returns.mean(0).mean().item(), returns.mean(1).tolist(), snd, episodes_obs, returns.mean(0).tolist()
 
 
-# ===== Appendix: the command line, checkpoints, --eval-only =====
+# ===== Appendix: the command line, run folder, signals, checkpoints =====
 # The checks, checkpoints, --eval-only and videos live in hypermarl_extras.py, imported only where one
 # of them is used: a script copied without it trains, with tyro's checks of types and choices only.
 def parse_args(argv=None, checked=True) -> Args:

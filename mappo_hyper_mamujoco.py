@@ -1,6 +1,6 @@
 """HyperMARL MAPPO and HAPPO on Multi-Agent MuJoCo (Gymnasium-Robotics ``mamujoco_v1``).
 
-Paper section 5.2 (Table 4, Figures 5 and 7) and the ablations of section 6. HyperMARL is applied
+Paper section 5.2 (Table 4, Figure 5) and section 6's ablations (Figure 7). HyperMARL is applied
 to the actor only; the critic is one centralised V(s) on the global state, separate from the
 actors, as HARL builds it for MAPPO and HAPPO alike. Implementation details follow HARL (appendix F,
 Tables 17-21): MLPBase's LayerNorms (input and every hidden layer), Huber and clipped value loss,
@@ -12,7 +12,7 @@ the paper the v2 ones: returns are not comparable with Table 4. Read top to bott
     1. Arguments (Tables 17-21)           5. Metrics (SND, gradient variance, interference)
     2. Environment                        6. The update (GAE, MAPPO / HAPPO, value loss)
     3. Hypernetworks (Eq. 5, 6, 4.3)      7. The training loop, then evaluation
-    4. Baselines and the agent            Appendix: command line, run folder, checkpoints
+    4. Baselines and the agent            Appendix: command line, run folder, signals, checkpoints
 
 Quick start:  python mappo_hyper_mamujoco.py --task HalfCheetah-2x3 --hypernet mlp --total-timesteps 20000
 Baselines:    --hypernet nops (independent actors), --hypernet fups (shared actor + one-hot ID),
@@ -164,7 +164,7 @@ class Args:
 
     # Evaluation and metrics
     eval_interval: int = 100_000
-    """environment steps between evaluations (appendix D.1.1: every 25 rollouts of 20 x 200 steps)"""
+    """environment steps between evaluations (appendix D.1.1's "every 25 training episodes", read as HARL's eval_interval: 25 rollouts of 20 x 200 steps)"""
     eval_episodes: int = 40
     """deterministic evaluation episodes, run side by side (appendix D.1.1 and HARL: 40)"""
     snd_samples: int = 1000
@@ -172,11 +172,11 @@ class Args:
     snd_gaussian_samples: int = 64
     """Monte Carlo samples per observation for the Gaussian Jensen-Shannon estimator"""
     interference_interval: int = 10
-    """compute cross-agent gradient interference every this many updates"""
+    """compute cross-agent gradient interference every this many iterations"""
     interference_samples: int = 512
     """samples of the rollout used for the interference metric"""
     print_interval: int = 1
-    """print a progress line every this many updates (and at every evaluation)"""
+    """print a progress line every this many iterations (and at every evaluation)"""
 
 
 # The other tasks' values where they differ from HalfCheetah-2x3's: Tables 19 (Walker2d), 17 (Ant) and
@@ -419,7 +419,7 @@ class LinearHypernet(nn.Module):
 
     def __init__(self, n_agents, sizes, gains, init="scaled", shared_bias=True, obs_dim=0):
         super().__init__()
-        self.n_agents, self.sizes, self.obs_dim = n_agents, list(sizes), obs_dim
+        self.sizes, self.obs_dim = list(sizes), obs_dim
         self.head = nn.Linear(n_agents + obs_dim, num_target_params(sizes), bias=shared_bias)
         self.register_buffer("ids", torch.eye(n_agents))
         if init == "scaled":  # section 4.3: every agent starts with its own orthogonal network
@@ -481,6 +481,8 @@ class MLPHypernet(nn.Module):
                 for j in range(width):
                     weight_head.weight[:, j] = target_init_vector([fan_in, fan_out], [gain])[: fan_in * fan_out]
                 if init == "matched":  # nearest orthogonal columns, same norm: |f(u)| = |target| for |u| = 1
+                    # (a head with fewer outputs than hidden units, never in the paper's settings, gets orthonormal rows
+                    # instead: then the target's norm holds on average, not exactly)
                     u, _, vh = torch.linalg.svd(weight_head.weight, full_matrices=False)
                     norm = gain * min(fan_in, fan_out) ** 0.5 * max(1.0, width / (fan_in * fan_out)) ** 0.5
                     weight_head.weight.copy_(u @ vh * norm)
@@ -700,6 +702,7 @@ class ValueNorm(nn.Module):
 
 
 # ===== 5. Metrics =====
+# ippo_hyper_vmas.py's SND, copied whole (a test keeps the copies equal): MaMuJoCo uses its Gaussian branch.
 def js_distance_categorical(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Jensen-Shannon distance in base 2 (in [0, 1]) between categorical distributions (..., k)."""
     m = 0.5 * (p + q)
@@ -963,7 +966,7 @@ def critic_update(critics, optimizer, value_norm, batch: dict, args: Args) -> fl
     return float(torch.stack(losses).mean())
 
 
-def interference_metric(actor, batch: dict, args: Args) -> float:
+def interference_of(actor, batch: dict, args: Args) -> float:
     """Cross-agent interference before the update, on a random subset of the rollout: mean pairwise
     cosine similarity of the agents' policy-loss gradients on all actor parameters."""
     idx = torch.randperm(batch["obs"].shape[1], device=batch["obs"].device)[: args.interference_samples]
@@ -1095,6 +1098,7 @@ def main(argv=None) -> int:
                 if bootstrap_at:
                     final_states = torch.as_tensor(np.concatenate(bootstrap_states), device=device)
                     steps_, envs_ = zip(*bootstrap_at)
+                    # [steps, :, envs] puts the K indexed pairs first: (K, C), the critics' output transposed
                     bootstrap[list(steps_), :, list(envs_)] = value_norm.denormalize(critics(final_states)).float().T
                 next_values = torch.where(dones.bool(), bootstrap, next_values)
                 advantages, returns = compute_gae(rewards.expand(-1, C, -1).contiguous(), values, next_values,
@@ -1109,7 +1113,7 @@ def main(argv=None) -> int:
             tick = time.time()
             torch.set_num_threads(args.update_threads)  # the environment workers wait: use every core
             critic_of_agent = torch.arange(n) if C == n else torch.zeros(n, dtype=torch.long)
-            adv = advantages.transpose(0, 1).reshape(C, T * E)[critic_of_agent.to(device)]
+            adv = advantages.transpose(0, 1).reshape(C, T * E)[critic_of_agent.to(device)]  # (T, C, E) -> (n, T * E)
             adv = (adv - adv.mean()) / (adv.std() + 1e-5)  # HARL: normalised over the whole batch
             batch = dict(obs=obs.transpose(0, 1).reshape(n, T * E, D), actions=actions.transpose(0, 1).reshape(n, T * E, A),
                          logprobs=logprobs, advantages=adv, state=states.reshape(T * E, S),
@@ -1118,7 +1122,7 @@ def main(argv=None) -> int:
             # Optimizing the actors (MAPPO: all at once; HAPPO: one after the other), then the critics
             interference = None
             if (iteration - 1) % args.interference_interval == 0:
-                interference = interference_metric(actor, batch, args)
+                interference = interference_of(actor, batch, args)
             try:
                 if args.algo == "happo":
                     order = list(range(n)) if args.fixed_order else torch.randperm(n).tolist()
@@ -1252,8 +1256,9 @@ class Evaluator:
             pool = np.concatenate(pool)
             x = self.inputs(pool[torch.randperm(len(pool), generator=generator)[: args.snd_samples].numpy()], obs_norm)
             dist = actor(torch.as_tensor(x, device=self.device), params)
-            snd = system_neural_diversity(common_action_dims(dist.mean, dist.stddev, actor.act_mask), False,
-                                          args.snd_gaussian_samples, torch.Generator(device=self.device).manual_seed(args.seed))
+            snd = system_neural_diversity(common_action_dims(dist.mean, dist.stddev, actor.act_mask), discrete=False,
+                                          n_samples=args.snd_gaussian_samples,
+                                          generator=torch.Generator(device=self.device).manual_seed(args.seed))
         return float(returns.mean()), snd, returns.tolist()
 
     def inputs(self, flat: np.ndarray, obs_norm: ObsNormalizer) -> np.ndarray:
@@ -1267,7 +1272,7 @@ class Evaluator:
             env.close()
 
 
-# ===== Appendix: the command line, checkpoints, evaluation-only =====
+# ===== Appendix: the command line, run folder, signals, checkpoints =====
 # The checks, checkpoints, --eval-only and videos live in hypermarl_extras.py, imported only where one
 # of them is used: a script copied without it trains, with tyro's checks of types and choices only.
 def parse_args(argv=None, checked=True) -> Args:

@@ -223,7 +223,7 @@ class MLPHypernet(nn.Module):
 class PerAgentPolicy(nn.Module):
     """Every agent's own 1 -> hidden -> n network, its [(W, b) per layer] from weight_net (a
     hypernetwork; gains sqrt(2), 0.01: section 4.3) or, for NoPS (weight_net None), n networks with
-    PyTorch's default init stacked (n_agents, fan_in, fan_out): n (2h + 1 + (h+1) n) parameters."""
+    PyTorch's default init stacked (n_agents, fan_in, fan_out): n (2h + (h+1) n) parameters."""
 
     def __init__(self, hypernet: str, n_agents: int, args: Args):
         super().__init__()
