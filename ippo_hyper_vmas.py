@@ -639,8 +639,8 @@ def dico_action_space_loss(agent, obs: torch.Tensor) -> torch.Tensor:
     return overflow.max(0).values.square().mean()
 
 
-# Written out rather than torch.distributions objects, which cost 6.6% of a Dispersion iteration on a CPU
-# (benchmark/distributions_cost.py; the README's Speed section); tested against torch.distributions.
+# Written out rather than torch.distributions objects, which cost 5-14% of a Dispersion iteration on a CPU
+# (benchmark/results/distributions_cost.md); tested against torch.distributions.
 def sample_action(dist, discrete: bool) -> torch.Tensor:
     """An action from a policy's output dist: logits (..., k), or (mean, std) each (..., d)."""
     if discrete:  # Gumbel-max: argmax(logits + Gumbel noise) is a categorical sample
