@@ -42,6 +42,17 @@ def scalar_tags(run_dir):
     return {tag: [event.value for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
 
 
+def assert_flag_changes_the_run(script, runs_dir, base, extra, scenario="dispersion"):
+    """tiny_args runs with base flags, then with base + extra, same seed: both finish and their value
+    losses differ (runs are deterministic, so a flag that never reached the run would change nothing)."""
+    losses = []
+    for name, flags in (("base", base), ("changed", base + extra)):
+        assert script.main(tiny_args(os.path.join(runs_dir, name), *flags, scenario=scenario)) == 0
+        (run_dir,) = run_dirs(os.path.join(runs_dir, name))
+        losses.append(scalar_tags(run_dir)["losses/value_loss"])
+    assert losses[0] != losses[1]
+
+
 def parsed(script, **flags):
     """script.parse_args of flags given as keywords (lists as several values, booleans as --x / --no-x)."""
     argv = []

@@ -181,6 +181,7 @@ def test_table4_grid_shows_the_papers_numbers_and_the_runs_settings(tmp_path):
     done = cli(tmp_path / "grids", "--out", tmp_path / "out", "--reps", 20)
     assert done.returncode == 0, done.stderr
     text = (tmp_path / "out" / "table4.md").read_text()
+    # the paper's Table 4, Humanoid-v2 17x1 row, beside ours
     assert "6,544.10 (3,868.00, 6,664.89)" in table_row(text, "Humanoid-17x1", "mlp")
     assert "6,188.46 (5,006.13, 6,851.74)" in table_row(text, "Humanoid-17x1", "nops")
     header = text.split("## Humanoid-17x1")[0]
@@ -201,6 +202,7 @@ def test_matrix_grid_tables_2_and_6(tmp_path):
     table2 = text.split("## Table 2")[1].split("## Table 6")[0]
     table6 = text.split("## Table 6")[1]
     fups = np.array([0.5, 1.0, 1.0])
+    # in brackets, the paper's values: Table 2's FuPS+ID and Table 6's NoPS, Specialisation with 4 agents
     assert f"| FuPS+ID | {fups.mean():.2f} ± {fups.std():.2f} (0.95 ± 0.10) (n=3) |" in table2
     assert f"| NoPS | {0.99:.4f} ± 0.0000 (0.9988 ± 0.0007)" in table6
 

@@ -175,15 +175,14 @@ def test_init_scale_benchmark(tmp_path):
     assert result.returncode == 0, result.stderr
     text = out.read_text()
     assert text.count("| critic 3 |") == 4 and text.count("| actor 1 |") == 4  # both scripts, both scenarios
-    assert "| matched | 0% | 0% |" in text
+    assert "| matched | 0% | 0% |" in text  # largest miss of the target scale, over every layer: none for matched
     bad = run([os.path.join(ROOT, "benchmark", "init_scale.py"), "--seeds", "0", "--out", str(out) + "2"], tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --seeds: must be at least 1, got 0"
     assert not os.path.exists(str(out) + "2")
 
 
 @pytest.mark.parametrize("extra", [[], ["--hypernet-input", "agent+obs"]])
-def test_matched_trains(script, tmp_path, capsys, extra):
-    from conftest import tiny_args
+def test_matched_trains_and_changes_the_run(script, tmp_path, extra):
+    from conftest import assert_flag_changes_the_run
 
-    code = script.main(tiny_args(tmp_path, "--hypernet", "mlp", "--hypernet-init", "matched", *extra))
-    assert code == 0, capsys.readouterr().err
+    assert_flag_changes_the_run(script, tmp_path, ["--hypernet", "mlp", *extra], ["--hypernet-init", "matched"])

@@ -108,7 +108,7 @@ def test_benchmark_sweep_end_to_end(tmp_path):
     for name in bench.NAMES.values():
         assert f"| {name} |" in md
     assert "(1.00 ± 0.00)" in md and "(0.9996 ± 0.0004)" in md  # paper values beside ours
-    assert "| NoPS | 36 (36) |" in md and "Seeds at the optimum" in md
+    assert "| NoPS | 36 (36) |" in md and "Seeds at the optimum" in md  # Table 8: NoPS has 36 parameters at n = 2
     data = json.loads((tmp_path / "res" / "matrix_games_sweep.json").read_text())
     assert len(data["results"]) == 2 * 5 and all(len(r["sampled"]) == 2 for r in data["results"])
     assert (tmp_path / "res" / "matrix_games_n2.png").stat().st_size > 1000

@@ -347,7 +347,7 @@ def test_common_action_dims_for_snd():
     mean, std = torch.randn(2, 5, 9), torch.rand(2, 5, 9)
     mask = torch.tensor([[1.0] * 9, [1.0] * 8 + [0.0]]).unsqueeze(1)
     m, s = mj.common_action_dims(mean, std, mask)
-    assert m.shape == (2, 5, 8) and s.shape == (2, 5, 8)
+    assert torch.equal(m, mean[..., :8]) and torch.equal(s, std[..., :8])  # the dimensions every agent has
 
 
 # ----- end to end -----
@@ -379,19 +379,40 @@ def test_run_writes_the_metrics_of_the_vmas_scripts(tmp_path):
         assert len(values) == 2 and all(v > 0 for v in values), tag
 
 
-@pytest.mark.parametrize("extra", [
+# Flags that change the model or the update of tiny_argv's run: each must change its losses.
+ABLATIONS = [
     ["--hypernet-hidden-dims", "4"],  # HyperMARL-S (smaller hypernetwork)
     ["--hypernet-embedding", "onehot", "--hypernet-embedding-dim", "4"],
     ["--hypernet-init", "default"],
     ["--hypernet-input", "agent+obs"],
+    ["--critic", "per-agent"], ["--norm-obs", "--no-norm-value", "--no-clip-vloss"],
+]
+OPTIONS = [
     ["--obs-mode", "local", "--task", "Humanoid-17x1"],
     ["--obs-mode", "local", "--task", "Humanoid-9|8", "--hypernet", "fups"],
     ["--obs-mode", "local", "--task", "Humanoid-9|8", "--algo", "happo", "--hypernet", "nops"],
     ["--obs-mode", "local", "--task", "Ant-4x2", "--agent-obsk", "2", "--hypernet", "linear"],
-    ["--critic", "per-agent"], ["--norm-obs", "--no-norm-value", "--no-clip-vloss"],
     ["--num-envs", "2", "--num-steps", "16"],  # worker processes (AsyncVectorEnv)
-])
-def test_ablations_and_options(tmp_path, extra):
+]
+
+
+def losses_of(runs_dir):
+    (run,) = os.listdir(runs_dir)
+    return {key: value for key, value in scalars_by_step(os.path.join(runs_dir, run)).items()
+            if key[0].startswith("losses/")}
+
+
+@pytest.fixture(scope="module")
+def base_losses(tmp_path_factory):
+    """The losses of tiny_argv's run, which every ablation changes."""
+    runs_dir = tmp_path_factory.mktemp("base")
+    code, _, err = run_main(tiny_argv(runs_dir))
+    assert code == 0, err
+    return losses_of(runs_dir)
+
+
+@pytest.mark.parametrize("extra", ABLATIONS + OPTIONS)
+def test_ablations_and_options(tmp_path, extra, base_losses):
     argv = tiny_argv(tmp_path, *extra)
     if "--hypernet-embedding" in extra:  # onehot takes no embedding size
         i = argv.index("--hypernet-embedding-dim")
@@ -405,6 +426,8 @@ def test_ablations_and_options(tmp_path, extra):
     code, out, err = run_main(argv)
     assert code == 0, err
     assert math.isfinite(last_eval(out))
+    if extra in ABLATIONS:  # the runs are deterministic: a flag that never reached the run changes nothing
+        assert losses_of(tmp_path) != base_losses
 
 
 def test_checkpoint_restores_normalisers_and_scores_what_the_run_scored(tmp_path):
@@ -440,7 +463,9 @@ def test_resume_continues_from_checkpoint(tmp_path):
     assert state["global_step"] == 96 and state["iteration"] == 4
     code, out, err = run_main(tiny_argv(tmp_path, "--total-timesteps", "128", "--resume", path))
     assert code == 0, err
-    assert "global_step=128 iteration=4/4" in out
+    assert " at step 96" in out and "global_step=128 iteration=4/4" in out, out
+    assert "iteration=1/4" not in out and "iteration=3/4" not in out  # only the missing iteration ran
+    assert len(os.listdir(tmp_path)) == 1  # in the checkpoint's run folder
 
 
 @pytest.mark.parametrize("task", ["HalfCheetah-2x3", "Ant-4x2", "Humanoid-9|8"])

@@ -160,6 +160,7 @@ def test_shared_bias_couples_agents():
     args = make_args(num_trials=200, eval_interval=200)
     out = mg.train("specialisation", "linear", 4, [1, 2], args)
     assert min(abs(x) for x in out["interference"]) > 1e-4
+    # Eq. (5)'s shared bias b is one more agent's network: 2h + (h+1) n = 8 + 20 = 28 for h = n = 4
     assert mg.count_params("linear", 4, args) == mg.count_params("nops", 4, args) + 28
 
 

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import ROOT, load_script, run_dirs, scalar_tags, tiny_args, parsed
+from conftest import ROOT, assert_flag_changes_the_run, load_script, run_dirs, scalar_tags, tiny_args, parsed
 
 FAMILIES = ["mlp", "linear", "fups", "nops", "dico"]
 REQUIRED_TAGS = {"charts/episodic_return", "charts/SPS", "losses/policy_loss", "losses/value_loss",
@@ -42,28 +42,43 @@ def test_every_family_runs_and_logs_the_metrics(script, family, scenario, tmp_pa
 
 @pytest.mark.parametrize("ablation", [["--hypernet-embedding", "onehot"], ["--hypernet-init", "default"],
                                       ["--hypernet-input", "agent+obs"]])
-def test_ablations_run(script, ablation, tmp_path, capsys):
-    code, _, err = run(script, tiny_args(tmp_path, "--hypernet", "mlp", *ablation), capsys)
-    assert code == 0, err
+def test_ablations_run_and_change_the_run(script, ablation, tmp_path):
+    assert_flag_changes_the_run(script, tmp_path, ["--hypernet", "mlp"], ablation)
 
 
-def test_linear_agent_plus_obs_ablation_runs_continuous(script, tmp_path, capsys):
-    argv = tiny_args(tmp_path, "--hypernet", "linear", "--hypernet-input", "agent+obs", scenario="navigation")
-    code, _, err = run(script, argv, capsys)
-    assert code == 0, err
+def test_linear_agent_plus_obs_ablation_runs_continuous(script, tmp_path):
+    assert_flag_changes_the_run(script, tmp_path, ["--hypernet", "linear"], ["--hypernet-input", "agent+obs"],
+                                scenario="navigation")
 
 
 @pytest.mark.parametrize("name, family, scenario", [("ippo_hyper_vmas", "mlp", "dispersion"),
                                                     ("mappo_hyper_vmas", "dico", "navigation")])
-def test_compile_gives_the_numbers_of_eager(name, family, scenario, tmp_path, capsys):
+def test_compile_gives_the_numbers_of_eager(name, family, scenario, tmp_path, capsys, monkeypatch):
     """--compile (rollout policy step and gradient step through torch.compile's inductor) against
     eager: every logged number within float rounding, over two iterations (DiCo covers the eager
-    SND_hat update, Gaussian actions and its second optimiser)."""
+    SND_hat update, Gaussian actions and its second optimiser). The compiled functions must be the
+    ones the loop called, and only with --compile."""
     script = load_script(name)
+    real_compile, calls = torch.compile, {}
+
+    def counting_compile(fn, *args, **kwargs):
+        compiled = real_compile(fn, *args, **kwargs)
+
+        def counted(*a, **k):
+            calls[fn.__name__] = calls.get(fn.__name__, 0) + 1
+            return compiled(*a, **k)
+
+        return counted
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
     for flag in ("--no-compile", "--compile"):
         argv = tiny_args(tmp_path / flag, "--hypernet", family, "--n-agents", 2, "--num-envs", 8, "--num-steps", 16,
                          "--total-timesteps", 256, "--eval-interval", 128, scenario=scenario)
         assert run(script, argv + [flag], capsys)[0] == 0
+        if flag == "--no-compile":
+            assert calls == {}
+    # 2 iterations x 16 rollout steps; 2 iterations x 2 epochs x 2 minibatches (tiny_args' update)
+    assert calls.get("get_action_and_value", 0) == 32 and calls.get("gradient_step", 0) == 8, calls
     (eager,), (compiled,) = run_dirs(tmp_path / "--no-compile"), run_dirs(tmp_path / "--compile")
     eager, compiled = scalar_tags(eager), scalar_tags(compiled)
     assert set(eager) == set(compiled)
@@ -257,7 +272,7 @@ def test_nan_loss_stops_with_the_update_number_and_keeps_the_checkpoint(script, 
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_to_the_process_group_saves_a_checkpoint_that_resumes(script, signum, tmp_path):
+def test_signal_to_the_process_group_saves_a_checkpoint_that_resumes(script, signum, tmp_path, capsys):
     argv = [sys.executable, "-u", f"{script.__name__}.py"] + tiny_args(tmp_path, "--total-timesteps", 32 * 2000,
                                                                      "--print-interval", 1, "--eval-interval", 10**9)
     # its own process group, signalled as a whole: what a terminal's Ctrl-C, Slurm or timeout do
@@ -275,6 +290,13 @@ def test_signal_to_the_process_group_saves_a_checkpoint_that_resumes(script, sig
     state = load(os.path.join(run_dir, "checkpoint.pt"))
     assert 32 <= state["global_step"] < 32 * 2000 and state["iteration"] == state["global_step"] // 32 + 1
     assert not [f for f in os.listdir(run_dir) if f.endswith(".tmp")]
+    # and it resumes: one more iteration, in the same run folder, from the saved step
+    budget = state["global_step"] + 32
+    code, out, err = run(script, ["--resume", os.path.join(run_dir, "checkpoint.pt"), "--total-timesteps", budget,
+                                  "--print-interval", 1, "--save-model"], capsys)
+    assert code == 0, err
+    assert f"at step {state['global_step']}" in out and f"global_step={budget} " in out, out
+    assert run_dirs(tmp_path) == [run_dir] and load(os.path.join(run_dir, "checkpoint.pt"))["global_step"] == budget
 
 
 @pytest.mark.parametrize("where", ["file", "inside-file", "read-only", "empty", "broken-link"])
