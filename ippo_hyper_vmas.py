@@ -4,10 +4,10 @@ HyperMARL (Tessera, Rahman & Albrecht) generates every agent's actor and critic 
 hypernetwork conditioned on that agent's embedding, so all agents share one set of trainable
 parameters yet each acts with its own network. Read top to bottom:
 
-    1. Arguments (the paper's values)     5. Metrics (SND, gradient variance, interference)
-    2. Environment                        6. The update (GAE, PPO)
-    3. Hypernetworks (Eq. 5, 6, 4.3)      7. The training loop, then evaluation
-    4. Baselines and the agent            Appendix: command line, run folder, signals, checkpoints
+    1. Arguments (the paper's values)        5. Metrics (SND, gradient variance, interference)
+    2. Environment                           6. The update (GAE, PPO)
+    3. Hypernetworks (Eq. 5, 6; section 4.3) 7. The training loop, then evaluation
+    4. Baselines and the agent               Appendix: command line, run folder, signals, checkpoints
 
 Quick start:  python ippo_hyper_vmas.py --n-agents 4 --hypernet mlp --total-timesteps 300000
 """
@@ -171,7 +171,7 @@ class Args:
     interference_samples: int = 512
     """samples (per agent) of each update's first minibatch on which grad/interference is measured"""
     print_interval: int = 10
-    """print a progress line every this many iterations (and at every evaluation)"""
+    """print a progress line every this many iterations (also after the first, at every evaluation and at least once a minute)"""
 
 
 # Navigation's values where they differ from Dispersion's: Tables 12 and 16, evaluation of D.1.1
@@ -321,10 +321,10 @@ class VmasEnv:
         """Fresh states for the ended environments with one batched reset, whatever their number: the
         environments that go on get their state back with one masked write per tensor (VMAS's
         reset_at(i) resets one environment per call, a Python loop once episodes fall out of step)."""
-        going_on = [(holder, key, value.clone()) for holder in self._state_holders().values()
-                    for key, value in vars(holder).items() if isinstance(value, torch.Tensor)]
+        saved = [(holder, key, value.clone()) for holder in self._state_holders().values()
+                 for key, value in vars(holder).items() if isinstance(value, torch.Tensor)]
         fresh_obs = torch.stack(self.env.reset())
-        for holder, key, old in going_on:
+        for holder, key, old in saved:
             if old.dim() > 0 and old.shape[0] == self.num_envs:  # one row per environment
                 ended = done.view((-1,) + (1,) * (old.dim() - 1))
                 setattr(holder, key, torch.where(ended, getattr(holder, key), old))
@@ -458,12 +458,13 @@ class MLPHypernet(nn.Module):
             return
         with torch.no_grad():
             for layer in (m for trunk in self.trunks for m in trunk if isinstance(m, nn.Linear)):
-                std = layer.in_features ** -0.5 / 0.8796256610342398  # Flax's lecun_normal: truncated at 2 std
+                # Flax's lecun_normal: truncated at 2 std, rescaled by that truncated normal's std (0.8796)
+                std = layer.in_features ** -0.5 / 0.8796256610342398
                 nn.init.trunc_normal_(layer.weight, 0.0, std, -2 * std, 2 * std)
                 layer.bias.zero_()
             for k, ((fan_in, fan_out), gain) in enumerate(zip(self.shapes, gains)):
                 weight_head, bias_head = self.heads[2 * k], self.heads[2 * k + 1]
-                for j in range(width):
+                for j in range(width):  # width: every trunk's output (its last hidden layer)
                     weight_head.weight[:, j] = target_init_vector([fan_in, fan_out], [gain])[: fan_in * fan_out]
                 if init == "matched":  # nearest orthogonal columns, same norm: |f(u)| = |target| for |u| = 1
                     # (a head with fewer outputs than hidden units, never in the paper's settings, gets orthonormal rows
@@ -610,9 +611,9 @@ class DiCoMLP(nn.Module):
         if self.snd_des <= 0:
             return 0.0 if self.snd_des == 0 else 1.0
         estimate = self.snd_hat
-        # torch.where, not `if`: a Python test of a CUDA value would sync every rollout step and minibatch
         if torch.is_grad_enabled():
             measured = self.deviation_snd(x, deviation_params)
+            # torch.where, not `if`: a Python test of a CUDA value would sync every rollout step and minibatch
             estimate = torch.where(self.snd_hat.isnan(), measured, (1 - self.TAU) * self.snd_hat + self.TAU * measured)
             if update_estimate:
                 self.snd_hat.copy_(estimate.detach())
@@ -924,7 +925,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     obs_dim, act_dim, discrete = eval_env.obs_dim, eval_env.act_dim, eval_env.discrete
-    critic_in_dim = critic_input(torch.zeros(args.n_agents, 1, obs_dim)).shape[-1]
+    critic_in_dim = critic_input(torch.zeros(args.n_agents, 1, obs_dim)).shape[-1]  # MAPPO's is wider
     agent = Agent(args, obs_dim, act_dim, discrete, critic_in_dim).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     # DiCo's action-space loss has its own Adam (their callback: lr 3e-5, torch's default eps).
@@ -947,10 +948,10 @@ def main(argv=None) -> int:
     # a new run folder, or the checkpoint's run restored; TensorBoard and wandb (the appendix)
     run_name, writer, global_step, start_iteration = open_run(args, loaded, changes, agent, optimizer, action_optimizer,
                                                               envs, device)
-    run_dir, next_obs = os.path.join(args.runs_dir, run_name), envs.obs
+    run_dir, next_obs = os.path.join(args.runs_dir, run_name), envs.obs  # after open_run: --resume restores envs.obs
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
 
-    # ALGO Logic: Storage setup, time-major (T, n_agents, num_envs, ...)
+    # ALGO Logic: Storage setup, time-major (T, n_agents, num_envs, ...); episode ends (T, 1, num_envs)
     obs = torch.zeros((T, n, E, obs_dim), device=device)
     actions = torch.zeros((T, n, E) + (() if discrete else (act_dim,)), device=device,
                           dtype=torch.long if discrete else torch.float)
@@ -967,7 +968,7 @@ def main(argv=None) -> int:
           f"follows the first iteration", flush=True)
     next_eval = (global_step // args.eval_interval + 1) * args.eval_interval
     next_save = (global_step // args.save_interval + 1) * args.save_interval
-    exit_code, iteration = 0, start_iteration
+    exit_code, next_iteration = 0, start_iteration
     stop = StopOnSignal()  # Ctrl-C or SIGTERM: finish the iteration, save a checkpoint, stop (the appendix)
     try:
         for iteration in range(start_iteration, num_iterations + 1):
@@ -1046,10 +1047,9 @@ def main(argv=None) -> int:
             if args.save_model and global_step >= next_save and iteration < num_iterations:
                 next_save = (global_step // args.save_interval + 1) * args.save_interval
                 save_run(checkpoint_path, args, run_name, agent, optimizer, action_optimizer, envs, global_step, iteration + 1)
-        else:
-            iteration = num_iterations + 1
+            next_iteration = iteration + 1
         if exit_code == 0 and (args.save_model or stop.requested) and save_run(
-                checkpoint_path, args, run_name, agent, optimizer, action_optimizer, envs, global_step, iteration):
+                checkpoint_path, args, run_name, agent, optimizer, action_optimizer, envs, global_step, next_iteration):
             print(f"checkpoint: {checkpoint_path} (continue with --resume {checkpoint_path})")
     finally:
         stop.restore()
@@ -1112,9 +1112,10 @@ def evaluate(agent, eval_env: VmasEnv, args: Args, seed: int, snd_obs=None, keep
             active &= ~(terminated | truncated)
             if not active.any():
                 break
-        # every agent's observations pooled: (n_agents, live envs, obs_dim) per step -> (N, obs_dim)
-        pool = snd_obs.to(device) if snd_obs is not None else torch.cat([o.reshape(-1, o.shape[-1]) for o in seen])
-        if snd_obs is None:
+        if snd_obs is not None:
+            pool = snd_obs.to(device)
+        else:  # every agent's observations pooled: (n_agents, live envs, obs_dim) per step -> (N, obs_dim)
+            pool = torch.cat([o.reshape(-1, o.shape[-1]) for o in seen])
             pool = pool[torch.randperm(pool.shape[0], device=device)[: args.snd_samples]]
         snd = 0.0
         for chunk in pool.split(10_000):  # chunks keep a million-observation dataset in memory

@@ -9,10 +9,10 @@ and epochs, HARL's bounded Gaussian std (sigmoid(log_std / x) * y), actions in [
 the joints' ranges, Table 21's clip for HyperMARL. Gymnasium-Robotics runs the MuJoCo v5 tasks,
 the paper the v2 ones: returns are not comparable with Table 4. Read top to bottom:
 
-    1. Arguments (Tables 17-21)           5. Metrics (SND, gradient variance, interference)
-    2. Environment                        6. The update (GAE, MAPPO / HAPPO, value loss)
-    3. Hypernetworks (Eq. 5, 6, 4.3)      7. The training loop, then evaluation
-    4. Baselines and the agent            Appendix: command line, run folder, signals, checkpoints
+    1. Arguments (Tables 17-21)              5. Metrics (SND, gradient variance, interference)
+    2. Environment                           6. The update (GAE, MAPPO / HAPPO, value loss)
+    3. Hypernetworks (Eq. 5, 6; section 4.3) 7. The training loop, then evaluation
+    4. Baselines and the agent               Appendix: command line, run folder, signals, checkpoints
 
 Quick start:  python mappo_hyper_mamujoco.py --task HalfCheetah-2x3 --hypernet mlp --total-timesteps 20000
 Baselines:    --hypernet nops (independent actors), --hypernet fups (shared actor + one-hot ID),
@@ -176,7 +176,7 @@ class Args:
     interference_samples: int = 512
     """samples of the rollout used for the interference metric"""
     print_interval: int = 1
-    """print a progress line every this many iterations (and at every evaluation)"""
+    """print a progress line every this many iterations (also after the first, at every evaluation and at least once a minute)"""
 
 
 # The other tasks' values where they differ from HalfCheetah-2x3's: Tables 19 (Walker2d), 17 (Ant) and
@@ -245,7 +245,7 @@ class MaMuJoCoEnv(gym.Env):
                  render_mode: Optional[str] = None):
         super().__init__()
         self.ma = make_parallel_env(task, agent_obsk, max_episode_steps, render_mode)
-        self.base = self.ma.single_agent_env  # gymnasium.make(...-v5): TimeLimit(1000) and checkers
+        self.base = self.ma.single_agent_env  # gymnasium.make(...-v5): TimeLimit(max_episode_steps) and checkers
         self.obs_mode = obs_mode
         agents = self.ma.possible_agents
         self.n_agents = len(agents)
@@ -347,8 +347,8 @@ class ObsNormalizer:
     def state(self, state: np.ndarray) -> np.ndarray:
         return self.normalize("state", state)
 
-    def local(self, local: np.ndarray) -> np.ndarray:
-        return self.normalize("local", local) * self.obs_mask
+    def local(self, local: Optional[np.ndarray]) -> Optional[np.ndarray]:
+        return None if local is None else self.normalize("local", local) * self.obs_mask
 
     def state_dict(self) -> dict:
         return {key: dict(mean=torch.as_tensor(r.mean), var=torch.as_tensor(r.var), count=float(r.count))
@@ -473,12 +473,13 @@ class MLPHypernet(nn.Module):
             return
         with torch.no_grad():
             for layer in (m for trunk in self.trunks for m in trunk if isinstance(m, nn.Linear)):
-                std = layer.in_features ** -0.5 / 0.8796256610342398  # Flax's lecun_normal: truncated at 2 std
+                # Flax's lecun_normal: truncated at 2 std, rescaled by that truncated normal's std (0.8796)
+                std = layer.in_features ** -0.5 / 0.8796256610342398
                 nn.init.trunc_normal_(layer.weight, 0.0, std, -2 * std, 2 * std)
                 layer.bias.zero_()
             for k, ((fan_in, fan_out), gain) in enumerate(zip(self.shapes, gains)):
                 weight_head, bias_head = self.heads[2 * k], self.heads[2 * k + 1]
-                for j in range(width):
+                for j in range(width):  # width: every trunk's output (its last hidden layer)
                     weight_head.weight[:, j] = target_init_vector([fan_in, fan_out], [gain])[: fan_in * fan_out]
                 if init == "matched":  # nearest orthogonal columns, same norm: |f(u)| = |target| for |u| = 1
                     # (a head with fewer outputs than hidden units, never in the paper's settings, gets orthonormal rows
@@ -893,23 +894,28 @@ def mean_stats(history: list[dict]) -> dict:
     return {key: float(torch.stack([stats[key] for stats in history]).mean()) for key in history[0]}
 
 
+def minibatches(batch_size: int, num_minibatches: int, epochs: int, device):
+    """The indices of every minibatch: epochs passes over the batch, each in a new random order."""
+    minibatch_size = batch_size // num_minibatches
+    for _ in range(epochs):
+        order = torch.randperm(batch_size, device=device)
+        for start in range(0, batch_size, minibatch_size):
+            yield order[start: start + minibatch_size]
+
+
 def mappo_actor_update(actor, optimizer, batch: dict, args: Args) -> dict:
     """All agents at once, update_epochs passes over the rollout in minibatches, the weights generated
     once per minibatch. batch: obs (n, B, D), actions (n, B, A), logprobs (n, B), advantages (n, B)."""
-    batch_size = batch["obs"].shape[1]
-    minibatch_size = batch_size // args.num_minibatches
     history = []
-    for epoch in range(args.update_epochs):
-        order = torch.randperm(batch_size, device=batch["obs"].device)
-        for start in range(0, batch_size, minibatch_size):
-            mb = {key: batch[key][:, order[start: start + minibatch_size]] for key in ("obs", "actions", "logprobs", "advantages")}
-            newlogprob, entropy = actor.log_prob_entropy(mb["obs"], mb["actions"], actor.generate())
-            pg_loss, ratio = clipped_surrogate(newlogprob, mb["logprobs"], mb["advantages"], args.clip_coef)
-            per_agent = pg_loss - args.ent_coef * entropy.mean(-1)
-            # independent actors: the sum is n separate losses; shared weights: the mean over agents
-            grad_stats = actor_step(actor, optimizer, per_agent.sum() if actor.independent else per_agent.mean(),
-                                    args.max_grad_norm)
-            history.append(ppo_stats(pg_loss, entropy, newlogprob, mb["logprobs"], ratio, grad_stats, args.clip_coef))
+    for idx in minibatches(batch["obs"].shape[1], args.num_minibatches, args.update_epochs, batch["obs"].device):
+        mb = {key: batch[key][:, idx] for key in ("obs", "actions", "logprobs", "advantages")}
+        newlogprob, entropy = actor.log_prob_entropy(mb["obs"], mb["actions"], actor.generate())
+        pg_loss, ratio = clipped_surrogate(newlogprob, mb["logprobs"], mb["advantages"], args.clip_coef)
+        per_agent = pg_loss - args.ent_coef * entropy.mean(-1)
+        # independent actors: the sum is n separate losses; shared weights: the mean over agents
+        grad_stats = actor_step(actor, optimizer, per_agent.sum() if actor.independent else per_agent.mean(),
+                                args.max_grad_norm)
+        history.append(ppo_stats(pg_loss, entropy, newlogprob, mb["logprobs"], ratio, grad_stats, args.clip_coef))
     return mean_stats(history)
 
 
@@ -919,24 +925,19 @@ def happo_actor_update(actor, optimizer, batch: dict, args: Args, order: list):
     product of the agents already updated, evaluated on the whole batch after their updates.
     Returns the statistics and the factors each agent was weighted by (for the tests)."""
     batch_size = batch["obs"].shape[1]
-    minibatch_size = batch_size // args.num_minibatches
     factor = torch.ones(batch_size, device=batch["obs"].device)
     history, factors_used = [], []
     for agent_id in order:
         ids = torch.tensor([agent_id], device=batch["obs"].device)
         obs, actions, oldlogprob, advantages = (batch[key][ids] for key in ("obs", "actions", "logprobs", "advantages"))
         factors_used.append(factor.clone())
-        for epoch in range(args.update_epochs):
-            perm = torch.randperm(batch_size, device=batch["obs"].device)
-            for start in range(0, batch_size, minibatch_size):
-                idx = perm[start: start + minibatch_size]
-                newlogprob, entropy = actor.log_prob_entropy(obs[:, idx], actions[:, idx], actor.generate(), ids)
-                pg_loss, ratio = clipped_surrogate(newlogprob, oldlogprob[:, idx], advantages[:, idx], args.clip_coef,
-                                                   factor[idx].unsqueeze(0))
-                grad_stats = actor_step(actor, optimizer, (pg_loss - args.ent_coef * entropy.mean(-1)).sum(),
-                                        args.max_grad_norm, ids)
-                history.append(ppo_stats(pg_loss, entropy, newlogprob, oldlogprob[:, idx], ratio, grad_stats,
-                                         args.clip_coef))
+        for idx in minibatches(batch_size, args.num_minibatches, args.update_epochs, batch["obs"].device):
+            newlogprob, entropy = actor.log_prob_entropy(obs[:, idx], actions[:, idx], actor.generate(), ids)
+            pg_loss, ratio = clipped_surrogate(newlogprob, oldlogprob[:, idx], advantages[:, idx], args.clip_coef,
+                                               factor[idx].unsqueeze(0))
+            grad_stats = actor_step(actor, optimizer, (pg_loss - args.ent_coef * entropy.mean(-1)).sum(),
+                                    args.max_grad_norm, ids)
+            history.append(ppo_stats(pg_loss, entropy, newlogprob, oldlogprob[:, idx], ratio, grad_stats, args.clip_coef))
         with torch.no_grad():  # M^{i_1:m} = M^{i_1:m-1} * pi_new^{i_m}(a|o) / pi_old^{i_m}(a|o), joint over the action
             newlogprob, _ = actor.log_prob_entropy(obs, actions, actor.generate(), ids)
             factor = factor * (newlogprob[0] - oldlogprob[0]).exp()
@@ -945,24 +946,20 @@ def happo_actor_update(actor, optimizer, batch: dict, args: Args, order: list):
 
 def critic_update(critics, optimizer, value_norm, batch: dict, args: Args) -> float:
     """batch: state (B, S), values (C, B) old outputs (normalised units), returns (C, B) raw."""
-    batch_size = batch["state"].shape[0]
-    minibatch_size = batch_size // args.critic_num_minibatches
     value_norm.update(batch["returns"])
     targets_n = value_norm.normalize(batch["returns"])
     losses = []
-    for epoch in range(args.critic_epochs):
-        order = torch.randperm(batch_size, device=batch["state"].device)
-        for start in range(0, batch_size, minibatch_size):
-            idx = order[start: start + minibatch_size]
-            per_critic = value_loss(critics(batch["state"][idx]), batch["values"][:, idx], targets_n[:, idx], args)
-            loss = per_critic.sum()  # separate critics: separate losses
-            if not torch.isfinite(loss):
-                raise FloatingPointError("critic loss is not finite")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            clip_grad_per_agent(list(critics.parameters()), args.max_grad_norm, critics.n_critics)
-            optimizer.step()
-            losses.append(per_critic.detach().mean())
+    state = batch["state"]  # (B, S)
+    for idx in minibatches(state.shape[0], args.critic_num_minibatches, args.critic_epochs, state.device):
+        per_critic = value_loss(critics(state[idx]), batch["values"][:, idx], targets_n[:, idx], args)
+        loss = per_critic.sum()  # separate critics: separate losses
+        if not torch.isfinite(loss):
+            raise FloatingPointError("critic loss is not finite")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_grad_per_agent(list(critics.parameters()), args.max_grad_norm, critics.n_critics)
+        optimizer.step()
+        losses.append(per_critic.detach().mean())
     return float(torch.stack(losses).mean())
 
 
@@ -992,7 +989,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     evaluator = Evaluator(args, device)
-    probe = evaluator.envs[0]  # shapes and masks
+    probe = evaluator.envs[0]  # shapes, masks and split() (which keeps no state: the training envs use it too)
     n, A, S, D = probe.n_agents, probe.act_dim, probe.state_dim, actor_obs_dim(args, probe)
     C = n if args.critic == "per-agent" else 1
     actor = GaussianActor(args, n, D, A, probe.act_mask).to(device)
@@ -1018,7 +1015,7 @@ def main(argv=None) -> int:
     run_dir = os.path.join(args.runs_dir, run_name)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
 
-    # ALGO Logic: Storage setup, time-major (T, n_agents or 1, num_envs, ...)
+    # ALGO Logic: Storage setup, time-major (T, n_agents, num_envs, ...); states (T, E, S); rewards, ends (T, 1, E)
     envs = make_vector_env(args)
     obs = torch.zeros((T, n, E, D), device=device)
     states = torch.zeros((T, E, S), device=device)
@@ -1063,11 +1060,10 @@ def main(argv=None) -> int:
                     local, state = probe.split(flat)
                     obs_norm.update(local, state)
                     state_n = obs_norm.state(state)
-                    obs[step] = torch.as_tensor(actor_inputs(obs_norm.local(local) if local is not None else None,
-                                                             state_n, n), device=device)
+                    obs[step] = torch.as_tensor(actor_inputs(obs_norm.local(local), state_n, n), device=device)
                     states[step] = torch.as_tensor(state_n, device=device)
                     actions[step] = actor(obs[step], params).sample()
-                    # the sample itself, as HARL: the env rescales [-1, 1] to the joints' ranges
+                    # the sample itself, as HARL: the env maps [-1, 1] to the joints' ranges; (n, E, A) -> (E, n, A)
                     flat, reward, terminated, truncated, info = envs.step(actions[step].cpu().numpy().transpose(1, 0, 2))
                     rewards[step, 0] = torch.as_tensor(reward, dtype=torch.float32, device=device)
                     terminateds[step, 0] = torch.as_tensor(terminated, dtype=torch.float32, device=device)
@@ -1086,8 +1082,8 @@ def main(argv=None) -> int:
                         episode_return[e], episode_length[e] = 0.0, 0
 
                 # behaviour log-probs and values in one batched pass: the weights did not change
-                logprobs = actor.log_prob_entropy(obs.transpose(0, 1).reshape(n, T * E, D),
-                                                  actions.transpose(0, 1).reshape(n, T * E, A), params)[0]
+                batch_obs, batch_actions = (x.transpose(0, 1).reshape(n, T * E, -1) for x in (obs, actions))  # (n, T * E, .)
+                logprobs = actor.log_prob_entropy(batch_obs, batch_actions, params)[0]
                 values_n = critics(states.reshape(T * E, S)).reshape(C, T, E)  # normalised units
                 values = value_norm.denormalize(values_n).float().transpose(0, 1)  # (T, C, E)
 
@@ -1115,8 +1111,7 @@ def main(argv=None) -> int:
             critic_of_agent = torch.arange(n) if C == n else torch.zeros(n, dtype=torch.long)
             adv = advantages.transpose(0, 1).reshape(C, T * E)[critic_of_agent.to(device)]  # (T, C, E) -> (n, T * E)
             adv = (adv - adv.mean()) / (adv.std() + 1e-5)  # HARL: normalised over the whole batch
-            batch = dict(obs=obs.transpose(0, 1).reshape(n, T * E, D), actions=actions.transpose(0, 1).reshape(n, T * E, A),
-                         logprobs=logprobs, advantages=adv, state=states.reshape(T * E, S),
+            batch = dict(obs=batch_obs, actions=batch_actions, logprobs=logprobs, advantages=adv, state=states.reshape(T * E, S),
                          values=values_n.reshape(C, T * E), returns=returns.transpose(0, 1).reshape(C, T * E))
 
             # Optimizing the actors (MAPPO: all at once; HAPPO: one after the other), then the critics
@@ -1237,7 +1232,7 @@ class Evaluator:
         pool, generator = [], torch.Generator().manual_seed(args.seed)
         with torch.no_grad():
             params = actor.generate()
-            for t in range(args.max_episode_steps + 1):
+            for t in range(args.max_episode_steps + 1):  # TimeLimit ends every episode within it
                 live = np.nonzero(active)[0]
                 film = video is not None and active[0] and (t + 1) % stride == 0
                 pool.append(np.stack([flats[k] for k in live]))
@@ -1264,8 +1259,7 @@ class Evaluator:
     def inputs(self, flat: np.ndarray, obs_norm: ObsNormalizer) -> np.ndarray:
         """Raw observations (batch, flat) -> every agent's actor input (n_agents, batch, obs_dim)."""
         local, state = self.envs[0].split(flat)
-        return actor_inputs(obs_norm.local(local) if local is not None else None, obs_norm.state(state),
-                            self.envs[0].n_agents)
+        return actor_inputs(obs_norm.local(local), obs_norm.state(state), self.envs[0].n_agents)
 
     def close(self):
         for env in self.envs:

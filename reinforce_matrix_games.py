@@ -88,9 +88,9 @@ class Args:
 
     # Evaluation and metrics
     eval_trials: int = 1_000
-    """evaluation trials (argmax actions and sampled actions)"""
+    """trials of the sampled-action evaluation (the argmax one is a single joint action)"""
     eval_interval: int = 100
-    """training trials between evaluations (the learning curves)"""
+    """training trials between evaluations (the learning curves): the first update at or past each multiple"""
     log_interval: int = 10
     """updates between TensorBoard points of the training metrics"""
 
@@ -405,7 +405,7 @@ def train(game: str, hypernet: str, n_agents: int, seeds: list[int], args: Args,
                                   "grad/actor_var": stats["grad_var"], "grad/actor_norm": stats["grad_norm"],
                                   "grad/interference": stats["interference"],
                                   "charts/SPS": int(trials * n_agents / max(time.time() - start, 1e-9))})
-        if trials % args.eval_interval == 0 or update == num_updates:
+        if trials // args.eval_interval > (trials - args.batch_size) // args.eval_interval or update == num_updates:
             final = record_eval(trials)  # the last one is the final evaluation
         if progress and update < num_updates and time.time() - printed_at >= 60:  # short runs print no progress
             printed_at = time.time()

@@ -383,7 +383,7 @@ def read_events(folder: str):
 def evaluations(folder: str, scalars: dict, interval: int = 0) -> list[dict]:
     """Every evaluation, in step order: the episodes' returns from evaluations.jsonl (VMAS, MaMuJoCo;
     the last line of a step wins, as a run resumed after a hard kill repeats evaluations), or the
-    TensorBoard values (matrix games: the exact expected reward, no episodes). With the run's
+    TensorBoard values (matrix games: the argmax and sampled evaluations' rewards, no episodes). With the run's
     eval interval, an evaluation off its schedule (a script evaluates at its budget's end, so a run
     continued to a larger --budget has one at each former end) is left out, the last one kept: every
     run's step_k is then the same evaluation as a straight run's."""

@@ -172,6 +172,12 @@ def test_seed_batching_does_not_change_a_seed():
     assert abs(alone["grad_var"][0] - batched["grad_var"][1]) < 1e-6 * max(1.0, alone["grad_var"][0])
 
 
+def test_evaluations_at_the_first_update_past_each_eval_interval():
+    # 25 is not a multiple of the batch (10): each multiple of 25 is evaluated at the update that passes it
+    out = mg.train("specialisation", "nops", 2, [1], make_args(num_trials=110, eval_interval=25))
+    assert out["curve"]["trials"] == [0, 30, 50, 80, 100, 110]
+
+
 # ----- end to end -----
 def test_single_run_in_process(tmp_path, capsys):
     runs = tmp_path / "runs"
