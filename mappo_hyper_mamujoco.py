@@ -1081,8 +1081,8 @@ def main(argv=None) -> int:
                         finished_lengths.append(episode_length[e])
                         episode_return[e], episode_length[e] = 0.0, 0
 
-                # behaviour log-probs and values in one batched pass: the weights did not change
-                batch_obs, batch_actions = (x.transpose(0, 1).reshape(n, T * E, -1) for x in (obs, actions))  # (n, T * E, .)
+                # behaviour log-probs and values in one batched pass (the weights did not change); (n, T * E, ...)
+                batch_obs, batch_actions = (x.transpose(0, 1).reshape(n, T * E, -1) for x in (obs, actions))
                 logprobs = actor.log_prob_entropy(batch_obs, batch_actions, params)[0]
                 values_n = critics(states.reshape(T * E, S)).reshape(C, T, E)  # normalised units
                 values = value_norm.denormalize(values_n).float().transpose(0, 1)  # (T, C, E)
@@ -1111,8 +1111,9 @@ def main(argv=None) -> int:
             critic_of_agent = torch.arange(n) if C == n else torch.zeros(n, dtype=torch.long)
             adv = advantages.transpose(0, 1).reshape(C, T * E)[critic_of_agent.to(device)]  # (T, C, E) -> (n, T * E)
             adv = (adv - adv.mean()) / (adv.std() + 1e-5)  # HARL: normalised over the whole batch
-            batch = dict(obs=batch_obs, actions=batch_actions, logprobs=logprobs, advantages=adv, state=states.reshape(T * E, S),
-                         values=values_n.reshape(C, T * E), returns=returns.transpose(0, 1).reshape(C, T * E))
+            batch = dict(obs=batch_obs, actions=batch_actions, logprobs=logprobs, advantages=adv,
+                         state=states.reshape(T * E, S), values=values_n.reshape(C, T * E),
+                         returns=returns.transpose(0, 1).reshape(C, T * E))
 
             # Optimizing the actors (MAPPO: all at once; HAPPO: one after the other), then the critics
             interference = None

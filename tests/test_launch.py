@@ -247,8 +247,10 @@ def test_ray_local_cluster_runs_a_grid_stops_it_and_resumes_it(tmp_path):
     """A Ctrl-C of the launcher cancels the Ray tasks: each passes a SIGTERM on to its script, which
     saves a checkpoint; the same command resumes both runs to their summaries."""
     pytest.importorskip("ray")
+    # 200 iterations (about 10 s): one run must not finish while the other is still starting (40 did, on a busy CI)
+    budget = 32 * 200
     argv = [sys.executable, LAUNCH, "figure2-mappo", "--backend", "ray", "--out", str(tmp_path), "--methods", "linear",
-            "nops", "--seeds", "1", "--jobs", "2", "--budget", str(32 * 40), "--", *TINY_VMAS, "--eval-interval", "320",
+            "nops", "--seeds", "1", "--jobs", "2", "--budget", str(budget), "--", *TINY_VMAS, "--eval-interval", "1280",
             "--print-interval", "1"]
     grid_dir = str(tmp_path / "figure2-mappo")
     run_ids = ["mappo-dispersion-4-linear-s1", "mappo-dispersion-4-nops-s1"]
@@ -267,7 +269,7 @@ def test_ray_local_cluster_runs_a_grid_stops_it_and_resumes_it(tmp_path):
     found = summaries(grid_dir)
     assert sorted(found) == run_ids
     for run_id, s in found.items():
-        check_vmas_summary(s, "figure2-mappo", s["method"], 32 * 40)
+        check_vmas_summary(s, "figure2-mappo", s["method"], budget)
         assert s["script"] == "mappo_hyper_vmas.py"
         assert [" --resume " in line for line in starts(grid_dir, run_id)] == [False, True]
         times = [float(line.split()[-1]) for line in log(grid_dir, run_id).splitlines() if line.startswith("# wall_seconds")]
