@@ -1,18 +1,20 @@
-"""What the training scripts need beyond training: input checks, checkpoints, resuming, videos.
+"""What the training scripts need beyond training: checkpoints, resuming, run folders, signals, videos.
 
-The scripts import this module only where a feature needs it: the checks of the command line, and
---save-model, --resume, --eval-only, the checkpoint written on Ctrl-C or SIGTERM, --capture-video.
-Training runs from each script alone: a script copied into another project without this file trains
-as before, with tyro's checks of types and choices only.
+A library: it imports no script, and every call passes what it needs. The scripts import it when it is
+there; without it a script copied alone still trains and checks its flags, and refuses the flags that
+need this file (--save-model, --resume, --eval-only, --capture-video, ...).
 
-Command line (every script):
-    ArgError                                     a bad flag: one line, exit status 2, nothing written
-    refuse_misplaced(given, why_not, args)       a flag given where it does not apply
-    check_values(args, positive=..., ...)        every value in its range, --runs-dir writable, wandb there
-    read_command_line(script, argv)              flags, checks, and the checkpoint to resume or evaluate
-    check_args(script, args, given)              a VMAS or the MaMuJoCo script's rules (misplaced_flags)
-    check_matrix_args(args, given)               the matrix games' rules
-Checkpoints (every script):
+Command line:
+    ArgError / CheckpointError                   a bad flag or file: one line, exit status 2, nothing written
+    read_checkpoint(args, given, fmt, keys, model_fields, may_change)   --resume / --eval-only's checkpoint
+    resume_rules(args, loaded, changes)          a resumed run's budget, as (broken, message) pairs
+    check_output(args)                           --runs-dir writable, wandb installed for --track
+    check_capture_video(simulator)               --capture-video: this machine renders off-screen
+Run folders and signals:
+    new_run_folder(runs_dir, prefix)             a fresh folder, safe for runs started in the same second
+    StopOnSignal()                               Ctrl-C / SIGTERM: save and stop after the iteration
+    signal_deaf_vector_env(fns, autoreset_mode)  MaMuJoCo's workers, alive through a Ctrl-C until the checkpoint
+Checkpoints:
     save_checkpoint(path, state)                 atomic: a crash mid-write leaves the previous file
     load_checkpoint(path, flag, fmt, required)   weights_only=True; a foreign or tampered file is refused
     take_flags_from_checkpoint(...)              --resume / --checkpoint take the saved run's flags
@@ -22,13 +24,14 @@ Checkpoints (every script):
     save_vmas_run(...) / restore_vmas_run(...)   a VMAS script's whole run, simulators included, bit for bit
     save_mamujoco_run(...) / restore_mamujoco_run(...)   the same for the MaMuJoCo script
     mujoco_sim_state(env) / set_mujoco_sim_state(env, state)   one MuJoCo env mid-episode, as plain data
-    evaluate_vmas_checkpoint / evaluate_mamujoco_checkpoint   --eval-only
     save_matrix_models(...)                      the matrix games' --save-model
 Videos (--capture-video):
     probe_capture_video(simulator)   None, or one line saying what to install (checked before a run starts)
     mamujoco_frame(parallel_env)     one MaMuJoCo frame, without shadows (software rendering)
     video_timing(steps_per_second)   (stride, fps) for real-time playback
     save_video(writer, path, tag, frames, step, fps)   an mp4 file and an animated GIF in TensorBoard
+    save_eval_video(runs_dir, loaded, frames, fps)     --eval-only's video, in a new run folder
+    eval_only(args, loaded, evaluation_line, obs_dim, fps)   --eval-only: evaluate, print, maybe the video
 
 Both simulators render through EGL: VMAS through pyglet's headless mode, MuJoCo with MUJOCO_GL=egl.
 Without a GPU, Mesa's EGL renders in software (llvmpipe): no display and no GPU are needed.
@@ -37,14 +40,16 @@ Without a GPU, Mesa's EGL renders in software (llvmpipe): no display and no GPU 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
-import math
 import os
 import pickle
 import random
-import re
+import signal
 import subprocess
+import threading
 import sys
+import time
 import warnings
 import zipfile
 from typing import Optional, Sequence
@@ -198,47 +203,11 @@ def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def refuse_misplaced(given: set[str], why_not: dict, args=None) -> None:
-    """why_not[name]: why flag `name` does not apply to this run (None where it does); given, it is refused,
-    named as written (--no-x for a boolean given False)."""
-    for name in sorted(given):
-        if why_not.get(name):
-            written = "--no-" + flag_of(name)[2:] if getattr(args, name, None) is False else flag_of(name)
-            raise ArgError(f"{written}: {why_not[name]}")
-
-
-def check_values(args, positive=(), unit=(), nonneg=(), sizes=(), divide_batch=(), max_seed=2**32 - 1 - 10_000,
-                 seed_why="") -> None:
-    """A run's values (a checkpoint's included): finite floats, a seed NumPy takes (max_seed leaves room
-    for the evaluation's offsets), a plain --exp-name, the fields of `positive` > 0, of `unit` in [0, 1],
-    of `nonneg` >= 0, of `sizes` one or more positive sizes; with divide_batch, those fields divide
-    num_envs * num_steps and total_timesteps holds one batch. Then --runs-dir and --track."""
-    def fail(name, why):
-        raise ArgError(f"{flag_of(name)}: {why}, got {getattr(args, name)!r}")
-
-    for f in dataclasses.fields(args):  # inf and nan pass every comparison below: refuse them first
-        if isinstance(getattr(args, f.name), float) and not math.isfinite(getattr(args, f.name)):
-            fail(f.name, "must be a finite number")
-    if not 0 <= args.seed <= max_seed:
-        fail("seed", f"must be between 0 and {max_seed}{seed_why}")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.exp_name):
-        fail("exp_name", "must be a plain name (letters, digits, '.', '_', '-')")
-    for names, holds, why in ((positive, lambda v: v > 0, "must be positive"),
-                              (unit, lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
-                              (nonneg, lambda v: v >= 0, "must be >= 0"),
-                              (sizes, lambda v: v and min(v) > 0, "must be one or more positive sizes")):
-        for name in names:
-            if not holds(getattr(args, name)):
-                fail(name, why)
-    if divide_batch:
-        batch_size = args.num_envs * args.num_steps
-        for name in divide_batch:
-            if batch_size % getattr(args, name):
-                fail(name, f"must divide num_envs * num_steps = {batch_size}")
-        if args.total_timesteps < batch_size:
-            fail("total_timesteps", f"must be at least num_envs * num_steps = {batch_size}")
+def check_output(args) -> None:
+    """--runs-dir a folder this run may create and write into, and wandb installed for --track; checked
+    before anything is written."""
     eval_only = getattr(args, "eval_only", False)
-    if not eval_only or args.capture_video:
+    if not eval_only or getattr(args, "capture_video", False):
         check_output_folder("--runs-dir", args.runs_dir)
     if args.track and not eval_only:
         try:
@@ -263,12 +232,12 @@ def check_output_folder(flag: str, path: str) -> None:
 INVOCATION_FIELDS = ("resume", "eval_only", "checkpoint", "snd_obs_file")  # what to do, not what the run is
 
 
-def read_command_line(script, argv: list[str]):
-    """A checkpointing script's command line: (args, the checkpoint to resume or evaluate or None, the
-    flags --resume changes). ArgError or CheckpointError (one line) for a bad flag or file, before
-    anything is written. script: the module, with Args, parse_args, flags_given, paper_defaults,
-    CHECKPOINT_FORMAT and SIMULATOR (vmas: SCENARIO_OPTIONS too)."""
-    args, given = script.parse_args(argv, checked=False), script.flags_given(argv)
+def read_checkpoint(args, given: set[str], fmt: str, keys, model_fields, may_change):
+    """The checkpoint a run resumes (--resume) or evaluates (--eval-only --checkpoint), read safely,
+    its flags taken into args in place: (the checkpoint or None, the flags --resume changes, to report).
+    fmt: the script's checkpoint format; keys: what its checkpoints hold; model_fields: the flags that
+    define the model and the environment (--checkpoint takes them); may_change: what --resume may
+    change, every other flag being the checkpoint's. ArgError (one line) for a bad flag or file."""
     if args.eval_only != bool(args.checkpoint):
         raise ArgError("--eval-only: needs --checkpoint PATH" if args.eval_only else
                        "--checkpoint: only with --eval-only (use --resume to continue training)")
@@ -281,158 +250,111 @@ def read_command_line(script, argv: list[str]):
         if path is not None and not os.path.isfile(path):
             raise ArgError(f"{flag_of(name)}: {path!r} is a folder, not a file" if os.path.isdir(path) else
                            f"{flag_of(name)}: no such file {path!r}")
-    loaded, changes = None, []
-    if args.resume or args.checkpoint:
-        flag = "--resume" if args.resume else "--checkpoint"
-        kind = script.SIMULATOR
-        loaded = load_checkpoint(args.resume or args.checkpoint, flag, script.CHECKPOINT_FORMAT, CHECKPOINT_KEYS[kind])
-        changes = take_flags_from_checkpoint(args, loaded["args"], flag, given, COMPAT_FIELDS[kind],
-                                             RESUME_MAY_CHANGE[kind], INVOCATION_FIELDS)
-        if flag == "--checkpoint":  # the evaluation's defaults are those of the checkpoint's scenario
-            args = script.paper_defaults(args, given | set(COMPAT_FIELDS[kind]))
-        refuse_misplaced(given, misplaced_flags(script, args), args)  # before the budget, as the values come after it
-        if args.resume and getattr(args, "anneal_lr", False) and any(c.startswith("--total-timesteps") for c in changes):
-            raise ArgError("--total-timesteps: the run anneals its learning rate over its budget (--anneal-lr); "
-                           "a new budget would change the schedule")
-        batch_size = args.num_envs * args.num_steps  # the checkpoint's
-        if args.resume and loaded["iteration"] > args.total_timesteps // batch_size:
-            raise ArgError(f"--total-timesteps: the run already trained {loaded['global_step']} steps, in iterations "
-                           f"of {batch_size}; give at least {loaded['iteration'] * batch_size} to train on")
-    check_args(script, args, given)
-    if args.capture_video:
-        if script.SIMULATOR == "mujoco":
-            default_mujoco_gl()  # before anything imports mujoco, which reads it once
-        if problem := probe_capture_video(script.SIMULATOR):
-            raise ArgError(problem)
-    return args, loaded, changes
+    if not (args.resume or args.checkpoint):
+        return None, []
+    flag = "--resume" if args.resume else "--checkpoint"
+    loaded = load_checkpoint(args.resume or args.checkpoint, flag, fmt, keys)
+    changes = take_flags_from_checkpoint(args, loaded["args"], flag, given, model_fields, may_change, INVOCATION_FIELDS)
+    return loaded, changes
 
 
-# ===== Each script's flags: where they apply, and their ranges =====
-def hypernet_flags(family: str) -> dict:
-    """The hypernetwork's flags: why each does not apply to --hypernet family (None where it does)."""
-    return dict.fromkeys(("hypernet_embedding_dim", "hypernet_hidden_dims", "hypernet_embedding"),
-                         None if family == "mlp" else f"only with --hypernet mlp, got --hypernet {family}") | \
-        dict.fromkeys(("hypernet_init", "hypernet_input"), None if family in ("mlp", "linear") else
-                      f"only with --hypernet mlp or linear, got --hypernet {family}")
+def resume_rules(args, loaded, changes):
+    """(broken, message) pairs, as the scripts' flag_rules: a resumed run's new budget (--total-timesteps)
+    must fit what it has trained, and its --anneal-lr schedule. The scripts check them before the ranges:
+    "already trained 64 steps" is the reason a budget of 16 fails, not "must be at least one batch"."""
+    resumed = bool(args.resume)
+    yield resumed and getattr(args, "anneal_lr", False) and any(c.startswith("--total-timesteps") for c in changes), \
+        ("--total-timesteps: the run anneals its learning rate over its budget (--anneal-lr); "
+         "a new budget would change the schedule")
+    batch_size = args.num_envs * args.num_steps  # the checkpoint's
+    if resumed:
+        yield loaded["iteration"] > args.total_timesteps // batch_size, \
+            (f"--total-timesteps: the run already trained {loaded['global_step']} steps, in iterations "
+             f"of {batch_size}; give at least {loaded['iteration'] * batch_size} to train on")
 
 
-def misplaced_flags(script, args) -> dict:
-    """Flag -> why it does not apply to this run of a VMAS script or the MaMuJoCo one (None where it does)."""
-    why_not = hypernet_flags(args.hypernet) | dict(save_interval=None if args.save_model else "only with --save-model")
-    if script.SIMULATOR == "mujoco":
-        return why_not | dict(
-            fixed_order=None if args.algo == "happo" else f"only with --algo happo, got --algo {args.algo}",
-            agent_obsk=None if args.obs_mode == "local" else f"only with --obs-mode local, got --obs-mode {args.obs_mode}")
-    other = "navigation" if args.scenario == "dispersion" else "dispersion"
-    why_not.update(dico_snd_des=None if args.hypernet == "dico" else
-                   f"only with --hypernet dico, got --hypernet {args.hypernet}",
-                   lidar_range=None if args.collisions else "only with --collisions (agents carry a LIDAR only then)")
-    return why_not | {name: f"is a {other} option, not for --scenario {args.scenario}"
-                      for name in script.SCENARIO_OPTIONS[other]}
+def check_capture_video(simulator: str) -> None:
+    """--capture-video: ArgError unless this machine renders `simulator` ("vmas" or "mujoco") off-screen."""
+    if simulator == "mujoco":
+        default_mujoco_gl()  # before anything imports mujoco, which reads it once
+    if problem := probe_capture_video(simulator):
+        raise ArgError(problem)
 
 
-def check_args(script, args, given: set[str]) -> None:
-    """A VMAS or the MaMuJoCo script's run: each flag given only where it applies (with a checkpoint: to
-    its run), every value in its range, no combination the method or the simulator cannot run."""
-    refuse_misplaced(given, misplaced_flags(script, args), args)
-    (check_mamujoco_values if script.SIMULATOR == "mujoco" else check_vmas_values)(args)
-    if args.hypernet_init == "matched" and args.hypernet == "linear":  # the linear one's scaled init is exact
-        raise ArgError("--hypernet-init: matched is for --hypernet mlp, got --hypernet linear")
+# ===== Run folders and signals =====
+def new_run_folder(runs_dir: str, prefix: str) -> str:
+    """A fresh folder runs_dir/<prefix>__<time>[_k]: mkdir is atomic, so runs started in the same
+    second (a sweep launched with &) never share one. Returns its name."""
+    os.makedirs(runs_dir, exist_ok=True)
+    stamp, k = int(time.time()), 0
+    while True:
+        name = f"{prefix}__{stamp}" + (f"_{k}" if k else "")
+        try:
+            os.mkdir(os.path.join(runs_dir, name))
+            return name
+        except FileExistsError:
+            k += 1
 
 
-def check_vmas_values(args) -> None:
-    n, same, navigation = args.n_agents, args.agents_with_same_goal, args.scenario == "navigation"
-    if n < 2:
-        raise ArgError(f"--n-agents: must be at least 2, got {n}")
-    check_values(args, positive=(
-        "max_steps", "total_timesteps", "learning_rate", "num_envs", "num_steps", "num_minibatches", "update_epochs",
-        "clip_coef", "max_grad_norm", "eval_interval", "eval_episodes", "snd_samples", "snd_gaussian_samples",
-        "interference_samples", "print_interval", "save_interval", "n_food", "food_radius", "lidar_range",
-        "agent_radius", "hypernet_embedding_dim"), unit=("gamma", "gae_lambda"), nonneg=("ent_coef", "vf_coef"),
-        sizes=("actor_hidden_dims", "critic_hidden_dims", "hypernet_hidden_dims"), divide_batch=("num_minibatches",))
-    for broken, why in (
-            (args.hypernet == "dico" and not (args.dico_snd_des == -1 or args.dico_snd_des >= 0),
-             f"--dico-snd-des: must be -1 (unconstrained) or >= 0, got {args.dico_snd_des!r}"),
-            (navigation and not 1 <= same <= n,
-             f"--agents-with-same-goal: must be between 1 and n_agents = {n}, got {same!r}"),
-            (navigation and same > 1 and args.collisions,
-             "--collisions: agents cannot share a goal with collisions on (VMAS asserts it); "
-             "use --agents-with-same-goal 1"),
-            (navigation and args.split_goals and (n % 2 or same != n // 2),
-             f"--split-goals: needs an even n_agents and --agents-with-same-goal n/2, got n={n}, same={same}")):
-        if broken:
-            raise ArgError(why)
+class StopOnSignal:
+    """Ctrl-C or SIGTERM sets `requested`: the loop saves a checkpoint and stops after its iteration. A
+    second one stops at once. restore() puts the previous handlers back."""
+
+    def __init__(self):
+        self.requested = None
+        self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def request(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signum
+        print(f"\nsignal {signum}: saving a checkpoint and stopping", flush=True)
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
-def check_mamujoco_values(args) -> None:
-    check_values(args, positive=(
-        "torch_threads", "update_threads", "max_episode_steps", "num_envs", "total_timesteps", "num_steps",
-        "learning_rate", "critic_learning_rate", "update_epochs", "critic_epochs", "num_minibatches",
-        "critic_num_minibatches", "clip_coef", "huber_delta", "max_grad_norm", "adam_eps", "std_x_coef", "std_y_coef",
-        "hypernet_embedding_dim", "eval_interval", "eval_episodes", "snd_samples", "snd_gaussian_samples",
-        "interference_interval", "interference_samples", "print_interval", "save_interval"),
-        unit=("gamma", "gae_lambda"), nonneg=("ent_coef", "agent_obsk"),
-        sizes=("actor_hidden_dims", "critic_hidden_dims", "hypernet_hidden_dims"),
-        divide_batch=("num_minibatches", "critic_num_minibatches"),
-        max_seed=2**32 - 1 - 10_000 - (args.eval_episodes - 1),  # NumPy takes seeds below 2**32
-        seed_why=" (evaluation episode k uses seed + 10000 + k, below 2**32)")
-    if args.algo == "happo" and args.hypernet != "nops":  # shared weights: one agent's step moves the others
-        raise ArgError(f"--hypernet: --algo happo needs disjoint per-agent actors (nops), got --hypernet {args.hypernet}")
+def signal_deaf_vector_env(fns, autoreset_mode):
+    """gymnasium's AsyncVectorEnv whose workers ignore Ctrl-C and the SIGTERM sent to the whole job, so the
+    checkpoint a stop writes can still read their simulators. They inherit the blocked mask: a Ctrl-C right
+    after their start cannot kill them before they ignore it."""
+    import gymnasium
+
+    blocks = hasattr(signal, "pthread_sigmask")  # not on Windows
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if blocks else None
+    try:
+        return gymnasium.vector.AsyncVectorEnv(fns, autoreset_mode=autoreset_mode,
+                                               worker=functools.partial(_deaf_env_worker, os.getpid()))
+    finally:
+        if blocks:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
-# Flags of one family of the matrix games ([linear], [mlp] in their --help)
-MATRIX_FAMILY_FLAGS = {"hyper_linear_shared_bias": "linear", "hypernet_embedding_dim": "mlp",
-                       "hypernet_hidden_dims": "mlp"}
+def _deaf_env_worker(main_pid: int, *args) -> None:
+    """gymnasium's AsyncVectorEnv worker, deaf to the SIGINT and SIGTERM that Ctrl-C, `timeout` and Slurm send the
+    whole job, but not to the main process's SIGTERM (terminate()); it exits when its pipe closes."""
+    import gymnasium
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):  # SIGTERM stays blocked (the mask above): only this thread takes it
+        def sigterm_from_main():
+            while signal.sigwaitinfo({signal.SIGTERM}).si_pid != main_pid:
+                pass
+            os._exit(128 + signal.SIGTERM)  # the status of a death by SIGTERM
 
-def check_matrix_args(args, given: set[str], hypernets: Optional[list[str]] = None) -> None:
-    """reinforce_matrix_games.py's flags. hypernets: the families they train (default: --hypernet; the
-    sweep's --hypernets); a flag marked [family] in --help needs that family among them."""
-    trained = f"--hypernet {args.hypernet}" if hypernets is None else f"--hypernets {' '.join(hypernets)}"
-    refuse_misplaced(given, {name: None if family in (hypernets or [args.hypernet]) else
-                             f"only with --hypernet {family}, got {trained}"
-                             for name, family in MATRIX_FAMILY_FLAGS.items()}, args)
-    if args.n_agents < 2:
-        raise ArgError(f"--n-agents: must be at least 2, got {args.n_agents}")
-    check_values(args, positive=("num_trials", "batch_size", "learning_rate", "num_seeds", "eval_trials",
-                                 "eval_interval", "log_interval", "hidden_size", "hypernet_embedding_dim",
-                                 "num_threads"), sizes=("hypernet_hidden_dims",))
-    max_seed = 2**32 - 1 - 10_000  # NumPy takes seeds below 2**32; evaluation uses seed + 10000
-    if args.seed + args.num_seeds - 1 > max_seed:
-        raise ArgError(f"--num-seeds: the last seed, {args.seed} + {args.num_seeds} - 1, must be at most "
-                       f"{max_seed}, got {args.num_seeds!r}")
-    if args.num_trials < args.batch_size:
-        raise ArgError(f"--num-trials: must be at least --batch-size = {args.batch_size}, got {args.num_trials!r}")
+        threading.Thread(target=sigterm_from_main, daemon=True).start()
+    else:  # macOS: a forced close still ends the workers, by closing their pipes
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        gymnasium.vector.async_vector_env._async_worker(*args)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass  # the main process is gone: nobody to report to, and no traceback for the terminal
 
 
 # ===== Checkpoints =====
 class CheckpointError(ArgError):
     """A checkpoint that cannot be used: reported as one line, exit status 2."""
-
-
-# What a script's checkpoint holds; the flags that define the model and the environment, which
-# --eval-only takes from it; what --resume may change (budget, logging, cadence, device), every other
-# flag being the checkpoint's. MaMuJoCo: --no-async-envs changes no number, the thread counts do (a
-# matrix product's sums split otherwise), so a resumed run keeps the threads it was started with.
-CHECKPOINT_KEYS = {
-    "vmas": {"format", "args", "run_name", "model", "optimizer", "action_optimizer", "env", "rng", "global_step",
-             "iteration"},
-    "mujoco": {"format", "args", "run_name", "actor", "critics", "value_norm", "obs_norm", "actor_optimizer",
-               "critic_optimizer", "envs", "rng", "global_step", "iteration"}}
-COMPAT_FIELDS = {
-    "vmas": ("n_food", "share_reward", "penalise_by_time", "food_radius", "agents_with_same_goal", "split_goals",
-             "observe_all_goals", "shared_rew", "collisions", "lidar_range", "agent_radius", "scenario", "n_agents",
-             "max_steps", "continuous_actions", "actor_hidden_dims", "critic_hidden_dims", "activation", "hypernet",
-             "hypernet_embedding_dim", "hypernet_hidden_dims", "hypernet_embedding", "hypernet_init",
-             "hypernet_input", "dico_snd_des"),
-    "mujoco": ("task", "obs_mode", "agent_obsk", "max_episode_steps", "algo", "hypernet", "critic", "norm_obs",
-               "norm_value", "actor_hidden_dims", "critic_hidden_dims", "std_x_coef", "std_y_coef",
-               "hypernet_embedding_dim", "hypernet_hidden_dims", "hypernet_embedding", "hypernet_init",
-               "hypernet_input")}
-RESUME_MAY_CHANGE = {
-    simulator: ("total_timesteps", "eval_interval", "save_interval", "save_model", "print_interval", "runs_dir",
-                "track", "wandb_project_name", "wandb_entity", "cuda", "capture_video") + extra
-    for simulator, extra in (("vmas", ("compile",)), ("mujoco", ("async_envs",)))}
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -557,48 +479,45 @@ def load_vmas_env_state(env, state: dict) -> None:
     env.episode_length = state["episode_length"].to(env.device)
 
 
-def save_vmas_run(path, fmt, args, run_name, agent, optimizer, action_optimizer, envs, global_step, iteration):
-    """Everything a VMAS script's resumed run needs to go on bit for bit, written atomically."""
+def save_vmas_run(path, fmt, args, run_name, agent, optimizer, envs, global_step, iteration):
+    """Everything a VMAS script's resumed run needs to go on bit for bit, written atomically (the agent's
+    state_dict holds any state of its own, as DiCo's action optimizer)."""
     save_checkpoint(path, dict(
         format=fmt, args=dataclasses.asdict(args), run_name=run_name, model=agent.state_dict(),
-        optimizer=optimizer.state_dict(), action_optimizer=action_optimizer.state_dict() if action_optimizer else {},
-        env=vmas_env_state(envs), rng=rng_state(), global_step=global_step, iteration=iteration))
+        optimizer=optimizer.state_dict(), env=vmas_env_state(envs), rng=rng_state(), global_step=global_step,
+        iteration=iteration))
 
 
-def restore_vmas_run(loaded, agent, optimizer, action_optimizer, envs):
+def restore_vmas_run(loaded, agent, optimizer, envs):
     """The saved run, restored in place; returns (global_step, next iteration, run_name)."""
     agent.load_state_dict(loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
-    if action_optimizer is not None:
-        action_optimizer.load_state_dict(loaded["action_optimizer"])
     load_vmas_env_state(envs, loaded["env"])
     set_rng_state(loaded["rng"])
     return loaded["global_step"], loaded["iteration"], loaded["run_name"]
 
 
-def evaluate_vmas_checkpoint(script, args, loaded, agent, eval_env) -> int:
-    """--eval-only for a VMAS script: the return and SND (script.evaluate) of a checkpoint's policy,
-    printed; writes nothing but a video (--capture-video). Returns the exit status."""
-    agent.load_state_dict(loaded["model"])
+def save_eval_video(runs_dir: str, loaded: dict, video, fps: float) -> str:
+    """--eval-only --capture-video: the episode as runs_dir/<the checkpoint's run>__eval<...>/eval.mp4."""
+    path = os.path.join(runs_dir, new_run_folder(runs_dir, f"{loaded['run_name']}__eval"), "eval.mp4")
+    save_video(None, path, "eval/video", video, loaded["global_step"], fps)
+    return path
+
+
+def eval_only(args, loaded: dict, evaluation_line, obs_dim: int, fps: float) -> int:
+    """--eval-only, the checkpoint's model already loaded: evaluation_line(snd_obs, video) evaluates it
+    (on --snd-obs-file's observations if given; into the list video with --capture-video) and returns
+    the line printed. Writes nothing but the video. Returns the exit status."""
     try:
-        snd_obs = load_snd_obs(args.snd_obs_file, eval_env.obs_dim) if args.snd_obs_file else None
+        snd_obs = load_snd_obs(args.snd_obs_file, obs_dim) if getattr(args, "snd_obs_file", None) else None
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     video = [] if args.capture_video else None
-    ret, per_agent, snd, _, _ = script.evaluate(agent, eval_env, args, args.seed + 10_000, snd_obs, video=video)
-    print(f"eval/episodic_return={ret:.4f} diversity/snd={snd:.6f} per_agent={[round(r, 4) for r in per_agent]}")
+    print(evaluation_line(snd_obs, video))
     if video:
-        save_eval_only_video(script, args, loaded, video, 1 / eval_env.env.world.dt)
+        print(f"video: {save_eval_video(args.runs_dir, loaded, video, fps)}")
     return 0
-
-
-def save_eval_only_video(script, args, loaded, video, fps: float) -> None:
-    """--eval-only --capture-video: the episode as runs_dir/<the checkpoint's run>__eval<...>/eval.mp4."""
-    folder = script.new_run_folder(args.runs_dir, f"{loaded['run_name']}__eval")
-    path = os.path.join(args.runs_dir, folder, "eval.mp4")
-    save_video(None, path, "eval/video", video, loaded["global_step"], fps)
-    print(f"video: {path}")
 
 
 def mujoco_sim_state(env) -> dict:
@@ -649,22 +568,6 @@ def restore_mamujoco_run(loaded, actor, critics, value_norm, obs_norm, actor_opt
     envs.set_attr("sim_state", loaded["envs"]["sim"])
     state = loaded["envs"]
     return state["obs"].numpy(), state["episode_return"].numpy().copy(), state["episode_length"].numpy().copy()
-
-
-def evaluate_mamujoco_checkpoint(script, args, loaded, actor, obs_norm, evaluator) -> int:
-    """--eval-only for the MaMuJoCo script: the return and SND of a checkpoint's policy, printed; writes
-    nothing but a video (--capture-video). Returns the exit status."""
-    actor.load_state_dict(loaded["actor"])
-    obs_norm.load_state_dict(loaded["obs_norm"])
-    video = [] if args.capture_video else None
-    try:
-        eval_return, snd, _ = evaluator(actor, obs_norm, video)
-        print(f"eval/episodic_return={eval_return:.4f} diversity/snd={snd:.6f}")
-        if video:
-            save_eval_only_video(script, args, loaded, video, evaluator.video_timing()[1])
-    finally:
-        evaluator.close()
-    return 0
 
 
 def save_matrix_models(args, seeds: list[int], folders: list[str], population) -> None:

@@ -1,15 +1,17 @@
 """HyperMARL with MAPPO on VMAS (Dispersion, Navigation), with its baselines and metrics.
 
 HyperMARL (Tessera, Rahman & Albrecht) generates every agent's actor and critic weights with a
-hypernetwork conditioned on that agent's embedding, so all agents share one set of trainable
-parameters yet each acts with its own network. MAPPO: every agent's critic sees the global state
-(critic_input, section 4); everything else is ippo_hyper_vmas.py line for line. Read top to bottom:
-
-    1. Arguments (the paper's values)        5. Metrics (SND, gradient variance, interference)
-    2. Environment                           6. The update (GAE, PPO)
-    3. Hypernetworks (Eq. 5, 6; section 4.3) 7. The training loop, then evaluation
-    4. Baselines and the agent               Appendix: command line, run folder, signals, checkpoints
-
+hypernetwork conditioned on that agent's embedding: all agents share one set of trainable
+parameters, yet each acts with its own network. MAPPO: every agent's critic sees the global state
+(critic_input); everything else is ippo_hyper_vmas.py line for line. Read top to bottom:
+    Args               the flags with the paper's values (Tables 9-16), Navigation's presets
+    Hypernetworks      Eq. (5) linear, Eq. (6) MLP, the initialisation of section 4.3
+    The agent          FuPS, NoPS, the generated Weights, every agent's actor and critic
+    The training loop  main(): rollout, GAE, update, logging, evaluation, checkpoints
+    The update         GAE, CleanRL's PPO loss, the minibatch step
+    Evaluation         episodes, SND (Eq. 9), gradient variance and interference
+    Environment        VMAS: in-place auto-reset, time limits apart from terminations
+    Appendix           the command line and its checks, the run folder
 Quick start:  python mappo_hyper_vmas.py --n-agents 4 --hypernet mlp --total-timesteps 300000
 """
 
@@ -18,16 +20,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import importlib
 import json
 import math
 import os
 import random
-import signal
+import re
 import sys
 import time
+import types
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -35,145 +39,86 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
+try:  # checkpoints, --resume, --eval-only, signals, run folders, videos: a library, optional
+    import hypermarl_extras as extras
+except ImportError:
+    extras = None
 
-# ===== 1. Arguments =====
+
+# ===== Args =====
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment (the evaluation environment uses seed + 10000)"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """if toggled, cuda is used when available (networks and VMAS alike)"""
-    compile: bool = False
-    """if toggled, torch.compile the rollout's policy step and the minibatch gradient step (LeanRL's recipe): the first iteration compiles (about a minute), later ones launch far fewer GPU kernels; same numbers as eager up to float rounding"""
-    track: bool = False
-    """if toggled, this experiment is tracked with Weights and Biases (needs `pip install wandb`)"""
-    wandb_project_name: str = "hypermarl"
-    """the wandb's project name"""
-    wandb_entity: Optional[str] = None
-    """the entity (team) of wandb's project"""
-    capture_video: bool = False
-    """if toggled, every evaluation's first episode is saved as runs_dir/run_name/videos/eval_<step>.mp4 and to TensorBoard (eval/video; wandb with --track); needs hypermarl_extras.py and EGL (no display or GPU needed)"""
-    runs_dir: str = "runs"
-    """folder for TensorBoard logs and checkpoints (runs_dir/run_name)"""
-    save_model: bool = False
-    """if toggled, write a checkpoint every --save-interval steps and at the end (needs hypermarl_extras.py)"""
-    save_interval: int = 100_000
-    """environment steps between checkpoints (follows --eval-interval unless given)"""
-    resume: Optional[str] = None
-    """path of a checkpoint to continue training from; the run's flags come from it, and only --total-timesteps, --eval-interval, --save-interval, --print-interval, --save-model, --runs-dir, --capture-video, --cuda, --compile and the wandb flags may change"""
-    eval_only: bool = False
-    """if toggled, only evaluate --checkpoint (return and SND) and exit; writes nothing (with --capture-video: the video, in a new runs_dir folder)"""
-    checkpoint: Optional[str] = None
-    """checkpoint to evaluate with --eval-only"""
-    snd_obs_file: Optional[str] = None
-    """[--eval-only] compute SND on every observation of this .npz file (key obs, (N, obs_dim) or (N, n_agents, obs_dim); benchmark/snd_dataset.py builds it, appendix D.1.2)"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
+    seed: int = 1  # seed of the experiment (the evaluation environment uses seed + 10000)
+    torch_deterministic: bool = True  # if toggled, `torch.backends.cudnn.deterministic=True`
+    cuda: bool = True  # if toggled, cuda is used when available (networks and VMAS alike)
+    compile: bool = False  # torch.compile the policy step and the minibatch step (LeanRL; first iteration ~1 min)
+    track: bool = False  # if toggled, track the run with Weights and Biases (pip install wandb)
+    wandb_project_name: str = "hypermarl"  # the wandb's project name
+    wandb_entity: Optional[str] = None  # the entity (team) of wandb's project
+    capture_video: bool = False  # save each evaluation's first episode to runs_dir/run_name/videos and TensorBoard
+    runs_dir: str = "runs"  # folder for TensorBoard logs and checkpoints (runs_dir/run_name)
+    save_model: bool = False  # write a checkpoint every --save-interval steps and at the end
+    save_interval: int = 100_000  # environment steps between checkpoints (follows --eval-interval unless given)
+    resume: Optional[str] = None  # checkpoint to continue; its flags are the run's (budget, logging may change)
+    eval_only: bool = False  # only evaluate --checkpoint (return and SND), print, exit; writes nothing but a video
+    checkpoint: Optional[str] = None  # checkpoint to evaluate with --eval-only
+    snd_obs_file: Optional[str] = None  # [--eval-only] SND on this .npz's obs (appendix D.1.2; benchmark/snd_dataset.py)
 
-    # Environment (VMAS): Table 11 (Dispersion) and Table 16 (Navigation)
-    scenario: Literal["dispersion", "navigation"] = "dispersion"
-    """VMAS scenario (--help after it shows its defaults)"""
-    n_agents: int = 4
-    """number of agents (at least 2)"""
-    max_steps: int = 100
-    """episode time limit (truncation, bootstrapped from V(next state))"""
-    continuous_actions: bool = False
-    """continuous (Gaussian) or discrete (categorical) actions"""
-    n_food: int = 4
-    """[dispersion] number of food items (follows --n-agents unless given)"""
-    share_reward: bool = False
-    """[dispersion] one team reward instead of per-agent rewards"""
-    penalise_by_time: bool = True
-    """[dispersion] -0.01 per step without food"""
-    food_radius: float = 0.08
-    """[dispersion] food radius"""
-    agents_with_same_goal: int = 1
-    """[navigation] how many agents share the first goal: 1 (all different) .. n_agents (all same)"""
-    split_goals: bool = False
-    """[navigation] two groups of n/2 agents, one goal each"""
-    observe_all_goals: bool = True
-    """[navigation] every agent observes every goal"""
-    shared_rew: bool = False
-    """[navigation] one team reward instead of per-agent rewards"""
-    collisions: bool = False
-    """[navigation] agents collide and carry a LIDAR"""
-    lidar_range: float = 0.35
-    """[navigation] LIDAR range, only with --collisions"""
-    agent_radius: float = 0.1
-    """[navigation] agent radius"""
+    # Environment (VMAS): Table 11 (Dispersion), Table 16 (Navigation)
+    scenario: Literal["dispersion", "navigation"] = "dispersion"  # VMAS scenario (--help after it shows its values)
+    n_agents: int = 4  # number of agents (at least 2)
+    max_steps: int = 100  # episode time limit (truncation: bootstrapped from V(next state))
+    continuous_actions: bool = False  # continuous (Gaussian) or discrete (categorical) actions
+    n_food: int = 4  # [dispersion] number of food items (follows --n-agents unless given)
+    share_reward: bool = False  # [dispersion] one team reward instead of per-agent rewards
+    penalise_by_time: bool = True  # [dispersion] -0.01 per step without food
+    food_radius: float = 0.08  # [dispersion] food radius
+    agents_with_same_goal: int = 1  # [navigation] agents sharing the first goal: 1 (all differ) .. n_agents
+    split_goals: bool = False  # [navigation] two groups of n/2 agents, one goal each
+    observe_all_goals: bool = True  # [navigation] every agent observes every goal
+    shared_rew: bool = False  # [navigation] one team reward instead of per-agent rewards
+    collisions: bool = False  # [navigation] agents collide and carry a LIDAR
+    lidar_range: float = 0.35  # [navigation] LIDAR range, only with --collisions
+    agent_radius: float = 0.1  # [navigation] agent radius
 
-    # PPO: Dispersion's values (Table 9); Navigation's are in NAVIGATION (Table 12) and NAVIGATION_SWEEP (Table 15)
-    total_timesteps: int = 20_000_000
-    """total environment steps"""
-    learning_rate: float = 5e-4
-    """Adam learning rate"""
-    num_envs: int = 16
-    """parallel VMAS environments"""
-    num_steps: int = 128
-    """steps per environment per rollout"""
-    anneal_lr: bool = False
-    """if toggled, the learning rate decays linearly to 0"""
-    gamma: float = 0.99
-    """discount factor"""
-    gae_lambda: float = 0.95
-    """GAE lambda"""
-    num_minibatches: int = 2
-    """minibatches per epoch"""
-    update_epochs: int = 4
-    """PPO epochs per rollout"""
-    norm_adv: bool = True
-    """if toggled, advantages are normalised per minibatch"""
-    clip_coef: float = 0.2
-    """surrogate clipping coefficient"""
-    clip_vloss: bool = True
-    """if toggled, the value loss is clipped like the policy (CleanRL)"""
-    ent_coef: float = 0.01
-    """entropy bonus"""
-    vf_coef: float = 0.5
-    """value loss coefficient"""
-    max_grad_norm: float = 0.5
-    """global gradient-norm clip"""
-    actor_hidden_dims: list[int] = field(default_factory=lambda: [64, 64])
-    """hidden layers of every agent's actor"""
-    critic_hidden_dims: list[int] = field(default_factory=lambda: [64, 64])
-    """hidden layers of every agent's critic"""
-    activation: Literal["relu", "tanh"] = "relu"
-    """activation of actor and critic"""
+    # PPO: Dispersion's values (Table 9); Navigation's are NAVIGATION (Table 12) and NAVIGATION_SWEEP (Table 15)
+    total_timesteps: int = 20_000_000  # total environment steps
+    learning_rate: float = 5e-4  # Adam learning rate
+    num_envs: int = 16  # parallel VMAS environments
+    num_steps: int = 128  # steps per environment per rollout
+    anneal_lr: bool = False  # if toggled, the learning rate decays linearly to 0
+    gamma: float = 0.99  # discount factor
+    gae_lambda: float = 0.95  # GAE lambda
+    num_minibatches: int = 2  # minibatches per epoch
+    update_epochs: int = 4  # PPO epochs per rollout
+    norm_adv: bool = True  # if toggled, advantages are normalised per minibatch
+    clip_coef: float = 0.2  # surrogate clipping coefficient
+    clip_vloss: bool = True  # if toggled, the value loss is clipped like the policy (CleanRL)
+    ent_coef: float = 0.01  # entropy bonus
+    vf_coef: float = 0.5  # value loss coefficient
+    max_grad_norm: float = 0.5  # global gradient-norm clip
+    actor_hidden_dims: list[int] = field(default_factory=lambda: [64, 64])  # hidden layers of every actor
+    critic_hidden_dims: list[int] = field(default_factory=lambda: [64, 64])  # hidden layers of every critic
+    activation: Literal["relu", "tanh"] = "relu"  # activation of actor and critic
 
     # Families and HyperMARL options (Tables 10 and 13)
-    hypernet: Literal["mlp", "linear", "fups", "nops", "dico"] = "mlp"
-    """actor/critic family: mlp | linear (HyperMARL, Eq. 6 | 5) | fups (shared + one-hot ID) | nops (one network per agent) | dico"""
-    hypernet_embedding_dim: int = 8
-    """[mlp] size of the learned agent embedding"""
-    hypernet_hidden_dims: list[int] = field(default_factory=lambda: [64])
-    """[mlp] hidden layers of the hypernetwork"""
-    hypernet_embedding: Literal["learned", "onehot"] = "learned"
-    """[mlp] learned (orthogonally initialised) | onehot (ablation)"""
-    hypernet_init: Literal["scaled", "matched", "default"] = "scaled"
-    """[mlp, linear] scaled (section 4.3 as the authors' code does it) | matched (ours, mlp only: unit-norm hidden features, every generated layer at the target's scale) | default (PyTorch init: w/o RF)"""
-    hypernet_input: Literal["agent", "agent+obs"] = "agent"
-    """[mlp, linear] agent (gradient decoupling) | agent+obs (ablation w/o GD: per-sample weights)"""
-    dico_snd_des: float = -1.0
-    """[dico] desired SND; -1 = unconstrained (Navigation: Table 14's value for the goal setting)"""
+    hypernet: Literal["mlp", "linear", "fups", "nops", "dico"] = "mlp"  # mlp | linear (Eq. 6 | 5) | fups | nops | dico
+    hypernet_embedding_dim: int = 8  # [mlp] size of the learned agent embedding
+    hypernet_hidden_dims: list[int] = field(default_factory=lambda: [64])  # [mlp] hidden layers of the hypernetwork
+    hypernet_embedding: Literal["learned", "onehot"] = "learned"  # [mlp] learned (orthogonal init) | onehot (ablation)
+    hypernet_init: Literal["scaled", "matched", "default"] = "scaled"  # [mlp, linear] section 4.3 | ours | PyTorch's (w/o RF)
+    hypernet_input: Literal["agent", "agent+obs"] = "agent"  # [mlp, linear] agent | agent+obs (ablation w/o GD)
+    dico_snd_des: float = -1.0  # [dico] desired SND; -1 = unconstrained (Navigation: Table 14)
 
     # Evaluation and metrics (appendix D.1.1)
-    eval_interval: int = 100_000
-    """environment steps between evaluations"""
-    eval_episodes: int = 32
-    """evaluation episodes"""
-    eval_deterministic: bool = True
-    """evaluate with the mode (argmax / mean) instead of sampled actions (Dispersion: the authors' code; Navigation samples, as its baselines' configs do)"""
-    snd_samples: int = 1000
-    """observations (from evaluation rollouts) on which SND is computed"""
-    snd_gaussian_samples: int = 64
-    """Monte Carlo samples per observation for the Gaussian Jensen-Shannon estimator"""
-    interference_samples: int = 512
-    """samples (per agent) of each update's first minibatch on which grad/interference is measured"""
-    print_interval: int = 10
-    """print a progress line every this many iterations (also after the first, at every evaluation and at least once a minute)"""
-
+    eval_interval: int = 100_000  # environment steps between evaluations
+    eval_episodes: int = 32  # evaluation episodes
+    eval_deterministic: bool = True  # evaluate with the mode, not samples (Navigation samples, as its baselines)
+    snd_samples: int = 1000  # observations (from the evaluation episodes) on which SND is computed
+    snd_gaussian_samples: int = 64  # Monte Carlo samples per observation of the Gaussian Jensen-Shannon distance
+    interference_samples: int = 512  # samples per agent of each update's first minibatch for grad/interference
+    print_interval: int = 10  # iterations between progress lines (also at evaluations, at least once a minute)
 
 # Navigation's values where they differ from Dispersion's: Tables 12 and 16, evaluation of D.1.1
 # (Table 12 prints 10^6 timesteps; appendix D.1.1 says 10M for Navigation: we follow D.1.1).
@@ -183,8 +128,8 @@ NAVIGATION = dict(
     actor_hidden_dims=[256, 256], critic_hidden_dims=[256, 256], activation="tanh", continuous_actions=True,
     eval_interval=120_000, eval_episodes=200, eval_deterministic=False,
 )
-# Table 15: (clip_coef, learning_rate) per family for Navigation with 4 and 8 agents, by goal setting:
-# "same" (one goal for all), "different" (one goal each), "half" (half the agents share a goal).
+# Table 15: (clip_coef, learning_rate) per family for Navigation with 8 and 4 agents, per goal setting: "same"
+# (one goal for all), "different" (one each), "half" (half share one). Baselines' rows are in their modules.
 NAVIGATION_SWEEP = {
     "fups": {8: dict(same=(0.2, 5e-5), different=(0.1, 5e-5), half=(0.1, 5e-5)),
              4: dict(same=(0.2, 5e-5), different=(0.2, 5e-5), half=(0.2, 5e-5))},
@@ -194,10 +139,8 @@ NAVIGATION_SWEEP = {
             4: dict(same=(0.1, 5e-5), different=(0.1, 5e-5), half=(0.1, 5e-5))},
     "nops": {8: dict(same=(0.1, 5e-5), different=(0.2, 5e-5), half=(0.1, 5e-5)),
              4: dict(same=(0.1, 5e-5), different=(0.2, 5e-5), half=(0.1, 5e-5))},
-    "dico": {8: dict(same=(0.2, 5e-5), different=(0.1, 2.5e-4), half=(0.1, 2.5e-4)),
-             4: dict(same=(0.2, 5e-5), different=(0.1, 2.5e-4), half=(0.1, 5e-4))},
 }
-
+BASELINES = {"dico": "dico"}  # --hypernet -> the module of a baseline from another paper, imported when chosen
 
 def paper_defaults(args: Args, given: set[str]) -> Args:
     """The paper's value for every flag not given: the scenario's, then those that follow other flags."""
@@ -205,25 +148,634 @@ def paper_defaults(args: Args, given: set[str]) -> Args:
     values = dict(n_food=n)
     if args.scenario == "navigation":
         values.update(copy.deepcopy(NAVIGATION))  # its lists are the run's own, not the table's
-        if same == n:
-            goals = "same"
-        elif same == 1:
-            goals = "different"
-        else:
-            goals = "half" if 2 * same == n else None
-        if goals in NAVIGATION_SWEEP[args.hypernet].get(n, {}):
-            values["clip_coef"], values["learning_rate"] = NAVIGATION_SWEEP[args.hypernet][n][goals]
-        if args.hypernet == "dico":  # Table 14: 0 when all agents share a goal, 1.2 for two agents with two goals
-            values["dico_snd_des"] = 0.0 if goals == "same" else 1.2 if (n, goals) == (2, "different") else -1.0
+        goals = "same" if same == n else "different" if same == 1 else "half" if 2 * same == n else None
+        sweep = NAVIGATION_SWEEP.get(args.hypernet, {}).get(n, {})
+        if goals in sweep:
+            values["clip_coef"], values["learning_rate"] = sweep[goals]
+        if args.hypernet in BASELINES:  # its row of Table 15, and Table 14
+            values.update(importlib.import_module(BASELINES[args.hypernet]).navigation_defaults(n, goals))
     eval_interval = args.eval_interval if "eval_interval" in given else values.get("eval_interval", args.eval_interval)
     values["save_interval"] = eval_interval
     return dataclasses.replace(args, **{k: v for k, v in values.items() if k not in given})
 
 
-class ScenarioOptionError(ValueError):
-    """A keyword argument VMAS ignores for this scenario: one line, exit status 2."""
+# ===== Hypernetworks (Eq. 5, Eq. 6, section 4.3) =====
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+def layer_shapes(sizes: list[int]) -> list[tuple[int, int]]:
+    return list(zip(sizes[:-1], sizes[1:]))
+
+def num_target_params(sizes: list[int]) -> int:
+    return sum(fan_in * fan_out + fan_out for fan_in, fan_out in layer_shapes(sizes))
+
+def target_init_vector(sizes: list[int], gains: list[float]) -> torch.Tensor:
+    """The target MLP's flat parameters as PPO initialises them (section 4.3): orthogonal, zero biases."""
+    chunks = []
+    for (fan_in, fan_out), gain in zip(layer_shapes(sizes), gains):
+        weight = torch.empty(fan_out, fan_in)
+        nn.init.orthogonal_(weight, gain)
+        chunks += [weight.T.flatten(), torch.zeros(fan_out)]
+    return torch.cat(chunks)
+
+def unflatten_params(theta: torch.Tensor, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(..., m) flat parameters -> [(W (..., fan_in, fan_out), b (..., 1, fan_out)) per layer].
+    One split, not a slice per tensor: a slice's backward writes a zero tensor of all m parameters."""
+    shapes = layer_shapes(sizes)
+    chunks = theta.split([n for fan_in, fan_out in shapes for n in (fan_in * fan_out, fan_out)], dim=-1)
+    return [(chunks[2 * k].unflatten(-1, shape), chunks[2 * k + 1].unsqueeze(-2)) for k, shape in enumerate(shapes)]
+
+def batched_mlp(x: torch.Tensor, params, activation) -> torch.Tensor:
+    """All agents' networks, one batched matmul per layer. x: (n_agents, batch, fan_in); W: (n_agents,
+    fan_in, fan_out), or (n_agents, batch, fan_in, fan_out) for per-sample weights."""
+    for k, (weight, bias) in enumerate(params):
+        if weight.dim() == 3:
+            x = torch.baddbmm(bias, x, weight)
+        else:
+            x = (x.unsqueeze(-2) @ weight + bias).squeeze(-2)
+        if k < len(params) - 1:
+            x = activation(x)
+    return x
+
+class LinearHypernet(nn.Module):
+    """Eq. (5): theta_i = 1_i W + b. Row i of W is agent i's whole flattened network; b is shared (without
+    it: exactly n independent networks). obs_dim > 0: the ablation w/o GD, weights per [1_i, o]."""
+
+    def __init__(self, n_agents, sizes, gains, init="scaled", shared_bias=True, obs_dim=0):
+        super().__init__()
+        self.sizes, self.obs_dim = list(sizes), obs_dim
+        self.head = nn.Linear(n_agents + obs_dim, num_target_params(sizes), bias=shared_bias)
+        self.register_buffer("ids", torch.eye(n_agents))
+        if init == "scaled":  # section 4.3: every agent starts with its own orthogonal network
+            with torch.no_grad():
+                self.head.weight.zero_()
+                for i in range(n_agents):
+                    self.head.weight[:, i] = target_init_vector(sizes, gains)
+                if shared_bias:
+                    self.head.bias.zero_()
+
+    def forward(self, obs=None):
+        if self.obs_dim == 0:
+            theta = self.head(self.ids)  # (n_agents, m): generated once, used for every sample
+        else:
+            ids = self.ids.unsqueeze(1).expand(-1, obs.shape[1], -1)
+            theta = self.head(torch.cat([ids, obs], -1))  # (n_agents, batch, m)
+        return unflatten_params(theta, self.sizes)
+
+class MLPHypernet(nn.Module):
+    """Eq. (6): theta_i = f(g(e_i)), an MLP g (ReLU) on the agent embedding e_i, then a linear head f;
+    as in the authors' code, one (g, f) per generated tensor, embeddings orthogonal with gain sqrt(2).
+    init="scaled" (section 4.3, as the authors' code): g starts as Flax's default, column j of a weight
+    head is a flattened orthogonal matrix with the target layer's gain, bias heads start at zero: a
+    generated layer is |g(e_i)| times the target's scale (benchmark/init_scale.py). "matched" (ours):
+    g's output L2-normalised and the columns orthogonal, every layer at exactly the target's norm."""
+
+    def __init__(self, n_agents, sizes, gains, embedding_dim, hidden_dims, embedding="learned",
+                 init="scaled", obs_dim=0):
+        super().__init__()
+        self.shapes, self.obs_dim, self.normalise = layer_shapes(sizes), obs_dim, init == "matched"
+        if embedding == "learned":
+            self.embedding = nn.Parameter(nn.init.orthogonal_(torch.empty(n_agents, embedding_dim), np.sqrt(2)))
+        else:
+            self.register_buffer("embedding", torch.eye(n_agents))
+        self.trunks, self.heads = nn.ModuleList(), nn.ModuleList()  # W_1, b_1, W_2, b_2, ...
+        for size in (n for fan_in, fan_out in self.shapes for n in (fan_in * fan_out, fan_out)):
+            layers, width = [], self.embedding.shape[1] + obs_dim
+            for hidden in hidden_dims:
+                layers += [nn.Linear(width, hidden), nn.ReLU()]
+                width = hidden
+            self.trunks.append(nn.Sequential(*layers))
+            self.heads.append(nn.Linear(width, size))
+        if init == "default":
+            return
+        with torch.no_grad():
+            for layer in (m for trunk in self.trunks for m in trunk if isinstance(m, nn.Linear)):
+                # Flax's lecun_normal: truncated at 2 std, rescaled by that truncated normal's std (0.8796)
+                std = layer.in_features ** -0.5 / 0.8796256610342398
+                nn.init.trunc_normal_(layer.weight, 0.0, std, -2 * std, 2 * std)
+                layer.bias.zero_()
+            for k, ((fan_in, fan_out), gain) in enumerate(zip(self.shapes, gains)):
+                weight_head, bias_head = self.heads[2 * k], self.heads[2 * k + 1]
+                for j in range(width):  # width: every trunk's output (its last hidden layer)
+                    weight_head.weight[:, j] = target_init_vector([fan_in, fan_out], [gain])[: fan_in * fan_out]
+                if init == "matched":  # nearest orthogonal columns: |f(u)| = |target| for |u| = 1 (on average if
+                    # the head has fewer outputs than hidden units, never in the paper's settings)
+                    u, _, vh = torch.linalg.svd(weight_head.weight, full_matrices=False)
+                    norm = gain * min(fan_in, fan_out) ** 0.5 * max(1.0, width / (fan_in * fan_out)) ** 0.5
+                    weight_head.weight.copy_(u @ vh * norm)
+                for tensor in (weight_head.bias, bias_head.weight, bias_head.bias):
+                    tensor.zero_()
+
+    def forward(self, obs=None):
+        z = self.embedding  # (n_agents, embedding_dim)
+        if self.obs_dim:
+            z = torch.cat([z.unsqueeze(1).expand(-1, obs.shape[1], -1), obs], -1)  # (n_agents, batch, e + obs_dim)
+        theta = []
+        for trunk, head in zip(self.trunks, self.heads):
+            features = trunk(z)
+            theta.append(head(F.normalize(features, dim=-1) if self.normalise else features))
+        return [(theta[2 * k].unflatten(-1, shape), theta[2 * k + 1].unsqueeze(-2)) for k, shape in enumerate(self.shapes)]
 
 
+# ===== The agent: the families (HyperMARL, FuPS, NoPS) and every agent's actor and critic =====
+class SharedNet(nn.Module):
+    """FuPS: one network for all agents on [o, 1_i] (use_id) or o. [o, 1_i] W = o W_obs + W_id[i]: the ID is
+    a per-agent bias of the first layer, never materialised."""
+
+    def __init__(self, n_agents, sizes, gains, use_id=True):
+        super().__init__()
+        self.n_agents, self.use_id = n_agents, use_id
+        dims = [sizes[0] + (n_agents if use_id else 0)] + list(sizes[1:])
+        self.layers = nn.ModuleList(layer_init(nn.Linear(i, o), g) for (i, o), g in zip(layer_shapes(dims), gains))
+
+    def forward(self):
+        n, params = self.n_agents, []
+        for k, layer in enumerate(self.layers):
+            weight, bias = layer.weight.T, layer.bias.expand(n, -1)
+            if k == 0 and self.use_id:
+                weight, id_rows = weight[: -n], weight[-n:]
+                bias = bias + id_rows  # row i of W_id is agent i's extra bias
+            params.append((weight.expand(n, -1, -1), bias.unsqueeze(1)))
+        return params
+
+class IndependentNets(nn.Module):
+    """NoPS: one network per agent, stored stacked (n_agents, fan_in, fan_out) for one batched matmul."""
+
+    def __init__(self, n_agents, sizes, gains):
+        super().__init__()
+        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        for (fan_in, fan_out), gain in zip(layer_shapes(sizes), gains):
+            weight = torch.empty(n_agents, fan_out, fan_in)
+            for i in range(n_agents):
+                nn.init.orthogonal_(weight[i], gain)
+            self.weights.append(nn.Parameter(weight.transpose(1, 2).contiguous()))
+            self.biases.append(nn.Parameter(torch.zeros(n_agents, 1, fan_out)))
+
+    def forward(self):
+        return list(zip(self.weights, self.biases))
+
+def family_net(args: Args, family: str, n_agents: int, sizes: list[int], gains: list[float]) -> nn.Module:
+    """The module whose forward() yields every agent's [(W, b) per layer] of one network (w/o GD: forward(obs))."""
+    obs_dim = sizes[0] if args.hypernet_input == "agent+obs" else 0
+    if family == "mlp":
+        return MLPHypernet(n_agents, sizes, gains, args.hypernet_embedding_dim, args.hypernet_hidden_dims,
+                           args.hypernet_embedding, args.hypernet_init, obs_dim)
+    if family == "linear":
+        return LinearHypernet(n_agents, sizes, gains, args.hypernet_init, obs_dim=obs_dim)
+    return SharedNet(n_agents, sizes, gains) if family == "fups" else IndependentNets(n_agents, sizes, gains)
+
+class Weights(NamedTuple):
+    """Every agent's actor and critic, [(W, b) per layer] each: W (n_agents, fan_in, fan_out), or
+    (n_agents, batch, fan_in, fan_out) when generated per observation (the ablation w/o GD)."""
+    actor: list
+    critic: list
+
+# Written out: torch.distributions objects cost 5-14% of a Dispersion iteration on a CPU
+# (benchmark/results/distributions_cost.md); tested against torch.distributions.
+def sample_action(dist, discrete: bool) -> torch.Tensor:
+    """An action from a policy's output dist: logits (..., k), or (mean, std) each (..., d)."""
+    if discrete:  # Gumbel-max: argmax(logits + Gumbel noise) is a categorical sample
+        return torch.argmax(dist - torch.log(-torch.log(torch.rand_like(dist))), dim=-1)
+    mean, std = dist
+    return mean + std * torch.randn_like(mean)
+
+def log_prob_entropy(dist, action, discrete: bool):
+    """log pi(action) and the entropy of the policy, summed over action dimensions (Gaussian)."""
+    if discrete:
+        logp = torch.log_softmax(dist, -1)
+        return logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+    mean, std = dist
+    log_std = torch.log(std)
+    logprob = (-((action - mean) ** 2) / (2 * std**2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+    return logprob, (0.5 + 0.5 * math.log(2 * math.pi) + log_std).sum(-1)
+
+def critic_input(obs: torch.Tensor) -> torch.Tensor:
+    """MAPPO: every agent's critic sees the global state, (n_agents, batch, n_agents * obs_dim): VMAS
+    has none, so as in the paper it is all agents' observations of the same step, concatenated."""
+    n, batch, obs_dim = obs.shape
+    return obs.transpose(0, 1).reshape(batch, n * obs_dim).unsqueeze(0).expand(n, -1, -1)
+
+class Agent(nn.Module):
+    """Every agent's actor and critic, as the family of --hypernet generates them."""
+
+    def __init__(self, args: Args, obs_dim: int, act_dim: int, discrete: bool):
+        super().__init__()
+        n, family = args.n_agents, args.hypernet
+        self.discrete, self.activation = discrete, torch.relu if args.activation == "relu" else torch.tanh
+        self.per_sample = family in ("mlp", "linear") and args.hypernet_input == "agent+obs"
+        critic_in_dim = critic_input(torch.zeros(n, 1, obs_dim)).shape[-1]
+        self.actor = family_net(args, family, n, [obs_dim, *args.actor_hidden_dims, act_dim],
+                                [np.sqrt(2)] * len(args.actor_hidden_dims) + [0.01])
+        self.critic = family_net(args, family, n, [critic_in_dim, *args.critic_hidden_dims, 1],
+                                 [np.sqrt(2)] * len(args.critic_hidden_dims) + [1.0])
+        if not discrete:  # state-independent log-std, per agent only for NoPS
+            self.actor_logstd = nn.Parameter(torch.zeros(n if family == "nops" else 1, 1, act_dim))
+
+    def generate(self, obs) -> Weights:
+        """Every agent's weights; only the ablation w/o GD reads obs (n_agents, batch, obs_dim)."""
+        if self.per_sample:
+            return Weights(self.actor(obs), self.critic(critic_input(obs)))
+        return Weights(self.actor(), self.critic())
+
+    def policy(self, x, weights: Weights):
+        """Every agent's policy on x (n_agents, batch, obs_dim): logits, or (mean, std), (n_agents, batch, act)."""
+        out = batched_mlp(x, weights.actor, self.activation)
+        return out if self.discrete else (out, self.actor_logstd.exp().expand_as(out))
+
+    def get_value(self, x, weights: Weights):
+        return batched_mlp(critic_input(x), weights.critic, self.activation).squeeze(-1)
+
+    def get_action_and_value(self, x, weights: Weights, action=None):
+        dist = self.policy(x, weights)
+        if action is None:
+            action = sample_action(dist, self.discrete)
+        logprob, entropy = log_prob_entropy(dist, action, self.discrete)
+        return action, logprob, entropy, self.get_value(x, weights)
+
+    def actor_parameters(self):
+        return list(self.actor.parameters()) + ([] if self.discrete else [self.actor_logstd])
+
+    def env_action(self, action):  # what the environment receives (a baseline may squash it)
+        return action
+
+    def after_step(self, mb: dict) -> dict:  # after each PPO step: a baseline's own step, its statistics
+        return {}
+
+def make_agent(args: Args, obs_dim: int, act_dim: int, discrete: bool) -> nn.Module:
+    if args.hypernet in BASELINES:  # a baseline is built from this file's parts: no copy of them to drift
+        parts = dict(SharedNet=SharedNet, IndependentNets=IndependentNets, family_net=family_net, Weights=Weights,
+                     batched_mlp=batched_mlp, sample_action=sample_action, log_prob_entropy=log_prob_entropy,
+                     critic_input=critic_input)
+        return importlib.import_module(BASELINES[args.hypernet]).Agent(args, obs_dim, act_dim, discrete, parts)
+    return Agent(args, obs_dim, act_dim, discrete)
+
+
+# ===== The training loop =====
+def main(argv=None) -> int:
+    try:  # a bad flag, file or scenario option: one line, exit status 2, nothing written (the appendix)
+        args, loaded, changes = read_command_line(sys.argv[1:] if argv is None else [str(token) for token in argv])
+        # TRY NOT TO MODIFY: seeding
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        torch.backends.cudnn.deterministic = args.torch_deterministic
+        device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        envs = None if args.eval_only else VmasEnv(args, args.num_envs, args.seed, device)
+        eval_env = VmasEnv(args, args.eval_episodes, args.seed + 10_000, device)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except SystemExit as exit_:  # tyro: --help, or a value it refused (its message is printed)
+        return exit_.code
+    obs_dim, act_dim, discrete = eval_env.obs_dim, eval_env.act_dim, eval_env.discrete
+    agent = make_agent(args, obs_dim, act_dim, discrete).to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    # --compile: the two functions that run thousands of times per iteration (Adam stays eager: fused,
+    # it is one kernel already, and a compiled one would recompile whenever --anneal-lr moves lr).
+    policy_step, update_step = agent.get_action_and_value, gradient_step
+    if args.compile:
+        torch._inductor.config.fallback_random = True  # eager's random numbers: the actions of an eager run
+        policy_step, update_step = torch.compile(policy_step), torch.compile(update_step)
+    if args.eval_only:  # the checkpoint's return and SND, printed (hypermarl_extras.py)
+        agent.load_state_dict(loaded["model"])
+
+        def evaluation_line(snd_obs, video):
+            ret, per_agent, snd, _ = evaluate(agent, eval_env, args, args.seed + 10_000, snd_obs, video)
+            return f"eval/episodic_return={ret:.4f} diversity/snd={snd:.6f} per_agent={[round(r, 4) for r in per_agent]}"
+        return extras.eval_only(args, loaded, evaluation_line, obs_dim, 1 / eval_env.env.world.dt)
+
+    n, T, E = args.n_agents, args.num_steps, args.num_envs
+    batch_size = T * E
+    num_iterations = args.total_timesteps // batch_size
+    envs.reset()
+    # TensorBoard and wandb in a new run folder, or in the checkpoint's run, restored (the appendix)
+    run_name, writer, global_step, start_iteration = open_run(args, loaded, changes, agent, optimizer, envs, device)
+    run_dir, next_obs = os.path.join(args.runs_dir, run_name), envs.obs  # after open_run: --resume restores envs.obs
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+
+    # ALGO Logic: Storage setup, time-major (T, n_agents, num_envs, ...); episode ends (T, 1, num_envs)
+    obs, final_obs = torch.zeros((2, T, n, E, obs_dim), device=device)  # final_obs[t]: before any reset
+    actions = torch.zeros((T, n, E) + (() if discrete else (act_dim,)), device=device,
+                          dtype=torch.long if discrete else torch.float)
+    logprobs, rewards, values = torch.zeros((3, T, n, E), device=device)
+    terminateds, truncateds = torch.zeros((2, T, 1, E), device=device)
+
+    start_time, start_step, printed_at = time.time(), global_step, 0.0
+    print(f"plan: {num_iterations - start_iteration + 1} iterations of {batch_size} steps ({E} envs x {T}) up to "
+          f"step {num_iterations * batch_size:,}, evaluating every {args.eval_interval:,}; an estimate of the time "
+          f"follows the first iteration", flush=True)
+    next_eval = (global_step // args.eval_interval + 1) * args.eval_interval
+    next_save = (global_step // args.save_interval + 1) * args.save_interval
+    exit_code, next_iteration = 0, start_iteration
+    # Ctrl-C or SIGTERM: finish the iteration, save a checkpoint, stop (hypermarl_extras.py)
+    stop = extras.StopOnSignal() if extras else types.SimpleNamespace(requested=None, restore=lambda: None)
+    try:
+        for iteration in range(start_iteration, num_iterations + 1):
+            if stop.requested:  # between iterations the state is consistent: save it
+                break
+            if args.anneal_lr:
+                optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
+
+            # ALGO LOGIC: collect a rollout with every agent's weights generated once
+            rollout_start = time.perf_counter()
+            with torch.no_grad():
+                weights = agent.generate(next_obs)
+                for step in range(T):
+                    global_step += E
+                    obs[step] = next_obs
+                    if agent.per_sample:  # w/o GD: the weights depend on the observation
+                        weights = agent.generate(next_obs)
+                    action, logprob, _, value = policy_step(next_obs, weights)
+                    values[step], actions[step], logprobs[step] = value, action, logprob
+                    next_obs, reward, terminated, truncated, final_obs[step] = envs.step(agent.env_action(action))
+                    rewards[step], terminateds[step, 0], truncateds[step, 0] = reward, terminated, truncated
+
+                # bootstrap value: V(next state), V(final observation) at a time limit, 0 at termination
+                dones = torch.maximum(terminateds, truncateds)
+                next_values = torch.cat([values[1:], agent.get_value(next_obs, agent.generate(next_obs)).unsqueeze(0)])
+                next_values = torch.where(dones.bool(), bootstrap_values(agent, final_obs, truncateds), next_values)
+                advantages, returns = compute_gae(rewards, values, next_values, terminateds, dones,
+                                                  args.gamma, args.gae_lambda)
+
+            # flatten the batch: (T, n, E, ...) -> (n, T * E, ...), agent-major
+            batch = {key: x.transpose(0, 1).reshape((n, T * E) + x.shape[3:]) for key, x in dict(
+                obs=obs, actions=actions, logprobs=logprobs, advantages=advantages, returns=returns, values=values).items()}
+
+            # Optimizing the policy and value network
+            update_start = time.perf_counter()
+            if iteration == start_iteration:  # an iteration can take minutes (Navigation on a CPU): say so early
+                print(f"iteration {iteration}: rollout took {update_start - rollout_start:.1f} s; updating "
+                      f"({args.update_epochs} epochs x {args.num_minibatches} minibatches)", flush=True)
+            try:
+                stats = ppo_update(agent, optimizer, batch, args, update_step)
+            except FloatingPointError:  # the checkpoint on disk (if any) is the last good one: leave it
+                print(f"error: the loss became NaN/inf at update {iteration} (global step {global_step}); stopping. "
+                      f"Last good checkpoint: {checkpoint_path if args.save_model else 'none (no --save-model)'}",
+                      file=sys.stderr)
+                exit_code = 1
+                break
+
+            # TRY NOT TO MODIFY: record rewards, losses and gradient statistics for plotting purposes
+            sps = int((global_step - start_step) / (time.time() - start_time))
+            var_y = torch.var(returns)
+            explained_var = float("nan") if var_y == 0 else float(1 - torch.var(returns - values) / var_y)
+            stats |= {"perf/rollout_seconds": update_start - rollout_start, "charts/SPS": sps,
+                      "perf/update_seconds": time.perf_counter() - update_start,
+                      "charts/learning_rate": optimizer.param_groups[0]["lr"], "losses/explained_variance": explained_var}
+            ended = envs.take_ended_episodes()
+            if ended:
+                stats |= {"charts/episodic_return": sum(ended[0]) / n, "charts/episodic_length": ended[1]}
+                stats |= {f"charts/episodic_return_agent{i}": value for i, value in enumerate(ended[0])}
+            for tag, value in stats.items():
+                writer.add_scalar(tag, value, global_step)
+
+            line = None
+            if global_step >= next_eval or iteration == num_iterations:
+                next_eval = (global_step // args.eval_interval + 1) * args.eval_interval
+                line = record_evaluation(agent, eval_env, args, writer, run_dir, global_step)
+            elapsed = time.time() - start_time
+            if line or iteration % args.print_interval == 0 or iteration == start_iteration or elapsed - printed_at >= 60:
+                printed_at = elapsed
+                eta = elapsed / (global_step - start_step) * (num_iterations * batch_size - global_step)
+                print(f"global_step={global_step} iteration={iteration}/{num_iterations} episodic_return="
+                      f"{f'{sum(ended[0]) / n:.3f}' if ended else 'no_episode_ended'} SPS={sps} "
+                      f"elapsed={duration(elapsed)} eta={duration(eta)}" + (f" {line}" if line else ""), flush=True)
+            next_iteration = iteration + 1
+            if args.save_model and global_step >= next_save and iteration < num_iterations:
+                next_save = (global_step // args.save_interval + 1) * args.save_interval
+                extras.save_vmas_run(checkpoint_path, CHECKPOINT_FORMAT, args, run_name, agent, optimizer, envs,
+                                     global_step, next_iteration)
+        if exit_code == 0 and (args.save_model or stop.requested):  # both only with hypermarl_extras.py
+            extras.save_vmas_run(checkpoint_path, CHECKPOINT_FORMAT, args, run_name, agent, optimizer, envs,
+                                 global_step, next_iteration)
+            print(f"checkpoint: {checkpoint_path} (continue with --resume {checkpoint_path})")
+    finally:
+        stop.restore()
+        writer.close()
+        if args.track:
+            sys.modules["wandb"].finish()
+    return exit_code
+
+
+# ===== The update (GAE, PPO) =====
+def compute_gae(rewards, values, next_values, terminated, dones, gamma, gae_lambda):
+    """GAE over a (T, ...) rollout. next_values[t] = V(s_{t+1}) of the true next state (the final observation
+    at a time limit), zeroed by a termination; dones stops the recursion at every episode end."""
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[0])
+    for t in reversed(range(rewards.shape[0])):
+        delta = rewards[t] + gamma * next_values[t] * (1.0 - terminated[t]) - values[t]
+        last = delta + gamma * gae_lambda * (1.0 - dones[t]) * last
+        advantages[t] = last
+    return advantages, advantages + values
+
+def bootstrap_values(agent, final_obs, truncated) -> torch.Tensor:
+    """V(final observation) where an episode reached its time limit, else 0, (T, n_agents, E): the critic
+    runs once after the rollout, on those steps only."""
+    values = torch.zeros(final_obs.shape[:3], device=final_obs.device)
+    t, e = truncated[:, 0].nonzero(as_tuple=True)  # one host sync per rollout
+    if len(t):
+        x = final_obs[t, :, e].transpose(0, 1)  # [t, :, e] puts the K steps first: -> (n_agents, K, obs_dim)
+        values[t, :, e] = agent.get_value(x, agent.generate(x)).T
+    return values
+
+def ppo_loss(agent, mb: dict, args: Args):
+    """CleanRL's clipped surrogate, clipped value loss and entropy bonus, kept per agent."""
+    _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb["obs"], agent.generate(mb["obs"]), mb["actions"])
+    logratio = newlogprob - mb["logprobs"]
+    ratio = logratio.exp()
+    with torch.no_grad():
+        old_approx_kl = (-logratio).mean()
+        approx_kl = ((ratio - 1) - logratio).mean()
+        clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+    advantages = mb["advantages"]
+    if args.norm_adv:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+    pg_loss_per_agent = torch.max(pg_loss1, pg_loss2).mean(1)
+    entropy_per_agent = entropy.mean(1)
+    if args.clip_vloss:
+        v_loss_unclipped = (newvalue - mb["returns"]) ** 2
+        v_clipped = mb["values"] + torch.clamp(newvalue - mb["values"], -args.clip_coef, args.clip_coef)
+        v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - mb["returns"]) ** 2).mean()
+    else:
+        v_loss = 0.5 * ((newvalue - mb["returns"]) ** 2).mean()
+    actor_loss_per_agent = pg_loss_per_agent - args.ent_coef * entropy_per_agent
+    loss = actor_loss_per_agent.mean() + v_loss * args.vf_coef
+    stats = dict(policy_loss=pg_loss_per_agent.mean(), value_loss=v_loss, entropy=entropy_per_agent.mean(),
+                 old_approx_kl=old_approx_kl, approx_kl=approx_kl, clipfrac=clipfrac)
+    return loss, actor_loss_per_agent, stats
+
+def gradient_step(agent, mb: dict, args: Args):
+    """One minibatch: loss, gradient, the paper's gradient variance (of the actor's), clip. --compile fuses it."""
+    loss, _, stats = ppo_loss(agent, mb, args)
+    loss.backward()
+    actor_grads = [p.grad for p in agent.actor_parameters() if p.grad is not None]
+    stats["actor_var"], stats["actor_norm"] = gradient_variance_and_norm(actor_grads)
+    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+    return loss.detach(), stats
+
+def ppo_update(agent, optimizer, batch: dict, args: Args, step=gradient_step) -> dict:
+    """update_epochs passes over the rollout (n_agents, batch_size, ...) in minibatches, each a PPO step
+    (step: gradient_step, maybe compiled), then the agent's own (a baseline's extra loss)."""
+    batch_size = batch["obs"].shape[1]
+    minibatch_size = batch_size // args.num_minibatches
+    grad_vars, grad_norms, finite = [], [], torch.ones((), dtype=torch.bool, device=batch["obs"].device)
+    for epoch in range(args.update_epochs):
+        order = torch.randperm(batch_size, device=batch["obs"].device)
+        for start in range(0, batch_size, minibatch_size):
+            mb = {key: value[:, order[start: start + minibatch_size]] for key, value in batch.items()}
+            if epoch == 0 and start == 0:  # part of one minibatch per update is enough for this metric
+                interference = interference_of(agent, mb, args)
+            optimizer.zero_grad()
+            loss, stats = step(agent, mb, args)
+            optimizer.step()
+            finite &= torch.isfinite(loss)  # checked once, after the update: no host sync per minibatch
+            stats |= agent.after_step(mb)
+            grad_vars.append(stats.pop("actor_var"))
+            grad_norms.append(stats.pop("actor_norm"))
+    if not finite:
+        raise FloatingPointError("loss is not finite")
+    # the losses of the last minibatch (CleanRL's); the gradient statistics averaged over the update
+    return {key if "/" in key else f"losses/{key}": float(value.detach()) for key, value in stats.items()} | {
+        "grad/actor_var": float(torch.stack(grad_vars).mean()), "grad/actor_norm": float(torch.stack(grad_norms).mean()),
+        "grad/interference": interference}
+
+
+# ===== Evaluation and metrics (SND, Eq. 9; gradient variance and interference) =====
+def record_evaluation(agent, eval_env, args: Args, writer, run_dir: str, global_step: int) -> str:
+    """An evaluation into TensorBoard, each episode's return into evaluations.jsonl (rliable), a video."""
+    video = [] if args.capture_video else None
+    eval_return, eval_per_agent, snd, episodes = evaluate(agent, eval_env, args, args.seed + 10_000, video=video)
+    if video:
+        extras.save_video(writer, os.path.join(run_dir, "videos", f"eval_{global_step}.mp4"), "eval/video",
+                          video, global_step, 1 / eval_env.env.world.dt)
+    writer.add_scalar("eval/episodic_return", eval_return, global_step)
+    for i, value in enumerate(eval_per_agent):
+        writer.add_scalar(f"eval/episodic_return_agent{i}", value, global_step)
+    writer.add_scalar("diversity/snd", snd, global_step)
+    with open(os.path.join(run_dir, "evaluations.jsonl"), "a") as f:
+        f.write(json.dumps({"step": global_step, "episode_returns": episodes, "snd": snd}) + "\n")
+    return f"eval_return={eval_return:.3f} snd={snd:.4f}"
+
+def evaluate(agent, eval_env: VmasEnv, args: Args, seed: int, snd_obs=None, video=None):
+    """Episodes on the evaluation environment, rewound every time (evaluations differ only by the policy),
+    the mode or samples (--no-eval-deterministic) drawn from seed, not the training RNG; then SND (Eq. 9)
+    on snd_obs (N, obs_dim) (appendix D.1.2) or on --snd-samples of the episodes' observations; a list as
+    video gets the first episode's frames. Returns (mean return, per agent, SND, every episode's return)."""
+    n, device = args.n_agents, eval_env.device
+    # On CUDA, VMAS draws from torch's CUDA generator: forked and seeded here, like the policy's samples
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        eval_env.rewind()
+        obs = eval_env.reset()
+        returns = torch.zeros(n, eval_env.num_envs, device=device)
+        active = torch.ones(eval_env.num_envs, dtype=torch.bool, device=device)
+        seen = []
+        if video is not None:
+            video.append(eval_env.env.render(mode="rgb_array", env_index=0))
+        for _ in range(args.max_steps):
+            seen.append(obs[:, active])
+            dist = agent.policy(obs, agent.generate(obs))
+            if args.eval_deterministic:  # the mode: argmax, or the mean
+                action = dist.argmax(-1) if agent.discrete else dist[0]
+            else:
+                action = sample_action(dist, agent.discrete)
+            obs, reward, terminated, truncated, _ = eval_env.step(agent.env_action(action))
+            if video is not None and active[0] and not (terminated[0] or truncated[0]):  # else it is reset
+                video.append(eval_env.env.render(mode="rgb_array", env_index=0))
+            returns += reward * active
+            active &= ~(terminated | truncated)
+            if not active.any():
+                break
+        if snd_obs is not None:
+            pool = snd_obs.to(device)
+        else:  # every agent's observations pooled: (n_agents, live envs, obs_dim) per step -> (N, obs_dim)
+            pool = torch.cat([o.reshape(-1, o.shape[-1]) for o in seen])
+            pool = pool[torch.randperm(pool.shape[0], device=device)[: args.snd_samples]]
+        snd = 0.0
+        for chunk in pool.split(10_000):  # chunks keep a million-observation dataset in memory
+            same = chunk.expand(n, -1, -1)  # Eq. (9): every agent on the same observations
+            dist = agent.policy(same, agent.generate(same))
+            snd += system_neural_diversity(dist, agent.discrete, args.snd_gaussian_samples) * len(chunk)
+        snd /= pool.shape[0]
+    return returns.mean(0).mean().item(), returns.mean(1).tolist(), snd, returns.mean(0).tolist()
+
+def js_distance_categorical(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon distance in base 2 (in [0, 1]) between categorical distributions (..., k)."""
+    m = 0.5 * (p + q)
+
+    def kl(a, b):
+        return torch.where(a > 0, a * (torch.log2(a) - torch.log2(b.clamp_min(1e-30))), torch.zeros_like(a)).sum(-1)
+
+    return (0.5 * kl(p, m) + 0.5 * kl(q, m)).clamp(0.0, 1.0).sqrt()
+
+def js_distance_gaussian(mu1, std1, mu2, std2, n_samples=64, generator=None) -> torch.Tensor:
+    """Jensen-Shannon distance (base 2) between diagonal Gaussians (..., d) by Monte Carlo, no closed form:
+    1/2 E_p[log p - log m] + 1/2 E_q[log q - log m], m = (p + q) / 2; antithetic draws, exactly 0 if p = q."""
+    half = max(n_samples // 2, 1)
+    z = torch.randn((half,) + mu1.shape, generator=generator, device=mu1.device, dtype=mu1.dtype)
+    z = torch.cat([z, -z])
+
+    def log_density(x, mu, std):
+        return (-0.5 * ((x - mu) / std) ** 2 - torch.log(std) - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def half_term(mu, std, mu_other, std_other):  # E_{x ~ f}[log f(x) - log m(x)]
+        x = mu + std * z
+        d = log_density(x, mu_other, std_other) - log_density(x, mu, std)
+        # log m - log f = log((1 + e^d) / 2), written to be exactly 0 when the densities agree
+        log_ratio = torch.where(d > 30, d - math.log(2.0), torch.log1p(torch.expm1(d.clamp(max=30)) / 2))
+        return -log_ratio.mean(0)
+
+    jsd_bits = (0.5 * half_term(mu1, std1, mu2, std2) + 0.5 * half_term(mu2, std2, mu1, std1)) / math.log(2.0)
+    return jsd_bits.clamp(0.0, 1.0).sqrt()
+
+def system_neural_diversity(dist, discrete: bool, n_samples=64, generator=None) -> float:
+    """Eq. (9): mean Jensen-Shannon distance over agent pairs and observations. dist: every agent's
+    policy on the SAME observations, logits (n_agents, batch, k) or (mean, std) each (n_agents, batch, d)."""
+    n = (dist if discrete else dist[0]).shape[0]
+    i, j = torch.triu_indices(n, n, offset=1)
+    if discrete:
+        probs = torch.softmax(dist.detach(), -1)
+        distances = js_distance_categorical(probs[i], probs[j])
+    else:
+        mean, std = dist[0].detach(), dist[1].detach()
+        distances = js_distance_gaussian(mean[i], std[i], mean[j], std[j], n_samples, generator)
+    return float(distances.mean())
+
+def gradient_variance_and_norm(grads):
+    """Variance and L2 norm over all entries of the gradient, from each tensor's sum and norm (no copy)."""
+    count = sum(g.numel() for g in grads)
+    total = torch.stack([g.sum() for g in grads]).sum()
+    squares = torch.stack([torch.linalg.vector_norm(g) for g in grads]).square().sum()
+    return (squares - total**2 / count) / (count - 1), squares.sqrt()
+
+def interference_of(agent, mb: dict, args: Args) -> float:
+    """Gradient interference on the first --interference-samples of a minibatch (eager under --compile);
+    the agent's buffers (a running estimate a forward pass moves) are left as they were."""
+    subset = {key: value[:, : args.interference_samples] for key, value in mb.items()}
+    buffers = [(buffer, buffer.clone()) for buffer in agent.buffers()]
+    interference = gradient_interference(ppo_loss(agent, subset, args)[1], agent.actor_parameters())
+    for buffer, saved in buffers:
+        buffer.copy_(saved)
+    return interference
+
+def gradient_interference(per_agent_loss: torch.Tensor, params) -> float:
+    """Mean pairwise cosine similarity of the agents' gradients on the shared parameters (one batched
+    backward): 0 for disjoint parameters (NoPS), > 0 when their updates agree, < 0 when they conflict."""
+    n = per_agent_loss.shape[0]
+    grads = torch.autograd.grad(per_agent_loss, params, grad_outputs=torch.eye(n, device=per_agent_loss.device),
+                                is_grads_batched=True, retain_graph=True, allow_unused=True)
+    gram = sum(g.reshape(n, -1) @ g.reshape(n, -1).T for g in grads if g is not None)  # no (n, all) copy
+    norms = gram.diagonal().sqrt().clamp_min(1e-12)
+    cosine = gram / (norms[:, None] * norms[None, :])
+    return float(cosine[~torch.eye(n, dtype=torch.bool, device=cosine.device)].mean())
+
+
+# ===== Environment (VMAS) =====
 # The keyword arguments each VMAS scenario receives besides n_agents (names as VMAS spells them).
 SCENARIO_OPTIONS = {
     "dispersion": ("n_food", "share_reward", "penalise_by_time", "food_radius"),
@@ -231,16 +783,11 @@ SCENARIO_OPTIONS = {
                    "lidar_range", "agent_radius"),
 }
 
-# ===== 2. Environment =====
 class VmasEnv:
-    """VMAS with agent-major tensors, terminated/truncated kept apart and in-place auto-reset.
-
-    step() returns the next observations (fresh ones where an episode just ended, so a new episode's
-    first action sees its own observation) and, separately, the ended episodes' final observations
-    (to bootstrap V(next state) after a time limit). Returns and lengths of ended episodes are summed
-    on the device and read once per iteration. Each instance owns its random stream: VMAS keeps one
-    for all environments, which would tie the training and evaluation environments together.
-    """
+    """VMAS with agent-major tensors, terminated/truncated kept apart and in-place auto-reset: step()
+    returns the next observations (fresh where an episode ended: a new episode's first action sees its
+    own) and the ended episodes' final observations (to bootstrap V after a time limit). Each instance
+    owns its random stream: VMAS keeps one for all, which would tie training and evaluation together."""
 
     def __init__(self, args: Args, num_envs: int, seed: int, device: torch.device):
         import vmas
@@ -248,16 +795,15 @@ class VmasEnv:
 
         self._shared_rng = Environment.vmas_random_state
         self._rng = list(self._shared_rng)
-        kwargs = dict(n_agents=args.n_agents)
-        kwargs.update({name: getattr(args, name) for name in SCENARIO_OPTIONS[args.scenario]})
+        kwargs = {name: getattr(args, name) for name in SCENARIO_OPTIONS[args.scenario]}
         with self.own_rng(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             self.env = vmas.make_env(args.scenario, num_envs=num_envs, device=device, seed=seed,
                                      continuous_actions=args.continuous_actions, max_steps=args.max_steps,
-                                     terminated_truncated=True, **kwargs)
+                                     terminated_truncated=True, n_agents=args.n_agents, **kwargs)
         unused = [str(w.message) for w in caught if "not used" in str(w.message)]
-        if unused:  # VMAS only warns about keyword arguments it ignores: refuse them instead.
-            raise ScenarioOptionError(f"--scenario {args.scenario}: {unused[0]}")
+        if unused:  # VMAS only warns about keyword arguments it ignores: refuse them instead (exit status 2)
+            raise ValueError(f"--scenario {args.scenario}: {unused[0]}")
         self._start_rng = list(self._rng)
         self.num_envs, self.n_agents, self.device = num_envs, args.n_agents, device
         self.obs_dim = self.env.observation_space[0].shape[0]
@@ -269,9 +815,9 @@ class VmasEnv:
             self.act_high = torch.as_tensor(space.high, device=device)
         self.episode_return = torch.zeros(self.n_agents, num_envs, device=device)
         self.episode_length = torch.zeros(num_envs, dtype=torch.long, device=device)
-        self.ended_returns = torch.zeros(self.n_agents, device=device)  # sums over the episodes that ended
-        self.ended_lengths = torch.zeros((), dtype=torch.long, device=device)
-        self.ended_count = torch.zeros((), dtype=torch.long, device=device)
+        # the ended episodes' sums stay on the device, read once per iteration (take_ended_episodes)
+        self.ended_returns = torch.zeros(self.n_agents, device=device)
+        self.ended_lengths, self.ended_count = torch.zeros((2,), dtype=torch.long, device=device)
         self.obs = None
 
     @contextlib.contextmanager
@@ -319,9 +865,8 @@ class VmasEnv:
         return obs, rewards, terminated, truncated, final_obs
 
     def _reset_done(self, done: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
-        """Fresh states for the ended environments with one batched reset, whatever their number: the
-        environments that go on get their state back with one masked write per tensor (VMAS's
-        reset_at(i) resets one environment per call, a Python loop once episodes fall out of step)."""
+        """The ended environments reset in one batched reset, the others' state written back with one masked
+        write per tensor (VMAS's reset_at(i) resets one environment per call: a Python loop)."""
         saved = [(holder, key, value.clone()) for holder in self._state_holders().values()
                  for key, value in vars(holder).items() if isinstance(value, torch.Tensor)]
         fresh_obs = torch.stack(self.env.reset())
@@ -348,803 +893,83 @@ class VmasEnv:
         return result
 
 
-# ===== 3. Hypernetworks (Eq. 5, Eq. 6, section 4.3) =====
-def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
-    torch.nn.init.orthogonal_(layer.weight, std)
-    torch.nn.init.constant_(layer.bias, bias_const)
-    return layer
-
-
-def layer_shapes(sizes: list[int]) -> list[tuple[int, int]]:
-    return list(zip(sizes[:-1], sizes[1:]))
-
-
-def num_target_params(sizes: list[int]) -> int:
-    return sum(fan_in * fan_out + fan_out for fan_in, fan_out in layer_shapes(sizes))
-
-
-def target_init_vector(sizes: list[int], gains: list[float]) -> torch.Tensor:
-    """One flattened parameter vector of the target MLP, initialised as PPO would: orthogonal
-    weights with the layer's gain, zero biases (section 4.3)."""
-    chunks = []
-    for (fan_in, fan_out), gain in zip(layer_shapes(sizes), gains):
-        weight = torch.empty(fan_out, fan_in)
-        nn.init.orthogonal_(weight, gain)
-        chunks += [weight.T.flatten(), torch.zeros(fan_out)]
-    return torch.cat(chunks)
-
-
-def unflatten_params(theta: torch.Tensor, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(..., m) flat parameters -> [(W (..., fan_in, fan_out), b (..., 1, fan_out)) per layer].
-    One split, not a slice per tensor: a slice's backward writes a zero tensor of all m parameters."""
-    shapes = layer_shapes(sizes)
-    chunks = theta.split([n for fan_in, fan_out in shapes for n in (fan_in * fan_out, fan_out)], dim=-1)
-    return [(chunks[2 * k].unflatten(-1, shape), chunks[2 * k + 1].unsqueeze(-2)) for k, shape in enumerate(shapes)]
-
-
-def batched_mlp(x: torch.Tensor, params, activation) -> torch.Tensor:
-    """All agents' networks in one batched matmul per layer. x: (n_agents, batch, fan_in); W:
-    (n_agents, fan_in, fan_out), or (n_agents, batch, fan_in, fan_out) for per-sample weights."""
-    for k, (weight, bias) in enumerate(params):
-        if weight.dim() == 3:
-            x = torch.baddbmm(bias, x, weight)
-        else:
-            x = (x.unsqueeze(-2) @ weight + bias).squeeze(-2)
-        if k < len(params) - 1:
-            x = activation(x)
-    return x
-
-
-class LinearHypernet(nn.Module):
-    """Eq. (5): theta_i = 1_i W + b, a one-hot agent ID into one linear layer.
-
-    Row i of W is agent i's whole flattened network; b is shared by all agents. With
-    shared_bias=False this is exactly n independent networks. obs_dim > 0 is the ablation without
-    gradient decoupling: the input becomes [1_i, o] and the weights are generated per sample.
-    """
-
-    def __init__(self, n_agents, sizes, gains, init="scaled", shared_bias=True, obs_dim=0):
-        super().__init__()
-        self.sizes, self.obs_dim = list(sizes), obs_dim
-        self.head = nn.Linear(n_agents + obs_dim, num_target_params(sizes), bias=shared_bias)
-        self.register_buffer("ids", torch.eye(n_agents))
-        if init == "scaled":  # section 4.3: every agent starts with its own orthogonal network
-            with torch.no_grad():
-                self.head.weight.zero_()
-                for i in range(n_agents):
-                    self.head.weight[:, i] = target_init_vector(sizes, gains)
-                if shared_bias:
-                    self.head.bias.zero_()
-
-    def forward(self, obs=None):
-        if self.obs_dim == 0:
-            theta = self.head(self.ids)  # (n_agents, m): generated once, used for every sample
-        else:
-            ids = self.ids.unsqueeze(1).expand(-1, obs.shape[1], -1)
-            theta = self.head(torch.cat([ids, obs], -1))  # (n_agents, batch, m)
-        return unflatten_params(theta, self.sizes)
-
-
-class MLPHypernet(nn.Module):
-    """Eq. (6): theta_i = f(g(e_i)), an MLP g (ReLU) on the agent embedding e_i, then a linear head f.
-
-    As in the authors' code, every generated tensor (each layer's weight, each layer's bias) has its
-    own sub-network (g, f). Embeddings are learned and orthogonally initialised with gain sqrt(2), as
-    there (section 4.2), or fixed one-hot IDs.
-    init="scaled", section 4.3 as the authors' code does it: g starts as Flax's default (LeCun
-    normal, zero bias); column j of a weight head is a flattened orthogonal matrix with the target
-    layer's gain; bias heads start at zero, so a generated layer is sum_j g_j(e_i) O_j, |g(e_i)| times
-    the target's scale (benchmark/init_scale.py). init="matched" (ours): g's output is also
-    L2-normalised (for the whole run) and each weight head's columns are made orthogonal, so every
-    generated layer starts at exactly the target's norm. init="default": PyTorch's (w/o RF).
-    """
-
-    def __init__(self, n_agents, sizes, gains, embedding_dim, hidden_dims, embedding="learned",
-                 init="scaled", obs_dim=0):
-        super().__init__()
-        self.shapes, self.obs_dim, self.normalise = layer_shapes(sizes), obs_dim, init == "matched"
-        if embedding == "learned":
-            self.embedding = nn.Parameter(nn.init.orthogonal_(torch.empty(n_agents, embedding_dim), np.sqrt(2)))
-        else:
-            self.register_buffer("embedding", torch.eye(n_agents))
-        self.trunks, self.heads = nn.ModuleList(), nn.ModuleList()  # W_1, b_1, W_2, b_2, ...
-        for size in (n for fan_in, fan_out in self.shapes for n in (fan_in * fan_out, fan_out)):
-            layers, width = [], self.embedding.shape[1] + obs_dim
-            for hidden in hidden_dims:
-                layers += [nn.Linear(width, hidden), nn.ReLU()]
-                width = hidden
-            self.trunks.append(nn.Sequential(*layers))
-            self.heads.append(nn.Linear(width, size))
-        if init == "default":
-            return
-        with torch.no_grad():
-            for layer in (m for trunk in self.trunks for m in trunk if isinstance(m, nn.Linear)):
-                # Flax's lecun_normal: truncated at 2 std, rescaled by that truncated normal's std (0.8796)
-                std = layer.in_features ** -0.5 / 0.8796256610342398
-                nn.init.trunc_normal_(layer.weight, 0.0, std, -2 * std, 2 * std)
-                layer.bias.zero_()
-            for k, ((fan_in, fan_out), gain) in enumerate(zip(self.shapes, gains)):
-                weight_head, bias_head = self.heads[2 * k], self.heads[2 * k + 1]
-                for j in range(width):  # width: every trunk's output (its last hidden layer)
-                    weight_head.weight[:, j] = target_init_vector([fan_in, fan_out], [gain])[: fan_in * fan_out]
-                if init == "matched":  # nearest orthogonal columns, same norm: |f(u)| = |target| for |u| = 1
-                    # (a head with fewer outputs than hidden units, never in the paper's settings, gets orthonormal rows
-                    # instead: then the target's norm holds on average, not exactly)
-                    u, _, vh = torch.linalg.svd(weight_head.weight, full_matrices=False)
-                    norm = gain * min(fan_in, fan_out) ** 0.5 * max(1.0, width / (fan_in * fan_out)) ** 0.5
-                    weight_head.weight.copy_(u @ vh * norm)
-                for tensor in (weight_head.bias, bias_head.weight, bias_head.bias):
-                    tensor.zero_()
-
-    def forward(self, obs=None):
-        z = self.embedding  # (n_agents, embedding_dim)
-        if self.obs_dim:
-            z = torch.cat([z.unsqueeze(1).expand(-1, obs.shape[1], -1), obs], -1)  # (n_agents, batch, e + obs_dim)
-        theta = []
-        for trunk, head in zip(self.trunks, self.heads):
-            features = trunk(z)
-            theta.append(head(F.normalize(features, dim=-1) if self.normalise else features))
-        return [(theta[2 * k].unflatten(-1, shape), theta[2 * k + 1].unsqueeze(-2)) for k, shape in enumerate(self.shapes)]
-
-
-# ===== 4. Baselines and the agent =====
-class SharedNet(nn.Module):
-    """FuPS: one network for every agent, input [o, 1_i] (use_id) or o alone. [o, 1_i] W = o W_obs +
-    W_id[i]: the ID only adds a per-agent bias to the first layer, so it is never materialised."""
-
-    def __init__(self, n_agents, sizes, gains, use_id=True):
-        super().__init__()
-        self.n_agents, self.use_id = n_agents, use_id
-        dims = [sizes[0] + (n_agents if use_id else 0)] + list(sizes[1:])
-        self.layers = nn.ModuleList(layer_init(nn.Linear(i, o), g) for (i, o), g in zip(layer_shapes(dims), gains))
-
-    def forward(self):
-        n, params = self.n_agents, []
-        for k, layer in enumerate(self.layers):
-            weight, bias = layer.weight.T, layer.bias.expand(n, -1)
-            if k == 0 and self.use_id:
-                weight, id_rows = weight[: -n], weight[-n:]
-                bias = bias + id_rows  # row i of W_id is agent i's extra bias
-            params.append((weight.expand(n, -1, -1), bias.unsqueeze(1)))
-        return params
-
-
-class IndependentNets(nn.Module):
-    """NoPS: one network per agent, stored stacked (n_agents, fan_in, fan_out) for one batched matmul."""
-
-    def __init__(self, n_agents, sizes, gains):
-        super().__init__()
-        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
-        for (fan_in, fan_out), gain in zip(layer_shapes(sizes), gains):
-            weight = torch.empty(n_agents, fan_out, fan_in)
-            for i in range(n_agents):
-                nn.init.orthogonal_(weight[i], gain)
-            self.weights.append(nn.Parameter(weight.transpose(1, 2).contiguous()))
-            self.biases.append(nn.Parameter(torch.zeros(n_agents, 1, fan_out)))
-
-    def forward(self):
-        return list(zip(self.weights, self.biases))
-
-
-class PerAgentMLP(nn.Module):
-    """One network per agent, whatever the family: x (n_agents, batch, in) -> (n_agents, batch, out).
-    weight_net yields every agent's [(W, b) per layer]: a hypernetwork, FuPS's shared net or NoPS's."""
-
-    def __init__(self, args: Args, family: str, n_agents: int, sizes: list[int], gains: list[float], activation):
-        super().__init__()
-        self.per_sample = family in ("mlp", "linear") and args.hypernet_input == "agent+obs"
-        obs_dim = sizes[0] if self.per_sample else 0
-        if family == "mlp":
-            self.weight_net = MLPHypernet(n_agents, sizes, gains, args.hypernet_embedding_dim, args.hypernet_hidden_dims,
-                                          args.hypernet_embedding, args.hypernet_init, obs_dim)
-        elif family == "linear":
-            self.weight_net = LinearHypernet(n_agents, sizes, gains, args.hypernet_init, obs_dim=obs_dim)
-        else:
-            self.weight_net = SharedNet(n_agents, sizes, gains) if family == "fups" else IndependentNets(n_agents, sizes, gains)
-        self.activation = activation
-
-    def generate(self):
-        """Every agent's weights; None for per-sample weights, which forward() makes from x."""
-        return None if self.per_sample else self.weight_net()
-
-    def forward(self, x, params=None):
-        if params is None:
-            params = self.weight_net(x) if self.per_sample else self.weight_net()
-        return batched_mlp(x, params, self.activation)
-
-
-def torch_default_init_(module: nn.Module) -> None:
-    """nn.Linear's default init, U(+-1/sqrt(fan_in)) for weights and biases: DiCo's networks are
-    torchrl MLPs, which keep it (no orthogonal init)."""
-    with torch.no_grad():
-        if isinstance(module, SharedNet):
-            for layer in module.layers:
-                layer.reset_parameters()
-            return
-        for weight, bias in zip(module.weights, module.biases):
-            bound = weight.shape[1] ** -0.5
-            weight.uniform_(-bound, bound)
-            bias.uniform_(-bound, bound)
-
-
-class DiCoMLP(nn.Module):
-    """DiCo (Bettini et al. 2024) as its authors' code runs it: pi_i(o) = shared(o) + (SND_des /
-    SND_hat) * deviation_i(o).
-
-    Gaussian actions: the shared network outputs a mean, squashed by tanh into [-1, 1] (their
-    process_shared), and a state-dependent std (torchrl's biased softplus: softplus(x + b) + 0.01,
-    std 1 at x = 0); the per-agent deviation networks output mean offsets; actions follow a
-    TanhNormal (Agent.squash). SND_hat is their running estimate: each training forward pass moves
-    it by tau = 0.01 toward the mean pairwise L2 distance between the deviation outputs (every
-    agent's network on every agent's observation), starting from the first measurement; rollouts and
-    evaluation use the stored value. SND_des -1: ratio 1 (unconstrained); 0: shared network only.
-    Discrete actions (in neither the paper nor DiCo's code): logits = shared + ratio * deviation.
-    """
-
-    TAU = 0.01
-    STD_BIAS = math.log(math.expm1(0.99))  # softplus(STD_BIAS) + 0.01 = 1
-
-    def __init__(self, n_agents, sizes, gains, activation, snd_des, discrete):
-        super().__init__()
-        act_dim = sizes[-1]
-        self.shared = SharedNet(n_agents, list(sizes[:-1]) + [act_dim if discrete else 2 * act_dim], gains, use_id=False)
-        self.deviation = IndependentNets(n_agents, sizes, gains)
-        torch_default_init_(self.shared)
-        torch_default_init_(self.deviation)
-        self.activation, self.snd_des, self.discrete = activation, snd_des, discrete
-        self.register_buffer("snd_hat", torch.tensor(float("nan")))  # in the checkpoint with the weights
-
-    def generate(self):
-        return self.shared(), self.deviation()
-
-    def deviation_snd(self, x, deviation_params) -> torch.Tensor:
-        """Mean pairwise L2 distance between the agents' deviation outputs on all observations of x."""
-        n = x.shape[0]
-        everyone = x.reshape(1, -1, x.shape[-1]).expand(n, -1, -1)  # (n, n * batch, obs_dim): all agents' obs
-        outputs = batched_mlp(everyone, deviation_params, self.activation)  # every agent's network on each
-        i, j = torch.triu_indices(n, n, offset=1, device=x.device)
-        return torch.linalg.vector_norm(outputs[i] - outputs[j], dim=-1).mean()
-
-    # Eager under --compile: a compiled backward would read SND_hat after the in-place update below
-    # (torch 2.13; measured: first-minibatch gradients off by up to 140%).
-    @torch.compiler.disable
-    def scaling_ratio(self, x, deviation_params, update_estimate=True):
-        if self.snd_des <= 0:
-            return 0.0 if self.snd_des == 0 else 1.0
-        estimate = self.snd_hat
-        if torch.is_grad_enabled():
-            measured = self.deviation_snd(x, deviation_params)
-            # torch.where, not `if`: a Python test of a CUDA value would sync every rollout step and minibatch
-            estimate = torch.where(self.snd_hat.isnan(), measured, (1 - self.TAU) * self.snd_hat + self.TAU * measured)
-            if update_estimate:
-                self.snd_hat.copy_(estimate.detach())
-        return torch.where(estimate.isnan(), 1.0, self.snd_des / estimate)
-
-    def forward(self, x, params=None, update_estimate=True):
-        shared_params, deviation_params = params if params is not None else self.generate()
-        out = batched_mlp(x, shared_params, self.activation)
-        if not self.discrete:
-            loc, pre_std = out.chunk(2, -1)
-            out = torch.tanh(loc)  # process_shared
-            std = F.softplus(pre_std + self.STD_BIAS) + 0.01
-        ratio = self.scaling_ratio(x, deviation_params, update_estimate)
-        if not (isinstance(ratio, float) and ratio == 0.0):
-            out = out + ratio * batched_mlp(x, deviation_params, self.activation)
-        return out if self.discrete else (out, std)
-
-
-def dico_action_space_loss(agent, obs: torch.Tensor) -> torch.Tensor:
-    """DiCo's extra loss (their ActionSpaceLoss callback, own Adam): the squared largest (over agents)
-    L2 overflow of the Gaussian mean outside the action box [-1, 1], averaged over the minibatch."""
-    loc, _ = agent.actor(obs, update_estimate=False)
-    overflow = torch.linalg.vector_norm(loc - loc.detach().clamp(-1.0, 1.0), dim=-1)
-    return overflow.max(0).values.square().mean()
-
-
-# Written out rather than torch.distributions objects, which cost 5-14% of a Dispersion iteration on a CPU
-# (benchmark/results/distributions_cost.md); tested against torch.distributions.
-def sample_action(dist, discrete: bool) -> torch.Tensor:
-    """An action from a policy's output dist: logits (..., k), or (mean, std) each (..., d)."""
-    if discrete:  # Gumbel-max: argmax(logits + Gumbel noise) is a categorical sample
-        return torch.argmax(dist - torch.log(-torch.log(torch.rand_like(dist))), dim=-1)
-    mean, std = dist
-    return mean + std * torch.randn_like(mean)
-
-
-def log_prob_entropy(dist, action, discrete: bool):
-    """log pi(action) and the entropy of the policy, summed over action dimensions (Gaussian)."""
-    if discrete:
-        logp = torch.log_softmax(dist, -1)
-        return logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
-    mean, std = dist
-    log_std = torch.log(std)
-    logprob = (-((action - mean) ** 2) / (2 * std**2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-    return logprob, (0.5 + 0.5 * math.log(2 * math.pi) + log_std).sum(-1)
-
-
-def critic_input(obs: torch.Tensor) -> torch.Tensor:
-    """MAPPO: every agent's critic sees the global state, (n_agents, batch, n_agents * obs_dim): VMAS
-    has none, so as in the paper it is all agents' observations of the same step, concatenated."""
-    n, batch, obs_dim = obs.shape
-    return obs.transpose(0, 1).reshape(batch, n * obs_dim).unsqueeze(0).expand(n, -1, -1)
-
-
-class Agent(nn.Module):
-    """Every agent's actor and critic."""
-
-    def __init__(self, args: Args, obs_dim: int, act_dim: int, discrete: bool, critic_in_dim: int):
-        super().__init__()
-        n = args.n_agents
-        activation = torch.relu if args.activation == "relu" else torch.tanh
-        actor_sizes = [obs_dim] + list(args.actor_hidden_dims) + [act_dim]
-        critic_sizes = [critic_in_dim] + list(args.critic_hidden_dims) + [1]
-        actor_gains = [np.sqrt(2)] * len(args.actor_hidden_dims) + [0.01]
-        critic_gains = [np.sqrt(2)] * len(args.critic_hidden_dims) + [1.0]
-        # DiCo's TanhNormal: the stored action is the Gaussian sample u, the environment gets tanh(u).
-        self.discrete, self.squash = discrete, args.hypernet == "dico" and not discrete
-        if args.hypernet == "dico":
-            self.actor = DiCoMLP(n, actor_sizes, actor_gains, activation, args.dico_snd_des, discrete)
-            # BenchMARL's IPPO (DiCo's config) gives every agent its own critic; its MAPPO shares one
-            # centralised critic (here with a one-hot ID, since rewards are per agent).
-            centralised = critic_in_dim != obs_dim
-            self.critic = PerAgentMLP(args, "fups" if centralised else "nops", n, critic_sizes, critic_gains, activation)
-            torch_default_init_(self.critic.weight_net)
-        else:
-            self.actor = PerAgentMLP(args, args.hypernet, n, actor_sizes, actor_gains, activation)
-            self.critic = PerAgentMLP(args, args.hypernet, n, critic_sizes, critic_gains, activation)
-        if not discrete and args.hypernet != "dico":  # state-independent log-std, per agent only for NoPS
-            self.actor_logstd = nn.Parameter(torch.zeros(n if args.hypernet == "nops" else 1, 1, act_dim))
-
-    def actor_parameters(self):
-        return list(self.actor.parameters()) + ([self.actor_logstd] if hasattr(self, "actor_logstd") else [])
-
-    def env_action(self, action):
-        return torch.tanh(action) if self.squash else action
-
-    def generate(self):
-        """(actor weights, critic weights) of every agent, generated once per rollout or minibatch."""
-        return self.actor.generate(), self.critic.generate()
-
-    def get_value(self, critic_x, params=None):
-        return self.critic(critic_x, None if params is None else params[1]).squeeze(-1)
-
-    def policy(self, x, params=None):
-        """Every agent's policy on x (n_agents, batch, obs_dim): logits, or (mean, std), (n_agents, batch, act)."""
-        out = self.actor(x, None if params is None else params[0])
-        if self.discrete or isinstance(out, tuple):  # DiCo's std comes from its shared network
-            return out
-        return out, self.actor_logstd.exp().expand_as(out)
-
-    def get_action_and_value(self, x, action=None, params=None):
-        dist = self.policy(x, params)
-        if action is None:
-            action = sample_action(dist, self.discrete)
-        logprob, entropy = log_prob_entropy(dist, action, self.discrete)
-        if self.squash:  # TanhNormal: minus log|d tanh(u)/du|; the entropy is its one-sample estimate at u
-            log_jacobian = (2 * (math.log(2.0) - action - F.softplus(-2 * action))).sum(-1)
-            logprob, entropy = logprob - log_jacobian, entropy + log_jacobian.detach()
-        return action, logprob, entropy, self.get_value(critic_input(x), params)
-
-
-# ===== 5. Metrics =====
-def js_distance_categorical(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Jensen-Shannon distance in base 2 (in [0, 1]) between categorical distributions (..., k)."""
-    m = 0.5 * (p + q)
-
-    def kl(a, b):
-        return torch.where(a > 0, a * (torch.log2(a) - torch.log2(b.clamp_min(1e-30))), torch.zeros_like(a)).sum(-1)
-
-    return (0.5 * kl(p, m) + 0.5 * kl(q, m)).clamp(0.0, 1.0).sqrt()
-
-
-def js_distance_gaussian(mu1, std1, mu2, std2, n_samples=64, generator=None) -> torch.Tensor:
-    """Jensen-Shannon distance in base 2 between diagonal Gaussians (..., d), by Monte Carlo (there
-    is no closed form): JSD = 1/2 E_p[log p - log m] + 1/2 E_q[log q - log m], m = (p + q) / 2, each
-    expectation from n_samples antithetic draws; identical Gaussians give exactly 0."""
-    half = max(n_samples // 2, 1)
-    z = torch.randn((half,) + mu1.shape, generator=generator, device=mu1.device, dtype=mu1.dtype)
-    z = torch.cat([z, -z])
-
-    def log_density(x, mu, std):
-        return (-0.5 * ((x - mu) / std) ** 2 - torch.log(std) - 0.5 * math.log(2 * math.pi)).sum(-1)
-
-    def half_term(mu, std, mu_other, std_other):  # E_{x ~ f}[log f(x) - log m(x)]
-        x = mu + std * z
-        d = log_density(x, mu_other, std_other) - log_density(x, mu, std)
-        # log m - log f = log((1 + e^d) / 2), written to be exactly 0 when the densities agree
-        log_ratio = torch.where(d > 30, d - math.log(2.0), torch.log1p(torch.expm1(d.clamp(max=30)) / 2))
-        return -log_ratio.mean(0)
-
-    jsd_bits = (0.5 * half_term(mu1, std1, mu2, std2) + 0.5 * half_term(mu2, std2, mu1, std1)) / math.log(2.0)
-    return jsd_bits.clamp(0.0, 1.0).sqrt()
-
-
-def system_neural_diversity(dist, discrete: bool, n_samples=64, generator=None) -> float:
-    """Eq. (9): mean Jensen-Shannon distance over agent pairs and observations. dist: every agent's
-    policy on the SAME observations, logits (n_agents, batch, k) or (mean, std) each (n_agents, batch, d)."""
-    n = (dist if discrete else dist[0]).shape[0]
-    i, j = torch.triu_indices(n, n, offset=1)
-    if discrete:
-        probs = torch.softmax(dist.detach(), -1)
-        distances = js_distance_categorical(probs[i], probs[j])
-    else:
-        mean, std = dist[0].detach(), dist[1].detach()
-        distances = js_distance_gaussian(mean[i], std[i], mean[j], std[j], n_samples, generator)
-    return float(distances.mean())
-
-
-def gradient_variance_and_norm(grads):
-    """Variance and L2 norm over all entries of the gradient, from each tensor's sum and norm: no
-    concatenated copy of millions of entries at every gradient step."""
-    count = sum(g.numel() for g in grads)
-    total = torch.stack([g.sum() for g in grads]).sum()
-    squares = torch.stack([torch.linalg.vector_norm(g) for g in grads]).square().sum()
-    return (squares - total**2 / count) / (count - 1), squares.sqrt()
-
-
-def gradient_interference(per_agent_loss: torch.Tensor, params) -> float:
-    """Mean pairwise cosine similarity between the agents' gradients on the shared parameters: 0 when
-    two agents touch disjoint parameters (NoPS), positive when their updates agree, negative when
-    they conflict. All n gradients come from one batched backward pass."""
-    n = per_agent_loss.shape[0]
-    grads = torch.autograd.grad(per_agent_loss, params, grad_outputs=torch.eye(n, device=per_agent_loss.device),
-                                is_grads_batched=True, retain_graph=True, allow_unused=True)
-    gram = sum(g.reshape(n, -1) @ g.reshape(n, -1).T for g in grads if g is not None)  # no (n, all) copy
-    norms = gram.diagonal().sqrt().clamp_min(1e-12)
-    cosine = gram / (norms[:, None] * norms[None, :])
-    return float(cosine[~torch.eye(n, dtype=torch.bool, device=cosine.device)].mean())
-
-
-# ===== 6. The update (GAE, PPO) =====
-def compute_gae(rewards, values, next_values, terminated, dones, gamma, gae_lambda):
-    """Generalised advantage estimation over a (T, ...) rollout. next_values[t] is V(s_{t+1}) for
-    the true next state (at a time limit, the final observation's value); a termination multiplies
-    it by 0. dones stops the recursion at every episode end, whatever its cause."""
-    advantages = torch.zeros_like(rewards)
-    last = torch.zeros_like(rewards[0])
-    for t in reversed(range(rewards.shape[0])):
-        delta = rewards[t] + gamma * next_values[t] * (1.0 - terminated[t]) - values[t]
-        last = delta + gamma * gae_lambda * (1.0 - dones[t]) * last
-        advantages[t] = last
-    return advantages, advantages + values
-
-
-def bootstrap_values(agent, final_obs, truncated, params) -> torch.Tensor:
-    """V(final observation) where an episode reached its time limit, 0 elsewhere, (T, n_agents, E):
-    the critic runs once after the rollout, on those steps only."""
-    values = torch.zeros(final_obs.shape[:3], device=final_obs.device)
-    t, e = truncated[:, 0].nonzero(as_tuple=True)  # one host sync per rollout
-    if len(t):
-        # [t, :, e] puts the K indexed steps first: (K, n_agents, obs_dim) -> the critic's (n_agents, K, obs_dim)
-        values[t, :, e] = agent.get_value(critic_input(final_obs[t, :, e].transpose(0, 1)), params).T
-    return values
-
-
-def ppo_loss(agent, params, mb: dict, args: Args):
-    """CleanRL's clipped surrogate, clipped value loss and entropy bonus, kept per agent."""
-    _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb["obs"], mb["actions"], params)
-    logratio = newlogprob - mb["logprobs"]
-    ratio = logratio.exp()
-    with torch.no_grad():
-        old_approx_kl = (-logratio).mean()
-        approx_kl = ((ratio - 1) - logratio).mean()
-        clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
-    advantages = mb["advantages"]
-    if args.norm_adv:
-        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-    pg_loss1 = -advantages * ratio
-    pg_loss2 = -advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-    pg_loss_per_agent = torch.max(pg_loss1, pg_loss2).mean(1)
-    entropy_per_agent = entropy.mean(1)
-    if args.clip_vloss:
-        v_loss_unclipped = (newvalue - mb["returns"]) ** 2
-        v_clipped = mb["values"] + torch.clamp(newvalue - mb["values"], -args.clip_coef, args.clip_coef)
-        v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - mb["returns"]) ** 2).mean()
-    else:
-        v_loss = 0.5 * ((newvalue - mb["returns"]) ** 2).mean()
-    actor_loss_per_agent = pg_loss_per_agent - args.ent_coef * entropy_per_agent
-    loss = actor_loss_per_agent.mean() + v_loss * args.vf_coef
-    stats = dict(policy_loss=pg_loss_per_agent.mean(), value_loss=v_loss, entropy=entropy_per_agent.mean(),
-                 old_approx_kl=old_approx_kl, approx_kl=approx_kl, clipfrac=clipfrac)
-    return loss, actor_loss_per_agent, stats
-
-
-def gradient_step(agent, mb: dict, args: Args):
-    """One minibatch: generate the weights, the loss and its gradient, the paper's gradient variance
-    (over the actor's gradient), then the clip. --compile fuses this whole function."""
-    loss, _, stats = ppo_loss(agent, agent.generate(), mb, args)
-    loss.backward()
-    actor_grads = [p.grad for p in agent.actor_parameters() if p.grad is not None]
-    stats["actor_var"], stats["actor_norm"] = gradient_variance_and_norm(actor_grads)
-    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-    return loss.detach(), stats
-
-
-def interference_of(agent, mb: dict, args: Args) -> float:
-    """The gradient-interference metric on the first --interference-samples of a minibatch (eager
-    under --compile); DiCo's SND_hat is left as it was."""
-    subset = {key: value[:, : args.interference_samples] for key, value in mb.items()}
-    snd_hat = getattr(agent.actor, "snd_hat", torch.zeros(())).clone()
-    interference = gradient_interference(ppo_loss(agent, agent.generate(), subset, args)[1], agent.actor_parameters())
-    if hasattr(agent.actor, "snd_hat"):
-        agent.actor.snd_hat.copy_(snd_hat)
-    return interference
-
-
-def ppo_update(agent, optimizer, batch: dict, args: Args, action_optimizer=None, step=gradient_step) -> dict:
-    """update_epochs passes over the rollout (n_agents, batch_size, ...) in minibatches. DiCo with
-    Gaussian actions (action_optimizer): after each PPO step, one step of its action-space loss with
-    its own Adam and the same clip, as their callback does. step: gradient_step, maybe compiled."""
-    batch_size = batch["obs"].shape[1]
-    minibatch_size = batch_size // args.num_minibatches
-    grad_vars, grad_norms, finite = [], [], torch.ones((), dtype=torch.bool, device=batch["obs"].device)
-    for epoch in range(args.update_epochs):
-        order = torch.randperm(batch_size, device=batch["obs"].device)
-        for start in range(0, batch_size, minibatch_size):
-            mb = {key: value[:, order[start: start + minibatch_size]] for key, value in batch.items()}
-            if epoch == 0 and start == 0:  # part of one minibatch per update is enough for this metric
-                interference = interference_of(agent, mb, args)
-            optimizer.zero_grad()
-            loss, stats = step(agent, mb, args)
-            optimizer.step()
-            finite &= torch.isfinite(loss)  # checked once, after the update: no host sync per minibatch
-            if action_optimizer is not None:
-                stats["dico_action_loss"] = action_loss = dico_action_space_loss(agent, mb["obs"])
-                action_optimizer.zero_grad()
-                action_loss.backward()
-                nn.utils.clip_grad_norm_(agent.actor.parameters(), args.max_grad_norm)
-                action_optimizer.step()
-            grad_vars.append(stats.pop("actor_var"))
-            grad_norms.append(stats.pop("actor_norm"))
-    if not finite:
-        raise FloatingPointError("loss is not finite")
-    # the losses of the last minibatch (CleanRL's); the gradient statistics averaged over the update
-    return {f"losses/{key}": float(value.detach()) for key, value in stats.items()} | {
-        "grad/actor_var": float(torch.stack(grad_vars).mean()), "grad/actor_norm": float(torch.stack(grad_norms).mean()),
-        "grad/interference": interference}
-
-
-# ===== 7. The training loop =====
-def main(argv=None) -> int:
-    try:
-        args, loaded, changes = read_command_line(sys.argv[1:] if argv is None else [str(token) for token in argv])
-    except ValueError as error:  # a bad flag or file (the appendix): one line, nothing written
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except SystemExit as exit_:  # tyro: --help, or a value it refused (its message is printed)
-        return exit_.code
-
-    # TRY NOT TO MODIFY: seeding
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    try:
-        envs = None if args.eval_only else VmasEnv(args, args.num_envs, args.seed, device)
-        eval_env = VmasEnv(args, args.eval_episodes, args.seed + 10_000, device)
-    except ScenarioOptionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    obs_dim, act_dim, discrete = eval_env.obs_dim, eval_env.act_dim, eval_env.discrete
-    critic_in_dim = critic_input(torch.zeros(args.n_agents, 1, obs_dim)).shape[-1]  # MAPPO's is wider
-    agent = Agent(args, obs_dim, act_dim, discrete, critic_in_dim).to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
-    # DiCo's action-space loss has its own Adam (their callback: lr 3e-5, torch's default eps).
-    action_optimizer = torch.optim.Adam(agent.actor.parameters(), lr=3e-5) if agent.squash else None
-    # --compile: the two functions that run thousands of times per iteration (Adam stays eager: fused,
-    # it is one kernel already, and a compiled one would recompile whenever --anneal-lr moves lr).
-    policy_step, update_step = agent.get_action_and_value, gradient_step
-    if args.compile:
-        torch._inductor.config.fallback_random = True  # eager's random numbers: the actions of an eager run
-        policy_step, update_step = torch.compile(policy_step), torch.compile(update_step)
-    if args.eval_only:  # the checkpoint's return and SND, printed (hypermarl_extras.py)
-        import hypermarl_extras as extras
-
-        return extras.evaluate_vmas_checkpoint(sys.modules[__name__], args, loaded, agent, eval_env)
-
-    n, T, E = args.n_agents, args.num_steps, args.num_envs
-    batch_size = T * E
-    num_iterations = args.total_timesteps // batch_size
-    envs.reset()
-    # a new run folder, or the checkpoint's run restored; TensorBoard and wandb (the appendix)
-    run_name, writer, global_step, start_iteration = open_run(args, loaded, changes, agent, optimizer, action_optimizer,
-                                                              envs, device)
-    run_dir, next_obs = os.path.join(args.runs_dir, run_name), envs.obs  # after open_run: --resume restores envs.obs
-    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-
-    # ALGO Logic: Storage setup, time-major (T, n_agents, num_envs, ...); episode ends (T, 1, num_envs)
-    obs = torch.zeros((T, n, E, obs_dim), device=device)
-    actions = torch.zeros((T, n, E) + (() if discrete else (act_dim,)), device=device,
-                          dtype=torch.long if discrete else torch.float)
-    logprobs = torch.zeros((T, n, E), device=device)
-    rewards = torch.zeros((T, n, E), device=device)
-    values = torch.zeros((T, n, E), device=device)
-    final_obs = torch.zeros((T, n, E, obs_dim), device=device)  # differs from obs[t + 1] where an episode ended
-    terminateds = torch.zeros((T, 1, E), device=device)
-    truncateds = torch.zeros((T, 1, E), device=device)
-
-    start_time, start_step, printed_at = time.time(), global_step, 0.0
-    print(f"plan: {num_iterations - start_iteration + 1} iterations of {batch_size} steps ({E} envs x {T}) up to "
-          f"step {num_iterations * batch_size:,}, evaluating every {args.eval_interval:,}; an estimate of the time "
-          f"follows the first iteration", flush=True)
-    next_eval = (global_step // args.eval_interval + 1) * args.eval_interval
-    next_save = (global_step // args.save_interval + 1) * args.save_interval
-    exit_code, next_iteration = 0, start_iteration
-    stop = StopOnSignal()  # Ctrl-C or SIGTERM: finish the iteration, save a checkpoint, stop (the appendix)
-    try:
-        for iteration in range(start_iteration, num_iterations + 1):
-            if stop.requested:  # between iterations the state is consistent: save it
-                break
-            if args.anneal_lr:
-                optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
-
-            # ALGO LOGIC: collect a rollout with every agent's weights generated once
-            rollout_start = time.perf_counter()
-            with torch.no_grad():
-                params = agent.generate()
-                for step in range(T):
-                    global_step += E
-                    obs[step] = next_obs
-                    action, logprob, _, value = policy_step(next_obs, params=params)
-                    values[step], actions[step], logprobs[step] = value, action, logprob
-                    next_obs, reward, terminated, truncated, final_obs[step] = envs.step(agent.env_action(action))
-                    rewards[step], terminateds[step, 0], truncateds[step, 0] = reward, terminated, truncated
-
-                # bootstrap value: V(next state), V(final observation) at a time limit, 0 at termination
-                dones = torch.maximum(terminateds, truncateds)
-                next_values = torch.cat([values[1:], agent.get_value(critic_input(next_obs), params).unsqueeze(0)])
-                next_values = torch.where(dones.bool(), bootstrap_values(agent, final_obs, truncateds, params), next_values)
-                advantages, returns = compute_gae(rewards, values, next_values, terminateds, dones,
-                                                  args.gamma, args.gae_lambda)
-
-            # flatten the batch: (T, n, E, ...) -> (n, T * E, ...), agent-major
-            def agent_major(x):
-                return x.transpose(0, 1).reshape((n, T * E) + x.shape[3:])
-
-            batch = dict(obs=agent_major(obs), actions=agent_major(actions), logprobs=agent_major(logprobs),
-                         advantages=agent_major(advantages), returns=agent_major(returns), values=agent_major(values))
-
-            # Optimizing the policy and value network
-            update_start = time.perf_counter()
-            if iteration == start_iteration:  # an iteration can take minutes (Navigation on a CPU): say so early
-                print(f"iteration {iteration}: rollout took {update_start - rollout_start:.1f} s; updating "
-                      f"({args.update_epochs} epochs x {args.num_minibatches} minibatches)", flush=True)
-            try:
-                stats = ppo_update(agent, optimizer, batch, args, action_optimizer, update_step)
-            except FloatingPointError:
-                print(f"error: the loss became NaN/inf at update {iteration} (global step {global_step}); stopping. "
-                      f"Last good checkpoint: {checkpoint_path if args.save_model else 'none (no --save-model)'}",
-                      file=sys.stderr)
-                exit_code = 1  # the checkpoint on disk (if any) is the last good one: leave it
-                break
-
-            # TRY NOT TO MODIFY: record rewards, losses and gradient statistics for plotting purposes
-            sps = int((global_step - start_step) / (time.time() - start_time))
-            var_y = torch.var(returns)
-            explained_var = float("nan") if var_y == 0 else float(1 - torch.var(returns - values) / var_y)
-            stats |= {"perf/rollout_seconds": update_start - rollout_start, "charts/SPS": sps,
-                      "perf/update_seconds": time.perf_counter() - update_start,
-                      "charts/learning_rate": optimizer.param_groups[0]["lr"], "losses/explained_variance": explained_var}
-            ended = envs.take_ended_episodes()
-            if ended:
-                stats |= {"charts/episodic_return": sum(ended[0]) / n, "charts/episodic_length": ended[1]}
-                stats |= {f"charts/episodic_return_agent{i}": value for i, value in enumerate(ended[0])}
-            if args.hypernet == "dico" and args.dico_snd_des > 0:
-                stats["diversity/dico_snd_hat"] = float(agent.actor.snd_hat)
-            for tag, value in stats.items():
-                writer.add_scalar(tag, value, global_step)
-
-            line = None
-            if global_step >= next_eval or iteration == num_iterations:
-                next_eval = (global_step // args.eval_interval + 1) * args.eval_interval
-                line = record_evaluation(agent, eval_env, args, writer, run_dir, global_step)
-            elapsed = time.time() - start_time
-            if line or iteration % args.print_interval == 0 or iteration == start_iteration or elapsed - printed_at >= 60:
-                printed_at = elapsed
-                eta = elapsed / (global_step - start_step) * (num_iterations * batch_size - global_step)
-                print(f"global_step={global_step} iteration={iteration}/{num_iterations} episodic_return="
-                      f"{f'{sum(ended[0]) / n:.3f}' if ended else 'no_episode_ended'} SPS={sps} "
-                      f"elapsed={duration(elapsed)} eta={duration(eta)}" + (f" {line}" if line else ""), flush=True)
-            if args.save_model and global_step >= next_save and iteration < num_iterations:
-                next_save = (global_step // args.save_interval + 1) * args.save_interval
-                save_run(checkpoint_path, args, run_name, agent, optimizer, action_optimizer, envs, global_step, iteration + 1)
-            next_iteration = iteration + 1
-        if exit_code == 0 and (args.save_model or stop.requested) and save_run(
-                checkpoint_path, args, run_name, agent, optimizer, action_optimizer, envs, global_step, next_iteration):
-            print(f"checkpoint: {checkpoint_path} (continue with --resume {checkpoint_path})")
-    finally:
-        stop.restore()
-        writer.close()
-        if args.track:
-            sys.modules["wandb"].finish()
-    return exit_code
-
-
-def record_evaluation(agent, eval_env, args: Args, writer, run_dir: str, global_step: int) -> str:
-    """An evaluation (below) into TensorBoard, and every episode's return into evaluations.jsonl (for
-    rliable); with --capture-video, its first episode as a video. Returns the progress line's part."""
-    video = [] if args.capture_video else None
-    eval_return, eval_per_agent, snd, _, episodes = evaluate(agent, eval_env, args, args.seed + 10_000, video=video)
-    if video:
-        import hypermarl_extras as extras
-
-        extras.save_video(writer, os.path.join(run_dir, "videos", f"eval_{global_step}.mp4"), "eval/video",
-                          video, global_step, 1 / eval_env.env.world.dt)
-    writer.add_scalar("eval/episodic_return", eval_return, global_step)
-    for i, value in enumerate(eval_per_agent):
-        writer.add_scalar(f"eval/episodic_return_agent{i}", value, global_step)
-    writer.add_scalar("diversity/snd", snd, global_step)
-    with open(os.path.join(run_dir, "evaluations.jsonl"), "a") as f:
-        f.write(json.dumps({"step": global_step, "episode_returns": episodes, "snd": snd}) + "\n")
-    return f"eval_return={eval_return:.3f} snd={snd:.4f}"
-
-
-def evaluate(agent, eval_env: VmasEnv, args: Args, seed: int, snd_obs=None, keep_obs=False, video=None):
-    """Episodes on the evaluation environment, rewound to the same random state every time (so
-    evaluations differ only by the policy), with the mode or sampled actions (--no-eval-deterministic)
-    drawn from seed, never from the training RNG. Then SND (Eq. 9) on snd_obs ((N, obs_dim),
-    appendix D.1.2's shared dataset) or on --snd-samples of the episodes' observations. Returns
-    (mean return, per-agent returns, SND, with keep_obs the observations (N, n_agents, obs_dim),
-    every episode's return averaged over agents).
-    A list as video receives the frames of the first episode (rendering draws no random numbers)."""
-    n, device = args.n_agents, eval_env.device
-    # On CUDA, VMAS draws from torch's CUDA generator: forked and seeded here, like the policy's samples
-    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        eval_env.rewind()
-        obs = eval_env.reset()
-        returns = torch.zeros(n, eval_env.num_envs, device=device)
-        active = torch.ones(eval_env.num_envs, dtype=torch.bool, device=device)
-        seen = []
-        if video is not None:
-            video.append(eval_env.env.render(mode="rgb_array", env_index=0))
-        params = agent.generate()
-        for _ in range(args.max_steps):
-            seen.append(obs[:, active])
-            dist = agent.policy(obs, params)
-            if args.eval_deterministic:  # the mode: argmax, or the mean
-                action = dist.argmax(-1) if agent.discrete else dist[0]
-            else:
-                action = sample_action(dist, agent.discrete)
-            obs, reward, terminated, truncated, _ = eval_env.step(agent.env_action(action))
-            if video is not None and active[0] and not (terminated[0] or truncated[0]):  # else it is reset
-                video.append(eval_env.env.render(mode="rgb_array", env_index=0))
-            returns += reward * active
-            active &= ~(terminated | truncated)
-            if not active.any():
-                break
-        if snd_obs is not None:
-            pool = snd_obs.to(device)
-        else:  # every agent's observations pooled: (n_agents, live envs, obs_dim) per step -> (N, obs_dim)
-            pool = torch.cat([o.reshape(-1, o.shape[-1]) for o in seen])
-            pool = pool[torch.randperm(pool.shape[0], device=device)[: args.snd_samples]]
-        snd = 0.0
-        for chunk in pool.split(10_000):  # chunks keep a million-observation dataset in memory
-            dist = agent.policy(chunk.expand(n, -1, -1), params)  # Eq. (9): every agent on the same observations
-            snd += system_neural_diversity(dist, agent.discrete, args.snd_gaussian_samples) * len(chunk)
-        snd /= pool.shape[0]
-    episodes_obs = torch.cat(seen, 1).transpose(0, 1) if keep_obs else None
-    return returns.mean(0).mean().item(), returns.mean(1).tolist(), snd, episodes_obs, returns.mean(0).tolist()
-
-
-# ===== Appendix: the command line, run folder, signals, checkpoints =====
-# The checks, checkpoints, --eval-only and videos live in hypermarl_extras.py, imported only where one
-# of them is used: a script copied without it trains, with tyro's checks of types and choices only.
-def parse_args(argv=None, checked=True) -> Args:
-    """The flags given, the paper's values for the others (--help shows them), then (checked) the checks."""
-    argv = sys.argv[1:] if argv is None else [str(token) for token in argv]
-    given = flags_given(argv)
+# ===== Appendix: the command line and its checks, the run folder =====
+SIMULATOR = "vmas"
+CHECKPOINT_FORMAT = "hypermarl-mappo-vmas/4"
+CHECKPOINT_KEYS = ("format", "args", "run_name", "model", "optimizer", "env", "rng", "global_step", "iteration")
+# The flags that define the model and the environment (--eval-only takes them from the checkpoint), and
+# those --resume may change (budget, logging, cadence, device): every other flag is the checkpoint's.
+MODEL_FIELDS = SCENARIO_OPTIONS["dispersion"] + SCENARIO_OPTIONS["navigation"] + (
+    "scenario", "n_agents", "max_steps", "continuous_actions", "actor_hidden_dims", "critic_hidden_dims", "activation",
+    "hypernet", "hypernet_embedding_dim", "hypernet_hidden_dims", "hypernet_embedding", "hypernet_init",
+    "hypernet_input", "dico_snd_des")
+RESUME_MAY_CHANGE = ("total_timesteps", "eval_interval", "save_interval", "save_model", "print_interval", "runs_dir",
+                     "track", "wandb_project_name", "wandb_entity", "cuda", "capture_video", "compile")
+NEEDS_EXTRAS = ("resume", "eval_only", "checkpoint", "snd_obs_file", "save_model", "capture_video")
+POSITIVE = ("max_steps", "total_timesteps", "learning_rate", "num_envs", "num_steps", "num_minibatches",
+            "update_epochs", "clip_coef", "max_grad_norm", "eval_interval", "eval_episodes", "snd_samples",
+            "snd_gaussian_samples", "interference_samples", "print_interval", "save_interval", "n_food", "food_radius",
+            "lidar_range", "agent_radius", "hypernet_embedding_dim")
+SIZES = ("actor_hidden_dims", "critic_hidden_dims", "hypernet_hidden_dims")
+FAMILY_FLAGS = {"hypernet_embedding_dim": ("mlp",), "hypernet_hidden_dims": ("mlp",), "hypernet_embedding": ("mlp",),
+                "hypernet_init": ("mlp", "linear"), "hypernet_input": ("mlp", "linear"), "dico_snd_des": ("dico",)}
+
+def check_args(args: Args, given: set[str], resume_rules=()) -> None:
+    """Each flag given only where it applies, every value in its range: ValueError (one line) if not."""
+    for broken, why in flag_rules(args, given, resume_rules):
+        if broken:
+            raise ValueError(why)
+
+def flag_rules(args: Args, given: set[str], resume_rules=()):
+    """(broken, message) pairs; a condition may assume that those before it hold."""
+    def flag(name):
+        return "--" + name.replace("_", "-")
+
+    n, same, batch = args.n_agents, args.agents_with_same_goal, args.num_envs * args.num_steps
+    other = "navigation" if args.scenario == "dispersion" else "dispersion"
+    for name in sorted(given):  # a flag given where it does not apply, named as written
+        written = "--no-" + flag(name)[2:] if getattr(args, name) is False else flag(name)
+        families = FAMILY_FLAGS.get(name, (args.hypernet,))
+        yield args.hypernet not in families, \
+            f"{written}: only with --hypernet {' or '.join(families)}, got --hypernet {args.hypernet}"
+        yield name in SCENARIO_OPTIONS[other], f"{written}: is a {other} option, not for --scenario {args.scenario}"
+        yield name == "save_interval" and not args.save_model, f"{written}: only with --save-model"
+        yield name == "lidar_range" and not args.collisions, \
+            f"{written}: only with --collisions (agents carry a LIDAR only then)"
+    yield from resume_rules  # a resumed run's budget (hypermarl_extras.py): its reason before any range
+    yield n < 2, f"--n-agents: must be at least 2, got {n}"
+    for name, value in vars(args).items():  # inf and nan pass every comparison below: refuse them first
+        yield isinstance(value, float) and not math.isfinite(value), f"{flag(name)}: must be a finite number, got {value!r}"
+    yield not 0 <= args.seed <= 2**32 - 1 - 10_000, f"--seed: must be between 0 and {2**32 - 1 - 10_000}, got {args.seed}"
+    yield not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.exp_name), \
+        f"--exp-name: must be a plain name (letters, digits, '.', '_', '-'), got {args.exp_name!r}"
+    for names, holds, why in ((POSITIVE, lambda v: v > 0, "must be positive"),
+                              (("gamma", "gae_lambda"), lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+                              (("ent_coef", "vf_coef"), lambda v: v >= 0, "must be >= 0"),
+                              (SIZES, lambda v: v and min(v) > 0, "must be one or more positive sizes")):
+        for name in names:
+            yield not holds(getattr(args, name)), f"{flag(name)}: {why}, got {getattr(args, name)!r}"
+    yield batch % args.num_minibatches > 0, \
+        f"--num-minibatches: must divide num_envs * num_steps = {batch}, got {args.num_minibatches!r}"
+    yield args.total_timesteps < batch, \
+        f"--total-timesteps: must be at least num_envs * num_steps = {batch}, got {args.total_timesteps!r}"
+    yield args.hypernet_init == "matched" and args.hypernet == "linear", \
+        "--hypernet-init: matched is for --hypernet mlp, got --hypernet linear"  # the linear one's scaled init is exact
+    if args.scenario == "navigation":
+        yield not 1 <= same <= n, f"--agents-with-same-goal: must be between 1 and n_agents = {n}, got {same!r}"
+        yield same > 1 and args.collisions, \
+            "--collisions: agents cannot share a goal with collisions on (VMAS asserts it); use --agents-with-same-goal 1"
+        yield args.split_goals and (n % 2 or same != n // 2), \
+            f"--split-goals: needs an even n_agents and --agents-with-same-goal n/2, got n={n}, same={same}"
+    if args.hypernet in BASELINES:
+        yield from importlib.import_module(BASELINES[args.hypernet]).flag_rules(args)
+
+def parse_args(argv: list[str], given: set[str]) -> Args:
+    """The flags given, the paper's values for the others (--help shows them)."""
     args = paper_defaults(tyro.cli(Args, args=[a for a in argv if a not in ("-h", "--help")]), given)
     if "-h" in argv or "--help" in argv:
         tyro.cli(Args, args=argv, default=args)
-    if checked:  # the checks are in hypermarl_extras.py
-        import hypermarl_extras as extras
-
-        extras.check_args(sys.modules[__name__], args, given)
     return args
-
 
 def flags_given(argv: list[str]) -> set[str]:
     """The Args fields named on the command line (--x, --x=v, --no-x)."""
@@ -1152,33 +977,26 @@ def flags_given(argv: list[str]) -> set[str]:
     tokens = [token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")]
     return {name[3:] if name not in names and name.startswith("no_") else name for name in tokens} & names
 
-
 def read_command_line(argv: list[str]):
-    """(args, the checkpoint to resume or evaluate or None, the flags --resume changes)."""
-    try:
-        import hypermarl_extras as extras
-    except ImportError:
-        args = parse_args(argv, checked=False)
-        for name in ("resume", "eval_only", "checkpoint", "snd_obs_file", "save_model", "capture_video"):
-            if getattr(args, name, None):
-                raise ValueError(f"--{name.replace('_', '-')}: needs hypermarl_extras.py beside this script")
-        return args, None, []
-    return extras.read_command_line(sys.modules[__name__], argv)
-
-
-def new_run_folder(runs_dir: str, prefix: str) -> str:
-    """A fresh folder runs_dir/<prefix>__<time>[_k]: mkdir is atomic, so runs started in the same
-    second (a sweep launched with &) never share one. Returns its name."""
-    os.makedirs(runs_dir, exist_ok=True)
-    stamp, k = int(time.time()), 0
-    while True:
-        name = f"{prefix}__{stamp}" + (f"_{k}" if k else "")
-        try:
-            os.mkdir(os.path.join(runs_dir, name))
-            return name
-        except FileExistsError:
-            k += 1
-
+    """(args, the checkpoint to resume or evaluate or None, the flags --resume changes). ValueError: a bad
+    flag or file, in one line, before anything is written."""
+    given = flags_given(argv)
+    args, loaded, changes = parse_args(argv, given), None, []
+    if extras is None:
+        needed = [name for name in NEEDS_EXTRAS if getattr(args, name)]
+        if needed:
+            raise ValueError(f"--{needed[0].replace('_', '-')}: needs hypermarl_extras.py beside this script")
+    else:
+        loaded, changes = extras.read_checkpoint(args, given, CHECKPOINT_FORMAT, CHECKPOINT_KEYS, MODEL_FIELDS,
+                                                 RESUME_MAY_CHANGE)
+        if args.checkpoint:  # the evaluation's defaults are those of the checkpoint's run
+            args = paper_defaults(args, given | set(MODEL_FIELDS))
+    check_args(args, given, extras.resume_rules(args, loaded, changes) if extras else ())
+    if extras is not None:
+        extras.check_output(args)
+        if args.capture_video:
+            extras.check_capture_video(SIMULATOR)
+    return args, loaded, changes
 
 def duration(seconds: float) -> str:
     """1h02m, 3m05s or 12s."""
@@ -1187,22 +1005,16 @@ def duration(seconds: float) -> str:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
-
-SIMULATOR = "vmas"  # which checks, checkpoint fields and video probe of hypermarl_extras.py apply
-CHECKPOINT_FORMAT = "hypermarl-mappo-vmas/3"
-
-
-def open_run(args, loaded, changes, agent, optimizer, action_optimizer, envs, device):
-    """A new run folder, or the checkpoint's run restored in place; TensorBoard, wandb and the run's
-    header lines. Returns (run_name, writer, global_step, first iteration)."""
+def open_run(args, loaded, changes, agent, optimizer, envs, device):
+    """A new run folder, or the checkpoint's run restored in place; TensorBoard, wandb, the header lines.
+    Returns (run_name, writer, global_step, first iteration)."""
     global_step, start_iteration = 0, 1
+    prefix = f"vmas_{args.scenario}__{args.exp_name}__{args.hypernet}__{args.seed}"
     if loaded is not None:
-        import hypermarl_extras as extras
-
-        global_step, start_iteration, run_name = extras.restore_vmas_run(loaded, agent, optimizer, action_optimizer, envs)
+        global_step, start_iteration, run_name = extras.restore_vmas_run(loaded, agent, optimizer, envs)
         print(f"resume: {run_name} at step {global_step}" + (f"; changed: {', '.join(changes)}" if changes else ""))
-    else:
-        run_name = new_run_folder(args.runs_dir, f"vmas_{args.scenario}__{args.exp_name}__{args.hypernet}__{args.seed}")
+    else:  # without hypermarl_extras.py, a plain folder: runs started in the same second would share it
+        run_name = extras.new_run_folder(args.runs_dir, prefix) if extras else f"{prefix}__{int(time.time())}"
     if args.track:
         import wandb
 
@@ -1218,37 +1030,6 @@ def open_run(args, loaded, changes, agent, optimizer, action_optimizer, envs, de
     print(f"parameters: actor {sum(p.numel() for p in agent.actor_parameters())}, "
           f"total {sum(p.numel() for p in agent.parameters())}")
     return run_name, writer, global_step, start_iteration
-
-
-class StopOnSignal:
-    """Ctrl-C or SIGTERM sets `requested`: the loop saves a checkpoint and stops after its iteration. A
-    second one stops at once. restore() puts the previous handlers back."""
-
-    def __init__(self):
-        self.requested = None
-        self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def request(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = signum
-        print(f"\nsignal {signum}: saving a checkpoint and stopping", flush=True)
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def save_run(path, *run) -> bool:
-    """The run (args, run_name, agent, optimizers, envs, step, iteration), atomically; False if it could not be."""
-    try:
-        import hypermarl_extras as extras
-    except ImportError:  # a script copied without its helper: training went on, only the checkpoint is missing
-        print("no checkpoint written: hypermarl_extras.py is not beside this script", file=sys.stderr)
-        return False
-    extras.save_vmas_run(path, CHECKPOINT_FORMAT, *run)
-    return True
-
 
 if __name__ == "__main__":
     sys.exit(main())

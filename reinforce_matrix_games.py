@@ -1,22 +1,26 @@
 """REINFORCE in the Specialisation and Synchronisation games (section 3, appendix B, Tables 2, 6, 8).
 
-n agents each pick one of n foods once per trial (no observation). Specialisation pays agent i 1 / k_i,
-k_i the agents on its food; Synchronisation pays everyone 1 if all chose the same food, else 1/n. Every
-agent learns from the team payoff (their mean), normalised over each batch (the evidence for these
-readings: benchmark/results/matrix_games.md). Families: nops, fups-noid (Table 2's "FuPS"), fups
-("FuPS+ID"), and HyperMARL's linear (Eq. 5) and mlp (Eq. 6). --num-seeds S trains seeds seed ..
-seed+S-1 at once (torch.func.vmap), each with its own torch.Generator: a seed's run is the same alone.
-
+n agents each pick one of n foods once per trial, with no observation. Specialisation pays agent i 1 / k_i,
+k_i the agents on its food; Synchronisation pays everyone 1 if all chose one food, else 1/n. Every agent
+learns from the team payoff (their mean: a common-payoff game, as Table 1 is), normalised over each batch
+(the evidence for these readings: benchmark/results/matrix_games.md). Read top to bottom:
+    Args               Table 8's values; [linear] and [mlp] mark the flags of one family
+    Hypernetworks      Eq. (5) LinearHypernet, Eq. (6) MLPHypernet, their init (section 4.3)
+    Policies           nops, fups-noid (Table 2's FuPS), fups (FuPS+ID), linear, mlp; S seeds as one vmapped batch
+    The training loop  train(): sample a batch of trials, pay it, REINFORCE, log, evaluate
+    The update         REINFORCE, each agent's gradient apart
+    Evaluation         argmax (Table 2), sampled (Table 6), SND (Eq. 9), gradient interference
+    The games          the payoffs, and sampling with one torch.Generator per seed
+    Appendix           main, run folders, check_args (a table of rule and message)
 Quick start:  python reinforce_matrix_games.py --game specialisation --n-agents 8 --hypernet mlp
               python benchmark/matrix_games.py   # Tables 2, 6 and 8, the paper's values beside ours
 """
 
-from __future__ import annotations
-
 import dataclasses
+import importlib.util
 import math
 import os
-import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,120 +33,52 @@ import torch.nn.functional as F
 import tyro
 from torch.func import functional_call, stack_module_state, vmap
 
-
-# ===== 1. Arguments =====
+# ===== Args: Table 8's values =====
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """first seed; --num-seeds S trains seeds seed .. seed+S-1 (evaluation draws use seed + 10000)"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = False
-    """kept for CleanRL compatibility: this script always runs on the CPU (networks of < 600 parameters)"""
-    track: bool = False
-    """if toggled, this experiment is tracked with Weights and Biases (needs `pip install wandb`)"""
-    wandb_project_name: str = "hypermarl"
-    """the wandb's project name"""
-    wandb_entity: Optional[str] = None
-    """the entity (team) of wandb's project"""
-    runs_dir: str = "runs"
-    """folder for TensorBoard logs (runs_dir/run_name, one run per seed)"""
-    save_model: bool = False
-    """if toggled, save every seed's final parameters to runs_dir/run_name/model.pt (needs hypermarl_extras.py)"""
-    num_threads: int = 1
-    """torch CPU threads (the networks are tiny: one thread is fastest)"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
+    seed: int = 1  # first seed; --num-seeds S trains seeds seed .. seed+S-1 (evaluation draws use seed + 10000)
+    torch_deterministic: bool = True  # if toggled, `torch.backends.cudnn.deterministic=True`
+    track: bool = False  # if toggled, track the run with Weights and Biases (pip install wandb)
+    wandb_project_name: str = "hypermarl"  # the wandb's project name
+    wandb_entity: Optional[str] = None  # the entity (team) of wandb's project
+    runs_dir: str = "runs"  # folder for TensorBoard logs (runs_dir/run_name, one run per seed)
+    save_model: bool = False  # save each seed's final parameters to run_name/model.pt (needs hypermarl_extras.py)
+    num_threads: int = 1  # torch CPU threads (the networks are tiny: one thread is fastest)
 
-    # Game
-    game: Literal["specialisation", "synchronisation"] = "specialisation"
-    """specialisation (1 / k_i: a food is split between the agents that chose it) | synchronisation (1 if all agents chose the same food, else 1/n)"""
-    n_agents: int = 2
-    """number of agents, also the number of foods (actions); at least 2"""
+    game: Literal["specialisation", "synchronisation"] = "specialisation"  # 1/k_i to agent i | 1 if all agree, else 1/n
+    n_agents: int = 2  # number of agents and of foods (actions); at least 2
+    hypernet: Literal["nops", "fups", "fups-noid", "linear", "mlp"] = "nops"  # fups: FuPS+ID, fups-noid: Table 2's FuPS
+    hidden_size: int = 4  # hidden units of each agent's network; fups, fups-noid: hidden_size * n_agents (Table 8)
+    hyper_linear_shared_bias: bool = True  # [linear] Eq. (5)'s shared bias b (without it: exactly NoPS)
+    hypernet_embedding_dim: int = 4  # [mlp] size of the learned, orthogonally initialised agent embedding
+    hypernet_hidden_dims: list[int] = field(default_factory=lambda: [8])  # [mlp] hidden layers of the hypernetwork
 
-    # Policy family
-    hypernet: Literal["nops", "fups", "fups-noid", "linear", "mlp"] = "nops"
-    """nops (one network per agent) | fups (shared + one-hot ID: FuPS+ID) | fups-noid (shared, no ID: Table 2's FuPS) | linear | mlp (HyperMARL, Eq. 5 | 6)"""
-    hidden_size: int = 4
-    """hidden units of every agent's network (NoPS and the HyperMARL target); fups and fups-noid use hidden_size * n_agents (Table 8 counts)"""
-    hyper_linear_shared_bias: bool = True
-    """[linear] the shared bias b of Eq. (5); without it (--no-hyper-linear-shared-bias) the hypernetwork is exactly NoPS"""
-    hypernet_embedding_dim: int = 4
-    """[mlp] size of the learned, orthogonally initialised agent embedding"""
-    hypernet_hidden_dims: list[int] = field(default_factory=lambda: [8])
-    """[mlp] hidden layers of each of the hypernetwork's sub-networks (8: 330/428/624 parameters at n = 2/4/8)"""
+    num_trials: int = 10_000  # training trials (every agent picks a food in each); updates = num_trials // batch_size
+    batch_size: int = 10  # trials per SGD update
+    learning_rate: float = 0.01  # SGD learning rate
+    reward: Literal["team", "individual"] = "team"  # team: the mean payoff over agents | individual: the agent's own
+    returns: Literal["normalize", "baseline", "raw"] = "normalize"  # per batch: mean 0, std 1 | minus the mean | raw
+    num_seeds: int = 1  # seeds trained together as one batch (benchmark/matrix_games.py: the sweep of Tables 2 and 6)
+    eval_trials: int = 1_000  # trials of the sampled-action evaluation (the argmax one is a single joint action)
+    eval_interval: int = 100  # training trials between evaluations: the first update at or past each multiple
+    log_interval: int = 10  # updates between TensorBoard points of the training metrics
 
-    # REINFORCE (Table 8)
-    num_trials: int = 10_000
-    """training trials (one trial = every agent picks a food once); updates = num_trials // batch_size"""
-    batch_size: int = 10
-    """trials per SGD update"""
-    learning_rate: float = 0.01
-    """SGD learning rate"""
-    reward: Literal["team", "individual"] = "team"
-    """what each agent learns from: team (the mean payoff over agents, the same for all: a common-payoff game, as Table 1 is) | individual (its own payoff, 1 / k_i in Specialisation)"""
-    returns: Literal["normalize", "baseline", "raw"] = "normalize"
-    """what multiplies log pi: normalize (each agent's rewards over the batch to mean 0, std 1) | baseline (minus the batch mean) | raw"""
-    num_seeds: int = 1
-    """seeds trained together as one batch (benchmark/matrix_games.py runs the sweep of Tables 2 and 6)"""
-
-    # Evaluation and metrics
-    eval_trials: int = 1_000
-    """trials of the sampled-action evaluation (the argmax one is a single joint action)"""
-    eval_interval: int = 100
-    """training trials between evaluations (the learning curves): the first update at or past each multiple"""
-    log_interval: int = 10
-    """updates between TensorBoard points of the training metrics"""
-
-
-# ===== 2. Environment: the two n-player games =====
-def payoff(game: str, actions: torch.Tensor, n_agents: int) -> torch.Tensor:
-    """Every agent's reward for joint actions (..., n_agents) of foods in [0, n_agents)."""
-    counts = F.one_hot(actions, n_agents).sum(-2)  # (..., n_foods)
-    k = counts.gather(-1, actions).float()  # (..., n_agents): agents on each agent's food
-    if game == "specialisation":
-        return 1.0 / k
-    all_match = (k == n_agents).all(-1, keepdim=True)
-    return torch.where(all_match, torch.ones_like(k), torch.full_like(k, 1.0 / n_agents))
-
-
-def expected_team_reward(game: str, probs: torch.Tensor) -> torch.Tensor:
-    """Exact expected mean-over-agents reward of independent policies probs (..., n_agents, n_foods)."""
-    n = probs.shape[-2]
-    if game == "specialisation":  # E[distinct foods] / n
-        return (1.0 - (1.0 - probs).prod(-2)).sum(-1) / n
-    p_match = probs.prod(-2).sum(-1)
-    return p_match + (1.0 - p_match) / n
-
-
-def sample_actions(probs: torch.Tensor, num: int, generators: list) -> torch.Tensor:
-    """probs (S, n_agents, A) -> actions (S, num, n_agents) by inverse CDF: Categorical.sample takes
-    no torch.Generator, and one per seed keeps a seed's draws independent of the other seeds."""
-    A = probs.shape[-1]
-    u = torch.stack([torch.rand(probs.shape[1], num, generator=g) for g in generators])  # (S, n, num)
-    actions = torch.searchsorted(probs.cumsum(-1).contiguous(), u).clamp_(max=A - 1)  # first food whose CDF reaches u
-    return actions.transpose(1, 2)
-
-
-# ===== 3. Hypernetworks (Eq. 5, Eq. 6, section 4.3): ippo_hyper_vmas.py's, without observations =====
+# ===== Hypernetworks (Eq. 5, Eq. 6, section 4.3): ippo_hyper_vmas.py's, without observations =====
 def layer_shapes(sizes: list[int]) -> list[tuple[int, int]]:
     return list(zip(sizes[:-1], sizes[1:]))
-
 
 def num_target_params(sizes: list[int]) -> int:
     return sum(fan_in * fan_out + fan_out for fan_in, fan_out in layer_shapes(sizes))
 
-
 def target_init_vector(sizes: list[int], gains: list[float]) -> torch.Tensor:
-    """One flattened parameter vector of the target MLP, initialised as PPO would: orthogonal
-    weights with the layer's gain, zero biases (section 4.3)."""
+    """The target MLP's flat parameters as PPO initialises them (section 4.3): orthogonal, zero biases."""
     chunks = []
     for (fan_in, fan_out), gain in zip(layer_shapes(sizes), gains):
         weight = torch.empty(fan_out, fan_in)
         nn.init.orthogonal_(weight, gain)
         chunks += [weight.T.flatten(), torch.zeros(fan_out)]
     return torch.cat(chunks)
-
 
 def unflatten_params(theta: torch.Tensor, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(..., m) flat parameters -> [(W (..., fan_in, fan_out), b (..., 1, fan_out)) per layer].
@@ -151,19 +87,16 @@ def unflatten_params(theta: torch.Tensor, sizes: list[int]) -> list[tuple[torch.
     chunks = theta.split([n for fan_in, fan_out in shapes for n in (fan_in * fan_out, fan_out)], dim=-1)
     return [(chunks[2 * k].unflatten(-1, shape), chunks[2 * k + 1].unsqueeze(-2)) for k, shape in enumerate(shapes)]
 
-
 def batched_mlp(x: torch.Tensor, params, activation) -> torch.Tensor:
-    """All agents' networks in one batched matmul per layer: x (n_agents, batch, fan_in), W (n_agents, fan_in, fan_out)."""
+    """All agents' networks, a batched matmul per layer: x (n_agents, batch, fan_in), W (n_agents, fan_in, fan_out)."""
     for k, (weight, bias) in enumerate(params):
         x = torch.baddbmm(bias, x, weight)
         if k < len(params) - 1:
             x = activation(x)
     return x
 
-
 class LinearHypernet(nn.Module):
-    """Eq. (5): theta_i = 1_i W + b, a one-hot agent ID into one linear layer. Row i of W is agent i's
-    whole flattened network; b is shared by all agents (without it: exactly n independent networks)."""
+    """Eq. (5): theta_i = 1_i W + b. Row i of W is agent i's flattened network; b is shared (without it: NoPS)."""
 
     def __init__(self, n_agents, sizes, gains, shared_bias=True):
         super().__init__()
@@ -171,35 +104,30 @@ class LinearHypernet(nn.Module):
         self.head = nn.Linear(n_agents, num_target_params(sizes), bias=shared_bias)
         self.register_buffer("ids", torch.eye(n_agents))
         with torch.no_grad():  # section 4.3: every agent starts with its own orthogonal network
-            self.head.weight.zero_()
             for i in range(n_agents):
                 self.head.weight[:, i] = target_init_vector(sizes, gains)
             if shared_bias:
                 self.head.bias.zero_()
 
     def forward(self):
-        return unflatten_params(self.head(self.ids), self.sizes)  # theta (n_agents, m), as [(W, b) per layer]
-
+        return unflatten_params(self.head(self.ids), self.sizes)  # theta (n_agents, m) as [(W, b) per layer]
 
 class MLPHypernet(nn.Module):
-    """Eq. (6): theta_i = f(g(e_i)), an MLP g (ReLU) on the learned agent embedding e_i (orthogonal
-    init, gain sqrt(2)), then a linear head f; every generated tensor has its own (g, f), as in the
-    authors' code. Section 4.3 (init "scaled" of ippo_hyper_vmas.py, which also has the other inits):
-    g starts as Flax's default, column j of a weight head is a flattened orthogonal matrix with the
-    target layer's gain, bias heads start at zero."""
+    """Eq. (6): theta_i = f(g(e_i)), an MLP g (ReLU) on the agent embedding e_i (orthogonal, gain sqrt(2)), then
+    a linear head f, one (g, f) per generated tensor (the authors' code). Init "scaled" (section 4.3): g as Flax's
+    default, column j of a weight head a flattened orthogonal matrix with the target layer's gain, zero bias heads.
+    Hidden layers [8]: 330/428/624 parameters at n = 2/4/8."""
 
     def __init__(self, n_agents, sizes, gains, embedding_dim, hidden_dims):
         super().__init__()
         self.shapes = layer_shapes(sizes)
         self.embedding = nn.Parameter(nn.init.orthogonal_(torch.empty(n_agents, embedding_dim), np.sqrt(2)))
+        widths = [embedding_dim, *hidden_dims]  # g's layers, a ReLU after each
         self.trunks, self.heads = nn.ModuleList(), nn.ModuleList()  # W_1, b_1, W_2, b_2, ...
         for size in (n for fan_in, fan_out in self.shapes for n in (fan_in * fan_out, fan_out)):
-            layers, width = [], embedding_dim
-            for hidden in hidden_dims:
-                layers += [nn.Linear(width, hidden), nn.ReLU()]
-                width = hidden
+            layers = [m for fan_in, fan_out in zip(widths, widths[1:]) for m in (nn.Linear(fan_in, fan_out), nn.ReLU())]
             self.trunks.append(nn.Sequential(*layers))
-            self.heads.append(nn.Linear(width, size))
+            self.heads.append(nn.Linear(widths[-1], size))
         with torch.no_grad():
             for layer in (m for trunk in self.trunks for m in trunk if isinstance(m, nn.Linear)):
                 std = layer.in_features ** -0.5 / 0.8796256610342398  # Flax's lecun_normal: truncated at 2 std
@@ -207,7 +135,7 @@ class MLPHypernet(nn.Module):
                 layer.bias.zero_()
             for k, ((fan_in, fan_out), gain) in enumerate(zip(self.shapes, gains)):
                 weight_head, bias_head = self.heads[2 * k], self.heads[2 * k + 1]
-                for j in range(width):
+                for j in range(widths[-1]):
                     weight_head.weight[:, j] = target_init_vector([fan_in, fan_out], [gain])[: fan_in * fan_out]
                 for tensor in (weight_head.bias, bias_head.weight, bias_head.bias):
                     tensor.zero_()
@@ -216,59 +144,39 @@ class MLPHypernet(nn.Module):
         theta = [head(trunk(self.embedding)) for trunk, head in zip(self.trunks, self.heads)]
         return [(theta[2 * k].unflatten(-1, shape), theta[2 * k + 1].unsqueeze(-2)) for k, shape in enumerate(self.shapes)]
 
-
-# ===== 4. Baselines and the policy =====
-# No observation: an agent's policy is its network on the constant input 1 (NoPS, FuPS, the HyperMARL
-# targets) or on its one-hot ID (FuPS+ID). forward() gives every agent's logits (n_agents, n_foods).
-class PerAgentPolicy(nn.Module):
-    """Every agent's own 1 -> hidden -> n network, its [(W, b) per layer] from weight_net (a
-    hypernetwork; gains sqrt(2), 0.01: section 4.3) or, for NoPS (weight_net None), n networks with
-    PyTorch's default init stacked (n_agents, fan_in, fan_out): n (2h + (h+1) n) parameters."""
+# ===== Policies: every agent's logits (n_agents, n_foods), from the input 1 or its one-hot ID =====
+class Policy(nn.Module):
+    """nops, linear, mlp: every agent's own 1 -> hidden -> n network, stacked (n_agents, fan_in, fan_out): NoPS's
+    with PyTorch's default init, or generated by a hypernetwork (gains sqrt(2), 0.01: section 4.3). fups-noid, fups:
+    one network of hidden * n units on the input 1 or the one-hot ID (Table 8: 34/100/328, 42/148/552 at n=2/4/8)."""
 
     def __init__(self, hypernet: str, n_agents: int, args: Args):
         super().__init__()
-        sizes, gains = [1, args.hidden_size, n_agents], [math.sqrt(2), 0.01]
-        self.weight_net = None  # NoPS: its own stacked networks, below
+        sizes, gains, self.n_agents = [1, args.hidden_size, n_agents], [math.sqrt(2), 0.01], n_agents
+        self.weight_net = self.net = None
         if hypernet == "linear":
             self.weight_net = LinearHypernet(n_agents, sizes, gains, args.hyper_linear_shared_bias)
         elif hypernet == "mlp":
             self.weight_net = MLPHypernet(n_agents, sizes, gains, args.hypernet_embedding_dim,
                                           args.hypernet_hidden_dims)
-        else:
+        elif hypernet == "nops":
             nets = [[nn.Linear(i, o) for i, o in layer_shapes(sizes)] for _ in range(n_agents)]
             self.weights = nn.ParameterList(torch.stack([net[k].weight.detach().T for net in nets]) for k in range(2))
             self.biases = nn.ParameterList(torch.stack([net[k].bias.detach()[None] for net in nets]) for k in range(2))
-        self.register_buffer("obs", torch.ones(n_agents, 1, 1))
+        else:  # fups, fups-noid: one network for all
+            width, inputs = args.hidden_size * n_agents, n_agents if hypernet == "fups" else 1
+            self.net = nn.Sequential(nn.Linear(inputs, width), nn.ReLU(), nn.Linear(width, n_agents))
+        obs = {"fups": torch.eye(n_agents), "fups-noid": torch.ones(1, 1)}.get(hypernet, torch.ones(n_agents, 1, 1))
+        self.register_buffer("obs", obs)
 
     def forward(self):
+        if self.net is not None:  # shared: one row of logits for all (fups-noid) or one per ID (fups)
+            return self.net(self.obs).expand(self.n_agents, -1)
         params = list(zip(self.weights, self.biases)) if self.weight_net is None else self.weight_net()
         return batched_mlp(self.obs, params, torch.relu).squeeze(1)
 
-
-class SharedPolicy(nn.Module):
-    """FuPS: one network for all agents on the input 1 (fups-noid) or on the one-hot ID (fups).
-    Hidden size hidden * n: Table 8's 34/100/328 and 42/148/552 parameters for n = 2/4/8."""
-
-    def __init__(self, n_agents, hidden, use_id):
-        super().__init__()
-        self.n_agents = n_agents
-        self.net = nn.Sequential(nn.Linear(n_agents if use_id else 1, hidden * n_agents), nn.ReLU(),
-                                 nn.Linear(hidden * n_agents, n_agents))
-        self.register_buffer("obs", torch.eye(n_agents) if use_id else torch.ones(1, 1))
-
-    def forward(self):
-        return self.net(self.obs).expand(self.n_agents, -1)
-
-
-def make_policy(hypernet: str, n_agents: int, args: Args) -> nn.Module:
-    if hypernet in ("fups", "fups-noid"):
-        return SharedPolicy(n_agents, args.hidden_size, use_id=hypernet == "fups")
-    return PerAgentPolicy(hypernet, n_agents, args)
-
-
 def count_params(hypernet: str, n_agents: int, args: Args) -> int:
-    return sum(p.numel() for p in make_policy(hypernet, n_agents, args).parameters())
-
+    return sum(p.numel() for p in Policy(hypernet, n_agents, args).parameters())
 
 class Population:
     """S seeds of one family, stacked: every parameter has a leading seed dimension, and one vmapped
@@ -278,7 +186,7 @@ class Population:
         models = []
         for seed in seeds:
             torch.manual_seed(seed)
-            models.append(make_policy(hypernet, n_agents, args))
+            models.append(Policy(hypernet, n_agents, args))
         self.base = models[0]
         self.params, self.buffers = stack_module_state(models)
         self._forward = vmap(lambda p, b: functional_call(self.base, (p, b), ()))
@@ -289,92 +197,16 @@ class Population:
     def logits(self) -> torch.Tensor:
         return self._forward(self.params, self.buffers)  # (S, n_agents, n_foods)
 
-
-# ===== 5. Metrics: SND (Eq. 9), gradient interference, evaluation =====
-def js_distance_categorical(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Jensen-Shannon distance in base 2 (in [0, 1]) between categorical distributions (..., k)."""
-    m = 0.5 * (p + q)
-
-    def kl(a, b):
-        return torch.where(a > 0, a * (torch.log2(a) - torch.log2(b.clamp_min(1e-30))), torch.zeros_like(a)).sum(-1)
-
-    return (0.5 * kl(p, m) + 0.5 * kl(q, m)).clamp(0.0, 1.0).sqrt()
-
-
-def policy_snd(probs: torch.Tensor) -> torch.Tensor:
-    """Eq. (9) for observation-free policies: mean pairwise Jensen-Shannon distance, (S, n, A) -> (S,)."""
-    i, j = torch.triu_indices(probs.shape[1], probs.shape[1], offset=1)
-    return js_distance_categorical(probs[:, i], probs[:, j]).mean(-1)
-
-
-def per_agent_gradients(per_agent_loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-    """d(loss_i)/d(all parameters) for every agent i and seed, (S, n) -> (n, S, P), in one batched
-    backward pass: seeds have disjoint parameters, so one pass serves them all."""
-    S, n = per_agent_loss.shape
-    grads = torch.autograd.grad(per_agent_loss, params, grad_outputs=torch.eye(n).unsqueeze(1).expand(n, S, n),
-                                is_grads_batched=True, allow_unused=True, materialize_grads=True)
-    return torch.cat([g.reshape(n, S, -1) for g in grads], -1)
-
-
-def interference_per_seed(agent_grads: torch.Tensor) -> torch.Tensor:
-    """Mean pairwise cosine similarity of the agents' gradients (n, S, P) -> (S,): 0 for disjoint
-    parameters (NoPS), > 0 when updates agree, < 0 when they conflict. A zero gradient counts as 0."""
-    n = agent_grads.shape[0]
-    unit = F.normalize(agent_grads, dim=-1).transpose(0, 1)  # (S, n, P)
-    cosine = unit @ unit.transpose(1, 2)
-    return (cosine.sum((1, 2)) - cosine.diagonal(dim1=1, dim2=2).sum(-1)) / (n * (n - 1))
-
-
-def evaluate(pop: Population, game: str, seeds: list[int], eval_trials: int) -> dict:
-    """Mean-over-agents reward with argmax actions (Table 2: every trial is the same) and over
-    eval_trials sampled trials (Table 6; common random numbers, seed + 10000 at every evaluation)."""
-    with torch.no_grad():
-        probs = torch.softmax(pop.logits(), -1)
-        n, generators = probs.shape[1], [torch.Generator().manual_seed(seed + 10_000) for seed in seeds]
-        return dict(argmax=payoff(game, probs.argmax(-1), n).mean(-1),
-                    sampled=payoff(game, sample_actions(probs, eval_trials, generators), n).mean((1, 2)),
-                    expected=expected_team_reward(game, probs), snd=policy_snd(probs))
-
-
-# ===== 6. The update: REINFORCE =====
-def reinforce_loss(logits: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, mode: str) -> torch.Tensor:
-    """REINFORCE (Williams, 1992) for a one-step game, every agent's loss (S, n): -sum over the batch
-    of R_i log pi_i(a_i), R_i agent i's reward (raw), minus its batch mean (baseline), or normalised
-    over the batch to mean 0, std 1 (normalize). logits (S, n, A); actions, rewards (S, B, n)."""
-    # log pi_i(a_i), (S, n, B). Not Categorical.log_prob: its normalisation differs from log_softmax in the
-    # last float bit, which moves committed Table 6 cells in the 4th decimal (linear, Specialisation, n = 8)
-    logp = torch.log_softmax(logits, -1).gather(-1, actions.transpose(1, 2))
-    returns = rewards.transpose(1, 2)
-    if mode in ("baseline", "normalize"):
-        returns = returns - returns.mean(-1, keepdim=True)
-    if mode == "normalize":
-        std = returns.std(-1, keepdim=True, correction=min(1, returns.shape[-1] - 1))
-        returns = returns / (std + np.finfo(np.float32).eps)
-    return -(returns * logp).sum(-1)
-
-
-# ===== 7. The training loop =====
+# ===== The training loop =====
 def train(game: str, hypernet: str, n_agents: int, seeds: list[int], args: Args, writers=(), pop=None,
           progress: bool = False) -> dict:
-    """REINFORCE for every seed at once; returns per-seed final metrics and learning curves.
+    """REINFORCE for every seed at once: per-seed final metrics, learning curves and the trained population.
     pop: a Population to train (default: a new one). progress: a line once a minute (time, estimate)."""
     pop = Population(hypernet, n_agents, seeds, args) if pop is None else pop
-    params = pop.parameters()
+    params, num_updates = pop.parameters(), args.num_trials // args.batch_size
     optimizer = torch.optim.SGD(params, lr=args.learning_rate)
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    num_updates = args.num_trials // args.batch_size
-    history = {key: [] for key in ("reward", "grad_var", "interference")}
-    curve = {key: [] for key in ("trials", "argmax", "sampled", "snd")}
-
-    def record_eval(trials):
-        ev = evaluate(pop, game, seeds, args.eval_trials)
-        for key in curve:
-            curve[key].append(trials if key == "trials" else ev[key])
-        log(writers, trials, {"eval/episodic_return": ev["argmax"], "eval/episodic_return_sampled": ev["sampled"],
-                              "diversity/snd": ev["snd"]})
-        return ev
-
-    record_eval(0)
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]  # one per seed: a seed's draws alone
+    history, evals = [], [(0, evaluate(pop, game, seeds, args.eval_trials, writers, 0))]
     start = printed_at = time.time()
     for update in range(1, num_updates + 1):
         # ALGO LOGIC: every agent of every seed plays batch_size trials
@@ -395,33 +227,83 @@ def train(game: str, hypernet: str, n_agents: int, seeds: list[int], args: Args,
 
         # metrics: gradient variance across all policy parameters (section 5.2), interference, TensorBoard
         with torch.no_grad():
-            stats = dict(reward=rewards.mean((1, 2)), loss=per_agent_loss.sum(-1), grad_var=grad.var(-1),
-                         grad_norm=grad.norm(dim=-1), interference=interference_per_seed(agent_grads))
-        for key in history:
-            history[key].append(stats[key])
-        trials = update * args.batch_size
+            history.append(dict(reward=rewards.mean((1, 2)), loss=per_agent_loss.sum(-1), grad_var=grad.var(-1),
+                                grad_norm=grad.norm(dim=-1), interference=interference_per_seed(agent_grads)))
+        trials, stats = update * args.batch_size, history[-1]
         if update % args.log_interval == 0 or update == num_updates:
             log(writers, trials, {"charts/episodic_return": stats["reward"], "losses/policy_loss": stats["loss"],
                                   "grad/actor_var": stats["grad_var"], "grad/actor_norm": stats["grad_norm"],
                                   "grad/interference": stats["interference"],
                                   "charts/SPS": int(trials * n_agents / max(time.time() - start, 1e-9))})
         if trials // args.eval_interval > (trials - args.batch_size) // args.eval_interval or update == num_updates:
-            final = record_eval(trials)  # the last one is the final evaluation
+            evals.append((trials, evaluate(pop, game, seeds, args.eval_trials, writers, trials)))  # the last: final
         if progress and update < num_updates and time.time() - printed_at >= 60:  # short runs print no progress
             printed_at = time.time()
             elapsed = printed_at - start
             print(f"trials={trials}/{num_updates * args.batch_size} train_reward={stats['reward'].mean().item():.4f} "
                   f"elapsed={duration(elapsed)} eta={duration(elapsed / update * (num_updates - update))}", flush=True)
-    history = {key: torch.stack(value) for key, value in history.items()}  # (U, S)
-    return dict(game=game, hypernet=hypernet, n_agents=n_agents, seeds=list(seeds), updates=num_updates,
-                params=count_params(hypernet, n_agents, args),
-                **{key: final[key].tolist() for key in ("argmax", "sampled", "expected", "snd")},
-                grad_var=history["grad_var"].mean(0).tolist(),  # averaged over training (section 5.2)
-                interference=history["interference"].mean(0).tolist(),
-                train_reward_last100=history["reward"][-100:].mean(0).tolist(),
-                curve={key: v if key == "trials" else torch.stack(v, 1).tolist() for key, v in curve.items()},
-                population=pop)
+    over = {key: torch.stack([h[key] for h in history]) for key in ("reward", "grad_var", "interference")}  # (U, S)
+    curve = {key: torch.stack([ev[key] for _, ev in evals], 1).tolist() for key in ("argmax", "sampled", "snd")}
+    return dict(**{key: evals[-1][1][key].tolist() for key in curve}, grad_var=over["grad_var"].mean(0).tolist(),
+                interference=over["interference"].mean(0).tolist(),  # both averaged over training (section 5.2)
+                train_reward_last100=over["reward"][-100:].mean(0).tolist(),
+                curve=dict(trials=[t for t, _ in evals], **curve), population=pop)  # learning curves, (S, evals)
 
+# ===== The update: REINFORCE =====
+def reinforce_loss(logits: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, mode: str) -> torch.Tensor:
+    """REINFORCE (Williams, 1992), one step: every agent's loss (S, n) = -sum over the batch of R_i log pi_i(a_i),
+    R_i its reward (raw), minus the batch mean (baseline) or scaled to mean 0, std 1 (normalize). rewards (S, B, n)."""
+    # log pi_i(a_i), (S, n, B). Not Categorical.log_prob: its normalisation differs from log_softmax in the
+    # last float bit, which moves committed Table 6 cells in the 4th decimal (linear, Specialisation, n = 8)
+    logp = torch.log_softmax(logits, -1).gather(-1, actions.transpose(1, 2))
+    returns = rewards.transpose(1, 2)
+    if mode in ("baseline", "normalize"):
+        returns = returns - returns.mean(-1, keepdim=True)
+    if mode == "normalize":
+        std = returns.std(-1, keepdim=True, correction=min(1, returns.shape[-1] - 1))
+        returns = returns / (std + np.finfo(np.float32).eps)
+    return -(returns * logp).sum(-1)
+
+def per_agent_gradients(per_agent_loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """d(loss_i)/d(all parameters) for every agent i and seed, (S, n) -> (n, S, P), in one batched
+    backward pass: seeds have disjoint parameters, so one pass serves them all."""
+    S, n = per_agent_loss.shape
+    grads = torch.autograd.grad(per_agent_loss, params, grad_outputs=torch.eye(n).unsqueeze(1).expand(n, S, n),
+                                is_grads_batched=True, allow_unused=True, materialize_grads=True)
+    return torch.cat([g.reshape(n, S, -1) for g in grads], -1)
+
+# ===== Evaluation: Tables 2 and 6, SND (Eq. 9), gradient interference =====
+def evaluate(pop: Population, game: str, seeds: list[int], eval_trials: int, writers=(), step: int = 0) -> dict:
+    """Mean-over-agents reward with argmax actions (Table 2: every trial is the same) and over eval_trials
+    sampled trials (Table 6; common random numbers, seed + 10000 at every evaluation); SND, Eq. (9)
+    without observations: the agents' mean pairwise Jensen-Shannon distance. Logged at `step`."""
+    with torch.no_grad():
+        probs = torch.softmax(pop.logits(), -1)  # (S, n, A)
+    n, generators = probs.shape[1], [torch.Generator().manual_seed(seed + 10_000) for seed in seeds]
+    i, j = torch.triu_indices(n, n, offset=1)  # every pair of agents
+    ev = dict(argmax=payoff(game, probs.argmax(-1), n).mean(-1),
+              sampled=payoff(game, sample_actions(probs, eval_trials, generators), n).mean((1, 2)),
+              snd=js_distance_categorical(probs[:, i], probs[:, j]).mean(-1))
+    log(writers, step, {"eval/episodic_return": ev["argmax"], "eval/episodic_return_sampled": ev["sampled"],
+                        "diversity/snd": ev["snd"]})
+    return ev
+
+def js_distance_categorical(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon distance in base 2 (in [0, 1]) between categorical distributions (..., k)."""
+    m = 0.5 * (p + q)
+
+    def kl(a, b):
+        return torch.where(a > 0, a * (torch.log2(a) - torch.log2(b.clamp_min(1e-30))), torch.zeros_like(a)).sum(-1)
+
+    return (0.5 * kl(p, m) + 0.5 * kl(q, m)).clamp(0.0, 1.0).sqrt()
+
+def interference_per_seed(agent_grads: torch.Tensor) -> torch.Tensor:
+    """Mean pairwise cosine similarity of the agents' gradients (n, S, P) -> (S,): 0 for disjoint
+    parameters (NoPS), > 0 when updates agree, < 0 when they conflict. A zero gradient counts as 0."""
+    n = agent_grads.shape[0]
+    unit = F.normalize(agent_grads, dim=-1).transpose(0, 1)  # (S, n, P)
+    cosine = unit @ unit.transpose(1, 2)
+    return (cosine.sum((1, 2)) - cosine.diagonal(dim1=1, dim2=2).sum(-1)) / (n * (n - 1))
 
 def log(writers, step: int, scalars: dict) -> None:
     """A TensorBoard point per seed: scalars maps a tag to per-seed values (S,), or to one number for all."""
@@ -429,45 +311,45 @@ def log(writers, step: int, scalars: dict) -> None:
         for tag, value in scalars.items():
             writer.add_scalar(tag, value if isinstance(value, (int, float)) else float(value[s]), step)
 
+# ===== The games: n players, n foods, one step =====
+def payoff(game: str, actions: torch.Tensor, n_agents: int) -> torch.Tensor:
+    """Every agent's reward for joint actions (..., n_agents) of foods in [0, n_agents)."""
+    counts = F.one_hot(actions, n_agents).sum(-2)  # (..., n_foods)
+    k = counts.gather(-1, actions).float()  # (..., n_agents): agents on each agent's food
+    if game == "specialisation":
+        return 1.0 / k
+    all_match = (k == n_agents).all(-1, keepdim=True)
+    return torch.where(all_match, torch.ones_like(k), torch.full_like(k, 1.0 / n_agents))
 
-def make_writers(args: Args, game: str, n_agents: int, hypernet: str, seeds: list[int]):
-    from torch.utils.tensorboard import SummaryWriter
+def sample_actions(probs: torch.Tensor, num: int, generators: list) -> torch.Tensor:
+    """probs (S, n_agents, A) -> actions (S, num, n_agents) by inverse CDF: Categorical.sample takes
+    no torch.Generator, and one per seed keeps a seed's draws independent of the other seeds."""
+    A = probs.shape[-1]
+    u = torch.stack([torch.rand(probs.shape[1], num, generator=g) for g in generators])  # (S, n, num)
+    actions = torch.searchsorted(probs.cumsum(-1).contiguous(), u).clamp_(max=A - 1)  # first food whose CDF reaches u
+    return actions.transpose(1, 2)
 
-    writers, config = [], "".join(f"|{key}|{value}|\n" for key, value in vars(args).items())
-    for seed in seeds:
-        run_name = new_run_folder(args.runs_dir, f"matrix_{game}_n{n_agents}__{args.exp_name}__{hypernet}__{seed}")
-        writers.append(SummaryWriter(os.path.join(args.runs_dir, run_name)))
-        writers[-1].add_text("hyperparameters", f"|param|value|\n|-|-|\n{config}|game|{game}|\n|hypernet|{hypernet}|\n"
-                                                f"|n_agents|{n_agents}|\n|run_seed|{seed}|")
-    return writers
-
-
+# ===== Appendix: the command line, run folders, check_args =====
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(token) for token in argv]
     args = tyro.cli(Args, args=argv)  # a bad choice or type: tyro's own message, exit 2
-    try:  # the cross-flag checks and ranges (the appendix): a script copied alone has tyro's only
-        check_command_line(args, argv)
+    try:  # ranges and combinations (check_args): one line, exit 2, nothing written
+        check_args(args, flags_given(argv))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-
-    # TRY NOT TO MODIFY: seeding (each seed's model and sampling are seeded again inside train())
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    # Seeding: each seed seeds its own model (Population) and draws (train, evaluate), so nothing else is seeded
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.set_num_threads(args.num_threads)
     seeds = list(range(args.seed, args.seed + args.num_seeds))
     print("config: " + " ".join(f"{key}={value}" for key, value in vars(args).items()))
     if args.track:
         import wandb
-
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=f"matrix__{args.exp_name}__{args.seed}__{int(time.time())}", save_code=True)
     print(f"parameters: {args.hypernet} {count_params(args.hypernet, args.n_agents, args)}")
 
-    writers = make_writers(args, args.game, args.n_agents, args.hypernet, seeds)
-    start = time.time()
+    writers, start = make_writers(args, args.game, args.n_agents, args.hypernet, seeds), time.time()
     try:
         result = train(args.game, args.hypernet, args.n_agents, seeds, args, writers, progress=True)
         log(writers, args.num_trials, {"eval/final_grad_var_mean": result["grad_var"],
@@ -477,7 +359,6 @@ def main(argv=None) -> int:
             writer.close()
     if args.save_model:  # every seed's parameters, to its run folder (hypermarl_extras.py)
         import hypermarl_extras as extras
-
         extras.save_matrix_models(args, seeds, [writer.log_dir for writer in writers], result["population"])
     for s, seed in enumerate(seeds):
         print(f"seed={seed} eval/episodic_return={result['argmax'][s]:.4f} "
@@ -490,27 +371,60 @@ def main(argv=None) -> int:
           f"{np.std(result['sampled']):.4f} ({took}, runs in {args.runs_dir})")
     return 0
 
+def make_writers(args: Args, game: str, n_agents: int, hypernet: str, seeds: list[int]):
+    """A TensorBoard run per seed: runs_dir/matrix_<game>_n<n>__<exp_name>__<hypernet>__<seed>__<time>."""
+    from torch.utils.tensorboard import SummaryWriter
+    writers, config = [], "".join(f"|{key}|{value}|\n" for key, value in vars(args).items())
+    for seed in seeds:
+        run_name = new_run_folder(args.runs_dir, f"matrix_{game}_n{n_agents}__{args.exp_name}__{hypernet}__{seed}")
+        writers.append(SummaryWriter(os.path.join(args.runs_dir, run_name)))
+        writers[-1].add_text("hyperparameters", f"|param|value|\n|-|-|\n{config}|game|{game}|\n|hypernet|{hypernet}|\n"
+                                                f"|n_agents|{n_agents}|\n|run_seed|{seed}|")
+    return writers
 
-# ===== Appendix: the command line and run folders =====
-# The checks live in hypermarl_extras.py, imported only where used: a script copied without it trains, with
-# tyro's checks of types and choices only.
-def check_command_line(args: Args, argv: list[str]) -> None:
-    """hypermarl_extras.py's checks of args; without it, only --save-model (which needs it) is refused."""
-    try:
-        import hypermarl_extras as extras
-    except ImportError:
-        if args.save_model:
-            raise ValueError("--save-model: needs hypermarl_extras.py beside this script")
-        return
-    extras.check_matrix_args(args, flags_given(argv))
-
+def check_args(args: Args, given: set[str], hypernets: Optional[list[str]] = None) -> None:
+    """ValueError("--flag: why") for the first rule of the table that args break. given: the fields named
+    on the command line; hypernets: the families trained (default --hypernet; the sweep's --hypernets)."""
+    trained = f"--hypernet {args.hypernet}" if hypernets is None else f"--hypernets {' '.join(hypernets)}"
+    family_of = {"hyper_linear_shared_bias": "linear", "hypernet_embedding_dim": "mlp", "hypernet_hidden_dims": "mlp"}
+    max_seed = 2**32 - 1 - 10_000  # NumPy takes seeds below 2**32; the evaluation draws with seed + 10000
+    runs_dir = os.path.abspath(args.runs_dir or ".")
+    while not os.path.lexists(runs_dir):  # the folder, or the nearest parent that exists
+        runs_dir = os.path.dirname(runs_dir)
+    rules = [  # (flag, broken, why), in order: the first broken one is the error
+        *((name, family not in (hypernets or [args.hypernet]), f"only with --hypernet {family}, got {trained}")
+          for name, family in family_of.items() if name in given),  # the flags marked [family] in --help
+        ("n_agents", args.n_agents < 2, f"must be at least 2, got {args.n_agents}"),
+        *((name, not math.isfinite(value), f"must be a finite number, got {value!r}")  # inf, nan pass every >
+          for name, value in vars(args).items() if isinstance(value, float)),
+        ("seed", not 0 <= args.seed <= max_seed, f"must be between 0 and {max_seed}, got {args.seed!r}"),
+        ("exp_name", not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.exp_name),  # it names the run folders
+         f"must be a plain name (letters, digits, '.', '_', '-'), got {args.exp_name!r}"),
+        *((name, not getattr(args, name) > 0, f"must be positive, got {getattr(args, name)!r}") for name in (
+            "num_trials", "batch_size", "learning_rate", "num_seeds", "eval_trials", "eval_interval", "log_interval",
+            "hidden_size", "hypernet_embedding_dim", "num_threads")),
+        ("hypernet_hidden_dims", not args.hypernet_hidden_dims or min(args.hypernet_hidden_dims) <= 0,
+         f"must be one or more positive sizes, got {args.hypernet_hidden_dims!r}"),
+        ("runs_dir", not args.runs_dir, "must name a folder, got ''"),  # checked before anything is written
+        ("runs_dir", not os.path.isdir(runs_dir), f"{runs_dir!r} is not a folder"),  # a file, or a link to nothing
+        ("runs_dir", not os.access(runs_dir, os.W_OK | os.X_OK), f"{runs_dir!r} is not writable"),
+        ("track", args.track and not importlib.util.find_spec("wandb"), "wandb is not installed (pip install wandb)"),
+        ("num_seeds", args.seed + args.num_seeds - 1 > max_seed,
+         f"the last seed, {args.seed} + {args.num_seeds} - 1, must be at most {max_seed}, got {args.num_seeds!r}"),
+        ("num_trials", args.num_trials < args.batch_size,
+         f"must be at least --batch-size = {args.batch_size}, got {args.num_trials!r}"),
+        ("save_model", args.save_model and not importlib.util.find_spec("hypermarl_extras"),
+         "needs hypermarl_extras.py beside this script"),
+    ]
+    for name, broken, why in rules:
+        if broken:  # a boolean given False is named as written, --no-x
+            raise ValueError(f"{'--no-' if getattr(args, name) is False else '--'}{name.replace('_', '-')}: {why}")
 
 def flags_given(argv: list[str]) -> set[str]:
     """The Args fields named on the command line (--x, --x=v, --no-x)."""
     names = {f.name for f in dataclasses.fields(Args)}
     tokens = [token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")]
     return {name[3:] if name not in names and name.startswith("no_") else name for name in tokens} & names
-
 
 def new_run_folder(runs_dir: str, prefix: str) -> str:
     """A fresh folder runs_dir/<prefix>__<time>[_k]: mkdir is atomic, so runs started in the same
@@ -525,14 +439,12 @@ def new_run_folder(runs_dir: str, prefix: str) -> str:
         except FileExistsError:
             k += 1
 
-
 def duration(seconds: float) -> str:
     """1h02m, 3m05s or 12s."""
     seconds = int(seconds)
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
 
 if __name__ == "__main__":
     sys.exit(main())

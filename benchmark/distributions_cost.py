@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmark"))
 import ippo_hyper_vmas as script  # noqa: E402
-from sps import OneLineParser  # noqa: E402
+from sps import OneLineParser, script_args  # noqa: E402
 
 WRITTEN_OUT = (script.sample_action, script.log_prob_entropy)
 
@@ -52,9 +52,11 @@ def iteration(args, agent, optimizer, envs, next_obs):
     storage = {key: [] for key in ("obs", "actions", "logprobs", "values", "rewards", "terminated", "truncated", "final")}
     start = time.perf_counter()
     with torch.no_grad():
-        params = agent.generate()
+        weights = agent.generate(next_obs)
         for _ in range(T):
-            action, logprob, _, value = agent.get_action_and_value(next_obs, params=params)
+            if agent.per_sample:  # w/o GD: the weights depend on the observation
+                weights = agent.generate(next_obs)
+            action, logprob, _, value = agent.get_action_and_value(next_obs, weights)
             storage["obs"].append(next_obs)
             next_obs, reward, terminated, truncated, final = envs.step(agent.env_action(action))
             for key, item in zip(("actions", "logprobs", "values", "rewards", "terminated", "truncated", "final"),
@@ -62,9 +64,8 @@ def iteration(args, agent, optimizer, envs, next_obs):
                 storage[key].append(item.float() if key in ("terminated", "truncated") else item)
         s = {key: torch.stack(items) for key, items in storage.items()}
         dones = torch.maximum(s["terminated"], s["truncated"])
-        next_values = torch.cat([s["values"][1:], agent.get_value(script.critic_input(next_obs), params).unsqueeze(0)])
-        next_values = torch.where(dones.bool(), script.bootstrap_values(agent, s["final"], s["truncated"], params),
-                                  next_values)
+        next_values = torch.cat([s["values"][1:], agent.get_value(next_obs, agent.generate(next_obs)).unsqueeze(0)])
+        next_values = torch.where(dones.bool(), script.bootstrap_values(agent, s["final"], s["truncated"]), next_values)
         advantages, returns = script.compute_gae(s["rewards"], s["values"], next_values, s["terminated"], dones,
                                                  args.gamma, args.gae_lambda)
     rollout_end = time.perf_counter()
@@ -90,13 +91,12 @@ def main(argv=None) -> int:
     argv = ["--scenario", opts.scenario, "--hypernet", opts.hypernet]
     if opts.scenario == "navigation":  # Table 12's 600 envs x 100 steps and 45 x 30 minibatches take minutes per round
         argv += ["--num-envs", "60", "--update-epochs", "4", "--num-minibatches", "3"]
-    args = script.parse_args(argv)
+    args = script_args(script, argv)
     runs = {}
     for version in ("written out", "torch.distributions"):
         torch.manual_seed(0)
         envs = script.VmasEnv(args, args.num_envs, args.seed, torch.device("cpu"))
-        critic_in_dim = script.critic_input(torch.zeros(args.n_agents, 1, envs.obs_dim)).shape[-1]
-        agent = script.Agent(args, envs.obs_dim, envs.act_dim, envs.discrete, critic_in_dim)
+        agent = script.Agent(args, envs.obs_dim, envs.act_dim, envs.discrete)
         optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
         runs[version] = dict(args=args, agent=agent, optimizer=optimizer, envs=envs, obs=envs.reset(), rollout=[], update=[])
     for round_ in range(opts.rounds + 1):  # round 0 warms up and is not counted

@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import ippo_hyper_vmas  # noqa: E402
 import mappo_hyper_vmas  # noqa: E402
-from sps import OneLineParser, at_least, output_file  # noqa: E402  (benchmark/ is on sys.path when run as a script)
+from sps import OneLineParser, at_least, output_file, script_args  # noqa: E402  (benchmark/ is on sys.path when run as a script)
 
 SCRIPTS = {"IPPO": ippo_hyper_vmas, "MAPPO": mappo_hyper_vmas}
 INITS = ("scaled", "matched", "default")
@@ -39,19 +39,18 @@ EMBEDDINGS = ("learned", "onehot")
 
 def layer_ratios(script, scenario, embedding, init, n_agents, seeds):
     """{(network, layer): (shape, gain, tensor of ratios over seeds x agents)} and the resolved args."""
-    args = script.parse_args(["--scenario", scenario, "--n-agents", str(n_agents), "--hypernet", "mlp",
-                              "--hypernet-embedding", embedding, "--hypernet-init", init])
+    args = script_args(script, ["--scenario", scenario, "--n-agents", str(n_agents), "--hypernet", "mlp",
+                                "--hypernet-embedding", embedding, "--hypernet-init", init])
     env = script.VmasEnv(args, 1, 0, torch.device("cpu"))
-    critic_in_dim = script.critic_input(torch.zeros(n_agents, 1, env.obs_dim)).shape[-1]
     ratios = {}
     for seed in range(seeds):
         torch.manual_seed(seed)
-        agent = script.Agent(args, env.obs_dim, env.act_dim, env.discrete, critic_in_dim)
+        agent = script.Agent(args, env.obs_dim, env.act_dim, env.discrete)
         with torch.no_grad():
             for network, module in (("actor", agent.actor), ("critic", agent.critic)):
-                sizes = module.weight_net.shapes
+                sizes = module.shapes  # an MLPHypernet
                 gains = [math.sqrt(2)] * (len(sizes) - 1) + [0.01 if network == "actor" else 1.0]
-                for k, ((weight, bias), shape, gain) in enumerate(zip(module.generate(), sizes, gains)):
+                for k, ((weight, bias), shape, gain) in enumerate(zip(module(), sizes, gains)):
                     ratio = weight.flatten(1).norm(dim=1) / (gain * math.sqrt(min(shape)))
                     entry = ratios.setdefault((network, k + 1), (shape, gain, []))
                     entry[2].append(ratio)

@@ -587,7 +587,7 @@ def figure10(out: str) -> None:
                 args = script.paper_defaults(script.Args(n_agents=n, n_food=n_food, hypernet=method),
                                              {"n_agents", "n_food", "hypernet"})
                 with torch.device("meta"):  # shapes only: 200M parameters at 1024 agents, never allocated
-                    agent = script.Agent(args, obs_dim, 9, True, obs_dim)  # 9 discrete actions
+                    agent = script.Agent(args, obs_dim, 9, True)  # 9 discrete actions
                 per_method.setdefault(method, {})[n] = sum(p.numel() for p in agent.actor.parameters())
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "figure10.json"), "w") as f:
@@ -621,7 +621,8 @@ def iteration_steps(run: Run, extra: list) -> int:
     """Environment steps of one iteration of this run (the paper's settings and the flags after --)."""
     sys.path.insert(0, ROOT)
     script = __import__(run.script[:-3])
-    args = script.parse_args(run.argv() + extra, checked=False)
+    argv = run.argv() + extra
+    args = script.parse_args(argv, script.flags_given(argv))  # the paper's values for the flags not given
     return args.num_envs * args.num_steps
 
 
@@ -779,10 +780,11 @@ def refused_flags(runs: list[Run], extra: list):
         script, argv = __import__(run.script[:-3]), run.argv() + extra
         program, sys.argv[0] = sys.argv[0], run.script  # tyro's hints name the script, not the launcher
         try:
-            if hasattr(script, "parse_args"):
-                script.parse_args(argv)
-            else:  # the matrix games: tyro, then the cross-flag checks
-                script.check_command_line(script.tyro.cli(script.Args, args=argv), argv)
+            if hasattr(script, "parse_args"):  # the paper's values for the flags not given, then the checks
+                given = script.flags_given(argv)
+                script.check_args(script.parse_args(argv, given), given)
+            else:  # the matrix games: tyro, then the script's own checks
+                script.check_args(script.tyro.cli(script.Args, args=argv), script.flags_given(argv))
         except ValueError as error:
             return f"{run.script}: {error}"
         except SystemExit:  # tyro printed its message (a bad value, an unknown flag) or --help

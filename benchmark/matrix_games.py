@@ -33,7 +33,6 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import hypermarl_extras as extras  # noqa: E402
 import reinforce_matrix_games as mg  # noqa: E402
 sys.path.insert(0, os.path.join(ROOT, "benchmark"))
 from sps import OneLineParser, check_writable, new_output_folder  # noqa: E402
@@ -62,6 +61,15 @@ PAPER_TABLE6 = {
     ("synchronisation", "fups"): {2: (.9999, 0.0), 4: (.9999, .0003), 8: (.1250, 0.0)},
 }
 SOLVED = 0.99  # a seed "solves" a game when its evaluation reward is at least this
+
+
+def expected_team_reward(game: str, probs: torch.Tensor) -> torch.Tensor:
+    """Exact expected mean-over-agents reward of independent policies probs (..., n_agents, n_foods)."""
+    n = probs.shape[-2]
+    if game == "specialisation":  # E[distinct foods] / n
+        return (1.0 - (1.0 - probs).prod(-2)).sum(-1) / n
+    p_match = probs.prod(-2).sum(-1)
+    return p_match + (1.0 - p_match) / n
 
 
 def n_agents(text):
@@ -222,9 +230,9 @@ def main(argv=None) -> int:
     if not runs_dir_given:  # checked where it will be: inside --out, or inside the new folder in runs/
         rest += ["--runs-dir", os.path.join(opts.out or "runs", "runs")]
     args = tyro.cli(mg.Args, args=rest, prog="python reinforce_matrix_games.py")  # a bad choice or type: exit 2
-    try:
-        extras.check_matrix_args(args, mg.flags_given(rest), hypernets=opts.hypernets)
-    except ValueError as error:  # hypermarl_extras.ArgError
+    try:  # the script's own checks, of the families the sweep trains
+        mg.check_args(args, mg.flags_given(rest), hypernets=opts.hypernets)
+    except ValueError as error:
         parser.error(str(error))
     try:  # the plot comes after the whole sweep: fail now, not then
         import matplotlib  # noqa: F401
@@ -244,11 +252,14 @@ def main(argv=None) -> int:
                 writers = mg.make_writers(args, game, n, hypernet, seeds)
                 t0 = time.time()
                 try:
-                    result = mg.train(game, hypernet, n, seeds, args, writers)
+                    trained = mg.train(game, hypernet, n, seeds, args, writers)
                 finally:
                     for writer in writers:
                         writer.close()
-                result.pop("population")
+                with torch.no_grad():  # Theorem B.1: the exact expected reward of the final policies
+                    expected = expected_team_reward(game, torch.softmax(trained.pop("population").logits(), -1))
+                result = dict(game=game, hypernet=hypernet, n_agents=n, seeds=seeds, updates=args.num_trials // args.batch_size,
+                              params=mg.count_params(hypernet, n, args), expected=expected.tolist(), **trained)
                 results.append(result)
                 elapsed = time.time() - start
                 eta = f" eta {mg.duration(elapsed / len(results) * (total - len(results)))}" if len(results) < total else ""

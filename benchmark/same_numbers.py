@@ -65,6 +65,11 @@ def configs():
     return out
 
 
+def cpu_flag(script):
+    """--no-cuda, but for the matrix games: they always run on the CPU and have no such flag."""
+    return [] if script == "reinforce_matrix_games.py" else ["--no-cuda"]
+
+
 def wall_clock(tag):
     return tag == "charts/SPS" or tag.startswith("perf/")
 
@@ -84,7 +89,7 @@ def run_config(repo, script, flags):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
                PYTHONHASHSEED="0")
     try:
-        cmd = [sys.executable, script, *flags, "--seed", "1", "--no-cuda", "--runs-dir", runs]
+        cmd = [sys.executable, script, *flags, "--seed", "1", *cpu_flag(script), "--runs-dir", runs]
         proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
         if proc.returncode != 0:
             return {"error": f"exit {proc.returncode}: " + proc.stderr.strip()[-2000:]}
@@ -164,7 +169,7 @@ def main():
         todo = {n: c for n, c in todo.items() if n in args.only}
     if args.list:
         for name, (script, flags) in todo.items():
-            print(f"{name}: python {script} {' '.join(flags)} --seed 1 --no-cuda --runs-dir TMP")
+            print(f"{name}: python {script} {' '.join([*flags, '--seed', '1', *cpu_flag(script)])} --runs-dir TMP")
         return 0
     results, start = {}, time.time()
     for name, (script, flags) in todo.items():

@@ -9,7 +9,7 @@ IPPO-NoPS and IPPO-FuPS checkpoints (5M and 20M steps) for 10,000 episodes each 
     python ippo_hyper_vmas.py --eval-only --checkpoint mlp.pt --snd-obs-file snd_dispersion4.npz
 
 Each checkpoint is rolled out with its script's `evaluate` (the scenario's evaluation mode; the
-environment seeded with --seed). The file holds `obs`, (rows, n_agents, obs_dim): rows are whole
+environment seeded with --seed), whose environment records what the policy saw. The file holds `obs`, (rows, n_agents, obs_dim): rows are whole
 time steps (every agent's observation), --samples // n_agents of them drawn without replacement
 from the pool, as the authors' code samples 1e6 // n_agents rows and flattens the agent axis.
 """
@@ -36,19 +36,42 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def record_observations(env) -> list:
+    """Wraps env's reset and step (on this instance): the returned list receives, at every step, the
+    observations the policy acted on, (n_agents, episodes still running, obs_dim), as evaluate's loop
+    sees them (an ended episode's environment is reset in place and no longer counts)."""
+    seen, reset, step = [], env.reset, env.step
+    running = {}
+
+    def recording_reset():
+        running["obs"] = reset()
+        running["active"] = torch.ones(env.num_envs, dtype=torch.bool, device=env.device)
+        return running["obs"]
+
+    def recording_step(actions):
+        seen.append(running["obs"][:, running["active"]])
+        result = step(actions)  # (obs, reward, terminated, truncated, final_obs)
+        running["obs"], running["active"] = result[0], running["active"] & ~(result[2] | result[3])
+        return result
+
+    env.reset, env.step = recording_reset, recording_step
+    return seen
+
+
 def rollout_observations(script, path: str, episodes: int, seed: int) -> torch.Tensor:
     """(N, n_agents, obs_dim) observations of `episodes` evaluation episodes of one checkpoint."""
     state = extras.load_checkpoint(path, "--checkpoints", script.CHECKPOINT_FORMAT,  # weights_only; one line
-                                   extras.CHECKPOINT_KEYS["vmas"])
+                                   script.CHECKPOINT_KEYS)
     saved = {k: v for k, v in state["args"].items() if k in {f.name for f in script.dataclasses.fields(script.Args)}}
     args = script.Args(**saved)
     args.eval_episodes, args.seed = episodes, seed
     env = script.VmasEnv(args, episodes, seed, torch.device("cpu"))
-    critic_in_dim = script.critic_input(torch.zeros(args.n_agents, 1, env.obs_dim)).shape[-1]
-    agent = script.Agent(args, env.obs_dim, env.act_dim, env.discrete, critic_in_dim)
+    agent = script.make_agent(args, env.obs_dim, env.act_dim, env.discrete)
     agent.load_state_dict(state["model"])
     args.snd_samples = 1  # the SND of the rollout itself is not needed here
-    return script.evaluate(agent, env, args, seed, keep_obs=True)[3]
+    seen = record_observations(env)
+    script.evaluate(agent, env, args, seed)
+    return torch.cat(seen, 1).transpose(0, 1)
 
 
 def main(argv=None) -> int:
@@ -82,9 +105,9 @@ def main(argv=None) -> int:
             pools.append(rollout_observations(script, path, opts.episodes, opts.seed))
             print(f"{path}: {pools[-1].shape[0]:,} time steps", flush=True)
     except (ValueError, RuntimeError, KeyError, TypeError, EOFError, OSError, pickle.UnpicklingError,
-            zipfile.BadZipFile) as error:  # ValueError includes ArgError, CheckpointError, ScenarioOptionError
+            zipfile.BadZipFile) as error:  # ValueError includes ArgError, CheckpointError, VmasEnv's --scenario
         why = (str(error).splitlines() or [type(error).__name__])[0]  # some errors have no message
-        parser.error(why if isinstance(error, (extras.ArgError, script.ScenarioOptionError))
+        parser.error(why if isinstance(error, extras.ArgError) or why.startswith("--scenario ")
                      else f"--checkpoints: cannot load ({why[:120]})")
     if len({pool.shape[1:] for pool in pools}) != 1:
         parser.error(f"--checkpoints: observations of different shapes {sorted({tuple(p.shape[1:]) for p in pools})}")

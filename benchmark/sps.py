@@ -55,6 +55,14 @@ def at_least(minimum):
     return parse
 
 
+def script_args(script, argv):
+    """The Args a training script makes of argv: the paper's values for the flags not given, then its checks."""
+    given = script.flags_given(argv)
+    args = script.parse_args(argv, given)
+    script.check_args(args, given)
+    return args
+
+
 def check_writable(parser, flag, folder):
     """Fails now, not after the benchmark: the nearest existing folder on the way must be a
     folder this process may write into."""
@@ -133,7 +141,7 @@ def random_action_sps(scenario_argv, steps, repeats):
     """The same VMAS environments (same wrapper, resets included) stepped with random actions."""
     import ippo_hyper_vmas as script
 
-    args = script.parse_args(scenario_argv)
+    args = script_args(script, scenario_argv)
     results = []
     for repeat in range(repeats):
         env = script.VmasEnv(args, args.num_envs, repeat, torch.device("cpu"))
@@ -300,7 +308,7 @@ def envs_table(env_counts, device, desync, iterations, repeats):
     samples = {}
     for _ in range(repeats):
         for n in env_counts:
-            args = script.parse_args(ENVS_ARGV + ["--num-envs", str(n)])
+            args = script_args(script, ENVS_ARGV + ["--num-envs", str(n)])
             samples.setdefault((n, "raw"), []).append(raw_vmas_sps(args, device, steps, desync=False))
             if desync:
                 samples.setdefault((n, "reset_at"), []).append(raw_vmas_sps(args, device, steps, desync=True))

@@ -38,7 +38,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import ippo_hyper_vmas as script  # noqa: E402
-from sps import OneLineParser, at_least, output_file  # noqa: E402  (benchmark/ is on sys.path when run as a script)
+from sps import OneLineParser, at_least, output_file, script_args  # noqa: E402  (benchmark/ is on sys.path when run as a script)
 
 N_AGENTS, OBS_DIM, ACT_DIM, BATCH = 8, 20, 2, 60_000  # Navigation, 8 agents: 600 envs x 100 steps
 
@@ -49,9 +49,9 @@ FAMILIES = {"fups": ["--hypernet", "fups"], "mlp": ["--hypernet", "mlp"],
 
 def build(family_argv):
     torch.manual_seed(0)
-    args = script.parse_args(["--scenario", "navigation", "--n-agents", str(N_AGENTS), "--update-epochs", "1"]
-                             + family_argv)
-    agent = script.Agent(args, OBS_DIM, ACT_DIM, False, OBS_DIM)
+    args = script_args(script, ["--scenario", "navigation", "--n-agents", str(N_AGENTS), "--update-epochs", "1"]
+                       + family_argv)
+    agent = script.Agent(args, OBS_DIM, ACT_DIM, False)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     return args, agent, optimizer
 
@@ -80,7 +80,7 @@ def in_step_ms(args, agent, optimizer, batch):
 
 
 def generate_forward_backward(agent):
-    actor, critic = agent.generate()
+    actor, critic = agent.generate(None)  # the observations matter to the w/o GD ablation only
     sum(w.sum() + b.sum() for w, b in actor + critic).backward()
 
 

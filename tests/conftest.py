@@ -1,8 +1,28 @@
+"""What several test files share: the repository on sys.path, the two VMAS scripts as a fixture, tiny
+runs and their logs, the command line as the scripts read it, one thread, the `smoke` tier.
+
+Test files, by what they test:
+    test_algorithm.py        hypernetworks, families, sampling, PPO pieces, GAE, SND, gradient metrics (no environment)
+    test_vmas.py             the VMAS wrapper, training runs on VMAS, fidelity to the paper and to DiCo's code, learning
+    test_plumbing.py         command-line checks, checkpoints, resume, signals, --eval-only, videos, scripts copied alone
+    test_design.py           the copies shared between scripts, and the scripts' design rules
+    test_launch.py           benchmark/launch.py: the paper's grids on every backend, stopped and resumed
+    test_benchmark_tools.py  benchmark/'s other tools: aggregate.py by hand, the others' outputs and bad flags
+    test_mamujoco.py, test_fidelity_mamujoco.py, test_matrix_games.py, test_fidelity_matrix.py: those scripts
+
+`python -m pytest -q -m smoke tests` runs the smoke tier: imports, one tiny training run per VMAS script,
+a few algorithm units, a bad flag, a script copied alone refusing a flag (well under 2 minutes on 2 cores).
+"""
+
+import contextlib
 import importlib
+import io
 import os
+import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -10,6 +30,14 @@ if ROOT not in sys.path:
 
 # The two VMAS scripts share their flags, families, metrics and checkpoints: the same tests run on both.
 VMAS_SCRIPTS = ["ippo_hyper_vmas", "mappo_hyper_vmas"]
+
+# Seconds after which a child process or a wait is taken for hung. A guard against a hang only, never a
+# measure of speed: no test passes or fails by how loaded the machine is.
+HANG = 1800
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "smoke: a fast, representative test for newcomers (python -m pytest -m smoke tests)")
 
 
 def load_script(name):
@@ -21,6 +49,16 @@ def script(request):
     return load_script(request.param)
 
 
+@pytest.fixture
+def one_thread():
+    """One thread, restored afterwards: float reductions (and so RL trajectories) depend on the thread
+    count, and on a busy machine two threads only contend over small matrices."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_args(runs_dir, *extra, scenario="dispersion"):
     """A few seconds of training: 4 environments x 8 steps, 2 iterations, small networks."""
     args = ["--scenario", scenario, "--runs-dir", str(runs_dir), "--num-envs", "4", "--num-steps", "8",
@@ -28,6 +66,19 @@ def tiny_args(runs_dir, *extra, scenario="dispersion"):
             "--eval-episodes", "3", "--eval-interval", "32", "--snd-samples", "40",
             "--actor-hidden-dims", "16", "16", "--critic-hidden-dims", "16", "16", "--max-steps", "6"]
     return args + [str(x) for x in extra]
+
+
+def run_main(script, argv, capsys):
+    """script.main(argv) in this process: (exit status, stdout, stderr)."""
+    code = script.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def run_python(argv, cwd=None, env=None):
+    """python argv... in a child process, its output captured."""
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=HANG)
 
 
 def run_dirs(runs_dir):
@@ -42,6 +93,10 @@ def scalar_tags(run_dir):
     return {tag: [event.value for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
 
 
+def load_checkpoint(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def assert_flag_changes_the_run(script, runs_dir, base, extra, scenario="dispersion"):
     """tiny_args runs with base flags, then with base + extra, same seed: both finish and their value
     losses differ (runs are deterministic, so a flag that never reached the run would change nothing)."""
@@ -53,8 +108,13 @@ def assert_flag_changes_the_run(script, runs_dir, base, extra, scenario="dispers
     assert losses[0] != losses[1]
 
 
+def read_args(script, argv):
+    """The Args the script's command line makes of argv: the paper's values, then every check."""
+    return script.read_command_line([str(a) for a in argv])[0]
+
+
 def parsed(script, **flags):
-    """script.parse_args of flags given as keywords (lists as several values, booleans as --x / --no-x)."""
+    """read_args of flags given as keywords (lists as several values, booleans as --x / --no-x)."""
     argv = []
     for name, value in flags.items():
         flag = "--" + name.replace("_", "-")
@@ -62,4 +122,34 @@ def parsed(script, **flags):
             argv.append(flag if value else "--no-" + flag[2:])
         else:
             argv += [flag] + [str(v) for v in (value if isinstance(value, list) else [value])]
-    return script.parse_args(argv)
+    return read_args(script, argv)
+
+
+def vmas_agent(script, args, num_envs=2, seed=0):
+    """(the environment, the agent of args' family, built after torch.manual_seed(seed))."""
+    env = script.VmasEnv(args, num_envs, 0, torch.device("cpu"))
+    torch.manual_seed(seed)
+    return env, script.make_agent(args, env.obs_dim, env.act_dim, env.discrete)
+
+
+def tiny_mamujoco_args(runs_dir, *extra, task="HalfCheetah-2x3", hypernet="mlp", algo="mappo"):
+    """MaMuJoCo: two updates of 32 steps in one environment, 40-step episodes, small networks."""
+    argv = ["--task", task, "--hypernet", hypernet, "--algo", algo, "--runs-dir", str(runs_dir), "--no-cuda",
+            "--num-envs", "1", "--num-steps", "32", "--total-timesteps", "64", "--update-epochs", "2",
+            "--critic-epochs", "2", "--actor-hidden-dims", "16", "16", "--critic-hidden-dims", "16", "16",
+            "--eval-episodes", "2", "--max-episode-steps", "40", "--snd-samples", "20",
+            "--snd-gaussian-samples", "8", "--interference-samples", "16"]
+    if hypernet == "mlp":
+        argv += ["--hypernet-hidden-dims", "8", "--hypernet-embedding-dim", "4"]
+    return argv + [str(x) for x in extra]
+
+
+def run_mamujoco(argv):
+    """(exit status, stdout, stderr) of mappo_hyper_mamujoco.main(argv); tyro's own errors exit through SystemExit."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = importlib.import_module("mappo_hyper_mamujoco").main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+    return code, out.getvalue(), err.getvalue()

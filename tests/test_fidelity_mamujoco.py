@@ -10,7 +10,9 @@ import torch
 
 import mappo_hyper_mamujoco as mj
 from conftest import ROOT, parsed
-from test_mamujoco import FAMILIES, run_main, tiny_argv
+from conftest import run_mamujoco as run_main, tiny_mamujoco_args as tiny_argv
+
+FAMILIES = ["mlp", "linear", "fups", "nops"]
 
 
 # ----- 1. actions in [-1, 1], rescaled to the joints' ranges (HARL's NormalizedActions) -----
@@ -32,13 +34,14 @@ def test_humanoid_actions_at_initialisation_rarely_saturate(algo, extra):
     torch.manual_seed(0)
     args = parsed(mj, task="Humanoid-17x1", algo=algo, **extra)
     env = mj.MaMuJoCoEnv("Humanoid-17x1")
-    actor = mj.GaussianActor(args, env.n_agents, mj.actor_obs_dim(args, env), env.act_dim, env.act_mask)
+    actor = mj.GaussianActor(args, env.n_agents, env.actor_obs_dim, env.act_dim, env.act_mask)
+    inputs = mj.ObsNormalizer(env, enabled=False)
     flat, _ = env.reset(seed=0)
     controls = []
     with torch.no_grad():
         params = actor.generate()
         for t in range(300):
-            x = torch.as_tensor(mj.actor_inputs(None, env.split(flat[None])[1], env.n_agents))
+            x = torch.as_tensor(inputs(flat[None])[0])
             flat, _, terminated, truncated, _ = env.step(actor(x, params).sample()[:, 0].numpy())
             controls.append(env.base.unwrapped.data.ctrl.copy())
             if terminated or truncated:
@@ -87,7 +90,7 @@ def test_every_actor_family_is_harls_mlp_base(family):
     out = net(x, params)
     for i in range(3):
         norms = [(w[i % w.shape[0]], b[i % b.shape[0]]) for w, b in zip(net.norm_weights, net.norm_biases)]
-        expected = harl_mlp_base(x[i], [(w[i], b[i]) for w, b in params], norms)
+        expected = harl_mlp_base(x[i], [(w[i], b[i]) for w, b in params.layers], norms)
         torch.testing.assert_close(out[i], expected, rtol=1e-4, atol=1e-5)
     # the input LayerNorm: a per-sample shift and scale of the input changes nothing
     torch.testing.assert_close(net(3 * x - 1, params), out, rtol=1e-4, atol=1e-4)
@@ -104,7 +107,7 @@ def test_critic_is_harls_v_net(critic, n_critics):
     net = critics.net
     for c in range(n_critics):
         norms = [(w[c], b[c]) for w, b in zip(net.norm_weights, net.norm_biases)]
-        expected = harl_mlp_base(state, [(w[c], b[c]) for w, b in net.generate()], norms)
+        expected = harl_mlp_base(state, [(w[c], b[c]) for w, b in net.generate().layers], norms)
         torch.testing.assert_close(values[c], expected[:, 0], rtol=1e-4, atol=1e-5)
 
 
@@ -229,11 +232,9 @@ def test_evaluation_snd_is_drawn_from_every_agents_inputs_of_the_episodes(task, 
                   snd_samples=30, actor_hidden_dims=[16], norm_obs=True)
     evaluator = mj.Evaluator(args, torch.device("cpu"))
     env = evaluator.envs[0]
-    actor = mj.GaussianActor(args, env.n_agents, mj.actor_obs_dim(args, env), env.act_dim, env.act_mask)
-    obs_norm = mj.ObsNormalizer(env.state_dim, env.obs_mask if obs_mode == "local" else None, True)
-    rng = np.random.default_rng(0)
-    obs_norm.update(rng.standard_normal((5, env.n_agents, env.local_obs_dim)) if obs_mode == "local" else None,
-                    rng.standard_normal((5, env.state_dim)))
+    actor = mj.GaussianActor(args, env.n_agents, env.actor_obs_dim, env.act_dim, env.act_mask)
+    obs_norm = mj.ObsNormalizer(env, True)
+    obs_norm(np.random.default_rng(0).standard_normal((5, env.observation_space.shape[0])), update=True)
     eval_return, snd, _ = evaluator(actor, obs_norm)
     # reference: every agent's input of every step of every episode, then the same draw
     envs, inputs, returns = evaluator.envs, [], np.zeros(3)
@@ -242,20 +243,17 @@ def test_evaluation_snd_is_drawn_from_every_agents_inputs_of_the_episodes(task, 
     with torch.no_grad():
         while active.any():
             live = np.nonzero(active)[0]
-            local, state = env.split(np.stack([flats[k] for k in live]))
-            x = torch.as_tensor(mj.actor_inputs(obs_norm.local(local) if local is not None else None,
-                                                obs_norm.state(state), env.n_agents))
+            x = torch.as_tensor(obs_norm(np.stack([flats[k] for k in live]))[0])
             inputs.append(x)
-            actions = actor(x).mean.numpy().transpose(1, 0, 2)
+            actions = actor(x, actor.generate()).mean.numpy().transpose(1, 0, 2)
             for j, k in enumerate(live):
                 flats[k], reward, terminated, truncated, _ = envs[k].step(actions[j])
                 returns[k] += reward
                 active[k] = not (terminated or truncated)
         pool = torch.cat(inputs, 1)
         pool = pool[:, torch.randperm(pool.shape[1], generator=torch.Generator().manual_seed(args.seed))[:30]]
-        dist = actor(pool)
-        mean, std = mj.common_action_dims(dist.mean, dist.stddev, actor.act_mask)
-        expected = mj.system_neural_diversity((mean, std), False, args.snd_gaussian_samples,
+        dist = actor(pool, actor.generate())
+        expected = mj.system_neural_diversity(dist.mean, dist.stddev, actor.act_mask, args.snd_gaussian_samples,
                                               torch.Generator().manual_seed(args.seed))
     assert eval_return == returns.mean() and snd == expected and snd > 0
     evaluator.close()
@@ -276,7 +274,7 @@ def test_harl_init_of_the_networks_that_are_not_generated(family):
     actor_ = mj.GaussianActor(args, 3, 40, 5, np.ones((3, 5), bool))
     critic = mj.CentralCritics(args, 1, 40)
     for net, gains in ((actor_.net, [2**0.5, 2**0.5, 0.01]), (critic.net, [2**0.5, 2**0.5, 1.0])):
-        for (weight, bias), gain in zip(net.generate(), gains):
+        for (weight, bias), gain in zip(net.generate().layers, gains):
             for i in range(weight.shape[0]):
                 _orthogonal_with_gain(weight[i].detach(), gain)
             assert torch.all(bias == 0)

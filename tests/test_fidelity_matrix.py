@@ -13,7 +13,6 @@ import torch
 
 from conftest import ROOT
 
-import hypermarl_extras as extras  # noqa: E402
 import reinforce_matrix_games as mg  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "benchmark"))
@@ -23,17 +22,12 @@ SCRIPT = os.path.join(ROOT, "reinforce_matrix_games.py")
 BENCHMARK = os.path.join(ROOT, "benchmark", "matrix_games.py")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one thread, restored after
 
 
 def make_args(**overrides):
     args = mg.Args(**overrides)
-    extras.check_matrix_args(args, set(overrides))
+    mg.check_args(args, set(overrides))
     return args
 
 
@@ -111,6 +105,9 @@ def test_benchmark_sweep_end_to_end(tmp_path):
     assert "| NoPS | 36 (36) |" in md and "Seeds at the optimum" in md  # Table 8: NoPS has 36 parameters at n = 2
     data = json.loads((tmp_path / "res" / "matrix_games_sweep.json").read_text())
     assert len(data["results"]) == 2 * 5 and all(len(r["sampled"]) == 2 for r in data["results"])
+    # Theorem B.1's exact expected reward, which the sweep computes: FuPS (no ID) never above 0.75 in Specialisation
+    fups = next(r for r in data["results"] if (r["game"], r["hypernet"]) == ("specialisation", "fups-noid"))
+    assert len(fups["expected"]) == 2 and max(fups["expected"]) <= 0.75 + 1e-6
     assert (tmp_path / "res" / "matrix_games_n2.png").stat().st_size > 1000
     assert len(os.listdir(tmp_path / "runs")) == 2 * 5 * 2  # one TensorBoard run per game x family x seed
     assert set(os.listdir(tmp_path)) == {"res", "runs"}

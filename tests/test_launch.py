@@ -1,7 +1,8 @@
-"""benchmark/launch.py: grids run end to end on every backend (local, submitit's local executor, a
-local Ray cluster), finished runs are skipped, stopped and preempted runs resume from their checkpoint
-with the numbers of an uninterrupted run, and bad input is one line, exit 2, nothing written.
-Every training here is a few hundred steps with tiny networks."""
+"""benchmark/launch.py: the paper's grids (Table 9's seeds, appendix D's budgets) run end to end on
+every backend (local, submitit's local executor, a local Ray cluster), finished runs are skipped,
+stopped and preempted runs resume from their checkpoint with the numbers of an uninterrupted run, and
+bad input is one line, exit 2, nothing written. Every training here is a few hundred steps with tiny
+networks."""
 
 import glob
 import importlib.util
@@ -15,20 +16,25 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import HANG, ROOT, load_checkpoint, read_args, run_python
+
 LAUNCH = os.path.join(ROOT, "benchmark", "launch.py")
 
 TINY_VMAS = ["--num-envs", "4", "--num-steps", "8", "--num-minibatches", "2", "--update-epochs", "2",
              "--eval-episodes", "3", "--snd-samples", "40", "--actor-hidden-dims", "16", "16",
              "--critic-hidden-dims", "16", "16", "--max-steps", "6"]  # 32 steps per iteration
+
+
+# A budget no run reaches while a test waits for it: the signal always finds the run going.
+OUT_OF_REACH = 32 * 10**6
 TINY_MAMUJOCO = ["--no-cuda", "--num-envs", "1", "--num-steps", "32", "--update-epochs", "2", "--critic-epochs", "2",
                  "--actor-hidden-dims", "16", "16", "--critic-hidden-dims", "16", "16", "--eval-episodes", "2",
                  "--max-episode-steps", "40", "--snd-samples", "20", "--snd-gaussian-samples", "8",
                  "--interference-samples", "16", "--no-async-envs"]
 
 
-def launch(argv, cwd, timeout=180):
-    return subprocess.run([sys.executable, LAUNCH, *argv], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def launch(argv, cwd):
+    return run_python([LAUNCH, *argv], cwd=cwd)
 
 
 def load_launch():
@@ -61,10 +67,13 @@ def seed_entry(s):
     return s["marl_eval"][s["env"]][s["task"]][s["method"]][f"seed_{s['seed']}"]
 
 
-def wait_for(predicate, timeout=120, what="a condition"):
-    end = time.time() + timeout
+def wait_for(predicate, what, process=None):
+    """Polls predicate until it holds; fails at once if process (a Popen) ends first, and after HANG seconds
+    (a hang: no test waits on how fast the machine is)."""
+    end = time.time() + HANG
     while not predicate():
-        assert time.time() < end, f"timed out waiting for {what}"
+        assert process is None or process.poll() is None, f"the process ended before {what}: {process.returncode}"
+        assert time.time() < end, f"hung waiting for {what}"
         time.sleep(0.1)
 
 
@@ -134,31 +143,40 @@ def test_local_grid_writes_summaries_skips_finished_runs_and_grows_with_a_larger
 
 def test_a_stopped_grid_resumes_with_the_numbers_of_an_uninterrupted_run(tmp_path):
     """Ctrl-C (SIGINT to the launcher alone, as its scripts run in their own session) stops the
-    running script after a checkpoint and starts no further run; the same command resumes it."""
+    running script after a checkpoint and starts no further run; the same command resumes it. The
+    first budget is out of reach, so that the Ctrl-C always finds the run going however slow the
+    machine; the grid resumes with a budget two iterations past the checkpoint, which an uninterrupted
+    run trains too: the same numbers."""
     tiny = ["--", *TINY_VMAS, "--eval-interval", "320", "--print-interval", "1"]
-    argv = ["figure2-ippo", "--methods", "mlp", "fups", "--seeds", "1", "--budget", str(32 * 40)]
-    reference = subprocess.Popen([sys.executable, LAUNCH, *argv, "--methods", "mlp", "--out", str(tmp_path / "b"),
-                                  *tiny], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    grid = ["figure2-ippo", "--seeds", "1"]
     grid_dir = str(tmp_path / "a" / "figure2-ippo")
-    first = subprocess.Popen([sys.executable, LAUNCH, *argv, "--jobs", "1", "--out", str(tmp_path / "a"), *tiny],
+    first = subprocess.Popen([sys.executable, LAUNCH, *grid, "--methods", "mlp", "fups", "--budget", str(OUT_OF_REACH),
+                              "--jobs", "1", "--out", str(tmp_path / "a"), *tiny],
                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     mlp = "ippo-dispersion-4-mlp-s1"
     log_path = os.path.join(grid_dir, mlp, "log.txt")
-    wait_for(lambda: os.path.isfile(log_path) and "global_step=" in open(log_path).read(), what="a first iteration")
+    wait_for(lambda: os.path.isfile(log_path) and "global_step=" in open(log_path).read(), "a first iteration", first)
     first.send_signal(signal.SIGINT)
-    output = first.communicate(timeout=120)[0]
+    output = first.communicate(timeout=HANG)[0]
     assert first.returncode == 130, output
     assert "0 finished, 2 stopped or not started" in output, output
     assert "signal 15: saving a checkpoint" in log(grid_dir, mlp)
-    assert os.path.isfile(os.path.join(run_folder(grid_dir, mlp), "checkpoint.pt")) and summaries(grid_dir) == {}
+    checkpoint = os.path.join(run_folder(grid_dir, mlp), "checkpoint.pt")
+    assert os.path.isfile(checkpoint) and summaries(grid_dir) == {}
     assert not os.path.exists(os.path.join(grid_dir, "ippo-dispersion-4-fups-s1"))  # never started
 
-    again = launch([*argv, "--jobs", "2", "--out", str(tmp_path / "a"), *tiny], tmp_path)
+    budget = load_checkpoint(checkpoint)["global_step"] + 2 * 32
+    reference = subprocess.Popen([sys.executable, LAUNCH, *grid, "--methods", "mlp", "--budget", str(budget),
+                                  "--out", str(tmp_path / "b"), *tiny],
+                                 cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    again = launch([*grid, "--methods", "mlp", "fups", "--budget", str(budget), "--jobs", "2",
+                    "--out", str(tmp_path / "a"), *tiny], tmp_path)
     assert again.returncode == 0 and "2 finished" in again.stdout, again.stdout + again.stderr
     assert [" --resume " in line for line in starts(grid_dir, mlp)] == [False, True]
-    assert reference.wait(timeout=120) == 0, reference.stdout.read()
+    assert reference.wait(timeout=HANG) == 0, reference.stdout.read()
     resumed, uninterrupted = summaries(grid_dir)[mlp], summaries(str(tmp_path / "b" / "figure2-ippo"))[mlp]
-    assert seed_entry(resumed) == seed_entry(uninterrupted) and len(seed_entry(resumed)) == 5  # 4 evaluations
+    evaluated = set(range(320, budget + 1, 320)) | {budget}  # every --eval-interval, and the end
+    assert seed_entry(resumed) == seed_entry(uninterrupted) and len(seed_entry(resumed)) == len(evaluated) + 1
     for key in ("final_return", "final_snd", "total_timesteps"):
         assert resumed[key] == uninterrupted[key], key
 
@@ -202,7 +220,7 @@ def children(pid):
 def test_submitit_local_runs_mamujoco_runs_end_to_end(tmp_path):
     argv = ["table4", "--backend", "submitit-local", "--out", str(tmp_path), "--only", "HalfCheetah-2x3",
             "--methods", "mlp", "nops", "--seeds", "1", "--budget", "64", "--", *TINY_MAMUJOCO]
-    result = launch(argv, tmp_path, timeout=300)
+    result = launch(argv, tmp_path)
     assert result.returncode == 0 and "2 finished" in result.stdout, result.stdout + result.stderr
     found = summaries(str(tmp_path / "table4"))
     assert sorted(found) == ["mappo-HalfCheetah-2x3-mlp-s1", "mappo-HalfCheetah-2x3-nops-s1"]
@@ -220,19 +238,21 @@ def test_submitit_preemption_checkpoints_the_run_and_the_requeued_task_resumes_i
     submitit = pytest.importorskip("submitit")
     launch_module = load_launch()  # not in sys.modules: pickled by value, as from `python launch.py` (__main__)
     (run,) = [r for r in launch_module.GRIDS["figure2-ippo"]() if r.method == "mlp" and r.seed == 30]
-    run = launch_module.dataclasses.replace(run, seed=1, budget=32 * 40)
+    # 200 iterations (about 10 s idle): USR2 follows the first, as soon as the test sees it; the requeued
+    # task must then train the rest (a budget out of reach would never finish)
+    run = launch_module.dataclasses.replace(run, seed=1, budget=32 * 200)
     grid_dir = str(tmp_path / "figure2-ippo")
     executor = submitit.AutoExecutor(folder=str(tmp_path / "submitit"), cluster="local")
-    executor.update_parameters(timeout_min=5)
+    executor.update_parameters(timeout_min=HANG // 60)
     job = executor.submit(launch_module.RunTask(), run, grid_dir, [*TINY_VMAS, "--print-interval", "1"], 1)
     log_path = os.path.join(grid_dir, run.run_id, "log.txt")
-    wait_for(lambda: os.path.isfile(log_path) and "global_step=" in open(log_path).read(), what="a first iteration")
+    wait_for(lambda: os.path.isfile(log_path) and "global_step=" in open(log_path).read(), "a first iteration")
     # USR2 to the job's task, as Slurm signals it (LocalJob._interrupt signals the local controller,
     # which does not pass USR2 on in submitit 1.5.4: it dies, and the task runs on unsignalled)
     (task_pid,) = children(job._process.pid)
     os.kill(task_pid, signal.SIGUSR2)
     try:  # bounded: a checkpoint() that waits for the script forever (a Popen.wait deadlock) hangs here
-        wait_for(job.done, timeout=120, what="the requeued job")
+        wait_for(job.done, "the requeued job")
     finally:
         for pid in children(job._process.pid):
             os.kill(pid, signal.SIGKILL)  # only left when the test failed
@@ -240,31 +260,39 @@ def test_submitit_preemption_checkpoints_the_run_and_the_requeued_task_resumes_i
     assert "signal 15: saving a checkpoint" in log(grid_dir, run.run_id)
     assert [" --resume " in line for line in starts(grid_dir, run.run_id)] == [False, True]
     s = summaries(grid_dir)[run.run_id]
-    assert s["total_timesteps"] == 32 * 40 and seed_entry(s)["absolute_metrics"]["return"]
+    assert s["total_timesteps"] == 32 * 200 and seed_entry(s)["absolute_metrics"]["return"]
 
 
 def test_ray_local_cluster_runs_a_grid_stops_it_and_resumes_it(tmp_path):
     """A Ctrl-C of the launcher cancels the Ray tasks: each passes a SIGTERM on to its script, which
-    saves a checkpoint; the same command resumes both runs to their summaries."""
+    saves a checkpoint; the same command resumes both runs to their summaries. The first budget is out
+    of reach (neither run may end before the other starts, however slow the machine); the resumed grid's
+    is two iterations past the later checkpoint."""
     pytest.importorskip("ray")
-    # 200 iterations (about 10 s): one run must not finish while the other is still starting (40 did, on a busy CI)
-    budget = 32 * 200
-    argv = [sys.executable, LAUNCH, "figure2-mappo", "--backend", "ray", "--out", str(tmp_path), "--methods", "linear",
-            "nops", "--seeds", "1", "--jobs", "2", "--budget", str(budget), "--", *TINY_VMAS, "--eval-interval", "1280",
-            "--print-interval", "1"]
+
+    def argv(budget):
+        return [LAUNCH, "figure2-mappo", "--backend", "ray", "--out", str(tmp_path), "--methods", "linear", "nops",
+                "--seeds", "1", "--jobs", "2", "--budget", str(budget), "--", *TINY_VMAS, "--eval-interval", "1280",
+                "--print-interval", "1"]
+
     grid_dir = str(tmp_path / "figure2-mappo")
     run_ids = ["mappo-dispersion-4-linear-s1", "mappo-dispersion-4-nops-s1"]
-    first = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen([sys.executable, *argv(OUT_OF_REACH)], cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
     logs = [os.path.join(grid_dir, run_id, "log.txt") for run_id in run_ids]
-    wait_for(lambda: all(os.path.isfile(p) and "global_step=" in open(p).read() for p in logs), what="both runs")
+    wait_for(lambda: all(os.path.isfile(p) and "global_step=" in open(p).read() for p in logs), "both runs", first)
     first.send_signal(signal.SIGINT)
-    output = first.communicate(timeout=120)[0]
+    output = first.communicate(timeout=HANG)[0]
     assert first.returncode == 130 and "0 finished, 2 stopped" in output, output
+    stopped_at = []
     for run_id in run_ids:
         assert "signal 15: saving a checkpoint" in log(grid_dir, run_id)
-        assert os.path.isfile(os.path.join(run_folder(grid_dir, run_id), "checkpoint.pt"))
+        checkpoint = os.path.join(run_folder(grid_dir, run_id), "checkpoint.pt")
+        assert os.path.isfile(checkpoint)
+        stopped_at.append(load_checkpoint(checkpoint)["global_step"])
 
-    again = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    budget = max(stopped_at) + 2 * 32
+    again = run_python(argv(budget), cwd=tmp_path)
     assert again.returncode == 0 and "2 finished" in again.stdout, again.stdout + again.stderr
     found = summaries(grid_dir)
     assert sorted(found) == run_ids
@@ -287,6 +315,27 @@ def test_evaluations_off_schedule_are_left_out(tmp_path):
     kept = launch_module.evaluations(str(tmp_path), {}, 100)
     assert [e["step_count"] for e in kept] == [100, 200, 300, 350] and kept[2]["return"] == [0.3, 1.0]
     assert [e["step_count"] for e in launch_module.evaluations(str(tmp_path), {})] == steps
+
+
+def test_grids_use_the_papers_seeds_budgets_and_settings():
+    """benchmark/launch.py: Table 9's seeds, appendix D's budgets (20M Dispersion, 10M Navigation
+    and MaMuJoCo), Table 11's Dispersion and Table 16's goal settings for 2, 4, 8 agents."""
+    launch = load_launch()
+    figure2 = launch.GRIDS["figure2-ippo"]()
+    assert sorted({r.seed for r in figure2}) == sorted([30, 1, 42, 72858, 2300658])
+    assert {r.budget for r in figure2} == {20_000_000} and len(figure2) == 4 * 5
+    assert {r.method for r in figure2} == {"mlp", "linear", "nops", "fups"}
+    figure4 = launch.GRIDS["figure4"]()
+    assert {r.budget for r in figure4} == {10_000_000}
+    assert sorted({r.task for r in figure4}) == sorted(
+        ["navigation-2-same", "navigation-2-different"] + [f"navigation-{n}-{g}" for n in (4, 8)
+                                                            for g in ("same", "different", "half")])
+    run = next(r for r in figure4 if r.task == "navigation-8-half" and r.method == "dico")
+    import ippo_hyper_vmas as script
+
+    args = read_args(script, run.argv())  # Table 15's DiCo row for 8 agents, half the agents on one goal
+    assert (args.agents_with_same_goal, args.clip_coef, args.learning_rate, args.dico_snd_des) == (4, 0.1, 2.5e-4, -1.0)
+    assert {r.budget for r in launch.GRIDS["table4"]()} == {10_000_000}
 
 
 # ----- bad input, --dry-run, figure 10 -----
@@ -317,7 +366,7 @@ BAD = [
 
 
 @pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a) for a, _ in BAD])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys, argv, message):
+def test_launch_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys, argv, message):
     launch_module = load_launch()
     for backend in launch_module.BACKENDS:  # a check that lets bad input through must not start a grid here
         monkeypatch.setitem(launch_module.BACKENDS, backend, lambda *_: pytest.fail("bad input reached a backend"))
@@ -331,7 +380,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, 
     assert captured.out == "" and os.listdir(tmp_path) == ["notes.txt"]
 
 
-def test_bad_input_from_the_command_line(tmp_path):
+def test_launch_bad_input_from_the_command_line(tmp_path):
     result = launch(["figure2-ippo", "--jobs", "0"], tmp_path)
     assert result.returncode == 2 and result.stderr == "error: --jobs: must be at least 1, got 0\n"
     assert result.stdout == "" and os.listdir(tmp_path) == []
@@ -353,7 +402,6 @@ def test_figure10_counts_are_the_scripts_actor_parameters(tmp_path, monkeypatch)
     assert launch_module.main(["figure10", "--out", str(tmp_path)]) == 0
     assert sorted(os.listdir(tmp_path / "figure10")) == ["figure10.json", "figure10.md", "figure10.png"]
     counts = json.load(open(tmp_path / "figure10" / "figure10.json"))
-    sys.path.insert(0, ROOT)
     import ippo_hyper_vmas as script
 
     n = 8
@@ -362,7 +410,7 @@ def test_figure10_counts_are_the_scripts_actor_parameters(tmp_path, monkeypatch)
         for method in ("mlp", "linear", "nops", "fups"):
             args = script.paper_defaults(script.Args(n_agents=n, n_food=n_food, hypernet=method),
                                          {"n_agents", "n_food", "hypernet"})
-            agent = script.Agent(args, obs_dim, 9, True, obs_dim)  # real tensors this time
+            agent = script.Agent(args, obs_dim, 9, True)  # real tensors this time
             assert counts[setting][method][str(n)] == sum(p.numel() for p in agent.actor.parameters()), method
     table = open(tmp_path / "figure10" / "figure10.md").read()
     assert f"| 8 | {counts['n_food = n_agents']['mlp']['8']:,} |" in table

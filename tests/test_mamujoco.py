@@ -18,33 +18,10 @@ import pytest
 import torch
 
 import mappo_hyper_mamujoco as mj  # conftest puts the repository on sys.path
-from conftest import parsed
+from conftest import parsed, run_mamujoco as run_main, tiny_mamujoco_args as tiny_argv
 
 TASKS = list(mj.TASK_PRESETS)
 FAMILIES = ["mlp", "linear", "fups", "nops"]
-
-
-def tiny_argv(runs_dir, *extra, task="HalfCheetah-2x3", hypernet="mlp", algo="mappo"):
-    """Two updates of 32 steps in one environment, 40-step episodes, small networks."""
-    argv = ["--task", task, "--hypernet", hypernet, "--algo", algo, "--runs-dir", str(runs_dir), "--no-cuda",
-            "--num-envs", "1", "--num-steps", "32", "--total-timesteps", "64", "--update-epochs", "2",
-            "--critic-epochs", "2", "--actor-hidden-dims", "16", "16", "--critic-hidden-dims", "16", "16",
-            "--eval-episodes", "2", "--max-episode-steps", "40", "--snd-samples", "20",
-            "--snd-gaussian-samples", "8", "--interference-samples", "16"]
-    if hypernet == "mlp":
-        argv += ["--hypernet-hidden-dims", "8", "--hypernet-embedding-dim", "4"]
-    return argv + [str(x) for x in extra]
-
-
-def run_main(argv):
-    """(exit status, stdout, stderr) of main(argv); tyro's own errors exit through SystemExit."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = mj.main(argv)
-        except SystemExit as exit_:
-            code = exit_.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def unpad(padded, mask):
@@ -108,7 +85,7 @@ def test_action_padding_matches_gymnasium_robotics(task):
 def test_env_step_equals_parallel_env_step(task):
     """Observations (unpadded), state, reward, terminated and truncated are exactly PettingZoo's."""
     ours = mj.MaMuJoCoEnv(task, "local", max_episode_steps=30)
-    reference = mj.make_parallel_env(task, 1, max_episode_steps=30)
+    reference = mj.MaMuJoCoEnv(task, "local", max_episode_steps=30).ma  # its PettingZoo ParallelEnv
     flat, _ = ours.reset(seed=3)
     ref_obs, _ = reference.reset(seed=3)
     rng = np.random.default_rng(2)
@@ -132,11 +109,25 @@ def test_env_step_equals_parallel_env_step(task):
 
 
 def test_global_actor_inputs_are_state_plus_one_hot():
-    state = np.arange(6, dtype=np.float32).reshape(2, 3)
-    x = mj.actor_inputs(None, state, 4)
-    assert x.shape == (4, 2, 7)
-    np.testing.assert_array_equal(x[:, :, :3], np.broadcast_to(state, (4, 2, 3)))
-    np.testing.assert_array_equal(x[:, 0, 3:], np.eye(4))
+    env = mj.MaMuJoCoEnv("Ant-4x2", "global")
+    state = np.random.default_rng(0).standard_normal((2, env.state_dim)).astype(np.float32)
+    x, state_n = mj.ObsNormalizer(env, enabled=False)(state)  # global mode: the flat observation is the state
+    assert x.shape == (4, 2, env.state_dim + 4) == (4, 2, env.actor_obs_dim)
+    np.testing.assert_array_equal(x[:, :, : env.state_dim], np.broadcast_to(state, (4, 2, env.state_dim)))
+    np.testing.assert_array_equal(x[:, 0, env.state_dim:], np.eye(4))
+    np.testing.assert_array_equal(state_n, state)
+    env.close()
+
+
+def test_local_actor_inputs_are_each_agents_padded_observation():
+    env = mj.MaMuJoCoEnv("Humanoid-9|8", "local")
+    flat = np.stack([env.reset(seed=seed)[0] for seed in range(3)])
+    x, state_n = mj.ObsNormalizer(env, enabled=False)(flat)
+    local, state = env.split(flat)
+    assert x.shape == (2, 3, env.local_obs_dim) == (2, 3, env.actor_obs_dim)
+    np.testing.assert_array_equal(x, np.swapaxes(local, 0, 1))
+    np.testing.assert_array_equal(state_n, state)
+    env.close()
 
 
 def test_vector_env_autoreset_gives_fresh_obs_and_final_obs():
@@ -167,9 +158,9 @@ def test_masked_log_prob_and_entropy_ignore_padded_dims():
     actor = mj.GaussianActor(args, 2, 3, 4, np.array([[1, 1, 1, 1], [1, 1, 0, 0]], bool))
     with torch.no_grad():
         actor.log_std.add_(torch.randn_like(actor.log_std))
-    x, actions = torch.randn(2, 5, 3), torch.randn(2, 5, 4)
-    logp, ent = actor.log_prob_entropy(x, actions)
-    dist = actor(x)
+    x, actions, weights = torch.randn(2, 5, 3), torch.randn(2, 5, 4), actor.generate()
+    logp, ent = actor.log_prob_entropy(x, actions, weights)
+    dist = actor(x, weights)
     assert isinstance(dist, torch.distributions.Normal)
     ref = torch.distributions.Normal(dist.mean[1, :, :2], dist.stddev[1, :, :2])
     torch.testing.assert_close(logp[1], ref.log_prob(actions[1, :, :2]).sum(-1))
@@ -178,29 +169,37 @@ def test_masked_log_prob_and_entropy_ignore_padded_dims():
     torch.testing.assert_close(logp[0], full.log_prob(actions[0]).sum(-1))
     changed = actions.clone()
     changed[1, :, 2:] += 100.0  # padded action entries change nothing
-    torch.testing.assert_close(actor.log_prob_entropy(x, changed)[0], logp)
+    torch.testing.assert_close(actor.log_prob_entropy(x, changed, weights)[0], logp)
 
 
 def test_harl_bounded_std():
     args = parsed(mj, hypernet="nops")
     actor = mj.GaussianActor(args, 2, 5, 3, np.ones((2, 3), bool))
-    std = actor(torch.zeros(2, 4, 5)).stddev
+    std = actor(torch.zeros(2, 4, 5), actor.generate()).stddev
     torch.testing.assert_close(std, torch.full_like(std, 0.5 / (1 + math.exp(-1.0))))  # sigmoid(1) * 0.5
 
 
 def test_obs_normalizer_keeps_padding_zero_and_round_trips_state():
-    mask = np.array([[True, True, False], [True, False, False]])
-    norm = mj.ObsNormalizer(2, mask)
-    rng = np.random.default_rng(0)
+    env = mj.MaMuJoCoEnv("Humanoid-9|8", "local")  # 9 and 8 joints: the second agent's observation is padded
+    mask, (n, width), rng = env.obs_mask, env.obs_mask.shape, np.random.default_rng(0)
+    assert not mask.all()
+
+    def observations(batch):  # flat observations: padded local ones (zeros where mask is False), then the state
+        local = (rng.standard_normal((batch, n, width)) * 3 + 1) * mask
+        return np.concatenate([local.reshape(batch, -1), rng.standard_normal((batch, env.state_dim))], 1)
+
+    norm = mj.ObsNormalizer(env)
     for _ in range(5):
-        local = rng.standard_normal((8, 2, 3)) * 3 + 1
-        norm.update(local * mask, rng.standard_normal((8, 2)))
-    out = norm.local(rng.standard_normal((4, 2, 3)) * mask)
-    assert np.all(out[:, ~mask] == 0)
-    restored = mj.ObsNormalizer(2, mask)
+        norm(observations(8), update=True)
+    assert norm.state_dict()["state"]["count"] > 40 and norm.state_dict()["local"]["count"] > 40
+    x, _ = norm(observations(4))  # (n_agents, batch, width)
+    assert np.all(np.swapaxes(x, 0, 1)[:, ~mask] == 0) and np.any(x != 0)
+    restored = mj.ObsNormalizer(env)
     restored.load_state_dict(norm.state_dict())
-    x = rng.standard_normal((3, 2))
-    np.testing.assert_array_equal(restored.state(x), norm.state(x))
+    flat = observations(3)
+    for a, b in zip(restored(flat), norm(flat)):
+        np.testing.assert_array_equal(a, b)
+    env.close()
 
 
 def test_value_norm_matches_harl_and_inverts():
@@ -245,8 +244,8 @@ def happo_setup(n_agents=3, batch=24):
     actor = mj.GaussianActor(args, n_agents, 4, 2, np.ones((n_agents, 2), bool))
     obs = torch.randn(n_agents, batch, 4)
     with torch.no_grad():
-        actions = actor(obs).sample()
-        logprobs = actor.log_prob_entropy(obs, actions)[0]
+        actions = actor(obs, actor.generate()).sample()
+        logprobs = actor.log_prob_entropy(obs, actions, actor.generate())[0]
     batch = dict(obs=obs, actions=actions, logprobs=logprobs, advantages=torch.randn(n_agents, batch))
     return args, actor, batch
 
@@ -268,18 +267,48 @@ def test_per_agent_adam_equals_separate_adams_and_steps_only_chosen_agents():
         torch.testing.assert_close(stacked.detach(), torch.stack([p.detach() for p in separate]))
 
 
-def test_happo_sequential_update_uses_previous_agents_ratio_product():
+def test_happo_sequential_update_uses_previous_agents_ratio_product(monkeypatch):
+    """Every minibatch step of agent i_m is weighted, sample by sample, by the ratio product of the agents updated
+    before it: recorded from the surrogate's arguments, matched to its samples by the minibatch indices."""
     args, actor, batch = happo_setup()
     optimizer = mj.PerAgentAdam(actor.parameters(), 3, lr=args.learning_rate)
-    order = [2, 0, 1]
-    _, factors = mj.happo_actor_update(actor, optimizer, batch, args, order)
+    order, factors, indices = [2, 0, 1], [], []
+    surrogate, minibatches = mj.clipped_surrogate, mj.minibatches
+
+    def recording_surrogate(newlogprob, oldlogprob, advantages, clip_coef, factor=None):
+        factors.append(factor.detach().clone())
+        return surrogate(newlogprob, oldlogprob, advantages, clip_coef, factor)
+
+    def recording_minibatches(*args_):
+        for idx in minibatches(*args_):
+            indices.append(idx.clone())
+            yield idx
+
+    monkeypatch.setattr(mj, "clipped_surrogate", recording_surrogate)
+    monkeypatch.setattr(mj, "minibatches", recording_minibatches)
+    mj.actor_update(actor, optimizer, batch, args, order)
     with torch.no_grad():  # independent actors: later updates leave earlier agents' policies as they were
-        new_logp = actor.log_prob_entropy(batch["obs"], batch["actions"])[0]
+        new_logp = actor.log_prob_entropy(batch["obs"], batch["actions"], actor.generate())[0]
     ratio = torch.exp(new_logp - batch["logprobs"])  # (n, B): pi_new / pi_old of each agent
-    torch.testing.assert_close(factors[0], torch.ones(24))
-    torch.testing.assert_close(factors[1], ratio[2])
-    torch.testing.assert_close(factors[2], ratio[2] * ratio[0])
-    assert (factors[2] - 1).abs().max() > 1e-3  # the updates did move the policies
+    expected = [torch.ones(24), ratio[2], ratio[2] * ratio[0]]  # of agents 2, 0 and 1, in that order
+    assert len(factors) == len(indices) == 3 * args.update_epochs
+    for k, (factor, idx) in enumerate(zip(factors, indices)):
+        torch.testing.assert_close(factor, expected[k // args.update_epochs][idx].unsqueeze(0))
+    assert (expected[2] - 1).abs().max() > 1e-3  # the updates did move the policies
+
+
+def test_mappo_update_weights_no_sample(monkeypatch):
+    args, actor, batch = happo_setup()
+    factors, surrogate = [], mj.clipped_surrogate
+
+    def recording_surrogate(newlogprob, oldlogprob, advantages, clip_coef, factor=None):
+        factors.append(factor)
+        assert newlogprob.shape == (3, 24)  # every agent at once
+        return surrogate(newlogprob, oldlogprob, advantages, clip_coef, factor)
+
+    monkeypatch.setattr(mj, "clipped_surrogate", recording_surrogate)
+    mj.actor_update(actor, mj.PerAgentAdam(actor.parameters(), 3, lr=args.learning_rate), batch, args)
+    assert factors == [None] * args.update_epochs
 
 
 def test_happo_first_agent_update_equals_plain_ppo_on_that_agent():
@@ -287,11 +316,16 @@ def test_happo_first_agent_update_equals_plain_ppo_on_that_agent():
     twin = mj.GaussianActor(args, 2, 4, 2, np.ones((2, 2), bool))
     twin.load_state_dict(actor.state_dict())
     torch.manual_seed(5)
-    mj.happo_actor_update(actor, torch.optim.SGD(actor.parameters(), lr=0.1), batch, args, [1])
+
+    class SGD(torch.optim.SGD):  # steps every agent: the others' gradients are 0, so only agent 1 moves
+        def step(self, agents=None):
+            super().step()
+
+    mj.actor_update(actor, SGD(actor.parameters(), lr=0.1), batch, args, [1])
     # by hand: agent 1's PPO loss, factor 1, full batch, update_epochs SGD steps
     optimizer = torch.optim.SGD(twin.parameters(), lr=0.1)
     for _ in range(args.update_epochs):
-        new_logp = twin.log_prob_entropy(batch["obs"], batch["actions"])[0][1]
+        new_logp = twin.log_prob_entropy(batch["obs"], batch["actions"], twin.generate())[0][1]
         ratio = torch.exp(new_logp - batch["logprobs"][1])
         adv = batch["advantages"][1]
         loss = -torch.min(ratio * adv, ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * adv).mean()
@@ -307,10 +341,11 @@ def test_per_sample_ablation_chunks_equal_the_unchunked_forward_and_gradients():
     args = parsed(mj, hypernet="mlp", hypernet_input="agent+obs", actor_hidden_dims=[8], hypernet_hidden_dims=[4],
                   hypernet_embedding_dim=4)
     actor = mj.GaussianActor(args, 3, 5, 2, np.ones((3, 2), bool))
-    x = torch.randn(3, 40, 5)
-    full = actor.net(x)
+    x, weights = torch.randn(3, 40, 5), actor.generate()
+    assert weights.per_sample and weights.layers == []  # the forward pass makes them, from each input
+    full = actor.net(x, weights)
     actor.chunk_size = lambda x, max_elements=0: 7  # force 6 chunks
-    chunked = actor(x).mean
+    chunked = actor(x, weights).mean
     torch.testing.assert_close(chunked, full)
     grads_full = torch.autograd.grad(full.square().sum(), list(actor.net.parameters()))
     grads_chunked = torch.autograd.grad(chunked.square().sum(), list(actor.net.parameters()))
@@ -329,25 +364,43 @@ def test_per_agent_grad_clip_is_per_agent():
 @pytest.mark.parametrize("max_norm", [1e-3, 1e3])  # clipping, and not
 def test_shared_actor_step_clips_as_clip_grad_norm_and_reports_the_norm_before(max_norm):
     torch.manual_seed(0)
-    args = parsed(mj, actor_hidden_dims=[8], hypernet_hidden_dims=[4], hypernet_embedding_dim=4)
+    args = parsed(mj, actor_hidden_dims=[8], hypernet_hidden_dims=[4], hypernet_embedding_dim=4,
+                  max_grad_norm=max_norm)
     actor = mj.GaussianActor(args, 3, 5, 2, np.ones((3, 2), bool))
-    x, actions = torch.randn(3, 10, 5), torch.randn(3, 10, 2)
-    (-actor.log_prob_entropy(x, actions)[0].mean()).backward()
+    mb = dict(obs=torch.randn(3, 10, 5), actions=torch.randn(3, 10, 2), advantages=torch.randn(3, 10))
+    with torch.no_grad():
+        mb["logprobs"] = actor.log_prob_entropy(mb["obs"], mb["actions"], actor.generate())[0] + 0.01
+    # by hand: the clipped surrogate and the entropy bonus, the mean over agents, clip_grad_norm_, SGD of lr 1
+    newlogprob, entropy = actor.log_prob_entropy(mb["obs"], mb["actions"], actor.generate())
+    ratio = torch.exp(newlogprob - mb["logprobs"])
+    clipped = ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)
+    surrogate = torch.min(ratio * mb["advantages"], clipped * mb["advantages"]).mean(-1)
+    (-surrogate - args.ent_coef * entropy.mean(-1)).mean().backward()
     params = list(actor.parameters())
     total = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    expected = [p.detach() - p.grad for p in params]  # one SGD step of lr 1 on the clipped gradient
-    _, norm = mj.actor_step(actor, torch.optim.SGD(params, lr=1.0), -actor.log_prob_entropy(x, actions)[0].mean(),
-                            max_norm)
+    expected = [p.detach() - p.grad for p in params]
+    stats = mj.actor_step(actor, torch.optim.SGD(params, lr=1.0), mb, args)
+    norm = stats["grad/actor_norm"]
     assert (total > max_norm) == (max_norm < 1) and float(norm) == pytest.approx(float(total), rel=1e-5)
     for p, e in zip(params, expected):
         torch.testing.assert_close(p.detach(), e)
 
 
-def test_common_action_dims_for_snd():
-    mean, std = torch.randn(2, 5, 9), torch.rand(2, 5, 9)
+def test_snd_compares_the_action_dimensions_every_agent_has():
+    """Humanoid-9|8: the second agent's 9th action dimension is padding, which would count as diversity."""
+    torch.manual_seed(0)
+    mean, std = torch.randn(2, 5, 9), torch.rand(2, 5, 9) + 0.1
     mask = torch.tensor([[1.0] * 9, [1.0] * 8 + [0.0]]).unsqueeze(1)
-    m, s = mj.common_action_dims(mean, std, mask)
-    assert torch.equal(m, mean[..., :8]) and torch.equal(s, std[..., :8])  # the dimensions every agent has
+
+    def snd(m, s, mask_):
+        return mj.system_neural_diversity(m, s, mask_, 16, torch.Generator().manual_seed(0))
+
+    expected = snd(mean[..., :8], std[..., :8], torch.ones(2, 1, 8))
+    assert snd(mean, std, mask) == expected > 0
+    changed_mean, changed_std = mean.clone(), std.clone()
+    changed_mean[1, :, 8], changed_std[1, :, 8] = 100.0, 5.0  # the padded dimension
+    assert snd(changed_mean, changed_std, mask) == expected
+    assert snd(mean[[0, 0]], std[[0, 0]], mask) == 0.0  # identical policies: no diversity
 
 
 # ----- end to end -----
@@ -444,12 +497,12 @@ def test_checkpoint_restores_normalisers_and_scores_what_the_run_scored(tmp_path
     assert code == 0, err
     assert float(out.split("eval/episodic_return=")[1].split()[0]) == pytest.approx(run_eval, abs=5e-4)
     # without the saved normaliser statistics the same weights score differently
-    args = mj.parse_args(eval_argv)
+    args = mj.parse_args(eval_argv, mj.flags_given(eval_argv))
     evaluator = mj.Evaluator(args, torch.device("cpu"))
     probe = evaluator.envs[0]
-    actor = mj.GaussianActor(args, probe.n_agents, mj.actor_obs_dim(args, probe), probe.act_dim, probe.act_mask)
+    actor = mj.GaussianActor(args, probe.n_agents, probe.actor_obs_dim, probe.act_dim, probe.act_mask)
     actor.load_state_dict(state["actor"])
-    fresh = mj.ObsNormalizer(probe.state_dim, None)
+    fresh = mj.ObsNormalizer(probe)
     assert evaluator(actor, fresh)[0] != pytest.approx(run_eval, abs=1e-3)
     evaluator.close()
 
@@ -728,17 +781,32 @@ def test_signal_to_the_process_group_saves_the_final_state_and_resumes_exactly(s
     assert scalars_by_step(str(full_dir)) == scalars_by_step(run_dir)
 
 
+def cpu_ticks(pids):
+    """CPU time (user and system, in clock ticks) the processes have used (Linux /proc)."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime and stime, fields 14 and 15 of stat
+    return total
+
+
 @needs_proc
 def test_second_ctrl_c_stops_at_once_and_closes_the_workers(spawn, tmp_path):
-    """The workers ignore Ctrl-C; the main process does not, the second time."""
-    process = spawn(tmp_path, "--total-timesteps", 2000 * 2000, "--num-steps", "1000")  # seconds per iteration
-    read_until(process, "global_step=")  # the end of iteration 1
+    """The workers ignore Ctrl-C; the main process does not, the second time. The first Ctrl-C must come within
+    an iteration (between two, the run saves at once): the test waits until the workers step again after the
+    progress line of iteration 1, which only iteration 2's rollout makes them do, however loaded the machine."""
+    process = spawn(tmp_path, "--total-timesteps", 2000 * 2000, "--num-steps", "2000")  # seconds per iteration
+    read_until(process, "global_step=")  # the end of iteration 1: the workers wait for iteration 2's actions
     workers = children(process.pid)
     assert len(workers) == 2
-    time.sleep(0.5)  # into iteration 2 (a signal before its start would save at once)
+    idle, deadline = cpu_ticks(workers), time.time() + 120
+    while cpu_ticks(workers) < idle + 2:  # their clocks move: iteration 2's rollout has begun
+        assert time.time() < deadline, "the workers never stepped again"
+        time.sleep(0.01)
     os.killpg(process.pid, signal.SIGINT)
     read_until(process, "signal 2: saving a checkpoint")
-    assert not gone(workers, wait=0.3)  # the first Ctrl-C left the workers running
+    assert all(map(alive, workers))  # the first Ctrl-C left the workers running
     os.killpg(process.pid, signal.SIGINT)  # mid-iteration: before the save
     out, err = process.communicate(timeout=120)
     assert process.returncode != 0 and "KeyboardInterrupt" in err
@@ -920,9 +988,7 @@ def test_progress_lines_give_the_plan_elapsed_time_and_eta_at_least_every_minute
 
 
 def help_text(capsys, argv):
-    with pytest.raises(SystemExit) as exit_:
-        mj.parse_args(argv + ["--help"])
-    assert exit_.value.code == 0
+    assert mj.main(argv + ["--help"]) == 0
     return re.sub(r"[│\s]+", " ", capsys.readouterr().out)  # the box's lines wrap "(default: ...)"
 
 
@@ -974,6 +1040,31 @@ def test_capture_video_writes_non_blank_episodes_and_changes_no_number(tmp_path,
     run = os.path.basename(runs["video"])
     assert os.path.basename(os.path.dirname(path)).startswith(f"{run}__eval__") and os.listdir(os.path.dirname(path)) == ["eval.mp4"]
     assert len(video_frames(path)) == 41
+
+
+@pytest.mark.parametrize("flags,message", [
+    ("--num-envs 0", "--num-envs: must be positive, got 0"),
+    ("--hypernet-embedding-dim 0", "--hypernet-embedding-dim: must be positive, got 0"),
+    ("--learning-rate -1", "--learning-rate: must be positive, got -1.0"),
+    ("--hypernet linear --hypernet-init matched", "--hypernet-init: matched is for --hypernet mlp, got --hypernet linear"),
+    ("--fixed-order", "--fixed-order: only with --algo happo, got --algo mappo"),
+    ("--algo happo --hypernet mlp", "--hypernet: --algo happo needs disjoint per-agent actors (nops), got --hypernet mlp"),
+])
+def test_a_copy_of_the_script_alone_checks_its_flags(tmp_path, flags, message):
+    """Without hypermarl_extras.py (nothing of the repository importable), the script still refuses what would not
+    train, with the message it gives beside the helper: one line, exit status 2, nothing written."""
+    import shutil
+
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(SCRIPT, alone)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "mappo_hyper_mamujoco.py", *flags.split()], cwd=alone, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr == f"error: {message}\n" and not done.stdout, done.stderr
+    assert os.listdir(alone) == ["mappo_hyper_mamujoco.py"]  # no run folder
+    assert run_main(["--runs-dir", str(tmp_path / "runs"), *flags.split()]) == (2, "", f"error: {message}\n")
+    assert os.listdir(tmp_path) == ["alone"]
 
 
 def test_capture_video_without_a_renderer_fails_at_once(tmp_path, monkeypatch):

@@ -1,12 +1,14 @@
 """Tests for reinforce_matrix_games.py: payoffs, Theorem B.1, Table 8 parameter counts, --hypernet
-linear (no shared bias) == NoPS, seed batching, a single run end to end, and bad input. The sweep
-(benchmark/matrix_games.py) and the fidelity findings are in test_fidelity_matrix.py."""
+linear (no shared bias) == NoPS, seed batching, a single run end to end, and bad input (from the
+repository and from a copy of the script alone). The sweep (benchmark/matrix_games.py) and the
+fidelity findings are in test_fidelity_matrix.py."""
 
 import dataclasses
 import functools
 import itertools
 import os
 import re
+import shutil
 import subprocess
 import sys
 import typing
@@ -19,7 +21,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "reinforce_matrix_games.py")
 sys.path.insert(0, REPO)
 
-import hypermarl_extras as extras  # noqa: E402
 import reinforce_matrix_games as mg  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO, "benchmark"))
@@ -29,19 +30,12 @@ HYPERNETS = typing.get_args(typing.get_type_hints(mg.Args)["hypernet"])
 GAMES = typing.get_args(typing.get_type_hints(mg.Args)["game"])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """As the script does (tiny networks: one thread is fastest, and 10x faster on a busy machine);
-    restored afterwards so other test files keep their setting."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one thread, restored after
 
 
 def make_args(**overrides):
     args = mg.Args(**overrides)
-    extras.check_matrix_args(args, set(overrides))
+    mg.check_args(args, set(overrides))
     return args
 
 
@@ -85,7 +79,7 @@ def test_expected_team_reward_matches_enumeration(game):
     for joint in itertools.product(range(n), repeat=n):
         p = np.prod([probs[i, a].item() for i, a in enumerate(joint)])
         total += p * mg.payoff(game, torch.tensor(joint), n).mean().item()
-    assert abs(mg.expected_team_reward(game, probs).item() - total) < 1e-6  # payoffs are float32
+    assert abs(bench.expected_team_reward(game, probs).item() - total) < 1e-6  # payoffs are float32
 
 
 # ----- Theorem B.1 -----
@@ -93,7 +87,7 @@ def test_theorem_b1_closed_form_on_a_grid():
     alphas = torch.linspace(0, 1, 1001, dtype=torch.float64)
     closed = -alphas ** 2 + alphas + 0.5  # Eq. (13): a shared policy with P(a = 0) = alpha
     probs = torch.stack([alphas, 1 - alphas], -1).unsqueeze(-2).expand(-1, 2, 2)  # both agents share alpha
-    exact = mg.expected_team_reward("specialisation", probs)
+    exact = bench.expected_team_reward("specialisation", probs)
     assert torch.allclose(closed, exact, atol=1e-12)  # Eq. (13) is the game's expected return
     assert closed.max() <= 0.75 + 1e-12
     assert abs(closed[500].item() - 0.75) < 1e-12  # maximum at alpha = 0.5
@@ -104,7 +98,9 @@ def test_trained_fups_stays_below_075_but_nops_does_not():
     seeds = [1, 2, 3]
     fups = mg.train("specialisation", "fups-noid", 2, seeds, args)
     # Exact expected return of the learned shared policy: never above 0.75.
-    assert max(fups["expected"]) <= 0.75 + 1e-6
+    with torch.no_grad():
+        expected = bench.expected_team_reward("specialisation", torch.softmax(fups["population"].logits(), -1))
+    assert expected.shape == (3,) and expected.max() <= 0.75 + 1e-6
     # Sampled evaluation (1000 trials, team reward in {0.5, 1}: std <= 0.25): within sampling error.
     se = 0.25 / np.sqrt(args.eval_trials)
     assert max(fups["sampled"]) <= 0.75 + 4 * se
@@ -239,6 +235,22 @@ def test_tyro_refuses_bad_choices_and_types_with_exit_2(argv, needle, tmp_path, 
     captured = capsys.readouterr()
     assert exit_.value.code == 2 and needle in captured.err, captured.err
     assert captured.out == "" and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n-agents", "0"], "--n-agents: must be at least 2, got 0"),
+    (["--learning-rate", "-1"], "--learning-rate: must be positive, got -1.0"),
+    (["--hypernet", "mlp", "--hypernet-embedding-dim", "0"], "--hypernet-embedding-dim: must be positive, got 0"),
+    (["--num-trials", "0"], "--num-trials: must be positive, got 0"),
+])
+def test_a_copy_of_the_script_alone_refuses_bad_flags_as_the_repository_does(argv, message, tmp_path):
+    # The checks live in the script: without hypermarl_extras.py beside it, the same one line, exit 2, nothing written
+    shutil.copy(SCRIPT, tmp_path)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "reinforce_matrix_games.py", *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [f"error: {message}"], proc.stderr
+    assert proc.stdout == "" and os.listdir(tmp_path) == ["reinforce_matrix_games.py"]
 
 
 def test_bad_input_exits_2_from_the_command_line(tmp_path):

@@ -1,10 +1,13 @@
-"""Unit tests of the pieces both VMAS scripts share: hypernetworks, families, SND, GAE, metrics."""
+"""The algorithm, without an environment: the hypernetworks (Eq. 5, Eq. 6 as the authors build it, the
+initialisation of section 4.3), the families, sampling and log-probabilities, GAE, SND (Eq. 9) and the
+gradient metrics, on both VMAS scripts (one copy each: tests/test_design.py keeps them identical)."""
 
 import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import parsed
 from scipy import integrate
@@ -12,6 +15,9 @@ from scipy.spatial.distance import jensenshannon
 
 SIZES = [6, 16, 16, 5]
 GAINS = [math.sqrt(2), math.sqrt(2), 0.01]
+
+# Building 256-256 targets is hundreds of small QRs: two threads on a busy machine only contend.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def per_agent_reference(x, weights, biases, activation=torch.relu):
@@ -27,6 +33,7 @@ def per_agent_reference(x, weights, biases, activation=torch.relu):
     return torch.stack(outputs)
 
 
+@pytest.mark.smoke
 def test_linear_hypernet_without_shared_bias_is_independent_networks(script):
     torch.manual_seed(0)
     n = 3
@@ -105,7 +112,7 @@ def test_linear_hypernet_init_is_exactly_orthogonal(script):
 
 @pytest.mark.parametrize("embedding", ["learned", "onehot"])
 def test_mlp_hypernet_init_matches_target_scale(script, embedding):
-    """Our --hypernet-init matched; every layer of actor and critic: tests/test_fidelity_hypernet.py."""
+    """Our --hypernet-init matched; every layer of actor and critic: tests/test_vmas.py."""
     torch.manual_seed(4)
     sizes, gains = [16, 64, 64, 9], [math.sqrt(2), math.sqrt(2), 0.01]
     hyper = script.MLPHypernet(4, sizes, gains, embedding_dim=4, hidden_dims=[64], embedding=embedding, init="matched")
@@ -119,24 +126,112 @@ def test_mlp_hypernet_init_matches_target_scale(script, embedding):
     assert any(torch.any((r - 1).abs() > 0.10) for r in ratios)
 
 
+# ----- The MLP hypernetwork as the authors build it (Eq. 6), and its initialisation (section 4.3) -----
+def manual_forward(hyper, normalise):
+    """theta for every generated tensor: its own MLP g, then its own linear head f."""
+    out = []
+    for trunk, head in zip(hyper.trunks, hyper.heads):
+        features = trunk(hyper.embedding)
+        out.append(head(F.normalize(features, dim=-1) if normalise else features))
+    return out
+
+
+@pytest.mark.parametrize("init", ["scaled", "matched", "default"])
+def test_one_sub_network_per_weight_and_per_bias_and_no_normalisation_unless_matched(script, init):
+    torch.manual_seed(0)
+    hyper = script.MLPHypernet(4, SIZES, GAINS, embedding_dim=4, hidden_dims=[16, 8], init=init)
+    shapes = list(zip(SIZES[:-1], SIZES[1:]))
+    assert len(hyper.trunks) == len(hyper.heads) == 2 * len(shapes)
+    assert [h.out_features for h in hyper.heads] == [n for i, o in shapes for n in (i * o, o)]
+    assert all(len([m for m in t if isinstance(m, torch.nn.Linear)]) == 2 for t in hyper.trunks)
+    with torch.no_grad():
+        generated = hyper()
+        expected = manual_forward(hyper, normalise=init == "matched")
+        for k, ((weight, bias), (fan_in, fan_out)) in enumerate(zip(generated, shapes)):
+            torch.testing.assert_close(weight, expected[2 * k].unflatten(-1, (fan_in, fan_out)))
+            torch.testing.assert_close(bias, expected[2 * k + 1].unsqueeze(-2))
+
+
+def test_the_faithful_hypernetwork_does_not_normalise(script):
+    """Eq. (6) has no normalisation: the scaled init is positively homogeneous in the embedding
+    (zero trunk biases, ReLU), so a 3x larger embedding generates 3x larger weights; our
+    matched variant normalises g's output and does not move."""
+    torch.manual_seed(1)
+    for init, factor in (("scaled", 3.0), ("matched", 1.0)):
+        hyper = script.MLPHypernet(4, SIZES, GAINS, embedding_dim=4, hidden_dims=[16], init=init)
+        with torch.no_grad():
+            before = [w.clone() for w, _ in hyper()]
+            hyper.embedding.mul_(3.0)
+            after = [w for w, _ in hyper()]
+        for b, a in zip(before, after):
+            torch.testing.assert_close(a, factor * b)
+
+
+def test_scaled_init_is_the_authors_scheme(script):
+    torch.manual_seed(2)
+    hyper = script.MLPHypernet(4, SIZES, GAINS, embedding_dim=4, hidden_dims=[256, 256], init="scaled")
+    # learned embeddings: orthogonal with gain sqrt(2), as in their code
+    torch.testing.assert_close(hyper.embedding @ hyper.embedding.T, 2 * torch.eye(4), atol=1e-5, rtol=0)
+    # g: Flax's default init, LeCun normal (a normal truncated at 2 std, variance 1 / fan_in), zero bias
+    for trunk in hyper.trunks:
+        for layer in (m for m in trunk if isinstance(m, torch.nn.Linear)):
+            assert torch.all(layer.bias == 0)
+            bound = 2 * layer.in_features ** -0.5 / 0.8796256610342398
+            assert layer.weight.abs().max() <= bound + 1e-6
+    big = hyper.trunks[0][2].weight  # 256 x 256 samples
+    assert abs(big.std().item() * math.sqrt(256) - 1) < 0.03
+    # f: each weight head's column is a flattened orthogonal matrix with the layer's gain; bias heads are zero
+    for k, ((fan_in, fan_out), gain) in enumerate(zip(zip(SIZES[:-1], SIZES[1:]), GAINS)):
+        weight_head, bias_head = hyper.heads[2 * k], hyper.heads[2 * k + 1]
+        columns = weight_head.weight.detach().T.reshape(-1, fan_in, fan_out)
+        singular_values = torch.linalg.svdvals(columns)
+        torch.testing.assert_close(singular_values, torch.full_like(singular_values, gain), rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(columns[0], columns[1])  # one orthogonal matrix per hidden unit
+        assert torch.all(weight_head.bias == 0) and torch.all(bias_head.weight == 0) and torch.all(bias_head.bias == 0)
+    assert all(torch.all(b == 0) for _, b in hyper())
+
+
+def test_default_init_removes_all_of_section_4_3(script):
+    """w/o RF: PyTorch's init in every layer of every sub-network (no orthogonal columns, no zero bias
+    heads, no normalisation: see above); the embedding stays orthogonal (section 4.2)."""
+    torch.manual_seed(3)
+    hyper = script.MLPHypernet(4, SIZES, GAINS, embedding_dim=4, hidden_dims=[16], init="default")
+    layers = [m for t in hyper.trunks for m in t if isinstance(m, torch.nn.Linear)] + list(hyper.heads)
+    for layer in layers:  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias
+        bound = layer.in_features ** -0.5
+        assert layer.weight.abs().max() <= bound and layer.bias.abs().max() <= bound
+        assert layer.bias.abs().max() > 0
+    assert all(torch.all(b != 0) for _, b in hyper())
+    torch.testing.assert_close(hyper.embedding @ hyper.embedding.T, 2 * torch.eye(4), atol=1e-5, rtol=0)
+
+
 def test_agent_input_weights_do_not_depend_on_observations(script):
     torch.manual_seed(5)
-    args = script.Args(hypernet_embedding_dim=4, hypernet_hidden_dims=[32], hypernet_embedding="learned",
-                       hypernet_init="scaled", hypernet_input="agent")
-    net = script.PerAgentMLP(args, "mlp", 3, SIZES, GAINS, torch.relu)
-    x1, x2 = torch.randn(3, 5, SIZES[0]), torch.randn(3, 8, SIZES[0]) * 10
-    generated = net.generate()
+    args = parsed(script, n_agents=3, hypernet="mlp", hypernet_hidden_dims=[32], actor_hidden_dims=[16, 16],
+                  critic_hidden_dims=[16, 16])
+    net = script.family_net(args, "mlp", 3, SIZES, GAINS)
+    generated = net()
     assert all(w.dim() == 3 for w, _ in generated)  # (n_agents, fan_in, fan_out): one set per agent
-    out_a = net(x1)
-    out_b = net(torch.cat([x1, x2[:, :3]], 1))[:, :5]  # other samples in the batch change nothing
+    agent = script.Agent(args, SIZES[0], SIZES[-1], True)
+    x1, x2 = torch.randn(3, 5, SIZES[0]), torch.randn(3, 8, SIZES[0]) * 10
+    assert not agent.per_sample
+    for a, b in zip(agent.generate(x1), agent.generate(x2)):  # actor and critic: the same weights for any obs
+        assert all(torch.equal(wa, wb) and torch.equal(ba, bb) for (wa, ba), (wb, bb) in zip(a, b))
+    both = torch.cat([x1, x2[:, :3]], 1)
+    out_a = agent.policy(x1, agent.generate(x1))
+    out_b = agent.policy(both, agent.generate(both))[:, :5]  # other samples in the batch change nothing
     torch.testing.assert_close(out_a, out_b)
     # the ablation without gradient decoupling generates weights per sample, from the observation
     args.hypernet_input = "agent+obs"
-    ablation = script.PerAgentMLP(args, "mlp", 3, SIZES, GAINS, torch.relu)
-    assert ablation.generate() is None
-    weights = ablation.weight_net(x1)[0][0]
+    ablation = script.family_net(args, "mlp", 3, SIZES, GAINS)
+    weights = ablation(x1)[0][0]
     assert weights.shape == (3, 5, SIZES[0], SIZES[1])
     assert not torch.allclose(weights[:, 0], weights[:, 1])
+    agent = script.Agent(args, SIZES[0], SIZES[-1], True)
+    assert agent.per_sample
+    actor, critic = agent.generate(x1)
+    assert actor[0][0].shape == (3, 5, SIZES[0], 16) and critic[0][0].shape[:2] == (3, 5)
+    assert not torch.allclose(actor[0][0][:, 0], actor[0][0][:, 1])
 
 
 def random_distributions(rng, shape):
@@ -144,6 +239,7 @@ def random_distributions(rng, shape):
     return p / p.sum(-1, keepdims=True)
 
 
+@pytest.mark.smoke
 def test_snd_categorical(script):
     rng = np.random.default_rng(0)
     p, q = random_distributions(rng, (50, 9)), random_distributions(rng, (50, 9))
@@ -228,6 +324,7 @@ def gae_reference(rewards, values, final_values, next_value, terminated, truncat
     return advantages
 
 
+@pytest.mark.smoke
 def test_gae_matches_reference_with_truncation_bootstrap(script):
     rng = np.random.default_rng(0)
     T, n, E = 12, 2, 3
@@ -260,11 +357,28 @@ def test_gae_matches_reference_with_truncation_bootstrap(script):
     assert advantages2[3, 0, 0] == advantages[3, 0, 0]
 
 
+def test_bootstrap_values_are_the_critics_at_time_limits_only(script):
+    """V(final observation) where an episode was truncated, 0 elsewhere; the critic sees what it sees in
+    the rollout (MAPPO: every agent's observation of that step)."""
+    _, agent = small_agent(script, "mlp")
+    T, n, E = 5, 3, 4
+    final_obs = torch.randn(T, n, E, 6)
+    truncated = torch.zeros(T, 1, E)
+    truncated[1, 0, 2] = truncated[4, 0, 0] = truncated[4, 0, 3] = 1
+    with torch.no_grad():
+        values = script.bootstrap_values(agent, final_obs, truncated)
+        assert values.shape == (T, n, E)
+        for t, e in ((1, 2), (4, 0), (4, 3)):
+            x = final_obs[t, :, e].unsqueeze(1)  # (n_agents, 1, obs_dim)
+            torch.testing.assert_close(values[t, :, e], agent.get_value(x, agent.generate(x))[:, 0])
+            values[t, :, e] = 0
+    assert torch.all(values == 0)
+
+
 def small_agent(script, family, n=3, discrete=True):
     args = parsed(script, hypernet=family, n_agents=n, actor_hidden_dims=[8], critic_hidden_dims=[8],
-                                           total_timesteps=4096)
-    critic_in = script.critic_input(torch.zeros(n, 1, 6)).shape[-1]
-    return args, script.Agent(args, 6, 4, discrete, critic_in)
+                  total_timesteps=4096)
+    return args, script.Agent(args, 6, 4, discrete)
 
 
 def per_agent_actor_loss(script, agent, n, seed=0):
@@ -272,7 +386,7 @@ def per_agent_actor_loss(script, agent, n, seed=0):
     x = torch.randn(n, 32, 6)
     action = torch.randint(0, 4, (n, 32))
     advantages = torch.randn(n, 32)
-    _, logprob, _, _ = agent.get_action_and_value(x, action)
+    _, logprob, _, _ = agent.get_action_and_value(x, agent.generate(x), action)
     return -(advantages * logprob).mean(1)
 
 
@@ -308,6 +422,7 @@ def test_gradient_variance_is_variance_over_all_actor_entries(script):
     assert norm.item() == pytest.approx(flat.norm().item(), rel=1e-5)
 
 
+@pytest.mark.smoke
 def test_log_prob_and_entropy_match_torch_distributions(script):
     torch.manual_seed(7)
     logits = torch.randn(3, 10, 5)
@@ -333,10 +448,11 @@ def test_dico_log_probs_are_a_tanh_normal_s(script):
     torch.manual_seed(7)
     args = parsed(script, scenario="navigation", hypernet="dico", n_agents=3, actor_hidden_dims=[8],
                   critic_hidden_dims=[8])
-    agent = script.Agent(args, 6, 2, False, script.critic_input(torch.zeros(3, 1, 6)).shape[-1])
+    agent = script.make_agent(args, 6, 2, False)
     obs = torch.randn(3, 10, 6)
-    u, logprob, _, _ = agent.get_action_and_value(obs)
-    mean, std = agent.policy(obs)
+    weights = agent.generate(obs)
+    u, logprob, _, _ = agent.get_action_and_value(obs, weights)
+    mean, std = agent.policy(obs, weights)
     tanh_normal = torch.distributions.TransformedDistribution(torch.distributions.Normal(mean, std),
                                                               torch.distributions.transforms.TanhTransform())
     # the stored action is the Gaussian sample u; its log-probability is that of tanh(u) under TanhNormal
@@ -344,126 +460,3 @@ def test_dico_log_probs_are_a_tanh_normal_s(script):
     torch.testing.assert_close(agent.env_action(u), torch.tanh(u))
 
 
-def dispersion_env(script, num_envs=3, **overrides):
-    args = parsed(script, n_agents=2, max_steps=5, total_timesteps=4096, **overrides)
-    env = script.VmasEnv(args, num_envs, 0, torch.device("cpu"))
-    return args, env
-
-
-def test_env_truncation_resets_in_place_and_returns_final_observations(script):
-    args, env = dispersion_env(script)
-    obs = env.reset()
-    assert obs.shape == (2, 3, env.obs_dim)
-    stay = torch.zeros(2, 3, dtype=torch.long)  # action 0: no-op
-    env.env.steps[0] = args.max_steps - 2  # environment 0 reaches its time limit one step early
-    obs, reward, terminated, truncated, final_obs = env.step(stay)
-    assert truncated.tolist() == [False, False, False] and env.take_ended_episodes() is None
-    obs, reward, terminated, truncated, final_obs = env.step(stay)
-    assert truncated.tolist() == [True, False, False] and not terminated.any()
-    returns, length = env.take_ended_episodes()
-    assert len(returns) == 2 and length == 2 and env.take_ended_episodes() is None
-    assert env.env.steps.tolist() == [0, 2, 2]  # only the ended environment was reset
-    # the next action of environment 0 sees its fresh observation; its final one is kept apart
-    fresh = torch.stack(env.env.get_from_scenario(get_observations=True, get_rewards=False, get_infos=False,
-                                                  get_dones=False)[0])
-    torch.testing.assert_close(obs, fresh)
-    assert not torch.allclose(obs[:, 0], final_obs[:, 0])
-    torch.testing.assert_close(obs[:, 1:], final_obs[:, 1:])
-
-
-def per_env_state(env):
-    """Every per-environment tensor of the simulator, by name."""
-    return {f"{name}/{key}": value.clone() for name, holder in env._state_holders().items()
-            for key, value in vars(holder).items() if isinstance(value, torch.Tensor) and value.shape[:1] == (env.num_envs,)}
-
-
-def test_ended_environments_reset_in_one_batched_call_and_the_others_go_on_untouched(script, monkeypatch):
-    _, env = dispersion_env(script, num_envs=6)
-    _, twin = dispersion_env(script, num_envs=6)  # the same environments, where nothing ends early
-    env.reset()
-    twin.reset()
-    calls = []
-    monkeypatch.setattr(env.env, "reset_at", lambda *a, **k: calls.append("reset_at"))
-    original_reset = env.env.reset
-    monkeypatch.setattr(env.env, "reset", lambda *a, **k: calls.append("reset") or original_reset(*a, **k))
-    env.env.steps[[1, 3, 4]] = 3  # three environments reach the 5-step limit at the second step
-    action = torch.randint(0, 9, (2, 6), generator=torch.Generator().manual_seed(0))
-    for _ in range(2):
-        env.step(action)
-        twin.step(action)
-    assert calls == ["reset"]  # one batched reset for the three ended environments, no loop over them
-    ours, theirs = per_env_state(env), per_env_state(twin)
-    going_on = torch.tensor([True, False, True, False, False, True])
-    for name in ours:  # the environments that go on were not touched
-        assert torch.equal(ours[name][going_on], theirs[name][going_on]), name
-    assert env.env.steps.tolist() == [2, 0, 2, 0, 0, 2]
-    positions = torch.stack([food.state.pos for food in env.env.world.landmarks])
-    assert not torch.equal(positions[:, ~going_on], torch.stack([food.state.pos for food in twin.env.world.landmarks])[:, ~going_on])
-
-
-def test_ended_environments_get_fresh_independent_states_from_vmas_distribution(script):
-    """Initial food positions (agents start at the origin) after the batched reset: distinct across environments and resets,
-    and the same distribution as VMAS's own reset (two-sample Kolmogorov-Smirnov on each axis)."""
-    from scipy.stats import ks_2samp
-
-    _, env = dispersion_env(script, num_envs=40)
-    env.reset()
-    env.env.steps[:] = torch.arange(40) % 5  # every step, 8 of the 40 environments reach the time limit
-    stay = torch.zeros(2, 40, dtype=torch.long)
-    starts = []
-    for _ in range(25):
-        _, _, _, truncated, _ = env.step(stay)
-        assert truncated.sum() == 8
-        starts.append(torch.stack([food.state.pos for food in env.env.world.landmarks])[:, truncated].flatten(0, 1))
-    ours = torch.cat(starts)  # 25 resets x 8 environments x 2 food items
-    assert len(torch.unique(ours, dim=0)) == len(ours)
-    _, reference_env = dispersion_env(script, num_envs=400)
-    reference_env.reset()
-    reference = torch.stack([food.state.pos for food in reference_env.env.world.landmarks]).flatten(0, 1)
-    for axis in range(2):
-        assert ks_2samp(ours[:, axis].numpy(), reference[:, axis].numpy()).pvalue > 1e-3
-
-
-def test_env_termination_is_not_truncation(script):
-    # Food so large that every agent sits on every food item at once: all food eaten, episode over.
-    args, env = dispersion_env(script, food_radius=5.0)
-    env.reset()
-    _, reward, terminated, truncated, _ = env.step(torch.zeros(2, 3, dtype=torch.long))
-    assert terminated.all() and not truncated.any()
-    returns, length = env.take_ended_episodes()
-    assert (reward > 0).all() and length == 1
-    torch.testing.assert_close(torch.tensor(returns), reward.mean(1))
-
-
-def test_continuous_actions_outside_the_box_are_clipped_to_it(script):
-    """VMAS alone would assert on an action outside its box: the wrapper sends the box's edge instead."""
-    args = parsed(script, scenario="navigation", n_agents=2, total_timesteps=60000)
-    outside, edge = (script.VmasEnv(args, 2, 0, torch.device("cpu")) for _ in range(2))
-    outside.reset()
-    edge.reset()
-    for _ in range(2):
-        a = outside.step(torch.full((2, 2, 2), 7.5))
-        b = edge.step(edge.act_high.expand(2, 2, 2))
-        torch.testing.assert_close(a[0], b[0])  # the same observations
-        torch.testing.assert_close(a[1], b[1])  # and rewards
-
-
-def test_evaluation_does_not_disturb_the_training_environment(script):
-    """Evaluations between training steps change neither the training environment's random stream
-    nor torch's global one, from which the training actions are drawn."""
-    runs = []
-    for evaluate_in_between in (False, True):
-        args, env = dispersion_env(script)
-        _, eval_env = dispersion_env(script)
-        agent = script.Agent(args, env.obs_dim, env.act_dim, True,
-                             script.critic_input(torch.zeros(2, 1, env.obs_dim)).shape[-1])
-        torch.manual_seed(0)
-        env.reset()
-        steps = []
-        for t in range(12):
-            steps.append(env.step(torch.randint(0, env.act_dim, (2, 3)))[:2])  # (observations, rewards)
-            if evaluate_in_between and t % 4 == 0:
-                script.evaluate(agent, eval_env, args, seed=7)
-        runs.append(steps)
-    for (obs_a, reward_a), (obs_b, reward_b) in zip(*runs):
-        assert torch.equal(obs_a, obs_b) and torch.equal(reward_a, reward_b)

@@ -1,19 +1,24 @@
-"""benchmark/aggregate.py against hand computations, on synthetic summary.json files (no training)."""
+"""benchmark/'s other tools: aggregate.py against hand computations on synthetic summary.json files (no
+training); sps, update_step, init_scale, distributions_cost, snd_dataset and compare_videos: their
+outputs (never a committed file by default), and bad input as one line, exit status 2, nothing written."""
 
+import importlib.util
 import json
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import scipy.stats
+import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, read_args, run_python, vmas_agent
+
 sys.path.insert(0, os.path.join(ROOT, "benchmark"))
 import aggregate  # noqa: E402
 
+# ===== aggregate.py =====
 REPS = 300
 
 
@@ -38,9 +43,8 @@ def write_summary(folder, grid, task, method, seed, evals, env="vmas", config=No
     return path
 
 
-def cli(*argv, timeout=120):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "aggregate.py"), *map(str, argv)],
-                          capture_output=True, text=True, timeout=timeout)
+def cli(*argv):
+    return run_python([os.path.join(ROOT, "benchmark", "aggregate.py"), *argv])
 
 
 class Opts:
@@ -213,7 +217,7 @@ def test_matrix_grid_tables_2_and_6(tmp_path):
     ("bad-json", [], "malformed summary.json (JSONDecodeError"),
     ("no-marl-eval", [], "malformed summary.json (KeyError: 'marl_eval')"),
 ])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, make, argv, message):
+def test_aggregate_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, make, argv, message):
     grids = tmp_path / "grids"
     grids.mkdir()
     bad = None
@@ -227,3 +231,163 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, make, argv, m
     assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
     assert bad is None or str(bad) in lines[0]  # names the file
     assert not out.exists()
+
+
+# ===== The other tools: bad flags are one line, exit status 2, no file; outputs never a committed file =====
+CASES = [
+    ("sps.py", ["--repeats", "0"], "--repeats: must be at least 1, got 0"),
+    ("sps.py", ["--iterations", "1"], "--iterations: must be at least 4, got 1"),
+    ("sps.py", ["--only", "foo"], "--only: invalid choice: 'foo'"),
+    ("sps.py", ["--only", "envs", "--env-counts", "0"], "--env-counts: must be at least 1, got 0"),
+    ("sps.py", ["--only", "envs", "--env-counts", "16", "abc"], "--env-counts: invalid int value: 'abc'"),
+    ("sps.py", ["--only", "envs", "--env-counts"], "--env-counts: expected at least one argument"),
+    ("sps.py", ["--only", "envs", "--device", "tpu"], "--device: invalid choice: 'tpu'"),
+    ("sps.py", ["--only", "envs", "--desync", "yes"], "unrecognized arguments: yes"),
+    ("update_step.py", ["--repeats", "abc"], "--repeats: invalid int value: 'abc'"),
+    ("update_step.py", ["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ("compare_videos.py", ["--checkpoints", "a.pt", "b.pt", "--labels", "A"], "--labels: one per checkpoint (2), got 1"),
+    ("compare_videos.py", ["--checkpoints", "no.pt", "--labels", "A"], "--checkpoints: no such file 'no.pt'"),
+    ("compare_videos.py", ["--checkpoints", __file__, "--labels", "A"], "--out: must be a .gif file"),
+]
+
+
+@pytest.mark.parametrize("script, argv, message", CASES, ids=[f"{s} {' '.join(a)}" for s, a, _ in CASES])
+def test_bad_flag_is_one_line_exit_2_and_writes_nothing(tmp_path, script, argv, message):
+    out = tmp_path / "result.md"
+    result = run_python([os.path.join(ROOT, "benchmark", script), "--out", out] + argv)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.stderr  # not "error: argument --x"
+    assert "Traceback" not in result.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("argv, message", [(["--rounds", "0"], "--rounds: must be at least 1, got 0"),
+                                           (["--scenario", "football"], "--scenario: invalid choice: 'football' (choose from 'dispersion', 'navigation')")])
+def test_distributions_cost_bad_flag_is_one_line_exit_2(tmp_path, argv, message):
+    result = run_python([os.path.join(ROOT, "benchmark", "distributions_cost.py")] + argv, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"error: {message}"], result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("out", [True, False], ids=["--out", "default folder"])
+def test_sps_device_cuda_without_cuda_is_one_line_and_writes_nothing(tmp_path, out):
+    argv = ["--only", "envs", "--device", "cuda"] + (["--out", str(tmp_path / "result.md")] if out else [])
+    result = run_python([os.path.join(ROOT, "benchmark", "sps.py")] + argv, cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and lines == ["error: --device: cuda is not available on this machine"], result.stderr
+    assert result.stdout == "" and os.listdir(tmp_path) == []  # neither result.md nor runs/sps_<time>
+
+
+# ----- outputs: never a committed file by default, and a bad --out fails before any work -----
+def run_tool(script, argv, cwd):
+    return run_python([os.path.join(ROOT, "benchmark", script)] + argv, cwd=cwd)
+
+
+def committed_results():
+    """Name -> bytes of every file under benchmark/results (the committed results)."""
+    results = os.path.join(ROOT, "benchmark", "results")
+    return {os.path.join(folder, name): open(os.path.join(folder, name), "rb").read()
+            for folder, _, names in os.walk(results) if "__pycache__" not in folder for name in names}
+
+
+BAD_OUTS = {"a folder": lambda tmp: str(tmp), "inside a file": lambda tmp: str(tmp / "notes.txt" / "result.md"),
+            "not writable": lambda tmp: "/proc/sys/x/result.md"}
+
+
+@pytest.mark.parametrize("script", ["sps.py", "init_scale.py", "update_step.py"])
+@pytest.mark.parametrize("where", sorted(BAD_OUTS))
+def test_bad_out_fails_at_once_with_one_line(tmp_path, script, where):
+    (tmp_path / "notes.txt").write_text("keep")
+    result = run_tool(script, ["--out", BAD_OUTS[where](tmp_path)], tmp_path)  # before the benchmark (minutes)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --out: "), result.stderr
+    assert result.stdout == "" and os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_init_scale_writes_a_new_folder_in_runs_not_the_committed_results(tmp_path):
+    before = committed_results()
+    for _ in range(2):
+        result = run_tool("init_scale.py", ["--seeds", "1", "--n-agents", "2"], tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert committed_results() == before
+    folders = sorted(os.listdir(tmp_path / "runs"))
+    assert len(folders) == 2 and all(f.startswith("init_scale_") for f in folders)  # never reused
+    assert all(os.listdir(tmp_path / "runs" / f) == ["init_scale.md"] for f in folders)
+    assert os.listdir(tmp_path) == ["runs"]
+
+
+def test_default_output_folders_are_new_even_within_one_second(tmp_path, monkeypatch):
+    import sps
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sps.time, "strftime", lambda *_: "20260101-000000")
+    first, second = sps.new_output_folder("sps"), sps.new_output_folder("sps")
+    assert first != second and os.path.isdir(first) and os.path.isdir(second)
+    assert sorted(os.listdir(tmp_path / "runs")) == ["sps_20260101-000000", "sps_20260101-000000_1"]
+
+
+def test_init_scale_benchmark(tmp_path):
+    out = tmp_path / "init_scale.md"
+    result = run_python([os.path.join(ROOT, "benchmark", "init_scale.py"), "--seeds", "1", "--out", out], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = out.read_text()
+    assert text.count("| critic 3 |") == 4 and text.count("| actor 1 |") == 4  # both scripts, both scenarios
+    assert "| matched | 0% | 0% |" in text  # largest miss of the target scale, over every layer: none for matched
+    bad = run_python([os.path.join(ROOT, "benchmark", "init_scale.py"), "--seeds", "0", "--out", str(out) + "2"],
+                     cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --seeds: must be at least 1, got 0"
+    assert not os.path.exists(str(out) + "2")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoints", "missing.pt"], "--checkpoints: no such file 'missing.pt'"),
+    (["--checkpoints", "x.pt", "--episodes", "0"], "--episodes: must be at least 1, got 0"),
+    (["--checkpoints", "x.pt", "--samples", "many"], "error: --samples: invalid int value: 'many'"),
+    (["--checkpoints", "FOREIGN"], "--checkpoints:"),
+    (["--checkpoints", "FOREIGN", "--out", "NOSUFFIX"], "--out: must be an .npz file name"),  # numpy would add .npz
+    (["--checkpoints", "FOREIGN", "--out", "NODIR"], "--out: no such folder"),  # checked before the rollouts
+])
+def test_snd_dataset_bad_flags_are_one_line_exit_2(tmp_path, argv, message):
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": {}}, foreign)
+    out = tmp_path / "snd.npz"
+    names = {"FOREIGN": foreign, "NOSUFFIX": tmp_path / "snd", "NODIR": tmp_path / "missing" / "snd.npz"}
+    argv = [str(names.get(a, a)) for a in argv]
+    result = run_python([os.path.join(ROOT, "benchmark", "snd_dataset.py"), "--out", out] + argv)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["foreign.pt"]
+
+
+def test_snd_dataset_records_what_the_policy_saw_in_the_running_episodes():
+    """benchmark/snd_dataset.py's record_observations (evaluate() keeps no observations): at each step
+    of an evaluation, the observations the policy acted on, of the episodes not yet ended."""
+    spec = importlib.util.spec_from_file_location("snd_dataset", os.path.join(ROOT, "benchmark", "snd_dataset.py"))
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    import ippo_hyper_vmas as script
+
+    args = read_args(script, ["--n-agents", 2, "--n-food", 1, "--food-radius", 0.6, "--max-steps", 40,
+                              "--no-eval-deterministic", "--eval-episodes", 9, "--snd-samples", 1,
+                              "--actor-hidden-dims", 16, "--critic-hidden-dims", 16])
+    env, agent = vmas_agent(script, args, num_envs=9)
+    inputs, ended = [], []
+    policy, step = agent.policy, env.step
+    agent.policy = lambda x, weights: inputs.append(x.clone()) or policy(x, weights)
+
+    def recorded_step(actions):
+        result = step(actions)
+        ended.append(result[2] | result[3])
+        return result
+
+    env.step = recorded_step
+    seen = builder.record_observations(env)
+    script.evaluate(agent, env, args, 5)
+    assert len(seen) == len(ended) and len(inputs) == len(ended) + 1  # the last policy call: SND's
+    running = torch.ones(9, dtype=torch.bool)
+    for t, observations in enumerate(seen):
+        assert torch.equal(observations, inputs[t][:, running]), t
+        running &= ~ended[t]
+    assert len({observations.shape[1] for observations in seen}) > 2  # episodes ended at different steps

@@ -1,0 +1,561 @@
+"""The plumbing around training, on the VMAS scripts: the command line and its checks (one line, exit
+status 2, nothing written), checkpoints (refused when foreign, corrupt or incompatible), --resume bit for
+bit, Ctrl-C and SIGTERM, --eval-only and SND datasets, run folders, progress lines, --help, videos, and
+a script copied alone without hypermarl_extras.py."""
+
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import hypermarl_extras as extras
+from conftest import (HANG, ROOT, load_checkpoint, load_script, read_args, run_dirs, run_main, run_python,
+                      scalar_tags, tiny_args, vmas_agent)
+from conftest import tiny_mamujoco_args as tiny_argv
+
+# ===== The command line: a bad flag is one line, exit status 2, nothing written =====
+BAD_INPUT = [
+    (["--n-agents", 0], "--n-agents"),
+    (["--num-envs", -1], "--num-envs"),
+    (["--total-timesteps", 0], "--total-timesteps"),
+    (["--learning-rate", 0], "--learning-rate"),
+    pytest.param(["--num-minibatches", 3], "--num-minibatches", marks=pytest.mark.smoke),
+    (["--hypernet", "fups", "--hypernet-init", "default"], "--hypernet-init"),
+    (["--hypernet", "nops", "--hypernet-embedding-dim", 8], "--hypernet-embedding-dim"),
+    (["--hypernet", "linear", "--hypernet-hidden-dims", 32], "--hypernet-hidden-dims"),
+    (["--hypernet", "mlp", "--dico-snd-des", 1.0], "--dico-snd-des"),
+    (["--gamma", 1.5], "--gamma"),
+    (["--n-food", 2, "--scenario", "navigation"], "--n-food"),
+    (["--collisions"], "--collisions"),
+    (["--eval-only"], "--eval-only"),
+    (["--resume", "/no/such/checkpoint.pt"], "--resume"),
+    (["--seed", -1], "--seed"),
+    (["--seed", 2**32], "--seed"),
+    (["--learning-rate", "inf"], "--learning-rate"),
+    (["--ent-coef", "nan"], "--ent-coef"),
+    (["--exp-name", "../../x"], "--exp-name"),
+    (["--resume", "/"], "--resume"),  # a folder
+    (["--eval-only", "--checkpoint", "/"], "--checkpoint"),
+    (["--save-interval", 32], "--save-interval"),  # only with --save-model
+]
+
+
+NAVIGATION_BAD_INPUT = [
+    (["--agents-with-same-goal", 5, "--n-agents", 4], "--agents-with-same-goal"),
+    (["--split-goals", "--n-agents", 3], "--split-goals"),
+    (["--agents-with-same-goal", 2, "--collisions"], "--collisions"),
+    (["--lidar-range", 0.5], "--lidar-range"),  # agents carry a LIDAR only with --collisions
+    (["--penalise-by-time"], None),  # the default value of a dispersion flag is harmless
+    (["--no-penalise-by-time"], "--no-penalise-by-time"),  # named as written
+]
+
+
+@pytest.mark.parametrize("extra,flag", BAD_INPUT + [(["--scenario", "navigation"] + e, f) for e, f in NAVIGATION_BAD_INPUT
+                                                    if f is not None])
+def test_bad_input_is_one_line_exit_2_nothing_written(script, extra, flag, tmp_path, capsys):
+    code, out, err = run_main(script, tiny_args(tmp_path / "runs", *extra), capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and flag in err, err
+    assert not os.path.exists(tmp_path / "runs")
+
+
+# Values of the wrong type or outside a flag's choices: tyro's own message (naming the flag, with its
+# "did you mean" hint for a misspelt flag), exit status 2, nothing written.
+@pytest.mark.parametrize("extra,flag", [
+    (["--scenario", "football"], "--scenario"),
+    (["--hypernet", "transformer"], "--hypernet"),
+    (["--hypernet-embedding", "random"], "--hypernet-embedding"),
+    (["--activation", "gelu"], "--activation"),
+    (["--n-agents", "four"], "--n-agents"),
+    (["--no-such-flag", 1], "--no-such-flag"),
+])
+def test_bad_values_are_refused_by_the_parser(script, extra, flag, tmp_path, capsys):
+    code, out, err = run_main(script, tiny_args(tmp_path / "runs", *extra), capsys)
+    assert code == 2 and flag in err and "Traceback" not in err, err
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_a_misspelt_flag_gets_a_suggestion(script, capsys):
+    code, out, err = run_main(script, ["--n-agent", "3"], capsys)
+    assert code == 2 and "--n-agent" in err and "--n-agents" in err.replace("--n-agent ", ""), err
+
+
+def test_bad_input_exit_status_from_the_command_line(script, tmp_path):
+    result = run_python([f"{script.__name__}.py", "--num-minibatches", "3", "--runs-dir", tmp_path / "runs"], cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "--num-minibatches" in result.stderr
+    assert "Traceback" not in result.stderr and not os.path.exists(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["ippo_hyper_vmas.py", "--hypernet", "linear", "--hypernet-init", "matched"],
+     "error: --hypernet-init: matched is for --hypernet mlp, got --hypernet linear"),
+    (["mappo_hyper_mamujoco.py", "--hypernet", "linear", "--hypernet-init", "matched"],
+     "error: --hypernet-init: matched is for --hypernet mlp, got --hypernet linear"),
+])
+def test_bad_hypernet_init_is_one_line_exit_2(tmp_path, argv, message):
+    result = run_python([os.path.join(ROOT, argv[0]), "--runs-dir", tmp_path / "runs"] + argv[1:], cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip() == message, result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("script", ["mappo_hyper_vmas.py", "mappo_hyper_mamujoco.py"])
+def test_an_unknown_hypernet_init_is_refused_by_the_parser(tmp_path, script):
+    result = run_python([os.path.join(ROOT, script), "--runs-dir", tmp_path / "runs", "--hypernet-init", "orthogonl"],
+                        cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--hypernet-init" in result.stderr and "'scaled', 'matched', 'default'" in result.stderr.replace("\n", "")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("where", ["file", "inside-file", "read-only", "empty", "broken-link"])
+def test_runs_dir_that_cannot_hold_runs_is_refused_before_anything_is_written(script, where, tmp_path, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    os.symlink(tmp_path / "nowhere", tmp_path / "link")
+    # /proc/sys is read-only even for root (in containers, where tests run as root, chmod would not do)
+    runs_dir = {"file": blocker, "inside-file": blocker / "runs", "read-only": "/proc/sys/hypermarl-runs",
+                "empty": "", "broken-link": tmp_path / "link"}[where]
+    code, out, err = run_main(script, tiny_args(runs_dir), capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: --runs-dir: "), err
+    assert sorted(os.listdir(tmp_path)) == ["blocker", "link"]
+
+
+def test_help_shows_each_default_once(script, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # a narrow terminal would wrap "(default: None)"
+    with pytest.raises(SystemExit):
+        script.read_command_line(["--help"])
+    text = capsys.readouterr().out
+    assert "Adam learning rate (default: 0.0005)" in text and "parallel VMAS environments (default: 16)" in text
+    # only the flags whose default really is None say so
+    assert text.count("(default: None)") == 4, text
+    # a scenario's help shows its own defaults (Table 12), and Table 15's for its family and goal setting
+    with pytest.raises(SystemExit):
+        script.read_command_line(["--scenario", "navigation", "--n-agents", "8", "--hypernet", "nops", "--help"])
+    text = capsys.readouterr().out
+    assert "(default: 600)" in text and "(default: 5e-05)" in text and "(default: navigation)" in text
+    assert "surrogate clipping coefficient (default: 0.2)" in text  # nops, 8 agents, one goal each
+
+
+# ===== Checkpoints and --resume =====
+def test_resume_gives_the_same_numbers_as_an_uninterrupted_run(script, tmp_path, capsys):
+    full = tiny_args(tmp_path / "full", "--save-model", "--total-timesteps", 96, "--exp-name", "full")
+    assert run_main(script, full, capsys)[0] == 0
+    first = tiny_args(tmp_path / "part", "--save-model", "--total-timesteps", 64, "--exp-name", "part")
+    assert run_main(script, first, capsys)[0] == 0
+    (part_dir,) = run_dirs(tmp_path / "part")
+    checkpoint = os.path.join(part_dir, "checkpoint.pt")
+    assert load_checkpoint(checkpoint)["global_step"] == 64
+    resumed = tiny_args(tmp_path / "part", "--save-model", "--total-timesteps", 96, "--exp-name", "part",
+                        "--resume", checkpoint)
+    code, out, err = run_main(script, resumed, capsys)
+    assert code == 0, err
+    (full_dir,) = run_dirs(tmp_path / "full")
+    a, b = load_checkpoint(os.path.join(full_dir, "checkpoint.pt")), load_checkpoint(checkpoint)
+    assert a["global_step"] == b["global_step"] == 96
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["env"]["tensors"]:
+        assert torch.equal(a["env"]["tensors"][key], b["env"]["tensors"][key]), key
+    assert scalar_tags(full_dir)["eval/episodic_return"][-1] == scalar_tags(part_dir)["eval/episodic_return"][-1]
+
+
+def test_dico_resume_is_bit_exact_with_the_running_estimate(script, tmp_path, capsys):
+    common = ["--hypernet", "dico", "--n-agents", 2, "--save-model"]
+
+    def train(name, steps, *extra):
+        argv = tiny_args(tmp_path / name, *common, "--total-timesteps", steps, "--exp-name", name, *extra,
+                         scenario="navigation")
+        assert script.main(argv) == 0, capsys.readouterr().err
+
+    train("full", 96)
+    train("part", 64)
+    (part_dir,) = run_dirs(tmp_path / "part")
+    checkpoint = os.path.join(part_dir, "checkpoint.pt")
+    train("part", 96, "--resume", checkpoint)
+    # --eval-only without --scenario: the checkpoint's scenario decides the evaluation protocol (D.1.1)
+    args, _, _ = script.read_command_line(["--eval-only", "--checkpoint", checkpoint])
+    assert (args.scenario, args.eval_episodes, args.eval_deterministic, args.dico_snd_des) == ("navigation", 200, False, 1.2)
+    (full_dir,) = run_dirs(tmp_path / "full")
+    a = torch.load(os.path.join(full_dir, "checkpoint.pt"), weights_only=True)
+    b = torch.load(checkpoint, weights_only=True)
+    assert not torch.isnan(a["model"]["actor.snd_hat"])
+    assert set(a) == set(script.CHECKPOINT_KEYS) and "action_optimizer" not in a  # its moments: the model's
+    for key in a["model"]:
+        if key != "_extra_state":
+            assert torch.equal(a["model"][key], b["model"][key]), key
+    # DiCo's own Adam (the action-space loss): its moments are the agent's extra state, restored too
+    moments, resumed = (m["model"]["_extra_state"]["action_optimizer"]["state"] for m in (a, b))
+    assert moments and moments.keys() == resumed.keys()
+    for k in moments:
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(torch.as_tensor(moments[k][name]), torch.as_tensor(resumed[k][name])), (k, name)
+
+
+def test_checkpoint_is_refused_when_incompatible_foreign_or_corrupt(script, tmp_path, capsys):
+    assert run_main(script, tiny_args(tmp_path / "train", "--save-model"), capsys)[0] == 0
+    (run_dir,) = run_dirs(tmp_path / "train")
+    checkpoint = os.path.join(run_dir, "checkpoint.pt")
+    cases = {
+        "n_agents": (checkpoint, ["--n-agents", 3]),
+        "hypernet": (checkpoint, ["--hypernet", "nops"]),
+        "scenario": (checkpoint, ["--scenario", "navigation"]),  # the last --scenario wins
+    }
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(open(checkpoint, "rb").read()[:500])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": {}}, foreign)
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"format": "x", "payload": subprocess.Popen}, hostile)  # not loadable with weights_only
+    older = tmp_path / "older.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    torch.save(state | {"format": state["format"].split("/")[0] + "/2"}, older)
+    cases.update(corrupt=(str(corrupt), []), foreign=(str(foreign), []), hostile=(str(hostile), []),
+                 older=(str(older), []))
+    for name, (path, extra) in cases.items():
+        argv = tiny_args(tmp_path / "eval", "--eval-only", "--checkpoint", path, *extra)
+        code, out, err = run_main(script, argv, capsys)
+        assert code == 2, name
+        assert err.count("\n") == 1, (name, err)
+        if name in ("n_agents", "hypernet", "scenario"):  # the model's flags come from the checkpoint
+            assert err.startswith(f"error: --{name.replace('_', '-')}: the checkpoint's run has"), (name, err)
+        else:
+            assert err.startswith("error: --checkpoint"), (name, err)
+            assert "weights_only" not in err  # never relay torch's advice to load unsafely
+    assert "written by an older version" in err, err  # the last case: a format this script no longer reads
+    assert not os.path.exists(tmp_path / "eval")
+
+
+@pytest.mark.parametrize("kind", ["torchscript", "pickle"])
+def test_foreign_formats_are_refused_in_one_line(script, kind, tmp_path, capsys):
+    import pickle
+
+    path = tmp_path / f"{kind}.pt"
+    if kind == "torchscript":
+        with warnings.catch_warnings():  # torch.jit.save is deprecated, and still what such files come from
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    else:
+        path.write_bytes(pickle.dumps({"format": "x"}, protocol=4))
+    code, out, err = run_main(script, tiny_args(tmp_path / "runs", "--resume", path), capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: --resume: "), err
+    assert "weights_only" not in err and not os.path.exists(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--checkpoint"])
+def test_empty_checkpoint_file_is_one_line(script, flag, tmp_path, capsys):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    extra = ["--resume", empty] if flag == "--resume" else ["--eval-only", "--checkpoint", empty]
+    code, out, err = run_main(script, tiny_args(tmp_path / "runs", *extra), capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {flag}: "), err
+    assert not os.path.exists(tmp_path / "runs")
+
+
+@pytest.fixture
+def saved_run(script, tmp_path, capsys):
+    """A finished 64-step run with a checkpoint: (run folder, checkpoint path)."""
+    argv = tiny_args(tmp_path / "runs", "--save-model", "--seed", 3, "--print-interval", 1, "--no-cuda")
+    assert run_main(script, argv, capsys)[0] == 0
+    (run_dir,) = run_dirs(tmp_path / "runs")
+    return run_dir, os.path.join(run_dir, "checkpoint.pt")
+
+
+@pytest.mark.parametrize("extra,flag", [
+    (["--learning-rate", 1e-3], "--learning-rate"), (["--num-envs", 8], "--num-envs"),
+    (["--num-steps", 4, "--num-minibatches", 2], "--num-steps"), (["--seed", 4], "--seed"),
+    (["--seed", 1], "--seed"),  # given with the default value: still not the run's seed
+    (["--lidar-range", 0.35], "--lidar-range"),  # a Navigation flag, for the checkpoint's Dispersion run
+    (["--total-timesteps", 32], "--total-timesteps"),  # less than the run has already done
+    (["--total-timesteps", 16], "--total-timesteps"),  # below one batch: the same reason (next test)
+    (["--total-timesteps", 80], "--total-timesteps"),  # more, but not one more 32-step iteration
+    ([], "--total-timesteps"),  # the run is complete: nothing to do is not a silent success
+])
+def test_resume_refuses_flags_that_would_change_the_run(script, saved_run, extra, flag, capsys):
+    run_dir, checkpoint = saved_run
+    before = {name: os.path.getmtime(os.path.join(run_dir, name)) for name in os.listdir(run_dir)}
+    code, out, err = run_main(script, ["--resume", checkpoint, *map(str, extra)], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {flag}: "), err
+    assert {name: os.path.getmtime(os.path.join(run_dir, name)) for name in os.listdir(run_dir)} == before
+
+
+def test_resume_with_a_budget_below_what_the_run_did_says_so(script, saved_run, capsys):
+    """Not "must be at least one batch": the reason is the steps the run has already trained."""
+    code, _, err = run_main(script, ["--resume", saved_run[1], "--total-timesteps", "16"], capsys)
+    assert code == 2 and err.startswith("error: --total-timesteps: the run already trained 64 steps"), err
+
+
+def test_resume_takes_the_run_from_the_checkpoint_and_reports_what_changed(script, saved_run, capsys):
+    run_dir, checkpoint = saved_run
+    argv = ["--resume", checkpoint, "--total-timesteps", "96", "--print-interval", "10", "--cuda", "--save-interval", "32"]
+    code, out, err = run_main(script, argv, capsys)
+    assert code == 0, err
+    # flags given with their default value still count; --save-interval needs the run's --save-model
+    changed = out.split("changed: ")[1].splitlines()[0].split(", ")
+    assert sorted(changed) == ["--cuda False -> True", "--print-interval 1 -> 10", "--total-timesteps 64 -> 96"]
+    state = load_checkpoint(checkpoint)
+    assert state["global_step"] == 96 and state["args"]["seed"] == 3 and state["args"]["num_envs"] == 4
+    assert scalar_tags(run_dir)["losses/value_loss"]  # the same run folder continues
+    assert run_dirs(os.path.dirname(run_dir)) == [run_dir]
+
+
+def test_nan_loss_stops_with_the_update_number_and_keeps_the_checkpoint(script, tmp_path, capsys, monkeypatch):
+    updates = {"n": 0}
+    original_update, original_loss = script.ppo_update, script.ppo_loss
+
+    def counted_update(*args, **kwargs):
+        updates["n"] += 1
+        return original_update(*args, **kwargs)
+
+    def poisoned(*args, **kwargs):  # the second update's loss becomes NaN
+        loss, per_agent, stats = original_loss(*args, **kwargs)
+        return (loss * float("nan") if updates["n"] >= 2 else loss), per_agent, stats
+
+    monkeypatch.setattr(script, "ppo_update", counted_update)
+    monkeypatch.setattr(script, "ppo_loss", poisoned)
+    argv = tiny_args(tmp_path, "--save-model", "--save-interval", 32, "--total-timesteps", 96)
+    code, out, err = run_main(script, argv, capsys)
+    assert code == 1
+    assert "update 2" in err
+    (run_dir,) = run_dirs(tmp_path)
+    state = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))
+    assert state["global_step"] == 32 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+# ===== Ctrl-C and SIGTERM =====
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_the_process_group_saves_a_checkpoint_that_resumes(script, signum, tmp_path, capsys):
+    # a budget out of reach: the signal always finds the run going, however slow the machine
+    argv = [sys.executable, "-u", f"{script.__name__}.py"] + tiny_args(tmp_path, "--total-timesteps", 32 * 10**6,
+                                                                     "--print-interval", 1, "--eval-interval", 10**9)
+    # its own process group, signalled as a whole: what a terminal's Ctrl-C, Slurm or timeout do
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    for line in process.stdout:  # the first progress line: the loop runs, its handler is in place
+        if line.startswith("global_step="):
+            break
+    os.killpg(process.pid, signum)
+    out, err = process.communicate(timeout=HANG)
+    assert process.returncode == 0, err
+    assert "--resume" in out
+    (run_dir,) = run_dirs(tmp_path)
+    state = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))
+    assert 32 <= state["global_step"] < 32 * 10**6 and state["iteration"] == state["global_step"] // 32 + 1
+    assert not [f for f in os.listdir(run_dir) if f.endswith(".tmp")]
+    # and it resumes: one more iteration, in the same run folder, from the saved step
+    budget = state["global_step"] + 32
+    code, out, err = run_main(script, ["--resume", os.path.join(run_dir, "checkpoint.pt"), "--total-timesteps", budget,
+                                       "--print-interval", 1, "--save-model"], capsys)
+    assert code == 0, err
+    assert f"at step {state['global_step']}" in out and f"global_step={budget} " in out, out
+    assert run_dirs(tmp_path) == [run_dir] and load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))["global_step"] == budget
+
+
+# ===== --eval-only, and SND on a shared dataset (appendix D.1.2) =====
+def test_eval_only_reports_return_and_snd_and_writes_nothing(script, tmp_path, capsys):
+    assert run_main(script, tiny_args(tmp_path / "train", "--save-model"), capsys)[0] == 0
+    (run_dir,) = run_dirs(tmp_path / "train")
+    checkpoint = os.path.join(run_dir, "checkpoint.pt")
+    before = sorted(os.listdir(run_dir))
+    code, out, err = run_main(script, tiny_args(tmp_path / "eval", "--eval-only", "--checkpoint", checkpoint), capsys)
+    assert code == 0, err
+    assert "eval/episodic_return=" in out and "diversity/snd=" in out
+    ret = float(out.split("eval/episodic_return=")[1].split()[0])
+    assert ret == pytest.approx(scalar_tags(run_dir)["eval/episodic_return"][-1], abs=1e-4)
+    assert not os.path.exists(tmp_path / "eval") and sorted(os.listdir(run_dir)) == before
+
+
+def test_eval_only_takes_the_model_flags_from_the_checkpoint(script, saved_run, tmp_path, capsys):
+    _, checkpoint = saved_run  # trained with 16-unit layers: the default 64 64 would not load
+    code, out, err = run_main(script, ["--eval-only", "--checkpoint", checkpoint, "--eval-episodes", "2"], capsys)
+    assert code == 0 and "eval/episodic_return=" in out, err
+
+
+def test_snd_on_an_observation_file_and_the_dataset_builder(script, tmp_path, capsys):
+    assert script.main(tiny_args(tmp_path / "train", "--save-model", "--hypernet", "nops")) == 0
+    (run_dir,) = run_dirs(tmp_path / "train")
+    checkpoint = os.path.join(run_dir, "checkpoint.pt")
+    capsys.readouterr()
+    out = tmp_path / "snd.npz"
+    spec = importlib.util.spec_from_file_location("snd_dataset", os.path.join(ROOT, "benchmark", "snd_dataset.py"))
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    argv = ["--script", script.__name__, "--checkpoints", checkpoint, checkpoint, "--episodes", 5,
+            "--samples", 120, "--out", out]
+    assert builder.main([str(a) for a in argv]) == 0
+    obs = np.load(out)["obs"]
+    assert obs.shape == (30, 4, 16)  # 120 // 4 rows of every agent's observation
+    code = script.main(tiny_args(tmp_path / "eval", "--eval-only", "--checkpoint", checkpoint,
+                                 "--snd-obs-file", out, "--hypernet", "nops"))
+    printed = capsys.readouterr().out
+    assert code == 0
+    snd = float(printed.split("diversity/snd=")[1].split()[0])
+    args = read_args(script, ["--hypernet", "nops", "--actor-hidden-dims", 16, 16, "--critic-hidden-dims", 16, 16,
+                              "--max-steps", 6])
+    _, agent = vmas_agent(script, args)
+    agent.load_state_dict(load_checkpoint(checkpoint)["model"])
+    with torch.no_grad():
+        same = torch.from_numpy(obs.reshape(-1, 16)).expand(4, -1, -1)  # every agent on every observation
+        expected = script.system_neural_diversity(agent.policy(same, agent.generate(same)), True)
+    assert snd == pytest.approx(expected, abs=2e-6)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--snd-obs-file", "x.npz"], "--snd-obs-file: only with --eval-only"),
+    (["--eval-only", "--checkpoint", "CKPT", "--snd-obs-file", "missing.npz"], "--snd-obs-file: no such file"),
+    (["--eval-only", "--checkpoint", "CKPT", "--snd-obs-file", "BAD"], "--snd-obs-file:"),
+])
+def test_bad_snd_obs_file_is_one_line_exit_2(script, tmp_path, capsys, extra, message):
+    assert script.main(tiny_args(tmp_path / "train", "--save-model")) == 0
+    (run_dir,) = run_dirs(tmp_path / "train")
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, obs=np.zeros((5, 7), dtype=np.float32))  # wrong observation size
+    extra = [str(bad) if e == "BAD" else os.path.join(run_dir, "checkpoint.pt") if e == "CKPT" else e for e in extra]
+    capsys.readouterr()
+    assert script.main(tiny_args(tmp_path / "eval", *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {message}"), err
+    assert not os.path.exists(tmp_path / "eval")
+
+
+def test_snd_obs_files_that_are_not_datasets_are_refused(script, tmp_path, capsys):
+    files = {"array.npy": lambda p: np.save(p, np.zeros((5, 16), np.float32)),  # .npy, not .npz
+             "empty.npz": lambda p: open(p, "wb").close(),
+             "nan.npz": lambda p: np.savez(p, obs=np.full((5, 16), np.nan, np.float32)),
+             "object.npz": lambda p: np.savez(p, obs=np.array([{}], dtype=object))}  # pickled: refused
+    for name, write in files.items():
+        write(tmp_path / name)
+        with pytest.raises(ValueError, match="--snd-obs-file: "):
+            extras.load_snd_obs(str(tmp_path / name), 16)
+    np.savez(tmp_path / "ok.npz", obs=np.ones((5, 4, 16), np.float32))
+    assert extras.load_snd_obs(str(tmp_path / "ok.npz"), 16).shape == (20, 16)
+    assert script.main(tiny_args(tmp_path / "train", "--save-model")) == 0
+    (run_dir,) = run_dirs(tmp_path / "train")
+    capsys.readouterr()
+    argv = ["--eval-only", "--checkpoint", os.path.join(run_dir, "checkpoint.pt"), "--snd-obs-file", tmp_path / "array.npy"]
+    assert script.main(tiny_args(tmp_path / "eval", *argv)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --snd-obs-file: "), err
+
+
+# ===== Run folders and progress lines =====
+def test_runs_started_in_the_same_second_get_their_own_folders(script, tmp_path, capsys, monkeypatch):
+    clock = iter(range(10**6))
+    monkeypatch.setattr(extras.time, "time", lambda: 1_800_000_000 + next(clock) * 1e-4)  # never a new second
+    for _ in range(2):
+        assert run_main(script, tiny_args(tmp_path, "--save-model"), capsys)[0] == 0
+    folders = run_dirs(tmp_path)
+    assert len(folders) == 2 and all(os.path.isfile(os.path.join(f, "checkpoint.pt")) for f in folders)
+
+
+def test_progress_lines_give_the_plan_elapsed_time_and_eta(script, tmp_path, capsys):
+    # 8-step rollouts of 100-step episodes: the first iterations end no episode
+    code, out, err = run_main(script, tiny_args(tmp_path, "--max-steps", 100, "--print-interval", 1), capsys)
+    assert code == 0, err
+    assert "plan: 2 iterations of 32 steps (4 envs x 8) up to step 64" in out
+    lines = [line for line in out.splitlines() if line.startswith("global_step=")]
+    assert lines[0].startswith("global_step=32 iteration=1/2 ")
+    assert all(" elapsed=" in line and " eta=" in line for line in lines)
+    assert "episodic_return=no_episode_ended" in lines[0] and "nan" not in out
+
+
+# ===== Evaluation videos (--capture-video) =====
+def test_capture_video_writes_non_blank_episodes_and_changes_no_number(tmp_path, capsys):
+    script = load_script("ippo_hyper_vmas")  # evaluate() is the same in both scripts (test_shared_code)
+    import imageio.v2 as imageio
+    import numpy as np
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for name, extra in (("plain", []), ("video", ["--capture-video"])):
+        assert run_main(script, tiny_args(tmp_path / name, "--max-steps", 20, *extra), capsys)[0] == 0
+    (plain,), (video,) = run_dirs(tmp_path / "plain"), run_dirs(tmp_path / "video")
+    assert sorted(os.listdir(os.path.join(video, "videos"))) == ["eval_32.mp4", "eval_64.mp4"]
+    frames = [np.asarray(f) for f in imageio.get_reader(os.path.join(video, "videos", "eval_64.mp4"))]
+    assert len(frames) >= 10 and frames[0].ndim == 3
+    assert all(f.std() > 3 for f in frames)  # not blank: the arena, agents and food are drawn
+    assert (np.abs(frames[0].astype(int) - frames[-1].astype(int)).max(-1) > 30).sum() > 50  # agents moved
+    accumulator = EventAccumulator(video, size_guidance={"images": 0})
+    accumulator.Reload()
+    (summary, _) = accumulator.Images("eval/video")
+    assert summary.encoded_image_string[:3] == b"GIF" and summary.step == 32
+    timing = ("perf/", "charts/SPS")
+    plain_tags, video_tags = scalar_tags(plain), scalar_tags(video)
+    assert {t: v for t, v in plain_tags.items() if not t.startswith(timing)} == \
+        {t: v for t, v in video_tags.items() if not t.startswith(timing)}
+
+
+def test_capture_video_without_a_renderer_fails_at_once(tmp_path, capsys, monkeypatch):
+    script = load_script("ippo_hyper_vmas")
+    monkeypatch.setenv("__EGL_VENDOR_LIBRARY_FILENAMES", "/nonexistent/egl.json")  # no EGL in the probe
+    monkeypatch.delenv("DISPLAY", raising=False)
+    code, out, err = run_main(script, tiny_args(tmp_path / "runs", "--capture-video"), capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: --capture-video: ") and "install" in err
+    assert not os.path.exists(tmp_path / "runs")
+
+
+# ===== A script copied alone (no hypermarl_extras.py beside it) trains; what needs the helper is refused =====
+TINY = {
+    "ippo_hyper_vmas": tiny_args("runs"),
+    "mappo_hyper_vmas": tiny_args("runs"),
+    "reinforce_matrix_games": ["--num-trials", "40", "--eval-interval", "20"],
+    "mappo_hyper_mamujoco": tiny_argv("runs"),
+}
+
+
+def run_alone(name, tmp_path, *argv):
+    """The script alone in tmp_path, run there: nothing of the repository is importable."""
+    shutil.copy(os.path.join(ROOT, f"{name}.py"), tmp_path)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = run_python([f"{name}.py", *argv], cwd=tmp_path, env=env)
+    return result.returncode, result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("name", ["ippo_hyper_vmas", "reinforce_matrix_games"])
+def test_a_script_copied_alone_trains(name, tmp_path):
+    code, out, err = run_alone(name, tmp_path, *TINY[name])
+    assert code == 0, err
+    assert "eval" in out and "Traceback" not in err
+    assert os.listdir(tmp_path / "runs")  # its TensorBoard run
+
+
+@pytest.mark.parametrize("name, flag", [pytest.param("ippo_hyper_vmas", "--save-model", marks=pytest.mark.smoke),
+                                        ("mappo_hyper_vmas", "--eval-only"),
+                                        ("mappo_hyper_mamujoco", "--save-model"),
+                                        ("mappo_hyper_mamujoco", "--capture-video"),
+                                        ("reinforce_matrix_games", "--save-model")])
+def test_what_needs_the_helper_is_refused_in_one_line(name, flag, tmp_path):
+    code, out, err = run_alone(name, tmp_path, *TINY[name], flag)
+    assert code == 2
+    assert err.strip().splitlines() == [f"error: {flag}: needs hypermarl_extras.py beside this script"], err
+    assert sorted(os.listdir(tmp_path)) == [f"{name}.py"]  # no run folder, no checkpoint
+
+
+def test_a_script_copied_alone_checks_its_flags(tmp_path):
+    """The checks of ranges and combinations are the script's own: no VMAS assertion, no quiet fix."""
+    code, out, err = run_alone("ippo_hyper_vmas", tmp_path, *TINY["ippo_hyper_vmas"], "--num-minibatches", "3")
+    assert code == 2
+    assert err.strip().splitlines() == ["error: --num-minibatches: must divide num_envs * num_steps = 32, got 3"], err
+    assert sorted(os.listdir(tmp_path)) == ["ippo_hyper_vmas.py"]
+
+
+def test_without_the_helper_every_flag_that_needs_it_is_refused(script, monkeypatch):
+    """Every flag of NEEDS_EXTRAS, named; the other flags are still read and checked."""
+    monkeypatch.setattr(script, "extras", None)
+    values = {"resume": ["x.pt"], "checkpoint": ["x.pt"], "snd_obs_file": ["x.npz"]}
+    assert set(values) < set(script.NEEDS_EXTRAS)
+    for name in script.NEEDS_EXTRAS:
+        flag = "--" + name.replace("_", "-")
+        with pytest.raises(ValueError) as error:
+            script.read_command_line([flag, *values.get(name, [])])
+        assert str(error.value) == f"{flag}: needs hypermarl_extras.py beside this script"
+    with pytest.raises(ValueError, match="^--num-minibatches: must divide"):
+        script.read_command_line(["--num-minibatches", "3"])
+    args, loaded, changes = script.read_command_line(["--scenario", "navigation"])
+    assert (args.num_envs, loaded, changes) == (600, None, [])  # the paper's values (Table 12)
