@@ -493,8 +493,10 @@ def main(argv=None) -> int:
                     rewards[step], terminateds[step, 0], truncateds[step, 0] = reward, terminated, truncated
 
                 # bootstrap value: V(next state), V(final observation) at a time limit, 0 at termination
+                if agent.per_sample:
+                    weights = agent.generate(next_obs)
                 dones = torch.maximum(terminateds, truncateds)
-                next_values = torch.cat([values[1:], agent.get_value(next_obs, agent.generate(next_obs)).unsqueeze(0)])
+                next_values = torch.cat([values[1:], agent.get_value(next_obs, weights).unsqueeze(0)])
                 next_values = torch.where(dones.bool(), bootstrap_values(agent, final_obs, truncateds), next_values)
                 advantages, returns = compute_gae(rewards, values, next_values, terminateds, dones,
                                                   args.gamma, args.gae_lambda)
@@ -677,9 +679,12 @@ def evaluate(agent, eval_env: VmasEnv, args: Args, seed: int, snd_obs=None, vide
         seen = []
         if video is not None:
             video.append(eval_env.env.render(mode="rgb_array", env_index=0))
+        weights = agent.generate(obs)  # once; w/o GD: per observation
         for _ in range(args.max_steps):
             seen.append(obs[:, active])
-            dist = agent.policy(obs, agent.generate(obs))
+            if agent.per_sample:
+                weights = agent.generate(obs)
+            dist = agent.policy(obs, weights)
             if args.eval_deterministic:  # the mode: argmax, or the mean
                 action = dist.argmax(-1) if agent.discrete else dist[0]
             else:
