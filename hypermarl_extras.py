@@ -6,12 +6,14 @@ need this file (--save-model, --resume, --eval-only, --capture-video, ...).
 
 Command line:
     ArgError / CheckpointError                   a bad flag or file: one line, exit status 2, nothing written
-    read_checkpoint(args, given, fmt, keys, model_fields, may_change)   --resume / --eval-only's checkpoint
+    read_checkpoint(args, given, fmt, keys, model_fields, may_change, check)   --resume / --eval-only's checkpoint
     resume_rules(args, loaded, changes)          a resumed run's budget, as (broken, message) pairs
-    check_output(args)                           --runs-dir writable, wandb installed for --track
+    check_output(args)                           --runs-dir creatable and writable, wandb installed for --track
+    first_line(error)                            an error's reason for a one-line message, cut at a word
     check_capture_video(simulator)               --capture-video: this machine renders off-screen
 Run folders and signals:
     new_run_folder(runs_dir, prefix)             a fresh folder, safe for runs started in the same second
+    open_run(args, prefix, loaded, changes)      a new run folder or the resumed one; TensorBoard, wandb
     StopOnSignal()                               Ctrl-C / SIGTERM: save and stop after the iteration
     signal_deaf_vector_env(fns, autoreset_mode)  MaMuJoCo's workers, alive through a Ctrl-C until the checkpoint
 Checkpoints:
@@ -23,6 +25,7 @@ Checkpoints:
     load_snd_obs(path, obs_dim)                  an SND dataset (.npz) for --eval-only --snd-obs-file
     save_vmas_run(...) / restore_vmas_run(...)   a VMAS script's whole run, simulators included, bit for bit
     save_mamujoco_run(...) / restore_mamujoco_run(...)   the same for the MaMuJoCo script
+    restoring(args, loaded, fresh)               around a restore: NaN/inf, or a misfit, is one line (CheckpointError)
     mujoco_sim_state(env) / set_mujoco_sim_state(env, state)   one MuJoCo env mid-episode, as plain data
     save_matrix_models(...)                      the matrix games' --save-model
 Videos (--capture-video):
@@ -39,6 +42,7 @@ Without a GPU, Mesa's EGL renders in software (llvmpipe): no display and no GPU 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import io
@@ -46,10 +50,13 @@ import os
 import pickle
 import random
 import signal
+import re
 import subprocess
+import tempfile
 import threading
 import sys
 import time
+import typing
 import warnings
 import zipfile
 from typing import Optional, Sequence
@@ -227,35 +234,131 @@ def check_output_folder(flag: str, path: str) -> None:
         raise ArgError(f"{flag}: {existing!r} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ArgError(f"{flag}: {existing!r} is not writable")
+    name_max, path_max = (_pathconf(existing, key, default) for key, default in (("PC_NAME_MAX", 255), ("PC_PATH_MAX", 4096)))
+    missing = os.path.relpath(os.path.abspath(path), existing)
+    if any(len(os.fsencode(name)) > name_max for name in missing.split(os.sep)):
+        raise ArgError(f"{flag}: a folder name in it is longer than this file system's {name_max} bytes")
+    if len(os.fsencode(os.path.abspath(path))) + name_max + 64 > path_max:  # + the run's folder, + its files
+        raise ArgError(f"{flag}: too long a path ({len(os.path.abspath(path))} characters) to hold run folders "
+                       f"under this file system's {path_max}")
+    try:  # access() says yes to root where the kernel refuses (/proc): create a folder, and remove it at once
+        os.rmdir(tempfile.mkdtemp(prefix=".hypermarl-probe-", dir=existing))
+    except OSError as error:
+        raise ArgError(f"{flag}: cannot create a folder in {existing!r} ({error.strerror or first_line(error)})")
+
+
+def _pathconf(path: str, key: str, default: int) -> int:
+    try:
+        return os.pathconf(path, key)
+    except (OSError, ValueError, AttributeError):  # not POSIX, or no limit known
+        return default
+
+
+def first_line(error: BaseException, limit: int = 120) -> str:
+    """An error's reason for a one-line message: its first line (its type if blank; with the next one if it is
+    a heading, as load_state_dict's), cut at a word with '...' when longer than limit."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    line = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+    if len(line) <= limit:
+        return line
+    head = line[: limit - 3]
+    return (head.rsplit(" ", 1)[0] if " " in head else head) + "..."
 
 
 INVOCATION_FIELDS = ("resume", "eval_only", "checkpoint", "snd_obs_file")  # what to do, not what the run is
+# Flags of training that --eval-only would silently ignore: it writes no run, no checkpoint, no log, compiles nothing
+TRAINING_ONLY = ("save_model", "save_interval", "track", "wandb_project_name", "wandb_entity", "exp_name", "compile",
+                 "print_interval")
 
 
-def read_checkpoint(args, given: set[str], fmt: str, keys, model_fields, may_change):
+def read_checkpoint(args, given: set[str], fmt: str, keys, model_fields, may_change, check):
     """The checkpoint a run resumes (--resume) or evaluates (--eval-only --checkpoint), read safely,
     its flags taken into args in place: (the checkpoint or None, the flags --resume changes, to report).
     fmt: the script's checkpoint format; keys: what its checkpoints hold; model_fields: the flags that
     define the model and the environment (--checkpoint takes them); may_change: what --resume may
-    change, every other flag being the checkpoint's. ArgError (one line) for a bad flag or file."""
+    change, every other flag being the checkpoint's; check: the script's check_args(args, given), which
+    the checkpoint's own flags must pass. ArgError (one line) for a bad flag or file."""
     if args.eval_only != bool(args.checkpoint):
         raise ArgError("--eval-only: needs --checkpoint PATH" if args.eval_only else
                        "--checkpoint: only with --eval-only (use --resume to continue training)")
     if args.eval_only and args.resume:
         raise ArgError("--resume: cannot be combined with --eval-only")
+    ignored = [name for name in TRAINING_ONLY if name in given] if args.eval_only else []
+    if ignored:  # named as written
+        written = ("--no-" + flag_of(ignored[0])[2:]) if getattr(args, ignored[0]) is False else flag_of(ignored[0])
+        raise ArgError(f"{written}: only for training, not with --eval-only (it prints the evaluation and writes "
+                       "nothing but a --capture-video video)")
     if getattr(args, "snd_obs_file", None) is not None and not args.eval_only:
         raise ArgError("--snd-obs-file: only with --eval-only")
     for name in ("resume", "checkpoint", "snd_obs_file"):
         path = getattr(args, name, None)
         if path is not None and not os.path.isfile(path):
             raise ArgError(f"{flag_of(name)}: {path!r} is a folder, not a file" if os.path.isdir(path) else
+                           f"{flag_of(name)}: {path!r} is not a regular file" if os.path.exists(path) else
                            f"{flag_of(name)}: no such file {path!r}")
     if not (args.resume or args.checkpoint):
         return None, []
-    flag = "--resume" if args.resume else "--checkpoint"
-    loaded = load_checkpoint(args.resume or args.checkpoint, flag, fmt, keys)
+    flag, path = checkpoint_flag(args)
+    loaded = load_checkpoint(path, flag, fmt, keys)
+    names = model_fields if flag == "--checkpoint" else [f.name for f in dataclasses.fields(args)]
+    check_saved_flags(args, loaded, [n for n in names if n not in given and n not in INVOCATION_FIELDS], check)
     changes = take_flags_from_checkpoint(args, loaded["args"], flag, given, model_fields, may_change, INVOCATION_FIELDS)
+    check_run_position(loaded, flag, path, args.num_envs * args.num_steps)
     return loaded, changes
+
+
+def checkpoint_flag(args) -> tuple[str, str]:
+    """The flag that names the checkpoint, and its path."""
+    return ("--resume", args.resume) if args.resume else ("--checkpoint", args.checkpoint)
+
+
+def check_saved_flags(args, loaded: dict, taken: list[str], check) -> None:
+    """The flags the run takes from the checkpoint (taken), as the script's check sees them: a run saves only
+    valid ones, so an invalid one is the file's fault (edited or damaged), said so before any of them is used.
+    A broken rule that names no taken flag (a flag of the command line, this machine's memory) is left to
+    the script's own check of the whole command line, which follows."""
+    flag, path = checkpoint_flag(args)
+    saved, hints = loaded["args"], typing.get_type_hints(type(args))
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{flag}: {path!r} holds no flags of a run: refused")
+    values = {name: saved[name] for name in taken if name in saved}
+    for name, value in values.items():
+        if problem := type_problem(value, hints[name]):
+            raise CheckpointError(f"{flag}: {path!r} holds an invalid flag: {flag_of(name)}: {problem}, got {value!r:.60}")
+    try:
+        check(dataclasses.replace(args, **values), set())
+    except ValueError as error:
+        if str(error).split(":", 1)[0] in {flag_of(name) for name in values}:
+            raise CheckpointError(f"{flag}: {path!r} holds an invalid flag: {error}") from None
+
+
+def type_problem(value, hint) -> Optional[str]:
+    """Why value cannot be a flag of type hint (bool, int, float, str, Literal, Optional, list), or None."""
+    origin, options = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return None if isinstance(value, str) and value in options else f"must be one of {', '.join(map(repr, options))}"
+    if origin is typing.Union:  # Optional[X]
+        return None if value is None else type_problem(value, next(o for o in options if o is not type(None)))
+    if origin is list:
+        fits = isinstance(value, list) and not any(type_problem(v, options[0]) for v in value)
+        return None if fits else f"must be a list of {options[0].__name__}s"
+    fits = isinstance(value, (int, float) if hint is float else hint) and (hint is bool or not isinstance(value, bool))
+    return None if fits else f"must be {'an' if hint is int else 'a'} {hint.__name__}"
+
+
+def check_run_position(loaded: dict, flag: str, path: str, batch: int) -> None:
+    """Where the saved run stands: its folder's name (a plain name: --resume --runs-dir and --capture-video
+    make a path of it), and for --resume its step and next iteration, which the loop's arithmetic ties together
+    (batch: the run's num_envs * num_steps)."""
+    name, step, iteration = loaded["run_name"], loaded["global_step"], loaded["iteration"]
+    if not (isinstance(name, str) and 0 < len(name) <= 200 and name not in (".", "..")
+            and not re.search(r"[/\\\0]", name)):
+        raise CheckpointError(f"{flag}: {path!r} holds an invalid run name {name!r:.60}: refused")
+    if flag != "--resume" or batch <= 0:  # a batch of none is the ranges' to report
+        return
+    if not (type(step) is int and type(iteration) is int and iteration >= 1 and step == (iteration - 1) * batch):
+        raise CheckpointError(f"{flag}: {path!r} holds an impossible position: global_step {step!r:.30}, iteration "
+                              f"{iteration!r:.30} (a run is at step (iteration - 1) * {batch})")
 
 
 def resume_rules(args, loaded, changes):
@@ -267,7 +370,7 @@ def resume_rules(args, loaded, changes):
         ("--total-timesteps: the run anneals its learning rate over its budget (--anneal-lr); "
          "a new budget would change the schedule")
     batch_size = args.num_envs * args.num_steps  # the checkpoint's
-    if resumed:
+    if resumed and batch_size > 0:  # a batch of none is the ranges' to report (--num-envs, --num-steps)
         yield loaded["iteration"] > args.total_timesteps // batch_size, \
             (f"--total-timesteps: the run already trained {loaded['global_step']} steps, in iterations "
              f"of {batch_size}; give at least {loaded['iteration'] * batch_size} to train on")
@@ -294,6 +397,30 @@ def new_run_folder(runs_dir: str, prefix: str) -> str:
             return name
         except FileExistsError:
             k += 1
+
+
+def open_run(args, prefix: str, loaded, changes: list[str]):
+    """The run's folder and its TensorBoard writer (wandb too with --track): a new folder
+    runs_dir/<prefix>__<time>, or the resumed checkpoint's own folder, wherever the run is started from
+    (runs_dir/<its run> if --resume changes --runs-dir). Returns (run_dir, writer, global_step, iteration)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    if loaded is None:
+        run_dir, global_step, iteration = os.path.join(args.runs_dir, new_run_folder(args.runs_dir, prefix)), 0, 1
+    else:
+        global_step, iteration, run_name = loaded["global_step"], loaded["iteration"], loaded["run_name"]
+        moved = any(change.startswith("--runs-dir ") for change in changes)
+        run_dir = os.path.join(args.runs_dir, run_name) if moved else os.path.dirname(os.path.abspath(args.resume))
+        print(f"resume: {run_name} at step {global_step}" + (f"; changed: {', '.join(changes)}" if changes else ""))
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=os.path.basename(run_dir), save_code=True)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    print(f"run: {run_dir}")
+    return run_dir, writer, global_step, iteration
 
 
 class StopOnSignal:
@@ -376,12 +503,13 @@ def load_checkpoint(path: str, flag: str, fmt: str, required: set) -> dict:
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
         if "weights_only" in str(error):  # e.g. a TorchScript archive: again, no advice to load it unsafely
             raise CheckpointError(f"{flag}: {path!r} is not a checkpoint torch can load as plain data: refused")
-        why = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]  # an empty file's error is blank
-        raise CheckpointError(f"{flag}: {path!r} is not a readable checkpoint ({why})")
+        raise CheckpointError(f"{flag}: {path!r} is not a readable checkpoint ({first_line(error)})")
     found = state.get("format") if isinstance(state, dict) else None
     if isinstance(found, str) and found.split("/")[0] == fmt.split("/")[0] and found != fmt:
         raise CheckpointError(f"{flag}: {path!r} is a {found} checkpoint, written by an older version of this "
                               f"script; this one reads {fmt}")
+    if isinstance(found, str) and found != fmt and re.fullmatch(r"hypermarl-[\w-]+/\d+", found):
+        raise CheckpointError(f"{flag}: {path!r} is a {found} checkpoint, another script's; this one reads {fmt}")
     if found != fmt or not set(required) <= set(state):
         raise CheckpointError(f"{flag}: {path!r} is not a {fmt} checkpoint")
     return state
@@ -449,8 +577,10 @@ def load_snd_obs(path: str, obs_dim: int) -> torch.Tensor:
         with data:
             obs = np.asarray(data["obs"], dtype=np.float32)
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as error:  # EOFError: an empty file
-        raise ValueError(f"--snd-obs-file: {path!r} is not an .npz file with an obs array "
-                         f"({str(error).splitlines()[0][:120]})")
+        if "allow_pickle" in str(error):  # NumPy advises unpickling it: never relay that
+            raise ValueError(f"--snd-obs-file: {path!r} holds Python objects (pickled), not plain arrays: refused "
+                             "for safety")
+        raise ValueError(f"--snd-obs-file: {path!r} is not an .npz file with an obs array ({first_line(error)})")
     if obs.ndim not in (2, 3) or obs.shape[-1] != obs_dim or obs.size == 0:
         raise ValueError(f"--snd-obs-file: {path!r} holds observations of shape {obs.shape}; "
                          f"this scenario's have {obs_dim} features")
@@ -488,13 +618,88 @@ def save_vmas_run(path, fmt, args, run_name, agent, optimizer, envs, global_step
         iteration=iteration))
 
 
-def restore_vmas_run(loaded, agent, optimizer, envs):
-    """The saved run, restored in place; returns (global_step, next iteration, run_name)."""
-    agent.load_state_dict(loaded["model"])
-    optimizer.load_state_dict(loaded["optimizer"])
-    load_vmas_env_state(envs, loaded["env"])
-    set_rng_state(loaded["rng"])
-    return loaded["global_step"], loaded["iteration"], loaded["run_name"]
+def restore_vmas_run(args, loaded, agent, optimizer, envs=None) -> None:
+    """The saved run's model and optimizer, restored in place; resuming (envs given), its environments (just
+    reset) and random generators too. CheckpointError (one line) if it does not fit or holds NaN or inf."""
+    fresh = dict(model=agent.state_dict(), optimizer=optimizer.state_dict())
+    if envs is not None:
+        fresh |= dict(env=vmas_env_state(envs), rng=rng_state())
+    with restoring(args, loaded, fresh):
+        agent.load_state_dict(loaded["model"])
+        load_optimizer(optimizer, loaded["optimizer"])
+        if envs is not None:
+            same_layout(loaded["env"], fresh["env"], "env")
+            load_vmas_env_state(envs, loaded["env"])
+            set_rng_state(loaded["rng"])
+
+
+@contextlib.contextmanager
+def restoring(args, loaded: dict, fresh: dict):
+    """Around a restore: CheckpointError (one line) if the checkpoint holds NaN or inf where fresh (the same
+    keys, as the run holds them before the restore) holds a number (a NaN is a state only where a freshly built
+    model has one: DiCo's SND estimate before its first measurement), or if the restore fails (a key missing
+    or extra, a shape: the file does not fit this script's model)."""
+    flag, path = checkpoint_flag(args)
+    if where := nonfinite({key: loaded[key] for key in fresh}, fresh):
+        raise CheckpointError(f"{flag}: {path!r} holds NaN or inf (in {where}): refused")
+    try:
+        yield
+    except (RuntimeError, ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
+        why = f"no {error.args[0]!r}" if isinstance(error, KeyError) and error.args else first_line(error, 200)
+        raise CheckpointError(f"{flag}: {path!r} does not fit this script's model ({why})") from None
+
+
+def nonfinite(saved, fresh, path: str = "") -> Optional[str]:
+    """Where saved (tensors and numbers, in dicts and lists) holds NaN or inf that fresh, at the same place,
+    does not hold too; None if nowhere."""
+    if isinstance(saved, dict):
+        fresh = fresh if isinstance(fresh, dict) else {}
+        return next(filter(None, (nonfinite(v, fresh.get(k), f"{path}/{k}".lstrip("/")) for k, v in saved.items())), None)
+    if isinstance(saved, (list, tuple)):
+        fresh = fresh if isinstance(fresh, (list, tuple)) and len(fresh) == len(saved) else [None] * len(saved)
+        return next(filter(None, (nonfinite(v, f, f"{path}[{i}]") for i, (v, f) in enumerate(zip(saved, fresh)))), None)
+    if isinstance(saved, float):
+        saved = torch.tensor(saved, dtype=torch.float64)
+        fresh = torch.tensor(fresh, dtype=torch.float64) if isinstance(fresh, float) else fresh
+    if not (isinstance(saved, torch.Tensor) and saved.is_floating_point()) or torch.isfinite(saved).all():
+        return None
+    same = isinstance(fresh, torch.Tensor) and fresh.shape == saved.shape
+    kept = (saved == fresh.to(saved)) | (saved.isnan() & fresh.to(saved).isnan()) if same else torch.zeros_like(saved).bool()
+    return None if (torch.isfinite(saved) | kept).all() else path
+
+
+def same_layout(saved, fresh, path: str) -> None:
+    """ValueError naming where saved differs from fresh in layout: keys, lengths, tensors' shapes and dtypes,
+    kinds of value (a checkpoint edited, or of another scenario or task). Keys fresh lacks are allowed: VMAS
+    gives its entities some tensors at their first step."""
+    if isinstance(fresh, dict):
+        if not isinstance(saved, dict) or fresh.keys() - saved.keys():
+            raise ValueError(f"{path}: no {sorted(map(str, fresh.keys() - saved.keys()))[:3]}" if isinstance(saved, dict)
+                             else f"{path}: a {type(saved).__name__}, not a dict")
+        for key in fresh:
+            same_layout(saved[key], fresh[key], f"{path}/{key}")
+    elif isinstance(fresh, (list, tuple)):
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(fresh):
+            raise ValueError(f"{path}: {len(saved) if isinstance(saved, (list, tuple)) else saved!r:.30} entries, "
+                             f"not {len(fresh)}")
+        for i, (s, f) in enumerate(zip(saved, fresh)):
+            same_layout(s, f, f"{path}[{i}]")
+    elif isinstance(fresh, torch.Tensor):
+        if not isinstance(saved, torch.Tensor) or saved.shape != fresh.shape or saved.dtype != fresh.dtype:
+            what = f"{tuple(saved.shape)} {saved.dtype}" if isinstance(saved, torch.Tensor) else type(saved).__name__
+            raise ValueError(f"{path}: {what}, not {tuple(fresh.shape)} {fresh.dtype}")
+    elif not (isinstance(saved, type(fresh)) or {type(saved), type(fresh)} <= {int, float}):
+        raise ValueError(f"{path}: a {type(saved).__name__}, not a {type(fresh).__name__}")
+
+
+def load_optimizer(optimizer, state: dict) -> None:
+    """optimizer.load_state_dict, and ValueError if a moment's shape is not its parameter's (torch would find
+    out at the first step, mid-run): one per parameter, per agent (PerAgentAdam's step) or a scalar."""
+    optimizer.load_state_dict(state)
+    for p in (p for group in optimizer.param_groups for p in group["params"]):
+        for key, value in optimizer.state.get(p, {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape not in (p.shape, p.shape[:1]):
+                raise ValueError(f"optimizer's {key} of shape {tuple(value.shape)} for a parameter of {tuple(p.shape)}")
 
 
 def save_eval_video(runs_dir: str, loaded: dict, video, fps: float) -> str:
@@ -544,13 +749,25 @@ def set_mujoco_sim_state(env, state: dict) -> None:
     sim.np_random.bit_generator.state = state["np_random"]
 
 
+def running_stats(rms: dict) -> dict:
+    """gymnasium RunningMeanStd objects by name, as plain tensors (the MaMuJoCo script's --norm-obs)."""
+    return {key: dict(mean=torch.as_tensor(r.mean), var=torch.as_tensor(r.var), count=float(r.count))
+            for key, r in rms.items()}
+
+
+def load_running_stats(rms: dict, state: dict) -> None:
+    for key, r in rms.items():
+        r.mean, r.var = state[key]["mean"].numpy().astype(np.float64), state[key]["var"].numpy().astype(np.float64)
+        r.count = float(state[key]["count"])
+
+
 def save_mamujoco_run(path, fmt, args, run_name, actor, critics, value_norm, obs_norm, actor_optimizer,
                       critic_optimizer, envs, flat, episode_return, episode_length, global_step, iteration):
     """Everything the MaMuJoCo script's resumed run needs to go on bit for bit (the simulators' states
     and the episodes under way included), written atomically."""
     save_checkpoint(path, dict(
         format=fmt, args=dataclasses.asdict(args), run_name=run_name, actor=actor.state_dict(),
-        critics=critics.state_dict(), value_norm=value_norm.state_dict(), obs_norm=obs_norm.state_dict(),
+        critics=critics.state_dict(), value_norm=value_norm.state_dict(), obs_norm=running_stats(obs_norm.rms),
         actor_optimizer=actor_optimizer.state_dict(), critic_optimizer=critic_optimizer.state_dict(),
         envs=dict(sim=list(envs.get_attr("sim_state")), obs=torch.as_tensor(flat).clone(),
                   episode_return=torch.as_tensor(episode_return).clone(),
@@ -558,14 +775,33 @@ def save_mamujoco_run(path, fmt, args, run_name, actor, critics, value_norm, obs
         rng=rng_state(), global_step=global_step, iteration=iteration))
 
 
-def restore_mamujoco_run(loaded, actor, critics, value_norm, obs_norm, actor_optimizer, critic_optimizer, envs):
-    """The saved run, restored in place; the environments continue their episodes. Returns the loop's
-    (flat observations, episode returns, episode lengths)."""
-    for module, key in ((actor, "actor"), (critics, "critics"), (value_norm, "value_norm"), (obs_norm, "obs_norm"),
-                        (actor_optimizer, "actor_optimizer"), (critic_optimizer, "critic_optimizer")):
-        module.load_state_dict(loaded[key])
-    set_rng_state(loaded["rng"])
-    envs.set_attr("sim_state", loaded["envs"]["sim"])
+def restore_mamujoco_run(args, loaded, actor, critics, value_norm, obs_norm, actor_optimizer, critic_optimizer,
+                         envs=None):
+    """The saved run's networks, normalisers and optimisers, restored in place; resuming (envs given, just
+    reset), its random generators and environments too, which continue their episodes: then returns the loop's
+    (flat observations, episode returns, episode lengths). CheckpointError (one line) if it does not fit or
+    holds NaN or inf."""
+    parts = dict(actor=actor, critics=critics, value_norm=value_norm)
+    optimizers = dict(actor_optimizer=actor_optimizer, critic_optimizer=critic_optimizer)
+    fresh = {key: part.state_dict() for key, part in (parts | optimizers).items()} | dict(obs_norm=running_stats(obs_norm.rms))
+    if envs is not None:
+        space = envs.observation_space
+        fresh |= dict(rng=rng_state(), envs=dict(
+            sim=list(envs.get_attr("sim_state")), obs=torch.as_tensor(np.zeros(space.shape, space.dtype)),
+            episode_return=torch.zeros(envs.num_envs, dtype=torch.float64),
+            episode_length=torch.zeros(envs.num_envs, dtype=torch.int64)))
+    with restoring(args, loaded, fresh):
+        for key, part in parts.items():
+            part.load_state_dict(loaded[key])
+        for key, optimizer in optimizers.items():
+            load_optimizer(optimizer, loaded[key])
+        same_layout(loaded["obs_norm"], fresh["obs_norm"], "obs_norm")
+        load_running_stats(obs_norm.rms, loaded["obs_norm"])
+        if envs is None:
+            return None
+        same_layout(loaded["envs"], fresh["envs"], "envs")
+        set_rng_state(loaded["rng"])
+        envs.set_attr("sim_state", loaded["envs"]["sim"])
     state = loaded["envs"]
     return state["obs"].numpy(), state["episode_return"].numpy().copy(), state["episode_length"].numpy().copy()
 

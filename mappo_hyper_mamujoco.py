@@ -54,6 +54,7 @@ class Args:
     cuda: bool = True  # if toggled, cuda is used when available (MuJoCo always runs on the CPU)
     torch_threads: int = 1  # torch threads while collecting (HARL's torch_threads): the workers need cores
     update_threads: int = torch.get_num_threads()  # torch threads for the update; the numbers depend on it
+    memory_check: bool = True  # refuse a run whose memory (a lower bound) exceeds the machine's; --no-...: try anyway
     track: bool = False  # if toggled, track the run with Weights and Biases (pip install wandb)
     wandb_project_name: str = "hypermarl"  # the wandb's project name
     wandb_entity: Optional[str] = None  # the entity (team) of wandb's project
@@ -183,13 +184,9 @@ class LinearHypernet(nn.Module):
                 if shared_bias:
                     self.head.bias.zero_()
 
-    def forward(self, obs=None):
-        if self.obs_dim == 0:
-            theta = self.head(self.ids)  # (n_agents, m): generated once, used for every sample
-        else:
-            ids = self.ids.unsqueeze(1).expand(-1, obs.shape[1], -1)
-            theta = self.head(torch.cat([ids, obs], -1))  # (n_agents, batch, m)
-        return unflatten_params(theta, self.sizes)
+    def forward(self, obs=None):  # theta (n_agents, m), used for every sample; w/o GD (n_agents, batch, m)
+        x = self.ids if self.obs_dim == 0 else torch.cat([self.ids.unsqueeze(1).expand(-1, obs.shape[1], -1), obs], -1)
+        return unflatten_params(self.head(x), self.sizes)
 
 class MLPHypernet(nn.Module):
     """Eq. (6): theta_i = f(g(e_i)), an MLP g (ReLU) on the agent embedding e_i, then a linear head f;
@@ -208,12 +205,10 @@ class MLPHypernet(nn.Module):
         else:
             self.register_buffer("embedding", torch.eye(n_agents))
         self.trunks, self.heads = nn.ModuleList(), nn.ModuleList()  # W_1, b_1, W_2, b_2, ...
+        widths = [self.embedding.shape[1] + obs_dim, *hidden_dims]
+        width = widths[-1]  # every trunk's output: its last hidden layer
         for size in (n for fan_in, fan_out in self.shapes for n in (fan_in * fan_out, fan_out)):
-            layers, width = [], self.embedding.shape[1] + obs_dim
-            for hidden in hidden_dims:
-                layers += [nn.Linear(width, hidden), nn.ReLU()]
-                width = hidden
-            self.trunks.append(nn.Sequential(*layers))
+            self.trunks.append(nn.Sequential(*(m for a, b in zip(widths, widths[1:]) for m in (nn.Linear(a, b), nn.ReLU()))))
             self.heads.append(nn.Linear(width, size))
         if init == "default":
             return
@@ -225,7 +220,7 @@ class MLPHypernet(nn.Module):
                 layer.bias.zero_()
             for k, ((fan_in, fan_out), gain) in enumerate(zip(self.shapes, gains)):
                 weight_head, bias_head = self.heads[2 * k], self.heads[2 * k + 1]
-                for j in range(width):  # width: every trunk's output (its last hidden layer)
+                for j in range(width):
                     weight_head.weight[:, j] = target_init_vector([fan_in, fan_out], [gain])[: fan_in * fan_out]
                 if init == "matched":  # nearest orthogonal columns: |f(u)| = |target| for |u| = 1 (on average if
                     # the head has fewer outputs than hidden units, never in the paper's settings)
@@ -283,6 +278,16 @@ class IndependentNets(nn.Module):
     def forward(self):
         return list(zip(self.weights, self.biases))
 
+def family_net(args: Args, family: str, n_agents: int, sizes: list[int], gains: list[float], use_id=True) -> nn.Module:
+    """The module whose forward() yields every agent's [(W, b) per layer] of one network (w/o GD: forward(obs))."""
+    obs_dim = sizes[0] if args.hypernet_input == "agent+obs" else 0
+    if family == "mlp":
+        return MLPHypernet(n_agents, sizes, gains, args.hypernet_embedding_dim, args.hypernet_hidden_dims,
+                           args.hypernet_embedding, args.hypernet_init, obs_dim)
+    if family == "linear":
+        return LinearHypernet(n_agents, sizes, gains, args.hypernet_init, obs_dim=obs_dim)
+    return SharedNet(n_agents, sizes, gains, use_id) if family == "fups" else IndependentNets(n_agents, sizes, gains)
+
 class Weights(NamedTuple):
     """Every agent's Linear layers [(W (k, fan_in, fan_out), b (k, 1, fan_out))], made once per rollout or minibatch.
     per_sample (w/o GD): the forward pass makes one network per sample from each input; layers is []."""
@@ -297,13 +302,7 @@ class PerAgentMLP(nn.Module):
     def __init__(self, args: Args, family: str, n_agents: int, sizes: list[int], gains: list[float], use_id=True):
         super().__init__()
         self.per_sample = family in ("mlp", "linear") and args.hypernet_input == "agent+obs"
-        obs_dim = sizes[0] if self.per_sample else 0
-        self.weight_net = {
-            "mlp": lambda: MLPHypernet(n_agents, sizes, gains, args.hypernet_embedding_dim, args.hypernet_hidden_dims,
-                                       args.hypernet_embedding, args.hypernet_init, obs_dim),
-            "linear": lambda: LinearHypernet(n_agents, sizes, gains, args.hypernet_init, obs_dim=obs_dim),
-            "fups": lambda: SharedNet(n_agents, sizes, gains, use_id),
-            "nops": lambda: IndependentNets(n_agents, sizes, gains)}[family]()
+        self.weight_net = family_net(args, family, n_agents, sizes, gains, use_id)
         self.sizes, self.per_agent_norms = list(sizes), family == "nops"
         k = n_agents if self.per_agent_norms else 1
         self.norm_weights = nn.ParameterList(nn.Parameter(torch.ones(k, 1, d)) for d in sizes[:-1])
@@ -449,26 +448,47 @@ def main(argv=None) -> int:
     actor_optimizer = (PerAgentAdam(actor.parameters(), n, lr=args.learning_rate, eps=args.adam_eps) if actor.independent
                        else torch.optim.Adam(actor.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=fused))
     critic_optimizer = torch.optim.Adam(critics.parameters(), lr=args.critic_learning_rate, eps=args.adam_eps, fused=fused)
-    if args.eval_only:
-        return evaluate_checkpoint(args, loaded, actor, obs_norm, evaluator)
-
+    # The environments are made and the checkpoint restored before the run folder: a checkpoint that does not
+    # fit writes nothing.
     T, E = args.num_steps, args.num_envs
+    envs = None if args.eval_only else make_vector_env(args)
+    flat = None if envs is None else envs.reset(seed=args.seed)[0]
+    episode_return, episode_length = np.zeros(E), np.zeros(E, dtype=np.int64)
+    if loaded is not None:  # weights, optimisers, normalisers; resuming, RNGs and the environments mid-episode too
+        try:
+            restored = extras.restore_mamujoco_run(args, loaded, actor, critics, value_norm, obs_norm, actor_optimizer,
+                                                   critic_optimizer, envs)
+        except extras.CheckpointError as error:  # it does not fit, or holds NaN or inf
+            print(f"error: {error}", file=sys.stderr)
+            evaluator.close()
+            if envs is not None:
+                envs.close()
+            return 2
+        if envs is not None:
+            flat, episode_return, episode_length = restored
+    if args.eval_only:  # the checkpoint's return and SND, printed (hypermarl_extras.py)
+        def evaluation_line(snd_obs, video):  # (no --snd-obs-file here: snd_obs is None)
+            eval_return, snd, _ = evaluator(actor, obs_norm, video)
+            return f"eval/episodic_return={eval_return:.4f} diversity/snd={snd:.6f}"
+        try:
+            return extras.eval_only(args, loaded, evaluation_line, D, evaluator.video_timing()[1])
+        finally:
+            evaluator.close()
+
     batch_size, num_iterations = T * E, args.total_timesteps // (T * E)
-    run_name, writer, global_step, start_iteration = open_run(args, loaded, changes, device, probe, actor, critics)
-    run_dir = os.path.join(args.runs_dir, run_name)
-    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    run_dir, writer, global_step, start_iteration = open_run(args, loaded, changes)  # a new folder, or the run's
+    print(f"device: {device}" + (" (CUDA is not available)" if args.cuda and device.type != "cuda" else ""))
+    print("config: " + " ".join(f"{key}={value}" for key, value in vars(args).items()))
+    print(f"task: {args.task} agents={n} act_dims={probe.act_dims} local_obs_dims={probe.local_obs_dims} state_dim={S} "
+          f"actor_obs_dim={D} critics={C}; parameters: actor {sum(p.numel() for p in actor.parameters())}, "
+          f"critics {sum(p.numel() for p in critics.parameters())}")
+    run_name, checkpoint_path = os.path.basename(run_dir), os.path.join(run_dir, "checkpoint.pt")
 
     # ALGO Logic: Storage setup, time-major (T, n_agents, num_envs, ...); states (T, E, S); rewards, ends (T, 1, E)
-    envs = make_vector_env(args)
     obs, actions = torch.zeros((T, n, E, D), device=device), torch.zeros((T, n, E, A), device=device)
     states, final_states = torch.zeros((2, T, E, S), device=device)  # final: where an episode hit its time limit
     time_limits = torch.zeros((T, E), dtype=torch.bool, device=device)
     rewards, terminateds, dones = torch.zeros((3, T, 1, E), device=device)
-    flat, _ = envs.reset(seed=args.seed)
-    episode_return, episode_length = np.zeros(E), np.zeros(E, dtype=np.int64)
-    if loaded is not None:  # weights, optimisers, normalisers, RNGs, and the environments mid-episode
-        flat, episode_return, episode_length = extras.restore_mamujoco_run(
-            loaded, actor, critics, value_norm, obs_norm, actor_optimizer, critic_optimizer, envs)
 
     def save(iteration: int) -> None:  # all a resumed run needs to go on bit for bit (hypermarl_extras.py)
         extras.save_mamujoco_run(checkpoint_path, CHECKPOINT_FORMAT, args, run_name, actor, critics, value_norm,
@@ -597,6 +617,10 @@ def main(argv=None) -> int:
         if exit_code == 0 and (args.save_model or stop.requested):  # both need hypermarl_extras.py
             save(next_iteration)
             print(f"checkpoint: {checkpoint_path} (continue with --resume {checkpoint_path})")
+    except OSError as error:  # the run folder became unwritable (read-only, full): the last checkpoint stays
+        print(f"error: cannot write {error.filename or run_dir} ({error.strerror or error}); stopping. Last good "
+              f"checkpoint: {checkpoint_path if os.path.isfile(checkpoint_path) else 'none'}", file=sys.stderr)
+        exit_code = 1
     except BaseException:
         # An exception (a second Ctrl-C) can cut a step or a get_attr after some of the workers' replies
         # were read: a polite close would wait for those again, forever. Stop the workers instead.
@@ -763,20 +787,6 @@ def record_evaluation(evaluator, actor, obs_norm, args: Args, writer, run_dir: s
         f.write(json.dumps({"step": global_step, "episode_returns": episodes, "snd": snd}) + "\n")
     return f"eval_return={eval_return:.3f} snd={snd:.4f}"
 
-def evaluate_checkpoint(args: Args, loaded: dict, actor, obs_norm, evaluator) -> int:
-    """--eval-only: the return and SND of a checkpoint's policy, printed; writes nothing but a video."""
-    actor.load_state_dict(loaded["actor"])
-    obs_norm.load_state_dict(loaded["obs_norm"])
-    video = [] if args.capture_video else None
-    try:
-        eval_return, snd, _ = evaluator(actor, obs_norm, video)
-        print(f"eval/episodic_return={eval_return:.4f} diversity/snd={snd:.6f}")
-        if video:
-            print(f"video: {extras.save_eval_video(args.runs_dir, loaded, video, evaluator.video_timing()[1])}")
-    finally:
-        evaluator.close()
-    return 0
-
 class Evaluator:
     """eval_episodes deterministic episodes side by side, episode k seeded seed + 10000 + k: a restored checkpoint
     scores what its run scored. With --capture-video episode 0 renders (close() frees its GL context)."""
@@ -885,6 +895,8 @@ class MaMuJoCoEnv(gym.Env):
     def __init__(self, task: str, obs_mode: str = "global", agent_obsk: int = 1, max_episode_steps: int = 1000,
                  render_mode: Optional[str] = None):
         super().__init__()
+        import farama_notifications  # gymnasium's: Gymnasium-Robotics prints its notice on the Adroit hands' rewards
+        farama_notifications.notifications.pop("gymnasium_robotics", None)  # at import (not MaMuJoCo's): skip it
         from gymnasium_robotics import mamujoco_v1
 
         scenario, conf = task.split("-")  # --task is Gymnasium-Robotics' scenario and agent_conf
@@ -1003,15 +1015,6 @@ class ObsNormalizer:
         rms = self.rms[key]
         return np.clip((x - rms.mean) / np.sqrt(rms.var + 1e-8), -10.0, 10.0).astype(np.float32)
 
-    def state_dict(self) -> dict:
-        return {key: dict(mean=torch.as_tensor(r.mean), var=torch.as_tensor(r.var), count=float(r.count))
-                for key, r in self.rms.items()}
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, r in self.rms.items():
-            r.mean, r.var = state[key]["mean"].numpy().astype(np.float64), state[key]["var"].numpy().astype(np.float64)
-            r.count = float(state[key]["count"])
-
 
 # ===== Appendix: the command line and its checks, the run folder =====
 SIMULATOR = "mujoco"
@@ -1025,8 +1028,8 @@ MODEL_FIELDS = ("task", "obs_mode", "agent_obsk", "max_episode_steps", "algo", "
                 "norm_value", "actor_hidden_dims", "critic_hidden_dims", "std_x_coef", "std_y_coef",
                 "hypernet_embedding_dim", "hypernet_hidden_dims", "hypernet_embedding", "hypernet_init", "hypernet_input")
 RESUME_MAY_CHANGE = ("total_timesteps", "eval_interval", "save_interval", "save_model", "print_interval", "runs_dir",
-                     "track", "wandb_project_name", "wandb_entity", "cuda", "capture_video", "async_envs")
-NEEDS_EXTRAS = ("resume", "eval_only", "checkpoint", "save_model", "capture_video")
+                     "track", "wandb_project_name", "wandb_entity", "cuda", "capture_video", "async_envs", "memory_check")
+NEEDS_EXTRAS = ("resume", "eval_only", "checkpoint", "save_model", "capture_video", "track")
 POSITIVE = ("torch_threads", "update_threads", "max_episode_steps", "num_envs", "total_timesteps", "num_steps",
             "learning_rate", "critic_learning_rate", "update_epochs", "critic_epochs", "num_minibatches",
             "critic_num_minibatches", "clip_coef", "huber_delta", "max_grad_norm", "adam_eps", "std_x_coef",
@@ -1062,8 +1065,9 @@ def flag_rules(args: Args, given: set[str], resume_rules=()):
         yield isinstance(value, float) and not math.isfinite(value), f"{flag(name)}: must be a finite number, got {value!r}"
     yield not 0 <= args.seed <= max_seed, f"--seed: must be between 0 and {max_seed} (evaluation episode k uses " \
                                           f"seed + 10000 + k, below 2**32), got {args.seed!r}"
-    yield not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.exp_name), \
-        f"--exp-name: must be a plain name (letters, digits, '.', '_', '-'), got {args.exp_name!r}"
+    exp = repr(args.exp_name) if len(args.exp_name) <= 128 else f"{len(args.exp_name)} characters"
+    yield not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{,127}", args.exp_name), \
+        f"--exp-name: must be a plain name (letters, digits, '.', '_', '-'; at most 128), got {exp}"
     for names, holds, why in ((POSITIVE, lambda v: v > 0, "must be positive"),
                               (("gamma", "gae_lambda"), lambda v: 0 <= v <= 1, "must be in [0, 1]"),
                               (("ent_coef", "agent_obsk"), lambda v: v >= 0, "must be >= 0"),
@@ -1079,6 +1083,52 @@ def flag_rules(args: Args, given: set[str], resume_rules=()):
         f"actors (nops), got --hypernet {args.hypernet}"  # shared weights: one agent's step would move the others
     yield args.hypernet_init == "matched" and args.hypernet == "linear", \
         "--hypernet-init: matched is for --hypernet mlp, got --hypernet linear"  # the linear one's scaled init is exact
+    if args.memory_check and (ram := machine_memory(False)) is not None:
+        need, gpu = memory_needed(args), machine_memory(True) if args.cuda and torch.cuda.is_available() else None
+        tensors = sum(need.values()) - need["environments"]  # on the GPU with --cuda; MuJoCo is on the CPU
+        parts, room = ", ".join(f"{k} {v / 2**30:,.1f}" for k, v in need.items()), f"{ram / 2**30:,.1f} GiB"
+        yield need["environments"] + (0 if gpu else tensors) > ram or tensors > (gpu or math.inf), \
+            f"--num-envs {args.num_envs}, --num-steps {args.num_steps}, --eval-episodes {args.eval_episodes}: the run " \
+            f"needs at least {sum(need.values()) / 2**30:,.1f} GiB ({parts}), more than this machine's {room}" \
+            f"{f' (GPU: {gpu / 2**30:,.1f} GiB)' if gpu else ''}; use fewer, or --no-memory-check to try anyway"
+
+# (agents, largest action, global state) of each task: the memory check's, before any simulator is built
+TASK_SHAPES = {"HalfCheetah-2x3": (2, 3, 17), "Walker2d-2x3": (2, 3, 17), "Ant-4x2": (4, 2, 105),
+               "Humanoid-17x1": (17, 1, 348), "Humanoid-9|8": (2, 9, 348)}
+
+def memory_needed(args: Args) -> dict[str, int]:
+    """A lower bound of the bytes a run holds, by part, before anything is built: the environments (a worker
+    process holds 8 MiB of its own, an environment in this process 1 MiB: benchmark/memory_estimate.py), the
+    rollout and its batch (float32), the networks with their gradients and Adam's moments, the interference's
+    per-agent gradients, a minibatch's activations (w/o GD: a chunk of per-sample weights)."""
+    (n, A, S), E, T = TASK_SHAPES[args.task], args.num_envs, args.num_steps
+    D, C = (S + n if args.obs_mode == "global" else S // n), (n if args.critic == "per-agent" else 1)
+    mb, mb_critic = T * E // args.num_minibatches, T * E // args.critic_num_minibatches
+    m_actor = num_target_params([D, *args.actor_hidden_dims, A])
+    m_critic = num_target_params([S, *args.critic_hidden_dims, 1])
+    copies = {"mlp": args.hypernet_hidden_dims[-1] + 1, "linear": n + 1, "fups": 1}.get(args.hypernet, n)
+    per_sample = args.hypernet in ("mlp", "linear") and args.hypernet_input == "agent+obs"
+    workers = args.async_envs and E > 1
+    return dict(environments=2**20 * (E * (8 if workers else 1) + args.eval_episodes),
+                rollout=4 * T * E * (2 * n * (D + A) + 2 * S + 8),
+                networks=4 * (m_actor * (4 * copies + 2 * n + n * copies) + 4 * C * m_critic),
+                minibatch=4 * (mb * n * (D + sum(args.actor_hidden_dims) + A) + C * mb_critic * (
+                    S + sum(args.critic_hidden_dims)) + (min(mb * n * m_actor, 2**25) if per_sample else 0)))
+
+def machine_memory(cuda: bool) -> Optional[int]:
+    """Bytes of the memory the run lives in: the GPU's with --cuda on a GPU, else RAM or the cgroup's limit."""
+    if cuda and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        return None
+    try:  # a container's or a Slurm job's limit ("max": none)
+        with open("/sys/fs/cgroup/memory.max") as f:
+            return min(total, int(f.read()))
+    except (OSError, ValueError):
+        return total
+
 
 def parse_args(argv: list[str], given: set[str]) -> Args:
     """The flags given, the paper's values for the others (--help shows them)."""
@@ -1104,7 +1154,7 @@ def read_command_line(argv: list[str]):
             raise ValueError(f"--{needed[0].replace('_', '-')}: needs hypermarl_extras.py beside this script")
     else:
         loaded, changes = extras.read_checkpoint(args, given, CHECKPOINT_FORMAT, CHECKPOINT_KEYS, MODEL_FIELDS,
-                                                 RESUME_MAY_CHANGE)
+                                                 RESUME_MAY_CHANGE, check_args)
         if args.checkpoint:  # the evaluation's defaults are those of the checkpoint's run
             args = paper_defaults(args, given | set(MODEL_FIELDS))
     check_args(args, given, extras.resume_rules(args, loaded, changes) if extras else ())
@@ -1114,39 +1164,21 @@ def read_command_line(argv: list[str]):
             extras.check_capture_video(SIMULATOR)
     return args, loaded, changes
 
-def duration(seconds: float) -> str:
-    """1h02m, 3m05s or 12s."""
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+def duration(seconds: float) -> str:  # 1h02m, 3m05s or 12s
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
-def open_run(args, loaded, changes, device, probe, actor, critics):
-    """A new run folder or the checkpoint's, TensorBoard, wandb, the header: (run_name, writer, step, iteration)."""
-    global_step, start_iteration = 0, 1
+def open_run(args, loaded, changes):
+    """TensorBoard (and wandb) in a new run folder, or the checkpoint's (hypermarl_extras.py): (run_dir, writer,
+    global_step, first iteration). A copy alone writes a plain folder: runs started in the same second share it."""
     prefix = f"mamujoco_{args.task.replace('|', '_')}__{args.exp_name}__{args.algo}_{args.hypernet}__{args.seed}"
-    if loaded is not None:
-        global_step, start_iteration, run_name = loaded["global_step"], loaded["iteration"], loaded["run_name"]
-        print(f"resume: {run_name} at step {global_step}" + (f"; changed: {', '.join(changes)}" if changes else ""))
-    else:  # without hypermarl_extras.py, a plain folder: runs started in the same second would share it
-        run_name = extras.new_run_folder(args.runs_dir, prefix) if extras else f"{prefix}__{int(time.time())}"
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
+    if extras:
+        return extras.open_run(args, prefix, loaded, changes)
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(os.path.join(args.runs_dir, run_name))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    print(f"run: {os.path.join(args.runs_dir, run_name)}")
-    print(f"device: {device}" + (" (CUDA is not available)" if args.cuda and device.type != "cuda" else ""))
-    print("config: " + " ".join(f"{key}={value}" for key, value in vars(args).items()))
-    print(f"task: {args.task} agents={probe.n_agents} act_dims={probe.act_dims} local_obs_dims={probe.local_obs_dims} "
-          f"state_dim={probe.state_dim} actor_obs_dim={probe.actor_obs_dim} critics={critics.n_critics}")
-    print(f"parameters: actor {sum(p.numel() for p in actor.parameters())}, "
-          f"critics {sum(p.numel() for p in critics.parameters())}")
-    return run_name, writer, global_step, start_iteration
+    run_dir = os.path.join(args.runs_dir, f"{prefix}__{int(time.time())}")
+    print(f"run: {run_dir}")
+    return run_dir, SummaryWriter(run_dir), 0, 1
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -53,6 +53,7 @@ class Args:
     torch_deterministic: bool = True  # if toggled, `torch.backends.cudnn.deterministic=True`
     cuda: bool = True  # if toggled, cuda is used when available (networks and VMAS alike)
     compile: bool = False  # torch.compile the policy step and the minibatch step (LeanRL; first iteration ~1 min)
+    memory_check: bool = True  # refuse a run whose memory (a lower bound) exceeds the machine's; --no-...: try anyway
     track: bool = False  # if toggled, track the run with Weights and Biases (pip install wandb)
     wandb_project_name: str = "hypermarl"  # the wandb's project name
     wandb_entity: Optional[str] = None  # the entity (team) of wandb's project
@@ -128,18 +129,12 @@ NAVIGATION = dict(
     actor_hidden_dims=[256, 256], critic_hidden_dims=[256, 256], activation="tanh", continuous_actions=True,
     eval_interval=120_000, eval_episodes=200, eval_deterministic=False,
 )
-# Table 15: (clip_coef, learning_rate) per family for Navigation with 8 and 4 agents, per goal setting: "same"
-# (one goal for all), "different" (one each), "half" (half share one). Baselines' rows are in their modules.
-NAVIGATION_SWEEP = {
-    "fups": {8: dict(same=(0.2, 5e-5), different=(0.1, 5e-5), half=(0.1, 5e-5)),
-             4: dict(same=(0.2, 5e-5), different=(0.2, 5e-5), half=(0.2, 5e-5))},
-    "linear": {8: dict(same=(0.2, 5e-5), different=(0.1, 5e-5), half=(0.1, 5e-5)),
-               4: dict(same=(0.2, 5e-5), different=(0.1, 5e-5), half=(0.1, 5e-5))},
-    "mlp": {8: dict(same=(0.2, 5e-5), different=(0.1, 5e-5), half=(0.1, 5e-5)),
-            4: dict(same=(0.1, 5e-5), different=(0.1, 5e-5), half=(0.1, 5e-5))},
-    "nops": {8: dict(same=(0.1, 5e-5), different=(0.2, 5e-5), half=(0.1, 5e-5)),
-             4: dict(same=(0.1, 5e-5), different=(0.2, 5e-5), half=(0.1, 5e-5))},
-}
+# Table 15: clip_coef per (family, n_agents) in the goal settings GOALS: one goal for all, one each, half share
+# one; the learning rate is 5e-5 in every row. Baselines' rows are in their modules.
+GOALS = ("same", "different", "half")
+NAVIGATION_CLIP = {("fups", 8): (0.2, 0.1, 0.1), ("fups", 4): (0.2, 0.2, 0.2), ("linear", 8): (0.2, 0.1, 0.1),
+                   ("linear", 4): (0.2, 0.1, 0.1), ("mlp", 8): (0.2, 0.1, 0.1), ("mlp", 4): (0.1, 0.1, 0.1),
+                   ("nops", 8): (0.1, 0.2, 0.1), ("nops", 4): (0.1, 0.2, 0.1)}
 BASELINES = {"dico": "dico"}  # --hypernet -> the module of a baseline from another paper, imported when chosen
 
 def paper_defaults(args: Args, given: set[str]) -> Args:
@@ -149,9 +144,8 @@ def paper_defaults(args: Args, given: set[str]) -> Args:
     if args.scenario == "navigation":
         values.update(copy.deepcopy(NAVIGATION))  # its lists are the run's own, not the table's
         goals = "same" if same == n else "different" if same == 1 else "half" if 2 * same == n else None
-        sweep = NAVIGATION_SWEEP.get(args.hypernet, {}).get(n, {})
-        if goals in sweep:
-            values["clip_coef"], values["learning_rate"] = sweep[goals]
+        if goals and (args.hypernet, n) in NAVIGATION_CLIP:
+            values["clip_coef"] = NAVIGATION_CLIP[args.hypernet, n][GOALS.index(goals)]
         if args.hypernet in BASELINES:  # its row of Table 15, and Table 14
             values.update(importlib.import_module(BASELINES[args.hypernet]).navigation_defaults(n, goals))
     eval_interval = args.eval_interval if "eval_interval" in given else values.get("eval_interval", args.eval_interval)
@@ -216,13 +210,9 @@ class LinearHypernet(nn.Module):
                 if shared_bias:
                     self.head.bias.zero_()
 
-    def forward(self, obs=None):
-        if self.obs_dim == 0:
-            theta = self.head(self.ids)  # (n_agents, m): generated once, used for every sample
-        else:
-            ids = self.ids.unsqueeze(1).expand(-1, obs.shape[1], -1)
-            theta = self.head(torch.cat([ids, obs], -1))  # (n_agents, batch, m)
-        return unflatten_params(theta, self.sizes)
+    def forward(self, obs=None):  # theta (n_agents, m), used for every sample; w/o GD (n_agents, batch, m)
+        x = self.ids if self.obs_dim == 0 else torch.cat([self.ids.unsqueeze(1).expand(-1, obs.shape[1], -1), obs], -1)
+        return unflatten_params(self.head(x), self.sizes)
 
 class MLPHypernet(nn.Module):
     """Eq. (6): theta_i = f(g(e_i)), an MLP g (ReLU) on the agent embedding e_i, then a linear head f;
@@ -241,12 +231,10 @@ class MLPHypernet(nn.Module):
         else:
             self.register_buffer("embedding", torch.eye(n_agents))
         self.trunks, self.heads = nn.ModuleList(), nn.ModuleList()  # W_1, b_1, W_2, b_2, ...
+        widths = [self.embedding.shape[1] + obs_dim, *hidden_dims]
+        width = widths[-1]  # every trunk's output: its last hidden layer
         for size in (n for fan_in, fan_out in self.shapes for n in (fan_in * fan_out, fan_out)):
-            layers, width = [], self.embedding.shape[1] + obs_dim
-            for hidden in hidden_dims:
-                layers += [nn.Linear(width, hidden), nn.ReLU()]
-                width = hidden
-            self.trunks.append(nn.Sequential(*layers))
+            self.trunks.append(nn.Sequential(*(m for a, b in zip(widths, widths[1:]) for m in (nn.Linear(a, b), nn.ReLU()))))
             self.heads.append(nn.Linear(width, size))
         if init == "default":
             return
@@ -258,7 +246,7 @@ class MLPHypernet(nn.Module):
                 layer.bias.zero_()
             for k, ((fan_in, fan_out), gain) in enumerate(zip(self.shapes, gains)):
                 weight_head, bias_head = self.heads[2 * k], self.heads[2 * k + 1]
-                for j in range(width):  # width: every trunk's output (its last hidden layer)
+                for j in range(width):
                     weight_head.weight[:, j] = target_init_vector([fan_in, fan_out], [gain])[: fan_in * fan_out]
                 if init == "matched":  # nearest orthogonal columns: |f(u)| = |target| for |u| = 1 (on average if
                     # the head has fewer outputs than hidden units, never in the paper's settings)
@@ -316,7 +304,7 @@ class IndependentNets(nn.Module):
     def forward(self):
         return list(zip(self.weights, self.biases))
 
-def family_net(args: Args, family: str, n_agents: int, sizes: list[int], gains: list[float]) -> nn.Module:
+def family_net(args: Args, family: str, n_agents: int, sizes: list[int], gains: list[float], use_id=True) -> nn.Module:
     """The module whose forward() yields every agent's [(W, b) per layer] of one network (w/o GD: forward(obs))."""
     obs_dim = sizes[0] if args.hypernet_input == "agent+obs" else 0
     if family == "mlp":
@@ -324,7 +312,7 @@ def family_net(args: Args, family: str, n_agents: int, sizes: list[int], gains: 
                            args.hypernet_embedding, args.hypernet_init, obs_dim)
     if family == "linear":
         return LinearHypernet(n_agents, sizes, gains, args.hypernet_init, obs_dim=obs_dim)
-    return SharedNet(n_agents, sizes, gains) if family == "fups" else IndependentNets(n_agents, sizes, gains)
+    return SharedNet(n_agents, sizes, gains, use_id) if family == "fups" else IndependentNets(n_agents, sizes, gains)
 
 class Weights(NamedTuple):
     """Every agent's actor and critic, [(W, b) per layer] each: W (n_agents, fan_in, fan_out), or
@@ -438,9 +426,15 @@ def main(argv=None) -> int:
     if args.compile:
         torch._inductor.config.fallback_random = True  # eager's random numbers: the actions of an eager run
         policy_step, update_step = torch.compile(policy_step), torch.compile(update_step)
+    if envs is not None:
+        envs.reset()
+    if loaded is not None:  # its model and optimizer; resuming, its environments and random generators too
+        try:
+            extras.restore_vmas_run(args, loaded, agent, optimizer, envs)
+        except extras.CheckpointError as error:  # it does not fit, or holds NaN or inf: before anything is written
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     if args.eval_only:  # the checkpoint's return and SND, printed (hypermarl_extras.py)
-        agent.load_state_dict(loaded["model"])
-
         def evaluation_line(snd_obs, video):
             ret, per_agent, snd, _ = evaluate(agent, eval_env, args, args.seed + 10_000, snd_obs, video)
             return f"eval/episodic_return={ret:.4f} diversity/snd={snd:.6f} per_agent={[round(r, 4) for r in per_agent]}"
@@ -449,11 +443,12 @@ def main(argv=None) -> int:
     n, T, E = args.n_agents, args.num_steps, args.num_envs
     batch_size = T * E
     num_iterations = args.total_timesteps // batch_size
-    envs.reset()
-    # TensorBoard and wandb in a new run folder, or in the checkpoint's run, restored (the appendix)
-    run_name, writer, global_step, start_iteration = open_run(args, loaded, changes, agent, optimizer, envs, device)
-    run_dir, next_obs = os.path.join(args.runs_dir, run_name), envs.obs  # after open_run: --resume restores envs.obs
-    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    run_dir, writer, global_step, start_iteration = open_run(args, loaded, changes)  # a new folder, or the run's
+    print(f"device: {device}" + (" (CUDA is not available)" if args.cuda and device.type != "cuda" else ""))
+    print("config: " + " ".join(f"{key}={value}" for key, value in vars(args).items()))
+    print(f"parameters: actor {sum(p.numel() for p in agent.actor_parameters())}, "
+          f"total {sum(p.numel() for p in agent.parameters())}")
+    next_obs, checkpoint_path = envs.obs, os.path.join(run_dir, "checkpoint.pt")
 
     # ALGO Logic: Storage setup, time-major (T, n_agents, num_envs, ...); episode ends (T, 1, num_envs)
     obs, final_obs = torch.zeros((2, T, n, E, obs_dim), device=device)  # final_obs[t]: before any reset
@@ -547,12 +542,16 @@ def main(argv=None) -> int:
             next_iteration = iteration + 1
             if args.save_model and global_step >= next_save and iteration < num_iterations:
                 next_save = (global_step // args.save_interval + 1) * args.save_interval
-                extras.save_vmas_run(checkpoint_path, CHECKPOINT_FORMAT, args, run_name, agent, optimizer, envs,
-                                     global_step, next_iteration)
+                extras.save_vmas_run(checkpoint_path, CHECKPOINT_FORMAT, args, os.path.basename(run_dir), agent,
+                                     optimizer, envs, global_step, next_iteration)
         if exit_code == 0 and (args.save_model or stop.requested):  # both only with hypermarl_extras.py
-            extras.save_vmas_run(checkpoint_path, CHECKPOINT_FORMAT, args, run_name, agent, optimizer, envs,
-                                 global_step, next_iteration)
+            extras.save_vmas_run(checkpoint_path, CHECKPOINT_FORMAT, args, os.path.basename(run_dir), agent,
+                                 optimizer, envs, global_step, next_iteration)
             print(f"checkpoint: {checkpoint_path} (continue with --resume {checkpoint_path})")
+    except OSError as error:  # the run folder became unwritable (read-only, full): the last checkpoint stays
+        print(f"error: cannot write {error.filename or run_dir} ({error.strerror or error}); stopping. Last good "
+              f"checkpoint: {checkpoint_path if os.path.isfile(checkpoint_path) else 'none'}", file=sys.stderr)
+        exit_code = 1
     finally:
         stop.restore()
         writer.close()
@@ -900,7 +899,8 @@ class VmasEnv:
 
 # ===== Appendix: the command line and its checks, the run folder =====
 SIMULATOR = "vmas"
-CHECKPOINT_FORMAT = "hypermarl-mappo-vmas/4"
+ALGO = "mappo"  # in run folders' names and the checkpoint format
+CHECKPOINT_FORMAT = f"hypermarl-{ALGO}-vmas/4"
 CHECKPOINT_KEYS = ("format", "args", "run_name", "model", "optimizer", "env", "rng", "global_step", "iteration")
 # The flags that define the model and the environment (--eval-only takes them from the checkpoint), and
 # those --resume may change (budget, logging, cadence, device): every other flag is the checkpoint's.
@@ -909,8 +909,8 @@ MODEL_FIELDS = SCENARIO_OPTIONS["dispersion"] + SCENARIO_OPTIONS["navigation"] +
     "hypernet", "hypernet_embedding_dim", "hypernet_hidden_dims", "hypernet_embedding", "hypernet_init",
     "hypernet_input", "dico_snd_des")
 RESUME_MAY_CHANGE = ("total_timesteps", "eval_interval", "save_interval", "save_model", "print_interval", "runs_dir",
-                     "track", "wandb_project_name", "wandb_entity", "cuda", "capture_video", "compile")
-NEEDS_EXTRAS = ("resume", "eval_only", "checkpoint", "snd_obs_file", "save_model", "capture_video")
+                     "track", "wandb_project_name", "wandb_entity", "cuda", "capture_video", "compile", "memory_check")
+NEEDS_EXTRAS = ("resume", "eval_only", "checkpoint", "snd_obs_file", "save_model", "capture_video", "track")
 POSITIVE = ("max_steps", "total_timesteps", "learning_rate", "num_envs", "num_steps", "num_minibatches",
             "update_epochs", "clip_coef", "max_grad_norm", "eval_interval", "eval_episodes", "snd_samples",
             "snd_gaussian_samples", "interference_samples", "print_interval", "save_interval", "n_food", "food_radius",
@@ -946,8 +946,9 @@ def flag_rules(args: Args, given: set[str], resume_rules=()):
     for name, value in vars(args).items():  # inf and nan pass every comparison below: refuse them first
         yield isinstance(value, float) and not math.isfinite(value), f"{flag(name)}: must be a finite number, got {value!r}"
     yield not 0 <= args.seed <= 2**32 - 1 - 10_000, f"--seed: must be between 0 and {2**32 - 1 - 10_000}, got {args.seed}"
-    yield not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.exp_name), \
-        f"--exp-name: must be a plain name (letters, digits, '.', '_', '-'), got {args.exp_name!r}"
+    exp = repr(args.exp_name) if len(args.exp_name) <= 128 else f"{len(args.exp_name)} characters"
+    yield not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{,127}", args.exp_name), \
+        f"--exp-name: must be a plain name (letters, digits, '.', '_', '-'; at most 128), got {exp}"
     for names, holds, why in ((POSITIVE, lambda v: v > 0, "must be positive"),
                               (("gamma", "gae_lambda"), lambda v: 0 <= v <= 1, "must be in [0, 1]"),
                               (("ent_coef", "vf_coef"), lambda v: v >= 0, "must be >= 0"),
@@ -968,6 +969,43 @@ def flag_rules(args: Args, given: set[str], resume_rules=()):
             f"--split-goals: needs an even n_agents and --agents-with-same-goal n/2, got n={n}, same={same}"
     if args.hypernet in BASELINES:
         yield from importlib.import_module(BASELINES[args.hypernet]).flag_rules(args)
+    if args.memory_check and (have := machine_memory(args.cuda)) is not None:
+        need = memory_needed(args)
+        yield sum(need.values()) > have, \
+            f"--n-agents {n}, --num-envs {args.num_envs}, --num-steps {args.num_steps}: the run needs at least " \
+            f"{sum(need.values()) / 2**30:,.1f} GiB ({', '.join(f'{k} {v / 2**30:,.1f}' for k, v in need.items())}), " \
+            f"more than this machine's {have / 2**30:,.1f} GiB; use fewer, or --no-memory-check to try anyway"
+
+def memory_needed(args: Args) -> dict[str, int]:
+    """A lower bound of the bytes a run holds, by part, before anything is built (float32): the rollout and
+    its batch, both simulators, every network with its gradients and Adam's moments, the generated weights,
+    the interference's per-agent gradients, a minibatch's activations (w/o GD: its per-sample weights)."""
+    n, E, T, mb = args.n_agents, args.num_envs, args.num_steps, args.num_envs * args.num_steps // args.num_minibatches
+    obs, act = (4 + 3 * args.n_food if args.scenario == "dispersion" else 18), (2 if args.continuous_actions else 9)
+    critic_in = critic_input(torch.zeros(n, 1, obs, device="meta")).shape[-1]
+    m_actor = num_target_params([obs, *args.actor_hidden_dims, act])
+    m_critic = num_target_params([critic_in, *args.critic_hidden_dims, 1])
+    copies = {"mlp": args.hypernet_hidden_dims[-1] + 1, "linear": n + 1, "fups": 1}.get(args.hypernet, n)
+    per_sample = args.hypernet in ("mlp", "linear") and args.hypernet_input == "agent+obs"
+    activations = mb * n * (obs + sum(args.actor_hidden_dims) + sum(args.critic_hidden_dims) + act) + mb * critic_in
+    return dict(rollout=4 * T * n * E * (3 * obs + 12),
+                simulators=4 * (E + args.eval_episodes) * (2 * n * 64 + n * obs * 4),  # agents, food or goals
+                networks=4 * ((m_actor + m_critic) * (4 * copies + 2 * n) + n * m_actor * copies),
+                minibatch=4 * (activations + (mb * n * (m_actor + m_critic) if per_sample else 0)))
+
+def machine_memory(cuda: bool) -> Optional[int]:
+    """Bytes of the memory the run lives in: the GPU's with --cuda on a GPU, else RAM or the cgroup's limit."""
+    if cuda and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        return None
+    try:  # a container's or a Slurm job's limit ("max": none)
+        with open("/sys/fs/cgroup/memory.max") as f:
+            return min(total, int(f.read()))
+    except (OSError, ValueError):
+        return total
 
 def parse_args(argv: list[str], given: set[str]) -> Args:
     """The flags given, the paper's values for the others (--help shows them)."""
@@ -993,7 +1031,7 @@ def read_command_line(argv: list[str]):
             raise ValueError(f"--{needed[0].replace('_', '-')}: needs hypermarl_extras.py beside this script")
     else:
         loaded, changes = extras.read_checkpoint(args, given, CHECKPOINT_FORMAT, CHECKPOINT_KEYS, MODEL_FIELDS,
-                                                 RESUME_MAY_CHANGE)
+                                                 RESUME_MAY_CHANGE, check_args)
         if args.checkpoint:  # the evaluation's defaults are those of the checkpoint's run
             args = paper_defaults(args, given | set(MODEL_FIELDS))
     check_args(args, given, extras.resume_rules(args, loaded, changes) if extras else ())
@@ -1003,38 +1041,21 @@ def read_command_line(argv: list[str]):
             extras.check_capture_video(SIMULATOR)
     return args, loaded, changes
 
-def duration(seconds: float) -> str:
-    """1h02m, 3m05s or 12s."""
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+def duration(seconds: float) -> str:  # 1h02m, 3m05s or 12s
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
-def open_run(args, loaded, changes, agent, optimizer, envs, device):
-    """A new run folder, or the checkpoint's run restored in place; TensorBoard, wandb, the header lines.
-    Returns (run_name, writer, global_step, first iteration)."""
-    global_step, start_iteration = 0, 1
-    prefix = f"vmas_{args.scenario}__{args.exp_name}__{args.hypernet}__{args.seed}"
-    if loaded is not None:
-        global_step, start_iteration, run_name = extras.restore_vmas_run(loaded, agent, optimizer, envs)
-        print(f"resume: {run_name} at step {global_step}" + (f"; changed: {', '.join(changes)}" if changes else ""))
-    else:  # without hypermarl_extras.py, a plain folder: runs started in the same second would share it
-        run_name = extras.new_run_folder(args.runs_dir, prefix) if extras else f"{prefix}__{int(time.time())}"
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
+def open_run(args, loaded, changes):
+    """TensorBoard (and wandb) in a new run folder, or the checkpoint's (hypermarl_extras.py): (run_dir, writer,
+    global_step, first iteration). A copy alone writes a plain folder: runs started in the same second share it."""
+    prefix = f"vmas_{args.scenario}__{args.exp_name}__{ALGO}_{args.hypernet}__{args.seed}"
+    if extras:
+        return extras.open_run(args, prefix, loaded, changes)
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(os.path.join(args.runs_dir, run_name))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    print(f"run: {os.path.join(args.runs_dir, run_name)}")
-    print(f"device: {device}" + (" (CUDA is not available)" if args.cuda and device.type != "cuda" else ""))
-    print("config: " + " ".join(f"{key}={value}" for key, value in vars(args).items()))
-    print(f"parameters: actor {sum(p.numel() for p in agent.actor_parameters())}, "
-          f"total {sum(p.numel() for p in agent.parameters())}")
-    return run_name, writer, global_step, start_iteration
+    run_dir = os.path.join(args.runs_dir, f"{prefix}__{int(time.time())}")
+    print(f"run: {run_dir}")
+    return run_dir, SummaryWriter(run_dir), 0, 1
 
 if __name__ == "__main__":
     sys.exit(main())

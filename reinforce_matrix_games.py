@@ -45,6 +45,7 @@ class Args:
     runs_dir: str = "runs"  # folder for TensorBoard logs (runs_dir/run_name, one run per seed)
     save_model: bool = False  # save each seed's final parameters to run_name/model.pt (needs hypermarl_extras.py)
     num_threads: int = 1  # torch CPU threads (the networks are tiny: one thread is fastest)
+    memory_check: bool = True  # refuse a run whose memory (a lower bound) exceeds the machine's; --no-...: try anyway
 
     game: Literal["specialisation", "synchronisation"] = "specialisation"  # 1/k_i to agent i | 1 if all agree, else 1/n
     n_agents: int = 2  # number of agents and of foods (actions); at least 2
@@ -342,6 +343,11 @@ def main(argv=None) -> int:
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.set_num_threads(args.num_threads)
     seeds = list(range(args.seed, args.seed + args.num_seeds))
+    try:  # the kernel may refuse what access() allows (/proc, to root): one line, nothing written
+        writers = make_writers(args, args.game, args.n_agents, args.hypernet, seeds)
+    except OSError as error:
+        print(f"error: --runs-dir: cannot create a run folder in {args.runs_dir!r} ({error.strerror})", file=sys.stderr)
+        return 2
     print("config: " + " ".join(f"{key}={value}" for key, value in vars(args).items()))
     if args.track:
         import wandb
@@ -349,7 +355,7 @@ def main(argv=None) -> int:
                    config=vars(args), name=f"matrix__{args.exp_name}__{args.seed}__{int(time.time())}", save_code=True)
     print(f"parameters: {args.hypernet} {count_params(args.hypernet, args.n_agents, args)}")
 
-    writers, start = make_writers(args, args.game, args.n_agents, args.hypernet, seeds), time.time()
+    start = time.time()
     try:
         result = train(args.game, args.hypernet, args.n_agents, seeds, args, writers, progress=True)
         log(writers, args.num_trials, {"eval/final_grad_var_mean": result["grad_var"],
@@ -398,8 +404,9 @@ def check_args(args: Args, given: set[str], hypernets: Optional[list[str]] = Non
         *((name, not math.isfinite(value), f"must be a finite number, got {value!r}")  # inf, nan pass every >
           for name, value in vars(args).items() if isinstance(value, float)),
         ("seed", not 0 <= args.seed <= max_seed, f"must be between 0 and {max_seed}, got {args.seed!r}"),
-        ("exp_name", not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.exp_name),  # it names the run folders
-         f"must be a plain name (letters, digits, '.', '_', '-'), got {args.exp_name!r}"),
+        ("exp_name", not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{,127}", args.exp_name),  # it names the run folders
+         f"must be a plain name (letters, digits, '.', '_', '-'; at most 128), got {args.exp_name[:128]!r}"
+         + (f" ({len(args.exp_name)} characters)" if len(args.exp_name) > 128 else "")),
         *((name, not getattr(args, name) > 0, f"must be positive, got {getattr(args, name)!r}") for name in (
             "num_trials", "batch_size", "learning_rate", "num_seeds", "eval_trials", "eval_interval", "log_interval",
             "hidden_size", "hypernet_embedding_dim", "num_threads")),
@@ -415,10 +422,36 @@ def check_args(args: Args, given: set[str], hypernets: Optional[list[str]] = Non
          f"must be at least --batch-size = {args.batch_size}, got {args.num_trials!r}"),
         ("save_model", args.save_model and not importlib.util.find_spec("hypermarl_extras"),
          "needs hypermarl_extras.py beside this script"),
+        ("n_agents", args.memory_check and memory_needed(args) > (machine_memory(False) or math.inf),
+         f"{args.n_agents} agents x {args.num_seeds} seeds need at least {memory_needed(args) / 2**30:,.1f} GiB, more than "
+         f"this machine's {(machine_memory(False) or 0) / 2**30:,.1f} GiB; use fewer, or --no-memory-check to try anyway"),
     ]
     for name, broken, why in rules:
         if broken:  # a boolean given False is named as written, --no-x
             raise ValueError(f"{'--no-' if getattr(args, name) is False else '--'}{name.replace('_', '-')}: {why}")
+
+def memory_needed(args: Args) -> int:
+    """A lower bound of the bytes a run holds at its peak, the largest of: every agent's gradient of every seed's
+    parameters (twice: the interference normalises a copy), an evaluation's one-hot counts (int64), SND's pairs."""
+    n, S, h, hyper = args.n_agents, args.num_seeds, args.hidden_size, args.hypernet
+    m = num_target_params([1, h, n])  # one agent's network
+    params = {"nops": n * m, "linear": (n + 1) * m, "mlp": ((args.hypernet_hidden_dims or [0])[-1] + 1) * m,
+              "fups-noid": num_target_params([1, h * n, n]), "fups": num_target_params([n, h * n, n])}[hyper]
+    return S * max(8 * n * params + 8 * args.batch_size * n * n, 8 * args.eval_trials * n * n, 6 * n * n * (n - 1))
+
+def machine_memory(cuda: bool) -> Optional[int]:
+    """Bytes of the memory the run lives in: the GPU's with --cuda on a GPU, else RAM or the cgroup's limit."""
+    if cuda and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        return None
+    try:  # a container's or a Slurm job's limit ("max": none)
+        with open("/sys/fs/cgroup/memory.max") as f:
+            return min(total, int(f.read()))
+    except (OSError, ValueError):
+        return total
 
 def flags_given(argv: list[str]) -> set[str]:
     """The Args fields named on the command line (--x, --x=v, --no-x)."""
@@ -439,12 +472,9 @@ def new_run_folder(runs_dir: str, prefix: str) -> str:
         except FileExistsError:
             k += 1
 
-def duration(seconds: float) -> str:
-    """1h02m, 3m05s or 12s."""
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+def duration(seconds: float) -> str:  # 1h02m, 3m05s or 12s
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 if __name__ == "__main__":
     sys.exit(main())

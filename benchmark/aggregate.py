@@ -46,12 +46,22 @@ PAPER_TABLE4 = {
                 "nops": (6046.23, 5924.62, 6216.57), "mlp": (5940.16, 5485.77, 6280.59)}}
 PAPER_IQM = {"table4": PAPER_TABLE4, "figure5": {"Humanoid-17x1": PAPER_TABLE4["Humanoid-17x1"]}}
 # Table 3a: SND (mean, std over seeds) on Dispersion at 20M steps, about 1,000 times below Eq. (9) as
-# written (README, implementation detail 12): its ordering compares, its values do not.
+# written (docs/implementation.md, detail 12): its ordering compares, its values do not.
 PAPER_SND = {"figure2-ippo": {"mlp": (6.3e-4, 2.0e-5), "linear": (6.4e-4, 7.0e-6), "nops": (6.9e-4, 7.0e-6),
                               "fups": (2.4e-4, 1.1e-4)},
              "figure2-mappo": {"mlp": (6.7e-4, 5.0e-6), "linear": (6.6e-4, 1.2e-5), "nops": (6.6e-4, 1.5e-5),
                                "fups": (3.7e-4, 8.1e-5)}}
 ORDER = ["happo", "nops", "fups-noid", "fups", "dico", "linear", "mlp"]  # table rows: baselines first
+# The fields the tables read besides marl_eval (launch.py's write_summary writes them all): (types, what is
+# expected). OPTIONAL ones may be missing; null, where allowed, is "not logged".
+NUMBER_OR_NULL = (int, float, type(None))
+REQUIRED = {"grid": (str, "a grid name such as figure2-ippo"), "env": (str, "vmas, mamujoco or matrix"),
+            "task": (str, "a task name such as dispersion-4"), "method": (str, "a method name such as mlp"),
+            "seed": (int, "a whole number")}
+OPTIONAL = {"total_timesteps": (NUMBER_OR_NULL, "a number of steps or null"),
+            "final_snd": (NUMBER_OR_NULL, "a number or null"), "sps": (NUMBER_OR_NULL, "a number or null"),
+            "gradient": ((dict, type(None)), "an object of numbers or null"),
+            "config": (dict, "an object of flags"), "argv": (list, "a list of flags")}
 
 
 def find_summaries(parser, paths):
@@ -75,21 +85,57 @@ def load_run(path):
             s = json.load(f)
         if not isinstance(s, dict) or s.get("format") != FORMAT:
             raise ValueError(f"format is not {FORMAT!r}")
-        run = s["marl_eval"][s["env"]][s["task"]][s["method"]][f"seed_{s['seed']}"]
-        # a metric the run did not log at a step is [None] or []: left out of that evaluation
-        means = lambda v: {k: float(np.mean([e for e in x if e is not None])) for k, x in v.items()  # noqa: E731
-                           if k != "step_count" and any(e is not None for e in x)}
-        s["evals"] = sorted((int(v["step_count"]), means(v)) for k, v in run.items() if k.startswith("step_"))
+        check_fields(s)
+        s["evals"] = evaluations(s["marl_eval"][s["env"]][s["task"]][s["method"]][f"seed_{s['seed']}"])
         if not s["evals"] or any("return" not in m for _, m in s["evals"]):
             raise ValueError("no evaluation with a return in marl_eval")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{path}: malformed summary.json ({type(e).__name__}: {e})".replace("\n", " ")) from None
+        why = str(e) if type(e) is ValueError else f"{type(e).__name__}: {e}"  # ours say what is wrong already
+        raise ValueError(f"{path}: malformed summary.json ({why})".replace("\n", " ")) from None
     return s
+
+
+def is_a(value, types) -> bool:
+    return isinstance(value, types) and not isinstance(value, bool)  # JSON's true is no number
+
+
+def check_fields(s) -> None:
+    """ValueError naming the first field the tables cannot read, and what it must be."""
+    for name, (types, expected) in {**REQUIRED, **OPTIONAL}.items():
+        if name in s or name in REQUIRED:
+            if not is_a(s.get(name), types):
+                raise ValueError(f"{name}: {'missing' if name not in s else f'got {s[name]!r}'[:60]}; expected {expected}")
+    if not re.fullmatch(r"[\w-][\w.-]*", s["grid"]):  # it names the output files: no folder in it
+        raise ValueError(f"grid: got {s['grid']!r}; expected a grid name such as figure2-ippo (letters, digits, - _ .)")
+    if not all(is_a(v, NUMBER_OR_NULL) for v in (s.get("gradient") or {}).values()):
+        raise ValueError("gradient: expected an object of numbers or nulls")
+
+
+def evaluations(run) -> list:
+    """[(step, {metric: mean over the episodes})] of the run's marl_eval entry, in step order; a metric
+    the run did not log at a step ([None] or []) is left out of that evaluation."""
+    evals = []
+    for key, entry in run.items():
+        if not key.startswith("step_"):
+            continue
+        if not isinstance(entry, dict) or not is_a(entry.get("step_count"), int):
+            raise ValueError(f"marl_eval {key}: expected an object with a step_count (a whole number)")
+        metrics = {}
+        for metric, values in entry.items():
+            if metric == "step_count":
+                continue
+            if not isinstance(values, list) or not all(is_a(v, NUMBER_OR_NULL) for v in values):
+                raise ValueError(f"marl_eval {key} {metric}: expected a list of numbers or nulls, got {values!r}"[:200])
+            logged = [v for v in values if v is not None]
+            if logged:
+                metrics[metric] = float(np.mean(logged))
+        evals.append((entry["step_count"], metrics))
+    return sorted(evals, key=lambda e: e[0])
 
 
 def reached(run, budget) -> bool:
     """An evaluation at or past the budget, or training to it (its last step may fall just short)."""
-    return run["evals"][-1][0] >= budget or run.get("total_timesteps", 0) >= budget
+    return run["evals"][-1][0] >= budget or (run.get("total_timesteps") or 0) >= budget  # null: not logged
 
 
 def score(run, budget, metric="return"):
@@ -320,7 +366,7 @@ class Grid:
         elif self.name in PAPER_SND:
             lines += ["Paper: Figure 2 plots the returns (no numbers); Table 3a gives each method's SND at 20M steps "
                       "(mean ± std), on a scale about 1,000 times below Eq. (9) as written: compare its ordering, not "
-                      "its values (README, implementation detail 12).", ""]
+                      "its values (docs/implementation.md, detail 12).", ""]
         else:
             lines += ["Paper: " + ("figure only, no numbers in the paper." if self.name in TITLES else "not one of the paper's grids."), ""]
         for task in self.tasks:

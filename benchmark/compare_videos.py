@@ -19,7 +19,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sps import OneLineParser  # noqa: E402  (one line, exit 2 for bad flags, like every tool here)
+from sps import OneLineParser, check_writable  # noqa: E402  (one line, exit 2 for bad flags, like every tool here)
 
 
 def episode_frames(script: str, checkpoint: str, seed: int, work_dir: str) -> list:
@@ -28,9 +28,10 @@ def episode_frames(script: str, checkpoint: str, seed: int, work_dir: str) -> li
     command = [sys.executable, os.path.join(ROOT, f"{script}.py"), "--eval-only", "--checkpoint", checkpoint,
                "--capture-video", "--runs-dir", work_dir, "--seed", str(seed)]
     result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        why = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
-        sys.exit(f"error: --checkpoints: {checkpoint}: {why}")
+    if result.returncode != 0:  # the script's last line: its own "error: ..." for a checkpoint it refuses
+        why = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1].removeprefix("error: ")
+        print(f"error: --checkpoints: {checkpoint}: {why}", file=sys.stderr)
+        sys.exit(2)
     print(result.stdout.strip().splitlines()[0], f"({checkpoint}, seed {seed})")
     (path,) = glob.glob(os.path.join(work_dir, "*", "eval.mp4"))
     return [np.asarray(frame) for frame in imageio.get_reader(path)]
@@ -61,8 +62,9 @@ def main(argv=None) -> int:
     if missing:
         parser.error(f"--checkpoints: no such file {missing[0]!r}")
     folder = os.path.dirname(os.path.abspath(opts.out))
-    if not opts.out.endswith(".gif") or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+    if not opts.out.endswith(".gif") or not os.path.isdir(folder):
         parser.error(f"--out: must be a .gif file in an existing, writable folder, got {opts.out!r}")
+    check_writable(parser, "--out", folder)  # now, not after every episode
 
     import hypermarl_extras as extras
 

@@ -132,7 +132,7 @@ GRIDS = {
 }
 # Training steps per second of one run per setting (evaluations excluded), measured on a 2-core x86
 # CPU (torch 2.13, one thread, beside two other training runs) by `launch.py GRID --measure K` (K in the
-# README, "What a grid costs"): the cost estimates of --dry-run.
+# docs/reproducing.md, "What a grid costs"): the cost estimates of --dry-run.
 CPU_SPS = {
     ('ippo_hyper_vmas.py', 'dispersion-4', 'fups'): 4204,
     ('ippo_hyper_vmas.py', 'dispersion-4', 'linear'): 2576,
@@ -390,10 +390,15 @@ def evaluations(folder: str, scalars: dict, interval: int = 0) -> list[dict]:
     path = os.path.join(folder, "evaluations.jsonl")
     if os.path.isfile(path):
         by_step = {}
-        for line in open(path):
-            entry = json.loads(line)
-            by_step[entry["step"]] = {"step_count": entry["step"], "return": entry["episode_returns"],
-                                      "snd": [entry["snd"]]}
+        for number, line in enumerate(open(path, errors="replace"), 1):
+            try:
+                entry = json.loads(line)
+                by_step[entry["step"]] = {"step_count": entry["step"], "return": entry["episode_returns"],
+                                          "snd": [entry["snd"]]}
+            except (ValueError, KeyError, TypeError) as error:  # a line cut short (a full disk): its
+                # evaluation is left out, not the run's summary; a resumed run has repeated it
+                print(f"note: {path} line {number} is unreadable ({type(error).__name__}: {str(error)[:100]}); "
+                      "left out of the summary", file=sys.stderr, flush=True)
         steps = sorted(by_step)
         if interval > 0:  # on schedule: the first evaluation at or past a multiple of the interval
             steps = [s for k, s in enumerate(steps)
@@ -776,7 +781,8 @@ def refused_flags(runs: list[Run], extra: list):
             return (f"{clash[0]}: the grid sets it for {run.run_id} (--budget, --seeds and --methods choose "
                     f"budgets, seeds and runs; leave the flag out)")
     sys.path.insert(0, ROOT)
-    for run in {(r.script, r.task, r.method): r for r in runs}.values():
+    # one run per setting, of the largest seed (the scripts bound seeds from above: NumPy's take less than 2**32)
+    for run in {(r.script, r.task, r.method): r for r in sorted(runs, key=lambda r: r.seed)}.values():
         script, argv = __import__(run.script[:-3]), run.argv() + extra
         program, sys.argv[0] = sys.argv[0], run.script  # tyro's hints name the script, not the launcher
         try:
@@ -792,6 +798,11 @@ def refused_flags(runs: list[Run], extra: list):
         finally:
             sys.argv[0] = program
     return None
+
+
+def starting_afresh(runs: list[Run], grid_dir: str) -> list[Run]:
+    """The runs without a checkpoint to resume: they start with run.argv()."""
+    return [r for r in runs if "--resume" not in script_argv(r, os.path.join(grid_dir, r.run_id), [])]
 
 
 def check_reachable(parser, address: str) -> None:
@@ -825,11 +836,16 @@ def main(argv=None) -> int:
         figure10(grid_dir)
         return 0
     runs = select(GRIDS[opts.grid](), opts)
-    refused = extra and refused_flags(runs, extra)
+    # the scripts check the flags after -- and the values of --budget and --seeds now (a budget below one
+    # iteration, a seed past NumPy's), not in every run; a resumed run takes its other flags from its checkpoint
+    refused = (extra and refused_flags(runs, extra)) or (
+        (opts.budget or opts.seeds) and refused_flags(starting_afresh(runs, grid_dir), extra))
     if refused:
-        print(f"error: flags after --: {refused}", file=sys.stderr)
+        budget = opts.budget and re.search(r": --(total-timesteps|num-trials):", refused)  # names the script's flag
+        flag = "--seeds" if ": --seed:" in refused else "--budget" if budget else "flags after --"
+        print(f"error: {flag}: {refused}", file=sys.stderr)
         raise SystemExit(2)
-    states = {r.run_id: state(os.path.join(grid_dir, r.run_id), r.budget) for r in runs}
+    states = {r.run_id: state(os.path.join(grid_dir, r.run_id), r.budget, note=True) for r in runs}
     print(f"{opts.grid}: {len(runs)} runs in {grid_dir} ({sum(s == 'finished' for s in states.values())} finished, "
           f"{sum(s == 'interrupted' for s in states.values())} to resume); " + cost_line(runs), flush=True)
     if opts.measure:
@@ -860,16 +876,36 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
-def state(run_dir: str, budget: int) -> str:
+def state(run_dir: str, budget: int, note: bool = False) -> str:
     """new | started (no checkpoint yet) | interrupted (a checkpoint to resume) | finished (a summary at
     this budget or a larger one: a larger --budget later resumes finished runs from their checkpoints)."""
     folder = run_folder(run_dir)
     if folder is None:
         return "new"
-    summary = os.path.join(folder, "summary.json")
-    if os.path.isfile(summary) and json.load(open(summary))["total_timesteps"] >= budget:
+    steps = summary_steps(os.path.join(folder, "summary.json"), note)
+    if steps is not None and steps >= budget:
         return "finished"
     return "interrupted" if os.path.isfile(os.path.join(folder, "checkpoint.pt")) else "started"
+
+
+def summary_steps(path: str, note: bool = False):
+    """The steps a run's summary.json says it trained, or None: no summary, or one the launcher cannot read
+    (cut short by a full disk, edited by hand), which leaves the run unfinished: it resumes or starts
+    again, and a new summary replaces that one. note: say so, in one line (main's listing only)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+        steps = summary.get("total_timesteps") if isinstance(summary, dict) else None
+        if type(steps) not in (int, float):  # JSON's true is no number of steps
+            raise ValueError("no total_timesteps, the number of steps it trained")
+        return steps
+    except (OSError, ValueError) as error:  # ValueError: not JSON, or not text
+        if note:
+            print(f"note: {path} is unreadable ({str(error)[:200]}); the run counts as unfinished (resumed or rerun)",
+                  file=sys.stderr, flush=True)
+        return None
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ entry is printed beside it. Each run is single-threaded, on the CPU, with seed 1
     # identical or not, per config, with the first differing tag and step (exit status 1 if any differ)
     python benchmark/same_numbers.py --compare benchmark/results/same_numbers_before.json /tmp/after.json
 
-benchmark/results/same_numbers_before.json holds the numbers of commit dc71eb0 (torch 2.13.0
+benchmark/results/same_numbers_before.json holds the numbers of the code just before the redesign (torch 2.13.0
 CPU, requirements.txt's pins).
 """
 
@@ -40,6 +40,14 @@ MAMUJOCO_SMALL = ["--task", "HalfCheetah-2x3", "--num-envs", "2", "--no-async-en
                   "--snd-samples", "20", "--snd-gaussian-samples", "8", "--interference-interval", "1",
                   "--interference-samples", "16", "--torch-threads", "1", "--update-threads", "1"]
 MATRIX_SMALL = ["--game", "specialisation", "--n-agents", "4", "--num-trials", "400"]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad input: one line, exit status 2, nothing written (sps.py's, without its torch import)."""
+
+    def error(self, message):
+        print(f"error: {message.removeprefix('argument ')}", file=sys.stderr)  # "error: --flag: ..."
+        sys.exit(2)
 
 
 def configs():
@@ -128,15 +136,31 @@ def first_difference(a, b):
     return tag, step, va, vb
 
 
-def compare(path_a, path_b):
-    with open(path_a) as f:
-        a = json.load(f)
-    with open(path_b) as f:
-        b = json.load(f)
+def read_results(parser, path):
+    """A file this script wrote, {config: {tag: [[step, value], ...]} or {"error": why}}, else one line, exit 2."""
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, ValueError) as error:  # ValueError: not JSON
+        parser.error(f"--compare: cannot read {path!r} ({str(error)[:200]})")
+    points = lambda v: isinstance(v, list) and all(isinstance(p, list) and len(p) == 2 for p in v)  # noqa: E731
+    if not isinstance(results, dict) or not all(
+            isinstance(entry, dict) and all(points(v) or tag == "error" for tag, v in entry.items())
+            for entry in results.values()):
+        parser.error(f"--compare: {path!r} is not a file of same_numbers.py's ({{config: {{tag: [[step, value], ...]}}}})")
+    return results
+
+
+def compare(path_a, path_b, a, b):
     differ = 0
     for name in list(a) + [n for n in b if n not in a]:
         if name not in a or name not in b:
             print(f"{name:32s} only in {path_a if name in a else path_b}")
+            differ += 1
+            continue
+        failed = [path for path, results in ((path_a, a), (path_b, b)) if "error" in results[name]]
+        if failed:  # a config that failed has no numbers to compare
+            print(f"{name:32s} FAILED in {' and '.join(failed)}")
             differ += 1
             continue
         diff = first_difference(a[name], b[name])
@@ -151,7 +175,7 @@ def compare(path_a, path_b):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         help="repository root whose scripts are run (default: the one holding this file)")
     parser.add_argument("--out", default="same_numbers.json", help="JSON file written")
@@ -160,23 +184,30 @@ def main():
     parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="compare two JSON files")
     args = parser.parse_args()
     if args.compare:
-        return compare(*args.compare)
+        return compare(*args.compare, *(read_results(parser, path) for path in args.compare))
     todo = configs()
     if args.only:
         unknown = set(args.only) - set(todo)
         if unknown:
-            parser.error(f"unknown configs {sorted(unknown)}; --list shows them")
+            parser.error(f"--only: unknown configs {sorted(unknown)}; --list shows them")
         todo = {n: c for n, c in todo.items() if n in args.only}
     if args.list:
         for name, (script, flags) in todo.items():
             print(f"{name}: python {script} {' '.join([*flags, '--seed', '1', *cpu_flag(script)])} --runs-dir TMP")
         return 0
+    missing = sorted({script for script, _ in todo.values() if not os.path.isfile(os.path.join(args.repo, script))})
+    if missing:  # else every config fails, one after the other
+        parser.error(f"--repo: {args.repo!r} has no {missing[0]} (a checkout of this repository, its root)")
+    from sps import output_file  # here, not at the top: it imports torch, which --compare and --list do without
+
+    args.out = output_file(parser, args.out, "same_numbers", "same_numbers.json")  # now, not after the runs
     results, start = {}, time.time()
     for name, (script, flags) in todo.items():
         t0 = time.time()
         results[name] = run_config(args.repo, script, flags)
         note = f"ERROR {results[name]['error'][-300:]}" if "error" in results[name] else ""
         print(f"{name:32s} {digest(results[name])}  {time.time() - t0:5.1f} s {note}", flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1, sort_keys=True)
     print(f"{len(results)} configs in {time.time() - start:.0f} s, written to {args.out}; "

@@ -25,7 +25,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hypermarl_extras as extras  # noqa: E402
+from sps import check_writable  # noqa: E402  (os.access alone says yes to root everywhere, /proc included)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -67,6 +69,8 @@ def rollout_observations(script, path: str, episodes: int, seed: int) -> torch.T
     args.eval_episodes, args.seed = episodes, seed
     env = script.VmasEnv(args, episodes, seed, torch.device("cpu"))
     agent = script.make_agent(args, env.obs_dim, env.act_dim, env.discrete)
+    if where := extras.nonfinite(state["model"], agent.state_dict()):  # an edited or damaged file
+        raise extras.CheckpointError(f"--checkpoints: {path!r} holds NaN or inf (in model/{where}): refused")
     agent.load_state_dict(state["model"])
     args.snd_samples = 1  # the SND of the rollout itself is not needed here
     seen = record_observations(env)
@@ -95,8 +99,7 @@ def main(argv=None) -> int:
         parser.error(f"--out: must be an .npz file name, got {opts.out!r}")
     if not os.path.isdir(os.path.dirname(os.path.abspath(opts.out))):
         parser.error(f"--out: no such folder {os.path.dirname(opts.out)!r}")
-    if not os.access(os.path.dirname(os.path.abspath(opts.out)), os.W_OK | os.X_OK):
-        parser.error(f"--out: {os.path.dirname(os.path.abspath(opts.out))!r} is not writable")
+    check_writable(parser, "--out", os.path.dirname(os.path.abspath(opts.out)))
     script = __import__(opts.script)
     torch.manual_seed(opts.seed)
     pools = []
@@ -106,9 +109,9 @@ def main(argv=None) -> int:
             print(f"{path}: {pools[-1].shape[0]:,} time steps", flush=True)
     except (ValueError, RuntimeError, KeyError, TypeError, EOFError, OSError, pickle.UnpicklingError,
             zipfile.BadZipFile) as error:  # ValueError includes ArgError, CheckpointError, VmasEnv's --scenario
-        why = (str(error).splitlines() or [type(error).__name__])[0]  # some errors have no message
+        why = extras.first_line(error, limit=1000 if isinstance(error, extras.ArgError) else 120)
         parser.error(why if isinstance(error, extras.ArgError) or why.startswith("--scenario ")
-                     else f"--checkpoints: cannot load ({why[:120]})")
+                     else f"--checkpoints: cannot load ({why})")
     if len({pool.shape[1:] for pool in pools}) != 1:
         parser.error(f"--checkpoints: observations of different shapes {sorted({tuple(p.shape[1:]) for p in pools})}")
     pool = torch.cat(pools)

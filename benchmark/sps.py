@@ -71,8 +71,18 @@ def check_writable(parser, flag, folder):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         parser.error(f"{flag}: {existing!r} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if not os.access(existing, os.W_OK | os.X_OK) or not can_create_in(existing):
         parser.error(f"{flag}: {existing!r} is not writable")
+
+
+def can_create_in(folder) -> bool:
+    """Whether a folder can be made in folder (and is, then removed): os.access says yes to root
+    everywhere, /proc included, which refuses any new entry all the same."""
+    try:
+        tempfile.TemporaryDirectory(dir=folder, prefix=".write_check_").cleanup()
+        return True
+    except OSError:
+        return False
 
 
 def new_output_folder(tool, parent="runs"):

@@ -27,6 +27,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+import hypermarl_extras as extras  # noqa: E402
 
 # The two VMAS scripts share their flags, families, metrics and checkpoints: the same tests run on both.
 VMAS_SCRIPTS = ["ippo_hyper_vmas", "mappo_hyper_vmas"]
@@ -79,6 +80,21 @@ def run_python(argv, cwd=None, env=None):
     """python argv... in a child process, its output captured."""
     return subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=HANG)
+
+
+def only_the_first_save_succeeds(monkeypatch) -> list:
+    """Checkpoints after the first fail as in a folder made read-only (or full) during the run: PermissionError.
+    (As root, chmod would not stop the writes.) Returns the list of the steps saved."""
+    real, saved = extras.save_checkpoint, []
+
+    def save_once(path, state):
+        if saved:
+            raise PermissionError(13, "Permission denied", path + ".tmp")
+        saved.append(state["global_step"])
+        real(path, state)
+
+    monkeypatch.setattr(extras, "save_checkpoint", save_once)
+    return saved
 
 
 def run_dirs(runs_dir):

@@ -13,7 +13,7 @@ import pytest
 import scipy.stats
 import torch
 
-from conftest import ROOT, read_args, run_python, vmas_agent
+from conftest import ROOT, read_args, run_python, tiny_args, vmas_agent
 
 sys.path.insert(0, os.path.join(ROOT, "benchmark"))
 import aggregate  # noqa: E402
@@ -211,26 +211,58 @@ def test_matrix_grid_tables_2_and_6(tmp_path):
     assert f"| NoPS | {0.99:.4f} ± 0.0000 (0.9988 ± 0.0007)" in table6
 
 
+def without(field):
+    return lambda summary: json.dumps({k: v for k, v in summary.items() if k != field})
+
+
+def changed(**fields):
+    return lambda summary: json.dumps({**summary, **fields})
+
+
+def first_evaluation(**metrics):
+    def change(summary):
+        summary["marl_eval"]["vmas"]["navigation-2-same"]["mlp"]["seed_1"]["step_0"].update(metrics)
+        return json.dumps(summary)
+    return change
+
+
+# A summary.json aggregate.py cannot read: what its one line says (after "malformed summary.json (")
+MALFORMED = {
+    "bad-json": (lambda summary: "{not json", "JSONDecodeError"),
+    "no-marl-eval": (without("marl_eval"), "KeyError: 'marl_eval')"),
+    "no-grid": (without("grid"), "grid: missing; expected a grid name such as figure2-ippo)"),
+    "grid-a-path": (changed(grid="../escaped"), "grid: got '../escaped'; expected a grid name such as figure2-ippo "
+                                                "(letters, digits, - _ .))"),  # it would write out/../escaped.md
+    "seed-text": (changed(seed="1"), "seed: got '1'; expected a whole number)"),
+    "budget-text": (changed(total_timesteps="100k"), "total_timesteps: got '100k'; expected a number of steps or null)"),
+    "snd-text": (changed(final_snd="high"), "final_snd: got 'high'; expected a number or null)"),
+    "gradient-a-list": (changed(gradient=[1.0]), "gradient: got [1.0]; expected an object of numbers or null)"),
+    "config-a-list": (changed(config=["--seed"]), "config: got ['--seed']; expected an object of flags)"),
+    "argv-a-number": (changed(argv=5), "argv: got 5; expected a list of flags)"),
+    "step-text": (first_evaluation(step_count="100"), "marl_eval step_0: expected an object with a step_count (a whole number))"),
+    "returns-text": (first_evaluation(**{"return": ["1.0"]}),
+                     "marl_eval step_0 return: expected a list of numbers or nulls, got ['1.0'])"),
+}
+
+
 @pytest.mark.parametrize("make, argv, message", [
     (None, ["--at", "0"], "error: --at: must be at least 1, got 0"),
     (None, [], "error: PATH: no summary.json in"),
-    ("bad-json", [], "malformed summary.json (JSONDecodeError"),
-    ("no-marl-eval", [], "malformed summary.json (KeyError: 'marl_eval')"),
-])
+    *[(name, [], "malformed summary.json (" + message) for name, (_, message) in MALFORMED.items()],
+], ids=["--at 0", "no summary", *MALFORMED])
 def test_aggregate_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, make, argv, message):
     grids = tmp_path / "grids"
     grids.mkdir()
     bad = None
     if make:
         bad = write_summary(grids, "figure4", "navigation-2-same", "mlp", 1, {100: [1.0]})
-        summary = json.loads(bad.read_text())
-        bad.write_text("{not json" if make == "bad-json" else json.dumps({k: v for k, v in summary.items() if k != "marl_eval"}))
+        bad.write_text(MALFORMED[make][0](json.loads(bad.read_text())))
     out = tmp_path / "out"
     done = cli(grids, "--out", out, *argv)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
     assert bad is None or str(bad) in lines[0]  # names the file
-    assert not out.exists()
+    assert done.stdout == "" and os.listdir(tmp_path) == ["grids"]  # no out/, nor anything beside it
 
 
 # ===== The other tools: bad flags are one line, exit status 2, no file; outputs never a committed file =====
@@ -248,6 +280,7 @@ CASES = [
     ("compare_videos.py", ["--checkpoints", "a.pt", "b.pt", "--labels", "A"], "--labels: one per checkpoint (2), got 1"),
     ("compare_videos.py", ["--checkpoints", "no.pt", "--labels", "A"], "--checkpoints: no such file 'no.pt'"),
     ("compare_videos.py", ["--checkpoints", __file__, "--labels", "A"], "--out: must be a .gif file"),
+    ("compare_videos.py", ["--checkpoints", __file__, "--labels", "A", "--out", "/proc/x.gif"], "--out: '/proc' is not writable"),
 ]
 
 
@@ -279,6 +312,62 @@ def test_sps_device_cuda_without_cuda_is_one_line_and_writes_nothing(tmp_path, o
     assert result.stdout == "" and os.listdir(tmp_path) == []  # neither result.md nor runs/sps_<time>
 
 
+def test_compare_videos_a_checkpoint_its_script_refuses_is_one_error_line(tmp_path):
+    """The script's own "error: ..." line, passed on inside compare_videos' one line, not as a second "error:"."""
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": {}}, foreign)
+    result = run_python([os.path.join(ROOT, "benchmark", "compare_videos.py"), "--checkpoints", foreign, "--labels", "A",
+                         "--out", tmp_path / "cmp.gif"])
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: --checkpoints: {foreign}: --checkpoint: '{foreign}' is not a ") and lines[0].count("error") == 1
+    assert os.listdir(tmp_path) == ["foreign.pt"]
+
+
+# ----- same_numbers.py: --compare's files, --only, --repo, --out -----
+def same_numbers(argv, cwd):
+    return run_python([os.path.join(ROOT, "benchmark", "same_numbers.py")] + argv, cwd=cwd)
+
+
+SAME_NUMBERS_BAD = [
+    (["--compare", "missing.json", "good.json"], "--compare: cannot read 'missing.json' ([Errno 2] No such file or directory"),
+    (["--compare", "cut.json", "good.json"], "--compare: cannot read 'cut.json' (Expecting "),
+    (["--compare", "good.json", "list.json"],
+     "--compare: 'list.json' is not a file of same_numbers.py's ({config: {tag: [[step, value], ...]}})"),
+    (["--only", "ippo_nosuch"], "--only: unknown configs ['ippo_nosuch']; --list shows them"),
+    (["--only", "matrix_mlp", "--repo", "nowhere"],
+     "--repo: 'nowhere' has no reinforce_matrix_games.py (a checkout of this repository, its root)"),
+    (["--only", "matrix_mlp", "--out", "/proc/x/same.json"], "--out: '/proc' is not writable"),  # checked before the runs
+    (["--only", "matrix_mlp", "--out", "folder"], "--out: 'folder' is a folder; give the name of the file to write"),
+]
+
+
+@pytest.mark.parametrize("argv, message", SAME_NUMBERS_BAD, ids=[" ".join(a) for a, _ in SAME_NUMBERS_BAD])
+def test_same_numbers_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, argv, message):
+    (tmp_path / "good.json").write_text(json.dumps({"matrix_mlp": {"eval/episodic_return": [[10, 1.0]]}}))
+    (tmp_path / "cut.json").write_text('{"matrix_mlp": {"eval/episodic_return": [[10, 1.')
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "folder").mkdir()
+    before = sorted(os.listdir(tmp_path))
+    result = same_numbers(argv, tmp_path)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.stderr
+    assert result.stdout == "" and sorted(os.listdir(tmp_path)) == before
+
+
+def test_same_numbers_compare_reports_a_failed_config(tmp_path):
+    """A config that failed holds {"error": why}, no numbers: reported as such, not a traceback."""
+    (tmp_path / "a.json").write_text(json.dumps({"ippo_mlp": {"losses/value_loss": [[32, 0.5]]},
+                                                 "matrix_mlp": {"error": "exit 1: boom"}}))
+    (tmp_path / "b.json").write_text(json.dumps({"ippo_mlp": {"losses/value_loss": [[32, 0.5]]},
+                                                 "matrix_mlp": {"eval/episodic_return": [[10, 1.0]]}}))
+    result = same_numbers(["--compare", "a.json", "b.json"], tmp_path)
+    lines = result.stdout.splitlines()
+    assert result.returncode == 1 and result.stderr == "" and len(lines) == 3, result.stdout + result.stderr
+    assert lines[0].startswith("ippo_mlp ") and " identical (1 values, " in lines[0]
+    assert lines[1].split() == ["matrix_mlp", "FAILED", "in", "a.json"] and lines[2] == "1 identical, 1 different"
+
+
 # ----- outputs: never a committed file by default, and a bad --out fails before any work -----
 def run_tool(script, argv, cwd):
     return run_python([os.path.join(ROOT, "benchmark", script)] + argv, cwd=cwd)
@@ -303,6 +392,30 @@ def test_bad_out_fails_at_once_with_one_line(tmp_path, script, where):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --out: "), result.stderr
     assert result.stdout == "" and os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_check_writable_refuses_a_folder_that_takes_no_new_entry(tmp_path, capsys):
+    """os.access says yes to root everywhere, /proc included: sps, init_scale, update_step, launch, aggregate
+    and matrix_games would then fail after their work. The check makes a folder there and removes it."""
+    import sps
+
+    with pytest.raises(SystemExit) as exit_:
+        sps.check_writable(sps.OneLineParser(), "--out", "/proc/x/result.md")
+    assert exit_.value.code == 2 and capsys.readouterr().err == "error: --out: '/proc' is not writable\n"
+    sps.check_writable(sps.OneLineParser(), "--out", str(tmp_path / "new" / "result.md"))
+    assert os.listdir(tmp_path) == []  # nothing left of the check
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("aggregate.py", ["grids", "--out", "/proc/x"]),
+    ("matrix_games.py", ["--out", "/proc/x", "--games", "specialisation", "--n-agents", "2", "--hypernets", "nops",
+                         "--num-trials", "10"]),
+])
+def test_out_in_proc_is_one_line_before_any_work(tmp_path, script, argv):
+    write_summary(tmp_path / "grids", "figure2-ippo", "dispersion-4", "mlp", 1, {100: [1.0]})
+    result = run_tool(script, argv, tmp_path)
+    assert result.returncode == 2 and result.stderr == "error: --out: '/proc' is not writable\n", result.stderr
+    assert result.stdout == "" and os.listdir(tmp_path) == ["grids"]
 
 
 def test_init_scale_writes_a_new_folder_in_runs_not_the_committed_results(tmp_path):
@@ -347,6 +460,7 @@ def test_init_scale_benchmark(tmp_path):
     (["--checkpoints", "FOREIGN"], "--checkpoints:"),
     (["--checkpoints", "FOREIGN", "--out", "NOSUFFIX"], "--out: must be an .npz file name"),  # numpy would add .npz
     (["--checkpoints", "FOREIGN", "--out", "NODIR"], "--out: no such folder"),  # checked before the rollouts
+    (["--checkpoints", "FOREIGN", "--out", "/proc/x.npz"], "--out: '/proc' is not writable"),  # root too
 ])
 def test_snd_dataset_bad_flags_are_one_line_exit_2(tmp_path, argv, message):
     foreign = tmp_path / "foreign.pt"
@@ -359,6 +473,22 @@ def test_snd_dataset_bad_flags_are_one_line_exit_2(tmp_path, argv, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert not out.exists() and sorted(os.listdir(tmp_path)) == ["foreign.pt"]
+
+
+def test_snd_dataset_refuses_a_checkpoint_with_nan_weights(tmp_path):
+    import ippo_hyper_vmas
+
+    assert ippo_hyper_vmas.main(tiny_args(tmp_path / "runs", "--save-model")) == 0
+    (run,) = os.listdir(tmp_path / "runs")
+    state = torch.load(tmp_path / "runs" / run / "checkpoint.pt", weights_only=True)
+    name = next(iter(state["model"]))
+    state["model"][name] = torch.full_like(state["model"][name], float("nan"))
+    torch.save(state, tmp_path / "nan.pt")
+    out = tmp_path / "snd.npz"
+    result = run_python([os.path.join(ROOT, "benchmark", "snd_dataset.py"), "--out", out, "--checkpoints",
+                         tmp_path / "nan.pt", "--episodes", "2"])
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"holds NaN or inf (in model/{name})" in result.stderr and not out.exists()
 
 
 def test_snd_dataset_records_what_the_policy_saw_in_the_running_episodes():
@@ -391,3 +521,13 @@ def test_snd_dataset_records_what_the_policy_saw_in_the_running_episodes():
         assert torch.equal(observations, inputs[t][:, running]), t
         running &= ~ended[t]
     assert len({observations.shape[1] for observations in seen}) > 2  # episodes ended at different steps
+
+
+# ===== benchmark/memory_estimate.py: the memory check's estimate is a lower bound =====
+@pytest.mark.parametrize("name, flags", [("reinforce_matrix_games", "--n-agents 128 --hypernet fups --num-trials 50"),
+                                         ("ippo_hyper_vmas", "--n-agents 8 --hypernet nops --total-timesteps 2048")])
+def test_a_run_uses_at_least_the_memory_its_check_estimates(name, flags, tmp_path):
+    import memory_estimate
+
+    result = memory_estimate.measure(name, flags, str(tmp_path))
+    assert result["code"] == 0 and result["used"] >= result["estimate"] > 0, result

@@ -19,7 +19,7 @@ SCRIPTS = ["ippo_hyper_vmas", "mappo_hyper_vmas", "mappo_hyper_mamujoco", "reinf
 MODULES = SCRIPTS + ["dico", "hypermarl_extras"]
 
 # What mappo_hyper_vmas.py may change relative to ippo_hyper_vmas.py: the centralised critic.
-ALLOWED_VMAS_DIFFERENCES = {"critic_input", "Args", "CHECKPOINT_FORMAT"}
+ALLOWED_VMAS_DIFFERENCES = {"critic_input", "Args", "ALGO"}
 MAX_CHANGED_VMAS_LINES = 40
 # Pieces every script copies verbatim from ippo_hyper_vmas.py (the canonical copy).
 HYPERNETWORKS = ["layer_init", "layer_shapes", "num_target_params", "target_init_vector", "unflatten_params",
@@ -29,12 +29,13 @@ METRICS = ["js_distance_categorical", "js_distance_gaussian", "system_neural_div
 COPIES = {
     # The matrix games have no observation: their hypernetworks and batched_mlp are pinned by behaviour, below.
     "reinforce_matrix_games": ["layer_shapes", "num_target_params", "target_init_vector", "unflatten_params",
-                               "js_distance_categorical", "flags_given", "duration"],
+                               "js_distance_categorical", "flags_given", "duration", "machine_memory"],
     # batched_mlp: MaMuJoCo's PerAgentMLP interleaves HARL's LayerNorms with the layers instead; its actions are
     # continuous, so its SND compares Gaussians only (on the action dimensions every agent has).
     "mappo_hyper_mamujoco": [p for p in HYPERNETWORKS if p != "batched_mlp"] + [
         "js_distance_gaussian", "gradient_variance_and_norm", "gradient_interference", "SharedNet", "IndependentNets",
-        "compute_gae", "parse_args", "flags_given", "read_command_line", "check_args", "duration"],
+        "compute_gae", "parse_args", "flags_given", "read_command_line", "check_args", "duration", "family_net",
+        "machine_memory"],
 }
 # The matrix games write their run folders without hypermarl_extras.py (their --save-model alone needs it).
 COPIES_OF_EXTRAS = {"reinforce_matrix_games": ["new_run_folder"]}

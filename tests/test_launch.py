@@ -181,7 +181,7 @@ def test_a_stopped_grid_resumes_with_the_numbers_of_an_uninterrupted_run(tmp_pat
         assert resumed[key] == uninterrupted[key], key
 
 
-def test_matrix_grid_and_a_failing_run_names_its_log(tmp_path):
+def test_matrix_grid_and_a_failing_run_names_its_log(tmp_path, monkeypatch, capsys):
     argv = ["table2-6", "--out", str(tmp_path), "--only", "specialisation-n2", "--methods", "mlp", "fups-noid",
             "--seeds", "1", "--jobs", "2"]
     result = launch(argv + ["--budget", "20"], tmp_path)
@@ -195,11 +195,16 @@ def test_matrix_grid_and_a_failing_run_names_its_log(tmp_path):
         assert s["final_return"] == last["return"][0] and s["final_snd"] == last["snd"][0]
         assert s["gradient"]["actor_var_mean"] > 0
 
-    failed = launch(argv + ["--budget", "5", "--methods", "mlp", "--seeds", "2"], tmp_path)  # below a batch of 10
+    # a run that fails: a budget below a batch of 10, which the launcher's own check (refused_flags) would
+    # refuse before any run starts, let through to stand for a failure no check foresees
+    launch_module = load_launch()
+    monkeypatch.setattr(launch_module, "refused_flags", lambda runs, extra: None)
+    capsys.readouterr()
+    assert launch_module.main(argv + ["--budget", "5", "--methods", "mlp", "--seeds", "2"]) == 1
+    out = capsys.readouterr().out
     log_path = os.path.join(tmp_path, "table2-6", "reinforce-specialisation-n2-mlp-s2", "log.txt")
-    assert failed.returncode == 1 and "1 failed" in failed.stdout, failed.stdout + failed.stderr
-    assert (f"reinforce-specialisation-n2-mlp-s2: failed (exit 2: error: --num-trials: must be at least --batch-size"
-            f" = 10, got 5; see {log_path})") in failed.stdout
+    assert "1 failed" in out and (f"reinforce-specialisation-n2-mlp-s2: failed (exit 2: error: --num-trials: must be "
+                                  f"at least --batch-size = 10, got 5; see {log_path})") in out, out
 
 
 # ----- submitit (local executor) and Ray -----
@@ -362,6 +367,16 @@ BAD = [
     (["figure2-ippo", "--", "--total-timesteps=5"], "flags after --: --total-timesteps: the grid sets it for"),
     (["table2-6", "--methods", "mlp", "--", "--hypernet-hidden-dims", "0"],
      "flags after --: reinforce_matrix_games.py: --hypernet-hidden-dims: must be one or more positive sizes"),
+    # --budget and --seeds the scripts refuse: before any run starts, not once per run
+    (["figure2-ippo", "--budget", "1"],
+     "--budget: ippo_hyper_vmas.py: --total-timesteps: must be at least num_envs * num_steps = 2048, got 1"),
+    (["table2-6", "--budget", "1", "--seeds", "1"],
+     "--budget: reinforce_matrix_games.py: --num-trials: must be at least --batch-size = 10, got 1"),
+    (["table2-6", "--seeds", "4294967296", "--methods", "mlp"],
+     "--seeds: reinforce_matrix_games.py: --seed: must be between 0 and 4294957295, got 4294967296"),
+    (["figure2-ippo", "--seeds", "4294967296", "1", "--", "--print-interval", "1"],  # the largest seed, not the last
+     "--seeds: ippo_hyper_vmas.py: --seed: must be between 0 and 4294957295, got 4294967296"),
+    (["figure2-ippo", "--out", "/proc/x"], "--out: '/proc' is not writable"),  # root too: /proc takes no new folder
 ]
 
 
@@ -378,6 +393,56 @@ def test_launch_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkey
     lines = captured.err.strip().splitlines()
     assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), captured.err
     assert captured.out == "" and os.listdir(tmp_path) == ["notes.txt"]
+
+
+CORRUPT_SUMMARIES = {"cut short": '{"format": "hypermarl-summary/1", "total_timesteps": 2', "a list": "[1, 2]",
+                     "no total_timesteps": '{"format": "hypermarl-summary/1"}', "a text budget": '{"total_timesteps": "20M"}',
+                     "not text": b"\xff\xfe"}
+
+
+@pytest.mark.parametrize("content", CORRUPT_SUMMARIES.values(), ids=list(CORRUPT_SUMMARIES))
+def test_an_unreadable_summary_is_an_unfinished_run_and_one_note(tmp_path, capsys, content):
+    folder = tmp_path / "figure2-ippo" / "ippo-dispersion-4-mlp-s1" / "run"
+    folder.mkdir(parents=True)
+    path = folder / "summary.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert load_launch().main(["figure2-ippo", "--out", str(tmp_path), "--methods", "mlp", "--seeds", "1", "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"note: {path} is unreadable (") and \
+        lines[0].endswith("; the run counts as unfinished (resumed or rerun)"), captured.err
+    assert "(0 finished, 0 to resume)" in captured.out and "  [started] ippo-dispersion-4-mlp-s1: " in captured.out
+
+
+def test_a_run_with_an_unreadable_summary_runs_again(tmp_path):
+    """A matrix game (no checkpoint, seconds) whose summary was cut short: the launcher reruns it and
+    writes a whole summary, with one note and no traceback."""
+    run_id = "reinforce-specialisation-n2-nops-s1"
+    old = tmp_path / "table2-6" / run_id / "old"
+    old.mkdir(parents=True)
+    (old / "summary.json").write_text('{"total_timesteps": 10')
+    result = launch(["table2-6", "--out", str(tmp_path), "--methods", "nops", "--only", "specialisation-n2",
+                     "--seeds", "1", "--budget", "10"], tmp_path)
+    assert result.returncode == 0 and "0 skipped (finished before), 1 finished" in result.stdout, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [f"note: {old}/summary.json is unreadable (Expecting ',' delimiter: line 1 "
+                                          "column 23 (char 22)); the run counts as unfinished (resumed or rerun)"]
+    s = summary(str(tmp_path / "table2-6"), run_id)
+    assert s["total_timesteps"] == 10 and seed_entry(s)["step_0"]["return"] and not old.exists()
+
+
+def test_an_unreadable_evaluations_line_is_left_out_of_the_summary(tmp_path, capsys):
+    """A line cut short (a full disk), then the evaluations a resumed run appended: one note, no traceback."""
+    with open(tmp_path / "evaluations.jsonl", "w") as f:
+        f.write(json.dumps({"step": 100, "episode_returns": [0.1], "snd": 1.0}) + "\n")
+        f.write('{"step": 200, "episode_ret\n')
+        f.write(json.dumps({"step": 200, "episode_returns": [0.2], "snd": 2.0}) + "\n")
+        f.write("[]\n")  # JSON, but not an evaluation
+    kept = load_launch().evaluations(str(tmp_path), {})
+    assert [(e["step_count"], e["return"]) for e in kept] == [(100, [0.1]), (200, [0.2])]
+    lines = capsys.readouterr().err.splitlines()
+    path = tmp_path / "evaluations.jsonl"
+    assert len(lines) == 2 and lines[0].startswith(f"note: {path} line 2 is unreadable (JSONDecodeError: ")
+    assert lines[1].startswith(f"note: {path} line 4 is unreadable (TypeError: ") and lines[1].endswith("left out of the summary")
 
 
 def test_launch_bad_input_from_the_command_line(tmp_path):

@@ -2,6 +2,7 @@
 normalisers, checkpoints, bad input, and every task x actor family x algorithm end to end."""
 
 import contextlib
+import dataclasses
 import io
 import itertools
 import math
@@ -17,8 +18,9 @@ import numpy as np
 import pytest
 import torch
 
+import hypermarl_extras as extras
 import mappo_hyper_mamujoco as mj  # conftest puts the repository on sys.path
-from conftest import parsed, run_mamujoco as run_main, tiny_mamujoco_args as tiny_argv
+from conftest import ROOT, only_the_first_save_succeeds, parsed, read_args, run_mamujoco as run_main, run_python, tiny_mamujoco_args as tiny_argv
 
 TASKS = list(mj.TASK_PRESETS)
 FAMILIES = ["mlp", "linear", "fups", "nops"]
@@ -191,11 +193,12 @@ def test_obs_normalizer_keeps_padding_zero_and_round_trips_state():
     norm = mj.ObsNormalizer(env)
     for _ in range(5):
         norm(observations(8), update=True)
-    assert norm.state_dict()["state"]["count"] > 40 and norm.state_dict()["local"]["count"] > 40
+    state = extras.running_stats(norm.rms)
+    assert state["state"]["count"] > 40 and state["local"]["count"] > 40
     x, _ = norm(observations(4))  # (n_agents, batch, width)
     assert np.all(np.swapaxes(x, 0, 1)[:, ~mask] == 0) and np.any(x != 0)
     restored = mj.ObsNormalizer(env)
-    restored.load_state_dict(norm.state_dict())
+    extras.load_running_stats(restored.rms, state)
     flat = observations(3)
     for a, b in zip(restored(flat), norm(flat)):
         np.testing.assert_array_equal(a, b)
@@ -616,6 +619,8 @@ def test_values_tyro_refuses_exit_2_naming_the_flag_and_write_nothing(tmp_path, 
     (["--eval-only"], "--eval-only:"),
     (["--eval-only", "--checkpoint", "missing.pt"], "--checkpoint:"),
     (["--resume", "missing.pt"], "--resume:"),
+    (["--num-envs", "100000000", "--total-timesteps", str(200 * 10**8)], "--num-envs 100000000, "),  # 8 MiB a worker
+    (["--eval-episodes", "100000000"], "--eval-episodes 100000000: the run needs at least "),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, flags, needle):
     runs = tmp_path / "runs"
@@ -624,6 +629,22 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, flags, nee
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
     assert not runs.exists()
+
+
+def test_a_run_larger_than_the_machine_is_refused_with_its_estimate_unless_told_to_try(tmp_path, monkeypatch):
+    monkeypatch.setattr(mj, "machine_memory", lambda cuda: 2**20)
+    code, out, err = run_main(tiny_argv(tmp_path / "runs"))
+    assert code == 2 and err.count("\n") == 1 and not (tmp_path / "runs").exists()
+    assert err.startswith("error: --num-envs 1, --num-steps 32, --eval-episodes 2: the run needs at least "), err
+    assert run_main(tiny_argv(tmp_path / "runs", "--no-memory-check"))[0] == 0
+
+
+def test_the_memory_estimate_grows_with_what_the_run_holds():
+    base = read_args(mj, tiny_argv("runs"))
+    total = sum(mj.memory_needed(base).values())
+    for bigger in (dict(num_envs=4), dict(num_steps=64), dict(eval_episodes=8), dict(task="Humanoid-17x1"),
+                   dict(actor_hidden_dims=[64, 64]), dict(hypernet_input="agent+obs"), dict(critic="per-agent")):
+        assert sum(mj.memory_needed(dataclasses.replace(base, **bigger)).values()) > total, bigger
 
 
 def test_bad_checkpoint_file_exits_2(tmp_path):
@@ -964,6 +985,36 @@ def test_eval_only_takes_the_model_flags_from_the_checkpoint(saved_run):
     assert code == 0 and "eval/episodic_return=" in out, err
 
 
+def test_a_run_folder_that_becomes_unwritable_stops_in_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    """The second checkpoint cannot be written (a read-only or full folder; as root, chmod would not stop it)."""
+    saved = only_the_first_save_succeeds(monkeypatch)
+    code, out, err = run_main(tiny_argv(tmp_path, "--save-model", "--save-interval", 32, "--total-timesteps", 96))
+    (run,) = os.listdir(tmp_path)
+    checkpoint = str(tmp_path / run / "checkpoint.pt")
+    assert code == 1 and err.count("\n") == 1 and err.startswith("error: cannot write "), err
+    assert "Permission denied" in err and f"Last good checkpoint: {checkpoint}" in err
+    assert saved == [32] and torch.load(checkpoint, weights_only=True)["global_step"] == 32
+
+
+def test_a_run_prints_nothing_on_stderr(tmp_path):
+    """No notice a user cannot act on (Gymnasium-Robotics prints one about its Adroit hands at import)."""
+    done = run_python([os.path.join(ROOT, "mappo_hyper_mamujoco.py"), *tiny_argv(tmp_path, "--total-timesteps", 32)])
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def test_resume_from_another_folder_continues_in_the_checkpoints_run_folder(saved_run, tmp_path, monkeypatch):
+    import shutil
+
+    run_dir = tmp_path / "runs" / saved_run.name
+    shutil.copytree(saved_run, run_dir)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, out, err = run_main(["--resume", str(run_dir / "checkpoint.pt"), "--total-timesteps", 96])
+    assert code == 0, err
+    assert os.listdir(tmp_path / "elsewhere") == [] and f"run: {run_dir}" in out
+    assert ("losses/value_loss", 96) in scalars_by_step(str(run_dir))
+
+
 def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
     clock = itertools.count()
     monkeypatch.setattr(mj.time, "time", lambda: 1_800_000_000 + next(clock) * 1e-5)  # never a new second
@@ -1074,3 +1125,64 @@ def test_capture_video_without_a_renderer_fails_at_once(tmp_path, monkeypatch):
     code, out, err = run_main(tiny_argv(tmp_path / "runs", "--capture-video"))
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: --capture-video: ") and "install" in err, err
     assert not (tmp_path / "runs").exists()
+
+
+# ===== Damaged checkpoints: one line, exit status 2, nothing written (the environments are made and the =====
+# ===== checkpoint restored before the run folder is opened)                                            =====
+def copy_of_saved_run(saved_run, tmp_path, change):
+    """The saved run's folder copied into tmp_path, its checkpoint changed by change(state): the checkpoint."""
+    import shutil
+
+    run_dir = tmp_path / saved_run.name
+    shutil.copytree(saved_run, run_dir)
+    checkpoint = str(run_dir / "checkpoint.pt")
+    state = torch.load(checkpoint, weights_only=True)
+    change(state)
+    torch.save(state, checkpoint)
+    return run_dir, checkpoint
+
+
+def files_and_times(folder):
+    return {name: os.path.getmtime(os.path.join(folder, name)) for name in os.listdir(folder)}
+
+
+DAMAGES = {  # what is changed, what --resume and --eval-only say
+    "NaN weight": (lambda s: s["actor"]["log_std"].view(-1).__setitem__(0, float("nan")), "holds NaN or inf (in actor/"),
+    "missing key": (lambda s: s["actor"].pop("log_std"), "does not fit this script's model ("),
+    "critic of another model": (lambda s: s["critics"].__setitem__("bogus", torch.zeros(1)),
+                                "does not fit this script's model ("),
+    "impossible saved flag": (lambda s: s["args"].__setitem__("num_steps", 0),
+                              "holds an invalid flag: --num-steps: must be positive, got 0"),
+    "normaliser of another task": (lambda s: s["obs_norm"]["state"].__setitem__("mean", torch.zeros(3, dtype=torch.float64)),
+                                   "does not fit this script's model (obs_norm/state/mean"),
+    "environment of another task": (lambda s: s["envs"]["sim"][0].__setitem__("physics", [0.0]),
+                                    "does not fit this script's model (envs/sim[0]/physics"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_a_damaged_checkpoint_is_refused_before_anything_is_written(saved_run, tmp_path, damage):
+    change, message = DAMAGES[damage]
+    run_dir, checkpoint = copy_of_saved_run(saved_run, tmp_path, change)
+    before = files_and_times(run_dir)
+    code, out, err = run_main(["--resume", checkpoint, "--total-timesteps", "96"])
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: --resume: {checkpoint!r} {message}"), err
+    assert files_and_times(run_dir) == before and os.listdir(tmp_path) == [saved_run.name]  # no log, no folder
+    if damage in ("impossible saved flag", "environment of another task"):  # not what --eval-only reads
+        return
+    code, out, err = run_main(["--eval-only", "--checkpoint", checkpoint, "--runs-dir", str(tmp_path / "eval")])
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: --checkpoint: {checkpoint!r} {message}"), err
+    assert os.listdir(tmp_path) == [saved_run.name]
+
+
+@pytest.mark.parametrize("flags", [["--save-model"], ["--print-interval", "3"], ["--track"]])
+def test_eval_only_refuses_the_flags_of_training(saved_run, tmp_path, flags):
+    argv = ["--eval-only", "--checkpoint", str(saved_run / "checkpoint.pt"), "--runs-dir", str(tmp_path), *flags]
+    code, out, err = run_main(argv)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {flags[0]}: only for training"), err
+    assert os.listdir(tmp_path) == []
+
+
+def test_runs_dir_the_kernel_refuses_is_one_line(tmp_path):
+    code, out, err = run_main(tiny_argv("/proc/hypermarl-runs"))
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: --runs-dir: ") and "'/proc'" in err, err

@@ -212,6 +212,9 @@ def test_single_run_in_process(tmp_path, capsys):
     (["--hypernet", "linear", "--hypernet-hidden-dims", "8"], "--hypernet-hidden-dims"),
     (["--hypernet", "mlp", "--no-hyper-linear-shared-bias"], "--no-hyper-linear-shared-bias"),
     (["--hypernet", "fups", "--hyper-linear-shared-bias"], "--hyper-linear-shared-bias"),
+    (["--n-agents", "1000"], "--n-agents"),  # more memory than the machine: refused before a run folder is made
+    (["--exp-name", "e" * 200], "--exp-name"),  # the run folder's name would pass the file system's 255 bytes
+    (["--runs-dir", "/proc/hypermarl-runs"], "--runs-dir"),  # access() lets root write there; the kernel does not
 ])
 def test_bad_input_in_process(argv, flag, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -221,6 +224,23 @@ def test_bad_input_in_process(argv, flag, tmp_path, monkeypatch, capsys):
     assert len(lines) == 1 and lines[0].startswith(f"error: {flag}:"), captured.err
     assert captured.out == ""
     assert os.listdir(tmp_path) == []
+
+
+def test_a_run_larger_than_the_machine_is_refused_with_its_estimate_unless_told_to_try(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(mg, "machine_memory", lambda cuda: 2**10)
+    assert mg.main(["--num-trials", "20"]) == 2 and os.listdir(tmp_path) == []
+    err = capsys.readouterr().err
+    assert err.startswith("error: --n-agents: 2 agents x 1 seeds need at least ") and "--no-memory-check" in err, err
+    assert mg.main(["--num-trials", "20", "--no-memory-check"]) == 0
+
+
+def test_the_memory_estimate_grows_with_agents_seeds_and_batches():
+    base = mg.Args(n_agents=8, hypernet="linear", eval_trials=10)
+    for bigger in (dict(n_agents=16), dict(num_seeds=2), dict(batch_size=100), dict(eval_trials=10_000),
+                   dict(hidden_size=8)):
+        assert mg.memory_needed(dataclasses.replace(base, **bigger)) > mg.memory_needed(base), bigger
+    assert mg.memory_needed(dataclasses.replace(base, n_agents=1000, hypernet="nops")) > 30 * 2**30  # OOM on 24 GB
 
 
 @pytest.mark.parametrize("argv, needle", [(["--n-agents", "abc"], "--n-agents"), (["--bogus"], "--bogus"),

@@ -3,6 +3,7 @@ status 2, nothing written), checkpoints (refused when foreign, corrupt or incomp
 bit, Ctrl-C and SIGTERM, --eval-only and SND datasets, run folders, progress lines, --help, videos, and
 a script copied alone without hypermarl_extras.py."""
 
+import dataclasses
 import importlib.util
 import os
 import shutil
@@ -16,8 +17,8 @@ import pytest
 import torch
 
 import hypermarl_extras as extras
-from conftest import (HANG, ROOT, load_checkpoint, load_script, read_args, run_dirs, run_main, run_python,
-                      scalar_tags, tiny_args, vmas_agent)
+from conftest import (HANG, ROOT, load_checkpoint, load_script, only_the_first_save_succeeds, read_args, run_dirs,
+                      run_main, run_python, scalar_tags, tiny_args, vmas_agent)
 from conftest import tiny_mamujoco_args as tiny_argv
 
 # ===== The command line: a bad flag is one line, exit status 2, nothing written =====
@@ -44,6 +45,8 @@ BAD_INPUT = [
     (["--resume", "/"], "--resume"),  # a folder
     (["--eval-only", "--checkpoint", "/"], "--checkpoint"),
     (["--save-interval", 32], "--save-interval"),  # only with --save-model
+    (["--n-agents", 100_000], "--n-agents 100000"),  # more memory than any machine: refused at once, not a hang
+    (["--num-envs", 100_000_000, "--total-timesteps", 800_000_000], "--num-envs 100000000"),
 ]
 
 
@@ -64,6 +67,26 @@ def test_bad_input_is_one_line_exit_2_nothing_written(script, extra, flag, tmp_p
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and flag in err, err
     assert not os.path.exists(tmp_path / "runs")
+
+
+def test_a_run_larger_than_the_machine_is_refused_with_its_estimate_unless_told_to_try(script, tmp_path, capsys,
+                                                                                      monkeypatch):
+    monkeypatch.setattr(script, "machine_memory", lambda cuda: 2**20)  # a machine with 1 MiB
+    code, out, err = run_main(script, tiny_args(tmp_path / "runs"), capsys)
+    assert code == 2 and err.count("\n") == 1 and not os.path.exists(tmp_path / "runs")
+    assert err.startswith("error: --n-agents 4, --num-envs 4, --num-steps 8: the run needs at least ") and \
+        "rollout " in err and "more than this machine's 0.0 GiB; use fewer, or --no-memory-check" in err, err
+    assert run_main(script, tiny_args(tmp_path / "runs", "--no-memory-check"), capsys)[0] == 0
+
+
+def test_the_memory_estimate_grows_with_what_the_run_holds(script):
+    """A lower bound (benchmark/memory_estimate.py measures it against runs): it grows with every size."""
+    base = script.Args(n_agents=4)
+    total = sum(script.memory_needed(base).values())
+    assert 2**20 < total < 2**30
+    for bigger in (dict(n_agents=8, n_food=8), dict(num_envs=32), dict(num_steps=256), dict(eval_episodes=64),
+                   dict(actor_hidden_dims=[128, 128]), dict(hypernet_input="agent+obs"), dict(hypernet_hidden_dims=[128])):
+        assert sum(script.memory_needed(dataclasses.replace(base, **bigger)).values()) > total, bigger
 
 
 # Values of the wrong type or outside a flag's choices: tyro's own message (naming the flag, with its
@@ -455,6 +478,43 @@ def test_runs_started_in_the_same_second_get_their_own_folders(script, tmp_path,
     assert len(folders) == 2 and all(os.path.isfile(os.path.join(f, "checkpoint.pt")) for f in folders)
 
 
+def test_resume_from_another_folder_continues_in_the_checkpoints_run_folder(script, tmp_path, capsys, monkeypatch):
+    """A relative --runs-dir (the default, runs) is the checkpoint's run, not a new runs/ where resume starts."""
+    (tmp_path / "first").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "first")
+    assert run_main(script, tiny_args("runs", "--save-model", "--total-timesteps", 32), capsys)[0] == 0
+    (run_dir,) = run_dirs(tmp_path / "first" / "runs")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    checkpoint = os.path.join(run_dir, "checkpoint.pt")
+    code, out, err = run_main(script, ["--resume", checkpoint, "--total-timesteps", 64], capsys)
+    assert code == 0, err
+    assert os.listdir(tmp_path / "elsewhere") == [] and f"run: {run_dir}" in out
+    assert load_checkpoint(checkpoint)["global_step"] == 64 and len(scalar_tags(run_dir)["losses/value_loss"]) == 2
+
+
+def test_ippo_and_mappo_runs_of_one_grid_have_distinct_folders(tmp_path, capsys):
+    """A grid gives its runs one --exp-name: the algorithm is in the folder's name too."""
+    for name in ("ippo_hyper_vmas", "mappo_hyper_vmas"):
+        assert run_main(load_script(name), tiny_args(tmp_path, "--exp-name", "grid"), capsys)[0] == 0
+    names = sorted(os.path.basename(folder) for folder in run_dirs(tmp_path))
+    assert [name.split("__")[2] for name in names] == ["ippo_mlp", "mappo_mlp"], names
+
+
+def test_a_run_folder_that_becomes_unwritable_stops_in_one_line_and_keeps_the_checkpoint(script, tmp_path, capsys,
+                                                                                         monkeypatch):
+    """Made read-only (or full) during the run: the second checkpoint cannot be written. (As root, chmod does not
+    stop writes: the refusal is the one a read-only folder gives.)"""
+    saved = only_the_first_save_succeeds(monkeypatch)
+    argv = tiny_args(tmp_path, "--save-model", "--save-interval", 32, "--total-timesteps", 96)
+    code, out, err = run_main(script, argv, capsys)
+    (run_dir,) = run_dirs(tmp_path)
+    checkpoint = os.path.join(run_dir, "checkpoint.pt")
+    assert code == 1 and err.count("\n") == 1 and err.startswith("error: cannot write "), err
+    assert "Permission denied" in err and f"Last good checkpoint: {checkpoint}" in err
+    assert saved == [32] and load_checkpoint(checkpoint)["global_step"] == 32
+
+
 def test_progress_lines_give_the_plan_elapsed_time_and_eta(script, tmp_path, capsys):
     # 8-step rollouts of 100-step episodes: the first iterations end no episode
     code, out, err = run_main(script, tiny_args(tmp_path, "--max-steps", 100, "--print-interval", 1), capsys)
@@ -559,3 +619,194 @@ def test_without_the_helper_every_flag_that_needs_it_is_refused(script, monkeypa
         script.read_command_line(["--num-minibatches", "3"])
     args, loaded, changes = script.read_command_line(["--scenario", "navigation"])
     assert (args.num_envs, loaded, changes) == (600, None, [])  # the paper's values (Table 12)
+
+
+# ===== Damaged checkpoints and impossible files: one line, exit status 2, nothing written =====
+def tampered(checkpoint, change):
+    """The checkpoint rewritten in place with change(state) applied (a file edited or damaged by hand)."""
+    state = load_checkpoint(checkpoint)
+    change(state)
+    torch.save(state, checkpoint)
+    return checkpoint
+
+
+def folder_state(folder):
+    """What a run wrote into folder: its files and their times of change (none if it does not exist)."""
+    return {name: os.path.getmtime(os.path.join(folder, name)) for name in os.listdir(folder)} if os.path.isdir(folder) else None
+
+
+def assert_refused_and_nothing_written(script, argv, capsys, start, *folders):
+    """One line starting with start, exit status 2, and no file of folders created or changed."""
+    before = [folder_state(str(folder)) for folder in folders]
+    code, out, err = run_main(script, argv, capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(start), err
+    assert "Traceback" not in err and [folder_state(str(folder)) for folder in folders] == before
+    return err
+
+
+def first_weight(state):
+    return next(key for key, value in state["model"].items() if value.is_floating_point() and value.dim() == 2)
+
+
+def set_first(value):
+    def change(state):
+        state["model"][first_weight(state)].view(-1)[0] = value
+    return change
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_checkpoint_with_nan_or_inf_weights_is_refused(script, saved_run, value, tmp_path, capsys):
+    run_dir, checkpoint = saved_run
+    tampered(checkpoint, set_first(value))
+    for argv, flag in ((["--resume", checkpoint, "--total-timesteps", 96], "--resume"),
+                       (["--eval-only", "--checkpoint", checkpoint, "--runs-dir", tmp_path / "eval"], "--checkpoint")):
+        err = assert_refused_and_nothing_written(script, argv, capsys, f"error: {flag}: {checkpoint!r} holds NaN or inf",
+                                                 run_dir, tmp_path / "eval")
+        assert "model/" in err  # where
+
+
+def test_a_nan_that_the_model_itself_holds_is_no_damage(script, tmp_path, capsys):
+    """DiCo's SND estimate is NaN until it is first measured (never, unconstrained): such checkpoints resume."""
+    argv = tiny_args(tmp_path, "--hypernet", "dico", "--n-agents", 2, "--save-model", "--total-timesteps", 32)
+    assert run_main(script, argv, capsys)[0] == 0
+    (run_dir,) = run_dirs(tmp_path)
+    checkpoint = os.path.join(run_dir, "checkpoint.pt")
+    assert torch.isnan(load_checkpoint(checkpoint)["model"]["actor.snd_hat"])
+    code, out, err = run_main(script, ["--resume", checkpoint, "--total-timesteps", 64], capsys)
+    assert code == 0, err
+    tampered(checkpoint, lambda state: state["model"]["actor.snd_hat"].fill_(float("inf")))  # but never inf
+    assert_refused_and_nothing_written(script, ["--resume", checkpoint, "--total-timesteps", 96], capsys,
+                                       f"error: --resume: {checkpoint!r} holds NaN or inf", run_dir)
+
+
+MISFITS = {
+    "missing key": lambda state: state["model"].pop(first_weight(state)),
+    "extra key": lambda state: state["model"].__setitem__("bogus.weight", torch.zeros(2)),
+    "wrong shape": lambda state: state["model"].__setitem__(first_weight(state), torch.zeros(3, 3)),
+    "optimizer of another model": lambda state: next(iter(state["optimizer"]["state"].values())).__setitem__(
+        "exp_avg", torch.zeros(3, 3)),
+    "environment of another run": lambda state: state["env"].__setitem__("obs", state["env"]["obs"][:, :, :1]),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(MISFITS))
+def test_a_checkpoint_that_does_not_fit_the_model_is_refused_before_anything_is_written(script, saved_run, damage,
+                                                                                        tmp_path, capsys):
+    run_dir, checkpoint = saved_run
+    tampered(checkpoint, MISFITS[damage])
+    resume = ["--resume", checkpoint, "--total-timesteps", 96]
+    assert_refused_and_nothing_written(script, resume, capsys, f"error: --resume: {checkpoint!r} does not fit this "
+                                       "script's model (", run_dir)
+    if damage in ("missing key", "extra key", "wrong shape"):  # --eval-only reads the model only
+        evaluate = ["--eval-only", "--checkpoint", checkpoint, "--runs-dir", tmp_path / "eval"]
+        assert_refused_and_nothing_written(script, evaluate, capsys, f"error: --checkpoint: {checkpoint!r} does not "
+                                           "fit this script's model (", tmp_path / "eval")
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("num_steps", 0, "--num-steps: must be positive, got 0"),
+    ("num_envs", -4, "--num-envs: must be positive, got -4"),
+    ("num_steps", "8", "--num-steps: must be an int, got '8'"),
+    ("learning_rate", None, "--learning-rate: must be a float, got None"),
+])
+def test_a_checkpoint_with_an_impossible_saved_flag_names_the_file_and_the_flag(script, saved_run, name, value,
+                                                                               message, capsys):
+    run_dir, checkpoint = saved_run
+    tampered(checkpoint, lambda state: state["args"].__setitem__(name, value))
+    assert_refused_and_nothing_written(script, ["--resume", checkpoint, "--total-timesteps", 96], capsys,
+                                       f"error: --resume: {checkpoint!r} holds an invalid flag: {message}", run_dir)
+
+
+def test_an_impossible_saved_model_flag_is_the_checkpoints_for_eval_only(script, saved_run, tmp_path, capsys):
+    _, checkpoint = saved_run
+    tampered(checkpoint, lambda state: state["args"].__setitem__("n_agents", 1))
+    argv = ["--eval-only", "--checkpoint", checkpoint, "--runs-dir", tmp_path / "eval"]
+    assert_refused_and_nothing_written(script, argv, capsys, f"error: --checkpoint: {checkpoint!r} holds an invalid "
+                                       "flag: --n-agents: must be at least 2, got 1", tmp_path / "eval")
+
+
+@pytest.mark.parametrize("where", ["proc", "long-name", "long-path", "long-exp-name"])
+def test_runs_dir_the_system_cannot_create_is_one_line(script, where, tmp_path, capsys):
+    runs_dir = {"proc": "/proc/hypermarl-runs", "long-name": tmp_path / ("r" * 300),
+                "long-path": tmp_path.joinpath(*["d" * 250] * 20)}.get(where, tmp_path / "runs")
+    extra = ["--exp-name", "e" * 250] if where == "long-exp-name" else []  # the run folder's name would be too long
+    flag = "--exp-name" if extra else "--runs-dir"
+    assert_refused_and_nothing_written(script, tiny_args(runs_dir, *extra), capsys, f"error: {flag}: ", tmp_path)
+
+
+def test_an_snd_obs_file_of_python_objects_is_refused_for_safety(script, saved_run, tmp_path, capsys):
+    _, checkpoint = saved_run
+    objects = tmp_path / "objects.npz"
+    np.savez(objects, obs=np.array([{}], dtype=object))
+    argv = ["--eval-only", "--checkpoint", checkpoint, "--snd-obs-file", objects]
+    err = assert_refused_and_nothing_written(script, argv, capsys, f"error: --snd-obs-file: {str(objects)!r} holds "
+                                             "Python objects", tmp_path)
+    assert "allow_pickle" not in err and "refused" in err
+
+
+def test_long_reasons_are_cut_at_a_word_with_an_ellipsis(script, tmp_path, capsys, monkeypatch):
+    reason = " ".join(f"word{i}" for i in range(60))  # 400 characters
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"x")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(reason)))
+    err = assert_refused_and_nothing_written(script, ["--resume", bad], capsys, "error: --resume: ", tmp_path)
+    shown = err.split("(", 1)[1].rsplit(")", 1)[0]
+    assert shown.endswith("...") and reason.startswith(shown[:-3]) and reason[len(shown) - 3] == " ", shown
+    monkeypatch.setattr(np, "load", lambda *a, **k: (_ for _ in ()).throw(ValueError(reason)))
+    with pytest.raises(ValueError) as error:
+        extras.load_snd_obs(str(bad), 16)
+    shown = str(error.value).split("(", 1)[1].rsplit(")", 1)[0]
+    assert shown.endswith("...") and reason.startswith(shown[:-3]) and reason[len(shown) - 3] == " ", shown
+    monkeypatch.setattr(np, "load", lambda *a, **k: (_ for _ in ()).throw(ValueError("short reason")))
+    with pytest.raises(ValueError, match=r"\(short reason\)$"):
+        extras.load_snd_obs(str(bad), 16)
+
+
+@pytest.mark.parametrize("extra", [["--save-model"], ["--no-save-model"], ["--track"], ["--compile"],
+                                   ["--print-interval", 5], ["--exp-name", "named"], ["--wandb-entity", "team"],
+                                   ["--wandb-project-name", "project"]])
+def test_eval_only_refuses_the_flags_of_training(script, saved_run, extra, tmp_path, capsys):
+    """They would be silently ignored: --eval-only writes no run, no checkpoint, no log."""
+    _, checkpoint = saved_run
+    argv = ["--eval-only", "--checkpoint", checkpoint, "--runs-dir", tmp_path / "eval", *extra]
+    err = assert_refused_and_nothing_written(script, argv, capsys, f"error: {extra[0]}: ", tmp_path)
+    assert "--eval-only" in err
+
+
+FURTHER_DAMAGE = {  # a change to the checkpoint, and the start of what --resume says about it
+    "run name that climbs out": (lambda s: s.__setitem__("run_name", "../../escape"), "holds an invalid run name"),
+    "flags not a dict": (lambda s: s.__setitem__("args", [1, 2]), "holds no flags of a run"),
+    "iteration 0": (lambda s: s.__setitem__("iteration", 0), "holds an impossible position"),
+    "model not a dict": (lambda s: s.__setitem__("model", torch.zeros(3)), "does not fit this script's model"),
+    "random state cut": (lambda s: s["rng"].__setitem__("torch", torch.zeros(5, dtype=torch.uint8)),
+                         "does not fit this script's model"),
+    "learning rate NaN": (lambda s: s["optimizer"]["param_groups"][0].__setitem__("lr", float("nan")),
+                          "holds NaN or inf (in optimizer/param_groups[0]/lr)"),
+    "observation NaN": (lambda s: s["env"]["obs"].view(-1).__setitem__(0, float("nan")), "holds NaN or inf (in env/obs)"),
+    "unknown scenario": (lambda s: s["args"].__setitem__("scenario", "football"),
+                         "holds an invalid flag: --scenario: must be one of 'dispersion', 'navigation', got 'football'"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(FURTHER_DAMAGE))
+def test_further_damage_to_a_checkpoint_is_one_line_and_writes_nothing(script, saved_run, damage, tmp_path, capsys):
+    run_dir, checkpoint = saved_run
+    change, message = FURTHER_DAMAGE[damage]
+    tampered(checkpoint, change)
+    argv = ["--resume", checkpoint, "--total-timesteps", 96, "--runs-dir", tmp_path / "moved"]  # a run name is a path
+    assert_refused_and_nothing_written(script, argv, capsys, f"error: --resume: {checkpoint!r} {message}", run_dir,
+                                       tmp_path)
+    if damage == "run name that climbs out":  # --eval-only --capture-video names its folder after the run too
+        argv = ["--eval-only", "--checkpoint", checkpoint, "--capture-video", "--runs-dir", tmp_path / "videos"]
+        assert_refused_and_nothing_written(script, argv, capsys, f"error: --checkpoint: {checkpoint!r} {message}",
+                                           tmp_path)
+
+
+def test_checkpoints_of_other_scripts_and_files_that_are_not_files_are_named(script, tmp_path, capsys):
+    other = tmp_path / "other.pt"
+    fmt = script.CHECKPOINT_FORMAT.replace("vmas", "mamujoco")
+    torch.save({"format": fmt, "args": {}}, other)
+    for path, message in ((other, f"{str(other)!r} is a {fmt} checkpoint, another script's; this one reads "
+                                  f"{script.CHECKPOINT_FORMAT}"), ("/dev/null", "'/dev/null' is not a regular file")):
+        argv = ["--eval-only", "--checkpoint", path, "--runs-dir", tmp_path / "eval"]
+        assert_refused_and_nothing_written(script, argv, capsys, f"error: --checkpoint: {message}", tmp_path)
