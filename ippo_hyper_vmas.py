@@ -107,7 +107,8 @@ class Args:
     hypernet_embedding_dim: int = 4  # [mlp] size of the learned agent embedding
     hypernet_hidden_dims: list[int] = field(default_factory=lambda: [64])  # [mlp] hidden layers of the hypernetwork
     hypernet_embedding: Literal["learned", "onehot"] = "learned"  # [mlp] learned (orthogonal init) | onehot (ablation)
-    hypernet_init: Literal["scaled", "matched", "default"] = "scaled"  # [mlp, linear] section 4.3 | ours | PyTorch's (w/o RF)
+    hypernet_separate_embeddings: bool = False  # [mlp] ours; one table per network (the authors': actor and critic share one)
+    hypernet_init: Literal["scaled", "matched", "flax", "pytorch"] = "scaled"  # [mlp, linear] 4.3 | ours | w/o RF | torch's
     hypernet_input: Literal["agent", "agent+obs"] = "agent"  # [mlp, linear] agent | agent+obs (ablation w/o GD)
     dico_snd_des: float = -1.0  # [dico] desired SND; -1 = unconstrained (Navigation: Table 14)
 
@@ -192,6 +193,13 @@ def batched_mlp(x: torch.Tensor, params, activation) -> torch.Tensor:
             x = activation(x)
     return x
 
+def lecun_normal_(layer: nn.Linear) -> None:
+    """Flax's default Dense init: lecun_normal kernel (a normal truncated at 2 std, variance 1 / fan_in), zero bias."""
+    std = layer.in_features ** -0.5 / 0.8796256610342398  # rescaled by the std of a normal truncated at 2 std
+    nn.init.trunc_normal_(layer.weight, 0.0, std, -2 * std, 2 * std)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
 class LinearHypernet(nn.Module):
     """Eq. (5): theta_i = 1_i W + b. Row i of W is agent i's whole flattened network; b is shared (without
     it: exactly n independent networks). obs_dim > 0: the ablation w/o GD, weights per [1_i, o]."""
@@ -208,6 +216,9 @@ class LinearHypernet(nn.Module):
                     self.head.weight[:, i] = target_init_vector(sizes, gains)
                 if shared_bias:
                     self.head.bias.zero_()
+        elif init == "flax":  # w/o RF (section 6) in the authors' code: their Dense heads without the scaling
+            with torch.no_grad():
+                lecun_normal_(self.head)
 
     def forward(self, obs=None):  # theta (n_agents, m), used for every sample; w/o GD (n_agents, batch, m)
         x = self.ids if self.obs_dim == 0 else torch.cat([self.ids.unsqueeze(1).expand(-1, obs.shape[1], -1), obs], -1)
@@ -219,13 +230,18 @@ class MLPHypernet(nn.Module):
     init="scaled" (section 4.3, as the authors' code): g starts as Flax's default, column j of a weight
     head is a flattened orthogonal matrix with the target layer's gain, bias heads start at zero: a
     generated layer is |g(e_i)| times the target's scale (benchmark/init_scale.py). "matched" (ours):
-    g's output L2-normalised and the columns orthogonal, every layer at exactly the target's norm."""
+    g's output L2-normalised and the columns orthogonal, every layer at exactly the target's norm. "flax"
+    (w/o RF, section 6, as the authors' code leaves it without the scaling): heads too at Flax's default;
+    "pytorch": nn.Linear's default in every layer (ours: a benign start, unlike the authors' w/o RF).
+    table: another hypernetwork's learned embeddings, used and not owned (the authors' actor and critic share one)."""
 
     def __init__(self, n_agents, sizes, gains, embedding_dim, hidden_dims, embedding="learned",
-                 init="scaled", obs_dim=0):
+                 init="scaled", obs_dim=0, table=None):
         super().__init__()
         self.shapes, self.obs_dim, self.normalise = layer_shapes(sizes), obs_dim, init == "matched"
-        if embedding == "learned":
+        if table is not None:  # a plain attribute, not registered: state_dict and the optimizer hold it once
+            self.__dict__["embedding"] = table
+        elif embedding == "learned":
             self.embedding = nn.Parameter(nn.init.orthogonal_(torch.empty(n_agents, embedding_dim), np.sqrt(2)))
         else:
             self.register_buffer("embedding", torch.eye(n_agents))
@@ -235,14 +251,15 @@ class MLPHypernet(nn.Module):
         for size in (n for fan_in, fan_out in self.shapes for n in (fan_in * fan_out, fan_out)):
             self.trunks.append(nn.Sequential(*(m for a, b in zip(widths, widths[1:]) for m in (nn.Linear(a, b), nn.ReLU()))))
             self.heads.append(nn.Linear(width, size))
-        if init == "default":
+        if init == "pytorch":
             return
         with torch.no_grad():
             for layer in (m for trunk in self.trunks for m in trunk if isinstance(m, nn.Linear)):
-                # Flax's lecun_normal: truncated at 2 std, rescaled by that truncated normal's std (0.8796)
-                std = layer.in_features ** -0.5 / 0.8796256610342398
-                nn.init.trunc_normal_(layer.weight, 0.0, std, -2 * std, 2 * std)
-                layer.bias.zero_()
+                lecun_normal_(layer)  # g: Flax's default, as the authors' hidden layers
+            if init == "flax":
+                for head in self.heads:
+                    lecun_normal_(head)
+                return
             for k, ((fan_in, fan_out), gain) in enumerate(zip(self.shapes, gains)):
                 weight_head, bias_head = self.heads[2 * k], self.heads[2 * k + 1]
                 for j in range(width):
@@ -303,12 +320,14 @@ class IndependentNets(nn.Module):
     def forward(self):
         return list(zip(self.weights, self.biases))
 
-def family_net(args: Args, family: str, n_agents: int, sizes: list[int], gains: list[float], use_id=True) -> nn.Module:
-    """The module whose forward() yields every agent's [(W, b) per layer] of one network (w/o GD: forward(obs))."""
+def family_net(args: Args, family: str, n_agents: int, sizes: list[int], gains: list[float], use_id=True,
+               table=None) -> nn.Module:
+    """The module whose forward() yields every agent's [(W, b) per layer] of one network (w/o GD: forward(obs));
+    table: [mlp] the agent embeddings of another network's hypernetwork, shared."""
     obs_dim = sizes[0] if args.hypernet_input == "agent+obs" else 0
     if family == "mlp":
         return MLPHypernet(n_agents, sizes, gains, args.hypernet_embedding_dim, args.hypernet_hidden_dims,
-                           args.hypernet_embedding, args.hypernet_init, obs_dim)
+                           args.hypernet_embedding, args.hypernet_init, obs_dim, table)
     if family == "linear":
         return LinearHypernet(n_agents, sizes, gains, args.hypernet_init, obs_dim=obs_dim)
     return SharedNet(n_agents, sizes, gains, use_id) if family == "fups" else IndependentNets(n_agents, sizes, gains)
@@ -353,8 +372,11 @@ class Agent(nn.Module):
         critic_in_dim = critic_input(torch.zeros(n, 1, obs_dim)).shape[-1]
         self.actor = family_net(args, family, n, [obs_dim, *args.actor_hidden_dims, act_dim],
                                 [np.sqrt(2)] * len(args.actor_hidden_dims) + [0.01])
+        # One learned agent-embedding table for actor and critic, as the authors' code (a one-hot is a constant)
+        shared = family == "mlp" and args.hypernet_embedding == "learned" and not args.hypernet_separate_embeddings
         self.critic = family_net(args, family, n, [critic_in_dim, *args.critic_hidden_dims, 1],
-                                 [np.sqrt(2)] * len(args.critic_hidden_dims) + [1.0])
+                                 [np.sqrt(2)] * len(args.critic_hidden_dims) + [1.0],
+                                 table=self.actor.embedding if shared else None)
         if not discrete:  # state-independent log-std, per agent only for NoPS
             self.actor_logstd = nn.Parameter(torch.zeros(n if family == "nops" else 1, 1, act_dim))
 
@@ -380,6 +402,7 @@ class Agent(nn.Module):
         return action, logprob, entropy, self.get_value(x, weights)
 
     def actor_parameters(self):
+        # with it the shared embedding table: part of the actor's generator, its gradient carries the critic's share
         return list(self.actor.parameters()) + ([] if self.discrete else [self.actor_logstd])
 
     def env_action(self, action):  # what the environment receives (a baseline may squash it)
@@ -589,7 +612,9 @@ def ppo_loss(agent, mb: dict, args: Args):
         approx_kl = ((ratio - 1) - logratio).mean()
         clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
     advantages = mb["advantages"]
-    if args.norm_adv:
+    if args.norm_adv and args.hypernet == "nops":  # N separate learners (the authors' TrainState per agent)
+        advantages = (advantages - advantages.mean(1, keepdim=True)) / (advantages.std(1, keepdim=True) + 1e-8)
+    elif args.norm_adv:
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
@@ -603,6 +628,8 @@ def ppo_loss(agent, mb: dict, args: Args):
         v_loss = 0.5 * ((newvalue - mb["returns"]) ** 2).mean()
     actor_loss_per_agent = pg_loss_per_agent - args.ent_coef * entropy_per_agent
     loss = actor_loss_per_agent.mean() + v_loss * args.vf_coef
+    if args.hypernet == "nops":  # each separate learner minimises its own loss, not 1/N of it
+        loss = loss * actor_loss_per_agent.shape[0]
     stats = dict(policy_loss=pg_loss_per_agent.mean(), value_loss=v_loss, entropy=entropy_per_agent.mean(),
                  old_approx_kl=old_approx_kl, approx_kl=approx_kl, clipfrac=clipfrac)
     return loss, actor_loss_per_agent, stats
@@ -613,8 +640,19 @@ def gradient_step(agent, mb: dict, args: Args):
     loss.backward()
     actor_grads = [p.grad for p in agent.actor_parameters() if p.grad is not None]
     stats["actor_var"], stats["actor_norm"] = gradient_variance_and_norm(actor_grads)
-    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+    if args.hypernet == "nops":  # N separate learners: each clips its own gradient; Adam is elementwise anyway
+        clip_grad_per_agent(list(agent.parameters()), args.max_grad_norm, args.n_agents)
+    else:
+        nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
     return loss.detach(), stats
+
+def clip_grad_per_agent(params, max_norm: float, n: int):
+    """Every agent's slice (leading dimension n) clipped on its own: clip_grad_norm_ has no per-slice form."""
+    grads = [p.grad for p in params if p.grad is not None]
+    squares = sum((g.reshape(n, -1).pow(2).sum(1) for g in grads), torch.zeros(n, device=params[0].device))
+    scale = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.view((-1,) + (1,) * (g.dim() - 1)))
 
 def ppo_update(agent, optimizer, batch: dict, args: Args, step=gradient_step) -> dict:
     """update_epochs passes over the rollout (n_agents, batch_size, ...) in minibatches, each a PPO step
@@ -897,14 +935,14 @@ class VmasEnv:
 # ===== Appendix: the command line and its checks, the run folder =====
 SIMULATOR = "vmas"
 ALGO = "ippo"  # in run folders' names and the checkpoint format
-CHECKPOINT_FORMAT = f"hypermarl-{ALGO}-vmas/4"
+CHECKPOINT_FORMAT = f"hypermarl-{ALGO}-vmas/5"
 CHECKPOINT_KEYS = ("format", "args", "run_name", "model", "optimizer", "env", "rng", "global_step", "iteration")
 # The flags that define the model and the environment (--eval-only takes them from the checkpoint), and
 # those --resume may change (budget, logging, cadence, device): every other flag is the checkpoint's.
 MODEL_FIELDS = SCENARIO_OPTIONS["dispersion"] + SCENARIO_OPTIONS["navigation"] + (
     "scenario", "n_agents", "max_steps", "continuous_actions", "actor_hidden_dims", "critic_hidden_dims", "activation",
     "hypernet", "hypernet_embedding_dim", "hypernet_hidden_dims", "hypernet_embedding", "hypernet_init",
-    "hypernet_input", "dico_snd_des")
+    "hypernet_input", "hypernet_separate_embeddings", "dico_snd_des")
 RESUME_MAY_CHANGE = ("total_timesteps", "eval_interval", "save_interval", "save_model", "print_interval", "runs_dir",
                      "track", "wandb_project_name", "wandb_entity", "cuda", "capture_video", "compile", "memory_check")
 NEEDS_EXTRAS = ("resume", "eval_only", "checkpoint", "snd_obs_file", "save_model", "capture_video", "track")
@@ -914,7 +952,8 @@ POSITIVE = ("max_steps", "total_timesteps", "learning_rate", "num_envs", "num_st
             "lidar_range", "agent_radius", "hypernet_embedding_dim")
 SIZES = ("actor_hidden_dims", "critic_hidden_dims", "hypernet_hidden_dims")
 FAMILY_FLAGS = {"hypernet_embedding_dim": ("mlp",), "hypernet_hidden_dims": ("mlp",), "hypernet_embedding": ("mlp",),
-                "hypernet_init": ("mlp", "linear"), "hypernet_input": ("mlp", "linear"), "dico_snd_des": ("dico",)}
+                "hypernet_separate_embeddings": ("mlp",), "hypernet_init": ("mlp", "linear"),
+                "hypernet_input": ("mlp", "linear"), "dico_snd_des": ("dico",)}
 
 def check_args(args: Args, given: set[str], resume_rules=()) -> None:
     """Each flag given only where it applies, every value in its range: ValueError (one line) if not."""

@@ -106,7 +106,7 @@ class Args:
     hypernet_embedding_dim: int = 64  # [mlp] size of the learned agent embedding
     hypernet_hidden_dims: list[int] = field(default_factory=lambda: [64])  # [mlp] hidden layers of the hypernetwork
     hypernet_embedding: Literal["learned", "onehot"] = "learned"  # [mlp] learned (orthogonal init) | onehot
-    hypernet_init: Literal["scaled", "matched", "default"] = "scaled"  # [mlp, linear] 4.3 | ours | PyTorch's (w/o RF)
+    hypernet_init: Literal["scaled", "matched", "flax", "pytorch"] = "scaled"  # [mlp, linear] 4.3 | ours | w/o RF | torch's
     hypernet_input: Literal["agent", "agent+obs"] = "agent"  # [mlp, linear] agent | agent+obs (ablation w/o GD)
 
     # Evaluation and metrics (appendix D.1.1)
@@ -167,6 +167,13 @@ def unflatten_params(theta: torch.Tensor, sizes: list[int]) -> list[tuple[torch.
     chunks = theta.split([n for fan_in, fan_out in shapes for n in (fan_in * fan_out, fan_out)], dim=-1)
     return [(chunks[2 * k].unflatten(-1, shape), chunks[2 * k + 1].unsqueeze(-2)) for k, shape in enumerate(shapes)]
 
+def lecun_normal_(layer: nn.Linear) -> None:
+    """Flax's default Dense init: lecun_normal kernel (a normal truncated at 2 std, variance 1 / fan_in), zero bias."""
+    std = layer.in_features ** -0.5 / 0.8796256610342398  # rescaled by the std of a normal truncated at 2 std
+    nn.init.trunc_normal_(layer.weight, 0.0, std, -2 * std, 2 * std)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
 class LinearHypernet(nn.Module):
     """Eq. (5): theta_i = 1_i W + b. Row i of W is agent i's whole flattened network; b is shared (without
     it: exactly n independent networks). obs_dim > 0: the ablation w/o GD, weights per [1_i, o]."""
@@ -183,6 +190,9 @@ class LinearHypernet(nn.Module):
                     self.head.weight[:, i] = target_init_vector(sizes, gains)
                 if shared_bias:
                     self.head.bias.zero_()
+        elif init == "flax":  # w/o RF (section 6) in the authors' code: their Dense heads without the scaling
+            with torch.no_grad():
+                lecun_normal_(self.head)
 
     def forward(self, obs=None):  # theta (n_agents, m), used for every sample; w/o GD (n_agents, batch, m)
         x = self.ids if self.obs_dim == 0 else torch.cat([self.ids.unsqueeze(1).expand(-1, obs.shape[1], -1), obs], -1)
@@ -194,13 +204,18 @@ class MLPHypernet(nn.Module):
     init="scaled" (section 4.3, as the authors' code): g starts as Flax's default, column j of a weight
     head is a flattened orthogonal matrix with the target layer's gain, bias heads start at zero: a
     generated layer is |g(e_i)| times the target's scale (benchmark/init_scale.py). "matched" (ours):
-    g's output L2-normalised and the columns orthogonal, every layer at exactly the target's norm."""
+    g's output L2-normalised and the columns orthogonal, every layer at exactly the target's norm. "flax"
+    (w/o RF, section 6, as the authors' code leaves it without the scaling): heads too at Flax's default;
+    "pytorch": nn.Linear's default in every layer (ours: a benign start, unlike the authors' w/o RF).
+    table: another hypernetwork's learned embeddings, used and not owned (the authors' actor and critic share one)."""
 
     def __init__(self, n_agents, sizes, gains, embedding_dim, hidden_dims, embedding="learned",
-                 init="scaled", obs_dim=0):
+                 init="scaled", obs_dim=0, table=None):
         super().__init__()
         self.shapes, self.obs_dim, self.normalise = layer_shapes(sizes), obs_dim, init == "matched"
-        if embedding == "learned":
+        if table is not None:  # a plain attribute, not registered: state_dict and the optimizer hold it once
+            self.__dict__["embedding"] = table
+        elif embedding == "learned":
             self.embedding = nn.Parameter(nn.init.orthogonal_(torch.empty(n_agents, embedding_dim), np.sqrt(2)))
         else:
             self.register_buffer("embedding", torch.eye(n_agents))
@@ -210,14 +225,15 @@ class MLPHypernet(nn.Module):
         for size in (n for fan_in, fan_out in self.shapes for n in (fan_in * fan_out, fan_out)):
             self.trunks.append(nn.Sequential(*(m for a, b in zip(widths, widths[1:]) for m in (nn.Linear(a, b), nn.ReLU()))))
             self.heads.append(nn.Linear(width, size))
-        if init == "default":
+        if init == "pytorch":
             return
         with torch.no_grad():
             for layer in (m for trunk in self.trunks for m in trunk if isinstance(m, nn.Linear)):
-                # Flax's lecun_normal: truncated at 2 std, rescaled by that truncated normal's std (0.8796)
-                std = layer.in_features ** -0.5 / 0.8796256610342398
-                nn.init.trunc_normal_(layer.weight, 0.0, std, -2 * std, 2 * std)
-                layer.bias.zero_()
+                lecun_normal_(layer)  # g: Flax's default, as the authors' hidden layers
+            if init == "flax":
+                for head in self.heads:
+                    lecun_normal_(head)
+                return
             for k, ((fan_in, fan_out), gain) in enumerate(zip(self.shapes, gains)):
                 weight_head, bias_head = self.heads[2 * k], self.heads[2 * k + 1]
                 for j in range(width):
@@ -278,12 +294,14 @@ class IndependentNets(nn.Module):
     def forward(self):
         return list(zip(self.weights, self.biases))
 
-def family_net(args: Args, family: str, n_agents: int, sizes: list[int], gains: list[float], use_id=True) -> nn.Module:
-    """The module whose forward() yields every agent's [(W, b) per layer] of one network (w/o GD: forward(obs))."""
+def family_net(args: Args, family: str, n_agents: int, sizes: list[int], gains: list[float], use_id=True,
+               table=None) -> nn.Module:
+    """The module whose forward() yields every agent's [(W, b) per layer] of one network (w/o GD: forward(obs));
+    table: [mlp] the agent embeddings of another network's hypernetwork, shared."""
     obs_dim = sizes[0] if args.hypernet_input == "agent+obs" else 0
     if family == "mlp":
         return MLPHypernet(n_agents, sizes, gains, args.hypernet_embedding_dim, args.hypernet_hidden_dims,
-                           args.hypernet_embedding, args.hypernet_init, obs_dim)
+                           args.hypernet_embedding, args.hypernet_init, obs_dim, table)
     if family == "linear":
         return LinearHypernet(n_agents, sizes, gains, args.hypernet_init, obs_dim=obs_dim)
     return SharedNet(n_agents, sizes, gains, use_id) if family == "fups" else IndependentNets(n_agents, sizes, gains)

@@ -9,8 +9,8 @@ divides it by the gain (1.00 = the target's scale), for:
 - both VMAS scripts (IPPO; MAPPO, whose critic sees the global state) and both scenarios, with
   the architectures the scripts resolve (their Args and Navigation presets; --n-agents agents);
 - both embeddings (learned, onehot);
-- the three --hypernet-init values: scaled (the authors' scheme, default), matched (ours),
-  default (PyTorch's init: the w/o RF ablation).
+- the four --hypernet-init values: scaled (the authors' scheme, default), matched (ours),
+  flax (the w/o RF ablation: the authors' code without the scaling), pytorch (PyTorch's init).
 
 Each cell is the mean [min, max] over agents and --seeds initialisations (seeds 0, 1, ...).
 
@@ -33,7 +33,7 @@ import mappo_hyper_vmas  # noqa: E402
 from sps import OneLineParser, at_least, output_file, script_args  # noqa: E402  (benchmark/ is on sys.path when run as a script)
 
 SCRIPTS = {"IPPO": ippo_hyper_vmas, "MAPPO": mappo_hyper_vmas}
-INITS = ("scaled", "matched", "default")
+INITS = ("scaled", "matched", "flax", "pytorch")
 EMBEDDINGS = ("learned", "onehot")
 
 
@@ -73,7 +73,8 @@ def main():
              f"{opts.n_agents} agents. Per generated layer and agent: ||W_i||_F / sqrt(min(fan_in, fan_out)) / gain,"
              " where the target (PPO's orthogonal init) has exactly 1.00. Mean [min, max] over the agents"
              f" and {opts.seeds} initialisations. `scaled`: the authors' scheme (the default); `matched`:"
-             " ours; `default`: PyTorch's init (w/o RF).", ""]
+             " ours; `flax`: w/o RF, Flax's default heads (the authors' code without the scaling); `pytorch`:"
+             " PyTorch's init.", ""]
     worst = {(init, embedding): 0.0 for init in INITS for embedding in EMBEDDINGS}
     for name, script in SCRIPTS.items():
         for scenario in ("dispersion", "navigation"):

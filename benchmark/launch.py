@@ -48,7 +48,7 @@ MATRIX_SEEDS = [1, 2, 3, 4, 5]  # Table 8: 5 seeds (benchmark/matrix_games.py's)
 FAMILIES = ["mlp", "linear", "nops", "fups"]
 # Figure 7 / Figure 17: HyperMARL (MLP) and its ablations (section 6)
 ABLATIONS = {"mlp": [], "mlp-S": ["--hypernet-hidden-dims", "32"], "mlp-onehot": ["--hypernet-embedding", "onehot"],
-             "mlp-noRF": ["--hypernet-init", "default"], "mlp-noGD": ["--hypernet-input", "agent+obs"]}
+             "mlp-noRF": ["--hypernet-init", "flax"], "mlp-noGD": ["--hypernet-input", "agent+obs"]}
 MAMUJOCO_TASKS = ["Humanoid-17x1", "Walker2d-2x3", "HalfCheetah-2x3", "Ant-4x2"]  # Table 4
 # Table 4's columns: HAPPO, FuPS, independent actors (MAPPO), HyperMARL (MLP)
 MAMUJOCO_METHODS = {"happo": ["--algo", "happo", "--hypernet", "nops"], "fups": ["--hypernet", "fups"],

@@ -2,6 +2,7 @@
 initialisation of section 4.3), the families, sampling and log-probabilities, GAE, SND (Eq. 9) and the
 gradient metrics, on both VMAS scripts (one copy each: tests/test_design.py keeps them identical)."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import parsed
+from conftest import load_script, parsed
 from scipy import integrate
 from scipy.spatial.distance import jensenshannon
 
@@ -104,7 +105,7 @@ def test_linear_hypernet_init_is_exactly_orthogonal(script):
             singular_values = torch.linalg.svdvals(w)  # (n_agents, min(fan_in, fan_out))
             torch.testing.assert_close(singular_values, torch.full_like(singular_values, gain), rtol=1e-4, atol=1e-6)
             assert torch.all(b == 0)
-    default = script.LinearHypernet(4, SIZES, GAINS, init="default")
+    default = script.LinearHypernet(4, SIZES, GAINS, init="pytorch")
     with torch.no_grad():
         singular_values = torch.linalg.svdvals(default()[-1][0])
     assert not torch.allclose(singular_values, torch.full_like(singular_values, GAINS[-1]), rtol=0.1)
@@ -116,7 +117,7 @@ def test_mlp_hypernet_init_matches_target_scale(script, embedding):
     torch.manual_seed(4)
     sizes, gains = [16, 64, 64, 9], [math.sqrt(2), math.sqrt(2), 0.01]
     hyper = script.MLPHypernet(4, sizes, gains, embedding_dim=4, hidden_dims=[64], embedding=embedding, init="matched")
-    default = script.MLPHypernet(4, sizes, gains, embedding_dim=4, hidden_dims=[64], embedding=embedding, init="default")
+    default = script.MLPHypernet(4, sizes, gains, embedding_dim=4, hidden_dims=[64], embedding=embedding, init="pytorch")
     targets = [g * math.sqrt(min(i, o)) for (i, o), g in zip(zip(sizes[:-1], sizes[1:]), gains)]
     with torch.no_grad():
         for scales, target in zip(weight_scales(hyper()), targets):
@@ -136,7 +137,7 @@ def manual_forward(hyper, normalise):
     return out
 
 
-@pytest.mark.parametrize("init", ["scaled", "matched", "default"])
+@pytest.mark.parametrize("init", ["scaled", "matched", "flax", "pytorch"])
 def test_one_sub_network_per_weight_and_per_bias_and_no_normalisation_unless_matched(script, init):
     torch.manual_seed(0)
     hyper = script.MLPHypernet(4, SIZES, GAINS, embedding_dim=4, hidden_dims=[16, 8], init=init)
@@ -191,11 +192,29 @@ def test_scaled_init_is_the_authors_scheme(script):
     assert all(torch.all(b == 0) for _, b in hyper())
 
 
-def test_default_init_removes_all_of_section_4_3(script):
-    """w/o RF: PyTorch's init in every layer of every sub-network (no orthogonal columns, no zero bias
-    heads, no normalisation: see above); the embedding stays orthogonal (section 4.2)."""
+def test_flax_init_is_the_authors_code_without_the_scaling(script):
+    """w/o RF (section 6) as the authors' code leaves it: every Dense, heads included, at Flax's default,
+    LeCun normal (a normal truncated at 2 std, variance 1 / fan_in) and zero bias; the embedding stays."""
+    torch.manual_seed(4)
+    hyper = script.MLPHypernet(4, [64, 64, 9], GAINS[1:], embedding_dim=4, hidden_dims=[256], init="flax")
+    for layer in [m for t in hyper.trunks for m in t if isinstance(m, torch.nn.Linear)] + list(hyper.heads):
+        assert torch.all(layer.bias == 0)
+        assert layer.weight.abs().max() <= 2 * layer.in_features ** -0.5 / 0.8796256610342398 + 1e-6
+    big = hyper.heads[0].weight  # 4096 x 256 samples of the first weight head
+    assert abs(big.std().item() * math.sqrt(256) - 1) < 0.01
+    assert abs(hyper.heads[1].weight.std().item() * math.sqrt(256) - 1) < 0.15  # the bias head: not zero
+    torch.testing.assert_close(hyper.embedding @ hyper.embedding.T, 2 * torch.eye(4), atol=1e-5, rtol=0)
+    # the linear hypernetwork (Eq. 5): its one Dense head at Flax's default over the one-hot input
+    linear = script.LinearHypernet(4, [64, 64, 9], GAINS[1:], init="flax")
+    assert torch.all(linear.head.bias == 0)
+    assert abs(linear.head.weight.std().item() * math.sqrt(4) - 1) < 0.01
+
+
+def test_pytorch_init_removes_all_of_section_4_3(script):
+    """PyTorch's init in every layer of every sub-network (no orthogonal columns, no zero bias heads, no
+    normalisation: see above); the embedding stays orthogonal (section 4.2)."""
     torch.manual_seed(3)
-    hyper = script.MLPHypernet(4, SIZES, GAINS, embedding_dim=4, hidden_dims=[16], init="default")
+    hyper = script.MLPHypernet(4, SIZES, GAINS, embedding_dim=4, hidden_dims=[16], init="pytorch")
     layers = [m for t in hyper.trunks for m in t if isinstance(m, torch.nn.Linear)] + list(hyper.heads)
     for layer in layers:  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias
         bound = layer.in_features ** -0.5
@@ -232,6 +251,54 @@ def test_agent_input_weights_do_not_depend_on_observations(script):
     actor, critic = agent.generate(x1)
     assert actor[0][0].shape == (3, 5, SIZES[0], 16) and critic[0][0].shape[:2] == (3, 5)
     assert not torch.allclose(actor[0][0][:, 0], actor[0][0][:, 1])
+
+
+def embedding_agent(script, seed=0, **flags):
+    torch.manual_seed(seed)
+    args = parsed(script, n_agents=3, hypernet="mlp", hypernet_hidden_dims=[8], actor_hidden_dims=[8],
+                  critic_hidden_dims=[8], **flags)
+    return script.Agent(args, SIZES[0], 4, True)
+
+def critic_loss_gradients(agent):
+    """The gradient of a loss on the critic alone, per parameter of the agent (None: untouched)."""
+    x = torch.randn(3, 5, SIZES[0])
+    agent.zero_grad()
+    agent.get_value(x, agent.generate(x)).square().mean().backward()
+    return agent.actor.embedding.grad, agent.critic.embedding.grad
+
+@pytest.mark.parametrize("w_o_gd", [False, True])
+def test_actor_and_critic_share_one_agent_embedding_table(script, w_o_gd):
+    """The authors' ActorCritic holds one agent_embeddings parameter for both hypernetworks: one tensor in
+    the state_dict and the optimizer, in the actor's parameters, moved by the critic's loss too."""
+    agent = embedding_agent(script, hypernet_input="agent+obs" if w_o_gd else "agent")
+    assert agent.critic.embedding is agent.actor.embedding
+    assert [key for key in agent.state_dict() if "embedding" in key] == ["actor.embedding"]
+    optimizer = torch.optim.Adam(agent.parameters())
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    assert len({id(p) for p in params}) == len(params)
+    assert sum(p is agent.actor.embedding for p in params) == 1
+    assert any(p is agent.actor.embedding for p in agent.actor_parameters())
+    actor_grad, _ = critic_loss_gradients(agent)
+    assert actor_grad is not None and actor_grad.abs().sum() > 0  # the critic's loss moves the actor's embedding
+
+def test_separate_embeddings_give_one_table_per_network_and_leave_the_actor_as_it_was(script):
+    """--hypernet-separate-embeddings: two tables, the critic's loss leaves the actor's alone. The actor is
+    built first and draws its table first: sharing changes only the critic's initial numbers."""
+    shared, separate = embedding_agent(script), embedding_agent(script, hypernet_separate_embeddings=True)
+    assert separate.critic.embedding is not separate.actor.embedding
+    assert [key for key in separate.state_dict() if "embedding" in key] == ["actor.embedding", "critic.embedding"]
+    assert len(list(separate.parameters())) == len(list(shared.parameters())) + 1
+    actor_grad, critic_grad = critic_loss_gradients(separate)
+    assert actor_grad is None and critic_grad.abs().sum() > 0
+    for key, value in shared.actor.state_dict().items():
+        assert torch.equal(value, separate.actor.state_dict()[key]), key
+
+def test_onehot_embeddings_stay_a_buffer_per_network(script):
+    agent = embedding_agent(script, hypernet_embedding="onehot")
+    assert [key for key, _ in agent.named_buffers() if "embedding" in key] == ["actor.embedding", "critic.embedding"]
+    assert not any("embedding" in key for key, _ in agent.named_parameters())
+    x = torch.randn(3, 5, SIZES[0])
+    assert agent.get_value(x, agent.generate(x)).shape == (3, 5)
 
 
 def random_distributions(rng, shape):
@@ -460,3 +527,38 @@ def test_dico_log_probs_are_a_tanh_normal_s(script):
     torch.testing.assert_close(agent.env_action(u), torch.tanh(u))
 
 
+
+
+def test_nops_agents_update_as_separate_learners():
+    """NoPS is N separate learners (the authors' TrainState per agent): one ppo_update moves agent i exactly
+    as agent i's network trained alone on agent i's data, with its own clipping and advantage normalisation.
+    IPPO's: a MAPPO critic alone would not see the others' observations (test_design keeps the update identical)."""
+    script = load_script("ippo_hyper_vmas")
+    n, batch_size = 3, 64
+    args, agent = small_agent(script, "nops", n)
+    args = dataclasses.replace(args, update_epochs=2, num_minibatches=2, max_grad_norm=0.5)
+    torch.manual_seed(7)
+    obs, actions = torch.randn(n, batch_size, 6), torch.randint(0, 4, (n, batch_size))
+    with torch.no_grad():
+        _, logprobs, _, values = agent.get_action_and_value(obs, agent.generate(obs), actions)
+    # agent 0's returns are far off (its gradient is clipped, the others' not); advantages of other means and scales
+    scale = torch.tensor([[100.0], [1.0], [0.1]])
+    batch = dict(obs=obs, actions=actions, logprobs=logprobs + 0.1 * torch.randn(n, batch_size), values=values,
+                 advantages=scale * torch.randn(n, batch_size) + scale, returns=scale * torch.randn(n, batch_size))
+    alone = []
+    for i in range(n):
+        args_alone = dataclasses.replace(args, n_agents=1)
+        single = script.Agent(args_alone, 6, 4, True)
+        single.load_state_dict({key: value[i: i + 1] for key, value in agent.state_dict().items()})
+        optimizer = torch.optim.Adam(single.parameters(), lr=args.learning_rate, eps=1e-5)
+        torch.manual_seed(0)  # the same minibatches
+        script.ppo_update(single, optimizer, {key: value[i: i + 1] for key, value in batch.items()}, args_alone)
+        alone.append(single.state_dict())
+    before = {key: value.clone() for key, value in agent.state_dict().items()}
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    torch.manual_seed(0)
+    script.ppo_update(agent, optimizer, batch, args)
+    for key, value in agent.state_dict().items():
+        for i in range(n):
+            torch.testing.assert_close(value[i: i + 1], alone[i][key])
+        assert not torch.equal(value, before[key])

@@ -281,6 +281,9 @@ CASES = [
     ("compare_videos.py", ["--checkpoints", "no.pt", "--labels", "A"], "--checkpoints: no such file 'no.pt'"),
     ("compare_videos.py", ["--checkpoints", __file__, "--labels", "A"], "--out: must be a .gif file"),
     ("compare_videos.py", ["--checkpoints", __file__, "--labels", "A", "--out", "/proc/x.gif"], "--out: '/proc' is not writable"),
+    ("first_update.py", ["--seeds", "-1"], "--seeds: must be at least 0, got -1"),
+    ("first_update.py", ["--seeds"], "--seeds: expected at least one argument"),
+    ("first_update.py", ["--script", "mappo_hyper_mamujoco"], "--script: invalid choice: 'mappo_hyper_mamujoco'"),
 ]
 
 
@@ -384,7 +387,7 @@ BAD_OUTS = {"a folder": lambda tmp: str(tmp), "inside a file": lambda tmp: str(t
             "not writable": lambda tmp: "/proc/sys/x/result.md"}
 
 
-@pytest.mark.parametrize("script", ["sps.py", "init_scale.py", "update_step.py"])
+@pytest.mark.parametrize("script", ["sps.py", "init_scale.py", "update_step.py", "first_update.py"])
 @pytest.mark.parametrize("where", sorted(BAD_OUTS))
 def test_bad_out_fails_at_once_with_one_line(tmp_path, script, where):
     (tmp_path / "notes.txt").write_text("keep")
@@ -531,3 +534,18 @@ def test_a_run_uses_at_least_the_memory_its_check_estimates(name, flags, tmp_pat
 
     result = memory_estimate.measure(name, flags, str(tmp_path))
     assert result["code"] == 0 and result["used"] >= result["estimate"] > 0, result
+
+
+# ===== first_update.py =====
+def test_first_update_measures_one_configuration(one_thread):
+    """One iteration of the script's main(): the initial policy's entropy in (0, ln 9] (9 discrete actions),
+    the first update's approx_kl and clipfrac finite, in range, and the update moved the policy."""
+    import first_update
+    import ippo_hyper_vmas
+
+    update = ippo_hyper_vmas.ppo_update
+    result = first_update.first_update(ippo_hyper_vmas, "mlp", "flax", 1)
+    assert ippo_hyper_vmas.ppo_update is update  # put back
+    assert set(result) == {"entropy", "approx_kl", "clipfrac"} and all(map(np.isfinite, result.values()))
+    assert 0 < result["entropy"] <= np.log(9) + 1e-6
+    assert result["approx_kl"] > 0 and 0 <= result["clipfrac"] <= 1

@@ -23,7 +23,7 @@ ALLOWED_VMAS_DIFFERENCES = {"critic_input", "Args", "ALGO"}
 MAX_CHANGED_VMAS_LINES = 40
 # Pieces every script copies verbatim from ippo_hyper_vmas.py (the canonical copy).
 HYPERNETWORKS = ["layer_init", "layer_shapes", "num_target_params", "target_init_vector", "unflatten_params",
-                 "batched_mlp", "LinearHypernet", "MLPHypernet"]
+                 "batched_mlp", "lecun_normal_", "LinearHypernet", "MLPHypernet"]
 METRICS = ["js_distance_categorical", "js_distance_gaussian", "system_neural_diversity",
            "gradient_variance_and_norm", "gradient_interference"]
 COPIES = {
@@ -35,7 +35,7 @@ COPIES = {
     "mappo_hyper_mamujoco": [p for p in HYPERNETWORKS if p != "batched_mlp"] + [
         "js_distance_gaussian", "gradient_variance_and_norm", "gradient_interference", "SharedNet", "IndependentNets",
         "compute_gae", "parse_args", "flags_given", "read_command_line", "check_args", "duration", "family_net",
-        "machine_memory"],
+        "machine_memory", "clip_grad_per_agent"],
 }
 # The matrix games write their run folders without hypermarl_extras.py (their --save-model alone needs it).
 COPIES_OF_EXTRAS = {"reinforce_matrix_games": ["new_run_folder"]}

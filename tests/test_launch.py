@@ -512,3 +512,13 @@ def test_a_run_another_launcher_holds_is_not_started_twice(tmp_path):
         fcntl.flock(held, fcntl.LOCK_EX)
         assert launch_module.run_one(run, str(tmp_path), TINY_VMAS) == "failed (another launcher is running it now)"
     assert os.listdir(run_dir) == [".lock"]  # no log, no run folder
+
+
+def test_the_ablation_grids_run_w_o_rf_as_the_authors_code_without_the_scaling():
+    """Figure 7 and Figure 17: w/o RF is --hypernet-init flax (Flax's default heads), not PyTorch's init."""
+    launch = load_launch()
+    for grid in ("figure7", "figure17-ippo", "figure17-mappo"):
+        runs = [r for r in launch.GRIDS[grid]() if r.method == "mlp-noRF"]
+        assert runs and all(r.flags[r.flags.index("--hypernet-init") + 1] == "flax" for r in runs), grid
+        others = [r for r in launch.GRIDS[grid]() if r.method != "mlp-noRF"]
+        assert all("--hypernet-init" not in r.flags for r in others), grid

@@ -439,7 +439,7 @@ def test_run_writes_the_metrics_of_the_vmas_scripts(tmp_path):
 ABLATIONS = [
     ["--hypernet-hidden-dims", "4"],  # HyperMARL-S (smaller hypernetwork)
     ["--hypernet-embedding", "onehot", "--hypernet-embedding-dim", "4"],
-    ["--hypernet-init", "default"],
+    ["--hypernet-init", "flax"], ["--hypernet-init", "pytorch"],
     ["--hypernet-input", "agent+obs"],
     ["--critic", "per-agent"], ["--norm-obs", "--no-norm-value", "--no-clip-vloss"],
 ]
@@ -607,7 +607,7 @@ def test_values_tyro_refuses_exit_2_naming_the_flag_and_write_nothing(tmp_path, 
 
 @pytest.mark.parametrize("flags,needle", [
     (["--hypernet", "nops", "--hypernet-hidden-dims", "32"], "--hypernet-hidden-dims:"),
-    (["--hypernet", "fups", "--hypernet-init", "default"], "--hypernet-init:"),
+    (["--hypernet", "fups", "--hypernet-init", "flax"], "--hypernet-init:"),
     (["--fixed-order"], "--fixed-order:"),
     (["--agent-obsk", "2"], "--agent-obsk:"),
     (["--num-envs", "0"], "--num-envs:"),

@@ -28,9 +28,10 @@ BAD_INPUT = [
     (["--total-timesteps", 0], "--total-timesteps"),
     (["--learning-rate", 0], "--learning-rate"),
     pytest.param(["--num-minibatches", 3], "--num-minibatches", marks=pytest.mark.smoke),
-    (["--hypernet", "fups", "--hypernet-init", "default"], "--hypernet-init"),
+    (["--hypernet", "fups", "--hypernet-init", "flax"], "--hypernet-init"),
     (["--hypernet", "nops", "--hypernet-embedding-dim", 8], "--hypernet-embedding-dim"),
     (["--hypernet", "linear", "--hypernet-hidden-dims", 32], "--hypernet-hidden-dims"),
+    (["--hypernet", "linear", "--hypernet-separate-embeddings"], "--hypernet-separate-embeddings"),
     (["--hypernet", "mlp", "--dico-snd-des", 1.0], "--dico-snd-des"),
     (["--gamma", 1.5], "--gamma"),
     (["--n-food", 2, "--scenario", "navigation"], "--n-food"),
@@ -134,7 +135,7 @@ def test_an_unknown_hypernet_init_is_refused_by_the_parser(tmp_path, script):
     result = run_python([os.path.join(ROOT, script), "--runs-dir", tmp_path / "runs", "--hypernet-init", "orthogonl"],
                         cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "--hypernet-init" in result.stderr and "'scaled', 'matched', 'default'" in result.stderr.replace("\n", "")
+    assert "--hypernet-init" in result.stderr and "'scaled', 'matched', 'flax', 'pytorch'" in result.stderr.replace("\n", "")
     assert not (tmp_path / "runs").exists()
 
 
