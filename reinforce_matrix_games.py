@@ -394,6 +394,7 @@ def check_args(args: Args, given: set[str], hypernets: Optional[list[str]] = Non
     trained = f"--hypernet {args.hypernet}" if hypernets is None else f"--hypernets {' '.join(hypernets)}"
     family_of = {"hyper_linear_shared_bias": "linear", "hypernet_embedding_dim": "mlp", "hypernet_hidden_dims": "mlp"}
     max_seed = 2**32 - 1 - 10_000  # NumPy takes seeds below 2**32; the evaluation draws with seed + 10000
+    need, have = memory_needed(args), machine_memory(False) or math.inf  # unknown (not POSIX): no limit
     runs_dir = os.path.abspath(args.runs_dir or ".")
     while not os.path.lexists(runs_dir):  # the folder, or the nearest parent that exists
         runs_dir = os.path.dirname(runs_dir)
@@ -422,9 +423,8 @@ def check_args(args: Args, given: set[str], hypernets: Optional[list[str]] = Non
          f"must be at least --batch-size = {args.batch_size}, got {args.num_trials!r}"),
         ("save_model", args.save_model and not importlib.util.find_spec("hypermarl_extras"),
          "needs hypermarl_extras.py beside this script"),
-        ("n_agents", args.memory_check and memory_needed(args) > (machine_memory(False) or math.inf),
-         f"{args.n_agents} agents x {args.num_seeds} seeds need at least {memory_needed(args) / 2**30:,.1f} GiB, more than "
-         f"this machine's {(machine_memory(False) or 0) / 2**30:,.1f} GiB; use fewer, or --no-memory-check to try anyway"),
+        ("n_agents", args.memory_check and need > have, f"{args.n_agents} agents x {args.num_seeds} seeds need at least "
+         f"{need / 2**30:,.1f} GiB, more than this machine's {have / 2**30:,.1f} GiB; use fewer, or --no-memory-check"),
     ]
     for name, broken, why in rules:
         if broken:  # a boolean given False is named as written, --no-x
