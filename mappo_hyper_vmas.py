@@ -122,8 +122,8 @@ class Args:
     interference_samples: int = 512  # samples per agent of each update's first minibatch for grad/interference
     print_interval: int = 10  # iterations between progress lines (also at evaluations, at least once a minute)
 
-# Navigation's values where they differ from Dispersion's: Tables 12 and 16, evaluation of D.1.1
-# (Table 12 prints 10^6 timesteps; appendix D.1.1 says 10M for Navigation: we follow D.1.1).
+# Navigation's values where they differ from Dispersion's: Tables 12 and 16, evaluation of D.1.1. Budget: Table 12
+# prints 10^6, appendix D.1.1 "10 million timesteps, consistent with the baselines": DiCo's config has 10M.
 NAVIGATION = dict(
     total_timesteps=10_000_000, learning_rate=5e-5, num_envs=600, num_steps=100, gamma=0.9, gae_lambda=0.9,
     num_minibatches=30, update_epochs=45, ent_coef=0.0, vf_coef=1.0, max_grad_norm=5.0,

@@ -7,10 +7,15 @@ PATHs are grid folders (searched for summary.json) or summary files. Per grid it
 <grid>_final.png (IQM + 95% CI per task and method), <grid>_curves.png (IQM + 95% CI per evaluation
 step), <grid>_profile.png (performance profiles) and <grid>_poi.png (probability of improvement).
 A run's score at a budget (--at; default: the last step every run of the grid reached) is the mean
-of the episode returns of its first evaluation at or after the budget (the scripts evaluate at the
-first iteration past each multiple of their interval), or of its final evaluation if it was
-trained to that budget (whole iterations stop a little short of it); runs that did not reach a
-budget are left out of that budget's column. Every CI is a 95% stratified bootstrap (--reps draws, numpy seeded
+episode return over a window of its evaluations, never one: those in the last --window of the budget
+(default 10%), at least the last --min-evaluations (default 3). The window ends at the run's first
+evaluation at or after the budget (the scripts evaluate at the first iteration past each multiple of
+their interval), or at its final evaluation if it was trained to that budget (whole iterations stop
+a little short of it); runs that did not reach a budget are left out of that budget's column. Every
+table, ordering and probability of improvement uses these scores, and each .md says its windows;
+Tables 2 and 6 of the matrix games keep the paper's protocol, the final evaluation. Runs of one grid's
+method launched with different flags after `--` are different methods, named by those flags
+("mlp --hypernet-init matched"), so that several launches compare in one table. Every CI is a 95% stratified bootstrap (--reps draws, numpy seeded
 with --seed before each estimate: rliable draws from numpy's global RNG, not from its random_state).
 """
 
@@ -31,7 +36,7 @@ from sps import OneLineParser, at_least, check_writable, new_output_folder  # no
 FORMAT = "hypermarl-summary/1"
 TITLES = {"figure2-ippo": "IPPO on Dispersion, 4 agents (Figure 2)", "figure2-mappo": "MAPPO on Dispersion, 4 agents (Figure 2)",
           "figure4": "IPPO on Navigation (Figure 4)", "table4": "MAPPO variants on MaMuJoCo (Table 4)",
-          "figure5": "Humanoid 17x1 (Figure 5)", "figure7": "HyperMARL ablations on Humanoid 17x1 (Figure 7)",
+          "figure7": "HyperMARL ablations on Humanoid 17x1 (Figure 7)",
           "figure17-ippo": "IPPO ablations on Dispersion (Figure 17)",
           "figure17-mappo": "MAPPO ablations on Dispersion (Figure 17)", "table2-6": "Matrix games (Tables 2 and 6)"}
 # Table 4: IQM (95% CI) of the mean episode return, MaMuJoCo v2. Columns HAPPO, FuPS, Ind. Actors, HyperMARL.
@@ -44,7 +49,7 @@ PAPER_TABLE4 = {
                         "nops": (6650.31, 5714.68, 7229.61), "mlp": (7063.72, 6696.30, 7325.36)},
     "Ant-4x2": {"happo": (6031.92, 5924.32, 6149.22), "fups": (6148.58, 5988.63, 6223.88),
                 "nops": (6046.23, 5924.62, 6216.57), "mlp": (5940.16, 5485.77, 6280.59)}}
-PAPER_IQM = {"table4": PAPER_TABLE4, "figure5": {"Humanoid-17x1": PAPER_TABLE4["Humanoid-17x1"]}}
+PAPER_IQM = {"table4": PAPER_TABLE4}  # Figure 5 plots Table 4's Humanoid runs: its row and curves
 # Table 3a: SND (mean, std over seeds) on Dispersion at 20M steps, about 1,000 times below Eq. (9) as
 # written (docs/implementation.md, detail 12): its ordering compares, its values do not.
 PAPER_SND = {"figure2-ippo": {"mlp": (6.3e-4, 2.0e-5), "linear": (6.4e-4, 7.0e-6), "nops": (6.9e-4, 7.0e-6),
@@ -95,6 +100,26 @@ def load_run(path):
     return s
 
 
+def extra_flags(run) -> list:
+    """The flags the launcher passed after `--` (its summary's argv: the grid's flags, the seed, the budget, then these)."""
+    argv = [str(token) for token in run.get("argv", [])]
+    budget = next((i for i, token in enumerate(argv) if token in ("--total-timesteps", "--num-trials")), None)
+    return argv[budget + 2:] if budget is not None else []
+
+
+def label_by_extra_flags(runs) -> None:
+    """Runs of one grid, task and method made with different flags after `--` (two launches, say with and
+    without --hypernet-init matched) are different methods here: such runs are named by those flags
+    ("mlp --hypernet-init matched"); the runs without any keep the method's name."""
+    groups = collections.defaultdict(list)
+    for run in runs:
+        groups[run["grid"], run["task"], run["method"]].append(run)
+    for group in groups.values():
+        if len({tuple(extra_flags(run)) for run in group}) > 1:
+            for run in group:
+                run["method"] = " ".join([run["method"], *extra_flags(run)])
+
+
 def is_a(value, types) -> bool:
     return isinstance(value, types) and not isinstance(value, bool)  # JSON's true is no number
 
@@ -138,15 +163,32 @@ def reached(run, budget) -> bool:
     return run["evals"][-1][0] >= budget or (run.get("total_timesteps") or 0) >= budget  # null: not logged
 
 
-def score(run, budget, metric="return"):
-    """The run's evaluation at budget: its first at or after it (a script evaluates at the first
-    iteration past each multiple of its interval: 501,760 for 500,000 in 2,048-step iterations), else,
-    for a run trained to this budget or more, its final one (whole iterations stop short of the budget:
-    499,712 for 500,000); None if the run never reached the budget."""
+def window(run, budget, fraction, at_least):
+    """The evaluations a score at budget averages: the one at budget (its first at or after it: a script
+    evaluates at the first iteration past each multiple of its interval, 501,760 for 500,000 in 2,048-step
+    iterations; else, for a run trained to this budget or more, its final one, as whole iterations stop short
+    of the budget: 499,712 for 500,000) and those before it in the last `fraction` of the budget, widened to
+    the last `at_least` evaluations; [] if the run never reached the budget."""
     if not reached(run, budget):
-        return None
-    after = [m for step, m in run["evals"] if step >= budget]
-    return (after[0] if after else run["evals"][-1][1]).get(metric)
+        return []
+    at = next((i for i, (step, _) in enumerate(run["evals"]) if step >= budget), len(run["evals"]) - 1)
+    upto = run["evals"][: at + 1]
+    inside = [e for e in upto if e[0] >= (1 - fraction) * budget]
+    return upto[-at_least:] if len(inside) < at_least else inside
+
+
+def score(run, budget, metric="return", fraction=0.0, at_least=1):
+    """The mean of the metric over the run's window at budget (window()); the defaults score its one
+    evaluation at budget. None if the run never reached the budget or logged no such metric there."""
+    values = [m[metric] for _, m in window(run, budget, fraction, at_least) if metric in m]
+    return float(np.mean(values)) if values else None
+
+
+def fraction(text):
+    value = float(text)  # a ValueError here becomes argparse's "invalid value" message
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction from 0 to 1, got {text}")
+    return value
 
 
 def seeded(opts, fn, *args, **kwargs):
@@ -223,8 +265,11 @@ class Grid:
     def of_method(self, method):
         return [r for r in self.runs if r["method"] == method]
 
-    def scores(self, task, method, budget, metric="return"):
-        values = [score(r, budget, metric) for r in self.of(task, method)]
+    def scores(self, task, method, budget, metric="return", final=False):
+        """Each run's score at budget: over its window (--window, --min-evaluations), or at its one
+        evaluation at budget (final: the paper's protocol for Tables 2 and 6)."""
+        fraction, at_least = (0.0, 1) if final else (self.opts.window, self.opts.min_evaluations)
+        values = [score(r, budget, metric, fraction, at_least) for r in self.of(task, method)]
         return np.array([v for v in values if v is not None])
 
     def rectangles(self, budget):
@@ -321,12 +366,24 @@ class Grid:
                                              ("Table 6 (sampled actions)", "return_sampled", mgb.PAPER_TABLE6, 4)):
             for b in self.budgets:
                 def cell(game, hypernet, n):
-                    x = self.scores(f"{game}-n{n}", hypernet, b, metric)
+                    x = self.scores(f"{game}-n{n}", hypernet, b, metric, final=True)
                     return "—" if not len(x) else f"{mgb.format_cell(x, paper.get((game, hypernet), {}).get(n), digits)[0]} (n={len(x)})"
 
                 lines += [f"## {title}, {b:,} {self.unit}: ours mean ± std over seeds (paper's value), ✗ = more than one std away", ""]
                 lines += mgb.game_tables(games, hypernets, ns, cell)
         return lines
+
+    def windows(self):
+        """The window each budget's scores used, as steps from the first to the last evaluation averaged."""
+        parts = []
+        for b in self.budgets:
+            spans = [window(r, b, self.opts.window, self.opts.min_evaluations) for r in self.runs]
+            spans = [w for w in spans if w]
+            if spans:
+                lo, hi = min(w[0][0] for w in spans), max(w[-1][0] for w in spans)
+                n = sorted({len(w) for w in spans})
+                parts.append(f"at {b:,}: evaluations from {lo:,} to {hi:,} {self.unit} ({' or '.join(map(str, n))} per run)")
+        return ("Windows: " + "; ".join(parts) + ".") if parts else ""
 
     def settings(self):
         """The flags the runs logged (summary "config"): the same for all, per method, or per run."""
@@ -351,10 +408,13 @@ class Grid:
         lines = [f"# {self.name}: {TITLES.get(self.name, 'grid ' + self.name)}", "",
                  f"{len(self.runs)} runs: {len(self.tasks)} task(s) x {len(self.methods)} method(s), "
                  f"{' / '.join(map(str, n_seeds))} seed(s) per task and method (seeds {sorted({r['seed'] for r in self.runs})}).", "",
-                 f"Budget(s): {', '.join(f'{b:,}' for b in self.budgets)} {self.unit} ({budget_note}). Score of a run = mean "
-                 "of the episode returns of its first evaluation at or after the budget, or of its final evaluation if it "
-                 "was trained to that budget (whole iterations stop just short of it); a run that did not reach a budget "
-                 "is left out of that column (the runs column says so). IQM = 25% trimmed mean, std with ddof 0; CIs: 95% "
+                 f"Budget(s): {', '.join(f'{b:,}' for b in self.budgets)} {self.unit} ({budget_note}). Score of a run at a "
+                 f"budget = mean of the episode returns over its evaluations in the last {self.opts.window:.0%} of the budget, "
+                 f"at least its last {self.opts.min_evaluations} (the window ends at its first evaluation at or after the "
+                 "budget, or at its final one if it was trained to that budget: whole iterations stop just short of it). "
+                 + self.windows() + " A run that did not reach a budget is left out of that column (the runs column says "
+                 "so). Tables, orderings and P(X > Y) all use these windowed scores; the curves show every evaluation. "
+                 "IQM = 25% trimmed mean, std with ddof 0; CIs: 95% "
                  f"stratified bootstrap ({self.opts.reps} draws, seed {self.opts.seed}). Final SND: each run's last "
                  "evaluation; gradient variance: each run's mean over its training; SPS: each run's last logged value; "
                  "each averaged over the runs.", ""] + self.settings()
@@ -449,18 +509,24 @@ def main():
     parser.add_argument("--out", default=None, help="output folder (default: a new runs/aggregate_<time>)")
     parser.add_argument("--at", nargs="+", type=at_least(1), default=None, metavar="STEP",
                         help="budgets in environment steps (default: the last step every run of a grid reached)")
+    parser.add_argument("--window", type=fraction, default=0.1, metavar="FRACTION",
+                        help="a score averages the evaluations in this last fraction of the budget (default %(default)s)")
+    parser.add_argument("--min-evaluations", type=at_least(1), default=3, metavar="K",
+                        help="... widened to at least the last K evaluations (default %(default)s)")
     parser.add_argument("--reps", type=at_least(1), default=2000, help="bootstrap draws per CI (default %(default)s)")
     parser.add_argument("--seed", type=at_least(0), default=0, help="numpy seed before each bootstrap (default %(default)s)")
     opts = parser.parse_args()
     opts.at = sorted(set(opts.at)) if opts.at else None
     if opts.out is not None:
         check_writable(parser, "--out", opts.out)
-    grids, seen = collections.defaultdict(list), {}
+    grids, seen, runs = collections.defaultdict(list), {}, []
     for path in find_summaries(parser, opts.paths):
         try:
-            run = load_run(path)
+            runs.append((path, load_run(path)))
         except ValueError as e:
             parser.error(str(e))
+    label_by_extra_flags([run for _, run in runs])
+    for path, run in runs:
         key = (run["grid"], run.get("task"), run.get("method"), run.get("seed"))
         if key in seen:  # the same run twice would count its seed twice
             parser.error(f"PATH: {seen[key]} and {path} are the same run {'/'.join(map(str, key))}")

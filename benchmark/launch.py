@@ -65,6 +65,7 @@ class Run:
     script: str
     flags: list  # the script's flags, the seed and budget excluded
     budget: int  # environment steps (matrix games: trials)
+    keep: tuple = ()  # fractions of the budget at which a copy of the checkpoint is kept (Table 3a's dataset)
 
     @property
     def run_id(self) -> str:
@@ -77,17 +78,22 @@ class Run:
 
 # ===== The grids =====
 def dispersion(grid: str, script: str, methods: dict) -> list[Run]:
-    """Figure 2 / Figure 17: Dispersion, 4 agents (Table 11), 20M steps (Table 9)."""
-    return [Run(grid, "vmas", "dispersion-4", method, seed, script,
-                ["--scenario", "dispersion", "--n-agents", "4", *flags], 20_000_000)
+    """Figure 2 / Figure 17: Dispersion, 4 agents (Table 11), 20M steps (Table 9). Figure 2's IPPO NoPS and
+    FuPS runs also keep their checkpoint at 5M (a quarter of the budget): Table 3a's SND dataset
+    (appendix D.1.2) rolls out these policies at 5M and 20M."""
+    return [Run(grid, "vmas", "dispersion-4", method, seed, script, ["--scenario", "dispersion", "--n-agents", "4", *flags],
+                20_000_000, (0.25,) if grid == "figure2-ippo" and method in ("nops", "fups") else ())
             for method, flags in methods.items() for seed in PAPER_SEEDS]
 
 
 def navigation(grid: str) -> list[Run]:
     """Figure 4 / Figure 16: Navigation with 2, 4, 8 agents, one goal for all ("same"), one goal each
     ("different") or half the agents on one goal and the others one goal each ("half", n > 2: Figure 16's
-    "Two Goals" / "Four Goals", read as the README's deviations say); 10M steps (appendix D). The script applies Table 15's
-    clip and learning rate and Table 14's DiCo SND_des for each setting."""
+    "Two Goals" / "Four Goals", read as the README's deviations say). 10M steps: appendix D.1.1 says 10 million,
+    "consistent with the baselines", and DiCo's own experiment config (het_control_experiment.yaml in
+    proroklab/ControllingBehavioralDiversity) has max_n_frames 10_000_000 with the same evaluation (every 120,000
+    frames, 200 episodes); Table 12's 10^6 disagrees with both. The script applies Table 15's clip and learning
+    rate and Table 14's DiCo SND_des for each setting."""
     runs = []
     for n in (2, 4, 8):
         goals = {"same": n, "different": 1, **({"half": n // 2} if n > 2 else {})}
@@ -122,7 +128,8 @@ GRIDS = {
     "figure2-mappo": lambda: dispersion("figure2-mappo", "mappo_hyper_vmas.py", hypernet_flags(FAMILIES)),
     "figure4": lambda: navigation("figure4"),
     "table4": lambda: mamujoco("table4", MAMUJOCO_TASKS, MAMUJOCO_METHODS),
-    "figure5": lambda: mamujoco("figure5", ["Humanoid-17x1"], MAMUJOCO_METHODS),
+    # Figure 5 plots Table 4's Humanoid runs: the same runs, in table4's folder (launching either one finishes both)
+    "figure5": lambda: [r for r in mamujoco("table4", MAMUJOCO_TASKS, MAMUJOCO_METHODS) if r.task == "Humanoid-17x1"],
     "figure7": lambda: mamujoco("figure7", ["Humanoid-17x1"], {k: ["--hypernet", "mlp", *v] for k, v in ABLATIONS.items()}),
     "figure17-ippo": lambda: dispersion("figure17-ippo", "ippo_hyper_vmas.py",
                                         {k: ["--hypernet", "mlp", *v] for k, v in ABLATIONS.items()}),
@@ -281,6 +288,19 @@ def run_locked(run: Run, run_dir: str, extra: list, threads: int, gpu) -> str:
         # refuse a --resume with nothing left to train, so only the summary is missing
         write_summary(run, run_folder(run_dir), last_command(run_dir), extra)
         return "finished"
+    for step in snapshots_due(run, run_dir, extra):  # on the way to the budget: stop there, keep a copy, go on
+        result, _ = train(dataclasses.replace(run, budget=step), run_dir, extra, threads, gpu)
+        if result != "finished":
+            return result
+        keep_snapshot(run_folder(run_dir), step)
+    result, argv = train(run, run_dir, extra, threads, gpu)
+    if result == "finished":
+        write_summary(run, run_folder(run_dir), argv, extra)
+    return result
+
+
+def train(run: Run, run_dir: str, extra: list, threads: int, gpu) -> tuple:
+    """Start or resume the script to run.budget and wait: ('finished' | 'stopped' | 'failed (...)', argv)."""
     argv = command(run, run_dir, extra)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     if gpu is not None:
@@ -307,12 +327,48 @@ def run_locked(run: Run, run_dir: str, extra: list, threads: int, gpu) -> str:
             log.write(f"# wall_seconds {time.time() - start:.1f}\n")  # a resumed run's: the sum over its starts
     if code != 0:
         if STOP:  # killed by the stop before it installed its handler: nothing to save yet
-            return "stopped"
-        return f"failed (exit {code}: {last_line(log_path)}; see {log_path})"
-    if not completed(run, run_folder(run_dir)):
-        return "stopped"
-    write_summary(run, run_folder(run_dir), argv, extra)
-    return "finished"
+            return "stopped", argv
+        return f"failed (exit {code}: {last_line(log_path)}; see {log_path})", argv
+    return ("finished" if completed(run, run_folder(run_dir)) else "stopped"), argv
+
+
+def snapshot_path(folder: str, step: int) -> str:
+    return os.path.join(folder, f"checkpoint_{step}.pt")
+
+
+def snapshots_due(run: Run, run_dir: str, extra: list) -> list[int]:
+    """The steps of run.keep still to be kept: not yet copied, not passed (a run trained past one before
+    it was asked for cannot go back: its checkpoint at the step itself is kept if it is there), and at
+    least one iteration (a smaller budget is refused by the scripts)."""
+    if not run.keep:
+        return []
+    sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmark")]  # also in a Ray or submitit worker, which unpickles this
+    from sps import script_args
+
+    args = script_args(__import__(run.script[:-3]), run.argv() + extra)
+    due, folder = [], run_folder(run_dir)
+    steps = {int(f * run.budget) for f in run.keep}
+    for step in sorted(s for s in steps if args.num_envs * args.num_steps <= s < run.budget):
+        if folder and os.path.isfile(snapshot_path(folder, step)):
+            continue
+        if folder and os.path.isfile(os.path.join(folder, "checkpoint.pt")) and completed(dataclasses.replace(run, budget=step), folder):
+            if checkpoint_step(folder) <= step:  # stopped at the step, not yet copied (the launcher was killed)
+                keep_snapshot(folder, step)
+            continue
+        due.append(step)
+    return due
+
+
+def checkpoint_step(folder: str) -> int:
+    import torch
+
+    return torch.load(os.path.join(folder, "checkpoint.pt"), map_location="cpu", weights_only=True)["global_step"]
+
+
+def keep_snapshot(folder: str, step: int) -> None:
+    """checkpoint.pt, copied atomically to checkpoint_<step>.pt."""
+    shutil.copyfile(os.path.join(folder, "checkpoint.pt"), snapshot_path(folder, step) + ".tmp")
+    os.replace(snapshot_path(folder, step) + ".tmp", snapshot_path(folder, step))
 
 
 def wait(child) -> int:
@@ -621,6 +677,72 @@ def figure10(out: str) -> None:
     print(f"wrote {out}/figure10.md, .json, .png")
 
 
+def table3a(opts) -> int:
+    """Table 3a (appendix D.1.2): every method's SND on one shared dataset. The dataset pools rollouts of
+    IPPO-NoPS and IPPO-FuPS (figure2-ippo's first seed) at a quarter of the budget and at its end (the
+    paper: 5M and 20M steps), --snd-episodes each, and samples --snd-samples observations
+    (benchmark/snd_dataset.py); each finished figure2-ippo and figure2-mappo run's final checkpoint is
+    then evaluated on it (--eval-only --snd-obs-file). Writes OUT/table3a/: the dataset, table3a.md and
+    table3a.json."""
+    import numpy as np
+    from aggregate import PAPER_SND
+
+    ippo = select(GRIDS["figure2-ippo"](), opts)
+    sources = []
+    for run in [r for r in ippo if r.keep and r.seed == ippo[0].seed]:
+        folder = run_folder(os.path.join(opts.out, run.grid, run.run_id))
+        if not folder or state(os.path.dirname(folder), run.budget) != "finished":
+            print(f"error: table3a: {run.run_id} is not finished; first: python benchmark/launch.py figure2-ippo"
+                  f"{' --budget ' + str(run.budget) if opts.budget else ''}", file=sys.stderr)
+            return 2
+        sources += [snapshot_path(folder, int(f * run.budget)) for f in run.keep] + [os.path.join(folder, "checkpoint.pt")]
+    missing = [p for p in sources if not os.path.isfile(p)]
+    if missing:
+        print(f"error: table3a: {missing[0]} is missing (the run passed that step before it kept a copy); "
+              "run it again in a new --out", file=sys.stderr)
+        return 2
+    out = os.path.join(opts.out, "table3a")
+    os.makedirs(out, exist_ok=True)
+    dataset = os.path.join(out, "snd_dataset.npz")
+    if not os.path.isfile(dataset):
+        subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "snd_dataset.py"), "--checkpoints", *sources,
+                        "--episodes", str(opts.snd_episodes), "--samples", str(opts.snd_samples), "--out", dataset], check=True)
+    snd, trained = {}, {}
+    for grid in ("figure2-ippo", "figure2-mappo"):
+        for run in select(GRIDS[grid](), opts):
+            folder = run_folder(os.path.join(opts.out, grid, run.run_id))
+            if not folder or state(os.path.dirname(folder), run.budget) != "finished":
+                continue  # not run (yet): its row says how many runs it has
+            line = subprocess.run([sys.executable, os.path.join(ROOT, run.script), "--eval-only", "--checkpoint",
+                                   os.path.join(folder, "checkpoint.pt"), "--snd-obs-file", dataset],
+                                  capture_output=True, text=True, check=True, cwd=ROOT).stdout
+            snd.setdefault(grid, {}).setdefault(run.method, {})[run.seed] = float(re.search(r"diversity/snd=(\S+)", line)[1])
+            trained.setdefault(grid, set()).add(int(summary_steps(os.path.join(folder, "summary.json"))))
+            print(f"{grid} {run.run_id}: SND {snd[grid][run.method][run.seed]:.4f}", flush=True)
+    with open(os.path.join(out, "table3a.json"), "w") as f:
+        json.dump({"sources": [os.path.relpath(p, opts.out) for p in sources], "snd": snd,
+                   "steps": {grid: sorted(steps) for grid, steps in trained.items()}}, f, indent=1)
+    budget = f"{ippo[0].budget:,}"
+    lines = ["# Table 3a: SND on Dispersion, on appendix D.1.2's shared dataset", "",
+             f"Command: `python benchmark/launch.py table3a --out {opts.out}"
+             + (f" --budget {opts.budget}" if opts.budget else "") + (f" --seeds {' '.join(map(str, opts.seeds))}" if opts.seeds else "")
+             + f" --snd-episodes {opts.snd_episodes} --snd-samples {opts.snd_samples}`. Dataset: IPPO-NoPS and IPPO-FuPS "
+             f"(seed {ippo[0].seed}) at {int(0.25 * ippo[0].budget):,} and {budget} steps, {opts.snd_episodes:,} evaluation "
+             f"episodes each, {opts.snd_samples:,} observations sampled; each finished run's final checkpoint "
+             "evaluated on it (the steps column: what its runs trained). Mean ± std (ddof 0) over seeds; the paper's values (20M steps) are about 1,000 times "
+             "below Eq. (9) as written (docs/implementation.md, detail 12): compare the ordering.", "",
+             "| algorithm | method | steps | SND, mean ± std | seeds | paper (Table 3a) |", "|---|---|---|---|---|---|"]
+    for grid, per_method in snd.items():
+        for method, per_seed in per_method.items():
+            v, paper = np.array(list(per_seed.values())), PAPER_SND[grid].get(method)
+            lines.append(f"| {grid.split('-')[1].upper()} | {method} | {' / '.join(f'{t:,}' for t in sorted(trained[grid]))} | "
+                         f"{v.mean():.4f} ± {v.std():.4f} | {len(v)} | "
+                         + (f"{paper[0]:.1e} ± {paper[1]:.1e}" if paper else "not in the paper") + " |")
+    open(os.path.join(out, "table3a.md"), "w").write("\n".join(lines) + "\n")
+    print(f"wrote {out}/table3a.md and table3a.json")
+    return 0
+
+
 # ===== --measure: the cost of a grid, from a short run of each setting =====
 def iteration_steps(run: Run, extra: list) -> int:
     """Environment steps of one iteration of this run (the paper's settings and the flags after --)."""
@@ -724,7 +846,7 @@ def parse(argv):
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = OneLineParser(description=__doc__.split("\n")[0], epilog="Flags after -- go to every run's script.")
-    parser.add_argument("grid", choices=[*GRIDS, "figure10"], help="the figure or table to reproduce")
+    parser.add_argument("grid", choices=[*GRIDS, "figure10", "table3a"], help="the figure or table to reproduce")
     parser.add_argument("--out", default="runs/grids", help="grids live in OUT/<grid>/ (default: runs/grids)")
     parser.add_argument("--budget", type=at_least(1), help="steps per run (matrix games: trials) instead of the paper's")
     parser.add_argument("--seeds", type=int, nargs="+", help="these seeds instead of the paper's five")
@@ -733,6 +855,8 @@ def parse(argv):
     parser.add_argument("--dry-run", action="store_true", help="list the runs, their state and cost; start nothing")
     parser.add_argument("--measure", type=at_least(1), metavar="ITERATIONS",
                         help="time this many iterations of one run per setting here, print the grid's cost; start nothing")
+    parser.add_argument("--snd-episodes", type=at_least(1), default=10_000, help="[table3a] episodes per policy of the dataset")
+    parser.add_argument("--snd-samples", type=at_least(1), default=1_000_000, help="[table3a] observations in the dataset")
     parser.add_argument("--backend", choices=list(BACKENDS), default="local")
     parser.add_argument("--jobs", type=at_least(1), help="runs at a time (default: GPUs x --runs-per-gpu, else CPU cores)")
     parser.add_argument("--runs-per-gpu", type=at_least(1), default=4, help="[local] runs sharing one GPU")
@@ -747,8 +871,8 @@ def parse(argv):
         parser.error(f"--gpus-per-run: must be a number of at least 0, got {opts.gpus_per_run}")
     if opts.seeds and (len(set(opts.seeds)) < len(opts.seeds) or min(opts.seeds) < 0):
         parser.error(f"--seeds: must be distinct and at least 0, got {' '.join(map(str, opts.seeds))}")
-    check_writable(parser, "--out", os.path.join(opts.out, opts.grid))  # now, before any folder is made
-    if opts.grid != "figure10":
+    check_writable(parser, "--out", grid_folder(opts))  # now, before any folder is made
+    if opts.grid not in ("figure10", "table3a"):
         check_selection(parser, opts)
     if opts.backend == "ray" and opts.ray_address and opts.ray_address != "auto":
         check_reachable(parser, opts.ray_address)
@@ -800,6 +924,12 @@ def refused_flags(runs: list[Run], extra: list):
     return None
 
 
+def grid_folder(opts) -> str:
+    """OUT/<grid>, or the folder of the grid whose runs it reuses (figure5: table4's)."""
+    runs = GRIDS[opts.grid]() if opts.grid in GRIDS else []
+    return os.path.abspath(os.path.join(opts.out, runs[0].grid if runs else opts.grid))
+
+
 def starting_afresh(runs: list[Run], grid_dir: str) -> list[Run]:
     """The runs without a checkpoint to resume: they start with run.argv()."""
     return [r for r in runs if "--resume" not in script_argv(r, os.path.join(grid_dir, r.run_id), [])]
@@ -831,10 +961,12 @@ def install_stop_handlers() -> dict:
 
 def main(argv=None) -> int:
     opts, extra = parse(sys.argv[1:] if argv is None else list(argv))
-    grid_dir = os.path.abspath(os.path.join(opts.out, opts.grid))
+    grid_dir = grid_folder(opts)
     if opts.grid == "figure10":
         figure10(grid_dir)
         return 0
+    if opts.grid == "table3a":  # after figure2-ippo and figure2-mappo: their checkpoints on one dataset
+        return table3a(opts)
     runs = select(GRIDS[opts.grid](), opts)
     # the scripts check the flags after -- and the values of --budget and --seeds now (a budget below one
     # iteration, a seed past NumPy's), not in every run; a resumed run takes its other flags from its checkpoint

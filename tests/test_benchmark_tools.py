@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -48,7 +49,7 @@ def cli(*argv):
 
 
 class Opts:
-    reps, seed, at = REPS, 7, None
+    reps, seed, at, window, min_evaluations = REPS, 7, None, 0.1, 3
 
 
 def hand_bootstrap(x, func, reps, seed):
@@ -117,9 +118,10 @@ def test_tables_per_task_and_across_tasks(tmp_path):
     assert done.returncode == 0, done.stderr
     text = (out / "figure2-ippo.md").read_text()
     assert "| 200 steps: IQM [95% CI] |" in text and "200 steps (the last step every run reached)" in text
+    assert "Windows: at 200: evaluations from 100 to 200 steps (2 per run)." in text
     for name in ("final", "curves", "profile", "poi"):
         assert (out / f"figure2-ippo_{name}.png").stat().st_size > 1000
-    score = {k: np.mean(v[200]) for k, v in evals.items()}
+    score = {k: np.mean([np.mean(v[100]), np.mean(v[200])]) for k, v in evals.items()}  # both: at least 3 wanted
     x = np.array([score["dispersion-4", "mlp", s] for s in (1, 2, 3, 4)])
     cells = table_row(text, "dispersion-4", "mlp").split("|")
     assert numbers(cells[2])[0] == pytest.approx(scipy.stats.trim_mean(x, 0.25), abs=1e-3)
@@ -156,7 +158,7 @@ def test_at_leaves_out_runs_that_did_not_reach_the_budget(tmp_path):
     cells = table_row(text, "dispersion-4", "mlp").split("|")
     assert cells[4].strip() == "4"  # every run reached 100
     assert cells[7].strip() == "2 of 4 (2 did not reach 200)"
-    kept = np.array([np.mean(evals["dispersion-4", "mlp", s][200]) for s in (1, 3)])
+    kept = np.array([np.mean([np.mean(evals["dispersion-4", "mlp", s][t]) for t in (100, 200)]) for s in (1, 3)])
     assert numbers(cells[6]) == pytest.approx([kept.mean(), kept.std()], abs=1e-3)
     # the default budget is the last step every run reached: 100 here
     runs = [aggregate.load_run(p) for p in sorted((tmp_path / "grids").rglob("summary.json"))]
@@ -175,6 +177,45 @@ def test_a_run_trained_to_a_budget_reached_it_though_whole_iterations_stop_short
     assert [aggregate.score(run, 500_000) for run in runs] == [0.5, None, 0.3]
     assert [aggregate.score(run, 2_000_000) for run in runs] == [None, None, 0.9]
     assert [aggregate.score(run, 400_000) for run in runs] == [0.5, 0.1, 0.2]  # final (trained to 400k), first past
+
+
+def test_a_score_averages_the_window_that_ends_at_the_budget(tmp_path):
+    """--window 0.1 --min-evaluations 3 at 1M of a run evaluated every 100k: its last three evaluations up
+    to the budget, none after it (the run went on to 2M); a wider fraction takes more."""
+    returns = {step: [step / 1e6] for step in range(100_352, 2_000_000, 100_352)}  # the first past each 100k
+    write_summary(tmp_path, "figure2-ippo", "dispersion-4", "mlp", 1, returns,
+                  total_timesteps=2_000_000)
+    run = aggregate.load_run(next(tmp_path.rglob("summary.json")))
+    steps = sorted(returns)
+    at_1m = steps.index(1_003_520)  # the first evaluation at or after 1M
+    assert aggregate.score(run, 1_000_000, fraction=0.1, at_least=3) == pytest.approx(
+        np.mean([returns[s][0] for s in steps[at_1m - 2: at_1m + 1]]))
+    assert aggregate.score(run, 1_000_000, fraction=0.5, at_least=3) == pytest.approx(
+        np.mean([returns[s][0] for s in steps if 500_000 <= s <= 1_003_520]))
+    assert aggregate.score(run, 1_000_000) == pytest.approx(1.00352)  # one evaluation: fraction 0, at least 1
+    assert [s for s, _ in aggregate.window(run, 300_000, 0.1, 3)] == steps[:3]  # as many as there are
+
+
+def test_runs_of_one_method_with_other_flags_after_the_double_dash_are_another_method(tmp_path):
+    """Two launches of figure17-ippo's mlp, one with `-- --hypernet-separate-embeddings`: one table, two
+    methods (the one with the flag named by it), and their probability of improvement; the same run
+    twice with the same flags is still refused."""
+    budget = ["--total-timesteps", "200"]
+    for seed, (a, b) in enumerate([(0.1, 0.5), (0.2, 0.6), (0.3, 0.7)], start=1):
+        base = ["--hypernet", "mlp", "--seed", str(seed), *budget]
+        write_summary(tmp_path / "shared", "figure17-ippo", "dispersion-4", "mlp", seed, {200: [a]}, argv=base)
+        write_summary(tmp_path / "separate", "figure17-ippo", "dispersion-4", "mlp", seed, {200: [b]},
+                      argv=base + ["--hypernet-separate-embeddings"])
+    done = cli(tmp_path / "shared", tmp_path / "separate", "--out", tmp_path / "out", "--reps", 20, "--window", 0)
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "out" / "figure17-ippo.md").read_text()
+    assert numbers(table_row(text, "dispersion-4", "mlp").split("|")[3]) == pytest.approx([0.2, np.std([0.1, 0.2, 0.3])], abs=1e-3)
+    separate = table_row(text, "dispersion-4", "mlp --hypernet-separate-embeddings").split("|")
+    assert numbers(separate[3]) == pytest.approx([0.6, np.std([0.5, 0.6, 0.7])], abs=1e-3)
+    assert "| mlp | mlp --hypernet-separate-embeddings | 0.000 [0.000, 0.000] |" in text
+    shutil.copytree(tmp_path / "shared", tmp_path / "copy")
+    again = cli(tmp_path / "shared", tmp_path / "copy", "--out", tmp_path / "again")
+    assert again.returncode == 2 and "are the same run figure17-ippo/dispersion-4/mlp/1" in again.stderr
 
 
 def test_table4_grid_shows_the_papers_numbers_and_the_runs_settings(tmp_path):
@@ -247,9 +288,11 @@ MALFORMED = {
 
 @pytest.mark.parametrize("make, argv, message", [
     (None, ["--at", "0"], "error: --at: must be at least 1, got 0"),
+    (None, ["--window", "1.5"], "error: --window: must be a fraction from 0 to 1, got 1.5"),
+    (None, ["--min-evaluations", "0"], "error: --min-evaluations: must be at least 1, got 0"),
     (None, [], "error: PATH: no summary.json in"),
     *[(name, [], "malformed summary.json (" + message) for name, (_, message) in MALFORMED.items()],
-], ids=["--at 0", "no summary", *MALFORMED])
+], ids=["--at 0", "--window 1.5", "--min-evaluations 0", "no summary", *MALFORMED])
 def test_aggregate_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, make, argv, message):
     grids = tmp_path / "grids"
     grids.mkdir()
@@ -284,6 +327,8 @@ CASES = [
     ("first_update.py", ["--seeds", "-1"], "--seeds: must be at least 0, got -1"),
     ("first_update.py", ["--seeds"], "--seeds: expected at least one argument"),
     ("first_update.py", ["--script", "mappo_hyper_mamujoco"], "--script: invalid choice: 'mappo_hyper_mamujoco'"),
+    ("repeated_key.py", ["--budget", "0"], "--budget: must be at least 1, got 0"),
+    ("repeated_key.py", ["--seeds", "-1"], "--seeds: must be at least 0, got -1"),
 ]
 
 
@@ -387,7 +432,7 @@ BAD_OUTS = {"a folder": lambda tmp: str(tmp), "inside a file": lambda tmp: str(t
             "not writable": lambda tmp: "/proc/sys/x/result.md"}
 
 
-@pytest.mark.parametrize("script", ["sps.py", "init_scale.py", "update_step.py", "first_update.py"])
+@pytest.mark.parametrize("script", ["sps.py", "init_scale.py", "update_step.py", "first_update.py", "repeated_key.py"])
 @pytest.mark.parametrize("where", sorted(BAD_OUTS))
 def test_bad_out_fails_at_once_with_one_line(tmp_path, script, where):
     (tmp_path / "notes.txt").write_text("keep")
@@ -549,3 +594,27 @@ def test_first_update_measures_one_configuration(one_thread):
     assert set(result) == {"entropy", "approx_kl", "clipfrac"} and all(map(np.isfinite, result.values()))
     assert 0 < result["entropy"] <= np.log(9) + 1e-6
     assert result["approx_kl"] > 0 and 0 <= result["clipfrac"] <= 1
+
+
+# ===== repeated_key.py =====
+def test_repeated_noise_replays_a_rollouts_first_draw_at_its_other_steps():
+    """The authors' unsplit key: within a rollout of num_steps calls every step gets the first step's noise
+    (so equal logits give equal actions, per environment and agent), the next rollout draws anew; it is
+    the script's own rule (Gumbel-max, mean + std * noise) with that noise."""
+    import ippo_hyper_vmas
+    import repeated_key
+
+    torch.manual_seed(0)
+    sample = repeated_key.repeated_noise(num_steps=3)
+    logits = torch.zeros(4, 64, 9)  # (agents, environments, actions): uniform, so the noise alone decides
+    first = [sample(logits, True) for _ in range(3)]
+    second = [sample(logits, True) for _ in range(3)]
+    assert all(torch.equal(first[0], a) for a in first[1:]) and all(torch.equal(second[0], a) for a in second[1:])
+    assert not torch.equal(first[0], second[0]) and len(first[0].unique()) > 1  # new noise; not one action for all
+    torch.manual_seed(1)
+    ours = [ippo_hyper_vmas.sample_action(logits, True) for _ in range(3)]
+    assert not torch.equal(ours[0], ours[1])  # the script draws at every step
+    mean, std = torch.zeros(4, 64, 2), torch.full((4, 64, 2), 0.5)
+    gauss = repeated_key.repeated_noise(num_steps=2)
+    a, b, c = (gauss((mean, std), False) for _ in range(3))
+    assert torch.equal(a, b) and not torch.equal(b, c) and a.std() == pytest.approx(0.5, rel=0.2)

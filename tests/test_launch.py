@@ -141,6 +141,50 @@ def test_local_grid_writes_summaries_skips_finished_runs_and_grows_with_a_larger
         assert after["wall_seconds"] > before["wall_seconds"]  # both starts
 
 
+def test_table3a_measures_each_run_on_one_dataset_of_ippo_nops_and_fups_at_a_quarter_and_the_end(tmp_path):
+    """figure2-ippo's NoPS and FuPS runs stop at a quarter of the budget, keep a copy of that checkpoint and go
+    on (the same weights as a straight run); table3a rolls out those four policies into one dataset
+    (appendix D.1.2) and evaluates every finished run's final checkpoint on it."""
+    import numpy as np
+    import torch
+
+    tiny = [*TINY_VMAS, "--eval-interval", "32"]
+    select = ["--methods", "nops", "fups", "mlp", "--seeds", "1", "--budget", "128"]
+    result = launch(["figure2-ippo", "--out", str(tmp_path), *select, "--jobs", "2", "--", *tiny], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    grid_dir = str(tmp_path / "figure2-ippo")
+    for method in ("nops", "fups"):
+        run_id = f"ippo-dispersion-4-{method}-s1"
+        assert [" --total-timesteps 32 " in line or "--total-timesteps 128" in line for line in starts(grid_dir, run_id)] == [True, True]
+        folder = run_folder(grid_dir, run_id)
+        assert torch.load(os.path.join(folder, "checkpoint_32.pt"), weights_only=True)["global_step"] == 32
+        straight = run_python([os.path.join(ROOT, "ippo_hyper_vmas.py"), "--scenario", "dispersion", "--n-agents", "4",
+                               "--hypernet", method, "--seed", "1", "--total-timesteps", "128", *tiny, "--save-model",
+                               "--runs-dir", str(tmp_path / "straight" / method)], cwd=tmp_path)
+        assert straight.returncode == 0, straight.stderr
+        (other,) = glob.glob(str(tmp_path / "straight" / method / "*" / "checkpoint.pt"))
+        a, b = (torch.load(p, weights_only=True)["model"] for p in (os.path.join(folder, "checkpoint.pt"), other))
+        assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+    assert glob.glob(os.path.join(run_folder(grid_dir, "ippo-dispersion-4-mlp-s1"), "checkpoint_*.pt")) == []
+
+    made = launch(["table3a", "--out", str(tmp_path), *select, "--snd-episodes", "2", "--snd-samples", "64"], tmp_path)
+    assert made.returncode == 0, made.stdout + made.stderr
+    table = json.load(open(tmp_path / "table3a" / "table3a.json"))
+    assert table["sources"] == [f"figure2-ippo/ippo-dispersion-4-{m}-s1/{os.path.basename(run_folder(grid_dir, f'ippo-dispersion-4-{m}-s1'))}/{c}"
+                                for m in ("nops", "fups") for c in ("checkpoint_32.pt", "checkpoint.pt")]
+    obs = np.load(tmp_path / "table3a" / "snd_dataset.npz")["obs"]
+    assert obs.shape[:2] == (16, 4)  # 64 observations: 16 time steps of 4 agents
+    assert sorted(table["snd"]) == ["figure2-ippo"] and sorted(table["snd"]["figure2-ippo"]) == ["fups", "mlp", "nops"]
+    for method, per_seed in table["snd"]["figure2-ippo"].items():
+        line = run_python([os.path.join(ROOT, "ippo_hyper_vmas.py"), "--eval-only", "--checkpoint",
+                           os.path.join(run_folder(grid_dir, f"ippo-dispersion-4-{method}-s1"), "checkpoint.pt"),
+                           "--snd-obs-file", str(tmp_path / "table3a" / "snd_dataset.npz")], cwd=tmp_path).stdout
+        assert f"diversity/snd={per_seed['1']:.6f}" in line and 0 <= per_seed["1"] <= 1
+    text = (tmp_path / "table3a" / "table3a.md").read_text()
+    assert text.count("| IPPO | ") == 3
+    assert "| 1 | 6.3e-04 ± 2.0e-05 |" in text and "| 1 | 2.4e-04 ± 1.1e-04 |" in text  # the paper's beside ours
+
+
 def test_a_stopped_grid_resumes_with_the_numbers_of_an_uninterrupted_run(tmp_path):
     """Ctrl-C (SIGINT to the launcher alone, as its scripts run in their own session) stops the
     running script after a checkpoint and starts no further run; the same command resumes it. The
@@ -341,6 +385,19 @@ def test_grids_use_the_papers_seeds_budgets_and_settings():
     args = read_args(script, run.argv())  # Table 15's DiCo row for 8 agents, half the agents on one goal
     assert (args.agents_with_same_goal, args.clip_coef, args.learning_rate, args.dico_snd_des) == (4, 0.1, 2.5e-4, -1.0)
     assert {r.budget for r in launch.GRIDS["table4"]()} == {10_000_000}
+
+
+def test_figure5_is_table4s_humanoid_runs_in_table4s_folder(tmp_path, monkeypatch, capsys):
+    """Figure 5 plots Table 4's Humanoid-17x1 runs: launching figure5 runs those very runs (ids, flags,
+    folder), so a finished figure5 counts as finished in table4 and is not trained twice."""
+    launch = load_launch()
+    humanoid = [r for r in launch.GRIDS["table4"]() if r.task == "Humanoid-17x1"]
+    assert launch.GRIDS["figure5"]() == humanoid and len(humanoid) == 4 * 5
+    monkeypatch.chdir(tmp_path)
+    assert launch.main(["figure5", "--out", "grids", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"figure5: 20 runs in {tmp_path / 'grids' / 'table4'} ")
+    assert f"--runs-dir {tmp_path / 'grids' / 'table4' / 'mappo-Humanoid-17x1-mlp-s30'} --exp-name table4" in out
 
 
 # ----- bad input, --dry-run, figure 10 -----
