@@ -26,7 +26,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from sps import OneLineParser, at_least, output_file  # noqa: E402  (benchmark/ is on sys.path when run as a script)
+from sps import OneLineParser, at_least, output_file, write_report  # noqa: E402  (benchmark/ is on sys.path when run as a script)
 
 # (family, --hypernet-init or None): matched is for --hypernet mlp only (the linear one's scaled init is exact)
 CONFIGS = [("fups", None), ("nops", None)] + [("mlp", init) for init in ("scaled", "matched", "flax", "pytorch")] + [
@@ -117,9 +117,7 @@ def main(argv=None) -> int:
               + (f"lower with {', '.join(lower)}." if lower else "no configuration starts lower."),
               "", f"({time.time() - start:.0f} s on {os.cpu_count()} CPU cores)"]
     text = "\n".join(lines) + "\n"
-    os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
-    with open(opts.out, "w") as f:
-        f.write(text)
+    write_report(opts.out, text)
     print(text)
     return 0
 

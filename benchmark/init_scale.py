@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import ippo_hyper_vmas  # noqa: E402
 import mappo_hyper_vmas  # noqa: E402
-from sps import OneLineParser, at_least, output_file, script_args  # noqa: E402  (benchmark/ is on sys.path when run as a script)
+from sps import OneLineParser, at_least, output_file, write_report, script_args  # noqa: E402  (benchmark/ is on sys.path when run as a script)
 
 SCRIPTS = {"IPPO": ippo_hyper_vmas, "MAPPO": mappo_hyper_vmas}
 INITS = ("scaled", "matched", "flax", "pytorch")
@@ -100,9 +100,7 @@ def main():
     for init in INITS:
         lines.append(f"| {init} | " + " | ".join(f"{100 * worst[init, e]:.0f}%" for e in EMBEDDINGS) + " |")
     text = "\n".join(lines) + "\n"
-    os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
-    with open(opts.out, "w") as f:
-        f.write(text)
+    write_report(opts.out, text)
     print(text)
 
 

@@ -41,7 +41,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmark"))
-from sps import OneLineParser, at_least, check_writable  # noqa: E402  (bad input: one line, exit 2)
+from sps import OneLineParser, at_least, check_writable, write_report  # noqa: E402  (bad input: one line, exit 2)
 
 PAPER_SEEDS = [30, 1, 42, 72858, 2300658]  # Table 9; the paper runs 5 seeds everywhere (appendix D)
 MATRIX_SEEDS = [1, 2, 3, 4, 5]  # Table 8: 5 seeds (benchmark/matrix_games.py's)
@@ -684,29 +684,43 @@ def table3a(opts) -> int:
     (benchmark/snd_dataset.py); each finished figure2-ippo and figure2-mappo run's final checkpoint is
     then evaluated on it (--eval-only --snd-obs-file). Writes OUT/table3a/: the dataset, table3a.md and
     table3a.json."""
-    import numpy as np
-    from aggregate import PAPER_SND
-
     ippo = select(GRIDS["figure2-ippo"](), opts)
+    sources = table3a_sources(opts, ippo)
+    if isinstance(sources, str):
+        print(f"error: table3a: {sources}", file=sys.stderr)
+        return 2
+    out = os.path.join(opts.out, "table3a")
+    dataset = os.path.join(out, "snd_dataset.npz")
+    if not os.path.isfile(dataset):
+        os.makedirs(out, exist_ok=True)
+        subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "snd_dataset.py"), "--checkpoints", *sources,
+                        "--episodes", str(opts.snd_episodes), "--samples", str(opts.snd_samples), "--out", dataset], check=True)
+    snd, trained = shared_dataset_snd(opts, dataset)
+    write_report(os.path.join(out, "table3a.json"), json.dumps(
+        {"sources": [os.path.relpath(p, opts.out) for p in sources], "snd": snd,
+         "steps": {grid: sorted(steps) for grid, steps in trained.items()}}, indent=1))
+    write_report(os.path.join(out, "table3a.md"), table3a_text(opts, ippo[0], snd, trained))
+    print(f"wrote {out}/table3a.md and table3a.json")
+    return 0
+
+
+def table3a_sources(opts, ippo: list) -> list | str:
+    """The dataset's checkpoints (NoPS and FuPS, first seed: the kept snapshots and the final one), or why not."""
     sources = []
     for run in [r for r in ippo if r.keep and r.seed == ippo[0].seed]:
         folder = run_folder(os.path.join(opts.out, run.grid, run.run_id))
         if not folder or state(os.path.dirname(folder), run.budget) != "finished":
-            print(f"error: table3a: {run.run_id} is not finished; first: python benchmark/launch.py figure2-ippo"
-                  f"{' --budget ' + str(run.budget) if opts.budget else ''}", file=sys.stderr)
-            return 2
+            return (f"{run.run_id} is not finished; first: python benchmark/launch.py figure2-ippo"
+                    f"{' --budget ' + str(run.budget) if opts.budget else ''}")
         sources += [snapshot_path(folder, int(f * run.budget)) for f in run.keep] + [os.path.join(folder, "checkpoint.pt")]
     missing = [p for p in sources if not os.path.isfile(p)]
     if missing:
-        print(f"error: table3a: {missing[0]} is missing (the run passed that step before it kept a copy); "
-              "run it again in a new --out", file=sys.stderr)
-        return 2
-    out = os.path.join(opts.out, "table3a")
-    os.makedirs(out, exist_ok=True)
-    dataset = os.path.join(out, "snd_dataset.npz")
-    if not os.path.isfile(dataset):
-        subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "snd_dataset.py"), "--checkpoints", *sources,
-                        "--episodes", str(opts.snd_episodes), "--samples", str(opts.snd_samples), "--out", dataset], check=True)
+        return f"{missing[0]} is missing (the run passed that step before it kept a copy); run it again in a new --out"
+    return sources
+
+
+def shared_dataset_snd(opts, dataset: str) -> tuple[dict, dict]:
+    """{grid: {method: {seed: SND}}} of every finished Figure 2 run on the dataset, {grid: the steps they trained}."""
     snd, trained = {}, {}
     for grid in ("figure2-ippo", "figure2-mappo"):
         for run in select(GRIDS[grid](), opts):
@@ -719,15 +733,18 @@ def table3a(opts) -> int:
             snd.setdefault(grid, {}).setdefault(run.method, {})[run.seed] = float(re.search(r"diversity/snd=(\S+)", line)[1])
             trained.setdefault(grid, set()).add(int(summary_steps(os.path.join(folder, "summary.json"))))
             print(f"{grid} {run.run_id}: SND {snd[grid][run.method][run.seed]:.4f}", flush=True)
-    with open(os.path.join(out, "table3a.json"), "w") as f:
-        json.dump({"sources": [os.path.relpath(p, opts.out) for p in sources], "snd": snd,
-                   "steps": {grid: sorted(steps) for grid, steps in trained.items()}}, f, indent=1)
-    budget = f"{ippo[0].budget:,}"
+    return snd, trained
+
+
+def table3a_text(opts, first: Run, snd: dict, trained: dict) -> str:
+    import numpy as np
+    from aggregate import PAPER_SND
+
     lines = ["# Table 3a: SND on Dispersion, on appendix D.1.2's shared dataset", "",
              f"Command: `python benchmark/launch.py table3a --out {opts.out}"
              + (f" --budget {opts.budget}" if opts.budget else "") + (f" --seeds {' '.join(map(str, opts.seeds))}" if opts.seeds else "")
              + f" --snd-episodes {opts.snd_episodes} --snd-samples {opts.snd_samples}`. Dataset: IPPO-NoPS and IPPO-FuPS "
-             f"(seed {ippo[0].seed}) at {int(0.25 * ippo[0].budget):,} and {budget} steps, {opts.snd_episodes:,} evaluation "
+             f"(seed {first.seed}) at {int(0.25 * first.budget):,} and {first.budget:,} steps, {opts.snd_episodes:,} evaluation "
              f"episodes each, {opts.snd_samples:,} observations sampled; each finished run's final checkpoint "
              "evaluated on it (the steps column: what its runs trained). Mean ± std (ddof 0) over seeds; the paper's values (20M steps) are about 1,000 times "
              "below Eq. (9) as written (docs/implementation.md, detail 12): compare the ordering.", "",
@@ -738,9 +755,7 @@ def table3a(opts) -> int:
             lines.append(f"| {grid.split('-')[1].upper()} | {method} | {' / '.join(f'{t:,}' for t in sorted(trained[grid]))} | "
                          f"{v.mean():.4f} ± {v.std():.4f} | {len(v)} | "
                          + (f"{paper[0]:.1e} ± {paper[1]:.1e}" if paper else "not in the paper") + " |")
-    open(os.path.join(out, "table3a.md"), "w").write("\n".join(lines) + "\n")
-    print(f"wrote {out}/table3a.md and table3a.json")
-    return 0
+    return "\n".join(lines) + "\n"
 
 
 # ===== --measure: the cost of a grid, from a short run of each setting =====

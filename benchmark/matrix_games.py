@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import reinforce_matrix_games as mg  # noqa: E402
 sys.path.insert(0, os.path.join(ROOT, "benchmark"))
-from sps import OneLineParser, check_writable, new_output_folder  # noqa: E402
+from sps import OneLineParser, check_writable, new_output_folder, write_report  # noqa: E402
 
 GAMES = typing.get_args(typing.get_type_hints(mg.Args)["game"])
 # The families in the paper's row order (tables, plot), with the paper's names.
@@ -204,12 +204,6 @@ def plot_curves(results: list[dict], n_agents: int, path: str) -> None:
     plt.close(fig)
 
 
-def write_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
@@ -286,9 +280,9 @@ def main(argv=None) -> int:
     miss_text = "### Cells more than one std from the paper\n\n" + ("\n".join(f"- {m}" for m in misses) if misses else "- none") + "\n"
     os.makedirs(out, exist_ok=True)
     md_path = os.path.join(out, "matrix_games_sweep.md")
-    write_atomic(md_path, header + tables + "\n" + miss_text)
+    write_report(md_path, header + tables + "\n" + miss_text)
     json_path = os.path.join(out, "matrix_games_sweep.json")
-    write_atomic(json_path, json.dumps(rounded(dict(command=command, runtime_s=runtime, machine=cpu,
+    write_report(json_path, json.dumps(rounded(dict(command=command, runtime_s=runtime, machine=cpu,
                                                     args=dataclasses.asdict(args), results=results))))
     png_path = os.path.join(out, f"matrix_games_n{max(opts.n_agents)}.png")
     plot_curves(results, max(opts.n_agents), png_path)

@@ -27,7 +27,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from sps import OneLineParser, at_least, output_file  # noqa: E402  (benchmark/ is on sys.path when run as a script)
+from sps import OneLineParser, at_least, output_file, write_report  # noqa: E402  (benchmark/ is on sys.path when run as a script)
 
 
 def repeated_noise(num_steps: int):
@@ -99,9 +99,7 @@ def main(argv=None) -> int:
              f"Mean score over the seeds: {np.mean(scores[False]):.3f} with a draw per step, {np.mean(scores[True]):.3f} "
              f"with one draw per rollout. ({time.time() - start:.0f} s)", ""]
     text = "\n".join(lines)
-    os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
-    with open(opts.out, "w") as f:
-        f.write(text)
+    write_report(opts.out, text)
     print(text)
     return 0
 

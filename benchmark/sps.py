@@ -108,6 +108,14 @@ def output_file(parser, out, tool, filename):
     return out
 
 
+def write_report(path, text):
+    """A result file written whole (a temporary file renamed), its folder made if needed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 class MissingFlag(Exception):
     """The script does not know a flag it was given (exit 2, "unrecognized" in its error)."""
 
@@ -467,9 +475,7 @@ def main():
              f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU"
              + (f"; envs section on {torch.cuda.get_device_name()}" if opts.device == "cuda" else ""), ""]
     def save():
-        os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
-        with open(opts.out, "w") as f:
-            f.write("\n".join(lines + [f"Benchmark time so far: {(time.time() - started) / 60:.1f} min", ""]))
+        write_report(opts.out, "\n".join(lines + [f"Benchmark time so far: {(time.time() - started) / 60:.1f} min", ""]))
 
     if "dispersion" in opts.only:
         for n in (4, 8):

@@ -38,7 +38,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import ippo_hyper_vmas as script  # noqa: E402
-from sps import OneLineParser, at_least, output_file, script_args  # noqa: E402  (benchmark/ is on sys.path when run as a script)
+from sps import OneLineParser, at_least, output_file, script_args, write_report  # noqa: E402  (benchmark/ is on sys.path when run as a script)
 
 N_AGENTS, OBS_DIM, ACT_DIM, BATCH = 8, 20, 2, 60_000  # Navigation, 8 agents: 600 envs x 100 steps
 
@@ -127,9 +127,7 @@ def main():
         real = fups / (fups + in_step[family] - in_step["fups"])
         lines.append(f"| {family} | {fups / statistics.median(steps[family]):.2f} | {isolated:.2f} | {real:.2f} |")
     lines.append("")
-    os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
-    with open(opts.out, "w") as f:
-        f.write("\n".join(lines))
+    write_report(opts.out, "\n".join(lines))
     print("\n".join(lines))
 
 
