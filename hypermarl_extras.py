@@ -718,7 +718,7 @@ def eval_only(args, loaded: dict, evaluation_line, obs_dim: int, fps: float) -> 
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    video = [] if args.capture_video else None
+    video = [] if getattr(args, "capture_video", False) else None
     print(evaluation_line(snd_obs, video))
     if video:
         print(f"video: {save_eval_video(args.runs_dir, loaded, video, fps)}")

@@ -38,7 +38,8 @@ TITLES = {"figure2-ippo": "IPPO on Dispersion, 4 agents (Figure 2)", "figure2-ma
           "figure4": "IPPO on Navigation (Figure 4)", "table4": "MAPPO variants on MaMuJoCo (Table 4)",
           "figure7": "HyperMARL ablations on Humanoid 17x1 (Figure 7)",
           "figure17-ippo": "IPPO ablations on Dispersion (Figure 17)",
-          "figure17-mappo": "MAPPO ablations on Dispersion (Figure 17)", "table2-6": "Matrix games (Tables 2 and 6)"}
+          "figure17-mappo": "MAPPO ablations on Dispersion (Figure 17)", "table2-6": "Matrix games (Tables 2 and 6)",
+          "figure6": "Recurrent IPPO and MAPPO on SMAX (Figure 6)"}
 # Table 4: IQM (95% CI) of the mean episode return, MaMuJoCo v2. Columns HAPPO, FuPS, Ind. Actors, HyperMARL.
 PAPER_TABLE4 = {
     "Humanoid-17x1": {"happo": (6501.15, 3015.88, 7229.79), "fups": (566.12, 536.36, 603.01),
@@ -60,7 +61,7 @@ ORDER = ["happo", "nops", "fups-noid", "fups", "dico", "linear", "mlp"]  # table
 # The fields the tables read besides marl_eval (launch.py's write_summary writes them all): (types, what is
 # expected). OPTIONAL ones may be missing; null, where allowed, is "not logged".
 NUMBER_OR_NULL = (int, float, type(None))
-REQUIRED = {"grid": (str, "a grid name such as figure2-ippo"), "env": (str, "vmas, mamujoco or matrix"),
+REQUIRED = {"grid": (str, "a grid name such as figure2-ippo"), "env": (str, "vmas, mamujoco, smax or matrix"),
             "task": (str, "a task name such as dispersion-4"), "method": (str, "a method name such as mlp"),
             "seed": (int, "a whole number")}
 OPTIONAL = {"total_timesteps": (NUMBER_OR_NULL, "a number of steps or null"),
@@ -258,6 +259,7 @@ class Grid:
         self.budgets = opts.at or [min(r["evals"][-1][0] for r in runs)]  # the last step every run reached
         self.opts = opts
         self.unit = "trials" if all(r["env"] == "matrix" for r in runs) else "steps"  # the matrix games count trials
+        self.wins = any("win" in m for r in runs for _, m in r["evals"])  # SMAX: each evaluation episode's win
 
     def of(self, task, method):
         return [r for r in self.runs if r["task"] == task and r["method"] == method]
@@ -295,7 +297,8 @@ class Grid:
 
     def task_table(self, task):
         paper = PAPER_IQM.get(self.name, {}).get(task)
-        head = "| method | " + " | ".join(f"{b:,} {self.unit}: IQM [95% CI] | mean ± std | runs" for b in self.budgets)
+        win = " | win rate" if self.wins else ""
+        head = "| method | " + " | ".join(f"{b:,} {self.unit}: IQM [95% CI] | mean ± std{win} | runs" for b in self.budgets)
         paper_snd = PAPER_SND.get(self.name)
         head += " | final SND | mean actor grad variance | SPS |" + (" paper IQM (95% CI) |" if paper else "")
         head += " paper SND (Table 3a) |" if paper_snd else ""
@@ -308,11 +311,12 @@ class Grid:
                 continue
             for b in self.budgets:
                 x = self.scores(task, m, b)
+                wins = [fmt(w.mean(), 2) if len(w := self.scores(task, m, b, "win")) else "—"] if self.wins else []
                 if len(x):
                     cells += [interval(iqm_ci(self.opts, x[:, None]), d), f"{fmt(x.mean(), d)} ± {fmt(x.std(), d)}",
-                              self.count(task, m, b)]
+                              *wins, self.count(task, m, b)]
                 else:
-                    cells += ["—", "—", self.count(task, m, b)]
+                    cells += ["—", "—", *wins, self.count(task, m, b)]
             cells += [fmt(mean_of(r.get("final_snd") for r in runs)),
                       fmt(mean_of((r.get("gradient") or {}).get("actor_var_mean") for r in runs), "e"),
                       fmt(mean_of(r.get("sps") for r in runs), 0)]
@@ -417,7 +421,8 @@ class Grid:
                  "IQM = 25% trimmed mean, std with ddof 0; CIs: 95% "
                  f"stratified bootstrap ({self.opts.reps} draws, seed {self.opts.seed}). Final SND: each run's last "
                  "evaluation; gradient variance: each run's mean over its training; SPS: each run's last logged value; "
-                 "each averaged over the runs.", ""] + self.settings()
+                 "each averaged over the runs." + (" Win rate: the share of evaluation episodes won, over the same "
+                                                   "windows, averaged over the runs." if self.wins else ""), ""] + self.settings()
         if self.name in PAPER_IQM:
             lines += ["Paper: Table 4's IQM (95% CI) (Figure 5 plots its Humanoid row), MaMuJoCo v2 at 10M steps; these "
                       "runs use Gymnasium-Robotics' v5 tasks, whose rewards differ, so the columns are not directly comparable.", ""]

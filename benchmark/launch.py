@@ -53,12 +53,13 @@ MAMUJOCO_TASKS = ["Humanoid-17x1", "Walker2d-2x3", "HalfCheetah-2x3", "Ant-4x2"]
 # Table 4's columns: HAPPO, FuPS, independent actors (MAPPO), HyperMARL (MLP)
 MAMUJOCO_METHODS = {"happo": ["--algo", "happo", "--hypernet", "nops"], "fups": ["--hypernet", "fups"],
                     "nops": ["--hypernet", "nops"], "mlp": ["--hypernet", "mlp"]}
+SMAX_MAPS = ["2s3z", "3s5z", "smacv2_10_units", "smacv2_20_units"]  # Figure 6
 
 
 @dataclasses.dataclass
 class Run:
     grid: str
-    env: str  # vmas | mamujoco | matrix
+    env: str  # vmas | mamujoco | smax | matrix
     task: str
     method: str
     seed: int
@@ -69,7 +70,9 @@ class Run:
 
     @property
     def run_id(self) -> str:
-        return f"{self.script.split('_')[0]}-{self.task}-{self.method}-s{self.seed}".replace("|", "_")
+        algo = self.script.split("_")[0]
+        method = self.method.removeprefix(f"{algo}-")  # figure6's methods name their algorithm: said once
+        return f"{algo}-{self.task}-{method}-s{self.seed}".replace("|", "_")
 
     def argv(self) -> list[str]:
         budget_flag = "--num-trials" if self.env == "matrix" else "--total-timesteps"
@@ -119,6 +122,14 @@ def matrix_games(grid: str) -> list[Run]:
             for method in ["nops", "fups-noid", "fups", "linear", "mlp"] for seed in MATRIX_SEEDS]
 
 
+def smax(grid: str) -> list[Run]:
+    """Figure 6: recurrent IPPO and MAPPO, JaxMARL's FuPS and HyperMARL (MLP), on the four SMAX maps, 10M steps
+    (Table 22); each map's learning rate and hypernetwork sizes are the scripts' per-map defaults (Table 23)."""
+    return [Run(grid, "smax", map_name, f"{algo}-{family}", seed, f"{algo}_hyper_smax.py",
+                ["--map", map_name, "--hypernet", family], 10_000_000)
+            for algo in ("ippo", "mappo") for map_name in SMAX_MAPS for family in ("fups", "mlp") for seed in PAPER_SEEDS]
+
+
 def hypernet_flags(methods) -> dict:
     return {method: ["--hypernet", method] for method in methods}
 
@@ -136,6 +147,7 @@ GRIDS = {
     "figure17-mappo": lambda: dispersion("figure17-mappo", "mappo_hyper_vmas.py",
                                          {k: ["--hypernet", "mlp", *v] for k, v in ABLATIONS.items()}),
     "table2-6": lambda: matrix_games("table2-6"),
+    "figure6": lambda: smax("figure6"),
 }
 # Training steps per second of one run per setting (evaluations excluded), measured on a 2-core x86
 # CPU (torch 2.13, one thread, beside two other training runs) by `launch.py GRID --measure K` (K in the
@@ -182,6 +194,12 @@ CPU_SPS = {
     ('mappo_hyper_vmas.py', 'dispersion-4', 'mlp-noRF'): 3781,
     ('mappo_hyper_vmas.py', 'dispersion-4', 'mlp-onehot'): 2613,
     ('mappo_hyper_vmas.py', 'dispersion-4', 'nops'): 2063,
+    # SMAX 2s3z: each run's last charts/SPS, averaged over figure6's three seeds (benchmark/results/figure6-2s3z),
+    # one thread per run beside ONE other run (the other rows: beside two)
+    ('ippo_hyper_smax.py', '2s3z', 'ippo-fups'): 1549,
+    ('ippo_hyper_smax.py', '2s3z', 'ippo-mlp'): 1508,
+    ('mappo_hyper_smax.py', '2s3z', 'mappo-fups'): 972,
+    ('mappo_hyper_smax.py', '2s3z', 'mappo-mlp'): 963,
     ('reinforce_matrix_games.py', 'specialisation-n2', 'fups'): 1641,
     ('reinforce_matrix_games.py', 'specialisation-n2', 'fups-noid'): 1884,
     ('reinforce_matrix_games.py', 'specialisation-n2', 'linear'): 1609,
@@ -437,8 +455,8 @@ def read_events(folder: str):
 
 
 def evaluations(folder: str, scalars: dict, interval: int = 0) -> list[dict]:
-    """Every evaluation, in step order: the episodes' returns from evaluations.jsonl (VMAS, MaMuJoCo;
-    the last line of a step wins, as a run resumed after a hard kill repeats evaluations), or the
+    """Every evaluation, in step order: the episodes' returns from evaluations.jsonl (VMAS, MaMuJoCo; SMAX's
+    wins too; the last line of a step wins, as a run resumed after a hard kill repeats evaluations), or the
     TensorBoard values (matrix games: the argmax and sampled evaluations' rewards, no episodes). With the run's
     eval interval, an evaluation off its schedule (a script evaluates at its budget's end, so a run
     continued to a larger --budget has one at each former end) is left out, the last one kept: every
@@ -450,7 +468,7 @@ def evaluations(folder: str, scalars: dict, interval: int = 0) -> list[dict]:
             try:
                 entry = json.loads(line)
                 by_step[entry["step"]] = {"step_count": entry["step"], "return": entry["episode_returns"],
-                                          "snd": [entry["snd"]]}
+                                          "snd": [entry["snd"]], **({"win": entry["wins"]} if "wins" in entry else {})}
             except (ValueError, KeyError, TypeError) as error:  # a line cut short (a full disk): its
                 # evaluation is left out, not the run's summary; a resumed run has repeated it
                 print(f"note: {path} line {number} is unreadable ({type(error).__name__}: {str(error)[:100]}); "

@@ -11,6 +11,7 @@ and the ratio of medians.
     python benchmark/sps.py --only dispersion navigation
     python benchmark/sps.py --quick          # 1 repeat, fewer iterations: a smoke test
     python benchmark/sps.py --only envs --env-counts 16 600 4096 --device cuda   # scaling in the number of environments
+    python benchmark/sps.py --only smax --repeats 2 --iterations 4   # SMAX 2s3z, IPPO and MAPPO, and random stepping
 
 Writes sps.md (and prints it) to a new folder runs/sps_<time>, or to the file --out names.
 """
@@ -448,9 +449,44 @@ def mamujoco_tables(repeats, quick):
     return lines
 
 
+def smax_table(repeats, iterations):
+    """ippo_hyper_smax.py (every family) and mappo_hyper_smax.py (FuPS, HyperMARL) on 2s3z at the paper's settings
+    (128 environments x 128 steps), against the same 128 environments stepped with random available actions
+    (the wrapper, auto-resets included)."""
+    import ippo_hyper_smax as script
+
+    batch = 128 * 128
+    settings = [("ippo_hyper_smax", f) for f in ("fups", "mlp", "linear", "nops")] + [("mappo_hyper_smax", f) for f in ("fups", "mlp")]
+    samples, shares, stepping = {s: [] for s in settings}, {s: [] for s in settings}, []
+    for repeat in range(repeats):  # interleaved
+        for name, family in settings:
+            sps, share = run_vmas(name, ["--map", "2s3z", "--hypernet", family], iterations, batch)
+            samples[name, family].append(sps)
+            shares[name, family].append(share)
+        env = script.SmaxEnv("2s3z", 128, repeat, torch.device("cpu"))
+        _, _, avail = env.reset()
+        for step in range(129):  # the first step compiles
+            if step == 1:
+                start = time.perf_counter()
+            avail = env.step(script.sample_action(torch.where(avail, 0.0, -1e10)))[2]
+        stepping.append(128 * 128 / (time.perf_counter() - start))
+    random_sps = statistics.median(stepping)
+    lines = ["### SMAX 2s3z, paper settings (128 envs x 128 steps, 4 epochs x 4 minibatches of whole sequences)", "",
+             f"{iterations} iterations x {repeats} repeats; random available actions on the same 128 environments: "
+             f"{random_sps:,.0f} steps/s. Update share: the PPO update's share of the time (the rest is the rollout: "
+             "SMAX's steps and the policy's).", "",
+             "| script | family | SPS (median) | ratio to its fups | ratio to random actions | update share |",
+             "|---|---|---|---|---|---|"]
+    for name, family in settings:
+        median = statistics.median(samples[name, family])
+        lines.append(f"| {name}.py | {family} | {median:,.0f} | {median / statistics.median(samples[name, 'fups']):.2f} | "
+                     f"{median / random_sps:.2f} | {statistics.median(shares[name, family]):.0%} |")
+    return lines + [""]
+
+
 def main():
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sections = ["dispersion", "scale", "navigation", "mamujoco", "envs"]
+    sections = ["dispersion", "scale", "navigation", "mamujoco", "envs", "smax"]
     parser.add_argument("--only", nargs="+", default=sections, choices=sections)
     parser.add_argument("--repeats", type=at_least(1), default=3)
     parser.add_argument("--quick", action="store_true")
@@ -507,6 +543,9 @@ def main():
         save()
     if "envs" in opts.only:
         lines += envs_table(opts.env_counts, torch.device(opts.device), opts.desync, iterations, repeats)
+        save()
+    if "smax" in opts.only:
+        lines += smax_table(repeats, iterations)
     save()
     print(open(opts.out).read())
 

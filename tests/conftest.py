@@ -8,7 +8,7 @@ Test files, by what they test:
     test_design.py           the copies shared between scripts, and the scripts' design rules
     test_launch.py           benchmark/launch.py: the paper's grids on every backend, stopped and resumed
     test_benchmark_tools.py  benchmark/'s other tools: aggregate.py by hand, the others' outputs and bad flags
-    test_mamujoco.py, test_fidelity_mamujoco.py, test_matrix_games.py, test_fidelity_matrix.py: those scripts
+    test_mamujoco.py, test_fidelity_mamujoco.py, test_smax.py, test_matrix_games.py, test_fidelity_matrix.py: those scripts
 
 `python -m pytest -q -m smoke tests` runs the smoke tier: imports, one tiny training run per VMAS script,
 a few algorithm units, a bad flag, a script copied alone refusing a flag (well under 2 minutes on 2 cores).

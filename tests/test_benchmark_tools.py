@@ -618,3 +618,19 @@ def test_repeated_noise_replays_a_rollouts_first_draw_at_its_other_steps():
     gauss = repeated_key.repeated_noise(num_steps=2)
     a, b, c = (gauss((mean, std), False) for _ in range(3))
     assert torch.equal(a, b) and not torch.equal(b, c) and a.std() == pytest.approx(0.5, rel=0.2)
+
+
+def test_smax_tables_give_the_win_rate_over_the_same_windows(tmp_path):
+    """figure6's summaries hold each evaluation episode's win beside its return: the table adds a win-rate
+    column, the mean over runs of each run's windowed share of episodes won."""
+    wins = {1: ([0.0, 1.0], [1.0, 1.0]), 2: ([0.0, 0.0], [0.0, 1.0])}  # seed: (first evaluation's, second's)
+    for seed, (first, second) in wins.items():
+        write_summary(tmp_path, "figure6", "2s3z", "ippo-mlp", seed, env="smax",
+                      evals={100: {"return": [1.0, 2.0], "snd": [0.1], "win": first},
+                             200: {"return": [1.5, 2.0], "snd": [0.1], "win": second}})
+    done = cli(tmp_path, "--out", tmp_path / "out", "--reps", 20, "--window", 0.5, "--min-evaluations", 2)
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "out" / "figure6.md").read_text()
+    assert "| win rate |" in text and "Win rate: the share of evaluation episodes won" in text
+    row = table_row(text, "2s3z", "ippo-mlp").split("|")
+    assert numbers(row[4]) == pytest.approx([np.mean([np.mean([0, 1, 1, 1]), np.mean([0, 0, 0, 1])])])

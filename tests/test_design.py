@@ -15,11 +15,16 @@ import torch
 
 from conftest import ROOT, VMAS_SCRIPTS
 
-SCRIPTS = ["ippo_hyper_vmas", "mappo_hyper_vmas", "mappo_hyper_mamujoco", "reinforce_matrix_games"]
+SCRIPTS = ["ippo_hyper_vmas", "mappo_hyper_vmas", "mappo_hyper_mamujoco", "reinforce_matrix_games", "ippo_hyper_smax",
+           "mappo_hyper_smax"]
 MODULES = SCRIPTS + ["dico", "hypermarl_extras"]
 
 # What mappo_hyper_vmas.py may change relative to ippo_hyper_vmas.py: the centralised critic.
 ALLOWED_VMAS_DIFFERENCES = {"critic_input", "Args", "ALGO"}
+# What mappo_hyper_smax.py may change relative to ippo_hyper_smax.py: the critic's own trunk on the world state
+# (Agent), Table 22-23's MAPPO values, and the authors' two optimisers, each clipping its own gradient.
+ALLOWED_SMAX_DIFFERENCES = {"Agent", "Args", "MAPS", "gradient_step", "ALGO"}
+MAX_CHANGED_SMAX_LINES = 90
 MAX_CHANGED_VMAS_LINES = 40
 # Pieces every script copies verbatim from ippo_hyper_vmas.py (the canonical copy).
 HYPERNETWORKS = ["layer_init", "layer_shapes", "num_target_params", "target_init_vector", "unflatten_params",
@@ -36,6 +41,10 @@ COPIES = {
         "js_distance_gaussian", "gradient_variance_and_norm", "gradient_interference", "SharedNet", "IndependentNets",
         "compute_gae", "parse_args", "flags_given", "read_command_line", "check_args", "duration", "family_net",
         "machine_memory", "clip_grad_per_agent"],
+    # SMAX: the recurrent trunk and its sequences are its own; the heads, the update's pieces and the checks are IPPO's.
+    "ippo_hyper_smax": HYPERNETWORKS + ["SharedNet", "IndependentNets", "family_net", "Weights", "compute_gae",
+                                        "gradient_step", "clip_grad_per_agent", "js_distance_categorical",
+                                        "gradient_variance_and_norm", "machine_memory", "flags_given", "duration"],
 }
 # The matrix games write their run folders without hypermarl_extras.py (their --save-model alone needs it).
 COPIES_OF_EXTRAS = {"reinforce_matrix_games": ["new_run_folder"]}
@@ -69,6 +78,17 @@ def test_mappo_differs_from_ippo_only_in_the_critic():
     differing = {name for name in ippo if ippo[name] != mappo[name]}
     assert differing <= ALLOWED_VMAS_DIFFERENCES, differing - ALLOWED_VMAS_DIFFERENCES
     assert "critic_input" in differing
+
+
+def test_smax_mappo_differs_from_ippo_only_in_the_agent_and_its_values():
+    ippo, mappo = top_level_sources("ippo_hyper_smax"), top_level_sources("mappo_hyper_smax")
+    assert set(ippo) == set(mappo)
+    differing = {name for name in ippo if ippo[name] != mappo[name]}
+    assert differing <= ALLOWED_SMAX_DIFFERENCES, differing - ALLOWED_SMAX_DIFFERENCES
+    ippo_lines, mappo_lines = (source(name).splitlines() for name in ("ippo_hyper_smax", "mappo_hyper_smax"))
+    changed = sum(1 for line in difflib.unified_diff(ippo_lines, mappo_lines, lineterm="", n=0)
+                  if line[:1] in "+-" and not line.startswith(("+++", "---")))
+    assert changed <= MAX_CHANGED_SMAX_LINES, changed
 
 
 def test_mappo_diff_is_small():
@@ -180,13 +200,13 @@ def test_dico_stays_in_its_module(name):
     assert len(lines) <= 6, lines
 
 
-@pytest.mark.parametrize("name", VMAS_SCRIPTS)
+@pytest.mark.parametrize("name", VMAS_SCRIPTS + ["ippo_hyper_smax", "mappo_hyper_smax"])
 def test_the_scripts_tables_name_their_own_flags(name):
-    """Every flag in a VMAS script's tables (checkpoints, --resume, ranges, families) is one of its Args."""
+    """Every flag in a VMAS or SMAX script's tables (checkpoints, --resume, ranges, families) is one of its Args."""
     script = importlib.import_module(name)
     fields = {f.name for f in dataclasses.fields(script.Args)}
     for table in ("MODEL_FIELDS", "RESUME_MAY_CHANGE", "NEEDS_EXTRAS", "POSITIVE", "SIZES", "FAMILY_FLAGS"):
-        assert set(getattr(script, table)) <= fields, (table, set(getattr(script, table)) - fields)
+        assert set(getattr(script, table, ())) <= fields, (table, set(getattr(script, table)) - fields)
     assert {"format", "args", "model", "optimizer"} <= set(script.CHECKPOINT_KEYS)
     assert not set(script.MODEL_FIELDS) & set(script.RESUME_MAY_CHANGE)  # the model never changes on --resume
 

@@ -385,6 +385,28 @@ def test_grids_use_the_papers_seeds_budgets_and_settings():
     args = read_args(script, run.argv())  # Table 15's DiCo row for 8 agents, half the agents on one goal
     assert (args.agents_with_same_goal, args.clip_coef, args.learning_rate, args.dico_snd_des) == (4, 0.1, 2.5e-4, -1.0)
     assert {r.budget for r in launch.GRIDS["table4"]()} == {10_000_000}
+    figure6 = launch.GRIDS["figure6"]()  # both algorithms, four maps, FuPS and HyperMARL, 10M steps (Table 22)
+    assert len(figure6) == 2 * 4 * 2 * 5 and {r.budget for r in figure6} == {10_000_000}
+    assert {(r.script, r.task, r.method, r.run_id.removesuffix("-s30")) for r in figure6 if r.seed == 30} == {
+        (f"{algo}_hyper_smax.py", task, f"{algo}-{family}", f"{algo}-{task}-{family}") for algo in ("ippo", "mappo")
+        for task in ("2s3z", "3s5z", "smacv2_10_units", "smacv2_20_units") for family in ("fups", "mlp")}
+
+
+def test_figure6_runs_smax_and_its_summary_holds_every_episodes_win(tmp_path):
+    """The SMAX grid end to end (one tiny run): summary.json holds each evaluation's returns and wins, as
+    evaluations.jsonl; the map's Table 23 values reach the script (its learning rate)."""
+    pytest.importorskip("jaxmarl")
+    argv = ["figure6", "--out", str(tmp_path), "--only", "mappo-3s5z-mlp", "--seeds", "1", "--budget", "64", "--",
+            "--num-envs", "4", "--num-steps", "8", "--num-minibatches", "2", "--update-epochs", "1",
+            "--eval-episodes", "4", "--eval-interval", "32", "--fc-dim", "16", "--gru-hidden-dim", "16"]
+    result = launch(argv, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (s,) = summaries(str(tmp_path / "figure6")).values()
+    assert (s["env"], s["task"], s["method"], s["config"]["learning_rate"]) == ("smax", "3s5z", "mappo-mlp", "0.0003")
+    lines = [json.loads(line) for line in open(os.path.join(os.path.dirname(s["_path"]), "evaluations.jsonl"))]
+    entry = seed_entry(s)
+    assert [entry[f"step_{k}"]["win"] for k in range(len(lines))] == [line["wins"] for line in lines]
+    assert all(len(line["wins"]) == 4 and set(line["wins"]) <= {0.0, 1.0} for line in lines)
 
 
 def test_figure5_is_table4s_humanoid_runs_in_table4s_folder(tmp_path, monkeypatch, capsys):
