@@ -508,12 +508,11 @@ def main(argv=None) -> int:
             rollout_start = time.perf_counter()
             h0 = carry.hidden
             with torch.no_grad():
-                weights = agent.generate()  # once per rollout; w/o GD: per step, from the features
                 for step in range(T):
                     global_step += E
                     obs[step], world_states[step], avails[step], starts[step] = carry.obs, carry.world_state, carry.avail, carry.start
                     hidden, actor_in, critic_in = agent.step(carry.obs, carry.world_state, carry.hidden, carry.start)
-                    if agent.per_sample:
+                    if step == 0 or agent.per_sample:  # once per rollout; w/o GD: per step, from the features
                         weights = agent.generate(actor_in, critic_in)
                     action, logprob, _, value = act(agent, actor_in, critic_in, weights, carry.avail)
                     values[step], actions[step], logprobs[step] = value, action, logprob
@@ -736,11 +735,10 @@ def evaluate(agent, eval_env, args: Args, seed: int):
         returns, wins = torch.zeros(E, device=device), torch.zeros(E, device=device)
         active = torch.ones(E, dtype=torch.bool, device=device)
         seen, seen_avail, seen_active = [], [], []
-        weights = agent.generate()
-        for _ in range(eval_env.max_steps):
+        for t in range(eval_env.max_steps):
             seen.append(obs), seen_avail.append(avail), seen_active.append(active.clone())
             hidden, actor_in, critic_in = agent.step(obs, world_state, hidden, start)
-            if agent.per_sample:
+            if t == 0 or agent.per_sample:  # once; w/o GD: per step
                 weights = agent.generate(actor_in, critic_in)
             logits = agent.policy(actor_in, weights, avail)
             action = logits.argmax(-1) if args.eval_deterministic else sample_action(logits)
@@ -769,7 +767,8 @@ def shared_history_snd(agent, obs, avail, active) -> float:
         features = agent.actor_trunk.unroll(agent.actor_input(history), h0, starts)
         flat = features.transpose(0, 1).reshape(n, T * E, -1)
         source_avail = avail[:, source: source + 1].expand(-1, n, -1, -1).transpose(0, 1).reshape(n, T * E, -1)
-        probs = torch.softmax(agent.policy(flat, agent.generate(flat, None), source_avail), -1)
+        weights = Weights(agent.actor(flat) if agent.per_sample else agent.actor(), [])  # the actors only
+        probs = torch.softmax(agent.policy(flat, weights, source_avail), -1)
         distances = js_distance_categorical(probs[i], probs[j]).mean(0)  # (T * E,)
         live = active.reshape(-1)
         total += float(distances[live].mean())
@@ -801,6 +800,7 @@ class SmaxEnv:
     DLPack (no copy on the same device). Each instance owns its random key: evaluation apart from training."""
 
     def __init__(self, map_name: str, num_envs: int, seed: int, device: torch.device):
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before JAX starts: else 75% of a GPU
         import jax
 
         self.jax, self.device, self.num_envs = jax, device, num_envs
@@ -878,7 +878,6 @@ def smax_functions(map_name: str):
     """A map's sizes and its batched reset and step, compiled once per process and batch shape (jax.jit caches
     by function): (n_agents, obs_dim, act_dim, state_dim, the longest episode, reset(keys), step(keys, state,
     actions)). An episode terminates when a side is destroyed, and is truncated at the map's time limit."""
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX would take 75% of a GPU at start
     import jax
     import jax.numpy as jnp
 

@@ -216,3 +216,25 @@ def test_pieces_copied_from_the_helper_are_identical(name):
     canonical, copy = top_level_sources("hypermarl_extras"), top_level_sources(name)
     drifted = [piece for piece in COPIES_OF_EXTRAS[name] if copy.get(piece) != canonical[piece]]
     assert not drifted, f"{name}.py changed {drifted}: copy them from hypermarl_extras.py"
+
+
+def script_map_row(name, entry):
+    """The README's row for a script: its lines, where its entry point and loop start, each section's lines."""
+    lines = source(name).splitlines()
+    marks = [(i + 1, re.match(r"# ===== (.*?)(?: \(|:| =====)", line).group(1))
+             for i, line in enumerate(lines) if line.startswith("# ===== ")]
+    start = next(i + 1 for i, line in enumerate(lines) if line.startswith(f"def {entry}("))
+    loop = next(i + 1 for i, line in enumerate(lines)
+                if i + 1 > start and re.match(r"\s+for (iteration|update) in range", line))
+    ends = [line - 1 for line, _ in marks[1:]] + [len(lines)]
+    parts = [f"docstring and imports 1-{marks[0][0] - 1}"] + [f"{title} {line}-{end}"
+                                                             for (line, title), end in zip(marks, ends)]
+    return f"| `{name}.py` | {len(lines)} | {start} (`{entry}`), {loop} (its loop) | {', '.join(parts)} |"
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_the_readmes_map_of_the_files_matches_the_scripts(name):
+    """The README's table of lines and sections is the scripts' own (a script edited, its row follows)."""
+    readme = open(os.path.join(ROOT, "README.md")).read().splitlines()
+    row = script_map_row(name, "train" if name == "reinforce_matrix_games" else "main")
+    assert row in readme, row

@@ -186,6 +186,31 @@ def test_training_logs_the_papers_metrics(script, tmp_path, capsys):
 
 
 @BOTH
+def test_the_ablation_without_gradient_decoupling_trains_and_evaluates(script, tmp_path, capsys):
+    """--hypernet-input agent+obs (w/o GD) generates the heads per sample: the rollout, the update and the
+    evaluation's SND (the actors alone, on shared histories) all take it."""
+    code, out, err = run_main(script, tiny(tmp_path, "--hypernet-input", "agent+obs"), capsys)
+    assert code == 0, err
+    snd = scalar_tags(run_dirs(tmp_path)[0])["diversity/snd"]
+    assert len(snd) == 2 and all(0 <= value <= 1 for value in snd)
+
+
+def test_jax_is_told_not_to_take_the_gpu_before_it_starts(monkeypatch):
+    """XLA_PYTHON_CLIENT_PREALLOCATE is read when JAX's backend starts (its first jax.devices()): the wrapper
+    sets it before that call, so torch keeps the GPU's memory."""
+    import jax
+
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    seen, devices = [], jax.devices
+    monkeypatch.setattr(jax, "devices", lambda *a: seen.append(os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"))
+                        or devices(*a))
+    for script in (ippo, mappo):
+        script.SmaxEnv("2s3z", 4, 0, torch.device("cpu"))
+        assert seen[-1] == "false"
+        monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE")
+
+
+@BOTH
 def test_resume_continues_bit_for_bit(script, tmp_path, capsys):
     """Two iterations straight, or one, a checkpoint, and --resume for the second: the same model (a constant
     learning rate: with --anneal-lr a new budget would change the schedule, and --resume refuses it)."""
