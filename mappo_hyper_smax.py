@@ -665,7 +665,7 @@ def ppo_loss(agent, mb: dict, args: Args):
     return loss, actor_loss_per_agent, stats
 
 def gradient_step(agent, mb: dict, args: Args):
-    """One minibatch: loss, gradient, the paper's gradient variance (of the actor's), clip. --compile fuses it."""
+    """One minibatch: loss, gradient, the paper's gradient variance (of the actor's), clip."""
     loss, _, stats = ppo_loss(agent, mb, args)
     loss.backward()
     actor_grads = [p.grad for p in agent.actor_parameters() if p.grad is not None]

@@ -42,8 +42,9 @@ COPIES = {
         "compute_gae", "parse_args", "flags_given", "read_command_line", "check_args", "duration", "family_net",
         "machine_memory", "clip_grad_per_agent"],
     # SMAX: the recurrent trunk and its sequences are its own; the heads, the update's pieces and the checks are IPPO's.
+    # gradient_step: VMAS's is the one --compile fuses, which SMAX does not have (its docstring says so).
     "ippo_hyper_smax": HYPERNETWORKS + ["SharedNet", "IndependentNets", "family_net", "Weights", "compute_gae",
-                                        "gradient_step", "clip_grad_per_agent", "js_distance_categorical",
+                                        "clip_grad_per_agent", "js_distance_categorical",
                                         "gradient_variance_and_norm", "machine_memory", "flags_given", "duration"],
 }
 # The matrix games write their run folders without hypermarl_extras.py (their --save-model alone needs it).
