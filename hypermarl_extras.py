@@ -504,6 +504,8 @@ def load_checkpoint(path: str, flag: str, fmt: str, required: set) -> dict:
         if "weights_only" in str(error):  # e.g. a TorchScript archive: again, no advice to load it unsafely
             raise CheckpointError(f"{flag}: {path!r} is not a checkpoint torch can load as plain data: refused")
         raise CheckpointError(f"{flag}: {path!r} is not a readable checkpoint ({first_line(error)})")
+    except Exception:  # other bytes lead torch's unpickler to any error (a line of text: a KeyError)
+        raise CheckpointError(f"{flag}: {path!r} is not a checkpoint (torch cannot read it)")
     found = state.get("format") if isinstance(state, dict) else None
     if isinstance(found, str) and found.split("/")[0] == fmt.split("/")[0] and found != fmt:
         raise CheckpointError(f"{flag}: {path!r} is a {found} checkpoint, written by an older version of this "

@@ -257,12 +257,18 @@ def test_checkpoint_is_refused_when_incompatible_foreign_or_corrupt(script, tmp_
     assert not os.path.exists(tmp_path / "eval")
 
 
-@pytest.mark.parametrize("kind", ["torchscript", "pickle"])
+@pytest.mark.parametrize("kind", ["torchscript", "pickle", "text", "binary"])
 def test_foreign_formats_are_refused_in_one_line(script, kind, tmp_path, capsys):
+    """Torch's unpickler meets arbitrary bytes with whatever error they lead it to (a KeyError for a line of
+    text): each is one line."""
     import pickle
 
     path = tmp_path / f"{kind}.pt"
-    if kind == "torchscript":
+    if kind == "text":
+        path.write_bytes(b"junk\n")
+    elif kind == "binary":
+        path.write_bytes(bytes(range(256)) * 4)
+    elif kind == "torchscript":
         with warnings.catch_warnings():  # torch.jit.save is deprecated, and still what such files come from
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
