@@ -9,6 +9,7 @@ Command line:
     read_checkpoint(args, given, fmt, keys, model_fields, may_change, check)   --resume / --eval-only's checkpoint
     resume_rules(args, loaded, changes)          a resumed run's budget, as (broken, message) pairs
     check_output(args)                           --runs-dir creatable and writable, wandb installed for --track
+    machine_memory(cuda)                         bytes of the GPU's memory, or of RAM (or the cgroup's limit)
     first_line(error)                            an error's reason for a one-line message, cut at a word
     check_capture_video(simulator)               --capture-video: this machine renders off-screen
 Run folders and signals:
@@ -222,6 +223,20 @@ def check_output(args) -> None:
         except ImportError:
             raise ArgError("--track: wandb is not installed (pip install wandb)")
 
+
+def machine_memory(cuda: bool) -> Optional[int]:
+    """Bytes of the memory the run lives in: the GPU's with --cuda on a GPU, else RAM or the cgroup's limit."""
+    if cuda and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        return None
+    try:  # a container's or a Slurm job's limit ("max": none)
+        with open("/sys/fs/cgroup/memory.max") as f:
+            return min(total, int(f.read()))
+    except (OSError, ValueError):
+        return total
 
 def check_output_folder(flag: str, path: str) -> None:
     """A folder this run may create and write into, checked before anything is written."""

@@ -712,7 +712,7 @@ def evaluate(agent, eval_env, args: Args, seed: int):
     the most likely available action or samples (--no-eval-deterministic) drawn from seed. SND (Eq. 9) on
     shared histories: every agent runs on each agent's observation sequences. Returns (mean return, win rate,
     SND, (every episode's return, every episode's win))."""
-    n, device, E = args.n_agents, eval_env.device, eval_env.num_envs
+    device, E = eval_env.device, eval_env.num_envs
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         eval_env.rewind()
@@ -962,7 +962,7 @@ def flag_rules(args: Args, given: set[str], resume_rules=()):
         f"got {args.total_timesteps!r}"
     yield args.hypernet_init == "matched" and args.hypernet == "linear", \
         "--hypernet-init: matched is for --hypernet mlp, got --hypernet linear"  # the linear one's scaled init is exact
-    if args.memory_check and (have := machine_memory(args.cuda)) is not None:
+    if args.memory_check and extras and (have := extras.machine_memory(args.cuda)) is not None:
         need = memory_needed(args)
         yield need > have, f"--num-envs {args.num_envs}, --num-steps {args.num_steps}: the run needs at least " \
             f"{need / 2**30:,.1f} GiB, more than this machine's {have / 2**30:,.1f} GiB; use fewer, or " \
@@ -977,19 +977,6 @@ def memory_needed(args: Args) -> int:
     minibatch = T * n * (E // args.num_minibatches) * (fc + 8 * H + 2 * H + fc + 2 * act)
     return 4 * (rollout + minibatch)
 
-def machine_memory(cuda: bool) -> Optional[int]:
-    """Bytes of the memory the run lives in: the GPU's with --cuda on a GPU, else RAM or the cgroup's limit."""
-    if cuda and torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory
-    try:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):  # not POSIX
-        return None
-    try:  # a container's or a Slurm job's limit ("max": none)
-        with open("/sys/fs/cgroup/memory.max") as f:
-            return min(total, int(f.read()))
-    except (OSError, ValueError):
-        return total
 
 def parse_args(argv: list[str], given: set[str]) -> Args:
     """The flags given, the paper's values for the others (--help shows them); n_agents: the map's."""

@@ -1005,7 +1005,7 @@ def flag_rules(args: Args, given: set[str], resume_rules=()):
             f"--split-goals: needs an even n_agents and --agents-with-same-goal n/2, got n={n}, same={same}"
     if args.hypernet in BASELINES:
         yield from importlib.import_module(BASELINES[args.hypernet]).flag_rules(args)
-    if args.memory_check and (have := machine_memory(args.cuda)) is not None:
+    if args.memory_check and extras and (have := extras.machine_memory(args.cuda)) is not None:
         need = memory_needed(args)
         yield sum(need.values()) > have, \
             f"--n-agents {n}, --num-envs {args.num_envs}, --num-steps {args.num_steps}: the run needs at least " \
@@ -1029,19 +1029,6 @@ def memory_needed(args: Args) -> dict[str, int]:
                 networks=4 * ((m_actor + m_critic) * (4 * copies + 2 * n) + n * m_actor * copies),
                 minibatch=4 * (activations + (mb * n * (m_actor + m_critic) if per_sample else 0)))
 
-def machine_memory(cuda: bool) -> Optional[int]:
-    """Bytes of the memory the run lives in: the GPU's with --cuda on a GPU, else RAM or the cgroup's limit."""
-    if cuda and torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory
-    try:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):  # not POSIX
-        return None
-    try:  # a container's or a Slurm job's limit ("max": none)
-        with open("/sys/fs/cgroup/memory.max") as f:
-            return min(total, int(f.read()))
-    except (OSError, ValueError):
-        return total
 
 def parse_args(argv: list[str], given: set[str]) -> Args:
     """The flags given, the paper's values for the others (--help shows them)."""

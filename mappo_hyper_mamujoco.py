@@ -1101,8 +1101,8 @@ def flag_rules(args: Args, given: set[str], resume_rules=()):
         f"actors (nops), got --hypernet {args.hypernet}"  # shared weights: one agent's step would move the others
     yield args.hypernet_init == "matched" and args.hypernet == "linear", \
         "--hypernet-init: matched is for --hypernet mlp, got --hypernet linear"  # the linear one's scaled init is exact
-    if args.memory_check and (ram := machine_memory(False)) is not None:
-        need, gpu = memory_needed(args), machine_memory(True) if args.cuda and torch.cuda.is_available() else None
+    if args.memory_check and extras and (ram := extras.machine_memory(False)) is not None:
+        need, gpu = memory_needed(args), extras.machine_memory(True) if args.cuda and torch.cuda.is_available() else None
         tensors = sum(need.values()) - need["environments"]  # on the GPU with --cuda; MuJoCo is on the CPU
         parts, room = ", ".join(f"{k} {v / 2**30:,.1f}" for k, v in need.items()), f"{ram / 2**30:,.1f} GiB"
         yield need["environments"] + (0 if gpu else tensors) > ram or tensors > (gpu or math.inf), \
@@ -1132,21 +1132,6 @@ def memory_needed(args: Args) -> dict[str, int]:
                 networks=4 * (m_actor * (4 * copies + 2 * n + n * copies) + 4 * C * m_critic),
                 minibatch=4 * (mb * n * (D + sum(args.actor_hidden_dims) + A) + C * mb_critic * (
                     S + sum(args.critic_hidden_dims)) + (min(mb * n * m_actor, 2**25) if per_sample else 0)))
-
-def machine_memory(cuda: bool) -> Optional[int]:
-    """Bytes of the memory the run lives in: the GPU's with --cuda on a GPU, else RAM or the cgroup's limit."""
-    if cuda and torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory
-    try:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):  # not POSIX
-        return None
-    try:  # a container's or a Slurm job's limit ("max": none)
-        with open("/sys/fs/cgroup/memory.max") as f:
-            return min(total, int(f.read()))
-    except (OSError, ValueError):
-        return total
-
 
 def parse_args(argv: list[str], given: set[str]) -> Args:
     """The flags given, the paper's values for the others (--help shows them)."""

@@ -33,6 +33,11 @@ import torch.nn.functional as F
 import tyro
 from torch.func import functional_call, stack_module_state, vmap
 
+try:  # --save-model, run folders that never collide, --runs-dir and --track checked: a library, optional
+    import hypermarl_extras as extras
+except ImportError:
+    extras = None
+
 # ===== Args: Table 8's values =====
 @dataclass
 class Args:
@@ -126,8 +131,7 @@ class MLPHypernet(nn.Module):
         widths = [embedding_dim, *hidden_dims]  # g's layers, a ReLU after each
         self.trunks, self.heads = nn.ModuleList(), nn.ModuleList()  # W_1, b_1, W_2, b_2, ...
         for size in (n for fan_in, fan_out in self.shapes for n in (fan_in * fan_out, fan_out)):
-            layers = [m for fan_in, fan_out in zip(widths, widths[1:]) for m in (nn.Linear(fan_in, fan_out), nn.ReLU())]
-            self.trunks.append(nn.Sequential(*layers))
+            self.trunks.append(nn.Sequential(*(m for a, b in zip(widths, widths[1:]) for m in (nn.Linear(a, b), nn.ReLU()))))
             self.heads.append(nn.Linear(widths[-1], size))
         with torch.no_grad():
             for layer in (m for trunk in self.trunks for m in trunk if isinstance(m, nn.Linear)):
@@ -158,8 +162,7 @@ class Policy(nn.Module):
         if hypernet == "linear":
             self.weight_net = LinearHypernet(n_agents, sizes, gains, args.hyper_linear_shared_bias)
         elif hypernet == "mlp":
-            self.weight_net = MLPHypernet(n_agents, sizes, gains, args.hypernet_embedding_dim,
-                                          args.hypernet_hidden_dims)
+            self.weight_net = MLPHypernet(n_agents, sizes, gains, args.hypernet_embedding_dim, args.hypernet_hidden_dims)
         elif hypernet == "nops":
             nets = [[nn.Linear(i, o) for i, o in layer_shapes(sizes)] for _ in range(n_agents)]
             self.weights = nn.ParameterList(torch.stack([net[k].weight.detach().T for net in nets]) for k in range(2))
@@ -266,8 +269,7 @@ def reinforce_loss(logits: torch.Tensor, actions: torch.Tensor, rewards: torch.T
     return -(returns * logp).sum(-1)
 
 def per_agent_gradients(per_agent_loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-    """d(loss_i)/d(all parameters) for every agent i and seed, (S, n) -> (n, S, P), in one batched
-    backward pass: seeds have disjoint parameters, so one pass serves them all."""
+    """d(loss_i)/d(all parameters) for every agent i and seed, (S, n) -> (n, S, P): one batched backward pass."""
     S, n = per_agent_loss.shape
     grads = torch.autograd.grad(per_agent_loss, params, grad_outputs=torch.eye(n).unsqueeze(1).expand(n, S, n),
                                 is_grads_batched=True, allow_unused=True, materialize_grads=True)
@@ -323,8 +325,7 @@ def payoff(game: str, actions: torch.Tensor, n_agents: int) -> torch.Tensor:
     return torch.where(all_match, torch.ones_like(k), torch.full_like(k, 1.0 / n_agents))
 
 def sample_actions(probs: torch.Tensor, num: int, generators: list) -> torch.Tensor:
-    """probs (S, n_agents, A) -> actions (S, num, n_agents) by inverse CDF: Categorical.sample takes
-    no torch.Generator, and one per seed keeps a seed's draws independent of the other seeds."""
+    """probs (S, n_agents, A) -> actions (S, num, n_agents) by inverse CDF, with each seed's own torch.Generator."""
     A = probs.shape[-1]
     u = torch.stack([torch.rand(probs.shape[1], num, generator=g) for g in generators])  # (S, n, num)
     actions = torch.searchsorted(probs.cumsum(-1).contiguous(), u).clamp_(max=A - 1)  # first food whose CDF reaches u
@@ -364,7 +365,6 @@ def main(argv=None) -> int:
         for writer in writers:
             writer.close()
     if args.save_model:  # every seed's parameters, to its run folder (hypermarl_extras.py)
-        import hypermarl_extras as extras
         extras.save_matrix_models(args, seeds, [writer.log_dir for writer in writers], result["population"])
     for s, seed in enumerate(seeds):
         print(f"seed={seed} eval/episodic_return={result['argmax'][s]:.4f} "
@@ -381,8 +381,9 @@ def make_writers(args: Args, game: str, n_agents: int, hypernet: str, seeds: lis
     """A TensorBoard run per seed: runs_dir/matrix_<game>_n<n>__<exp_name>__<hypernet>__<seed>__<time>."""
     from torch.utils.tensorboard import SummaryWriter
     writers, config = [], "".join(f"|{key}|{value}|\n" for key, value in vars(args).items())
-    for seed in seeds:
-        run_name = new_run_folder(args.runs_dir, f"matrix_{game}_n{n_agents}__{args.exp_name}__{hypernet}__{seed}")
+    for seed in seeds:  # a copy alone: a plain folder (the seed is in its name)
+        prefix = f"matrix_{game}_n{n_agents}__{args.exp_name}__{hypernet}__{seed}"
+        run_name = extras.new_run_folder(args.runs_dir, prefix) if extras else f"{prefix}__{int(time.time())}"
         writers.append(SummaryWriter(os.path.join(args.runs_dir, run_name)))
         writers[-1].add_text("hyperparameters", f"|param|value|\n|-|-|\n{config}|game|{game}|\n|hypernet|{hypernet}|\n"
                                                 f"|n_agents|{n_agents}|\n|run_seed|{seed}|")
@@ -394,10 +395,7 @@ def check_args(args: Args, given: set[str], hypernets: Optional[list[str]] = Non
     trained = f"--hypernet {args.hypernet}" if hypernets is None else f"--hypernets {' '.join(hypernets)}"
     family_of = {"hyper_linear_shared_bias": "linear", "hypernet_embedding_dim": "mlp", "hypernet_hidden_dims": "mlp"}
     max_seed = 2**32 - 1 - 10_000  # NumPy takes seeds below 2**32; the evaluation draws with seed + 10000
-    need, have = memory_needed(args), machine_memory(False) or math.inf  # unknown (not POSIX): no limit
-    runs_dir = os.path.abspath(args.runs_dir or ".")
-    while not os.path.lexists(runs_dir):  # the folder, or the nearest parent that exists
-        runs_dir = os.path.dirname(runs_dir)
+    need, have = memory_needed(args), (extras.machine_memory(False) if extras else None) or math.inf
     rules = [  # (flag, broken, why), in order: the first broken one is the error
         *((name, family not in (hypernets or [args.hypernet]), f"only with --hypernet {family}, got {trained}")
           for name, family in family_of.items() if name in given),  # the flags marked [family] in --help
@@ -413,22 +411,20 @@ def check_args(args: Args, given: set[str], hypernets: Optional[list[str]] = Non
             "hidden_size", "hypernet_embedding_dim", "num_threads")),
         ("hypernet_hidden_dims", not args.hypernet_hidden_dims or min(args.hypernet_hidden_dims) <= 0,
          f"must be one or more positive sizes, got {args.hypernet_hidden_dims!r}"),
-        ("runs_dir", not args.runs_dir, "must name a folder, got ''"),  # checked before anything is written
-        ("runs_dir", not os.path.isdir(runs_dir), f"{runs_dir!r} is not a folder"),  # a file, or a link to nothing
-        ("runs_dir", not os.access(runs_dir, os.W_OK | os.X_OK), f"{runs_dir!r} is not writable"),
-        ("track", args.track and not importlib.util.find_spec("wandb"), "wandb is not installed (pip install wandb)"),
         ("num_seeds", args.seed + args.num_seeds - 1 > max_seed,
          f"the last seed, {args.seed} + {args.num_seeds} - 1, must be at most {max_seed}, got {args.num_seeds!r}"),
         ("num_trials", args.num_trials < args.batch_size,
          f"must be at least --batch-size = {args.batch_size}, got {args.num_trials!r}"),
-        ("save_model", args.save_model and not importlib.util.find_spec("hypermarl_extras"),
-         "needs hypermarl_extras.py beside this script"),
+        ("track", args.track and not importlib.util.find_spec("wandb"), "wandb is not installed (pip install wandb)"),
+        ("save_model", args.save_model and not extras, "needs hypermarl_extras.py beside this script"),
         ("n_agents", args.memory_check and need > have, f"{args.n_agents} agents x {args.num_seeds} seeds need at least "
          f"{need / 2**30:,.1f} GiB, more than this machine's {have / 2**30:,.1f} GiB; use fewer, or --no-memory-check"),
     ]
     for name, broken, why in rules:
         if broken:  # a boolean given False is named as written, --no-x
             raise ValueError(f"{'--no-' if getattr(args, name) is False else '--'}{name.replace('_', '-')}: {why}")
+    if extras:  # --runs-dir a folder it may write in, wandb installed for --track (a copy alone: at the first write)
+        extras.check_output(args)
 
 def memory_needed(args: Args) -> int:
     """A lower bound of the bytes a run holds at its peak, the largest of: every agent's gradient of every seed's
@@ -439,38 +435,12 @@ def memory_needed(args: Args) -> int:
               "fups-noid": num_target_params([1, h * n, n]), "fups": num_target_params([n, h * n, n])}[hyper]
     return S * max(8 * n * params + 8 * args.batch_size * n * n, 8 * args.eval_trials * n * n, 6 * n * n * (n - 1))
 
-def machine_memory(cuda: bool) -> Optional[int]:
-    """Bytes of the memory the run lives in: the GPU's with --cuda on a GPU, else RAM or the cgroup's limit."""
-    if cuda and torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory
-    try:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):  # not POSIX
-        return None
-    try:  # a container's or a Slurm job's limit ("max": none)
-        with open("/sys/fs/cgroup/memory.max") as f:
-            return min(total, int(f.read()))
-    except (OSError, ValueError):
-        return total
 
 def flags_given(argv: list[str]) -> set[str]:
     """The Args fields named on the command line (--x, --x=v, --no-x)."""
     names = {f.name for f in dataclasses.fields(Args)}
     tokens = [token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")]
     return {name[3:] if name not in names and name.startswith("no_") else name for name in tokens} & names
-
-def new_run_folder(runs_dir: str, prefix: str) -> str:
-    """A fresh folder runs_dir/<prefix>__<time>[_k]: mkdir is atomic, so runs started in the same
-    second (a sweep launched with &) never share one. Returns its name."""
-    os.makedirs(runs_dir, exist_ok=True)
-    stamp, k = int(time.time()), 0
-    while True:
-        name = f"{prefix}__{stamp}" + (f"_{k}" if k else "")
-        try:
-            os.mkdir(os.path.join(runs_dir, name))
-            return name
-        except FileExistsError:
-            k += 1
 
 def duration(seconds: float) -> str:  # 1h02m, 3m05s or 12s
     s = int(seconds)

@@ -34,21 +34,19 @@ METRICS = ["js_distance_categorical", "js_distance_gaussian", "system_neural_div
 COPIES = {
     # The matrix games have no observation: their hypernetworks and batched_mlp are pinned by behaviour, below.
     "reinforce_matrix_games": ["layer_shapes", "num_target_params", "target_init_vector", "unflatten_params",
-                               "js_distance_categorical", "flags_given", "duration", "machine_memory"],
+                               "js_distance_categorical", "flags_given", "duration"],
     # batched_mlp: MaMuJoCo's PerAgentMLP interleaves HARL's LayerNorms with the layers instead; its actions are
     # continuous, so its SND compares Gaussians only (on the action dimensions every agent has).
     "mappo_hyper_mamujoco": [p for p in HYPERNETWORKS if p != "batched_mlp"] + [
         "js_distance_gaussian", "gradient_variance_and_norm", "gradient_interference", "SharedNet", "IndependentNets",
         "compute_gae", "parse_args", "flags_given", "read_command_line", "check_args", "duration", "family_net",
-        "machine_memory", "clip_grad_per_agent"],
+        "clip_grad_per_agent"],
     # SMAX: the recurrent trunk and its sequences are its own; the heads, the update's pieces and the checks are IPPO's.
     # gradient_step: VMAS's is the one --compile fuses, which SMAX does not have (its docstring says so).
     "ippo_hyper_smax": HYPERNETWORKS + ["SharedNet", "IndependentNets", "family_net", "Weights", "compute_gae",
                                         "clip_grad_per_agent", "js_distance_categorical",
-                                        "gradient_variance_and_norm", "machine_memory", "flags_given", "duration"],
+                                        "gradient_variance_and_norm", "flags_given", "duration"],
 }
-# The matrix games write their run folders without hypermarl_extras.py (their --save-model alone needs it).
-COPIES_OF_EXTRAS = {"reinforce_matrix_games": ["new_run_folder"]}
 
 
 def top_level_sources(name):
@@ -210,13 +208,6 @@ def test_the_scripts_tables_name_their_own_flags(name):
         assert set(getattr(script, table, ())) <= fields, (table, set(getattr(script, table)) - fields)
     assert {"format", "args", "model", "optimizer"} <= set(script.CHECKPOINT_KEYS)
     assert not set(script.MODEL_FIELDS) & set(script.RESUME_MAY_CHANGE)  # the model never changes on --resume
-
-
-@pytest.mark.parametrize("name", sorted(COPIES_OF_EXTRAS))
-def test_pieces_copied_from_the_helper_are_identical(name):
-    canonical, copy = top_level_sources("hypermarl_extras"), top_level_sources(name)
-    drifted = [piece for piece in COPIES_OF_EXTRAS[name] if copy.get(piece) != canonical[piece]]
-    assert not drifted, f"{name}.py changed {drifted}: copy them from hypermarl_extras.py"
 
 
 def script_map_row(name, entry):

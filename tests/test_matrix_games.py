@@ -228,7 +228,7 @@ def test_bad_input_in_process(argv, flag, tmp_path, monkeypatch, capsys):
 
 def test_a_run_larger_than_the_machine_is_refused_with_its_estimate_unless_told_to_try(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(mg, "machine_memory", lambda cuda: 2**10)
+    monkeypatch.setattr(mg.extras, "machine_memory", lambda cuda: 2**10)
     assert mg.main(["--num-trials", "20"]) == 2 and os.listdir(tmp_path) == []
     err = capsys.readouterr().err
     assert err.startswith("error: --n-agents: 2 agents x 1 seeds need at least ") and "--no-memory-check" in err, err

@@ -72,7 +72,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(script, extra, flag, tmp_p
 
 def test_a_run_larger_than_the_machine_is_refused_with_its_estimate_unless_told_to_try(script, tmp_path, capsys,
                                                                                       monkeypatch):
-    monkeypatch.setattr(script, "machine_memory", lambda cuda: 2**20)  # a machine with 1 MiB
+    monkeypatch.setattr(script.extras, "machine_memory", lambda cuda: 2**20)  # a machine with 1 MiB
     code, out, err = run_main(script, tiny_args(tmp_path / "runs"), capsys)
     assert code == 2 and err.count("\n") == 1 and not os.path.exists(tmp_path / "runs")
     assert err.startswith("error: --n-agents 4, --num-envs 4, --num-steps 8: the run needs at least ") and \
