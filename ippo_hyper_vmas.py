@@ -745,6 +745,7 @@ def evaluate(agent, eval_env: VmasEnv, args: Args, seed: int, snd_obs=None, vide
 
 def js_distance_categorical(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Jensen-Shannon distance in base 2 (in [0, 1]) between categorical distributions (..., k)."""
+    p, q = p.double(), q.double()  # float32 keeps few digits of near-equal policies' distance: they moved run to run
     m = 0.5 * (p + q)
 
     def kl(a, b):
@@ -756,8 +757,9 @@ def js_distance_gaussian(mu1, std1, mu2, std2, n_samples=64, generator=None) -> 
     """Jensen-Shannon distance (base 2) between diagonal Gaussians (..., d) by Monte Carlo, no closed form:
     1/2 E_p[log p - log m] + 1/2 E_q[log q - log m], m = (p + q) / 2; antithetic draws, exactly 0 if p = q."""
     half = max(n_samples // 2, 1)
-    z = torch.randn((half,) + mu1.shape, generator=generator, device=mu1.device, dtype=mu1.dtype)
+    z = torch.randn((half,) + mu1.shape, generator=generator, device=mu1.device, dtype=mu1.dtype).double()
     z = torch.cat([z, -z])
+    mu1, std1, mu2, std2 = (x.double() for x in (mu1, std1, mu2, std2))  # float64: see js_distance_categorical
 
     def log_density(x, mu, std):
         return (-0.5 * ((x - mu) / std) ** 2 - torch.log(std) - 0.5 * math.log(2 * math.pi)).sum(-1)
@@ -778,7 +780,7 @@ def system_neural_diversity(dist, discrete: bool, n_samples=64, generator=None) 
     n = (dist if discrete else dist[0]).shape[0]
     i, j = torch.triu_indices(n, n, offset=1)
     if discrete:
-        probs = torch.softmax(dist.detach(), -1)
+        probs = torch.softmax(dist.detach().double(), -1)
         distances = js_distance_categorical(probs[i], probs[j])
     else:
         mean, std = dist[0].detach(), dist[1].detach()

@@ -860,8 +860,9 @@ def js_distance_gaussian(mu1, std1, mu2, std2, n_samples=64, generator=None) -> 
     """Jensen-Shannon distance (base 2) between diagonal Gaussians (..., d) by Monte Carlo, no closed form:
     1/2 E_p[log p - log m] + 1/2 E_q[log q - log m], m = (p + q) / 2; antithetic draws, exactly 0 if p = q."""
     half = max(n_samples // 2, 1)
-    z = torch.randn((half,) + mu1.shape, generator=generator, device=mu1.device, dtype=mu1.dtype)
+    z = torch.randn((half,) + mu1.shape, generator=generator, device=mu1.device, dtype=mu1.dtype).double()
     z = torch.cat([z, -z])
+    mu1, std1, mu2, std2 = (x.double() for x in (mu1, std1, mu2, std2))  # float64: see js_distance_categorical
 
     def log_density(x, mu, std):
         return (-0.5 * ((x - mu) / std) ** 2 - torch.log(std) - 0.5 * math.log(2 * math.pi)).sum(-1)

@@ -768,7 +768,7 @@ def shared_history_snd(agent, obs, avail, active) -> float:
         flat = features.transpose(0, 1).reshape(n, T * E, -1)
         source_avail = avail[:, source: source + 1].expand(-1, n, -1, -1).transpose(0, 1).reshape(n, T * E, -1)
         weights = Weights(agent.actor(flat) if agent.per_sample else agent.actor(), [])  # the actors only
-        probs = torch.softmax(agent.policy(flat, weights, source_avail), -1)
+        probs = torch.softmax(agent.policy(flat, weights, source_avail).double(), -1)
         distances = js_distance_categorical(probs[i], probs[j]).mean(0)  # (T * E,)
         live = active.reshape(-1)
         total += float(distances[live].mean())
@@ -776,6 +776,7 @@ def shared_history_snd(agent, obs, avail, active) -> float:
 
 def js_distance_categorical(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Jensen-Shannon distance in base 2 (in [0, 1]) between categorical distributions (..., k)."""
+    p, q = p.double(), q.double()  # float32 keeps few digits of near-equal policies' distance: they moved run to run
     m = 0.5 * (p + q)
 
     def kl(a, b):

@@ -195,9 +195,6 @@ class Population:
         self.params, self.buffers = stack_module_state(models)
         self._forward = vmap(lambda p, b: functional_call(self.base, (p, b), ()))
 
-    def parameters(self) -> list[torch.Tensor]:
-        return list(self.params.values())
-
     def logits(self) -> torch.Tensor:
         return self._forward(self.params, self.buffers)  # (S, n_agents, n_foods)
 
@@ -207,7 +204,7 @@ def train(game: str, hypernet: str, n_agents: int, seeds: list[int], args: Args,
     """REINFORCE for every seed at once: per-seed final metrics, learning curves and the trained population.
     pop: a Population to train (default: a new one). progress: a line once a minute (time, estimate)."""
     pop = Population(hypernet, n_agents, seeds, args) if pop is None else pop
-    params, num_updates = pop.parameters(), args.num_trials // args.batch_size
+    params, num_updates = list(pop.params.values()), args.num_trials // args.batch_size
     optimizer = torch.optim.SGD(params, lr=args.learning_rate)
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]  # one per seed: a seed's draws alone
     history, evals = [], [(0, evaluate(pop, game, seeds, args.eval_trials, writers, 0))]
@@ -293,6 +290,7 @@ def evaluate(pop: Population, game: str, seeds: list[int], eval_trials: int, wri
 
 def js_distance_categorical(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Jensen-Shannon distance in base 2 (in [0, 1]) between categorical distributions (..., k)."""
+    p, q = p.double(), q.double()  # float32 keeps few digits of near-equal policies' distance: they moved run to run
     m = 0.5 * (p + q)
 
     def kl(a, b):

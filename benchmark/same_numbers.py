@@ -151,7 +151,9 @@ def read_results(parser, path):
     return results
 
 
-def compare(path_a, path_b, a, b):
+def compare(path_a, path_b, a, b, ignore=()):
+    """Prints, per config, whether a and b hold the same numbers (the tags in ignore left out); 1 if any differ."""
+    a, b = ({name: {tag: v for tag, v in entry.items() if tag not in ignore} for name, entry in r.items()} for r in (a, b))
     differ = 0
     for name in list(a) + [n for n in b if n not in a]:
         if name not in a or name not in b:
@@ -182,9 +184,13 @@ def main():
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these configs")
     parser.add_argument("--list", action="store_true", help="print the configs' command lines and exit")
     parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="compare two JSON files")
+    parser.add_argument("--ignore", nargs="+", metavar="TAG", default=[],
+                        help="with --compare: leave these tags out (e.g. diversity/snd)")
     args = parser.parse_args()
+    if args.ignore and not args.compare:
+        parser.error("--ignore: only with --compare")
     if args.compare:
-        return compare(*args.compare, *(read_results(parser, path) for path in args.compare))
+        return compare(*args.compare, *(read_results(parser, path) for path in args.compare), ignore=set(args.ignore))
     todo = configs()
     if args.only:
         unknown = set(args.only) - set(todo)

@@ -324,6 +324,36 @@ def test_snd_categorical(script):
     assert script.system_neural_diversity(three, discrete=True) == pytest.approx(2 / 3, abs=1e-6)
 
 
+def test_snd_of_near_equal_policies_keeps_its_digits(script):
+    """Agents that barely differ (early training, FuPS): SND is a square root of a second-order difference, which
+    float32 loses (an error of percents, moved by the last bit of any rounding); computed in float64 from the same
+    float32 policies it agrees with a float64 reference to 1e-9."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 500, 9).repeat(3, 1, 1)
+    logits[1:] += 1e-3 * torch.randn(2, 500, 9)
+    probs = torch.softmax(logits.double(), -1).numpy()
+    reference = np.mean([jensenshannon(probs[a, k], probs[b, k], base=2) for a, b in ((0, 1), (0, 2), (1, 2))
+                         for k in range(500)])
+    assert script.system_neural_diversity(logits, discrete=True) == pytest.approx(reference, rel=1e-9, abs=0)
+    mean, std = logits[..., :2], torch.full((3, 500, 2), 0.5)
+    z = torch.randn((32, 3, 500, 2), generator=torch.Generator().manual_seed(7)).double()  # the estimator's draws
+    mu, sd = mean.double(), std.double()
+
+    def log_density(x, m, s):
+        return (-0.5 * ((x - m) / s) ** 2 - torch.log(s) - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def half_term(a, b):  # E_{x ~ a}[log a - log m], in float64 on the same draws
+        x = torch.cat([z, -z]) * sd[a] + mu[a]  # pair k's draws z[:, k]
+        d = log_density(x, mu[b], sd[b]) - log_density(x, mu[a], sd[a])
+        return -torch.log1p(torch.expm1(d) / 2).mean(0)
+
+    pairs = torch.tensor([0, 0, 1]), torch.tensor([1, 2, 2])
+    expected = ((0.5 * half_term(*pairs) + 0.5 * half_term(*pairs[::-1])) / math.log(2.0)).clamp(0, 1).sqrt().mean()
+    ours = script.js_distance_gaussian(mean[pairs[0]], std[pairs[0]], mean[pairs[1]], std[pairs[1]], 64,
+                                       torch.Generator().manual_seed(7)).mean()
+    assert float(ours) == pytest.approx(float(expected), rel=1e-9, abs=0)
+
+
 def reference_js_gaussian_1d(mu1, s1, mu2, s2):
     """High-precision quadrature of the JS divergence (base 2) between two 1-D Gaussians."""
     from scipy.stats import norm

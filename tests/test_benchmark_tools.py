@@ -387,6 +387,7 @@ SAME_NUMBERS_BAD = [
      "--repo: 'nowhere' has no reinforce_matrix_games.py (a checkout of this repository, its root)"),
     (["--only", "matrix_mlp", "--out", "/proc/x/same.json"], "--out: '/proc' is not writable"),  # checked before the runs
     (["--only", "matrix_mlp", "--out", "folder"], "--out: 'folder' is a folder; give the name of the file to write"),
+    (["--ignore", "diversity/snd"], "--ignore: only with --compare"),
 ]
 
 
@@ -414,6 +415,18 @@ def test_same_numbers_compare_reports_a_failed_config(tmp_path):
     assert result.returncode == 1 and result.stderr == "" and len(lines) == 3, result.stdout + result.stderr
     assert lines[0].startswith("ippo_mlp ") and " identical (1 values, " in lines[0]
     assert lines[1].split() == ["matrix_mlp", "FAILED", "in", "a.json"] and lines[2] == "1 identical, 1 different"
+
+
+def test_same_numbers_compare_leaves_out_the_ignored_tags_only(tmp_path):
+    """A change meant to move one metric (SND computed in float64) is checked against everything else."""
+    (tmp_path / "a.json").write_text(json.dumps({"ippo_mlp": {"losses/value_loss": [[32, 0.5]], "diversity/snd": [[32, 0.1]]}}))
+    (tmp_path / "b.json").write_text(json.dumps({"ippo_mlp": {"losses/value_loss": [[32, 0.5]], "diversity/snd": [[32, 0.2]]}}))
+    (tmp_path / "c.json").write_text(json.dumps({"ippo_mlp": {"losses/value_loss": [[32, 0.6]], "diversity/snd": [[32, 0.2]]}}))
+    assert same_numbers(["--compare", "a.json", "b.json"], tmp_path).returncode == 1
+    ignored = same_numbers(["--compare", "a.json", "b.json", "--ignore", "diversity/snd"], tmp_path)
+    assert ignored.returncode == 0 and ignored.stdout.splitlines()[-1] == "1 identical, 0 different", ignored.stdout
+    other = same_numbers(["--compare", "a.json", "c.json", "--ignore", "diversity/snd"], tmp_path)
+    assert other.returncode == 1 and "DIFFERENT: first at tag losses/value_loss" in other.stdout, other.stdout
 
 
 # ----- outputs: never a committed file by default, and a bad --out fails before any work -----

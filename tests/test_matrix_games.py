@@ -384,7 +384,7 @@ def test_per_agent_gradients_sum_to_the_update_gradient():
     args = make_args()
     for hypernet in HYPERNETS:
         pop = mg.Population(hypernet, 4, [3], args)
-        params = pop.parameters()
+        params = list(pop.params.values())
         actions = mg.sample_actions(torch.softmax(pop.logits(), -1).detach(), 10, [torch.Generator().manual_seed(0)])
         rewards = mg.payoff("specialisation", actions, 4)
         summed = mg.per_agent_gradients(mg.reinforce_loss(pop.logits(), actions, rewards, "normalize"), params).sum(0)[0]
