@@ -8,7 +8,7 @@ Command line:
     ArgError / CheckpointError                   a bad flag or file: one line, exit status 2, nothing written
     read_checkpoint(args, given, fmt, keys, model_fields, may_change, check)   --resume / --eval-only's checkpoint
     resume_rules(args, loaded, changes)          a resumed run's budget, as (broken, message) pairs
-    check_output(args)                           --runs-dir creatable and writable, wandb installed for --track
+    check_output(args, simulator)                --runs-dir writable, wandb for --track, a renderer for --capture-video
     machine_memory(cuda)                         bytes of the GPU's memory, or of RAM (or the cgroup's limit)
     first_line(error)                            an error's reason for a one-line message, cut at a word
     check_capture_video(simulator)               --capture-video: this machine renders off-screen
@@ -211,9 +211,9 @@ def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def check_output(args) -> None:
-    """--runs-dir a folder this run may create and write into, and wandb installed for --track; checked
-    before anything is written."""
+def check_output(args, simulator: Optional[str] = None) -> None:
+    """--runs-dir a folder this run may create and write into, wandb installed for --track, and with
+    --capture-video a renderer for `simulator`; checked before anything is written."""
     eval_only = getattr(args, "eval_only", False)
     if not eval_only or getattr(args, "capture_video", False):
         check_output_folder("--runs-dir", args.runs_dir)
@@ -222,6 +222,8 @@ def check_output(args) -> None:
             import wandb  # noqa: F401
         except ImportError:
             raise ArgError("--track: wandb is not installed (pip install wandb)")
+    if simulator and getattr(args, "capture_video", False):
+        check_capture_video(simulator)
 
 
 def machine_memory(cuda: bool) -> Optional[int]:

@@ -1072,6 +1072,8 @@ def flag_rules(args: Args, given: set[str], resume_rules=()):
     batch, max_seed = args.num_envs * args.num_steps, 2**32 - 1 - 10_000 - (args.eval_episodes - 1)  # NumPy's seeds
     for name in sorted(given):  # a flag given where it does not apply, named as written
         written = "--no-" + flag(name)[2:] if getattr(args, name) is False else flag(name)
+        yield not extras and name in NEEDS_EXTRAS and bool(getattr(args, name)), \
+            f"{written}: needs hypermarl_extras.py beside this script"
         families = FAMILY_FLAGS.get(name, (args.hypernet,))
         yield args.hypernet not in families, \
             f"{written}: only with --hypernet {' or '.join(families)}, got --hypernet {args.hypernet}"
@@ -1152,20 +1154,14 @@ def read_command_line(argv: list[str]):
     flag or file, in one line, before anything is written."""
     given = flags_given(argv)
     args, loaded, changes = parse_args(argv, given), None, []
-    if extras is None:
-        needed = [name for name in NEEDS_EXTRAS if getattr(args, name)]
-        if needed:
-            raise ValueError(f"--{needed[0].replace('_', '-')}: needs hypermarl_extras.py beside this script")
-    else:
+    if extras:  # a copy alone refuses the flags that need it (flag_rules)
         loaded, changes = extras.read_checkpoint(args, given, CHECKPOINT_FORMAT, CHECKPOINT_KEYS, MODEL_FIELDS,
                                                  RESUME_MAY_CHANGE, check_args)
         if args.checkpoint:  # the evaluation's defaults are those of the checkpoint's run
             args = paper_defaults(args, given | set(MODEL_FIELDS))
     check_args(args, given, extras.resume_rules(args, loaded, changes) if extras else ())
-    if extras is not None:
-        extras.check_output(args)
-        if args.capture_video:
-            extras.check_capture_video(SIMULATOR)
+    if extras:
+        extras.check_output(args, SIMULATOR)
     return args, loaded, changes
 
 def duration(seconds: float) -> str:  # 1h02m, 3m05s or 12s
