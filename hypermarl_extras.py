@@ -240,6 +240,7 @@ def machine_memory(cuda: bool) -> Optional[int]:
     except (OSError, ValueError):
         return total
 
+
 def check_output_folder(flag: str, path: str) -> None:
     """A folder this run may create and write into, checked before anything is written."""
     if not path:

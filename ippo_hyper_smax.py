@@ -980,7 +980,6 @@ def memory_needed(args: Args) -> int:
     minibatch = T * n * (E // args.num_minibatches) * (fc + 8 * H + 2 * H + fc + 2 * act)
     return 4 * (rollout + minibatch)
 
-
 def parse_args(argv: list[str], given: set[str]) -> Args:
     """The flags given, the paper's values for the others (--help shows them); n_agents: the map's."""
     args = paper_defaults(tyro.cli(Args, args=[a for a in argv if a not in ("-h", "--help")]), given)

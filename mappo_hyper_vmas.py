@@ -1036,7 +1036,6 @@ def memory_needed(args: Args) -> dict[str, int]:
                 networks=4 * ((m_actor + m_critic) * (4 * copies + 2 * n) + n * m_actor * copies),
                 minibatch=4 * (activations + (mb * n * (m_actor + m_critic) if per_sample else 0)))
 
-
 def parse_args(argv: list[str], given: set[str]) -> Args:
     """The flags given, the paper's values for the others (--help shows them)."""
     args = paper_defaults(tyro.cli(Args, args=[a for a in argv if a not in ("-h", "--help")]), given)

@@ -433,7 +433,6 @@ def memory_needed(args: Args) -> int:
               "fups-noid": num_target_params([1, h * n, n]), "fups": num_target_params([n, h * n, n])}[hyper]
     return S * max(8 * n * params + 8 * args.batch_size * n * n, 8 * args.eval_trials * n * n, 6 * n * n * (n - 1))
 
-
 def flags_given(argv: list[str]) -> set[str]:
     """The Args fields named on the command line (--x, --x=v, --no-x)."""
     names = {f.name for f in dataclasses.fields(Args)}
