@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mappo_hyper_mamujoco as mj
-from conftest import ROOT, parsed
+from conftest import HANG, ROOT, parsed
 from conftest import run_mamujoco as run_main, tiny_mamujoco_args as tiny_argv
 
 FAMILIES = ["mlp", "linear", "fups", "nops"]
@@ -198,7 +198,7 @@ def test_mamujoco_summary_reports_the_runs_own_settings(tmp_path):
         launch.write_summary(run, launch.run_folder(str(runs)), argv=[], extra=[])
     script = os.path.join(ROOT, "benchmark", "aggregate.py")
     done = subprocess.run([sys.executable, script, str(tmp_path / "grid"), "--out", str(tmp_path), "--reps", "20"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=HANG)
     assert done.returncode == 0, done.stderr
     header = (tmp_path / "table4.md").read_text().split("## HalfCheetah-2x3")[0]
     for setting in ("num_envs=1", "num_steps=32", "eval_interval=32", "eval_episodes=2"):

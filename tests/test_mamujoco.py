@@ -20,7 +20,7 @@ import torch
 
 import hypermarl_extras as extras
 import mappo_hyper_mamujoco as mj  # conftest puts the repository on sys.path
-from conftest import ROOT, only_the_first_save_succeeds, parsed, read_args, run_mamujoco as run_main, run_python, tiny_mamujoco_args as tiny_argv
+from conftest import HANG, ROOT, only_the_first_save_succeeds, parsed, read_args, run_mamujoco as run_main, run_python, tiny_mamujoco_args as tiny_argv
 
 TASKS = list(mj.TASK_PRESETS)
 FAMILIES = ["mlp", "linear", "fups", "nops"]
@@ -680,7 +680,7 @@ def test_script_runs_as_a_subprocess(tmp_path):
     result = subprocess.run([sys.executable, script, "--task", "Walker2d-2x3", "--num-envs", "2", "--num-steps", "16",
                              "--total-timesteps", "32", "--eval-episodes", "1", "--max-episode-steps", "20",
                              "--actor-hidden-dims", "8", "--critic-hidden-dims", "8"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                            cwd=tmp_path, capture_output=True, text=True, timeout=HANG)
     assert result.returncode == 0, result.stderr
     assert os.path.isdir(tmp_path / "runs")
     bad = subprocess.run([sys.executable, script, "--num-envs", "0"], cwd=tmp_path, capture_output=True, text=True)
@@ -711,7 +711,7 @@ def spawn():
         process.communicate()
 
 
-def read_until(process, prefix, timeout=120):
+def read_until(process, prefix, timeout=HANG):
     """stdout up to the first line that starts with prefix (the process group is killed after timeout)."""
     timer = threading.Timer(timeout, lambda: os.killpg(process.pid, signal.SIGKILL))
     timer.start()
@@ -746,7 +746,7 @@ def children(pid):
     return found
 
 
-def gone(pids, wait=10.0):
+def gone(pids, wait=HANG):
     deadline = time.time() + wait
     while any(map(alive, pids)):
         if time.time() > deadline:
@@ -772,7 +772,7 @@ def test_signal_to_the_process_group_saves_the_final_state_and_resumes_exactly(s
     assert len(workers) == 2
     assert not os.path.exists(os.path.join(run_dir, "checkpoint.pt"))  # no --save-model: no periodic save
     os.killpg(process.pid, sig)
-    out, err = process.communicate(timeout=120)
+    out, err = process.communicate(timeout=HANG)
     assert process.returncode == 0, err
     assert f"signal {int(sig)}: saving a checkpoint" in out and "Traceback" not in err, err
     (path,) = [ln.split()[1] for ln in out.splitlines() if ln.startswith("checkpoint: ")]
@@ -821,7 +821,7 @@ def test_second_ctrl_c_stops_at_once_and_closes_the_workers(spawn, tmp_path):
     read_until(process, "global_step=")  # the end of iteration 1: the workers wait for iteration 2's actions
     workers = children(process.pid)
     assert len(workers) == 2
-    idle, deadline = cpu_ticks(workers), time.time() + 120
+    idle, deadline = cpu_ticks(workers), time.time() + HANG
     while cpu_ticks(workers) < idle + 2:  # their clocks move: iteration 2's rollout has begun
         assert time.time() < deadline, "the workers never stepped again"
         time.sleep(0.01)
@@ -829,7 +829,7 @@ def test_second_ctrl_c_stops_at_once_and_closes_the_workers(spawn, tmp_path):
     read_until(process, "signal 2: saving a checkpoint")
     assert all(map(alive, workers))  # the first Ctrl-C left the workers running
     os.killpg(process.pid, signal.SIGINT)  # mid-iteration: before the save
-    out, err = process.communicate(timeout=120)
+    out, err = process.communicate(timeout=HANG)
     assert process.returncode != 0 and "KeyboardInterrupt" in err
     assert "checkpoint: " not in out
     assert gone(workers)
@@ -843,7 +843,7 @@ def test_workers_of_a_killed_run_exit_quietly(spawn, tmp_path):
     workers = children(process.pid)
     assert len(workers) == 2
     os.kill(process.pid, signal.SIGKILL)
-    _, err = process.communicate(timeout=60)  # the workers hold stdout and stderr until they exit
+    _, err = process.communicate(timeout=HANG)  # the workers hold stdout and stderr until they exit
     assert gone(workers)
     assert "Traceback" not in err, err
 
@@ -1111,7 +1111,7 @@ def test_a_copy_of_the_script_alone_checks_its_flags(tmp_path, flags, message):
     shutil.copy(SCRIPT, alone)
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "mappo_hyper_mamujoco.py", *flags.split()], cwd=alone, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=HANG)
     assert done.returncode == 2 and done.stderr == f"error: {message}\n" and not done.stdout, done.stderr
     assert os.listdir(alone) == ["mappo_hyper_mamujoco.py"]  # no run folder
     assert run_main(["--runs-dir", str(tmp_path / "runs"), *flags.split()]) == (2, "", f"error: {message}\n")

@@ -25,6 +25,7 @@ import reinforce_matrix_games as mg  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO, "benchmark"))
 import matrix_games as bench  # noqa: E402  (the paper's values live with the sweep)
+from conftest import HANG  # noqa: E402
 
 HYPERNETS = typing.get_args(typing.get_type_hints(mg.Args)["hypernet"])
 GAMES = typing.get_args(typing.get_type_hints(mg.Args)["game"])
@@ -268,14 +269,14 @@ def test_a_copy_of_the_script_alone_refuses_bad_flags_as_the_repository_does(arg
     shutil.copy(SCRIPT, tmp_path)
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "reinforce_matrix_games.py", *argv], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=HANG)
     assert proc.returncode == 2 and proc.stderr.splitlines() == [f"error: {message}"], proc.stderr
     assert proc.stdout == "" and os.listdir(tmp_path) == ["reinforce_matrix_games.py"]
 
 
 def test_bad_input_exits_2_from_the_command_line(tmp_path):
     proc = subprocess.run([sys.executable, SCRIPT, "--n-agents", "1"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=60)
+                          timeout=HANG)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: --n-agents: must be at least 2, got 1"]
     assert proc.stdout == "" and os.listdir(tmp_path) == []
@@ -307,7 +308,7 @@ def bracketed_flags(help_text):
 
 @functools.lru_cache(maxsize=1)
 def script_help():
-    proc = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True, timeout=60,
+    proc = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True, timeout=HANG,
                           env=dict(os.environ, COLUMNS="200"))
     assert proc.returncode == 0
     return proc.stdout
