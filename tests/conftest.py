@@ -41,6 +41,8 @@ HANG = 1800
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "smoke: a fast, representative test for newcomers (python -m pytest -m smoke tests)")
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker of -n N: N workers, not N x cores threads, share the cores
+        torch.set_num_threads(1)
 
 
 def load_script(name):
