@@ -10,8 +10,8 @@ Test files, by what they test:
     test_benchmark_tools.py  benchmark/'s other tools: aggregate.py by hand, the others' outputs and bad flags
     test_mamujoco.py, test_fidelity_mamujoco.py, test_smax.py, test_matrix_games.py, test_fidelity_matrix.py: those scripts
 
-The README runs them on two workers (pytest-xdist, `-n 2 --dist worksteal`): no test depends on the order
-of the others, on another worker or on the machine's load.
+The README runs them on two workers (pytest-xdist, `-n 2 --dist worksteal`), each computing on one thread:
+no test depends on the order of the others, on another worker or on the machine's load.
 `python -m pytest -q -m smoke tests` runs the smoke tier: imports, one tiny training run per VMAS script,
 a few algorithm units, a bad flag, a script copied alone refusing a flag (well under 2 minutes on 2 cores).
 """
