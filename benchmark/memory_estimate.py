@@ -8,7 +8,7 @@ reset before it) minus its resident set before it (imports, interpreter). Ratio 
 MaMuJoCo runs with --no-async-envs (its environments in the process, 1 MiB each); a worker
 process's own memory (8 MiB in the estimate) is measured apart, from /proc/<pid>/smaps_rollup.
 
-    python benchmark/memory_estimate.py                    # every configuration (about 3 minutes, 2 cores)
+    python benchmark/memory_estimate.py                    # every configuration (about 10 minutes, 2 cores)
     python benchmark/memory_estimate.py --out results.md   # also write the table
 """
 
@@ -38,9 +38,14 @@ CONFIGS = [
     ("reinforce_matrix_games", "--n-agents 300 --hypernet nops --num-trials 50"),
     ("reinforce_matrix_games", "--n-agents 200 --hypernet linear --num-trials 50 --num-seeds 2"),
     ("reinforce_matrix_games", "--n-agents 128 --hypernet fups --num-trials 50"),
+    ("ippo_hyper_smax", "--map 2s3z --total-timesteps 16384"),
+    ("ippo_hyper_smax", "--map smacv2_20_units --hypernet nops --num-envs 64 --total-timesteps 8192"),
+    ("mappo_hyper_smax", "--map 3s5z --total-timesteps 16384"),
+    ("mappo_hyper_smax", "--map smacv2_10_units --hypernet fups --num-envs 64 --total-timesteps 8192"),
 ]
 FAST = {"ippo_hyper_vmas": "--update-epochs 1", "mappo_hyper_vmas": "--update-epochs 1",
-        "mappo_hyper_mamujoco": "--no-async-envs --update-epochs 1 --critic-epochs 1", "reinforce_matrix_games": ""}
+        "mappo_hyper_mamujoco": "--no-async-envs --update-epochs 1 --critic-epochs 1", "reinforce_matrix_games": "",
+        "ippo_hyper_smax": "--update-epochs 1", "mappo_hyper_smax": "--update-epochs 1"}
 
 # The child: the script's estimate for argv, then main(argv); prints one JSON line.
 CHILD = r"""
@@ -53,8 +58,9 @@ torch.set_num_threads(1)
 if sys.argv[2] == "reinforce_matrix_games":
     import tyro
     estimate = script.memory_needed(tyro.cli(script.Args, args=argv))
-else:
-    estimate = sum(script.memory_needed(script.parse_args(argv, script.flags_given(argv))).values())
+else:  # by part (a dict), or one number (SMAX)
+    estimate = script.memory_needed(script.parse_args(argv, script.flags_given(argv)))
+    estimate = estimate if isinstance(estimate, int) else sum(estimate.values())
 def status(key):  # bytes
     return int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith(key))) * 1024
 with open("/proc/self/clear_refs", "w") as f:  # "5": the peak resident set (VmHWM) starts again from now
