@@ -11,10 +11,11 @@ hold 4.6M parameters. This script times, on random data of those shapes (in-proc
 - the per-tensor gradient norms (metrics and clip).
 
 The last three are the work the MLP hypernetwork adds to a FuPS step and cannot skip. Their extra
-cost over FuPS bounds the step ratio: mlp / fups <= fups step / (fups step + that extra), whatever
-the rest of the step costs. The bound is given twice:
+cost over FuPS predicts the step ratio, mlp / fups = fups step / (fups step + that extra), if the rest
+of the two steps cost the same (it does not quite: the measured ratio may differ by a few percent).
+The prediction is given twice:
 
-- from the isolated timings above (warm caches, so the extra at its lowest: a generous bound);
+- from the isolated timings above (warm caches, so the extra at its lowest);
 - from the same operations inside the real step (torch.profiler's self time of the matmuls
   `mm`/`addmm`, `_fused_adam_`, `linalg_vector_norm` and `cat`, which FuPS barely uses), where
   the 9.3M parameters, their gradients and Adam's state (150 MB) no longer sit in the cache.
@@ -120,8 +121,8 @@ def main():
         lines.append(f"| {family} | {count:,} | {statistics.median(steps[family]):.1f} | {generate:.1f} | "
                      f"{adam:.1f} | {norms:.1f} | {in_step[family]:.1f} |")
     fups = statistics.median(steps["fups"])
-    lines += ["", "| family | gradient steps per second / fups | bound from the isolated timings "
-              "| bound from the same ops in the step |", "|---|---|---|---|"]
+    lines += ["", "| family | gradient steps per second / fups | predicted by the isolated timings "
+              "| predicted by the same ops in the step |", "|---|---|---|---|"]
     for family in list(setups)[1:]:
         isolated = fups / (fups + parts[family] - parts["fups"])
         real = fups / (fups + in_step[family] - in_step["fups"])
