@@ -12,12 +12,13 @@ process's own memory (8 MiB in the estimate) is measured apart, from /proc/<pid>
     python benchmark/memory_estimate.py --out results.md   # also write the table
 """
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import time
+
+from sps import OneLineParser, check_out_file, write_report  # benchmark/ is on sys.path when run as a script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = [
@@ -104,9 +105,11 @@ def torch_version() -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="also write the table (markdown) to this file")
     opts = parser.parse_args(argv)
+    if opts.out:
+        check_out_file(parser, opts.out)  # before the runs, not after them
     runs_dir = os.path.join("/tmp", f"memory_estimate_{os.getpid()}")
     lines = ["# The memory check's estimate against real runs", "",
              "`python benchmark/memory_estimate.py --out benchmark/results/memory_estimate.md` "
@@ -125,8 +128,7 @@ def main(argv=None) -> int:
     print(lines[-1])
     print(f"({time.time() - start:.0f} s)")
     if opts.out:
-        with open(opts.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+        write_report(opts.out, "\n".join(lines) + "\n")
     return 0
 
 

@@ -103,6 +103,11 @@ def output_file(parser, out, tool, filename):
     if out is None:
         check_writable(parser, "--out", "runs")
         return os.path.join(new_output_folder(tool), filename)
+    return check_out_file(parser, out)
+
+
+def check_out_file(parser, out):
+    """--out, a file this tool may write: checked now, before any work."""
     if os.path.isdir(out):
         parser.error(f"--out: {out!r} is a folder; give the name of the file to write")
     check_writable(parser, "--out", os.path.dirname(os.path.abspath(out)))

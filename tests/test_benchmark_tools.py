@@ -471,6 +471,7 @@ def test_check_writable_refuses_a_folder_that_takes_no_new_entry(tmp_path, capsy
     ("aggregate.py", ["grids", "--out", "/proc/x"]),
     ("matrix_games.py", ["--out", "/proc/x", "--games", "specialisation", "--n-agents", "2", "--hypernets", "nops",
                          "--num-trials", "10"]),
+    ("memory_estimate.py", ["--out", "/proc/x"]),
 ])
 def test_out_in_proc_is_one_line_before_any_work(tmp_path, script, argv):
     write_summary(tmp_path / "grids", "figure2-ippo", "dispersion-4", "mlp", 1, {100: [1.0]})
