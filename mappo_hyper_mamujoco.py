@@ -1078,6 +1078,8 @@ def flag_rules(args: Args, given: set[str], resume_rules=()):
         yield args.hypernet not in families, \
             f"{written}: only with --hypernet {' or '.join(families)}, got --hypernet {args.hypernet}"
         yield name == "save_interval" and not args.save_model, f"{written}: only with --save-model"
+        yield name == "hypernet_embedding_dim" and args.hypernet_embedding != "learned", \
+            f"{written}: only with --hypernet-embedding learned, got --hypernet-embedding {args.hypernet_embedding}"
         yield name == "fixed_order" and args.algo != "happo", f"{written}: only with --algo happo, got --algo {args.algo}"
         yield name == "agent_obsk" and args.obs_mode != "local", \
             f"{written}: only with --obs-mode local, got --obs-mode {args.obs_mode}"

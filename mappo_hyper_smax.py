@@ -376,7 +376,9 @@ class Agent(nn.Module):
         shared = family == "mlp" and args.hypernet_embedding == "learned" and not args.hypernet_separate_embeddings
         self.critic = family_net(args, family, n, [hidden, args.fc_dim, 1], [gain, 1.0], use_id=False,
                                  table=self.actor.embedding if shared else None)
-        if family == "mlp" and args.hypernet_init == "scaled":  # the authors' SMAX code: g orthogonal, gain sqrt(2)
+        # The authors' SMAX code starts g orthogonal, gain sqrt(2), not at Flax's default as their VMAS code and
+        # MLPHypernet do; matched and flax keep Flax's g (they differ from scaled in g too)
+        if family == "mlp" and args.hypernet_init == "scaled":
             with torch.no_grad():
                 for trunk in (*self.actor.trunks, *self.critic.trunks):
                     for layer in (m for m in trunk if isinstance(m, nn.Linear)):
@@ -430,7 +432,8 @@ class Agent(nn.Module):
 
 def sample_action(logits) -> torch.Tensor:
     """Gumbel-max: argmax(logits + Gumbel noise) is a categorical sample (a masked logit is never the argmax)."""
-    return torch.argmax(logits - torch.log(-torch.log(torch.rand_like(logits))), dim=-1)
+    noise = torch.rand_like(logits).clamp_(min=torch.finfo(logits.dtype).tiny)  # a 0 would make an action's noise -inf
+    return torch.argmax(logits - torch.log(-torch.log(noise)), dim=-1)
 
 def log_prob_entropy(logits, action):
     logp = torch.log_softmax(logits, -1)
@@ -755,13 +758,14 @@ def evaluate(agent, eval_env, args: Args, seed: int):
 def shared_history_snd(agent, obs, avail, active) -> float:
     """Eq. (9) for recurrent policies: a policy acts on an observation history, so every agent runs on the SAME
     history, agent j's in each environment, for each j; SND is the mean Jensen-Shannon distance over agent
-    pairs and the histories' live steps. obs (T, n, E, obs_dim), avail (T, n, E, A), active (T, E)."""
+    pairs and the steps where j is alive in a running episode (a dead agent's one action, "stop", is every
+    agent's: its distance 0 would measure survival). obs (T, n, E, obs_dim), avail (T, n, E, A), active (T, E)."""
     T, n, E = obs.shape[:3]
     h0 = torch.zeros(n, E, agent.actor_trunk.hidden_b.shape[-1], device=obs.device)
     starts = torch.zeros(T, 1, E, device=obs.device)
     starts[0] = 1.0
     i, j = torch.triu_indices(n, n, offset=1)
-    total = 0.0
+    total, count = 0.0, 0
     for source in range(n):
         history = obs[:, source: source + 1].expand(-1, n, -1, -1)
         features = agent.actor_trunk.unroll(agent.actor_input(history), h0, starts)
@@ -770,9 +774,9 @@ def shared_history_snd(agent, obs, avail, active) -> float:
         weights = Weights(agent.actor(flat) if agent.per_sample else agent.actor(), [])  # the actors only
         probs = torch.softmax(agent.policy(flat, weights, source_avail).double(), -1)
         distances = js_distance_categorical(probs[i], probs[j]).mean(0)  # (T * E,)
-        live = active.reshape(-1)
-        total += float(distances[live].mean())
-    return total / n
+        live = (active & (avail[:, source].sum(-1) > 1)).reshape(-1)  # alive: more than "stop" available
+        total, count = total + float(distances[live].sum()), count + int(live.sum())
+    return total / max(count, 1)
 
 def js_distance_categorical(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Jensen-Shannon distance in base 2 (in [0, 1]) between categorical distributions (..., k)."""
@@ -957,6 +961,8 @@ def flag_rules(args: Args, given: set[str], resume_rules=()):
         yield args.hypernet not in families, \
             f"{written}: only with --hypernet {' or '.join(families)}, got --hypernet {args.hypernet}"
         yield name == "save_interval" and not args.save_model, f"{written}: only with --save-model"
+        yield name in ("hypernet_embedding_dim", "hypernet_separate_embeddings") and args.hypernet_embedding != "learned", \
+            f"{written}: only with --hypernet-embedding learned, got --hypernet-embedding {args.hypernet_embedding}"
     yield from resume_rules  # a resumed run's budget (hypermarl_extras.py): its reason before any range
     for name, value in vars(args).items():  # inf and nan pass every comparison below: refuse them first
         yield isinstance(value, float) and not math.isfinite(value), f"{flag(name)}: must be a finite number, got {value!r}"

@@ -344,7 +344,8 @@ class Weights(NamedTuple):
 def sample_action(dist, discrete: bool) -> torch.Tensor:
     """An action from a policy's output dist: logits (..., k), or (mean, std) each (..., d)."""
     if discrete:  # Gumbel-max: argmax(logits + Gumbel noise) is a categorical sample
-        return torch.argmax(dist - torch.log(-torch.log(torch.rand_like(dist))), dim=-1)
+        noise = torch.rand_like(dist).clamp_(min=torch.finfo(dist.dtype).tiny)  # a 0 would make an action's noise -inf
+        return torch.argmax(dist - torch.log(-torch.log(noise)), dim=-1)
     mean, std = dist
     return mean + std * torch.randn_like(mean)
 
@@ -982,6 +983,8 @@ def flag_rules(args: Args, given: set[str], resume_rules=()):
             f"{written}: only with --hypernet {' or '.join(families)}, got --hypernet {args.hypernet}"
         yield name in SCENARIO_OPTIONS[other], f"{written}: is a {other} option, not for --scenario {args.scenario}"
         yield name == "save_interval" and not args.save_model, f"{written}: only with --save-model"
+        yield name in ("hypernet_embedding_dim", "hypernet_separate_embeddings") and args.hypernet_embedding != "learned", \
+            f"{written}: only with --hypernet-embedding learned, got --hypernet-embedding {args.hypernet_embedding}"
         yield name == "lidar_range" and not args.collisions, \
             f"{written}: only with --collisions (agents carry a LIDAR only then)"
     yield from resume_rules  # a resumed run's budget (hypermarl_extras.py): its reason before any range

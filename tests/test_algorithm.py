@@ -541,6 +541,13 @@ def test_log_prob_and_entropy_match_torch_distributions(script):
     torch.testing.assert_close(counts, torch.softmax(torch.tensor([0.0, 1.0, 2.0]), 0), atol=0.015, rtol=0)
 
 
+def test_a_uniform_draw_of_exactly_zero_leaves_gumbel_max_a_categorical_sample(script, monkeypatch):
+    """torch.rand can return 0 (2^-24 of float32 draws): -log(-log 0) = -inf would rule that action out, and
+    an action with every draw 0 would become the first, whatever the logits."""
+    monkeypatch.setattr(torch, "rand_like", torch.zeros_like)
+    assert script.sample_action(torch.tensor([[[-1e10, 0.5, 3.0, -1e10]]]), True).item() == 2
+
+
 def test_dico_log_probs_are_a_tanh_normal_s(script):
     torch.manual_seed(7)
     args = parsed(script, scenario="navigation", hypernet="dico", n_agents=3, actor_hidden_dims=[8],

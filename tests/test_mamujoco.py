@@ -438,7 +438,7 @@ def test_run_writes_the_metrics_of_the_vmas_scripts(tmp_path):
 # Flags that change the model or the update of tiny_argv's run: each must change its losses.
 ABLATIONS = [
     ["--hypernet-hidden-dims", "4"],  # HyperMARL-S (smaller hypernetwork)
-    ["--hypernet-embedding", "onehot", "--hypernet-embedding-dim", "4"],
+    ["--hypernet-embedding", "onehot"],
     ["--hypernet-init", "flax"], ["--hypernet-init", "pytorch"],
     ["--hypernet-input", "agent+obs"],
     ["--critic", "per-agent"], ["--norm-obs", "--no-norm-value", "--no-clip-vloss"],
@@ -471,8 +471,6 @@ def base_losses(tmp_path_factory):
 def test_ablations_and_options(tmp_path, extra, base_losses):
     argv = tiny_argv(tmp_path, *extra)
     if "--hypernet-embedding" in extra:  # onehot takes no embedding size
-        i = argv.index("--hypernet-embedding-dim")
-        del argv[i: i + 2]
         i = argv.index("--hypernet-embedding-dim")
         del argv[i: i + 2]
     if "fups" in extra or "nops" in extra or "linear" in extra:
@@ -609,6 +607,7 @@ def test_values_tyro_refuses_exit_2_naming_the_flag_and_write_nothing(tmp_path, 
     (["--hypernet", "nops", "--hypernet-hidden-dims", "32"], "--hypernet-hidden-dims:"),
     (["--hypernet", "fups", "--hypernet-init", "flax"], "--hypernet-init:"),
     (["--fixed-order"], "--fixed-order:"),
+    (["--hypernet-embedding", "onehot", "--hypernet-embedding-dim", "8"], "--hypernet-embedding-dim: only with --hypernet-embedding learned"),
     (["--agent-obsk", "2"], "--agent-obsk:"),
     (["--num-envs", "0"], "--num-envs:"),
     (["--update-threads", "0"], "--update-threads:"),

@@ -32,6 +32,8 @@ BAD_INPUT = [
     (["--hypernet", "nops", "--hypernet-embedding-dim", 8], "--hypernet-embedding-dim"),
     (["--hypernet", "linear", "--hypernet-hidden-dims", 32], "--hypernet-hidden-dims"),
     (["--hypernet", "linear", "--hypernet-separate-embeddings"], "--hypernet-separate-embeddings"),
+    (["--hypernet-embedding", "onehot", "--hypernet-embedding-dim", 8], "--hypernet-embedding-dim"),  # an ID has no size
+    (["--hypernet-embedding", "onehot", "--hypernet-separate-embeddings"], "--hypernet-separate-embeddings"),
     (["--hypernet", "mlp", "--dico-snd-des", 1.0], "--dico-snd-des"),
     (["--gamma", 1.5], "--gamma"),
     (["--n-food", 2, "--scenario", "navigation"], "--n-food"),

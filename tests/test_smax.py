@@ -74,6 +74,30 @@ def test_an_unavailable_action_is_never_sampled_nor_the_mode(family, script, env
 
 
 @BOTH
+def test_a_dead_agents_one_action_is_sampled_even_when_a_uniform_draw_is_exactly_zero(script, monkeypatch):
+    """torch.rand can return 0: -log(-log 0) = -inf would make every action's noise -inf, and the argmax
+    the first action, unavailable, instead of a dead agent's only one (stop)."""
+    monkeypatch.setattr(torch, "rand_like", torch.zeros_like)
+    assert script.sample_action(torch.tensor([[[-1e10] * 4 + [0.0] + [-1e10] * 5]])).item() == 4
+
+
+@BOTH
+def test_snd_leaves_out_the_steps_where_the_source_agent_is_dead(script, env):
+    """A dead agent can only stop, so every agent's policy on its history is the same one-hot there: those
+    steps are left out, not averaged in as distance 0. Every agent dead after the first of six steps: SND is
+    the first step's alone (averaged in, the later steps would divide it by about six)."""
+    _, agent = agent_for("mlp", script)
+    obs, _, avail = env.reset()
+    dead = torch.zeros_like(avail)
+    dead[..., 4] = True  # SMAX's action 4, stop, is a dead unit's only one
+    obs, avail, active = torch.stack([obs] * 6), torch.stack([avail] + [dead] * 5), torch.ones(6, 4, dtype=torch.bool)
+    with torch.no_grad():
+        first = script.shared_history_snd(agent, obs[:1], avail[:1], active[:1])
+        assert first > 0
+        assert script.shared_history_snd(agent, obs, avail, active) == pytest.approx(first, rel=1e-9)
+
+
+@BOTH
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_first_policy_is_nearly_uniform_over_the_available_actions(family, script, env):
     """Section 4.3: the generated last actor layer starts at the target's scale (gain 0.01), as FuPS's and
@@ -242,6 +266,8 @@ def test_eval_only_prints_the_checkpoints_return_win_rate_and_snd(tmp_path, caps
     (["--hypernet", "fups", "--hypernet-embedding-dim", "8"], "--hypernet-embedding-dim: only with --hypernet mlp"),
     (["--hypernet", "linear", "--hypernet-init", "matched"], "--hypernet-init: matched is for --hypernet mlp"),
     (["--gamma", "1.5"], "--gamma: must be in [0, 1]"),
+    (["--hypernet-embedding", "onehot", "--hypernet-embedding-dim", "8"],
+     "--hypernet-embedding-dim: only with --hypernet-embedding learned, got --hypernet-embedding onehot"),
     (["--script", "mappo", "--hypernet", "nops", "--no-hypernet-separate-embeddings"],
      "--no-hypernet-separate-embeddings: only with --hypernet mlp"),
 ])
