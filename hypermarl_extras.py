@@ -284,6 +284,8 @@ def first_line(error: BaseException, limit: int = 120) -> str:
 
 
 INVOCATION_FIELDS = ("resume", "eval_only", "checkpoint", "snd_obs_file")  # what to do, not what the run is
+# --eval-only meets the episodes and samples its run's evaluations met (seed + 10000), unless given otherwise
+EVALUATION_FIELDS = ("seed", "eval_episodes", "eval_deterministic", "snd_samples", "snd_gaussian_samples")
 # Flags of training that --eval-only would silently ignore: it writes no run, no checkpoint, no log, compiles nothing
 TRAINING_ONLY = ("save_model", "save_interval", "track", "wandb_project_name", "wandb_entity", "exp_name", "compile",
                  "print_interval")
@@ -543,6 +545,9 @@ def take_flags_from_checkpoint(args, saved: dict, flag: str, given: set[str], co
     defaults = {field.name: getattr(args, field.name) for field in dataclasses.fields(args)}
     names = compat_fields if flag == "--checkpoint" else [n for n in defaults if n not in invocation_fields]
     changes = []
+    for name in EVALUATION_FIELDS if flag == "--checkpoint" else ():  # defaults, not constraints
+        if name not in given and name in saved and name in defaults:
+            setattr(args, name, saved[name])
     for name in names:
         value, kept = getattr(args, name), saved.get(name, defaults[name])
         if name not in given or value == kept:

@@ -82,6 +82,7 @@ class Args:
     critic: Literal["shared", "per-agent"] = "shared"  # one centralised V(s) (HARL) | one per agent (ours)
     learning_rate: float = 5e-4  # actor Adam learning rate
     critic_learning_rate: float = 5e-4  # critic Adam learning rate
+    anneal_lr: bool = False  # if toggled, both learning rates decay linearly to 0 (HARL's use_linear_lr_decay)
     update_epochs: int = 15  # actor epochs per update (ppo_epoch)
     critic_epochs: int = 15  # critic epochs per update (critic_epoch)
     num_minibatches: int = 1  # actor minibatches per epoch (actor_num_mini_batch)
@@ -119,12 +120,13 @@ class Args:
     print_interval: int = 1  # iterations between progress lines (also at evaluations, at least once a minute)
 
 # The other tasks' values where they differ from HalfCheetah-2x3's: Tables 19 (Walker2d), 17 (Ant) and
-# 18 (Humanoid), HARL's defaults (Zhong et al. 2024). Humanoid-9|8 is not in the paper: Humanoid-17x1's.
-_HUMANOID = dict(update_epochs=5, critic_epochs=5, ent_coef=0.0)
+# 18 (Humanoid), HARL's defaults (Zhong et al. 2024), with the learning-rate decay of their tuned configs'
+# "train" block, which the tables leave out. Humanoid-9|8 is not in the paper: Humanoid-17x1's.
+_HUMANOID = dict(update_epochs=5, critic_epochs=5, ent_coef=0.0, anneal_lr=True)
 TASK_PRESETS = {
     "HalfCheetah-2x3": {},
     "Walker2d-2x3": dict(learning_rate=1e-3, critic_learning_rate=1e-3, update_epochs=5, critic_epochs=5,
-                         num_minibatches=2, critic_num_minibatches=2, ent_coef=0.0),
+                         num_minibatches=2, critic_num_minibatches=2, ent_coef=0.0, anneal_lr=True),
     "Ant-4x2": dict(update_epochs=5, critic_epochs=5, ent_coef=0.0, fixed_order=True),
     "Humanoid-17x1": _HUMANOID, "Humanoid-9|8": _HUMANOID}
 # --clip-coef: (HyperMARL's, Table 21; the other actors', Tables 17-20)
@@ -527,6 +529,10 @@ def main(argv=None) -> int:
         for iteration in range(start_iteration, num_iterations + 1):
             if stop.requested:  # between iterations the state is consistent: save it
                 break
+            if args.anneal_lr:  # HARL: every network's rate, from its own initial value, at each rollout
+                fraction = 1.0 - (iteration - 1.0) / num_iterations
+                actor_optimizer.param_groups[0]["lr"] = fraction * args.learning_rate
+                critic_optimizer.param_groups[0]["lr"] = fraction * args.critic_learning_rate
 
             # ALGO LOGIC: collect a rollout with every agent's weights generated once
             tick = time.time()
@@ -604,7 +610,9 @@ def main(argv=None) -> int:
 
             # TRY NOT TO MODIFY: record rewards, losses and gradient statistics for plotting purposes
             sps = int((global_step - start_step) / (time.time() - start_time))
-            stats |= {"charts/SPS": sps, "perf/rollout_seconds": rollout_seconds, "perf/update_seconds": update_seconds}
+            stats |= {"charts/SPS": sps, "perf/rollout_seconds": rollout_seconds, "perf/update_seconds": update_seconds,
+                      "charts/learning_rate": actor_optimizer.param_groups[0]["lr"],
+                      "charts/critic_learning_rate": critic_optimizer.param_groups[0]["lr"]}
             if finished_returns:
                 stats |= {"charts/episodic_return": float(np.mean(finished_returns)),
                           "charts/episodic_length": float(np.mean(finished_lengths))}
@@ -695,7 +703,8 @@ def actor_step(actor, optimizer, mb: dict, args: Args, agents=None, factor=None)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for p in actor.parameters() if p.grad is not None]
-    grad_var, grad_norm = gradient_variance_and_norm([p.grad for p in params])
+    # HAPPO: the agents' slices being updated (the others' gradients are zeros that would dilute the variance)
+    grad_var, grad_norm = gradient_variance_and_norm([p.grad if agents is None else p.grad[agents] for p in params])
     if actor.independent:  # HARL: every actor has its own optimiser and clip
         clip_grad_per_agent(params, args.max_grad_norm, actor.n_agents)
     else:  # clip_grad_norm_ with the norm just measured: one pass less over the gradients (3% of the mlp update)
@@ -807,7 +816,7 @@ def record_evaluation(evaluator, actor, obs_norm, args: Args, writer, run_dir: s
 
 class Evaluator:
     """eval_episodes deterministic episodes side by side, episode k seeded seed + 10000 + k: a restored checkpoint
-    scores what its run scored. With --capture-video episode 0 renders (close() frees its GL context)."""
+    scores what its run scored (--eval-only takes the run's seed). With --capture-video episode 0 renders (close() frees its GL context)."""
 
     def __init__(self, args: Args, device):
         self.envs = [MaMuJoCoEnv(args.task, args.obs_mode, args.agent_obsk, args.max_episode_steps,
@@ -1037,7 +1046,7 @@ class ObsNormalizer:
 
 # ===== Appendix: the command line and its checks, the run folder =====
 SIMULATOR = "mujoco"
-CHECKPOINT_FORMAT = "hypermarl-mappo-mamujoco/4"
+CHECKPOINT_FORMAT = "hypermarl-mappo-mamujoco/5"
 CHECKPOINT_KEYS = ("format", "args", "run_name", "actor", "critics", "value_norm", "obs_norm", "actor_optimizer",
                    "critic_optimizer", "envs", "rng", "global_step", "iteration")
 # The flags that define the model and the environment (--eval-only takes them from the checkpoint), and those
@@ -1160,7 +1169,7 @@ def read_command_line(argv: list[str]):
         loaded, changes = extras.read_checkpoint(args, given, CHECKPOINT_FORMAT, CHECKPOINT_KEYS, MODEL_FIELDS,
                                                  RESUME_MAY_CHANGE, check_args)
         if args.checkpoint:  # the evaluation's defaults are those of the checkpoint's run
-            args = paper_defaults(args, given | set(MODEL_FIELDS))
+            args = paper_defaults(args, given | set(MODEL_FIELDS) | set(extras.EVALUATION_FIELDS))
     check_args(args, given, extras.resume_rules(args, loaded, changes) if extras else ())
     if extras:
         extras.check_output(args, SIMULATOR)

@@ -1021,7 +1021,7 @@ def read_command_line(argv: list[str]):
         loaded, changes = extras.read_checkpoint(args, given, CHECKPOINT_FORMAT, CHECKPOINT_KEYS, MODEL_FIELDS,
                                                  RESUME_MAY_CHANGE, check_args)
         if args.checkpoint:  # the evaluation's defaults are those of the checkpoint's run
-            args = paper_defaults(args, given | set(MODEL_FIELDS))
+            args = paper_defaults(args, given | set(MODEL_FIELDS) | set(extras.EVALUATION_FIELDS))
     check_args(args, given, extras.resume_rules(args, loaded, changes) if extras else ())
     if extras:
         extras.check_output(args)

@@ -150,6 +150,15 @@ def test_defaults_follow_harl_tuned_configs_and_appendix_d11():
     assert args.norm_obs is False and args.norm_value is True  # HARL: LayerNorm on inputs, ValueNorm
 
 
+@pytest.mark.parametrize("task, decays", [("HalfCheetah-2x3", False), ("Walker2d-2x3", True), ("Ant-4x2", False),
+                                          ("Humanoid-17x1", True), ("Humanoid-9|8", True)])
+def test_the_learning_rates_decay_where_harls_tuned_configs_decay_them(task, decays):
+    """HARL tuned_configs/mamujoco/<task>/{happo,mappo}/config.json, train.use_linear_lr_decay (Tables 17-20
+    leave that block out); Humanoid-9|8 takes Humanoid-17x1's values."""
+    assert parsed(mj, task=task).anneal_lr is decays
+    assert parsed(mj, task=task, anneal_lr=not decays).anneal_lr is not decays  # a flag given wins
+
+
 # ----- 6. MuJoCo v5 here, v2 in the paper: said next to every MaMuJoCo result -----
 def test_every_mamujoco_result_says_returns_are_not_comparable_to_table_4():
     results = os.path.join(ROOT, "benchmark", "results")

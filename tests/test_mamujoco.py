@@ -20,7 +20,8 @@ import torch
 
 import hypermarl_extras as extras
 import mappo_hyper_mamujoco as mj  # conftest puts the repository on sys.path
-from conftest import HANG, ROOT, only_the_first_save_succeeds, parsed, read_args, run_mamujoco as run_main, run_python, tiny_mamujoco_args as tiny_argv
+from conftest import (HANG, ROOT, only_the_first_save_succeeds, parsed, read_args, run_dirs, run_mamujoco as run_main,
+                      run_python, scalar_tags, tiny_mamujoco_args as tiny_argv)
 
 TASKS = list(mj.TASK_PRESETS)
 FAMILIES = ["mlp", "linear", "fups", "nops"]
@@ -389,6 +390,22 @@ def test_shared_actor_step_clips_as_clip_grad_norm_and_reports_the_norm_before(m
         torch.testing.assert_close(p.detach(), e)
 
 
+def test_happos_gradient_variance_is_that_of_the_agent_it_updates():
+    """HAPPO steps one agent: the other agents' gradient slices are zeros, which would dilute the variance."""
+    torch.manual_seed(0)
+    args = parsed(mj, algo="happo", hypernet="nops", actor_hidden_dims=[8], max_grad_norm=1e9)
+    actor, agents = mj.GaussianActor(args, 3, 5, 2, np.ones((3, 2), bool)), torch.tensor([1])
+    mb = dict(obs=torch.randn(1, 10, 5), actions=torch.randn(1, 10, 2), advantages=torch.randn(1, 10))
+    with torch.no_grad():
+        mb["logprobs"] = actor.log_prob_entropy(mb["obs"], mb["actions"], actor.generate(), agents)[0] + 0.01
+    optimizer = mj.PerAgentAdam(actor.parameters(), 3, lr=1e-3, eps=1e-5)
+    stats = mj.actor_step(actor, optimizer, mb, args, agents, torch.ones(1, 10))
+    params = list(actor.parameters())
+    assert all(not p.grad[[0, 2]].any() for p in params)  # what diluted it
+    own = torch.cat([p.grad[1].flatten() for p in params])
+    assert float(stats["grad/actor_var"]) == pytest.approx(float(own.var()), rel=1e-5)
+
+
 def test_snd_compares_the_action_dimensions_every_agent_has():
     """Humanoid-9|8: the second agent's 9th action dimension is padding, which would count as diversity."""
     torch.manual_seed(0)
@@ -590,6 +607,16 @@ def test_resume_gives_the_same_numbers_as_an_uninterrupted_run(tmp_path, envs):
     assert ("eval/episodic_return", 128) in full  # and training returns of episodes after the resume:
     assert any(tag == "charts/episodic_return" and step > 64 for tag, step in full)
     assert full == resumed
+
+
+def test_anneal_lr_decays_both_learning_rates_linearly_from_their_own_values(tmp_path):
+    """HARL's update_linear_schedule at each rollout: lr0 * (1 - (iteration - 1) / iterations), actor and critic."""
+    argv = tiny_argv(tmp_path, "--anneal-lr", "--total-timesteps", "128", "--learning-rate", "0.001",
+                     "--critic-learning-rate", "0.002")
+    assert run_main(argv)[0] == 0
+    tags = scalar_tags(run_dirs(tmp_path)[0])
+    assert tags["charts/learning_rate"] == pytest.approx([0.001, 0.00075, 0.0005, 0.00025])
+    assert tags["charts/critic_learning_rate"] == pytest.approx([0.002, 0.0015, 0.001, 0.0005])
 
 
 @pytest.mark.parametrize("flags", [["--task", "Hopper-3x1"], ["--hypernet", "ind"], ["--algo", "ippo"],

@@ -392,15 +392,17 @@ def test_signal_to_the_process_group_saves_a_checkpoint_that_resumes(script, sig
 
 # ===== --eval-only, and SND on a shared dataset (appendix D.1.2) =====
 def test_eval_only_reports_return_and_snd_and_writes_nothing(script, tmp_path, capsys):
-    assert run_main(script, tiny_args(tmp_path / "train", "--save-model"), capsys)[0] == 0
+    """It scores what the run's last evaluation scored: the run's seed (not given here) picks the episodes."""
+    assert run_main(script, tiny_args(tmp_path / "train", "--save-model", "--seed", 3), capsys)[0] == 0
     (run_dir,) = run_dirs(tmp_path / "train")
     checkpoint = os.path.join(run_dir, "checkpoint.pt")
     before = sorted(os.listdir(run_dir))
     code, out, err = run_main(script, tiny_args(tmp_path / "eval", "--eval-only", "--checkpoint", checkpoint), capsys)
     assert code == 0, err
     assert "eval/episodic_return=" in out and "diversity/snd=" in out
-    ret = float(out.split("eval/episodic_return=")[1].split()[0])
+    ret, snd = (float(out.split(f"{tag}=")[1].split()[0]) for tag in ("eval/episodic_return", "diversity/snd"))
     assert ret == pytest.approx(scalar_tags(run_dir)["eval/episodic_return"][-1], abs=1e-4)
+    assert snd == pytest.approx(scalar_tags(run_dir)["diversity/snd"][-1], abs=1e-5)
     assert not os.path.exists(tmp_path / "eval") and sorted(os.listdir(run_dir)) == before
 
 
