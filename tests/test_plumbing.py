@@ -206,9 +206,12 @@ def test_dico_resume_is_bit_exact_with_the_running_estimate(script, tmp_path, ca
     (part_dir,) = run_dirs(tmp_path / "part")
     checkpoint = os.path.join(part_dir, "checkpoint.pt")
     train("part", 96, "--resume", checkpoint)
-    # --eval-only without --scenario: the checkpoint's scenario decides the evaluation protocol (D.1.1)
+    # --eval-only without --scenario: the checkpoint's run decides the evaluation protocol (D.1.1's sampled
+    # actions for Navigation; the run's 3 episodes), unless given
     args, _, _ = script.read_command_line(["--eval-only", "--checkpoint", checkpoint])
-    assert (args.scenario, args.eval_episodes, args.eval_deterministic, args.dico_snd_des) == ("navigation", 200, False, 1.2)
+    assert (args.scenario, args.eval_episodes, args.eval_deterministic, args.dico_snd_des) == ("navigation", 3, False, 1.2)
+    args, _, _ = script.read_command_line(["--eval-only", "--checkpoint", checkpoint, "--eval-episodes", "200"])
+    assert (args.eval_episodes, args.eval_deterministic) == (200, False)
     (full_dir,) = run_dirs(tmp_path / "full")
     a = torch.load(os.path.join(full_dir, "checkpoint.pt"), weights_only=True)
     b = torch.load(checkpoint, weights_only=True)
