@@ -56,7 +56,7 @@ class Args:
     n_agents: int = 2  # number of agents and of foods (actions); at least 2
     hypernet: Literal["nops", "fups", "fups-noid", "linear", "mlp"] = "nops"  # fups: FuPS+ID, fups-noid: Table 2's FuPS
     hidden_size: int = 4  # hidden units of each agent's network; fups, fups-noid: hidden_size * n_agents (Table 8)
-    hyper_linear_shared_bias: bool = True  # [linear] Eq. (5)'s shared bias b (without it: exactly NoPS)
+    hyper_linear_shared_bias: bool = True  # [linear] Eq. (5)'s shared bias b (without it: NoPS, initialised as in 4.3)
     hypernet_embedding_dim: int = 4  # [mlp] size of the learned, orthogonally initialised agent embedding
     hypernet_hidden_dims: list[int] = field(default_factory=lambda: [8])  # [mlp] hidden layers of the hypernetwork
 
