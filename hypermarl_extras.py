@@ -217,6 +217,8 @@ def check_output(args, simulator: Optional[str] = None) -> None:
     eval_only = getattr(args, "eval_only", False)
     if not eval_only or getattr(args, "capture_video", False):
         check_output_folder("--runs-dir", args.runs_dir)
+    if getattr(args, "resume", None):  # unless --runs-dir moves it, the run goes on in its checkpoint's folder
+        check_output_folder("--resume", os.path.dirname(os.path.abspath(args.resume)))
     if args.track and not eval_only:
         try:
             import wandb  # noqa: F401
@@ -234,11 +236,34 @@ def machine_memory(cuda: bool) -> Optional[int]:
         total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):  # not POSIX
         return None
-    try:  # a container's or a Slurm job's limit ("max": none)
-        with open("/sys/fs/cgroup/memory.max") as f:
-            return min(total, int(f.read()))
-    except (OSError, ValueError):
-        return total
+    return min(total, cgroup_memory_limit() or total)
+
+
+def cgroup_memory_limit(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> Optional[int]:
+    """The smallest memory limit of this process's cgroup and those above it (a container's, a Slurm job's):
+    cgroup v2's memory.max, v1's memory.limit_in_bytes; None where none is set or none can be read."""
+    try:
+        with open(proc) as f:
+            entries = [line.split(":", 2) for line in f.read().splitlines() if line.count(":") >= 2]
+    except OSError:
+        entries = []
+    places = [(root, "memory.max")]  # a namespace's own root
+    for _, controllers, path in entries:
+        if controllers == "":
+            places += [(os.path.join(root, path.strip("/")), "memory.max")]
+        elif "memory" in controllers.split(","):
+            places += [(os.path.join(root, "memory", path.strip("/")), "memory.limit_in_bytes")]
+    limits, tops = [], {os.path.normpath(root), os.path.normpath(os.path.join(root, "memory"))}
+    for folder, name in places:
+        while True:  # the cgroup, then each parent up to the hierarchy's root
+            with contextlib.suppress(OSError, ValueError):
+                with open(os.path.join(folder, name)) as f:
+                    limits.append(int(f.read()))  # "max": no limit, a ValueError
+            parent = os.path.dirname(os.path.normpath(folder))
+            if os.path.normpath(folder) in tops or parent == os.path.normpath(folder):
+                break
+            folder = parent
+    return min(limits) if limits else None
 
 
 def check_output_folder(flag: str, path: str) -> None:
@@ -320,7 +345,8 @@ def read_checkpoint(args, given: set[str], fmt: str, keys, model_fields, may_cha
         return None, []
     flag, path = checkpoint_flag(args)
     loaded = load_checkpoint(path, flag, fmt, keys)
-    names = model_fields if flag == "--checkpoint" else [f.name for f in dataclasses.fields(args)]
+    names = ([*model_fields, *(n for n in EVALUATION_FIELDS if hasattr(args, n))] if flag == "--checkpoint"
+             else [f.name for f in dataclasses.fields(args)])
     check_saved_flags(args, loaded, [n for n in names if n not in given and n not in INVOCATION_FIELDS], check)
     changes = take_flags_from_checkpoint(args, loaded["args"], flag, given, model_fields, may_change, INVOCATION_FIELDS)
     check_run_position(loaded, flag, path, args.num_envs * args.num_steps)
@@ -450,16 +476,55 @@ class StopOnSignal:
     def __init__(self):
         self.requested = None
         self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.stdout, sys.stdout = sys.stdout, StdoutGuard(sys.stdout)
 
     def request(self, signum, frame):
+        if self.requested and SAVING["now"]:  # at once, but after the checkpoint is whole
+            SAVING["interrupted"] = True
+            return
         if self.requested:
             raise KeyboardInterrupt
         self.requested = signum
-        print(f"\nsignal {signum}: saving a checkpoint and stopping", flush=True)
+        # inside a write to stdout (a blocked pipe) a print would raise: the line is only news
+        with contextlib.suppress(OSError, RuntimeError):
+            print(f"\nsignal {signum}: saving a checkpoint and stopping", flush=True)
 
     def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        if isinstance(sys.stdout, StdoutGuard):
+            sys.stdout = self.stdout
+
+
+class StdoutGuard:
+    """stdout for a run whose reader may go away: `python ... | tee log` and a Ctrl-C stop tee too, and the
+    next progress line would raise BrokenPipeError before the checkpoint is saved. Then the lines go to
+    os.devnull, as Python's documentation advises for SIGPIPE, and the run saves and stops."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.discard()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.discard()
+
+    def discard(self):
+        with contextlib.suppress(OSError, ValueError):  # no file descriptor (a test's capture): nothing to do
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def signal_deaf_vector_env(fns, autoreset_mode):
@@ -505,11 +570,47 @@ class CheckpointError(ArgError):
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Atomic: a crash mid-write leaves the previous checkpoint intact."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Atomic and durable: written to a file of this process's, synced, then renamed over the checkpoint, so
+    a crash, a power loss or another process saving beside it leaves the previous checkpoint whole. Ctrl-C
+    and SIGTERM wait until it is done (a second one would otherwise abort the write)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with second_signal_waits():
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        with contextlib.suppress(OSError, AttributeError):  # the rename itself, on disk (POSIX)
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+SAVING = {"now": False, "interrupted": False}  # StopOnSignal's second signal waits for a save in progress
+
+
+@contextlib.contextmanager
+def second_signal_waits():
+    """A second Ctrl-C or SIGTERM (StopOnSignal's "stop at once") that comes during the block takes effect
+    after it: a checkpoint half written would be lost (signals reach Python's handler in the main thread
+    whichever thread the system gives them to, so blocking them would not hold them)."""
+    SAVING["now"] = True
+    try:
+        yield
+    finally:
+        SAVING["now"] = False
+    if SAVING["interrupted"]:
+        SAVING["interrupted"] = False
+        raise KeyboardInterrupt
 
 
 def load_checkpoint(path: str, flag: str, fmt: str, required: set) -> dict:
@@ -589,8 +690,9 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch_state)
     np.random.set_state(np_state)
     random.setstate(py_state)
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] and torch.cuda.is_available():  # a run uses the first device; a node may show fewer
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 def load_snd_obs(path: str, obs_dim: int) -> torch.Tensor:
@@ -669,7 +771,7 @@ def restoring(args, loaded: dict, fresh: dict):
         raise CheckpointError(f"{flag}: {path!r} holds NaN or inf (in {where}): refused")
     try:
         yield
-    except (RuntimeError, ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
+    except (RuntimeError, ValueError, KeyError, IndexError, TypeError, AttributeError, OverflowError) as error:
         why = f"no {error.args[0]!r}" if isinstance(error, KeyError) and error.args else first_line(error, 200)
         raise CheckpointError(f"{flag}: {path!r} does not fit this script's model ({why})") from None
 
@@ -686,7 +788,8 @@ def nonfinite(saved, fresh, path: str = "") -> Optional[str]:
     if isinstance(saved, float):
         saved = torch.tensor(saved, dtype=torch.float64)
         fresh = torch.tensor(fresh, dtype=torch.float64) if isinstance(fresh, float) else fresh
-    if not (isinstance(saved, torch.Tensor) and saved.is_floating_point()) or torch.isfinite(saved).all():
+    if not (isinstance(saved, torch.Tensor) and (saved.is_floating_point() or saved.is_complex())) or \
+            torch.isfinite(saved).all():
         return None
     same = isinstance(fresh, torch.Tensor) and fresh.shape == saved.shape
     kept = (saved == fresh.to(saved)) | (saved.isnan() & fresh.to(saved).isnan()) if same else torch.zeros_like(saved).bool()

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -391,6 +392,79 @@ def test_signal_to_the_process_group_saves_a_checkpoint_that_resumes(script, sig
     assert code == 0, err
     assert f"at step {state['global_step']}" in out and f"global_step={budget} " in out, out
     assert run_dirs(tmp_path) == [run_dir] and load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))["global_step"] == budget
+
+
+def test_ctrl_c_after_the_reader_of_its_output_is_gone_still_saves(script, tmp_path):
+    """`python ... | tee log`: a Ctrl-C stops tee too, and the next progress line meets a closed pipe. The run
+    still saves its checkpoint and exits 0 (its lines go nowhere), instead of taking the pipe for its folder."""
+    argv = [sys.executable, "-u", f"{script.__name__}.py"] + tiny_args(tmp_path, "--total-timesteps", 32 * 10**6,
+                                                                     "--print-interval", 1, "--eval-interval", 10**9)
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    for line in process.stdout:
+        if line.startswith("global_step="):
+            break
+    process.stdout.close()  # the reader goes away, then the Ctrl-C
+    os.killpg(process.pid, signal.SIGINT)
+    assert process.wait(timeout=HANG) == 0, process.stderr.read()
+    (run_dir,) = run_dirs(tmp_path)
+    assert load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))["global_step"] >= 32
+    process.stderr.close()
+
+
+def test_a_second_signal_during_a_save_waits_for_it(tmp_path, monkeypatch):
+    """A second Ctrl-C (stop at once) while torch.save writes the checkpoint of the first: the file is written
+    whole and renamed into place, and only then does the interrupt take effect."""
+    extras = load_script("hypermarl_extras")
+    save = torch.save
+
+    def interrupted_save(state, f):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # the handler runs here, in the middle of the save
+        save(state, f)
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    path, stop = str(tmp_path / "checkpoint.pt"), extras.StopOnSignal()
+    stop.requested = signal.SIGINT  # the first signal: the run is saving its checkpoint
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            extras.save_checkpoint(path, {"weights": torch.arange(5)})
+    finally:
+        stop.restore()
+    assert torch.equal(torch.load(path, weights_only=True)["weights"], torch.arange(5))
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_cuda_random_states_of_more_devices_than_this_machine_sees_restore_the_ones_it_has(monkeypatch):
+    """A checkpoint written where 8 GPUs were visible resumes where one is (a Slurm job's CUDA_VISIBLE_DEVICES)."""
+    extras = load_script("hypermarl_extras")
+    state, restored = extras.rng_state(), []
+    state["cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((int(s[0]), device)))
+    extras.set_rng_state(state)
+    assert restored == [(0, 0)]
+
+
+def test_the_memory_limit_is_the_smallest_of_the_process_cgroup_and_its_parents(tmp_path):
+    """cgroup v2 (a Slurm job's limit sits on its own cgroup, not the root's) and v1's memory controller."""
+    extras = load_script("hypermarl_extras")
+    root = tmp_path / "cgroup"
+    for folder, name, value in (("", "memory.max", "max"), ("system.slice/job_7", "memory.max", "4000000"),
+                                ("system.slice", "memory.max", "9000000"), ("memory/slurm/uid_0/job_7",
+                                "memory.limit_in_bytes", "3000000"), ("memory", "memory.limit_in_bytes",
+                                "9223372036854771712")):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / name).write_text(value + "\n")
+    proc = tmp_path / "cgroup.txt"
+    proc.write_text("0::/system.slice/job_7\n")
+    assert extras.cgroup_memory_limit(str(proc), str(root)) == 4_000_000
+    proc.write_text("7:memory:/slurm/uid_0/job_7\n5:cpu,cpuacct:/slurm/uid_0/job_7\n")
+    assert extras.cgroup_memory_limit(str(proc), str(root)) == 3_000_000
+    proc.write_text("0::/\n")
+    assert extras.cgroup_memory_limit(str(proc), str(root)) is None  # "max" everywhere: no limit
+    assert extras.cgroup_memory_limit(str(tmp_path / "absent"), str(tmp_path / "none")) is None
 
 
 # ===== --eval-only, and SND on a shared dataset (appendix D.1.2) =====
@@ -799,6 +873,10 @@ FURTHER_DAMAGE = {  # a change to the checkpoint, and the start of what --resume
     "observation NaN": (lambda s: s["env"]["obs"].view(-1).__setitem__(0, float("nan")), "holds NaN or inf (in env/obs)"),
     "unknown scenario": (lambda s: s["args"].__setitem__("scenario", "football"),
                          "holds an invalid flag: --scenario: must be one of 'dispersion', 'navigation', got 'football'"),
+    "complex weights holding NaN": (lambda s: s["model"].__setitem__(first_weight(s), torch.full(
+        s["model"][first_weight(s)].shape, complex(float("nan"), 0))), "holds NaN or inf (in model/"),
+    "python random state out of range": (lambda s: s["rng"]["python"][1].__setitem__(0, 2**70),
+                                         "does not fit this script's model"),
 }
 
 
@@ -814,6 +892,32 @@ def test_further_damage_to_a_checkpoint_is_one_line_and_writes_nothing(script, s
         argv = ["--eval-only", "--checkpoint", checkpoint, "--capture-video", "--runs-dir", tmp_path / "videos"]
         assert_refused_and_nothing_written(script, argv, capsys, f"error: --checkpoint: {checkpoint!r} {message}",
                                            tmp_path)
+
+
+def test_eval_only_refuses_evaluation_flags_of_a_damaged_checkpoint(script, saved_run, tmp_path, capsys):
+    """--eval-only takes the run's --seed and evaluation sizes: from an edited file, checked like the model's."""
+    _, checkpoint = saved_run
+    tampered(checkpoint, lambda s: s["args"].__setitem__("seed", "1"))
+    argv = ["--eval-only", "--checkpoint", checkpoint, "--runs-dir", tmp_path / "eval"]
+    assert_refused_and_nothing_written(script, argv, capsys, f"error: --checkpoint: {checkpoint!r} holds an invalid "
+                                       "flag: --seed: must be an int, got '1'", tmp_path)
+
+
+def test_a_resume_checks_the_folder_it_will_write_into(script, saved_run, tmp_path, capsys, monkeypatch):
+    """The run goes on in its checkpoint's folder (not --runs-dir's): that folder is the one checked, before
+    anything is written (root may write where a test could make it read-only, so the check fails here)."""
+    run_dir, checkpoint = saved_run
+    check = script.extras.check_output_folder
+
+    def refusing(flag, path):
+        if os.path.abspath(path) == os.path.abspath(run_dir):
+            raise script.extras.ArgError(f"{flag}: {path!r} is not writable")
+        check(flag, path)
+
+    monkeypatch.setattr(script.extras, "check_output_folder", refusing)
+    argv = ["--resume", checkpoint, "--total-timesteps", 96]
+    assert_refused_and_nothing_written(script, argv, capsys, f"error: --resume: {os.path.abspath(run_dir)!r} is not "
+                                       "writable", run_dir)
 
 
 def test_checkpoints_of_other_scripts_and_files_that_are_not_files_are_named(script, tmp_path, capsys):
