@@ -206,7 +206,9 @@ def train(game: str, hypernet: str, n_agents: int, seeds: list[int], args: Args,
     pop = Population(hypernet, n_agents, seeds, args) if pop is None else pop
     params, num_updates = list(pop.params.values()), args.num_trials // args.batch_size
     optimizer = torch.optim.SGD(params, lr=args.learning_rate)
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds]  # one per seed: a seed's draws alone
+    # one per seed, a stream of its own: torch.manual_seed(seed) drew its initial weights (SeedSequence: apart)
+    generators = [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 1]).generate_state(1, np.uint64)[0]))
+                  for seed in seeds]
     history, evals = [], [(0, evaluate(pop, game, seeds, args.eval_trials, writers, 0))]
     start = printed_at = time.time()
     for update in range(1, num_updates + 1):

@@ -43,15 +43,13 @@ def test_team_reward_is_the_default_and_only_changes_games_where_payoffs_differ(
         assert (team["sampled"] == individual["sampled"] and team["grad_var"] == individual["grad_var"]) == same, (game, n)
 
 
-def test_fups_with_id_specialisation_n8_matches_table_2_with_the_team_reward():
-    # Table 2: 0.53 +- 0.09 over 5 seeds. The team reward (default) gives 0.55 +- 0.15 on seeds 1-5;
-    # each agent's own payoff learns faster (0.80 +- 0.19): more than one std from the paper.
-    paper_mean, paper_std = 0.53, 0.09
-    team = np.array(mg.train("specialisation", "fups", 8, [1, 2, 3, 4, 5], make_args(eval_interval=10_000))["argmax"])
-    assert abs(team.mean() - paper_mean) <= max(team.std(), paper_std)
-    individual = np.array(mg.train("specialisation", "fups", 8, [1, 2, 3, 4, 5],
-                                   make_args(reward="individual", eval_interval=10_000))["argmax"])
-    assert abs(individual.mean() - paper_mean) > max(individual.std(), paper_std)
+def test_fups_with_id_specialisation_n8_matches_tables_2_and_6_with_the_team_reward():
+    # Table 2: 0.53 +- 0.09, Table 6: .7275 +- .0293 over 5 seeds; the team reward (default) gives 0.72 +- 0.20
+    # and .7588 +- .1272 on seeds 1-5 (benchmark/results/matrix_games.md, section 4), each within one std.
+    out = mg.train("specialisation", "fups", 8, [1, 2, 3, 4, 5], make_args(eval_interval=10_000))
+    for ours, (paper_mean, paper_std) in ((np.array(out["argmax"]), (0.53, 0.09)),
+                                          (np.array(out["sampled"]), (0.7275, 0.0293))):
+        assert abs(ours.mean() - paper_mean) <= max(ours.std(), paper_std)
 
 
 # ----- Synchronisation at n = 8: learned only by chance -----
@@ -65,12 +63,12 @@ def test_fups_with_id_argmax_actions_coincide_at_initialisation_in_about_one_see
     assert 0.08 < coincide < 0.2, coincide
 
 
-@pytest.mark.parametrize("seed, learns", [(55, True), (92, True), (1, False)])
+@pytest.mark.parametrize("seed, learns", [(19, True), (88, True), (1, False)])
 def test_fups_without_id_learns_synchronisation_n8_only_after_a_batch_with_an_all_match_trial(seed, learns):
     # Table 6's FuPS .30 +- .35 is one seed in five at 1.0. The gradient is exactly zero until some
     # batch contains a trial where all 8 agents match (then the normalised returns differ), which
-    # happens to 5 seeds in 100 (benchmark/results/matrix_games_ablations/sync_n8_100_seeds): seeds 55
-    # and 92 are two of them, seed 1 is not.
+    # happens to 9 seeds in 100 (benchmark/results/matrix_games_ablations/sync_n8_100_seeds): seeds 19
+    # and 88 are two of them, seed 1 is not.
     out = mg.train("synchronisation", "fups-noid", 8, [seed], make_args(eval_interval=10_000))
     if learns:
         assert out["sampled"][0] > 0.99 and out["grad_var"][0] > 0
