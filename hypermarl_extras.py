@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import glob
 import io
 import os
 import pickle
@@ -217,8 +218,6 @@ def check_output(args, simulator: Optional[str] = None) -> None:
     eval_only = getattr(args, "eval_only", False)
     if not eval_only or getattr(args, "capture_video", False):
         check_output_folder("--runs-dir", args.runs_dir)
-    if getattr(args, "resume", None):  # unless --runs-dir moves it, the run goes on in its checkpoint's folder
-        check_output_folder("--resume", os.path.dirname(os.path.abspath(args.resume)))
     if args.track and not eval_only:
         try:
             import wandb  # noqa: F401
@@ -349,6 +348,8 @@ def read_checkpoint(args, given: set[str], fmt: str, keys, model_fields, may_cha
              else [f.name for f in dataclasses.fields(args)])
     check_saved_flags(args, loaded, [n for n in names if n not in given and n not in INVOCATION_FIELDS], check)
     changes = take_flags_from_checkpoint(args, loaded["args"], flag, given, model_fields, may_change, INVOCATION_FIELDS)
+    if flag == "--resume" and not any(change.startswith("--runs-dir ") for change in changes):
+        check_output_folder("--resume", os.path.dirname(os.path.abspath(path)))  # the run goes on in it (open_run)
     check_run_position(loaded, flag, path, args.num_envs * args.num_steps)
     return loaded, changes
 
@@ -593,6 +594,21 @@ def save_checkpoint(path: str, state: dict) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+    for stale in glob.glob(f"{glob.escape(path)}.*.tmp"):  # a save killed mid-write (SIGKILL, power loss)
+        pid = stale[len(path) + 1: -len(".tmp")]
+        if pid.isdigit() and not process_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.unlink(stale)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # another user's: alive
+        return True
+    return True
 
 
 SAVING = {"now": False, "interrupted": False}  # StopOnSignal's second signal waits for a save in progress
@@ -606,10 +622,9 @@ def second_signal_waits():
     SAVING["now"] = True
     try:
         yield
-    finally:
-        SAVING["now"] = False
-    if SAVING["interrupted"]:
-        SAVING["interrupted"] = False
+    finally:  # a failed save (a full disk) reports its own error; the next save starts clean either way
+        SAVING["now"], interrupted, SAVING["interrupted"] = False, SAVING["interrupted"], False
+    if interrupted:
         raise KeyboardInterrupt
 
 

@@ -63,12 +63,12 @@ def test_fups_with_id_argmax_actions_coincide_at_initialisation_in_about_one_see
     assert 0.08 < coincide < 0.2, coincide
 
 
-@pytest.mark.parametrize("seed, learns", [(19, True), (88, True), (1, False)])
+@pytest.mark.parametrize("seed, learns", [(19, True), (26, True), (1, False)])
 def test_fups_without_id_learns_synchronisation_n8_only_after_a_batch_with_an_all_match_trial(seed, learns):
     # Table 6's FuPS .30 +- .35 is one seed in five at 1.0. The gradient is exactly zero until some
     # batch contains a trial where all 8 agents match (then the normalised returns differ), which
     # happens to 9 seeds in 100 (benchmark/results/matrix_games_ablations/sync_n8_100_seeds): seeds 19
-    # and 88 are two of them, seed 1 is not.
+    # and 26 are two of them, seed 1 is not.
     out = mg.train("synchronisation", "fups-noid", 8, [seed], make_args(eval_interval=10_000))
     if learns:
         assert out["sampled"][0] > 0.99 and out["grad_var"][0] > 0

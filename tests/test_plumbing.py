@@ -435,6 +435,34 @@ def test_a_second_signal_during_a_save_waits_for_it(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
 
 
+def test_a_failed_save_leaves_no_interrupt_pending_and_a_save_clears_what_a_killed_one_left(tmp_path, monkeypatch):
+    """A second signal during a save that then fails (a full disk) does not surface at the next save; the file
+    a save killed mid-write left (its process gone) is removed by the next one; the data reach the disk."""
+    extras = load_script("hypermarl_extras")
+    save, path = torch.save, str(tmp_path / "checkpoint.pt")
+
+    def failing_save(state, f):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+        raise OSError(28, "No space left on device")
+
+    stop = extras.StopOnSignal()
+    stop.requested = signal.SIGINT
+    try:
+        monkeypatch.setattr(torch, "save", failing_save)
+        with pytest.raises(OSError):
+            extras.save_checkpoint(path, {"step": 1})
+        monkeypatch.setattr(torch, "save", save)
+        (tmp_path / "checkpoint.pt.999999999.tmp").write_bytes(b"half a checkpoint")  # no such process
+        synced = []
+        monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+        extras.save_checkpoint(path, {"step": 2})  # no KeyboardInterrupt left over
+    finally:
+        stop.restore()
+    assert torch.load(path, weights_only=True) == {"step": 2} and os.listdir(tmp_path) == ["checkpoint.pt"]
+    assert len(synced) == 2  # the file, then its folder (the rename)
+
+
 def test_cuda_random_states_of_more_devices_than_this_machine_sees_restore_the_ones_it_has(monkeypatch):
     """A checkpoint written where 8 GPUs were visible resumes where one is (a Slurm job's CUDA_VISIBLE_DEVICES)."""
     extras = load_script("hypermarl_extras")
@@ -918,6 +946,10 @@ def test_a_resume_checks_the_folder_it_will_write_into(script, saved_run, tmp_pa
     argv = ["--resume", checkpoint, "--total-timesteps", 96]
     assert_refused_and_nothing_written(script, argv, capsys, f"error: --resume: {os.path.abspath(run_dir)!r} is not "
                                        "writable", run_dir)
+    # --runs-dir elsewhere moves the run there (a read-only archive of checkpoints, a scratch disk): accepted
+    code, _, err = run_main(script, argv + ["--runs-dir", tmp_path / "scratch"], capsys)
+    assert code == 0, err
+    assert os.listdir(tmp_path / "scratch") == [os.path.basename(run_dir)]
 
 
 def test_checkpoints_of_other_scripts_and_files_that_are_not_files_are_named(script, tmp_path, capsys):

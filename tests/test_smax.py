@@ -268,6 +268,8 @@ def test_eval_only_prints_the_checkpoints_return_win_rate_and_snd(tmp_path, caps
     (["--gamma", "1.5"], "--gamma: must be in [0, 1]"),
     (["--hypernet-embedding", "onehot", "--hypernet-embedding-dim", "8"],
      "--hypernet-embedding-dim: only with --hypernet-embedding learned, got --hypernet-embedding onehot"),
+    (["--script", "mappo", "--hypernet-embedding", "onehot", "--no-hypernet-separate-embeddings"],
+     "--no-hypernet-separate-embeddings: only with --hypernet-embedding learned"),
     (["--script", "mappo", "--hypernet", "nops", "--no-hypernet-separate-embeddings"],
      "--no-hypernet-separate-embeddings: only with --hypernet mlp"),
 ])
