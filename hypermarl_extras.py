@@ -603,11 +603,11 @@ def save_checkpoint(path: str, state: dict) -> None:
 
 def process_alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):  # another user's: alive
-        return True
+    except OSError:  # another user's (PermissionError): alive
+        pass
     return True
 
 

@@ -816,7 +816,8 @@ def record_evaluation(evaluator, actor, obs_norm, args: Args, writer, run_dir: s
 
 class Evaluator:
     """eval_episodes deterministic episodes side by side, episode k seeded seed + 10000 + k: a restored checkpoint
-    scores what its run scored (--eval-only takes the run's seed). With --capture-video episode 0 renders (close() frees its GL context)."""
+    scores what its run scored (--eval-only takes the run's seed). With --capture-video episode 0 renders
+    (close() frees its GL context)."""
 
     def __init__(self, args: Args, device):
         self.envs = [MaMuJoCoEnv(args.task, args.obs_mode, args.agent_obsk, args.max_episode_steps,
