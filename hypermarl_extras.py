@@ -310,9 +310,9 @@ def first_line(error: BaseException, limit: int = 120) -> str:
 INVOCATION_FIELDS = ("resume", "eval_only", "checkpoint", "snd_obs_file")  # what to do, not what the run is
 # --eval-only meets the episodes and samples its run's evaluations met (seed + 10000), unless given otherwise
 EVALUATION_FIELDS = ("seed", "eval_episodes", "eval_deterministic", "snd_samples", "snd_gaussian_samples")
-# Flags of training that --eval-only would silently ignore: it writes no run, no checkpoint, no log, compiles nothing
-TRAINING_ONLY = ("save_model", "save_interval", "track", "wandb_project_name", "wandb_entity", "exp_name", "compile",
-                 "print_interval")
+# What --eval-only reads besides the model's flags, EVALUATION_FIELDS and INVOCATION_FIELDS: where it runs and
+# where a --capture-video video goes. Every other flag is training's, which it would silently ignore: refused.
+EVALUATION_RUN_FIELDS = ("cuda", "torch_deterministic", "torch_threads", "memory_check", "capture_video", "runs_dir")
 
 
 def read_checkpoint(args, given: set[str], fmt: str, keys, model_fields, may_change, check):
@@ -327,7 +327,8 @@ def read_checkpoint(args, given: set[str], fmt: str, keys, model_fields, may_cha
                        "--checkpoint: only with --eval-only (use --resume to continue training)")
     if args.eval_only and args.resume:
         raise ArgError("--resume: cannot be combined with --eval-only")
-    ignored = [name for name in TRAINING_ONLY if name in given] if args.eval_only else []
+    evaluation_flags = {*model_fields, *EVALUATION_FIELDS, *INVOCATION_FIELDS, *EVALUATION_RUN_FIELDS}
+    ignored = sorted(given - evaluation_flags) if args.eval_only else []
     if ignored:  # named as written
         written = ("--no-" + flag_of(ignored[0])[2:]) if getattr(args, ignored[0]) is False else flag_of(ignored[0])
         raise ArgError(f"{written}: only for training, not with --eval-only (it prints the evaluation and writes "

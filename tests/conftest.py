@@ -73,6 +73,11 @@ def tiny_args(runs_dir, *extra, scenario="dispersion"):
     return args + [str(x) for x in extra]
 
 
+def eval_args(runs_dir, checkpoint, *extra):
+    """--eval-only of a tiny run's checkpoint: the model's flags are the checkpoint's, training's are refused."""
+    return ["--eval-only", "--checkpoint", str(checkpoint), "--runs-dir", str(runs_dir), *(str(x) for x in extra)]
+
+
 def run_main(script, argv, capsys):
     """script.main(argv) in this process: (exit status, stdout, stderr)."""
     code = script.main([str(a) for a in argv])

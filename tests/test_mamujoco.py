@@ -1201,7 +1201,8 @@ def test_a_damaged_checkpoint_is_refused_before_anything_is_written(saved_run, t
     assert os.listdir(tmp_path) == [saved_run.name]
 
 
-@pytest.mark.parametrize("flags", [["--save-model"], ["--print-interval", "3"], ["--track"]])
+@pytest.mark.parametrize("flags", [["--save-model"], ["--print-interval", "3"], ["--track"], ["--num-envs", "2"],
+                                   ["--critic-learning-rate", "1e-3"], ["--no-async-envs"], ["--update-threads", "1"]])
 def test_eval_only_refuses_the_flags_of_training(saved_run, tmp_path, flags):
     argv = ["--eval-only", "--checkpoint", str(saved_run / "checkpoint.pt"), "--runs-dir", str(tmp_path), *flags]
     code, out, err = run_main(argv)

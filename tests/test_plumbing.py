@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import hypermarl_extras as extras
-from conftest import (HANG, ROOT, load_checkpoint, load_script, only_the_first_save_succeeds, read_args, run_dirs,
-                      run_main, run_python, scalar_tags, tiny_args, vmas_agent)
+from conftest import (HANG, ROOT, eval_args, load_checkpoint, load_script, only_the_first_save_succeeds, read_args,
+                      run_dirs, run_main, run_python, scalar_tags, tiny_args, vmas_agent)
 from conftest import tiny_mamujoco_args as tiny_argv
 
 # ===== The command line: a bad flag is one line, exit status 2, nothing written =====
@@ -236,7 +236,7 @@ def test_checkpoint_is_refused_when_incompatible_foreign_or_corrupt(script, tmp_
     cases = {
         "n_agents": (checkpoint, ["--n-agents", 3]),
         "hypernet": (checkpoint, ["--hypernet", "nops"]),
-        "scenario": (checkpoint, ["--scenario", "navigation"]),  # the last --scenario wins
+        "scenario": (checkpoint, ["--scenario", "navigation"]),
     }
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(open(checkpoint, "rb").read()[:500])
@@ -250,7 +250,7 @@ def test_checkpoint_is_refused_when_incompatible_foreign_or_corrupt(script, tmp_
     cases.update(corrupt=(str(corrupt), []), foreign=(str(foreign), []), hostile=(str(hostile), []),
                  older=(str(older), []))
     for name, (path, extra) in cases.items():
-        argv = tiny_args(tmp_path / "eval", "--eval-only", "--checkpoint", path, *extra)
+        argv = eval_args(tmp_path / "eval", path, *extra)
         code, out, err = run_main(script, argv, capsys)
         assert code == 2, name
         assert err.count("\n") == 1, (name, err)
@@ -502,7 +502,7 @@ def test_eval_only_reports_return_and_snd_and_writes_nothing(script, tmp_path, c
     (run_dir,) = run_dirs(tmp_path / "train")
     checkpoint = os.path.join(run_dir, "checkpoint.pt")
     before = sorted(os.listdir(run_dir))
-    code, out, err = run_main(script, tiny_args(tmp_path / "eval", "--eval-only", "--checkpoint", checkpoint), capsys)
+    code, out, err = run_main(script, eval_args(tmp_path / "eval", checkpoint), capsys)
     assert code == 0, err
     assert "eval/episodic_return=" in out and "diversity/snd=" in out
     ret, snd = (float(out.split(f"{tag}=")[1].split()[0]) for tag in ("eval/episodic_return", "diversity/snd"))
@@ -513,7 +513,8 @@ def test_eval_only_reports_return_and_snd_and_writes_nothing(script, tmp_path, c
 
 def test_eval_only_takes_the_model_flags_from_the_checkpoint(script, saved_run, tmp_path, capsys):
     _, checkpoint = saved_run  # trained with 16-unit layers: the default 64 64 would not load
-    code, out, err = run_main(script, ["--eval-only", "--checkpoint", checkpoint, "--eval-episodes", "2"], capsys)
+    argv = ["--eval-only", "--checkpoint", checkpoint, "--eval-episodes", "2", "--no-cuda", "--no-memory-check"]
+    code, out, err = run_main(script, argv, capsys)  # where it runs: an evaluation's flags too
     assert code == 0 and "eval/episodic_return=" in out, err
 
 
@@ -531,8 +532,7 @@ def test_snd_on_an_observation_file_and_the_dataset_builder(script, tmp_path, ca
     assert builder.main([str(a) for a in argv]) == 0
     obs = np.load(out)["obs"]
     assert obs.shape == (30, 4, 16)  # 120 // 4 rows of every agent's observation
-    code = script.main(tiny_args(tmp_path / "eval", "--eval-only", "--checkpoint", checkpoint,
-                                 "--snd-obs-file", out, "--hypernet", "nops"))
+    code = script.main(eval_args(tmp_path / "eval", checkpoint, "--snd-obs-file", out, "--hypernet", "nops"))
     printed = capsys.readouterr().out
     assert code == 0
     snd = float(printed.split("diversity/snd=")[1].split()[0])
@@ -880,9 +880,10 @@ def test_long_reasons_are_cut_at_a_word_with_an_ellipsis(script, tmp_path, capsy
 
 @pytest.mark.parametrize("extra", [["--save-model"], ["--no-save-model"], ["--track"], ["--compile"],
                                    ["--print-interval", 5], ["--exp-name", "named"], ["--wandb-entity", "team"],
-                                   ["--wandb-project-name", "project"]])
+                                   ["--wandb-project-name", "project"], ["--learning-rate", 1e-3], ["--num-envs", 8],
+                                   ["--anneal-lr"], ["--eval-interval", 64], ["--interference-samples", 8]])
 def test_eval_only_refuses_the_flags_of_training(script, saved_run, extra, tmp_path, capsys):
-    """They would be silently ignored: --eval-only writes no run, no checkpoint, no log."""
+    """They would be silently ignored: --eval-only trains nothing, writes no run, no checkpoint, no log."""
     _, checkpoint = saved_run
     argv = ["--eval-only", "--checkpoint", checkpoint, "--runs-dir", tmp_path / "eval", *extra]
     err = assert_refused_and_nothing_written(script, argv, capsys, f"error: {extra[0]}: ", tmp_path)

@@ -250,12 +250,16 @@ def test_resume_continues_bit_for_bit(script, tmp_path, capsys):
     assert all(torch.equal(x, y) for x, y in zip(a["env"]["leaves"], b["env"]["leaves"]))
 
 
-def test_eval_only_prints_the_checkpoints_return_win_rate_and_snd(tmp_path, capsys):
-    assert run_main(ippo, tiny(tmp_path, "--save-model"), capsys)[0] == 0
+def test_eval_only_prints_the_checkpoints_return_win_rate_and_snd(tmp_path, capfd):
+    """capfd: jaxmarl, on its first import (mabrax_env.py), points sys.stdout and sys.stderr at the process's own."""
+    assert run_main(ippo, tiny(tmp_path, "--save-model"), capfd)[0] == 0
     (run_dir,) = run_dirs(tmp_path)
     code, out, _ = run_main(ippo, ["--eval-only", "--checkpoint", os.path.join(run_dir, "checkpoint.pt"),
-                                   "--eval-episodes", "4"], capsys)
+                                   "--eval-episodes", "4"], capfd)
     assert code == 0 and "eval/win_rate=" in out and "diversity/snd=" in out
+    code, _, err = run_main(ippo, ["--eval-only", "--checkpoint", os.path.join(run_dir, "checkpoint.pt"),
+                                   "--num-envs", "2"], capfd)  # training's: it would be silently ignored
+    assert code == 2 and err.startswith("error: --num-envs: only for training, not with --eval-only"), err
     assert run_dirs(tmp_path) == [run_dir]
 
 
