@@ -575,7 +575,8 @@ def launch_submitit(runs, grid_dir, extra, opts) -> list[str]:
     params = dict(timeout_min=opts.timeout_min, cpus_per_task=opts.threads, gpus_per_node=gpus,
                   slurm_array_parallelism=opts.jobs, name=os.path.basename(grid_dir))
     if cluster == "slurm":
-        params.update(slurm_partition=opts.slurm_partition, slurm_additional_parameters=dict(requeue=True))
+        params.update(slurm_partition=opts.slurm_partition, slurm_additional_parameters=dict(requeue=True),
+                      slurm_signal_delay_s=opts.signal_delay_s)
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
     n = len(runs)
     jobs = executor.map_array(RunTask(), runs, [grid_dir] * n, [extra] * n, [opts.threads] * n)
@@ -898,10 +899,19 @@ def parse(argv):
     parser.add_argument("--ray-address", help="[ray] a running cluster (e.g. auto); default: start a local one")
     parser.add_argument("--slurm-partition", help="[slurm] partition")
     parser.add_argument("--timeout-min", type=at_least(1), default=240, help="[slurm] minutes per job before it is requeued")
+    parser.add_argument("--signal-delay-s", type=at_least(1),
+                        help="[slurm] seconds before --timeout-min that a run is asked to finish its iteration and save: "
+                             "more than one iteration (Navigation's takes minutes on a CPU; default 600, at most half "
+                             "the job; submitit's own is 90)")
     parser.add_argument("--wait", action="store_true", help="[slurm] wait for the array and print each run's state")
     opts = parser.parse_args(argv)
     if not 0 <= opts.gpus_per_run < math.inf:
         parser.error(f"--gpus-per-run: must be a number of at least 0, got {opts.gpus_per_run}")
+    if opts.signal_delay_s is None:
+        opts.signal_delay_s = min(600, 30 * opts.timeout_min)
+    elif opts.signal_delay_s >= 60 * opts.timeout_min:
+        parser.error(f"--signal-delay-s: must be less than --timeout-min in seconds ({60 * opts.timeout_min}), "
+                     f"got {opts.signal_delay_s}")
     if opts.seeds and (len(set(opts.seeds)) < len(opts.seeds) or min(opts.seeds) < 0):
         parser.error(f"--seeds: must be distinct and at least 0, got {' '.join(map(str, opts.seeds))}")
     check_writable(parser, "--out", grid_folder(opts))  # now, before any folder is made

@@ -456,6 +456,8 @@ BAD = [
     (["figure2-ippo", "--seeds", "4294967296", "1", "--", "--print-interval", "1"],  # the largest seed, not the last
      "--seeds: ippo_hyper_vmas.py: --seed: must be between 0 and 4294957295, got 4294967296"),
     (["figure2-ippo", "--out", "/proc/x"], "--out: '/proc' is not writable"),  # root too: /proc takes no new folder
+    (["figure2-ippo", "--backend", "slurm", "--timeout-min", "5", "--signal-delay-s", "300"],
+     "--signal-delay-s: must be less than --timeout-min in seconds (300), got 300"),
 ]
 
 
@@ -472,6 +474,31 @@ def test_launch_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkey
     lines = captured.err.strip().splitlines()
     assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), captured.err
     assert captured.out == "" and os.listdir(tmp_path) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("flags, delay", [([], 600), (["--timeout-min", "10"], 300), (["--signal-delay-s", "900"], 900)])
+def test_slurm_asks_a_run_to_save_long_enough_before_its_time_limit(tmp_path, monkeypatch, flags, delay):
+    """submitit signals a job 90 s before its limit unless told otherwise: less than one Navigation
+    iteration on a CPU, so the run would die before its save. The array gets --signal-delay-s."""
+    submitit = pytest.importorskip("submitit")
+    launch_module, seen = load_launch(), {}
+
+    class Executor:  # records what launch.py asks of Slurm; submits nothing
+        def __init__(self, folder, cluster, **kwargs):
+            seen.update(cluster=cluster, **kwargs)
+
+        def update_parameters(self, **params):
+            seen.update(params)
+
+        def map_array(self, task, runs, *rest):
+            return [type("Job", (), {"job_id": "7_0"})()]
+
+    monkeypatch.setattr(submitit, "AutoExecutor", Executor)
+    opts, extra = launch_module.parse(["figure2-ippo", "--backend", "slurm", "--out", str(tmp_path), *flags])
+    runs = launch_module.select(launch_module.GRIDS[opts.grid](), opts)[:1]
+    launch_module.launch_submitit(runs, str(tmp_path / "grid"), extra, opts)
+    assert seen["cluster"] == "slurm" and seen["slurm_signal_delay_s"] == delay
+    assert seen["slurm_additional_parameters"] == dict(requeue=True)
 
 
 CORRUPT_SUMMARIES = {"cut short": '{"format": "hypermarl-summary/1", "total_timesteps": 2', "a list": "[1, 2]",
