@@ -73,6 +73,12 @@ def tiny_args(runs_dir, *extra, scenario="dispersion"):
     return args + [str(x) for x in extra]
 
 
+def tiny_or_eval_args(runs_dir, *extra):
+    """tiny_args, or with --eval-only only the folder and extra: the model's flags are the checkpoint's, and the
+    flags of training are refused."""
+    return ["--runs-dir", str(runs_dir), *map(str, extra)] if "--eval-only" in extra else tiny_args(runs_dir, *extra)
+
+
 def eval_args(runs_dir, checkpoint, *extra):
     """--eval-only of a tiny run's checkpoint: the model's flags are the checkpoint's, training's are refused."""
     return ["--eval-only", "--checkpoint", str(checkpoint), "--runs-dir", str(runs_dir), *(str(x) for x in extra)]

@@ -20,8 +20,9 @@ import torch
 
 import hypermarl_extras as extras
 import mappo_hyper_mamujoco as mj  # conftest puts the repository on sys.path
-from conftest import (HANG, ROOT, only_the_first_save_succeeds, parsed, read_args, run_dirs, run_mamujoco as run_main,
-                      run_python, scalar_tags, tiny_mamujoco_args as tiny_argv)
+from conftest import (HANG, ROOT, eval_args, only_the_first_save_succeeds, parsed, read_args, run_dirs,
+                      run_mamujoco as run_main, run_python, scalar_tags, tiny_mamujoco_args as tiny_argv,
+                      tiny_or_eval_args)
 
 TASKS = list(mj.TASK_PRESETS)
 FAMILIES = ["mlp", "linear", "fups", "nops"]
@@ -510,12 +511,11 @@ def test_checkpoint_restores_normalisers_and_scores_what_the_run_scored(tmp_path
     state = torch.load(path, weights_only=True)
     assert state["obs_norm"]["state"]["count"] > 60  # observation statistics are in the checkpoint
     assert state["value_norm"]["debiasing_term"] > 0  # and the value normaliser's
-    eval_argv = [a for a in argv if a != "--save-model"] + ["--eval-only", "--checkpoint", path]
-    code, out, err = run_main(eval_argv)
+    code, out, err = run_main(eval_args(tmp_path, path))
     assert code == 0, err
     assert float(out.split("eval/episodic_return=")[1].split()[0]) == pytest.approx(run_eval, abs=5e-4)
     # without the saved normaliser statistics the same weights score differently
-    args = mj.parse_args(eval_argv, mj.flags_given(eval_argv))
+    args = mj.parse_args(argv, mj.flags_given(argv))
     evaluator = mj.Evaluator(args, torch.device("cpu"))
     probe = evaluator.envs[0]
     actor = mj.GaussianActor(args, probe.n_agents, probe.actor_obs_dim, probe.act_dim, probe.act_mask)
@@ -687,14 +687,14 @@ def test_checkpoint_without_normalisers_is_refused(tmp_path):
     state = torch.load(path, weights_only=True)
     del state["obs_norm"]
     torch.save(state, path)
-    code, _, err = run_main(tiny_argv(tmp_path, "--eval-only", "--checkpoint", path))
+    code, _, err = run_main(eval_args(tmp_path, path))
     assert code == 2 and f"is not a {mj.CHECKPOINT_FORMAT} checkpoint" in err
 
 
 def test_checkpoint_of_another_task_is_refused(tmp_path):
     code, out, _ = run_main(tiny_argv(tmp_path, "--save-model"))
     path = [ln.split()[1] for ln in out.splitlines() if ln.startswith("checkpoint: ")][0]
-    code, _, err = run_main(tiny_argv(tmp_path, "--eval-only", "--checkpoint", path, task="Walker2d-2x3"))
+    code, _, err = run_main(eval_args(tmp_path, path, "--task", "Walker2d-2x3"))
     assert code == 2 and err.startswith("error: --task: the checkpoint's run has 'HalfCheetah-2x3', not 'Walker2d-2x3'")
 
 
@@ -915,7 +915,9 @@ def test_bad_input_of_a_run_that_would_start_is_one_line(tmp_path, flags, needle
     """tiny_argv: a short run if the input were accepted."""
     runs = tmp_path / "runs"
     argv = tiny_argv(runs, *flags, hypernet="fups" if "--hypernet" in flags else "mlp")
-    if "--hypernet" in flags:  # the flag under test names the family
+    if "--eval-only" in flags:  # the flags of training are refused with it: the folder and the flags under test
+        argv = ["--runs-dir", str(runs), *flags]
+    elif "--hypernet" in flags:  # the flag under test names the family
         i = argv.index("--hypernet")
         del argv[i: i + 2]
     code, out, err = run_main(argv)
@@ -942,7 +944,8 @@ def test_empty_checkpoint_file_is_one_line(tmp_path, flag):
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
     extra = ["--resume", empty] if flag == "--resume" else ["--eval-only", "--checkpoint", empty]
-    code, out, err = run_main(tiny_argv(tmp_path / "runs", *extra))
+    code, out, err = run_main(tiny_or_eval_args(tmp_path / "runs", *extra) if flag == "--checkpoint"
+                              else tiny_argv(tmp_path / "runs", *extra))
     assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {flag}: "), err
     assert not (tmp_path / "runs").exists()
 
@@ -950,7 +953,7 @@ def test_empty_checkpoint_file_is_one_line(tmp_path, flag):
 def test_checkpoint_with_code_in_it_is_refused_without_torchs_advice(tmp_path):
     path = tmp_path / "code.pt"
     torch.save({"format": mj.CHECKPOINT_FORMAT, "args": argparse_namespace()}, path)
-    code, out, err = run_main(tiny_argv(tmp_path / "runs", "--eval-only", "--checkpoint", path))
+    code, out, err = run_main(eval_args(tmp_path / "runs", path))
     assert code == 2 and err.count("\n") == 1, err
     assert "holds objects other than tensors and plain data: refused" in err and "weights_only" not in err
 

@@ -19,7 +19,7 @@ import torch
 
 import hypermarl_extras as extras
 from conftest import (HANG, ROOT, eval_args, load_checkpoint, load_script, only_the_first_save_succeeds, read_args,
-                      run_dirs, run_main, run_python, scalar_tags, tiny_args, vmas_agent)
+                      run_dirs, run_main, run_python, scalar_tags, tiny_args, tiny_or_eval_args, vmas_agent)
 from conftest import tiny_mamujoco_args as tiny_argv
 
 # ===== The command line: a bad flag is one line, exit status 2, nothing written =====
@@ -67,7 +67,7 @@ NAVIGATION_BAD_INPUT = [
 @pytest.mark.parametrize("extra,flag", BAD_INPUT + [(["--scenario", "navigation"] + e, f) for e, f in NAVIGATION_BAD_INPUT
                                                     if f is not None])
 def test_bad_input_is_one_line_exit_2_nothing_written(script, extra, flag, tmp_path, capsys):
-    code, out, err = run_main(script, tiny_args(tmp_path / "runs", *extra), capsys)
+    code, out, err = run_main(script, tiny_or_eval_args(tmp_path / "runs", *extra), capsys)
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and flag in err, err
     assert not os.path.exists(tmp_path / "runs")
@@ -290,7 +290,7 @@ def test_empty_checkpoint_file_is_one_line(script, flag, tmp_path, capsys):
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
     extra = ["--resume", empty] if flag == "--resume" else ["--eval-only", "--checkpoint", empty]
-    code, out, err = run_main(script, tiny_args(tmp_path / "runs", *extra), capsys)
+    code, out, err = run_main(script, tiny_or_eval_args(tmp_path / "runs", *extra), capsys)
     assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {flag}: "), err
     assert not os.path.exists(tmp_path / "runs")
 
@@ -558,7 +558,7 @@ def test_bad_snd_obs_file_is_one_line_exit_2(script, tmp_path, capsys, extra, me
     np.savez(bad, obs=np.zeros((5, 7), dtype=np.float32))  # wrong observation size
     extra = [str(bad) if e == "BAD" else os.path.join(run_dir, "checkpoint.pt") if e == "CKPT" else e for e in extra]
     capsys.readouterr()
-    assert script.main(tiny_args(tmp_path / "eval", *extra)) == 2
+    assert script.main(tiny_or_eval_args(tmp_path / "eval", *extra)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {message}"), err
     assert not os.path.exists(tmp_path / "eval")
@@ -579,7 +579,7 @@ def test_snd_obs_files_that_are_not_datasets_are_refused(script, tmp_path, capsy
     (run_dir,) = run_dirs(tmp_path / "train")
     capsys.readouterr()
     argv = ["--eval-only", "--checkpoint", os.path.join(run_dir, "checkpoint.pt"), "--snd-obs-file", tmp_path / "array.npy"]
-    assert script.main(tiny_args(tmp_path / "eval", *argv)) == 2
+    assert script.main(tiny_or_eval_args(tmp_path / "eval", *argv)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: --snd-obs-file: "), err
 
