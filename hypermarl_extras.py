@@ -347,7 +347,9 @@ def read_checkpoint(args, given: set[str], fmt: str, keys, model_fields, may_cha
     loaded = load_checkpoint(path, flag, fmt, keys)
     names = ([*model_fields, *(n for n in EVALUATION_FIELDS if hasattr(args, n))] if flag == "--checkpoint"
              else [f.name for f in dataclasses.fields(args)])
-    check_saved_flags(args, loaded, [n for n in names if n not in given and n not in INVOCATION_FIELDS], check)
+    # Every flag the file holds is checked as the file's, the ones given too: a saved flag that fits the file's
+    # other flags but not a given one is the command line's conflict, which take_flags_from_checkpoint names
+    check_saved_flags(args, loaded, [n for n in names if n not in INVOCATION_FIELDS], check)
     changes = take_flags_from_checkpoint(args, loaded["args"], flag, given, model_fields, may_change, INVOCATION_FIELDS)
     if flag == "--resume" and not any(change.startswith("--runs-dir ") for change in changes):
         check_output_folder("--resume", os.path.dirname(os.path.abspath(path)))  # the run goes on in it (open_run)
@@ -361,10 +363,10 @@ def checkpoint_flag(args) -> tuple[str, str]:
 
 
 def check_saved_flags(args, loaded: dict, taken: list[str], check) -> None:
-    """The flags the run takes from the checkpoint (taken), as the script's check sees them: a run saves only
-    valid ones, so an invalid one is the file's fault (edited or damaged), said so before any of them is used.
-    A broken rule that names no taken flag (a flag of the command line, this machine's memory) is left to
-    the script's own check of the whole command line, which follows."""
+    """The flags the checkpoint defines for the run (taken), together, as the script's check sees them: a run
+    saves only valid ones, so an invalid one is the file's fault (edited or damaged), said so before any of them
+    is used. A broken rule that names no taken flag (a flag of the command line, this machine's memory) is left
+    to the script's own check of the whole command line, which follows."""
     flag, path = checkpoint_flag(args)
     saved, hints = loaded["args"], typing.get_type_hints(type(args))
     if not isinstance(saved, dict):

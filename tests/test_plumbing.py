@@ -322,6 +322,12 @@ def test_resume_refuses_flags_that_would_change_the_run(script, saved_run, extra
     assert {name: os.path.getmtime(os.path.join(run_dir, name)) for name in os.listdir(run_dir)} == before
 
 
+def test_a_given_flag_that_breaks_a_saved_one_is_the_command_lines_conflict_not_the_files(script, saved_run, capsys):
+    """8 -> 100 steps would break the saved --total-timesteps 64 (less than a batch): the file is intact."""
+    code, _, err = run_main(script, ["--resume", saved_run[1], "--num-steps", "100"], capsys)
+    assert code == 2 and err.startswith("error: --num-steps: the checkpoint's run has 8, not 100"), err
+
+
 def test_resume_with_a_budget_below_what_the_run_did_says_so(script, saved_run, capsys):
     """Not "must be at least one batch": the reason is the steps the run has already trained."""
     code, _, err = run_main(script, ["--resume", saved_run[1], "--total-timesteps", "16"], capsys)
