@@ -1027,8 +1027,13 @@ def open_run(args, loaded, changes):
     from torch.utils.tensorboard import SummaryWriter
 
     run_dir = os.path.join(args.runs_dir, f"{prefix}__{int(time.time())}")
+    try:  # the library checks --runs-dir before anything is built; a copy alone, at its first write (one line)
+        writer = SummaryWriter(run_dir)
+    except OSError as error:
+        print(f"error: --runs-dir: cannot create a run folder in {args.runs_dir!r} ({error.strerror})", file=sys.stderr)
+        sys.exit(2)
     print(f"run: {run_dir}")
-    return run_dir, SummaryWriter(run_dir), 0, 1
+    return run_dir, writer, 0, 1
 
 def save_run(path, args, run_name, agent, optimizer, envs, carry: Carry, global_step, iteration):
     """Everything a resumed run needs to go on bit for bit, written atomically (hypermarl_extras.py)."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import importlib
+import importlib.util
 import json
 import math
 import os
@@ -147,10 +147,15 @@ def paper_defaults(args: Args, given: set[str]) -> Args:
         if goals and (args.hypernet, n) in NAVIGATION_CLIP:
             values["clip_coef"] = NAVIGATION_CLIP[args.hypernet, n][GOALS.index(goals)]
         if args.hypernet in BASELINES:  # its row of Table 15, and Table 14
-            values.update(importlib.import_module(BASELINES[args.hypernet]).navigation_defaults(n, goals))
+            values.update(baseline_module(args).navigation_defaults(n, goals))
     eval_interval = args.eval_interval if "eval_interval" in given else values.get("eval_interval", args.eval_interval)
     values["save_interval"] = eval_interval
     return dataclasses.replace(args, **{k: v for k, v in values.items() if k not in given})
+
+def baseline_module(args: Args):
+    if importlib.util.find_spec(name := BASELINES[args.hypernet]) is None:  # a copy of this script alone
+        raise ValueError(f"--hypernet {args.hypernet}: needs {name}.py beside this script")
+    return importlib.import_module(name)
 
 
 # ===== Hypernetworks (Eq. 5, Eq. 6, section 4.3) =====
@@ -417,7 +422,7 @@ def make_agent(args: Args, obs_dim: int, act_dim: int, discrete: bool) -> nn.Mod
         parts = dict(SharedNet=SharedNet, IndependentNets=IndependentNets, family_net=family_net, Weights=Weights,
                      batched_mlp=batched_mlp, sample_action=sample_action, log_prob_entropy=log_prob_entropy,
                      critic_input=critic_input)
-        return importlib.import_module(BASELINES[args.hypernet]).Agent(args, obs_dim, act_dim, discrete, parts)
+        return baseline_module(args).Agent(args, obs_dim, act_dim, discrete, parts)
     return Agent(args, obs_dim, act_dim, discrete)
 
 
@@ -828,8 +833,9 @@ SCENARIO_OPTIONS = {
 class VmasEnv:
     """VMAS with agent-major tensors, terminated/truncated kept apart and in-place auto-reset: step()
     returns the next observations (fresh where an episode ended: a new episode's first action sees its
-    own) and the ended episodes' final observations (to bootstrap V after a time limit). Each instance
-    owns its random stream: VMAS keeps one for all, which would tie training and evaluation together."""
+    own) and the ended episodes' final observations (to bootstrap V after a time limit). Each instance owns
+    its CPU random stream: VMAS keeps one for all, which would tie training and evaluation together (on CUDA
+    VMAS draws from torch's CUDA generator, shared with the policy; evaluate() forks and seeds it)."""
 
     def __init__(self, args: Args, num_envs: int, seed: int, device: torch.device):
         import vmas
@@ -840,9 +846,14 @@ class VmasEnv:
         kwargs = {name: getattr(args, name) for name in SCENARIO_OPTIONS[args.scenario]}
         with self.own_rng(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            self.env = vmas.make_env(args.scenario, num_envs=num_envs, device=device, seed=seed,
-                                     continuous_actions=args.continuous_actions, max_steps=args.max_steps,
-                                     terminated_truncated=True, n_agents=args.n_agents, **kwargs)
+            warnings.filterwarnings("error", "It is taking many iterations to spawn")  # VMAS would try forever
+            try:
+                self.env = vmas.make_env(args.scenario, num_envs=num_envs, device=device, seed=seed,
+                                         continuous_actions=args.continuous_actions, max_steps=args.max_steps,
+                                         terminated_truncated=True, n_agents=args.n_agents, **kwargs)
+            except UserWarning:
+                raise ValueError(f"--n-agents {args.n_agents}, --agent-radius {args.agent_radius}: VMAS finds no "
+                                 "place for every agent and goal in 50,000 tries; use fewer or smaller agents") from None
         unused = [str(w.message) for w in caught if "not used" in str(w.message)]
         if unused:  # VMAS only warns about keyword arguments it ignores: refuse them instead (exit status 2)
             raise ValueError(f"--scenario {args.scenario}: {unused[0]}")
@@ -1002,6 +1013,11 @@ def flag_rules(args: Args, given: set[str], resume_rules=()):
         f"--num-minibatches: must divide num_envs * num_steps = {batch}, got {args.num_minibatches!r}"
     yield args.total_timesteps < batch, \
         f"--total-timesteps: must be at least num_envs * num_steps = {batch}, got {args.total_timesteps!r}"
+    if args.hypernet == "nops" and args.norm_adv:  # each agent's advantages normalised alone: a std of 2 or more
+        yield batch // args.num_minibatches < 2, f"--num-minibatches: with --hypernet nops a minibatch needs at least " \
+            f"2 samples (advantages are normalised per agent), got {batch // args.num_minibatches}"
+        yield args.interference_samples < 2, "--interference-samples: with --hypernet nops at least 2 (advantages " \
+            f"are normalised per agent), got {args.interference_samples}"
     yield args.hypernet_init == "matched" and args.hypernet == "linear", \
         "--hypernet-init: matched is for --hypernet mlp, got --hypernet linear"  # the linear one's scaled init is exact
     if args.scenario == "navigation":
@@ -1011,7 +1027,7 @@ def flag_rules(args: Args, given: set[str], resume_rules=()):
         yield args.split_goals and (n % 2 or same != n // 2), \
             f"--split-goals: needs an even n_agents and --agents-with-same-goal n/2, got n={n}, same={same}"
     if args.hypernet in BASELINES:
-        yield from importlib.import_module(BASELINES[args.hypernet]).flag_rules(args)
+        yield from baseline_module(args).flag_rules(args)
     if args.memory_check and extras and (have := extras.machine_memory(args.cuda)) is not None:
         need = memory_needed(args)
         yield sum(need.values()) > have, \
@@ -1022,7 +1038,8 @@ def flag_rules(args: Args, given: set[str], resume_rules=()):
 def memory_needed(args: Args) -> dict[str, int]:
     """A lower bound of the bytes a run holds, by part, before anything is built (float32): the rollout and
     its batch, both simulators, every network with its gradients and Adam's moments, the generated weights,
-    the interference's per-agent gradients, a minibatch's activations (w/o GD: its per-sample weights)."""
+    the interference's per-agent gradients, a minibatch's activations (w/o GD: its per-sample weights), and
+    with Gaussian policies SND's Monte Carlo draws (float64, three tensors of them at once)."""
     n, E, T, mb = args.n_agents, args.num_envs, args.num_steps, args.num_envs * args.num_steps // args.num_minibatches
     obs, act = (4 + 3 * args.n_food if args.scenario == "dispersion" else 18), (2 if args.continuous_actions else 9)
     critic_in = critic_input(torch.zeros(n, 1, obs, device="meta")).shape[-1]
@@ -1031,10 +1048,14 @@ def memory_needed(args: Args) -> dict[str, int]:
     copies = {"mlp": args.hypernet_hidden_dims[-1] + 1, "linear": n + 1, "fups": 1}.get(args.hypernet, n)
     per_sample = args.hypernet in ("mlp", "linear") and args.hypernet_input == "agent+obs"
     activations = mb * n * (obs + sum(args.actor_hidden_dims) + sum(args.critic_hidden_dims) + act) + mb * critic_in
+    trunks = 2 * (len(args.actor_hidden_dims) + len(args.critic_hidden_dims) + 2)  # [mlp] their first layers' inputs
+    embeddings = args.hypernet_embedding_dim * (n + trunks * args.hypernet_hidden_dims[0]) if args.hypernet == "mlp" else 0
+    snd = 24 * args.snd_gaussian_samples * n * (n - 1) // 2 * min(args.snd_samples, 10_000) * act
     return dict(rollout=4 * T * n * E * (3 * obs + 12),
                 simulators=4 * (E + args.eval_episodes) * (2 * n * 64 + n * obs * 4),  # agents, food or goals
-                networks=4 * ((m_actor + m_critic) * (4 * copies + 2 * n) + n * m_actor * copies),
-                minibatch=4 * (activations + (mb * n * (m_actor + m_critic) if per_sample else 0)))
+                networks=4 * ((m_actor + m_critic) * (4 * copies + 2 * n) + n * m_actor * copies + 4 * embeddings),
+                minibatch=4 * (activations + (mb * n * (m_actor + m_critic) if per_sample else 0))) | (
+                dict(snd=snd) if args.continuous_actions else {})
 
 def parse_args(argv: list[str], given: set[str]) -> Args:
     """The flags given, the paper's values for the others (--help shows them)."""
@@ -1077,8 +1098,13 @@ def open_run(args, loaded, changes):
     from torch.utils.tensorboard import SummaryWriter
 
     run_dir = os.path.join(args.runs_dir, f"{prefix}__{int(time.time())}")
+    try:  # the library checks --runs-dir before anything is built; a copy alone, at its first write (one line)
+        writer = SummaryWriter(run_dir)
+    except OSError as error:
+        print(f"error: --runs-dir: cannot create a run folder in {args.runs_dir!r} ({error.strerror})", file=sys.stderr)
+        sys.exit(2)
     print(f"run: {run_dir}")
-    return run_dir, SummaryWriter(run_dir), 0, 1
+    return run_dir, writer, 0, 1
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1133,7 +1133,8 @@ def memory_needed(args: Args) -> dict[str, int]:
     """A lower bound of the bytes a run holds, by part, before anything is built: the environments (a worker
     process holds 8 MiB of its own, an environment in this process 1 MiB: benchmark/memory_estimate.py), the
     rollout and its batch (float32), the networks with their gradients and Adam's moments, the interference's
-    per-agent gradients, a minibatch's activations (w/o GD: a chunk of per-sample weights)."""
+    per-agent gradients, a minibatch's activations (w/o GD: a chunk of per-sample weights), SND's Monte Carlo
+    draws (float64, three tensors of them at once)."""
     (n, A, S), E, T = TASK_SHAPES[args.task], args.num_envs, args.num_steps
     D, C = (S + n if args.obs_mode == "global" else S // n), (n if args.critic == "per-agent" else 1)
     mb, mb_critic = T * E // args.num_minibatches, T * E // args.critic_num_minibatches
@@ -1146,7 +1147,8 @@ def memory_needed(args: Args) -> dict[str, int]:
                 rollout=4 * T * E * (2 * n * (D + A) + 2 * S + 8),
                 networks=4 * (m_actor * (4 * copies + 2 * n + n * copies) + 4 * C * m_critic),
                 minibatch=4 * (mb * n * (D + sum(args.actor_hidden_dims) + A) + C * mb_critic * (
-                    S + sum(args.critic_hidden_dims)) + (min(mb * n * m_actor, 2**25) if per_sample else 0)))
+                    S + sum(args.critic_hidden_dims)) + (min(mb * n * m_actor, 2**25) if per_sample else 0)),
+                snd=24 * args.snd_gaussian_samples * n * (n - 1) // 2 * args.snd_samples * A)
 
 def parse_args(argv: list[str], given: set[str]) -> Args:
     """The flags given, the paper's values for the others (--help shows them)."""
@@ -1189,8 +1191,13 @@ def open_run(args, loaded, changes):
     from torch.utils.tensorboard import SummaryWriter
 
     run_dir = os.path.join(args.runs_dir, f"{prefix}__{int(time.time())}")
+    try:  # the library checks --runs-dir before anything is built; a copy alone, at its first write (one line)
+        writer = SummaryWriter(run_dir)
+    except OSError as error:
+        print(f"error: --runs-dir: cannot create a run folder in {args.runs_dir!r} ({error.strerror})", file=sys.stderr)
+        sys.exit(2)
     print(f"run: {run_dir}")
-    return run_dir, SummaryWriter(run_dir), 0, 1
+    return run_dir, writer, 0, 1
 
 if __name__ == "__main__":
     sys.exit(main())

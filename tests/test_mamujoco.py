@@ -669,7 +669,8 @@ def test_the_memory_estimate_grows_with_what_the_run_holds():
     base = read_args(mj, tiny_argv("runs"))
     total = sum(mj.memory_needed(base).values())
     for bigger in (dict(num_envs=4), dict(num_steps=64), dict(eval_episodes=8), dict(task="Humanoid-17x1"),
-                   dict(actor_hidden_dims=[64, 64]), dict(hypernet_input="agent+obs"), dict(critic="per-agent")):
+                   dict(actor_hidden_dims=[64, 64]), dict(hypernet_input="agent+obs"), dict(critic="per-agent"),
+                   dict(snd_gaussian_samples=16), dict(snd_samples=40)):
         assert sum(mj.memory_needed(dataclasses.replace(base, **bigger)).values()) > total, bigger
 
 
@@ -1145,6 +1146,20 @@ def test_a_copy_of_the_script_alone_checks_its_flags(tmp_path, flags, message):
     assert os.listdir(alone) == ["mappo_hyper_mamujoco.py"]  # no run folder
     assert run_main(["--runs-dir", str(tmp_path / "runs"), *flags.split()]) == (2, "", f"error: {message}\n")
     assert os.listdir(tmp_path) == ["alone"]
+
+
+def test_a_copy_of_the_script_alone_refuses_a_runs_dir_it_cannot_create(tmp_path):
+    """Without the library's check, at the first write: one line, exit status 2, nothing written."""
+    import shutil
+
+    shutil.copy(SCRIPT, tmp_path)
+    (tmp_path / "blocker").write_text("")  # a file where --runs-dir needs a folder
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "mappo_hyper_mamujoco.py", "--num-envs", "2", "--runs-dir", "blocker/runs"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG)
+    assert done.returncode == 2 and not done.stdout, done.stderr
+    assert done.stderr == "error: --runs-dir: cannot create a run folder in 'blocker/runs' (Not a directory)\n"
+    assert sorted(os.listdir(tmp_path)) == ["blocker", "mappo_hyper_mamujoco.py"]
 
 
 def test_capture_video_without_a_renderer_fails_at_once(tmp_path, monkeypatch):

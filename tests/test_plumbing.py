@@ -49,6 +49,8 @@ BAD_INPUT = [
     (["--resume", "/"], "--resume"),  # a folder
     (["--eval-only", "--checkpoint", "/"], "--checkpoint"),
     (["--save-interval", 32], "--save-interval"),  # only with --save-model
+    (["--hypernet", "nops", "--num-minibatches", 32], "--num-minibatches: with --hypernet nops"),  # a std of 1 sample
+    (["--hypernet", "nops", "--interference-samples", 1], "--interference-samples: with --hypernet nops"),
     (["--n-agents", 100_000], "--n-agents 100000"),  # more memory than any machine: refused at once, not a hang
     (["--num-envs", 100_000_000, "--total-timesteps", 800_000_000], "--num-envs 100000000"),
 ]
@@ -89,8 +91,13 @@ def test_the_memory_estimate_grows_with_what_the_run_holds(script):
     total = sum(script.memory_needed(base).values())
     assert 2**20 < total < 2**30
     for bigger in (dict(n_agents=8, n_food=8), dict(num_envs=32), dict(num_steps=256), dict(eval_episodes=64),
-                   dict(actor_hidden_dims=[128, 128]), dict(hypernet_input="agent+obs"), dict(hypernet_hidden_dims=[128])):
+                   dict(actor_hidden_dims=[128, 128]), dict(hypernet_input="agent+obs"), dict(hypernet_hidden_dims=[128]),
+                   dict(hypernet_embedding_dim=64), dict(continuous_actions=True)):
         assert sum(script.memory_needed(dataclasses.replace(base, **bigger)).values()) > total, bigger
+    gaussian = dataclasses.replace(base, continuous_actions=True)  # SND's Monte Carlo draws
+    for bigger in (dict(snd_gaussian_samples=128), dict(snd_samples=2000)):
+        assert sum(script.memory_needed(dataclasses.replace(gaussian, **bigger)).values()) > \
+            sum(script.memory_needed(gaussian).values()), bigger
 
 
 # Values of the wrong type or outside a flag's choices: tyro's own message (naming the flag, with its
@@ -719,12 +726,17 @@ def test_what_needs_the_helper_is_refused_in_one_line(name, flag, tmp_path):
     assert sorted(os.listdir(tmp_path)) == [f"{name}.py"]  # no run folder, no checkpoint
 
 
-def test_a_script_copied_alone_checks_its_flags(tmp_path):
-    """The checks of ranges and combinations are the script's own: no VMAS assertion, no quiet fix."""
-    code, out, err = run_alone("ippo_hyper_vmas", tmp_path, *TINY["ippo_hyper_vmas"], "--num-minibatches", "3")
-    assert code == 2
-    assert err.strip().splitlines() == ["error: --num-minibatches: must divide num_envs * num_steps = 32, got 3"], err
-    assert sorted(os.listdir(tmp_path)) == ["ippo_hyper_vmas.py"]
+@pytest.mark.parametrize("flags, message", [
+    (["--num-minibatches", "3"], "--num-minibatches: must divide num_envs * num_steps = 32, got 3"),
+    (["--hypernet", "dico"], "--hypernet dico: needs dico.py beside this script"),
+    (["--runs-dir", "blocker/runs"], "--runs-dir: cannot create a run folder in 'blocker/runs' (Not a directory)"),
+])
+def test_a_script_copied_alone_checks_its_flags(tmp_path, flags, message):
+    """The checks of ranges and combinations are the script's own: no VMAS assertion, no quiet fix, no traceback."""
+    (tmp_path / "blocker").write_text("")
+    code, out, err = run_alone("ippo_hyper_vmas", tmp_path, *TINY["ippo_hyper_vmas"], *flags)
+    assert code == 2 and err.strip().splitlines() == [f"error: {message}"], err
+    assert sorted(os.listdir(tmp_path)) == ["blocker", "ippo_hyper_vmas.py"]
 
 
 def test_without_the_helper_every_flag_that_needs_it_is_refused(script, monkeypatch):

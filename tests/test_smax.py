@@ -310,3 +310,7 @@ def test_a_copy_alone_trains_and_refuses_what_needs_the_helper(tmp_path):
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines() == ["error: --save-model: needs hypermarl_extras.py beside this script"]
     assert os.listdir(tmp_path) == ["ippo_hyper_smax.py"]
+    (tmp_path / "blocker").write_text("")  # a file where --runs-dir needs a folder: the first write fails, one line
+    refused = run_python(["ippo_hyper_smax.py", *tiny("blocker/runs")], cwd=tmp_path, env=env)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        "error: --runs-dir: cannot create a run folder in 'blocker/runs' (Not a directory)"], refused.stderr

@@ -14,6 +14,16 @@ from conftest import (assert_flag_changes_the_run, load_script, parsed, read_arg
 
 
 # ===== The environment wrapper =====
+def test_a_navigation_layout_vmas_cannot_place_is_refused_not_a_hang(tmp_path, capsys):
+    """VMAS places agents and goals by rejection sampling without a limit: it warns after 50,000 tries and
+    tries on, for ever where they cannot fit (a radius of 3 in its 2 x 2 world)."""
+    ippo = load_script("ippo_hyper_vmas")
+    code, out, err = run_main(ippo, tiny_args(tmp_path / "runs", "--agent-radius", 3, scenario="navigation"), capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(
+        "error: --n-agents 4, --agent-radius 3.0: VMAS finds no place for every agent and goal in 50,000 tries"), err
+    assert not (tmp_path / "runs").exists()
+
+
 def dispersion_env(script, num_envs=3, **overrides):
     args = parsed(script, n_agents=2, max_steps=5, total_timesteps=4096, **overrides)
     env = script.VmasEnv(args, num_envs, 0, torch.device("cpu"))
