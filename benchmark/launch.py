@@ -15,8 +15,11 @@ evaluation's episode returns in marl-eval's layout, final SND, gradient statisti
 same command again skips finished runs and resumes interrupted ones from their checkpoint
 (--resume): the scripts save one on Ctrl-C and SIGTERM, so a preempted Slurm job (requeued by
 submitit) or a killed Ray task (retried) continues where it stopped. Ctrl-C (SIGTERM, SIGHUP) of the
-launcher starts no further run and has every running script save its checkpoint and exit; a second
-one stops them at once.
+launcher starts no further run and has every running script save its checkpoint and exit; with the
+local backend a second one stops them at once (on Ray and submitit the scripts are the workers', which
+passed the first on: they finish their iteration and save whatever follows). On Linux a script
+outlives no launcher: if its launcher or Ray worker is killed, it gets a SIGTERM, saves and exits, and
+holds its run's lock until then, so no retry starts the run twice.
 
 Backends, all existing engines: local (a pool of subprocesses; --runs-per-gpu runs share each GPU),
 slurm (submitit job arrays; --backend submitit-local runs the same code path on this machine),
@@ -25,8 +28,11 @@ Figure 10 is a parameter count, not a training grid: `launch.py figure10` writes
 """
 
 import argparse
+import contextlib
+import ctypes
 import dataclasses
 import fcntl
+import importlib.util
 import json
 import re
 import math
@@ -287,15 +293,41 @@ def run_one(run: Run, grid_dir: str, extra: list, threads: int = 1, gpu=None) ->
     if STOP:
         return "skipped" if state(run_dir, run.budget) == "finished" else "not started"
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, ".lock"), "w") as lock:
-        try:  # two launchers on one grid (a Slurm array submitted twice): one run, one process
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    with open(os.path.join(run_dir, ".lock"), "a+") as lock:  # "a+": the holder's name stays readable
+        if not take_lock(lock):  # two launchers on one grid (a Slurm array submitted twice): one run, one process
             return "failed (another launcher is running it now)"
-        return run_locked(run, run_dir, extra, threads, gpu)
+        return run_locked(run, run_dir, extra, threads, gpu, lock)
 
 
-def run_locked(run: Run, run_dir: str, extra: list, threads: int, gpu) -> str:
+def take_lock(lock) -> bool:
+    """The run's lock, or False while another launcher runs the run. One killed on this machine (or its
+    Ray worker) left the lock to its script, which saves and exits on its parent-death signal: that is
+    waited for, so that Ray's retry of the task, or the same command again, resumes the run."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        host, _, pid = lock.read().partition(" ")
+        if sys.platform != "linux" or host != socket.gethostname() or not pid.isdigit() or alive(int(pid)):
+            return False
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock.truncate(0)
+    lock.write(f"{socket.gethostname()} {os.getpid()}")
+    lock.flush()
+    return True
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's (PermissionError): alive
+        pass
+    return True
+
+
+def run_locked(run: Run, run_dir: str, extra: list, threads: int, gpu, lock) -> str:
     now = state(run_dir, run.budget)
     if now == "finished":
         return "skipped"
@@ -307,18 +339,19 @@ def run_locked(run: Run, run_dir: str, extra: list, threads: int, gpu) -> str:
         write_summary(run, run_folder(run_dir), last_command(run_dir), extra)
         return "finished"
     for step in snapshots_due(run, run_dir, extra):  # on the way to the budget: stop there, keep a copy, go on
-        result, _ = train(dataclasses.replace(run, budget=step), run_dir, extra, threads, gpu)
+        result, _ = train(dataclasses.replace(run, budget=step), run_dir, extra, threads, gpu, lock)
         if result != "finished":
             return result
         keep_snapshot(run_folder(run_dir), step)
-    result, argv = train(run, run_dir, extra, threads, gpu)
+    result, argv = train(run, run_dir, extra, threads, gpu, lock)
     if result == "finished":
         write_summary(run, run_folder(run_dir), argv, extra)
     return result
 
 
-def train(run: Run, run_dir: str, extra: list, threads: int, gpu) -> tuple:
-    """Start or resume the script to run.budget and wait: ('finished' | 'stopped' | 'failed (...)', argv)."""
+def train(run: Run, run_dir: str, extra: list, threads: int, gpu, lock) -> tuple:
+    """Start or resume the script to run.budget and wait: ('finished' | 'stopped' | 'failed (...)', argv).
+    The thread that calls it waits for the script: the script's parent-death signal follows that thread."""
     argv = command(run, run_dir, extra)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     if gpu is not None:
@@ -328,9 +361,7 @@ def train(run: Run, run_dir: str, extra: list, threads: int, gpu) -> tuple:
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(argv)}\n")
         log.flush()
-        # its own session: a Ctrl-C in the terminal reaches the launcher only, which passes exactly one
-        # SIGTERM on (the scripts checkpoint on the first signal and stop at once on a second)
-        child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+        child = start_script(argv, log, env, lock)
         CHILDREN.add(child)
         try:
             if STOP:  # the stop came while it started: stop_children may not have seen it
@@ -348,6 +379,29 @@ def train(run: Run, run_dir: str, extra: list, threads: int, gpu) -> tuple:
             return "stopped", argv
         return f"failed (exit {code}: {last_line(log_path)}; see {log_path})", argv
     return ("finished" if completed(run, run_folder(run_dir)) else "stopped"), argv
+
+
+def start_script(argv: list, log, env: dict, lock) -> subprocess.Popen:
+    """The script in its own session: a Ctrl-C in the terminal reaches the launcher only, which passes
+    exactly one SIGTERM on (the scripts checkpoint on the first signal and stop at once on a second).
+    It shares the run's lock (a flock lasts while any process holds its file open), so a launcher or
+    Ray worker killed before it leaves the run taken until the script has saved and exited: no retry
+    removes its folder or trains it twice."""
+    prctl = ctypes.CDLL(None).prctl if sys.platform == "linux" else None  # resolved before the fork
+    parent = os.getpid()
+
+    def in_the_child():
+        # Slurm sends SIGUSR2 to every process of the job before its time limit, and its default action
+        # kills; the launcher's checkpoint() passes a SIGTERM on instead. An ignored signal stays ignored
+        # across exec, and Python leaves it so.
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        if prctl is not None:  # Linux: SIGTERM (save and exit) when the thread that started it ends
+            prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # the launcher died before the line above
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,
+                            pass_fds=(lock.fileno(),), preexec_fn=in_the_child)
 
 
 def snapshot_path(folder: str, step: int) -> str:
@@ -500,6 +554,16 @@ def mean_of(scalars: dict, tag: str):
     return sum(values) / len(values) if values else None
 
 
+def trained_steps(run: Run, folder: str) -> int:
+    """The steps the run's checkpoint has trained (a run stopped past a smaller --budget is labelled with
+    them, not with the budget its evaluations went beyond); 0 for the matrix games (no checkpoint)."""
+    if run.env == "matrix":
+        return 0
+    import torch
+
+    return torch.load(os.path.join(folder, "checkpoint.pt"), map_location="cpu", weights_only=True)["global_step"]
+
+
 def write_summary(run: Run, folder: str, argv: list, extra: list) -> dict:
     scalars, config = read_events(folder)
     evals = evaluations(folder, scalars, int(config.get("eval_interval", 0)))
@@ -510,7 +574,7 @@ def write_summary(run: Run, folder: str, argv: list, extra: list) -> dict:
     summary = dict(
         format="hypermarl-summary/1", grid=run.grid, run_id=run.run_id, env=run.env, task=run.task,
         method=run.method, seed=run.seed, script=run.script, argv=run.argv() + extra, command=argv[1:], config=config,
-        git_commit=commit, git_dirty=dirty, total_timesteps=run.budget,
+        git_commit=commit, git_dirty=dirty, total_timesteps=max(run.budget, trained_steps(run, folder)),
         wall_seconds=wall_seconds(os.path.dirname(folder)),
         sps=sps[-1][1] if sps else None,
         final_return=sum(evals[-1]["return"]) / len(evals[-1]["return"]) if evals else None,
@@ -609,8 +673,10 @@ def launch_ray(runs, grid_dir, extra, opts) -> list[str]:
     """One Ray task per run; --gpus-per-run below 1 packs several runs on one GPU. Without
     --ray-address a local cluster of --jobs x --threads CPUs runs --jobs runs at a time. A cluster's
     nodes must see this repository and --out at the same paths (a shared file system). A task whose
-    worker dies is retried and resumes from the run's checkpoint; a stop cancels the tasks (each passes
-    a SIGTERM on to its script, which checkpoints)."""
+    worker dies is retried and resumes from the run's checkpoint once the dead worker's script has saved
+    (a retry on another node cannot tell that script from a live launcher's: it fails, and the same
+    command resumes the run); a stop cancels the tasks (each passes a SIGTERM on to its script, which
+    checkpoints)."""
     import ray
 
     cpus = {} if opts.ray_address else dict(num_cpus=opts.jobs * opts.threads)
@@ -702,18 +768,26 @@ def table3a(opts) -> int:
     paper: 5M and 20M steps), --snd-episodes each, and samples --snd-samples observations
     (benchmark/snd_dataset.py); each finished figure2-ippo and figure2-mappo run's final checkpoint is
     then evaluated on it (--eval-only --snd-obs-file). Writes OUT/table3a/: the dataset, table3a.md and
-    table3a.json."""
+    table3a.json. The dataset is reused only if built from these very checkpoints and flags (its recipe)."""
+    import snd_dataset
+
     ippo = select(GRIDS["figure2-ippo"](), opts)
-    sources = table3a_sources(opts, ippo)
+    sources = table3a_sources(opts)
     if isinstance(sources, str):
         print(f"error: table3a: {sources}", file=sys.stderr)
         return 2
     out = os.path.join(opts.out, "table3a")
     dataset = os.path.join(out, "snd_dataset.npz")
-    if not os.path.isfile(dataset):
+    seed = 0  # snd_dataset.py's default, named so that the recipe holds it
+    if snd_dataset.built_from(dataset) != snd_dataset.recipe(sources, opts.snd_episodes, opts.snd_samples, seed):
         os.makedirs(out, exist_ok=True)
-        subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "snd_dataset.py"), "--checkpoints", *sources,
-                        "--episodes", str(opts.snd_episodes), "--samples", str(opts.snd_samples), "--out", dataset], check=True)
+        built = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "snd_dataset.py"), "--checkpoints",
+                                *sources, "--episodes", str(opts.snd_episodes), "--samples", str(opts.snd_samples),
+                                "--seed", str(seed), "--out", dataset])
+        if built.returncode != 0:
+            print(f"error: table3a: benchmark/snd_dataset.py failed (exit {built.returncode}; its message is above)",
+                  file=sys.stderr)
+            return 1
     snd, trained = shared_dataset_snd(opts, dataset)
     write_report(os.path.join(out, "table3a.json"), json.dumps(
         {"sources": [os.path.relpath(p, opts.out) for p in sources], "snd": snd,
@@ -723,10 +797,16 @@ def table3a(opts) -> int:
     return 0
 
 
-def table3a_sources(opts, ippo: list) -> list | str:
+def table3a_source_runs(opts) -> list[Run]:
+    """The runs whose policies make the dataset: the selection's figure2-ippo NoPS and FuPS, of its first seed."""
+    ippo = select(GRIDS["figure2-ippo"](), opts)
+    return [r for r in ippo if r.keep and r.seed == ippo[0].seed]
+
+
+def table3a_sources(opts) -> list | str:
     """The dataset's checkpoints (NoPS and FuPS, first seed: the kept snapshots and the final one), or why not."""
     sources = []
-    for run in [r for r in ippo if r.keep and r.seed == ippo[0].seed]:
+    for run in table3a_source_runs(opts):
         folder = run_folder(os.path.join(opts.out, run.grid, run.run_id))
         if not folder or state(os.path.dirname(folder), run.budget) != "finished":
             return (f"{run.run_id} is not finished; first: python benchmark/launch.py figure2-ippo"
@@ -892,7 +972,8 @@ def parse(argv):
     parser.add_argument("--snd-episodes", type=at_least(1), default=10_000, help="[table3a] episodes per policy of the dataset")
     parser.add_argument("--snd-samples", type=at_least(1), default=1_000_000, help="[table3a] observations in the dataset")
     parser.add_argument("--backend", choices=list(BACKENDS), default="local")
-    parser.add_argument("--jobs", type=at_least(1), help="runs at a time (default: GPUs x --runs-per-gpu, else CPU cores)")
+    parser.add_argument("--jobs", type=at_least(1),
+                        help="runs at a time (default: GPUs x --runs-per-gpu, else CPU cores; slurm: no limit)")
     parser.add_argument("--runs-per-gpu", type=at_least(1), default=4, help="[local] runs sharing one GPU")
     parser.add_argument("--threads", type=at_least(1), default=1, help="CPU threads per run (OMP_NUM_THREADS)")
     parser.add_argument("--gpus-per-run", type=float, default=0.0, help="[ray, slurm] GPUs per run; below 1 shares a GPU (ray)")
@@ -915,18 +996,54 @@ def parse(argv):
     if opts.seeds and (len(set(opts.seeds)) < len(opts.seeds) or min(opts.seeds) < 0):
         parser.error(f"--seeds: must be distinct and at least 0, got {' '.join(map(str, opts.seeds))}")
     check_writable(parser, "--out", grid_folder(opts))  # now, before any folder is made
-    if opts.grid not in ("figure10", "table3a"):
-        check_selection(parser, opts)
-    if opts.backend == "ray" and opts.ray_address and opts.ray_address != "auto":
-        check_reachable(parser, opts.ray_address)
-    if opts.jobs is None:
+    if opts.grid == "table3a":
+        check_selection(parser, opts, GRIDS["figure2-ippo"]() + GRIDS["figure2-mappo"]())
+        if not table3a_source_runs(opts):
+            parser.error(f"{'--only' if opts.only else '--methods'}: table3a builds its dataset from figure2-ippo's "
+                         "nops and fups runs of the first seed; the selection leaves them out")
+    elif opts.grid != "figure10":
+        check_selection(parser, opts, GRIDS[opts.grid]())
+    check_backend(parser, opts)
+    if opts.jobs is None and opts.backend != "slurm":  # on Slurm: the array's parallelism, the cluster's to limit
         opts.jobs = gpu_count() * opts.runs_per_gpu or max(1, (os.cpu_count() or 1) // opts.threads)
     return opts, extra
 
 
-def check_selection(parser, opts) -> None:
+def check_backend(parser, opts) -> None:
+    """A backend this machine cannot serve fails now in one line, not with a traceback or a wait forever."""
+    engine = {"slurm": "submitit", "submitit-local": "submitit", "ray": "ray"}.get(opts.backend)
+    if engine and importlib.util.find_spec(engine) is None:  # requirements-dev.txt's, not requirements.txt's
+        parser.error(f"--backend: {opts.backend} needs {engine}, which is not installed "
+                     "(pip install -r requirements-dev.txt)")
+    if opts.backend == "slurm" and not shutil.which("sbatch"):
+        parser.error("--backend: slurm needs Slurm's sbatch on PATH, and there is none here "
+                     "(--backend submitit-local runs the same code path on this machine)")
+    if opts.backend != "ray":
+        return
+    if opts.ray_address == "auto":
+        check_reachable(parser, running_ray_cluster(parser))
+    elif opts.ray_address:
+        check_reachable(parser, opts.ray_address)
+    elif opts.gpus_per_run > 0 and gpu_count() == 0:  # its tasks would wait for a GPU forever
+        parser.error(f"--gpus-per-run: this machine has no GPU for the local Ray cluster, got {opts.gpus_per_run} "
+                     "(leave it out, or name a cluster with GPUs: --ray-address)")
+
+
+def running_ray_cluster(parser) -> str:
+    """The address --ray-address auto finds, as ray.init looks it up: RAY_ADDRESS, else a cluster started here."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+
+    try:
+        return canonicalize_bootstrap_address_or_die("auto")
+    except ConnectionError:
+        parser.error("--ray-address: auto finds no running Ray cluster here (start one with `ray start --head`, "
+                     "or leave --ray-address out for a local one)")
+
+
+def check_selection(parser, opts, grid: list[Run]) -> None:
     """A --methods or --only pattern that picks no run is a typo: say so instead of skipping it."""
-    grid = GRIDS[opts.grid]()
     methods = list(dict.fromkeys(r.method for r in grid))
     unknown = [m for m in opts.methods or [] if m not in methods]
     if unknown:
@@ -940,14 +1057,15 @@ def check_selection(parser, opts) -> None:
 def refused_flags(runs: list[Run], extra: list):
     """The first script's refusal of the flags after -- (one line), checked on one run per setting
     before anything starts; None if every script takes them. A flag the grid sets itself is refused
-    too: given twice, the later would win and, say, turn an ablation back into HyperMARL."""
-    given = {token.split("=", 1)[0] for token in extra if token.startswith("--")}
-    for run in runs:
-        clash = sorted(given & {token for token in run.argv() if token.startswith("--")})
-        if clash:
-            return (f"{clash[0]}: the grid sets it for {run.run_id} (--budget, --seeds and --methods choose "
-                    f"budgets, seeds and runs; leave the flag out)")
+    too: given twice, the later would win and, say, turn an ablation back into HyperMARL. Compared as
+    the script reads flags (its flags_given: --x_y is --x-y, --no-x is --x, --x=v is --x), not as text."""
     sys.path.insert(0, ROOT)
+    for run in runs:
+        flags_given = __import__(run.script[:-3]).flags_given
+        clash = sorted(flags_given(extra) & flags_given(run.argv()))
+        if clash:
+            return (f"--{clash[0].replace('_', '-')}: the grid sets it for {run.run_id} (--budget, --seeds and "
+                    f"--methods choose budgets, seeds and runs; leave the flag out)")
     # one run per setting, of the largest seed (the scripts bound seeds from above: NumPy's take less than 2**32)
     for run in {(r.script, r.task, r.method): r for r in sorted(runs, key=lambda r: r.seed)}.values():
         script, argv = __import__(run.script[:-3]), run.argv() + extra
@@ -973,6 +1091,27 @@ def grid_folder(opts) -> str:
     return os.path.abspath(os.path.join(opts.out, runs[0].grid if runs else opts.grid))
 
 
+def refused_on_resume(runs: list[Run], grid_dir: str, extra: list):
+    """A resumed run takes its flags from its checkpoint, which may refuse the flags after -- (another
+    --num-envs) or the budget (below what it trained): the script's refusal (one line) for the first run to
+    resume of each setting, checked before anything starts; None if every one takes them."""
+    sys.path.insert(0, ROOT)
+    checked = set()
+    for run in runs:
+        run_dir = os.path.join(grid_dir, run.run_id)
+        if (run.script, run.task, run.method) in checked or state(run_dir, run.budget) != "interrupted" or \
+                completed(run, run_folder(run_dir)):
+            continue
+        checked.add((run.script, run.task, run.method))
+        try:
+            __import__(run.script[:-3]).read_command_line(script_argv(run, run_dir, extra)[1:])
+        except ValueError as error:
+            return f"{run.script}: {error}"
+        except SystemExit:  # tyro printed its message
+            return f"{run.script} refused them (its message is above)"
+    return None
+
+
 def starting_afresh(runs: list[Run], grid_dir: str) -> list[Run]:
     """The runs without a checkpoint to resume: they start with run.argv()."""
     return [r for r in runs if "--resume" not in script_argv(r, os.path.join(grid_dir, r.run_id), [])]
@@ -989,13 +1128,17 @@ def check_reachable(parser, address: str) -> None:
 
 def request_stop(signum, frame) -> None:
     """Ctrl-C, SIGTERM, SIGHUP: start no new run and pass one SIGTERM on to each running script (it
-    saves a checkpoint and exits: the same command resumes it); a second signal stops them at once.
+    saves a checkpoint and exits: the same command resumes it); a second signal stops this process's
+    scripts at once (the local backend's: Ray's and submitit's are their workers', already told).
     The handler only signals: the backends' waits notice the stop and wind down."""
     STOP.append(signum)
-    print(f"\nsignal {signum}: the running scripts save a checkpoint and stop; the same command resumes them"
-          + (" (again: they stop at once)" if len(STOP) > 1 else ""), file=sys.stderr, flush=True)
-    for child in list(CHILDREN):
+    children = list(CHILDREN)
+    for child in children:
         stop_child(child)
+    again = "they stop at once" if children else "the running scripts finish their iteration and save all the same"
+    with contextlib.suppress(OSError):  # a hung-up terminal (SIGHUP) refuses the line: the scripts were told first
+        print(f"\nsignal {signum}: the running scripts save a checkpoint and stop; the same command resumes them"
+              + (f" (again: {again})" if len(STOP) > 1 else ""), file=sys.stderr, flush=True)
 
 
 def install_stop_handlers() -> dict:
@@ -1014,7 +1157,8 @@ def main(argv=None) -> int:
     # the scripts check the flags after -- and the values of --budget and --seeds now (a budget below one
     # iteration, a seed past NumPy's), not in every run; a resumed run takes its other flags from its checkpoint
     refused = (extra and refused_flags(runs, extra)) or (
-        (opts.budget or opts.seeds) and refused_flags(starting_afresh(runs, grid_dir), extra))
+        (opts.budget or opts.seeds) and refused_flags(starting_afresh(runs, grid_dir), extra)) or (
+        (extra or opts.budget) and refused_on_resume(runs, grid_dir, extra))
     if refused:
         budget = opts.budget and re.search(r": --(total-timesteps|num-trials):", refused)  # names the script's flag
         flag = "--seeds" if ": --seed:" in refused else "--budget" if budget else "flags after --"

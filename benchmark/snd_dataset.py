@@ -11,10 +11,15 @@ IPPO-NoPS and IPPO-FuPS checkpoints (5M and 20M steps) for 10,000 episodes each 
 Each checkpoint is rolled out with its script's `evaluate` (the scenario's evaluation mode; the
 environment seeded with --seed), whose environment records what the policy saw. The file holds `obs`, (rows, n_agents, obs_dim): rows are whole
 time steps (every agent's observation), --samples // n_agents of them drawn without replacement
-from the pool, as the authors' code samples 1e6 // n_agents rows and flattens the agent axis.
+from the pool, as the authors' code samples 1e6 // n_agents rows and flattens the agent axis. It also
+holds `recipe`, what it was built from (JSON: the script, each checkpoint's path and SHA-256, the
+episodes, samples and seed), by which `launch.py table3a` knows whether it may reuse the file.
 """
 
 import argparse
+import contextlib
+import hashlib
+import json
 import os
 import pickle
 import sys
@@ -28,6 +33,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hypermarl_extras as extras  # noqa: E402
 from sps import check_writable  # noqa: E402  (os.access alone says yes to root everywhere, /proc included)
+from aggregate import numpy_seed  # noqa: E402
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -78,13 +84,45 @@ def rollout_observations(script, path: str, episodes: int, seed: int) -> torch.T
     return torch.cat(seen, 1).transpose(0, 1)
 
 
+def recipe(checkpoints: list, episodes: int, samples: int, seed: int, script: str = "ippo_hyper_vmas") -> dict:
+    """What a dataset is built from; the same recipe makes the same file. A checkpoint is named by its
+    contents too: a run continued to a larger budget keeps its path, not its weights or step."""
+    def source(path):
+        with open(path, "rb") as f:
+            return {"path": os.path.abspath(path), "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+    return {"script": script, "checkpoints": [source(p) for p in checkpoints], "episodes": episodes,
+            "samples": samples, "seed": seed}
+
+
+def built_from(path: str):
+    """The recipe a dataset holds, or None (no such file, or one without a recipe)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return json.loads(str(data["recipe"]))
+    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile):  # TypeError: a bare .npy
+        return None
+
+
+def save(path: str, obs, made_from: dict) -> None:
+    """Through a temporary file: a file at path is always whole (table3a reuses it by its recipe)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:  # a file, not a name: numpy appends .npz to a name
+            np.savez_compressed(f, obs=obs, recipe=np.array(json.dumps(made_from)))
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
 def main(argv=None) -> int:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--script", default="ippo_hyper_vmas", choices=["ippo_hyper_vmas", "mappo_hyper_vmas"])
     parser.add_argument("--checkpoints", nargs="+", required=True, help="checkpoints of one scenario")
     parser.add_argument("--episodes", type=int, default=10_000, help="episodes per checkpoint (paper: 10,000)")
     parser.add_argument("--samples", type=int, default=1_000_000, help="observations in the file (paper: 1M)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the rollouts and of the sampling")
+    parser.add_argument("--seed", type=numpy_seed, default=0, help="seed of the rollouts and of the sampling")
     parser.add_argument("--out", required=True, help="the .npz file to write")
     opts = parser.parse_args(argv)
     for name in ("episodes", "samples"):
@@ -118,7 +156,7 @@ def main(argv=None) -> int:
     rows = min(pool.shape[0], max(1, opts.samples // pool.shape[1]))
     generator = torch.Generator().manual_seed(opts.seed)
     obs = pool[torch.randperm(pool.shape[0], generator=generator)[:rows]].numpy()
-    np.savez_compressed(opts.out, obs=obs)
+    save(opts.out, obs, recipe(opts.checkpoints, opts.episodes, opts.samples, opts.seed, opts.script))
     print(f"{opts.out}: obs {obs.shape} ({obs.shape[0] * obs.shape[1]:,} observations of {pool.shape[0]:,} time steps)")
     return 0
 

@@ -2,6 +2,8 @@
 training); sps, update_step, init_scale, distributions_cost, snd_dataset and compare_videos: their
 outputs (never a committed file by default), and bad input as one line, exit status 2, nothing written."""
 
+import errno
+import hashlib
 import importlib.util
 import json
 import os
@@ -290,9 +292,10 @@ MALFORMED = {
     (None, ["--at", "0"], "error: --at: must be at least 1, got 0"),
     (None, ["--window", "1.5"], "error: --window: must be a fraction from 0 to 1, got 1.5"),
     (None, ["--min-evaluations", "0"], "error: --min-evaluations: must be at least 1, got 0"),
+    (None, ["--seed", "4294967296"], "error: --seed: must be between 0 and 4294967295, got 4294967296"),  # numpy's
     (None, [], "error: PATH: no summary.json in"),
     *[(name, [], "malformed summary.json (" + message) for name, (_, message) in MALFORMED.items()],
-], ids=["--at 0", "--window 1.5", "--min-evaluations 0", "no summary", *MALFORMED])
+], ids=["--at 0", "--window 1.5", "--min-evaluations 0", "--seed 2**32", "no summary", *MALFORMED])
 def test_aggregate_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, make, argv, message):
     grids = tmp_path / "grids"
     grids.mkdir()
@@ -523,6 +526,8 @@ def test_init_scale_benchmark(tmp_path):
     (["--checkpoints", "FOREIGN", "--out", "NOSUFFIX"], "--out: must be an .npz file name"),  # numpy would add .npz
     (["--checkpoints", "FOREIGN", "--out", "NODIR"], "--out: no such folder"),  # checked before the rollouts
     (["--checkpoints", "FOREIGN", "--out", "/proc/x.npz"], "--out: '/proc' is not writable"),  # root too
+    (["--checkpoints", "FOREIGN", "--seed", "-1"], "--seed: must be between 0 and 4294967295, got -1"),
+    (["--checkpoints", "FOREIGN", "--seed", str(2**64)], f"--seed: must be between 0 and 4294967295, got {2**64}"),
 ])
 def test_snd_dataset_bad_flags_are_one_line_exit_2(tmp_path, argv, message):
     foreign = tmp_path / "foreign.pt"
@@ -535,6 +540,42 @@ def test_snd_dataset_bad_flags_are_one_line_exit_2(tmp_path, argv, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert not out.exists() and sorted(os.listdir(tmp_path)) == ["foreign.pt"]
+
+
+def load_snd_dataset():
+    spec = importlib.util.spec_from_file_location("snd_dataset", os.path.join(ROOT, "benchmark", "snd_dataset.py"))
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    return builder
+
+
+def test_snd_dataset_holds_its_recipe_and_replaces_its_file_whole_or_not_at_all(tmp_path, monkeypatch):
+    """launch.py's table3a reuses a dataset by the recipe it holds (what it was built from), so a file
+    under --out is whole: a write cut short (a full disk) leaves the previous one as it was."""
+    import ippo_hyper_vmas
+
+    assert ippo_hyper_vmas.main(tiny_args(tmp_path / "runs", "--save-model")) == 0
+    (run,) = os.listdir(tmp_path / "runs")
+    checkpoint = str(tmp_path / "runs" / run / "checkpoint.pt")
+    out = tmp_path / "snd.npz"
+    argv = ["--checkpoints", checkpoint, "--episodes", "2", "--samples", "16", "--seed", "3", "--out", str(out)]
+    builder = load_snd_dataset()
+    assert builder.main(argv) == 0
+    with open(checkpoint, "rb") as f:
+        sha256 = hashlib.sha256(f.read()).hexdigest()
+    recipe = json.loads(str(np.load(out)["recipe"]))
+    assert recipe == {"script": "ippo_hyper_vmas", "episodes": 2, "samples": 16, "seed": 3,
+                      "checkpoints": [{"path": checkpoint, "sha256": sha256}]}
+    before = out.read_bytes()
+
+    def full_disk(file, **arrays):
+        (open(file, "wb") if isinstance(file, (str, os.PathLike)) else file).write(b"PK\x03\x04 cut short")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez_compressed", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        builder.main(argv)
+    assert out.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["runs", "snd.npz"]  # no temporary file
 
 
 def test_snd_dataset_refuses_a_checkpoint_with_nan_weights(tmp_path):
@@ -556,9 +597,7 @@ def test_snd_dataset_refuses_a_checkpoint_with_nan_weights(tmp_path):
 def test_snd_dataset_records_what_the_policy_saw_in_the_running_episodes():
     """benchmark/snd_dataset.py's record_observations (evaluate() keeps no observations): at each step
     of an evaluation, the observations the policy acted on, of the episodes not yet ended."""
-    spec = importlib.util.spec_from_file_location("snd_dataset", os.path.join(ROOT, "benchmark", "snd_dataset.py"))
-    builder = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(builder)
+    builder = load_snd_dataset()
     import ippo_hyper_vmas as script
 
     args = read_args(script, ["--n-agents", 2, "--n-food", 1, "--food-radius", 0.6, "--max-steps", 40,

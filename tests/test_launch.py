@@ -4,12 +4,16 @@ stopped and preempted runs resume from their checkpoint with the numbers of an u
 bad input is one line, exit 2, nothing written. Every training here is a few hundred steps with tiny
 networks."""
 
+import errno
+import fcntl
 import glob
 import importlib.util
 import json
 import math
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -127,6 +131,12 @@ def test_local_grid_writes_summaries_skips_finished_runs_and_grows_with_a_larger
     assert listed.count("[interrupted]") == 2 and "0 finished, 2 to resume" in listed, listed  # a larger budget
     assert listed.count("--total-timesteps 96") == 2 and listed.count(" --resume ") == 2, listed  # as it will start
 
+    clash = launch(argv + ["--budget", "96"] + tiny + ["--num-envs", "8"], tmp_path)  # a fresh run would take it
+    assert clash.returncode == 2 and clash.stderr.strip().splitlines() == [  # the checkpoints' runs do not
+        "error: flags after --: ippo_hyper_vmas.py: --num-envs: the checkpoint's run has 4, not 8; --resume takes it "
+        "from the checkpoint (leave the flag out)"], clash.stderr
+    assert {run_id: log(grid_dir, run_id) for run_id in found} == logs  # refused before anything started
+
     grown = launch(argv + ["--budget", "96"] + tiny, tmp_path)  # resumes both from their final checkpoints
     assert grown.returncode == 0, grown.stdout + grown.stderr
     for run_id, before in found.items():
@@ -140,11 +150,19 @@ def test_local_grid_writes_summaries_skips_finished_runs_and_grows_with_a_larger
         assert entry["step_2"]["step_count"] == 96
         assert after["wall_seconds"] > before["wall_seconds"]  # both starts
 
+    # a run trained past a smaller budget (its summary lost) is labelled with the steps it trained, which its
+    # final evaluation is at, not with that budget
+    os.remove(os.path.join(run_folder(grid_dir, "ippo-dispersion-4-fups-s1"), "summary.json"))
+    assert launch(argv + ["--budget", "64"] + tiny, tmp_path).returncode == 0
+    relabelled = summaries(grid_dir)["ippo-dispersion-4-fups-s1"]
+    assert relabelled["total_timesteps"] == 96 == seed_entry(relabelled)["step_2"]["step_count"]
 
-def test_table3a_measures_each_run_on_one_dataset_of_ippo_nops_and_fups_at_a_quarter_and_the_end(tmp_path):
+
+def test_table3a_measures_each_run_on_one_dataset_of_ippo_nops_and_fups_at_a_quarter_and_the_end(tmp_path, monkeypatch):
     """figure2-ippo's NoPS and FuPS runs stop at a quarter of the budget, keep a copy of that checkpoint and go
     on (the same weights as a straight run); table3a rolls out those four policies into one dataset
-    (appendix D.1.2) and evaluates every finished run's final checkpoint on it."""
+    (appendix D.1.2) and evaluates every finished run's final checkpoint on it. Launched again, it reuses
+    the dataset only if built from the same checkpoints, episodes and samples."""
     import numpy as np
     import torch
 
@@ -183,6 +201,18 @@ def test_table3a_measures_each_run_on_one_dataset_of_ippo_nops_and_fups_at_a_qua
     text = (tmp_path / "table3a" / "table3a.md").read_text()
     assert text.count("| IPPO | ") == 3
     assert "| 1 | 6.3e-04 ± 2.0e-05 |" in text and "| 1 | 2.4e-04 ± 1.1e-04 |" in text  # the paper's beside ours
+
+    dataset = tmp_path / "table3a" / "snd_dataset.npz"
+    recipe = json.loads(str(np.load(dataset)["recipe"]))
+    assert [c["path"] for c in recipe["checkpoints"]] == [str(tmp_path / p) for p in table["sources"]]
+    assert (recipe["episodes"], recipe["samples"], recipe["seed"]) == (2, 64, 0)
+    launch_module, built = load_launch(), os.stat(dataset)
+    monkeypatch.setattr(launch_module, "shared_dataset_snd", lambda opts, dataset: ({}, {}))  # the dataset only
+    again = ["table3a", "--out", str(tmp_path), *select, "--snd-episodes", "2"]
+    assert launch_module.main([*again, "--snd-samples", "64"]) == 0
+    assert (os.stat(dataset).st_ino, os.stat(dataset).st_mtime_ns) == (built.st_ino, built.st_mtime_ns)  # reused
+    assert launch_module.main([*again, "--snd-samples", "32"]) == 0
+    assert np.load(dataset)["obs"].shape[:2] == (8, 4)  # built again: 32 observations
 
 
 def test_a_stopped_grid_resumes_with_the_numbers_of_an_uninterrupted_run(tmp_path):
@@ -223,6 +253,104 @@ def test_a_stopped_grid_resumes_with_the_numbers_of_an_uninterrupted_run(tmp_pat
     assert seed_entry(resumed) == seed_entry(uninterrupted) and len(seed_entry(resumed)) == len(evaluated) + 1
     for key in ("final_return", "final_snd", "total_timesteps"):
         assert resumed[key] == uninterrupted[key], key
+
+
+def running(pid) -> bool:
+    """Whether process pid runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_killed_launchers_script_holds_the_runs_lock_then_saves_and_exits(tmp_path):
+    """SIGKILL of the launcher (or of the Ray worker that runs it): its script, in a session of its own,
+    gets a SIGTERM (its parent-death signal), saves a checkpoint and exits, and holds the run's lock until
+    then, so that no retry removes its folder or trains it too; the same command, started meanwhile, waits
+    for it and resumes the run. The script is stopped (SIGSTOP) across the kill: it is alive, whatever the
+    machine's speed, when the lock is tried."""
+    argv = [sys.executable, LAUNCH, "figure2-ippo", "--seeds", "1", "--methods", "mlp", "--budget", str(OUT_OF_REACH),
+            "--jobs", "1", "--out", str(tmp_path), "--", *TINY_VMAS, "--eval-interval", "320", "--print-interval", "1"]
+    launcher = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    grid_dir, run_id = str(tmp_path / "figure2-ippo"), "ippo-dispersion-4-mlp-s1"
+    log_path = os.path.join(grid_dir, run_id, "log.txt")
+    wait_for(lambda: os.path.isfile(log_path) and "global_step=" in open(log_path).read(), "a first iteration", launcher)
+    (script,) = [p for p in children(launcher.pid) if b"ippo_hyper_vmas" in open(f"/proc/{p}/cmdline", "rb").read()]
+    again = None
+    try:
+        os.kill(script, signal.SIGSTOP)
+        launcher.kill()
+        launcher.wait(timeout=HANG)
+        with open(os.path.join(grid_dir, run_id, ".lock")) as lock, pytest.raises(BlockingIOError):
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the script's: the launcher's copy died with it
+        again = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        waiting = re.compile(rf"-> FLOCK +ADVISORY +WRITE +{again.pid} ")
+        wait_for(lambda: waiting.search(open("/proc/locks").read()), "the second launcher's wait for the lock", again)
+        os.kill(script, signal.SIGCONT)
+        wait_for(lambda: not running(script), "the script's exit")
+        wait_for(lambda: len(starts(grid_dir, run_id)) == 2, "the run's resumption", again)
+        again.send_signal(signal.SIGINT)
+        assert again.wait(timeout=HANG) == 130, again.stdout.read()
+    finally:
+        for process in [p for p in (again, launcher) if p and p.poll() is None]:  # only when the test failed
+            process.kill()
+        if running(script):
+            os.kill(script, signal.SIGKILL)
+    first, resumed = log(grid_dir, run_id).split("\n$ ")  # the killed launcher's start, then the second's
+    assert "signal 15: saving a checkpoint" in first and resumed.split("\n")[0].count(" --resume ") == 1
+
+
+def test_a_script_the_launcher_starts_ignores_slurms_usr2(tmp_path, monkeypatch):
+    """Slurm sends SIGUSR2 to every process of a job before its time limit; the scripts do not handle it, and
+    its default action kills. A script started as the launcher starts it survives it (the launcher itself
+    passes a SIGTERM on)."""
+    launch_module = load_launch()
+    run = launch_module.GRIDS["table2-6"]()[0]  # a matrix game: no checkpoint to read once it exits 0
+    survives = "import os, signal; os.kill(os.getpid(), signal.SIGUSR2); print('survived')"
+    monkeypatch.setattr(launch_module, "command", lambda run, run_dir, extra: [sys.executable, "-c", survives])
+    monkeypatch.setattr(launch_module, "write_summary", lambda *args: None)
+    assert launch_module.run_one(run, str(tmp_path), []) == "finished"
+    assert "survived" in log(str(tmp_path), run.run_id)
+
+
+class FakeScript:
+    """A running script as stop_child sees it: it records the signals it is sent."""
+
+    def __init__(self):
+        self.signals = []
+
+    def poll(self):
+        return None
+
+    def send_signal(self, signum):
+        self.signals.append(signum)
+
+
+class HungUpTerminal:
+    def write(self, text):
+        raise OSError(errno.EIO, "Input/output error")
+
+    flush = write
+
+
+def test_a_stop_reaches_the_scripts_when_the_terminal_has_hung_up(monkeypatch):
+    """SIGHUP: the terminal is gone and a line to it fails (EIO); the scripts are told to save all the same."""
+    launch_module, script = load_launch(), FakeScript()
+    launch_module.CHILDREN.add(script)
+    monkeypatch.setattr(sys, "stderr", HungUpTerminal())
+    launch_module.request_stop(signal.SIGHUP, None)
+    launch_module.request_stop(signal.SIGHUP, None)  # a second stop: at once
+    assert script.signals == [signal.SIGTERM, signal.SIGTERM] and launch_module.STOP == [signal.SIGHUP] * 2
+
+
+def test_a_second_stop_promises_no_more_than_it_does(capsys):
+    """On Ray and submitit the launcher has no script of its own to stop at once (the workers have them, told
+    at the first stop): its second line says so."""
+    launch_module = load_launch()
+    launch_module.request_stop(signal.SIGINT, None)
+    launch_module.request_stop(signal.SIGINT, None)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].endswith("(again: the running scripts finish their iteration and save all the same)"), lines
 
 
 def test_matrix_grid_and_a_failing_run_names_its_log(tmp_path, monkeypatch, capsys):
@@ -443,7 +571,15 @@ BAD = [
      "flags after --: ippo_hyper_vmas.py: --lidar-range: is a navigation option, not for --scenario dispersion"),
     (["figure17-ippo", "--", "--hypernet-init", "matched"],  # would turn the w/o RF ablation back into mlp
      "flags after --: --hypernet-init: the grid sets it for ippo-dispersion-4-mlp-noRF-s30"),
+    (["figure17-ippo", "--", "--hypernet_init", "scaled"],  # tyro takes underscores too
+     "flags after --: --hypernet-init: the grid sets it for ippo-dispersion-4-mlp-noRF-s30"),
     (["figure2-ippo", "--", "--total-timesteps=5"], "flags after --: --total-timesteps: the grid sets it for"),
+    (["figure2-ippo", "--", "--total_timesteps=5"], "flags after --: --total-timesteps: the grid sets it for"),
+    (["table3a", "--methods", "dico"], "--methods: table3a has no method dico (its methods: mlp linear nops fups)"),
+    (["table3a", "--only", "navigation"], "--only: no run of table3a matches navigation"),
+    # its dataset is made of figure2-ippo's nops and fups runs: a selection without them has no dataset
+    (["table3a", "--methods", "mlp"], "--methods: table3a builds its dataset from figure2-ippo's nops and fups runs"),
+    (["table3a", "--only", "mappo"], "--only: table3a builds its dataset from figure2-ippo's nops and fups runs"),
     (["table2-6", "--methods", "mlp", "--", "--hypernet-hidden-dims", "0"],
      "flags after --: reinforce_matrix_games.py: --hypernet-hidden-dims: must be one or more positive sizes"),
     # --budget and --seeds the scripts refuse: before any run starts, not once per run
@@ -461,9 +597,8 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a) for a, _ in BAD])
-def test_launch_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys, argv, message):
-    launch_module = load_launch()
+def assert_refused(launch_module, argv, message, tmp_path, monkeypatch, capsys):
+    """main(argv): one line `error: MESSAGE...`, exit 2, nothing on stdout, nothing written, no backend started."""
     for backend in launch_module.BACKENDS:  # a check that lets bad input through must not start a grid here
         monkeypatch.setitem(launch_module.BACKENDS, backend, lambda *_: pytest.fail("bad input reached a backend"))
     (tmp_path / "notes.txt").write_text("keep")
@@ -476,12 +611,46 @@ def test_launch_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkey
     assert captured.out == "" and os.listdir(tmp_path) == ["notes.txt"]
 
 
-@pytest.mark.parametrize("flags, delay", [([], 600), (["--timeout-min", "10"], 300), (["--signal-delay-s", "900"], 900)])
-def test_slurm_asks_a_run_to_save_long_enough_before_its_time_limit(tmp_path, monkeypatch, flags, delay):
-    """submitit signals a job 90 s before its limit unless told otherwise: less than one Navigation
-    iteration on a CPU, so the run would die before its save. The array gets --signal-delay-s."""
+@pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_launch_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys, argv, message):
+    assert_refused(load_launch(), argv, message, tmp_path, monkeypatch, capsys)
+
+
+# A backend this machine cannot serve: a traceback (no sbatch; `auto` without a cluster) or a wait forever
+# (a GPU asked of a local Ray cluster without one), before; here, with no Slurm, no Ray cluster and no GPU.
+UNSERVED = [
+    (["figure2-ippo", "--backend", "slurm"], "--backend: slurm needs Slurm's sbatch on PATH"),
+    (["figure2-ippo", "--backend", "ray", "--ray-address", "auto"], "--ray-address: auto finds no running Ray cluster"),
+    (["figure2-ippo", "--backend", "ray", "--gpus-per-run", "0.25"],
+     "--gpus-per-run: this machine has no GPU for the local Ray cluster, got 0.25"),
+]
+
+
+@pytest.mark.parametrize("argv, message", UNSERVED, ids=[" ".join(a[1:]) for a, _ in UNSERVED])
+def test_a_backend_this_machine_cannot_serve_is_one_line_exit_2(tmp_path, monkeypatch, capsys, argv, message):
+    services = pytest.importorskip("ray._private.services")
+    launch_module = load_launch()
+    monkeypatch.setattr(launch_module.shutil, "which", lambda name: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: [])  # not another test's local cluster either
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: None)
+    monkeypatch.setattr(launch_module, "gpu_count", lambda: 0)
+    assert_refused(launch_module, argv, message, tmp_path, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("backend, engine", [("slurm", "submitit"), ("submitit-local", "submitit"), ("ray", "ray")])
+def test_a_backend_whose_engine_is_not_installed_is_one_line_exit_2(tmp_path, monkeypatch, capsys, backend, engine):
+    """submitit and Ray are requirements-dev.txt's: without them, one line instead of an ImportError's traceback."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == engine else find_spec(name, *a))
+    assert_refused(load_launch(), ["figure2-ippo", "--backend", backend], f"--backend: {backend} needs {engine}, which "
+                   "is not installed", tmp_path, monkeypatch, capsys)
+
+
+def slurm_parameters(launch_module, tmp_path, monkeypatch, flags) -> dict:
+    """What launch_submitit asks of Slurm for a grid with these flags (a recording executor: nothing submitted)."""
     submitit = pytest.importorskip("submitit")
-    launch_module, seen = load_launch(), {}
+    seen = {}
 
     class Executor:  # records what launch.py asks of Slurm; submits nothing
         def __init__(self, folder, cluster, **kwargs):
@@ -494,11 +663,27 @@ def test_slurm_asks_a_run_to_save_long_enough_before_its_time_limit(tmp_path, mo
             return [type("Job", (), {"job_id": "7_0"})()]
 
     monkeypatch.setattr(submitit, "AutoExecutor", Executor)
+    monkeypatch.setattr(launch_module.shutil, "which", lambda name: f"/usr/bin/{name}")  # as on a cluster
     opts, extra = launch_module.parse(["figure2-ippo", "--backend", "slurm", "--out", str(tmp_path), *flags])
     runs = launch_module.select(launch_module.GRIDS[opts.grid](), opts)[:1]
     launch_module.launch_submitit(runs, str(tmp_path / "grid"), extra, opts)
+    return seen
+
+
+@pytest.mark.parametrize("flags, delay", [([], 600), (["--timeout-min", "10"], 300), (["--signal-delay-s", "900"], 900)])
+def test_slurm_asks_a_run_to_save_long_enough_before_its_time_limit(tmp_path, monkeypatch, flags, delay):
+    """submitit signals a job 90 s before its limit unless told otherwise: less than one Navigation
+    iteration on a CPU, so the run would die before its save. The array gets --signal-delay-s."""
+    seen = slurm_parameters(load_launch(), tmp_path, monkeypatch, flags)
     assert seen["cluster"] == "slurm" and seen["slurm_signal_delay_s"] == delay
     assert seen["slurm_additional_parameters"] == dict(requeue=True)
+
+
+@pytest.mark.parametrize("flags, parallelism", [([], None), (["--jobs", "50"], 50)])
+def test_slurm_runs_as_many_tasks_at_once_as_the_cluster_lets_it_unless_told(tmp_path, monkeypatch, flags, parallelism):
+    """The submitting host's CPU count says nothing of the cluster's: only --jobs limits the array."""
+    seen = slurm_parameters(load_launch(), tmp_path, monkeypatch, flags)
+    assert seen.get("slurm_array_parallelism") == parallelism
 
 
 CORRUPT_SUMMARIES = {"cut short": '{"format": "hypermarl-summary/1", "total_timesteps": 2', "a list": "[1, 2]",
@@ -607,15 +792,15 @@ def test_measure_times_each_setting_and_multiplies_out(tmp_path, monkeypatch, ca
 
 def test_a_run_another_launcher_holds_is_not_started_twice(tmp_path):
     """Two launchers on one grid (a Slurm array submitted again while it runs): the second finds the
-    run's lock taken and starts nothing in its folder."""
-    import fcntl
-
+    run's lock taken by a launcher alive (this process) and starts nothing in its folder, at once."""
     launch_module = load_launch()
     run = launch_module.GRIDS["figure2-ippo"]()[0]
     run_dir = tmp_path / run.run_id
     run_dir.mkdir()
     with open(run_dir / ".lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
+        held.write(f"{socket.gethostname()} {os.getpid()}")  # as a launcher names itself
+        held.flush()
         assert launch_module.run_one(run, str(tmp_path), TINY_VMAS) == "failed (another launcher is running it now)"
     assert os.listdir(run_dir) == [".lock"]  # no log, no run folder
 
