@@ -978,13 +978,17 @@ def flag_rules(args: Args, given: set[str], resume_rules=()):
             "--no-memory-check to try anyway"
 
 def memory_needed(args: Args) -> int:
-    """A lower bound of the bytes a run holds (float32): the rollout, and a minibatch's activations through the
-    trunk and the heads, kept for the backward pass (the GRU's gates for every step of every sequence)."""
+    """A lower bound of the bytes a run holds (float32): the rollout, a minibatch's activations through the
+    trunk and the heads, kept for the backward pass (the GRU's gates for every step of every sequence), and
+    the actor's trunk and hypernetwork with their gradients and Adam's moments."""
     n, E, T, H, fc = args.n_agents, args.num_envs, args.num_steps, args.gru_hidden_dim, args.fc_dim
     obs, act = {"2s3z": 127, "3s5z": 205, "smacv2_10_units": 257, "smacv2_20_units": 497}[args.map], 20
     rollout = T * n * E * (obs + 2 * act + 8)
     minibatch = T * n * (E // args.num_minibatches) * (fc + 8 * H + 2 * H + fc + 2 * act)
-    return 4 * (rollout + minibatch)
+    trunk = (n if args.hypernet == "nops" else 1) * (obs * fc + 3 * H * (fc + H + 2))  # the dense layer, the GRU
+    hyper = n * args.hypernet_embedding_dim + 2 * num_target_params([args.hypernet_embedding_dim,
+                                                                      *args.hypernet_hidden_dims])
+    return 4 * (rollout + minibatch + 4 * (trunk + (hyper if args.hypernet == "mlp" else 0)))
 
 def parse_args(argv: list[str], given: set[str]) -> Args:
     """The flags given, the paper's values for the others (--help shows them); n_agents: the map's."""

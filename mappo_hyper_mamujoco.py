@@ -1096,6 +1096,8 @@ def flag_rules(args: Args, given: set[str], resume_rules=()):
     yield from resume_rules  # a resumed run's budget (hypermarl_extras.py): its reason before any range
     for name, value in vars(args).items():  # inf and nan pass every comparison below: refuse them first
         yield isinstance(value, float) and not math.isfinite(value), f"{flag(name)}: must be a finite number, got {value!r}"
+    yield not 0 < args.eval_episodes < 2**32 - 10_000, f"--eval-episodes: must be between 1 and {2**32 - 10_001} " \
+                                                       f"(episode k is seeded seed + 10000 + k), got {args.eval_episodes!r}"
     yield not 0 <= args.seed <= max_seed, f"--seed: must be between 0 and {max_seed} (evaluation episode k uses " \
                                           f"seed + 10000 + k, below 2**32), got {args.seed!r}"
     exp = repr(args.exp_name) if len(args.exp_name) <= 128 else f"{len(args.exp_name)} characters"
@@ -1103,7 +1105,9 @@ def flag_rules(args: Args, given: set[str], resume_rules=()):
         f"--exp-name: must be a plain name (letters, digits, '.', '_', '-'; at most 128), got {exp}"
     for names, holds, why in ((POSITIVE, lambda v: v > 0, "must be positive"),
                               (("gamma", "gae_lambda"), lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-                              (("ent_coef", "agent_obsk"), lambda v: v >= 0, "must be >= 0"),
+                              (("ent_coef",), lambda v: v >= 0, "must be >= 0"),
+                              (("agent_obsk",), lambda v: 0 <= v <= 16, "must be between 0 and 16 (no body is deeper)"),
+                              (("torch_threads", "update_threads"), lambda v: v <= 1024, "must be at most 1024"),
                               (SIZES, lambda v: v and min(v) > 0, "must be one or more positive sizes")):
         for name in names:
             yield not holds(getattr(args, name)), f"{flag(name)}: {why}, got {getattr(args, name)!r}"
@@ -1141,14 +1145,17 @@ def memory_needed(args: Args) -> dict[str, int]:
     m_actor = num_target_params([D, *args.actor_hidden_dims, A])
     m_critic = num_target_params([S, *args.critic_hidden_dims, 1])
     copies = {"mlp": args.hypernet_hidden_dims[-1] + 1, "linear": n + 1, "fups": 1}.get(args.hypernet, n)
+    trunk = num_target_params([args.hypernet_embedding_dim, *args.hypernet_hidden_dims])  # [mlp] one per tensor
+    hyper = n * args.hypernet_embedding_dim + 2 * (len(args.actor_hidden_dims) + 1) * trunk if args.hypernet == "mlp" else 0
     per_sample = args.hypernet in ("mlp", "linear") and args.hypernet_input == "agent+obs"
+    pool = min(args.snd_samples, args.eval_episodes * (args.max_episode_steps + 1))  # SND's joint states
     workers = args.async_envs and E > 1
     return dict(environments=2**20 * (E * (8 if workers else 1) + args.eval_episodes),
                 rollout=4 * T * E * (2 * n * (D + A) + 2 * S + 8),
-                networks=4 * (m_actor * (4 * copies + 2 * n + n * copies) + 4 * C * m_critic),
+                networks=4 * (m_actor * (4 * copies + 2 * n + n * copies) + 4 * C * m_critic + 4 * hyper),
                 minibatch=4 * (mb * n * (D + sum(args.actor_hidden_dims) + A) + C * mb_critic * (
                     S + sum(args.critic_hidden_dims)) + (min(mb * n * m_actor, 2**25) if per_sample else 0)),
-                snd=24 * args.snd_gaussian_samples * n * (n - 1) // 2 * args.snd_samples * A)
+                snd=24 * args.snd_gaussian_samples * n * (n - 1) // 2 * pool * A)
 
 def parse_args(argv: list[str], given: set[str]) -> Args:
     """The flags given, the paper's values for the others (--help shows them)."""

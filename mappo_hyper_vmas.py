@@ -1051,9 +1051,11 @@ def memory_needed(args: Args) -> dict[str, int]:
     copies = {"mlp": args.hypernet_hidden_dims[-1] + 1, "linear": n + 1, "fups": 1}.get(args.hypernet, n)
     per_sample = args.hypernet in ("mlp", "linear") and args.hypernet_input == "agent+obs"
     activations = mb * n * (obs + sum(args.actor_hidden_dims) + sum(args.critic_hidden_dims) + act) + mb * critic_in
-    trunks = 2 * (len(args.actor_hidden_dims) + len(args.critic_hidden_dims) + 2)  # [mlp] their first layers' inputs
-    embeddings = args.hypernet_embedding_dim * (n + trunks * args.hypernet_hidden_dims[0]) if args.hypernet == "mlp" else 0
-    snd = 24 * args.snd_gaussian_samples * n * (n - 1) // 2 * min(args.snd_samples, 10_000) * act
+    trunks = 2 * (len(args.actor_hidden_dims) + len(args.critic_hidden_dims) + 2)  # [mlp] one per generated tensor
+    trunk = num_target_params([args.hypernet_embedding_dim, *args.hypernet_hidden_dims])
+    embeddings = n * args.hypernet_embedding_dim + trunks * trunk if args.hypernet == "mlp" else 0
+    pool = min(args.snd_samples, 10_000, n * args.eval_episodes * args.max_steps)  # SND's observations, a chunk
+    snd = 24 * args.snd_gaussian_samples * n * (n - 1) // 2 * pool * act
     return dict(rollout=4 * T * n * E * (3 * obs + 12),
                 simulators=4 * (E + args.eval_episodes) * (2 * n * 64 + n * obs * 4),  # agents, food or goals
                 networks=4 * ((m_actor + m_critic) * (4 * copies + 2 * n) + n * m_actor * copies + 4 * embeddings),

@@ -403,12 +403,12 @@ def check_args(args: Args, given: set[str], hypernets: Optional[list[str]] = Non
         *((name, not math.isfinite(value), f"must be a finite number, got {value!r}")  # inf, nan pass every >
           for name, value in vars(args).items() if isinstance(value, float)),
         ("seed", not 0 <= args.seed <= max_seed, f"must be between 0 and {max_seed}, got {args.seed!r}"),
-        ("exp_name", not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{,127}", args.exp_name),  # it names the run folders
-         f"must be a plain name (letters, digits, '.', '_', '-'; at most 128), got {args.exp_name[:128]!r}"
-         + (f" ({len(args.exp_name)} characters)" if len(args.exp_name) > 128 else "")),
+        ("exp_name", not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{,127}", args.exp_name), "must be a plain name (letters, "
+         f"digits, '.', '_', '-'; at most 128), got {args.exp_name[:128]!r} ({len(args.exp_name)} characters)"),
         *((name, not getattr(args, name) > 0, f"must be positive, got {getattr(args, name)!r}") for name in (
             "num_trials", "batch_size", "learning_rate", "num_seeds", "eval_trials", "eval_interval", "log_interval",
             "hidden_size", "hypernet_embedding_dim", "num_threads")),
+        ("num_threads", args.num_threads > 1024, f"must be at most 1024, got {args.num_threads}"),
         ("hypernet_hidden_dims", not args.hypernet_hidden_dims or min(args.hypernet_hidden_dims) <= 0,
          f"must be one or more positive sizes, got {args.hypernet_hidden_dims!r}"),
         ("num_seeds", args.seed + args.num_seeds - 1 > max_seed,
@@ -429,9 +429,10 @@ def check_args(args: Args, given: set[str], hypernets: Optional[list[str]] = Non
 def memory_needed(args: Args) -> int:
     """A lower bound of the bytes a run holds at its peak, the largest of: every agent's gradient of every seed's
     parameters (twice: the interference normalises a copy), an evaluation's one-hot counts (int64), SND's pairs."""
-    n, S, h, hyper = args.n_agents, args.num_seeds, args.hidden_size, args.hypernet
+    n, S, h, e, hyper = args.n_agents, args.num_seeds, args.hidden_size, args.hypernet_embedding_dim, args.hypernet
     m = num_target_params([1, h, n])  # one agent's network
-    params = {"nops": n * m, "linear": (n + 1) * m, "mlp": ((args.hypernet_hidden_dims or [0])[-1] + 1) * m,
+    trunks = n * e + 4 * num_target_params([e, *args.hypernet_hidden_dims])  # [mlp] one per W_1, b_1, W_2, b_2
+    params = {"nops": n * m, "linear": (n + 1) * m, "mlp": ((args.hypernet_hidden_dims or [0])[-1] + 1) * m + trunks,
               "fups-noid": num_target_params([1, h * n, n]), "fups": num_target_params([n, h * n, n])}[hyper]
     return S * max(8 * n * params + 8 * args.batch_size * n * n, 8 * args.eval_trials * n * n, 6 * n * n * (n - 1))
 

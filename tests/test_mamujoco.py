@@ -670,7 +670,8 @@ def test_the_memory_estimate_grows_with_what_the_run_holds():
     total = sum(mj.memory_needed(base).values())
     for bigger in (dict(num_envs=4), dict(num_steps=64), dict(eval_episodes=8), dict(task="Humanoid-17x1"),
                    dict(actor_hidden_dims=[64, 64]), dict(hypernet_input="agent+obs"), dict(critic="per-agent"),
-                   dict(snd_gaussian_samples=16), dict(snd_samples=40)):
+                   dict(snd_gaussian_samples=16), dict(snd_samples=40), dict(hypernet_embedding_dim=64),
+                   dict(hypernet_hidden_dims=[64])):
         assert sum(mj.memory_needed(dataclasses.replace(base, **bigger)).values()) > total, bigger
 
 
@@ -911,6 +912,10 @@ def test_progress_line_says_totals_and_when_no_episode_ended(tmp_path):
     (["--hypernet-init", "matched", "--hypernet", "linear"], "--hypernet-init: matched is for --hypernet mlp"),
     (["--hypernet-input", "agent+obs", "--hypernet", "fups"], "--hypernet-input: only with --hypernet mlp or linear"),
     (["--algo", "happo", "--hypernet", "mlp"], "--hypernet: --algo happo needs"),
+    (["--obs-mode", "local", "--agent-obsk", "1000000000"], "--agent-obsk: must be between 0 and 16"),  # not a hang
+    (["--torch-threads", "1099511627776"], "--torch-threads: must be at most 1024"),
+    (["--update-threads", "2000"], "--update-threads: must be at most 1024"),
+    (["--eval-episodes", "4294967296"], "--eval-episodes: must be between 1 and 4294957295"),  # not --seed's fault
 ])
 def test_bad_input_of_a_run_that_would_start_is_one_line(tmp_path, flags, needle):
     """tiny_argv: a short run if the input were accepted."""

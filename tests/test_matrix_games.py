@@ -242,6 +242,9 @@ def test_the_memory_estimate_grows_with_agents_seeds_and_batches():
                    dict(hidden_size=8)):
         assert mg.memory_needed(dataclasses.replace(base, **bigger)) > mg.memory_needed(base), bigger
     assert mg.memory_needed(dataclasses.replace(base, n_agents=1000, hypernet="nops")) > 30 * 2**30  # OOM on 24 GB
+    mlp = dataclasses.replace(base, hypernet="mlp")  # its trunks and embeddings too
+    for bigger in (dict(hypernet_embedding_dim=10**6), dict(hypernet_hidden_dims=[10**4, 10**4])):
+        assert mg.memory_needed(dataclasses.replace(mlp, **bigger)) > mg.memory_needed(mlp), bigger
 
 
 @pytest.mark.parametrize("argv, needle", [(["--n-agents", "abc"], "--n-agents"), (["--bogus"], "--bogus"),

@@ -2,6 +2,7 @@
 generated weights at init, the authors' network sizes, resume bit for bit, bad flags. Tiny runs: 4 environments
 x 8 steps, small networks."""
 
+import dataclasses
 import math
 import os
 import shutil
@@ -314,3 +315,12 @@ def test_a_copy_alone_trains_and_refuses_what_needs_the_helper(tmp_path):
     refused = run_python(["ippo_hyper_smax.py", *tiny("blocker/runs")], cwd=tmp_path, env=env)
     assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
         "error: --runs-dir: cannot create a run folder in 'blocker/runs' (Not a directory)"], refused.stderr
+
+
+def test_the_memory_estimate_counts_the_networks():
+    """A GRU of a million units would ask for terabytes: refused by the memory check, not a traceback."""
+    args = ippo.read_command_line(["--map", "2s3z"])[0]
+    for script in (ippo, mappo):
+        for bigger in (dict(hypernet_embedding_dim=10**5), dict(hypernet_hidden_dims=[10**4]), dict(fc_dim=1024)):
+            assert script.memory_needed(dataclasses.replace(args, **bigger)) > script.memory_needed(args), bigger
+        assert script.memory_needed(dataclasses.replace(args, gru_hidden_dim=10**6)) > 2**42
