@@ -308,22 +308,15 @@ def take_lock(lock) -> bool:
     except BlockingIOError:
         lock.seek(0)
         host, _, pid = lock.read().partition(" ")
-        if sys.platform != "linux" or host != socket.gethostname() or not pid.isdigit() or alive(int(pid)):
+        sys.path.insert(0, ROOT)  # also in a Ray or submitit worker
+        from hypermarl_extras import process_alive
+
+        if sys.platform != "linux" or host != socket.gethostname() or not pid.isdigit() or process_alive(int(pid)):
             return False
         fcntl.flock(lock, fcntl.LOCK_EX)
     lock.truncate(0)
     lock.write(f"{socket.gethostname()} {os.getpid()}")
     lock.flush()
-    return True
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's (PermissionError): alive
-        pass
     return True
 
 
