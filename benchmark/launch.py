@@ -549,12 +549,13 @@ def mean_of(scalars: dict, tag: str):
 
 def trained_steps(run: Run, folder: str) -> int:
     """The steps the run's checkpoint has trained (a run stopped past a smaller --budget is labelled with
-    them, not with the budget its evaluations went beyond); 0 for the matrix games (no checkpoint)."""
-    if run.env == "matrix":
+    them, not with the budget its evaluations went beyond); 0 without a checkpoint (the matrix games keep none)."""
+    path = os.path.join(folder, "checkpoint.pt")
+    if run.env == "matrix" or not os.path.isfile(path):
         return 0
     import torch
 
-    return torch.load(os.path.join(folder, "checkpoint.pt"), map_location="cpu", weights_only=True)["global_step"]
+    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
 
 
 def write_summary(run: Run, folder: str, argv: list, extra: list) -> dict:
