@@ -896,16 +896,16 @@ def test_long_reasons_are_cut_at_a_word_with_an_ellipsis(script, tmp_path, capsy
         extras.load_snd_obs(str(bad), 16)
 
 
-@pytest.mark.parametrize("extra", [["--save-model"], ["--no-save-model"], ["--track"], ["--compile"],
-                                   ["--print-interval", 5], ["--exp-name", "named"], ["--wandb-entity", "team"],
-                                   ["--wandb-project-name", "project"], ["--learning-rate", 1e-3], ["--num-envs", 8],
-                                   ["--anneal-lr"], ["--eval-interval", 64], ["--interference-samples", 8]])
-def test_eval_only_refuses_the_flags_of_training(script, saved_run, extra, tmp_path, capsys):
+def test_eval_only_refuses_the_flags_of_training(script, saved_run, tmp_path, capsys):
     """They would be silently ignored: --eval-only trains nothing, writes no run, no checkpoint, no log."""
     _, checkpoint = saved_run
-    argv = ["--eval-only", "--checkpoint", checkpoint, "--runs-dir", tmp_path / "eval", *extra]
-    err = assert_refused_and_nothing_written(script, argv, capsys, f"error: {extra[0]}: ", tmp_path)
-    assert "--eval-only" in err
+    for extra in (["--save-model"], ["--no-save-model"], ["--track"], ["--compile"], ["--print-interval", 5],
+                  ["--exp-name", "named"], ["--wandb-entity", "team"], ["--wandb-project-name", "project"],
+                  ["--learning-rate", 1e-3], ["--num-envs", 8], ["--anneal-lr"], ["--eval-interval", 64],
+                  ["--interference-samples", 8]):
+        argv = ["--eval-only", "--checkpoint", checkpoint, "--runs-dir", tmp_path / "eval", *extra]
+        err = assert_refused_and_nothing_written(script, argv, capsys, f"error: {extra[0]}: ", tmp_path)
+        assert "only for training, not with --eval-only" in err, (extra, err)
 
 
 FURTHER_DAMAGE = {  # a change to the checkpoint, and the start of what --resume says about it
