@@ -508,17 +508,6 @@ class Grid:
         plt.close("all")
 
 
-def numpy_seed(text: str) -> int:
-    """A seed numpy takes (np.random.seed: below 2**32), checked with the other flags, before any output."""
-    value = int(text)  # a ValueError here becomes argparse's "invalid value" message
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be between 0 and {2**32 - 1}, got {value}")
-    return value
-
-
-numpy_seed.__name__ = "int"  # argparse names the type in "invalid int value"
-
-
 def main():
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", metavar="PATH", help="grid folders or summary.json files")
@@ -530,7 +519,7 @@ def main():
     parser.add_argument("--min-evaluations", type=at_least(1), default=3, metavar="K",
                         help="... widened to at least the last K evaluations (default %(default)s)")
     parser.add_argument("--reps", type=at_least(1), default=2000, help="bootstrap draws per CI (default %(default)s)")
-    parser.add_argument("--seed", type=numpy_seed, default=0,
+    parser.add_argument("--seed", type=at_least(0, below=2**32), default=0,  # numpy's seeds
                         help="numpy seed before each bootstrap (default %(default)s)")
     opts = parser.parse_args()
     opts.at = sorted(set(opts.at)) if opts.at else None

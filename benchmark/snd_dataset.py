@@ -32,8 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hypermarl_extras as extras  # noqa: E402
-from sps import check_writable  # noqa: E402  (os.access alone says yes to root everywhere, /proc included)
-from aggregate import numpy_seed  # noqa: E402
+from sps import at_least, check_writable  # noqa: E402  (os.access alone says yes to root everywhere, /proc included)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -122,7 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoints", nargs="+", required=True, help="checkpoints of one scenario")
     parser.add_argument("--episodes", type=int, default=10_000, help="episodes per checkpoint (paper: 10,000)")
     parser.add_argument("--samples", type=int, default=1_000_000, help="observations in the file (paper: 1M)")
-    parser.add_argument("--seed", type=numpy_seed, default=0, help="seed of the rollouts and of the sampling")
+    parser.add_argument("--seed", type=at_least(0, below=2**32), default=0, help="seed of the rollouts and of the sampling")
     parser.add_argument("--out", required=True, help="the .npz file to write")
     opts = parser.parse_args(argv)
     for name in ("episodes", "samples"):

@@ -45,9 +45,11 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def at_least(minimum):
+def at_least(minimum, below=None):
     def parse(text):
         value = int(text)  # a ValueError here becomes argparse's "invalid value" message
+        if below is not None and not minimum <= value < below:
+            raise argparse.ArgumentTypeError(f"must be between {minimum} and {below - 1}, got {value}")
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
         return value
