@@ -241,8 +241,7 @@ def train(game: str, hypernet: str, n_agents: int, seeds: list[int], args: Args,
         if trials // args.eval_interval > (trials - args.batch_size) // args.eval_interval or update == num_updates:
             evals.append((trials, evaluate(pop, game, seeds, args.eval_trials, writers, trials)))  # the last: final
         if progress and update < num_updates and time.time() - printed_at >= 60:  # short runs print no progress
-            printed_at = time.time()
-            elapsed = printed_at - start
+            elapsed = (printed_at := time.time()) - start
             print(f"trials={trials}/{num_updates * args.batch_size} train_reward={stats['reward'].mean().item():.4f} "
                   f"elapsed={duration(elapsed)} eta={duration(elapsed / update * (num_updates - update))}", flush=True)
     over = {key: torch.stack([h[key] for h in history]) for key in ("reward", "grad_var", "interference")}  # (U, S)
@@ -364,17 +363,18 @@ def main(argv=None) -> int:
     finally:
         for writer in writers:
             writer.close()
-    if args.save_model:  # every seed's parameters, to its run folder (hypermarl_extras.py)
-        extras.save_matrix_models(args, seeds, [writer.log_dir for writer in writers], result["population"])
     for s, seed in enumerate(seeds):
         print(f"seed={seed} eval/episodic_return={result['argmax'][s]:.4f} "
               f"eval/episodic_return_sampled={result['sampled'][s]:.4f} grad/actor_var={result['grad_var'][s]:.3e} "
               f"grad/interference={result['interference'][s]:.4f} diversity/snd={result['snd'][s]:.4f}")
-    elapsed = time.time() - start
-    took = f"{elapsed:.1f} s" if elapsed < 60 else duration(elapsed)
+    if not np.isfinite(result["grad_var"]).all():  # a seed diverged: its model is not worth saving
+        print("error: the loss became NaN/inf; use a smaller --learning-rate", file=sys.stderr)
+        return 1
+    if args.save_model:  # every seed's parameters, to its run folder (hypermarl_extras.py)
+        extras.save_matrix_models(args, seeds, [writer.log_dir for writer in writers], result["population"])
     print(f"{args.game} n={args.n_agents} {args.hypernet}: argmax {np.mean(result['argmax']):.4f} ± "
-          f"{np.std(result['argmax']):.4f}, sampled {np.mean(result['sampled']):.4f} ± "
-          f"{np.std(result['sampled']):.4f} ({took}, runs in {args.runs_dir})")
+          f"{np.std(result['argmax']):.4f}, sampled {np.mean(result['sampled']):.4f} ± {np.std(result['sampled']):.4f}"
+          f" ({duration(time.time() - start)}, runs in {args.runs_dir})")
     return 0
 
 def make_writers(args: Args, game: str, n_agents: int, hypernet: str, seeds: list[int]):

@@ -193,6 +193,14 @@ def test_single_run_in_process(tmp_path, capsys):
     assert not torch.equal(saved[0]["model"]["net.0.weight"], saved[1]["model"]["net.0.weight"])
 
 
+def test_a_diverged_run_exits_1_and_saves_no_model(tmp_path, capsys):
+    assert mg.main(["--learning-rate", "1e30", "--num-trials", "200", "--runs-dir", str(tmp_path), "--save-model"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == "error: the loss became NaN/inf; use a smaller --learning-rate\n"
+    assert "grad/actor_var=nan" in captured.out  # every seed's line still says which one diverged
+    assert not list(tmp_path.rglob("model.pt"))
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["--n-agents", "1"], "--n-agents"),
     (["--num-trials", "0"], "--num-trials"),
