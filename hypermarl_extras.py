@@ -331,8 +331,9 @@ def read_checkpoint(args, given: set[str], fmt: str, keys, model_fields, may_cha
     ignored = sorted(given - evaluation_flags) if args.eval_only else []
     if ignored:  # named as written
         written = ("--no-" + flag_of(ignored[0])[2:]) if getattr(args, ignored[0]) is False else flag_of(ignored[0])
+        video = " but a --capture-video video" if hasattr(args, "capture_video") else ""
         raise ArgError(f"{written}: only for training, not with --eval-only (it prints the evaluation and writes "
-                       "nothing but a --capture-video video)")
+                       f"nothing{video})")
     if getattr(args, "snd_obs_file", None) is not None and not args.eval_only:
         raise ArgError("--snd-obs-file: only with --eval-only")
     for name in ("resume", "checkpoint", "snd_obs_file"):

@@ -905,7 +905,7 @@ def test_eval_only_refuses_the_flags_of_training(script, saved_run, tmp_path, ca
                   ["--interference-samples", 8]):
         argv = ["--eval-only", "--checkpoint", checkpoint, "--runs-dir", tmp_path / "eval", *extra]
         err = assert_refused_and_nothing_written(script, argv, capsys, f"error: {extra[0]}: ", tmp_path)
-        assert "only for training, not with --eval-only" in err, (extra, err)
+        assert "only for training, not with --eval-only" in err and "--capture-video video" in err, (extra, err)
 
 
 FURTHER_DAMAGE = {  # a change to the checkpoint, and the start of what --resume says about it

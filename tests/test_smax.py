@@ -261,6 +261,7 @@ def test_eval_only_prints_the_checkpoints_return_win_rate_and_snd(tmp_path, capf
     code, _, err = run_main(ippo, ["--eval-only", "--checkpoint", os.path.join(run_dir, "checkpoint.pt"),
                                    "--num-envs", "2"], capfd)  # training's: it would be silently ignored
     assert code == 2 and err.startswith("error: --num-envs: only for training, not with --eval-only"), err
+    assert "--capture-video" not in err  # SMAX has no videos
     assert run_dirs(tmp_path) == [run_dir]
 
 
