@@ -10,6 +10,7 @@ Command line:
     resume_rules(args, loaded, changes)          a resumed run's budget, as (broken, message) pairs
     check_output(args, simulator)                --runs-dir writable, wandb for --track, a renderer for --capture-video
     machine_memory(cuda)                         bytes of the GPU's memory, or of RAM (or the cgroup's limit)
+    memory_rule(args, need, flags, host_parts)   (broken, message): a run larger than the machine's memory
     first_line(error)                            an error's reason for a one-line message, cut at a word
     check_capture_video(simulator)               --capture-video: this machine renders off-screen
 Run folders and signals:
@@ -48,6 +49,7 @@ import dataclasses
 import functools
 import glob
 import io
+import math
 import os
 import pickle
 import random
@@ -236,6 +238,20 @@ def machine_memory(cuda: bool) -> Optional[int]:
     except (AttributeError, ValueError, OSError):  # not POSIX
         return None
     return min(total, cgroup_memory_limit() or total)
+
+
+def memory_rule(args, need: dict[str, int], flags: dict[str, Sequence[str]], host_parts: Sequence[str] = ()):
+    """(broken, message) for a run whose memory (need: a lower bound in bytes, by part) exceeds the machine's.
+    With --cuda on a GPU every part but host_parts (simulators on the CPU) is held by the GPU, else all by RAM.
+    The message names the flags (flags: part -> fields) of the largest part, with their values."""
+    ram, gpu = machine_memory(False), machine_memory(True) if args.cuda and torch.cuda.is_available() else None
+    host = sum(v for k, v in need.items() if gpu is None or k in host_parts)
+    broken = host > (ram or math.inf) or sum(need.values()) - host > (gpu or math.inf)
+    largest = ", ".join(f"{flag_of(name)} {getattr(args, name)}" for name in flags[max(need, key=need.get)])
+    parts = ", ".join(f"{key} {value / 2**30:,.1f}" for key, value in need.items())
+    room = " and ".join(f"{what}{size / 2**30:,.1f} GiB" for what, size in (("", ram), ("GPU ", gpu)) if size)
+    return broken, (f"{largest}: the run needs at least {sum(need.values()) / 2**30:,.1f} GiB ({parts}), more than "
+                    f"this machine's {room}; use smaller values, or --no-memory-check to try anyway")
 
 
 def cgroup_memory_limit(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> Optional[int]:

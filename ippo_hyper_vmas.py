@@ -1028,12 +1028,14 @@ def flag_rules(args: Args, given: set[str], resume_rules=()):
             f"--split-goals: needs an even n_agents and --agents-with-same-goal n/2, got n={n}, same={same}"
     if args.hypernet in BASELINES:
         yield from baseline_module(args).flag_rules(args)
-    if args.memory_check and extras and (have := extras.machine_memory(args.cuda)) is not None:
-        need = memory_needed(args)
-        yield sum(need.values()) > have, \
-            f"--n-agents {n}, --num-envs {args.num_envs}, --num-steps {args.num_steps}: the run needs at least " \
-            f"{sum(need.values()) / 2**30:,.1f} GiB ({', '.join(f'{k} {v / 2**30:,.1f}' for k, v in need.items())}), " \
-            f"more than this machine's {have / 2**30:,.1f} GiB; use fewer, or --no-memory-check to try anyway"
+    if args.memory_check and extras:  # this machine's memory (hypermarl_extras.py)
+        yield extras.memory_rule(args, memory_needed(args), MEMORY_FLAGS)
+
+# What each part of memory_needed grows with: the memory check names the flags of the largest part
+MEMORY_FLAGS = dict(rollout=("n_agents", "num_envs", "num_steps"), simulators=("num_envs", "eval_episodes"),
+                    networks=("n_agents", "actor_hidden_dims", "critic_hidden_dims", "hypernet_hidden_dims",
+                              "hypernet_embedding_dim"), minibatch=("num_envs", "num_steps", "num_minibatches"),
+                    snd=("snd_gaussian_samples", "snd_samples"))
 
 def memory_needed(args: Args) -> dict[str, int]:
     """A lower bound of the bytes a run holds, by part, before anything is built (float32): the rollout and

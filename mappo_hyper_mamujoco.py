@@ -1120,14 +1120,13 @@ def flag_rules(args: Args, given: set[str], resume_rules=()):
         f"actors (nops), got --hypernet {args.hypernet}"  # shared weights: one agent's step would move the others
     yield args.hypernet_init == "matched" and args.hypernet == "linear", \
         "--hypernet-init: matched is for --hypernet mlp, got --hypernet linear"  # the linear one's scaled init is exact
-    if args.memory_check and extras and (ram := extras.machine_memory(False)) is not None:
-        need, gpu = memory_needed(args), extras.machine_memory(True) if args.cuda and torch.cuda.is_available() else None
-        tensors = sum(need.values()) - need["environments"]  # on the GPU with --cuda; MuJoCo is on the CPU
-        parts, room = ", ".join(f"{k} {v / 2**30:,.1f}" for k, v in need.items()), f"{ram / 2**30:,.1f} GiB"
-        yield need["environments"] + (0 if gpu else tensors) > ram or tensors > (gpu or math.inf), \
-            f"--num-envs {args.num_envs}, --num-steps {args.num_steps}, --eval-episodes {args.eval_episodes}: the run " \
-            f"needs at least {sum(need.values()) / 2**30:,.1f} GiB ({parts}), more than this machine's {room}" \
-            f"{f' (GPU: {gpu / 2**30:,.1f} GiB)' if gpu else ''}; use fewer, or --no-memory-check to try anyway"
+    if args.memory_check and extras:  # this machine's memory (hypermarl_extras.py); MuJoCo runs on the CPU
+        yield extras.memory_rule(args, memory_needed(args), MEMORY_FLAGS, host_parts=("environments",))
+
+# What each part of memory_needed grows with: the memory check names the flags of the largest part
+MEMORY_FLAGS = dict(environments=("num_envs", "eval_episodes"), rollout=("num_envs", "num_steps"),
+                    networks=("actor_hidden_dims", "critic_hidden_dims", "hypernet_hidden_dims", "hypernet_embedding_dim"),
+                    minibatch=("num_envs", "num_steps", "num_minibatches"), snd=("snd_gaussian_samples", "snd_samples"))
 
 # (agents, largest action, global state) of each task: the memory check's, before any simulator is built
 TASK_SHAPES = {"HalfCheetah-2x3": (2, 3, 17), "Walker2d-2x3": (2, 3, 17), "Ant-4x2": (4, 2, 105),

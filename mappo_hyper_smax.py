@@ -984,15 +984,16 @@ def flag_rules(args: Args, given: set[str], resume_rules=()):
         f"got {args.total_timesteps!r}"
     yield args.hypernet_init == "matched" and args.hypernet == "linear", \
         "--hypernet-init: matched is for --hypernet mlp, got --hypernet linear"  # the linear one's scaled init is exact
-    if args.memory_check and extras and (have := extras.machine_memory(args.cuda)) is not None:
-        need = memory_needed(args)
-        yield need > have, f"--num-envs {args.num_envs}, --num-steps {args.num_steps}: the run needs at least " \
-            f"{need / 2**30:,.1f} GiB, more than this machine's {have / 2**30:,.1f} GiB; use fewer, or " \
-            "--no-memory-check to try anyway"
+    if args.memory_check and extras:  # this machine's memory (hypermarl_extras.py)
+        yield extras.memory_rule(args, memory_needed(args), MEMORY_FLAGS)
 
-def memory_needed(args: Args) -> int:
-    """A lower bound of the bytes a run holds (float32): the rollout, a minibatch's activations through the
-    trunk and the heads, kept for the backward pass (the GRU's gates for every step of every sequence), and
+# What each part of memory_needed grows with: the memory check names the flags of the largest part
+MEMORY_FLAGS = dict(rollout=("num_envs", "num_steps"), minibatch=("num_envs", "num_steps", "num_minibatches"),
+                    networks=("fc_dim", "gru_hidden_dim", "hypernet_hidden_dims", "hypernet_embedding_dim"))
+
+def memory_needed(args: Args) -> dict[str, int]:
+    """A lower bound of the bytes a run holds, by part (float32): the rollout, a minibatch's activations through
+    the trunk and the heads, kept for the backward pass (the GRU's gates for every step of every sequence), and
     the actor's trunk and hypernetwork with their gradients and Adam's moments."""
     n, E, T, H, fc = args.n_agents, args.num_envs, args.num_steps, args.gru_hidden_dim, args.fc_dim
     obs, act = {"2s3z": 127, "3s5z": 205, "smacv2_10_units": 257, "smacv2_20_units": 497}[args.map], 20
@@ -1001,7 +1002,8 @@ def memory_needed(args: Args) -> int:
     trunk = (n if args.hypernet == "nops" else 1) * (obs * fc + 3 * H * (fc + H + 2))  # the dense layer, the GRU
     hyper = n * args.hypernet_embedding_dim + 2 * num_target_params([args.hypernet_embedding_dim,
                                                                       *args.hypernet_hidden_dims])
-    return 4 * (rollout + minibatch + 4 * (trunk + (hyper if args.hypernet == "mlp" else 0)))
+    networks = trunk + (hyper if args.hypernet == "mlp" else 0)  # with their gradients and Adam's two moments
+    return dict(rollout=4 * rollout, minibatch=4 * minibatch, networks=16 * networks)
 
 def parse_args(argv: list[str], given: set[str]) -> Args:
     """The flags given, the paper's values for the others (--help shows them); n_agents: the map's."""

@@ -59,9 +59,8 @@ torch.set_num_threads(1)
 if sys.argv[2] == "reinforce_matrix_games":
     import tyro
     estimate = script.memory_needed(tyro.cli(script.Args, args=argv))
-else:  # by part (a dict), or one number (SMAX)
-    estimate = script.memory_needed(script.parse_args(argv, script.flags_given(argv)))
-    estimate = estimate if isinstance(estimate, int) else sum(estimate.values())
+else:  # by part
+    estimate = sum(script.memory_needed(script.parse_args(argv, script.flags_given(argv))).values())
 def status(key):  # bytes
     return int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith(key))) * 1024
 with open("/proc/self/clear_refs", "w") as f:  # "5": the peak resident set (VmHWM) starts again from now

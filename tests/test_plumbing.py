@@ -80,9 +80,21 @@ def test_a_run_larger_than_the_machine_is_refused_with_its_estimate_unless_told_
     monkeypatch.setattr(script.extras, "machine_memory", lambda cuda: 2**20)  # a machine with 1 MiB
     code, out, err = run_main(script, tiny_args(tmp_path / "runs"), capsys)
     assert code == 2 and err.count("\n") == 1 and not os.path.exists(tmp_path / "runs")
-    assert err.startswith("error: --n-agents 4, --num-envs 4, --num-steps 8: the run needs at least ") and \
-        "rollout " in err and "more than this machine's 0.0 GiB; use fewer, or --no-memory-check" in err, err
+    assert err.startswith("error: --") and ": the run needs at least 0.0 GiB (rollout 0.0, " in err and \
+        "more than this machine's 0.0 GiB; use smaller values, or --no-memory-check to try anyway" in err, err
     assert run_main(script, tiny_args(tmp_path / "runs", "--no-memory-check"), capsys)[0] == 0
+
+
+@pytest.mark.parametrize("extra, flags", [
+    (["--num-envs", 10**8, "--total-timesteps", 8 * 10**8], "--n-agents 4, --num-envs 100000000, --num-steps 8:"),
+    (["--continuous-actions", "--snd-gaussian-samples", 10**10], "--snd-gaussian-samples 10000000000, --snd-samples 40"),
+    (["--hypernet-embedding-dim", 10**11], "--n-agents 4, --actor-hidden-dims [16, 16], "),
+])
+def test_the_memory_check_names_the_flags_of_the_largest_part(script, extra, flags, tmp_path, capsys):
+    """Not the rollout's flags when SND's draws or the networks are what the machine cannot hold."""
+    code, out, err = run_main(script, tiny_args(tmp_path / "runs", *extra), capsys)
+    assert code == 2 and err.startswith(f"error: {flags}") and "the run needs at least" in err, err
+    assert not os.path.exists(tmp_path / "runs")
 
 
 def test_the_memory_estimate_grows_with_what_the_run_holds(script):
