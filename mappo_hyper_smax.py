@@ -989,12 +989,13 @@ def flag_rules(args: Args, given: set[str], resume_rules=()):
 
 # What each part of memory_needed grows with: the memory check names the flags of the largest part
 MEMORY_FLAGS = dict(rollout=("num_envs", "num_steps"), minibatch=("num_envs", "num_steps", "num_minibatches"),
-                    networks=("fc_dim", "gru_hidden_dim", "hypernet_hidden_dims", "hypernet_embedding_dim"))
+                    networks=("fc_dim", "gru_hidden_dim", "hypernet_hidden_dims", "hypernet_embedding_dim"),
+                    evaluation=("eval_episodes",))
 
 def memory_needed(args: Args) -> dict[str, int]:
     """A lower bound of the bytes a run holds, by part (float32): the rollout, a minibatch's activations through
     the trunk and the heads, kept for the backward pass (the GRU's gates for every step of every sequence), and
-    the actor's trunk and hypernetwork with their gradients and Adam's moments."""
+    the actor's trunk and hypernetwork with their gradients and Adam's moments, an evaluation's observations."""
     n, E, T, H, fc = args.n_agents, args.num_envs, args.num_steps, args.gru_hidden_dim, args.fc_dim
     obs, act = {"2s3z": 127, "3s5z": 205, "smacv2_10_units": 257, "smacv2_20_units": 497}[args.map], 20
     rollout = T * n * E * (obs + 2 * act + 8)
@@ -1003,7 +1004,8 @@ def memory_needed(args: Args) -> dict[str, int]:
     hyper = n * args.hypernet_embedding_dim + 2 * num_target_params([args.hypernet_embedding_dim,
                                                                       *args.hypernet_hidden_dims])
     networks = trunk + (hyper if args.hypernet == "mlp" else 0)  # with their gradients and Adam's two moments
-    return dict(rollout=4 * rollout, minibatch=4 * minibatch, networks=16 * networks)
+    evaluation = n * args.eval_episodes * (obs + act)  # one step of every evaluation environment, at least
+    return dict(rollout=4 * rollout, minibatch=4 * minibatch, networks=16 * networks, evaluation=4 * evaluation)
 
 def parse_args(argv: list[str], given: set[str]) -> Args:
     """The flags given, the paper's values for the others (--help shows them); n_agents: the map's."""

@@ -318,11 +318,14 @@ def test_a_copy_alone_trains_and_refuses_what_needs_the_helper(tmp_path):
         "error: --runs-dir: cannot create a run folder in 'blocker/runs' (Not a directory)"], refused.stderr
 
 
-def test_the_memory_estimate_counts_the_networks():
+def test_the_memory_estimate_counts_the_networks_and_the_evaluation():
     """A GRU of a million units would ask for terabytes: refused by the memory check, not a traceback."""
     args = ippo.read_command_line(["--map", "2s3z"])[0]
     for script in (ippo, mappo):
-        for bigger in (dict(hypernet_embedding_dim=10**5), dict(hypernet_hidden_dims=[10**4]), dict(fc_dim=1024)):
+        for bigger in (dict(hypernet_embedding_dim=10**5), dict(hypernet_hidden_dims=[10**4]), dict(fc_dim=1024),
+                       dict(eval_episodes=10**4)):
             assert sum(script.memory_needed(dataclasses.replace(args, **bigger)).values()) > \
                 sum(script.memory_needed(args).values()), bigger
         assert script.memory_needed(dataclasses.replace(args, gru_hidden_dim=10**6))["networks"] > 2**42
+        # refused at once, not a crash at the first evaluation, after training
+        assert script.memory_needed(dataclasses.replace(args, eval_episodes=10**8))["evaluation"] > 2**38
