@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import warnings
 
 import numpy as np
@@ -498,6 +499,29 @@ def test_cuda_random_states_of_more_devices_than_this_machine_sees_restore_the_o
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((int(s[0]), device)))
     extras.set_rng_state(state)
     assert restored == [(0, 0)]
+
+
+def test_the_memory_rule_puts_host_parts_in_ram_and_the_rest_on_the_gpu(monkeypatch):
+    """With --cuda on a GPU, tensors count against the GPU and simulators on the CPU against RAM; without one,
+    everything against RAM. The message names the largest part's flags with their values."""
+    GiB, sizes = 2**30, {}
+    monkeypatch.setattr(extras, "machine_memory", lambda cuda: sizes["gpu" if cuda else "ram"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    need, flags = dict(environments=3 * GiB, rollout=1 * GiB), dict(environments=("num_envs",), rollout=("num_steps",))
+    args = types.SimpleNamespace(cuda=True, num_envs=7, num_steps=9)
+    sizes.update(ram=4 * GiB, gpu=2 * GiB)
+    assert extras.memory_rule(args, need, flags, host_parts=("environments",))[0] is False
+    sizes.update(ram=2 * GiB)  # the environments alone do not fit in RAM
+    broken, message = extras.memory_rule(args, need, flags, host_parts=("environments",))
+    assert broken and message == ("--num-envs 7: the run needs at least 4.0 GiB (environments 3.0, rollout 1.0), "
+                                  "more than this machine's 2.0 GiB and GPU 2.0 GiB; use smaller values, or "
+                                  "--no-memory-check to try anyway"), message
+    sizes.update(ram=4 * GiB, gpu=0.5 * GiB)  # the rollout does not fit on the GPU
+    assert extras.memory_rule(args, need, flags, host_parts=("environments",))[0] is True
+    args.cuda = False  # everything in RAM: 4 GiB fit in 4, not in 3.5
+    assert extras.memory_rule(args, need, flags, host_parts=("environments",))[0] is False
+    sizes.update(ram=3.5 * GiB)
+    assert extras.memory_rule(args, need, flags, host_parts=("environments",))[0] is True
 
 
 def test_the_memory_limit_is_the_smallest_of_the_process_cgroup_and_its_parents(tmp_path):
