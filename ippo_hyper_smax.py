@@ -984,7 +984,7 @@ def memory_needed(args: Args) -> dict[str, int]:
     the trunk and the heads, kept for the backward pass (the GRU's gates for every step of every sequence), and
     the actor's trunk and hypernetwork with their gradients and Adam's moments, an evaluation's observations."""
     n, E, T, H, fc = args.n_agents, args.num_envs, args.num_steps, args.gru_hidden_dim, args.fc_dim
-    obs, act = {"2s3z": 127, "3s5z": 205, "smacv2_10_units": 257, "smacv2_20_units": 497}[args.map], 20
+    obs, act = {"2s3z": (127, 10), "3s5z": (205, 13), "smacv2_10_units": (257, 15), "smacv2_20_units": (517, 25)}[args.map]
     rollout = T * n * E * (obs + 2 * act + 8)
     minibatch = T * n * (E // args.num_minibatches) * (fc + 8 * H + 2 * H + fc + 2 * act)
     trunk = (n if args.hypernet == "nops" else 1) * (obs * fc + 3 * H * (fc + H + 2))  # the dense layer, the GRU

@@ -4,7 +4,8 @@ HyperMARL (Tessera, Rahman & Albrecht) generates every agent's actor and critic 
 hypernetwork conditioned on that agent's embedding. On SMAX, as in the authors' code, the actor and the
 critic each have one Dense -> ReLU -> GRU trunk, which is not generated (appendix), the critic's on the
 world state; after them the hypernetwork generates each agent's actor and critic layers. MAPPO: the
-critic's own trunk (Agent); everything else is ippo_hyper_smax.py line for line. Read top to bottom:
+critic's own trunk (Agent), a gradient clip for the actor and one for the critic (gradient_step); everything
+else is ippo_hyper_smax.py line for line. Read top to bottom:
     Args               the flags with the paper's values (Table 22), per map and family (Table 23)
     Hypernetworks      Eq. (5) linear, Eq. (6) MLP, the initialisation of section 4.3
     The agent          the trunk and its GRU, the families, every agent's actor and critic, action masking
@@ -427,7 +428,7 @@ class Agent(nn.Module):
         return batched_mlp(features, weights.critic, torch.relu).squeeze(-1)
 
     def actor_parameters(self):
-        # the trunk feeds the actor too: part of what the actor's gradient moves (the shared table carries the critic's)
+        # the actor's trunk, and a table shared with the critic (--no-hypernet-separate-embeddings) counts as the actor's
         return list(self.actor_trunk.parameters()) + list(self.actor.parameters())
 
 def sample_action(logits) -> torch.Tensor:
@@ -997,7 +998,7 @@ def memory_needed(args: Args) -> dict[str, int]:
     the trunk and the heads, kept for the backward pass (the GRU's gates for every step of every sequence), and
     the actor's trunk and hypernetwork with their gradients and Adam's moments, an evaluation's observations."""
     n, E, T, H, fc = args.n_agents, args.num_envs, args.num_steps, args.gru_hidden_dim, args.fc_dim
-    obs, act = {"2s3z": 127, "3s5z": 205, "smacv2_10_units": 257, "smacv2_20_units": 497}[args.map], 20
+    obs, act = {"2s3z": (127, 10), "3s5z": (205, 13), "smacv2_10_units": (257, 15), "smacv2_20_units": (517, 25)}[args.map]
     rollout = T * n * E * (obs + 2 * act + 8)
     minibatch = T * n * (E // args.num_minibatches) * (fc + 8 * H + 2 * H + fc + 2 * act)
     trunk = (n if args.hypernet == "nops" else 1) * (obs * fc + 3 * H * (fc + H + 2))  # the dense layer, the GRU
