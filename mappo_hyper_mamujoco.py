@@ -405,8 +405,8 @@ class CentralCritics(nn.Module):
         return self.net(state.unsqueeze(0).expand(self.n_critics, -1, -1), self.net.generate()).squeeze(-1)
 
 class ValueNorm(nn.Module):
-    """HARL's ValueNorm, per critic: debiased moving mean and mean square of the value targets. Updated once per
-    update with all the targets (HARL: in every minibatch; a near-uniform running average either way)."""
+    """HARL's ValueNorm, per critic: debiased moving mean and mean square of the value targets, updated with
+    every critic minibatch's targets before they are normalised (HARL's cal_value_loss)."""
 
     def __init__(self, n: int, beta: float = 0.99999, epsilon: float = 1e-5, enabled: bool = True):
         super().__init__()
@@ -770,10 +770,11 @@ def clip_grad_per_agent(params, max_norm: float, n: int):
 
 def critic_update(critics, optimizer, value_norm, batch: dict, args: Args) -> float:
     """batch: state (B, S), values (C, B) the critics' old outputs (normalised), returns (C, B) raw."""
-    value_norm.update(batch["returns"])
-    targets_n, losses, state = value_norm.normalize(batch["returns"]), [], batch["state"]
+    losses, state = [], batch["state"]
     for idx in minibatches(state.shape[0], args.critic_num_minibatches, args.critic_epochs, state.device):
-        per_critic = value_loss(critics(state[idx]), batch["values"][:, idx], targets_n[:, idx], args)
+        returns = batch["returns"][:, idx]
+        value_norm.update(returns)  # as HARL: with every minibatch's targets, which it then normalises
+        per_critic = value_loss(critics(state[idx]), batch["values"][:, idx], value_norm.normalize(returns), args)
         loss = per_critic.sum()  # separate critics: separate losses
         if not torch.isfinite(loss):
             raise FloatingPointError("critic loss is not finite")

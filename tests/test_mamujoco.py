@@ -223,6 +223,17 @@ def test_value_norm_matches_harl_and_inverts():
     torch.testing.assert_close(vn.denormalize(vn.normalize(x)), x)
 
 
+def test_value_norm_is_updated_with_every_critic_minibatch_as_harl():
+    """HARL's cal_value_loss updates ValueNorm with each minibatch's returns, then normalises them with it."""
+    args = parsed(mj, critic_epochs=3, critic_num_minibatches=2)
+    torch.manual_seed(0)
+    critics, vn = mj.CentralCritics(args, 1, 5), mj.ValueNorm(1)
+    batch = dict(state=torch.randn(8, 5), values=torch.zeros(1, 8), returns=100 + 10 * torch.randn(1, 8))
+    mj.critic_update(critics, torch.optim.Adam(critics.parameters()), vn, batch, args)
+    beta = 0.99999
+    torch.testing.assert_close(vn.debiasing_term, torch.tensor(1 - beta**6, dtype=torch.float64))  # 3 x 2 updates
+
+
 def test_value_loss_huber_and_clipping_by_hand():
     args = parsed(mj, clip_coef=0.2, huber_delta=1.0)
     values, old, targets = torch.tensor([[0.5, 3.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, -1.0]])
