@@ -1015,3 +1015,16 @@ def test_checkpoints_of_other_scripts_and_files_that_are_not_files_are_named(scr
                                   f"{script.CHECKPOINT_FORMAT}"), ("/dev/null", "'/dev/null' is not a regular file")):
         argv = ["--eval-only", "--checkpoint", path, "--runs-dir", tmp_path / "eval"]
         assert_refused_and_nothing_written(script, argv, capsys, f"error: --checkpoint: {message}", tmp_path)
+
+
+@pytest.mark.parametrize("name, argv", [("ippo_hyper_vmas", ["--continuous-actions"]), ("mappo_hyper_vmas", ["--continuous-actions"]),
+                                        ("mappo_hyper_mamujoco", []), ("ippo_hyper_smax", ["--map", "2s3z"]),
+                                        ("mappo_hyper_smax", ["--map", "3s5z"])])
+def test_every_part_of_the_memory_estimate_names_flags_of_the_script(name, argv):
+    """The memory check's message names the largest part's flags (MEMORY_FLAGS): a part without them, or a
+    flag the script does not have, would end a refusal in a traceback instead of one line."""
+    script = load_script(name)
+    need = script.memory_needed(read_args(script, argv))
+    fields = {f.name for f in dataclasses.fields(script.Args)}
+    assert set(script.MEMORY_FLAGS) == set(need), (name, set(need) ^ set(script.MEMORY_FLAGS))  # SND's part too
+    assert all(flags and set(flags) <= fields for flags in script.MEMORY_FLAGS.values()), name
