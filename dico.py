@@ -202,4 +202,7 @@ class Agent(nn.Module):
 
     def set_extra_state(self, state):
         if self.action_optimizer is not None:
+            settings = self.action_optimizer.state_dict()["param_groups"]
             self.action_optimizer.load_state_dict(state["action_optimizer"])
+            if self.action_optimizer.state_dict()["param_groups"] != settings:  # an edited checkpoint: refused
+                raise ValueError("the action optimizer's settings are not DiCo's")

@@ -214,11 +214,12 @@ def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def check_output(args, simulator: Optional[str] = None) -> None:
-    """--runs-dir a folder this run may create and write into, wandb installed for --track, and with
-    --capture-video a renderer for `simulator`; checked before anything is written."""
-    eval_only = getattr(args, "eval_only", False)
-    if not eval_only or getattr(args, "capture_video", False):
+def check_output(args, simulator: Optional[str] = None, changes: Sequence[str] = ()) -> None:
+    """--runs-dir a folder this run may create and write into (a run resumed in its own folder writes only
+    there, checked by read_checkpoint), wandb installed for --track, and with --capture-video a renderer for
+    `simulator`; checked before anything is written. changes: what --resume changes (read_checkpoint)."""
+    eval_only, resumed_in_place = getattr(args, "eval_only", False), getattr(args, "resume", None) and not moved(changes)
+    if not (eval_only or resumed_in_place) or getattr(args, "capture_video", False):
         check_output_folder("--runs-dir", args.runs_dir)
     if args.track and not eval_only:
         try:
@@ -368,10 +369,34 @@ def read_checkpoint(args, given: set[str], fmt: str, keys, model_fields, may_cha
     # other flags but not a given one is the command line's conflict, which take_flags_from_checkpoint names
     check_saved_flags(args, loaded, [n for n in names if n not in INVOCATION_FIELDS], check)
     changes = take_flags_from_checkpoint(args, loaded["args"], flag, given, model_fields, may_change, INVOCATION_FIELDS)
-    if flag == "--resume" and not any(change.startswith("--runs-dir ") for change in changes):
-        check_output_folder("--resume", os.path.dirname(os.path.abspath(path)))  # the run goes on in it (open_run)
     check_run_position(loaded, flag, path, args.num_envs * args.num_steps)
+    if flag == "--resume":
+        check_resume_folder(path, resume_folder(path, args.runs_dir, loaded["run_name"], changes))
     return loaded, changes
+
+
+def moved(changes: Sequence[str]) -> bool:
+    """Whether --resume gives another --runs-dir, so the run goes on in <runs-dir>/<its run>."""
+    return any(change.startswith("--runs-dir ") for change in changes)
+
+
+def resume_folder(path: str, runs_dir: str, run_name: str, changes: Sequence[str]) -> str:
+    """Where a resumed run goes on: the folder holding its checkpoint, or <runs-dir>/<run> (changes: --runs-dir)."""
+    return os.path.join(runs_dir, run_name) if moved(changes) else os.path.dirname(os.path.abspath(path))
+
+
+def check_resume_folder(path: str, folder: str) -> None:
+    """ArgError unless the run resumed from path can go on in folder: its own (the checkpoint.pt there, which
+    the run replaces), or a new one that --runs-dir gives. A copy elsewhere (several side by side) would have
+    the runs write one checkpoint.pt and mix their logs."""
+    own = os.path.dirname(os.path.abspath(path))
+    if os.path.realpath(folder) == os.path.realpath(own):
+        if os.path.basename(path) != "checkpoint.pt":
+            raise ArgError(f"--resume: {path!r} is not its run folder's checkpoint.pt, where the run would go on; "
+                           f"give --runs-dir DIR to continue it in a new folder DIR/<its run>")
+        check_output_folder("--resume", own)
+    elif os.path.lexists(folder):
+        raise ArgError(f"--runs-dir: {folder!r} exists already; resume its checkpoint.pt, or give another --runs-dir")
 
 
 def checkpoint_flag(args) -> tuple[str, str]:
@@ -388,6 +413,9 @@ def check_saved_flags(args, loaded: dict, taken: list[str], check) -> None:
     saved, hints = loaded["args"], typing.get_type_hints(type(args))
     if not isinstance(saved, dict):
         raise CheckpointError(f"{flag}: {path!r} holds no flags of a run: refused")
+    if odd := sorted(map(str, hints.keys() ^ saved.keys())):  # a run saves every flag, and only flags
+        raise CheckpointError(f"{flag}: {path!r} holds {'no' if odd[0] in hints else 'an unknown'} flag "
+                              f"{flag_of(odd[0])!r:.60}: refused")
     values = {name: saved[name] for name in taken if name in saved}
     for name, value in values.items():
         if problem := type_problem(value, hints[name]):
@@ -476,8 +504,7 @@ def open_run(args, prefix: str, loaded, changes: list[str]):
         run_dir, global_step, iteration = os.path.join(args.runs_dir, new_run_folder(args.runs_dir, prefix)), 0, 1
     else:
         global_step, iteration, run_name = loaded["global_step"], loaded["iteration"], loaded["run_name"]
-        moved = any(change.startswith("--runs-dir ") for change in changes)
-        run_dir = os.path.join(args.runs_dir, run_name) if moved else os.path.dirname(os.path.abspath(args.resume))
+        run_dir = resume_folder(args.resume, args.runs_dir, run_name, changes)
         print(f"resume: {run_name} at step {global_step}" + (f"; changed: {', '.join(changes)}" if changes else ""))
     if args.track:
         import wandb
@@ -856,13 +883,26 @@ def same_layout(saved, fresh, path: str) -> None:
 
 
 def load_optimizer(optimizer, state: dict) -> None:
-    """optimizer.load_state_dict, and ValueError if a moment's shape is not its parameter's (torch would find
-    out at the first step, mid-run): one per parameter, per agent (PerAgentAdam's step) or a scalar."""
+    """optimizer.load_state_dict, and ValueError if its settings are not the run's (as the flags made them)
+    or a moment's shape is not its parameter's (torch would find out at the first step, mid-run): one per
+    parameter, per agent (PerAgentAdam's step) or a scalar. The learning rate is the flags' (--anneal-lr
+    sets it anew before each iteration)."""
+    settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
     optimizer.load_state_dict(state)
+    for group, own in zip(optimizer.param_groups, settings):
+        if odd := [key for key, value in own.items() if key != "lr" and not same_setting(group.get(key), value)]:
+            raise ValueError(f"optimizer's {odd[0]} {group.get(odd[0])!r:.40}, not the run's {own[odd[0]]!r:.40}")
+        group["lr"] = own["lr"]
     for p in (p for group in optimizer.param_groups for p in group["params"]):
         for key, value in optimizer.state.get(p, {}).items():
             if isinstance(value, torch.Tensor) and value.dim() and value.shape not in (p.shape, p.shape[:1]):
                 raise ValueError(f"optimizer's {key} of shape {tuple(value.shape)} for a parameter of {tuple(p.shape)}")
+
+
+def same_setting(saved, own) -> bool:
+    """An optimizer's setting as saved equals the run's own (a tuple may come back as a list)."""
+    return list(saved) == list(own) if isinstance(own, (tuple, list)) and isinstance(saved, (tuple, list)) else \
+        type(saved) is type(own) and saved == own
 
 
 def save_eval_video(runs_dir: str, loaded: dict, video, fps: float) -> str:

@@ -971,6 +971,7 @@ def flag_rules(args: Args, given: set[str], resume_rules=()):
     exp = repr(args.exp_name) if len(args.exp_name) <= 128 else f"{len(args.exp_name)} characters"
     yield not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{,127}", args.exp_name), \
         f"--exp-name: must be a plain name (letters, digits, '.', '_', '-'; at most 128), got {exp}"
+    yield not args.runs_dir, "--runs-dir: must name a folder, got ''"  # a copy alone would write into the current one
     for names, holds, why in ((POSITIVE, lambda v: v > 0, "must be positive"),
                               (("gamma", "gae_lambda"), lambda v: 0 <= v <= 1, "must be in [0, 1]"),
                               (("ent_coef", "vf_coef"), lambda v: v >= 0, "must be >= 0"),
@@ -1033,7 +1034,7 @@ def read_command_line(argv: list[str]):
             args = paper_defaults(args, given | set(MODEL_FIELDS) | set(extras.EVALUATION_FIELDS))
     check_args(args, given, extras.resume_rules(args, loaded, changes) if extras else ())
     if extras:
-        extras.check_output(args)
+        extras.check_output(args, changes=changes)
     return args, loaded, changes
 
 def duration(seconds: float) -> str:  # 1h02m, 3m05s or 12s

@@ -390,8 +390,7 @@ def make_writers(args: Args, game: str, n_agents: int, hypernet: str, seeds: lis
     return writers
 
 def check_args(args: Args, given: set[str], hypernets: Optional[list[str]] = None) -> None:
-    """ValueError("--flag: why") for the first rule of the table that args break. given: the fields named
-    on the command line; hypernets: the families trained (default --hypernet; the sweep's --hypernets)."""
+    """ValueError("--flag: why") for the table's first broken rule; given: the flags named; hypernets: the sweep's."""
     trained = f"--hypernet {args.hypernet}" if hypernets is None else f"--hypernets {' '.join(hypernets)}"
     family_of = {"hyper_linear_shared_bias": "linear", "hypernet_embedding_dim": "mlp", "hypernet_hidden_dims": "mlp"}
     max_seed = 2**32 - 1 - 10_000  # NumPy takes seeds below 2**32; the evaluation draws with seed + 10000
@@ -403,6 +402,7 @@ def check_args(args: Args, given: set[str], hypernets: Optional[list[str]] = Non
         *((name, not math.isfinite(value), f"must be a finite number, got {value!r}")  # inf, nan pass every >
           for name, value in vars(args).items() if isinstance(value, float)),
         ("seed", not 0 <= args.seed <= max_seed, f"must be between 0 and {max_seed}, got {args.seed!r}"),
+        ("runs_dir", not args.runs_dir, "must name a folder, got ''"),  # a copy alone would write into the current one
         ("exp_name", not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{,127}", args.exp_name), "must be a plain name (letters, "
          f"digits, '.', '_', '-'; at most 128), got {args.exp_name[:128]!r} ({len(args.exp_name)} characters)"),
         *((name, not getattr(args, name) > 0, f"must be positive, got {getattr(args, name)!r}") for name in (

@@ -651,10 +651,11 @@ def test_resume_from_another_folder_continues_in_the_checkpoints_run_folder(scri
     assert run_main(script, tiny_args("runs", "--save-model", "--total-timesteps", 32), capsys)[0] == 0
     (run_dir,) = run_dirs(tmp_path / "first" / "runs")
     monkeypatch.chdir(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere" / "runs").write_text("")  # the saved --runs-dir, unusable here, is not the run's folder
     checkpoint = os.path.join(run_dir, "checkpoint.pt")
     code, out, err = run_main(script, ["--resume", checkpoint, "--total-timesteps", 64], capsys)
     assert code == 0, err
-    assert os.listdir(tmp_path / "elsewhere") == [] and f"run: {run_dir}" in out
+    assert os.listdir(tmp_path / "elsewhere") == ["runs"] and f"run: {run_dir}" in out
     assert load_checkpoint(checkpoint)["global_step"] == 64 and len(scalar_tags(run_dir)["losses/value_loss"]) == 2
 
 
@@ -775,6 +776,14 @@ def test_a_script_copied_alone_checks_its_flags(tmp_path, flags, message):
     assert sorted(os.listdir(tmp_path)) == ["blocker", "ippo_hyper_vmas.py"]
 
 
+@pytest.mark.parametrize("name", ["reinforce_matrix_games", "mappo_hyper_mamujoco"])
+def test_a_script_copied_alone_refuses_an_empty_runs_dir(name, tmp_path):
+    """With the library --runs-dir '' is refused; alone, the script's own rule says the same (not: runs here)."""
+    code, out, err = run_alone(name, tmp_path, *TINY[name], "--runs-dir", "")
+    assert code == 2 and err.strip().splitlines() == ["error: --runs-dir: must name a folder, got ''"], err
+    assert os.listdir(tmp_path) == [f"{name}.py"]
+
+
 def test_without_the_helper_every_flag_that_needs_it_is_refused(script, monkeypatch):
     """Every flag of NEEDS_EXTRAS, named; the other flags are still read and checked."""
     monkeypatch.setattr(script, "extras", None)
@@ -787,6 +796,8 @@ def test_without_the_helper_every_flag_that_needs_it_is_refused(script, monkeypa
         assert str(error.value) == f"{flag}: needs hypermarl_extras.py beside this script"
     with pytest.raises(ValueError, match="^--num-minibatches: must divide"):
         script.read_command_line(["--num-minibatches", "3"])
+    with pytest.raises(ValueError, match="^--runs-dir: must name a folder, got ''$"):  # not the current folder
+        script.read_command_line(["--runs-dir", ""])
     args, loaded, changes = script.read_command_line(["--scenario", "navigation"])
     assert (args.num_envs, loaded, changes) == (600, None, [])  # the paper's values (Table 12)
 
@@ -960,6 +971,12 @@ FURTHER_DAMAGE = {  # a change to the checkpoint, and the start of what --resume
         s["model"][first_weight(s)].shape, complex(float("nan"), 0))), "holds NaN or inf (in model/"),
     "python random state out of range": (lambda s: s["rng"]["python"][1].__setitem__(0, 2**70),
                                          "does not fit this script's model"),
+    "a flag missing": (lambda s: s["args"].pop("max_steps"), "holds no flag '--max-steps': refused"),
+    "an unknown flag": (lambda s: s["args"].__setitem__("max_speed", 1.0), "holds an unknown flag '--max-speed'"),
+    "optimizer's betas cut": (lambda s: s["optimizer"]["param_groups"][0].__setitem__("betas", [0.9]),
+                              "does not fit this script's model (optimizer's betas [0.9], not the run's (0.9, 0.999))"),
+    "optimizer's eps changed": (lambda s: s["optimizer"]["param_groups"][0].__setitem__("eps", 0.1),
+                                "does not fit this script's model (optimizer's eps 0.1, not the run's 1e-05)"),
 }
 
 
@@ -1005,6 +1022,43 @@ def test_a_resume_checks_the_folder_it_will_write_into(script, saved_run, tmp_pa
     code, _, err = run_main(script, argv + ["--runs-dir", tmp_path / "scratch"], capsys)
     assert code == 0, err
     assert os.listdir(tmp_path / "scratch") == [os.path.basename(run_dir)]
+
+
+def test_a_checkpoint_copied_out_of_its_run_folder_goes_on_only_in_a_new_one(script, saved_run, tmp_path, capsys):
+    """Two copies side by side would both write the folder's checkpoint.pt and mix their logs: a copy is
+    resumed only with --runs-dir, into <runs-dir>/<run>, a folder that must not exist yet."""
+    run_dir, checkpoint = saved_run
+    (tmp_path / "kept").mkdir()
+    copy = shutil.copy(checkpoint, str(tmp_path / "kept" / "seed3.pt"))
+    argv = ["--resume", copy, "--total-timesteps", 96]
+    err = assert_refused_and_nothing_written(script, argv, capsys, f"error: --resume: {copy!r} is not its run "
+                                             "folder's checkpoint.pt", tmp_path / "kept")
+    assert "--runs-dir" in err
+    code, out, err = run_main(script, argv + ["--runs-dir", tmp_path / "scratch"], capsys)
+    assert code == 0, err
+    moved = tmp_path / "scratch" / os.path.basename(run_dir)
+    assert load_checkpoint(moved / "checkpoint.pt")["global_step"] == 96 and os.listdir(tmp_path / "kept") == ["seed3.pt"]
+    assert_refused_and_nothing_written(script, argv + ["--runs-dir", tmp_path / "scratch"], capsys,
+                                       f"error: --runs-dir: {str(moved)!r} exists already", tmp_path / "scratch", moved)
+    (tmp_path / "blocked").mkdir()
+    (tmp_path / "blocked" / os.path.basename(run_dir)).write_text("")  # a file where the run's folder would go
+    assert_refused_and_nothing_written(script, argv + ["--runs-dir", tmp_path / "blocked"], capsys,
+                                       "error: --runs-dir: ", tmp_path / "blocked")
+
+
+def test_the_optimizer_learning_rate_is_the_flags_not_the_files(script):
+    """A saved optimizer's settings must be the run's; its lr is set from the flags (--anneal-lr sets it anew
+    before every iteration, and without it the file's can only be the flags'), so an edited one changes nothing."""
+    parameter = torch.nn.Parameter(torch.zeros(3))
+    saved = torch.optim.Adam([parameter], lr=7.0, eps=1e-5).state_dict()
+    optimizer = torch.optim.Adam([parameter], lr=1e-3, eps=1e-5)
+    script.extras.load_optimizer(optimizer, saved)
+    assert optimizer.param_groups[0]["lr"] == 1e-3
+    saved["param_groups"][0]["betas"] = [0.9, 0.999]  # a tuple may come back as a list: the same setting
+    script.extras.load_optimizer(optimizer, saved)
+    saved["param_groups"][0]["amsgrad"] = 1  # not the run's (a bool)
+    with pytest.raises(ValueError, match="^optimizer's amsgrad 1, not the run's False$"):
+        script.extras.load_optimizer(optimizer, saved)
 
 
 def test_checkpoints_of_other_scripts_and_files_that_are_not_files_are_named(script, tmp_path, capsys):
