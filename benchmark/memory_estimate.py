@@ -8,10 +8,11 @@ reset before it) minus its resident set before it (imports, interpreter). Ratio 
 MaMuJoCo runs with --no-async-envs (its environments in the process, 1 MiB each); a worker
 process's own memory (8 MiB in the estimate) is measured apart, from /proc/<pid>/smaps_rollup.
 
-    python benchmark/memory_estimate.py                    # every configuration (about 10 minutes, 2 cores)
+    python benchmark/memory_estimate.py                    # every configuration (10-20 minutes on 2 cores)
     python benchmark/memory_estimate.py --out results.md   # also write the table
 """
 
+import argparse
 import json
 import os
 import subprocess
@@ -104,7 +105,7 @@ def torch_version() -> str:
 
 
 def main(argv=None) -> int:
-    parser = OneLineParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="also write the table (markdown) to this file")
     opts = parser.parse_args(argv)
     if opts.out:

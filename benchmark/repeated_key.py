@@ -49,30 +49,36 @@ def repeated_noise(num_steps: int):
     return sample_action
 
 
+def run_argv(family: str, seed: int, budget: int) -> list[str]:
+    return [str(a) for a in ("--scenario", "dispersion", "--hypernet", family, "--seed", seed, "--total-timesteps",
+                             budget, "--no-cuda")]
+
+
 def train(script, family: str, seed: int, budget: int, repeated: bool) -> list:
     """[(step, mean evaluation return)] of one run of script.main, with the sampling as given."""
-    argv = ["--scenario", "dispersion", "--hypernet", family, "--seed", seed, "--total-timesteps", budget, "--no-cuda"]
+    argv = run_argv(family, seed, budget)
     args = script.Args()
     original = script.sample_action
     if repeated:
         script.sample_action = repeated_noise(args.num_steps)  # main() looks it up at every step
     try:
         with tempfile.TemporaryDirectory() as runs_dir, contextlib.redirect_stdout(io.StringIO()):
-            code = script.main([str(a) for a in argv] + ["--runs-dir", runs_dir])
+            code = script.main(argv + ["--runs-dir", runs_dir])
             (folder,) = os.listdir(runs_dir)
             with open(os.path.join(runs_dir, folder, "evaluations.jsonl")) as f:
                 evaluations = [json.loads(line) for line in f]
     finally:
         script.sample_action = original
     if code != 0:
-        raise RuntimeError(f"{script.__name__} {' '.join(map(str, argv))}: exit status {code}")
+        raise RuntimeError(f"{script.__name__} {' '.join(argv)}: exit status {code}")
     return [(e["step"], float(np.mean(e["episode_returns"]))) for e in evaluations]
 
 
 def main(argv=None) -> int:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--script", default="ippo_hyper_vmas", choices=["ippo_hyper_vmas", "mappo_hyper_vmas"])
-    parser.add_argument("--hypernet", default="nops", help="the family (default: nops, the authors' case)")
+    parser.add_argument("--hypernet", default="nops", choices=["mlp", "linear", "fups", "nops", "dico"],
+                        help="the family (default: nops, the authors' case)")
     parser.add_argument("--seeds", type=at_least(0), nargs="+", default=[1, 30], help="seeds (default: 1 30)")
     parser.add_argument("--budget", type=at_least(1), default=500_000, help="steps per run (default %(default)s)")
     parser.add_argument("--out", default=None,
@@ -80,7 +86,14 @@ def main(argv=None) -> int:
     opts = parser.parse_args(argv)
     command = " ".join(["python benchmark/repeated_key.py", *(argv if argv is not None else sys.argv[1:])])
     opts.out = output_file(parser, opts.out, "repeated_key", "repeated_key.md")
+    if len(set(opts.seeds)) < len(opts.seeds):
+        parser.error(f"--seeds: each seed once, got {' '.join(map(str, opts.seeds))}")
     script = __import__(opts.script)
+    for seed in opts.seeds:  # the script's own checks of every run's flags, before the first trains
+        try:
+            script.read_command_line(run_argv(opts.hypernet, seed, opts.budget))
+        except ValueError as error:
+            parser.error(str(error).replace("--total-timesteps", "--budget"))
     torch.set_num_threads(1)
     start, rows, scores = time.time(), [], {False: [], True: []}
     for seed in opts.seeds:

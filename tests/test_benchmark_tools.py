@@ -332,6 +332,11 @@ CASES = [
     ("first_update.py", ["--script", "mappo_hyper_mamujoco"], "--script: invalid choice: 'mappo_hyper_mamujoco'"),
     ("repeated_key.py", ["--budget", "0"], "--budget: must be at least 1, got 0"),
     ("repeated_key.py", ["--seeds", "-1"], "--seeds: must be at least 0, got -1"),
+    ("repeated_key.py", ["--seeds", "1", "1"], "--seeds: each seed once, got 1 1"),
+    ("repeated_key.py", ["--hypernet", "dico", "--budget", "100"],  # the script's own check, before any training
+     "--budget: must be at least num_envs * num_steps = 2048, got 100"),
+    ("repeated_key.py", ["--hypernet", "bogus"], "--hypernet: invalid choice: 'bogus' (choose from 'mlp', 'linear', "
+     "'fups', 'nops', 'dico')"),
 ]
 
 
