@@ -387,7 +387,7 @@ def envs_table(env_counts, device, desync, iterations, repeats):
               "its one batched reset per step where environments ended.",
               f"- training SPS fups / mlp / nops: env-steps per second of training ({episodes} episodes), "
               "collection and update, iterations 2.., per hypernet family.",
-              "- same with --compile: the script with `--compile` (n/a: the script has no such flag).",
+              "- same with --compile: the script with `--compile`.",
               "- training / VmasEnv: eager mlp training SPS / VmasEnv random-action SPS (in brackets: fups).",
               "- update share (mlp): the update's share of the training time (collection the rest).", ""]
     return lines
