@@ -85,7 +85,6 @@ def main(argv=None) -> int:
                         help="the Markdown file to write (default: repeated_key.md in a new folder runs/repeated_key_<time>)")
     opts = parser.parse_args(argv)
     command = " ".join(["python benchmark/repeated_key.py", *(argv if argv is not None else sys.argv[1:])])
-    opts.out = output_file(parser, opts.out, "repeated_key", "repeated_key.md")
     if len(set(opts.seeds)) < len(opts.seeds):
         parser.error(f"--seeds: each seed once, got {' '.join(map(str, opts.seeds))}")
     script = __import__(opts.script)
@@ -94,6 +93,7 @@ def main(argv=None) -> int:
             script.read_command_line(run_argv(opts.hypernet, seed, opts.budget))
         except ValueError as error:
             parser.error(str(error).replace("--total-timesteps", "--budget"))
+    opts.out = output_file(parser, opts.out, "repeated_key", "repeated_key.md")  # a new folder: after every check
     torch.set_num_threads(1)
     start, rows, scores = time.time(), [], {False: [], True: []}
     for seed in opts.seeds:
