@@ -371,12 +371,16 @@ def read_checkpoint(args, given: set[str], fmt: str, keys, model_fields, may_cha
     changes = take_flags_from_checkpoint(args, loaded["args"], flag, given, model_fields, may_change, INVOCATION_FIELDS)
     check_run_position(loaded, flag, path, args.num_envs * args.num_steps)
     if flag == "--resume":
+        given_here = os.path.join(args.runs_dir, loaded["run_name"])
+        if "runs_dir" in given and not moved(changes) and not same_folder(given_here, os.path.dirname(path)):
+            changes.append(f"--runs-dir {args.runs_dir} -> {os.path.abspath(args.runs_dir)}")  # the saved text, here
         check_resume_folder(path, resume_folder(path, args.runs_dir, loaded["run_name"], changes))
     return loaded, changes
 
 
 def moved(changes: Sequence[str]) -> bool:
-    """Whether --resume gives another --runs-dir, so the run goes on in <runs-dir>/<its run>."""
+    """Whether --resume is given another --runs-dir (or the saved one's text, naming another folder from
+    here), so the run goes on in <runs-dir>/<its run>."""
     return any(change.startswith("--runs-dir ") for change in changes)
 
 
@@ -385,12 +389,16 @@ def resume_folder(path: str, runs_dir: str, run_name: str, changes: Sequence[str
     return os.path.join(runs_dir, run_name) if moved(changes) else os.path.dirname(os.path.abspath(path))
 
 
+def same_folder(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def check_resume_folder(path: str, folder: str) -> None:
     """ArgError unless the run resumed from path can go on in folder: its own (the checkpoint.pt there, which
     the run replaces), or a new one that --runs-dir gives. A copy elsewhere (several side by side) would have
     the runs write one checkpoint.pt and mix their logs."""
     own = os.path.dirname(os.path.abspath(path))
-    if os.path.realpath(folder) == os.path.realpath(own):
+    if same_folder(folder, own):
         if os.path.basename(path) != "checkpoint.pt":
             raise ArgError(f"--resume: {path!r} is not its run folder's checkpoint.pt, where the run would go on; "
                            f"give --runs-dir DIR to continue it in a new folder DIR/<its run>")
@@ -890,6 +898,8 @@ def load_optimizer(optimizer, state: dict) -> None:
     settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
     optimizer.load_state_dict(state)
     for group, own in zip(optimizer.param_groups, settings):
+        if extra := sorted(map(str, group.keys() - own.keys() - {"params"})):
+            raise ValueError(f"optimizer's setting {extra[0]!r:.40} is not one of the run's")
         if odd := [key for key, value in own.items() if key != "lr" and not same_setting(group.get(key), value)]:
             raise ValueError(f"optimizer's {odd[0]} {group.get(odd[0])!r:.40}, not the run's {own[odd[0]]!r:.40}")
         group["lr"] = own["lr"]

@@ -1046,6 +1046,23 @@ def test_a_checkpoint_copied_out_of_its_run_folder_goes_on_only_in_a_new_one(scr
                                        "error: --runs-dir: ", tmp_path / "blocked")
 
 
+def test_a_relative_runs_dir_given_to_resume_is_the_one_of_the_folder_it_starts_in(script, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """--runs-dir runs, the saved run's own text, names another folder from elsewhere: given, the run goes there."""
+    for folder in ("first", "elsewhere"):
+        (tmp_path / folder).mkdir()
+    monkeypatch.chdir(tmp_path / "first")
+    assert run_main(script, tiny_args("runs", "--save-model", "--total-timesteps", 32), capsys)[0] == 0
+    (run_dir,) = run_dirs(tmp_path / "first" / "runs")
+    copy = shutil.copy(os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "at32.pt"))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, out, err = run_main(script, ["--resume", copy, "--total-timesteps", 64, "--runs-dir", "runs"], capsys)
+    assert code == 0, err
+    moved = tmp_path / "elsewhere" / "runs" / os.path.basename(run_dir)
+    assert load_checkpoint(moved / "checkpoint.pt")["global_step"] == 64
+    assert load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))["global_step"] == 32
+
+
 def test_the_optimizer_learning_rate_is_the_flags_not_the_files(script):
     """A saved optimizer's settings must be the run's; its lr is set from the flags (--anneal-lr sets it anew
     before every iteration, and without it the file's can only be the flags'), so an edited one changes nothing."""
@@ -1058,6 +1075,9 @@ def test_the_optimizer_learning_rate_is_the_flags_not_the_files(script):
     script.extras.load_optimizer(optimizer, saved)
     saved["param_groups"][0]["amsgrad"] = 1  # not the run's (a bool)
     with pytest.raises(ValueError, match="^optimizer's amsgrad 1, not the run's False$"):
+        script.extras.load_optimizer(optimizer, saved)
+    saved["param_groups"][0] |= {"amsgrad": False, "momentum": 0.9}  # a setting Adam has not
+    with pytest.raises(ValueError, match="^optimizer's setting 'momentum' is not one of the run's$"):
         script.extras.load_optimizer(optimizer, saved)
 
 
