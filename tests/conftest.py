@@ -11,17 +11,21 @@ Test files, by what they test:
     test_mamujoco.py, test_fidelity_mamujoco.py, test_smax.py, test_matrix_games.py, test_fidelity_matrix.py: those scripts
 
 The README runs them on two workers (pytest-xdist, `-n 2 --dist worksteal`), each computing on one thread:
-no test depends on the order of the others, on another worker or on the machine's load.
+no test depends on the order of the others, on another worker or on the machine's load. The `long` tests
+start first, half on each worker (pytest_collection_modifyitems).
 `python -m pytest -q -m smoke tests` runs the smoke tier: imports, one tiny training run per VMAS script,
 a few algorithm units, a bad flag, a script copied alone refusing a flag (well under 2 minutes on 2 cores).
 """
 
 import contextlib
 import importlib
+import importlib.util
 import io
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -41,8 +45,19 @@ HANG = 1800
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "smoke: a fast, representative test for newcomers (python -m pytest -m smoke tests)")
+    config.addinivalue_line("markers", "long: a minute or more; started first, half of them on each of two workers")
     if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker of -n N: N workers, not N x cores threads, share the cores
         torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The `long` tests first in each half of the run, alternately: -n 2 --dist worksteal gives each worker one
+    half, and the short tests, stolen by whichever worker is free, then even out the end. In collection order,
+    the learning tests (test_vmas.py, the last file) would start last, both on one worker."""
+    long = [item for item in items if item.get_closest_marker("long")]
+    rest = [item for item in items if not item.get_closest_marker("long")]
+    cut = max(len(items) // 2 - len(long[0::2]), 0)
+    items[:] = long[0::2] + rest[:cut] + long[1::2] + rest[cut:]
 
 
 def load_script(name):
@@ -64,13 +79,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# A tiny VMAS run's sizes: 4 environments x 8 steps (32 per iteration), 6-step episodes, small networks
+TINY_VMAS = ["--num-envs", "4", "--num-steps", "8", "--num-minibatches", "2", "--update-epochs", "2",
+             "--eval-episodes", "3", "--snd-samples", "40", "--actor-hidden-dims", "16", "16",
+             "--critic-hidden-dims", "16", "16", "--max-steps", "6"]
+
+
 def tiny_args(runs_dir, *extra, scenario="dispersion"):
-    """A few seconds of training: 4 environments x 8 steps, 2 iterations, small networks."""
-    args = ["--scenario", scenario, "--runs-dir", str(runs_dir), "--num-envs", "4", "--num-steps", "8",
-            "--num-minibatches", "2", "--update-epochs", "2", "--total-timesteps", "64",
-            "--eval-episodes", "3", "--eval-interval", "32", "--snd-samples", "40",
-            "--actor-hidden-dims", "16", "16", "--critic-hidden-dims", "16", "16", "--max-steps", "6"]
-    return args + [str(x) for x in extra]
+    """A few seconds of training: TINY_VMAS, 2 iterations, an evaluation after each."""
+    args = ["--scenario", scenario, "--runs-dir", str(runs_dir), "--total-timesteps", "64", "--eval-interval", "32"]
+    return args + TINY_VMAS + [str(x) for x in extra]
 
 
 def tiny_or_eval_args(runs_dir, *extra):
@@ -95,6 +113,84 @@ def run_python(argv, cwd=None, env=None):
     """python argv... in a child process, its output captured."""
     return subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=HANG)
+
+
+def run_alone(name, folder, *argv):
+    """The script <name>.py copied alone into folder and run there, nothing of the repository importable:
+    (exit status, stdout, stderr)."""
+    shutil.copy(os.path.join(ROOT, f"{name}.py"), folder)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = run_python([f"{name}.py", *argv], cwd=folder, env=env)
+    return result.returncode, result.stdout, result.stderr
+
+
+def run_tool(name, argv, cwd, monkeypatch, capsys):
+    """benchmark/<name> as its command line runs it (sys.argv, the current folder), in this process: (exit
+    status, stdout, stderr). A child process per bad flag would cost seconds of Python start; each tool's
+    first case also runs as a command (test_benchmark_tools.py)."""
+    path = os.path.join(ROOT, "benchmark", name)
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [path, *map(str, argv)])
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name[:-3]}", path)
+    tool, threads = importlib.util.module_from_spec(spec), torch.get_num_threads()
+    try:
+        spec.loader.exec_module(tool)
+        code = tool.main()
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        torch.set_num_threads(threads)  # a tool sets its own, once its flags are read
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def matrix_args(**overrides):
+    """reinforce_matrix_games.Args with these flags, checked as its command line checks them."""
+    mg = load_script("reinforce_matrix_games")
+    args = mg.Args(**overrides)
+    mg.check_args(args, set(overrides))
+    return args
+
+
+# ----- child processes (Linux /proc): a run's environment workers, a launcher's scripts -----
+def alive(pid) -> bool:
+    """Whether process pid runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def children(pid) -> list[int]:
+    """The live processes whose parent is pid."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def gone(pids, wait=HANG) -> bool:
+    """Whether every process of pids has exited within wait seconds (HANG: a hang, not a speed)."""
+    deadline = time.time() + wait
+    while any(map(alive, pids)):
+        if time.time() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def committed_results() -> dict:
+    """Name -> bytes of every file under benchmark/results (the committed results)."""
+    results = os.path.join(ROOT, "benchmark", "results")
+    return {os.path.join(folder, name): open(os.path.join(folder, name), "rb").read()
+            for folder, _, names in os.walk(results) if "__pycache__" not in folder for name in names}
 
 
 def only_the_first_save_succeeds(monkeypatch) -> list:
@@ -130,13 +226,21 @@ def load_checkpoint(path):
 
 def assert_flag_changes_the_run(script, runs_dir, base, extra, scenario="dispersion"):
     """tiny_args runs with base flags, then with base + extra, same seed: both finish and their value
-    losses differ (runs are deterministic, so a flag that never reached the run would change nothing)."""
-    losses = []
-    for name, flags in (("base", base), ("changed", base + extra)):
-        assert script.main(tiny_args(os.path.join(runs_dir, name), *flags, scenario=scenario)) == 0
-        (run_dir,) = run_dirs(os.path.join(runs_dir, name))
-        losses.append(scalar_tags(run_dir)["losses/value_loss"])
-    assert losses[0] != losses[1]
+    losses differ (runs are deterministic, so a flag that never reached the run would change nothing).
+    The base run's losses are computed once per worker (by script, flags and thread count)."""
+    key = (script.__name__, tuple(map(str, base)), scenario, torch.get_num_threads())
+    if key not in BASE_LOSSES:
+        BASE_LOSSES[key] = value_losses(script, os.path.join(runs_dir, "base"), base, scenario)
+    assert BASE_LOSSES[key] != value_losses(script, os.path.join(runs_dir, "changed"), base + extra, scenario)
+
+
+BASE_LOSSES = {}
+
+
+def value_losses(script, runs_dir, flags, scenario):
+    assert script.main(tiny_args(runs_dir, *flags, scenario=scenario)) == 0
+    (run_dir,) = run_dirs(runs_dir)
+    return scalar_tags(run_dir)["losses/value_loss"]
 
 
 def read_args(script, argv):
@@ -163,13 +267,17 @@ def vmas_agent(script, args, num_envs=2, seed=0):
     return env, script.make_agent(args, env.obs_dim, env.act_dim, env.discrete)
 
 
+# A tiny MaMuJoCo run's sizes: 32 steps per iteration in one environment, 40-step episodes, small networks
+TINY_MAMUJOCO = ["--no-cuda", "--num-envs", "1", "--num-steps", "32", "--update-epochs", "2", "--critic-epochs", "2",
+                 "--actor-hidden-dims", "16", "16", "--critic-hidden-dims", "16", "16", "--eval-episodes", "2",
+                 "--max-episode-steps", "40", "--snd-samples", "20", "--snd-gaussian-samples", "8",
+                 "--interference-samples", "16"]
+
+
 def tiny_mamujoco_args(runs_dir, *extra, task="HalfCheetah-2x3", hypernet="mlp", algo="mappo"):
-    """MaMuJoCo: two updates of 32 steps in one environment, 40-step episodes, small networks."""
-    argv = ["--task", task, "--hypernet", hypernet, "--algo", algo, "--runs-dir", str(runs_dir), "--no-cuda",
-            "--num-envs", "1", "--num-steps", "32", "--total-timesteps", "64", "--update-epochs", "2",
-            "--critic-epochs", "2", "--actor-hidden-dims", "16", "16", "--critic-hidden-dims", "16", "16",
-            "--eval-episodes", "2", "--max-episode-steps", "40", "--snd-samples", "20",
-            "--snd-gaussian-samples", "8", "--interference-samples", "16"]
+    """MaMuJoCo: TINY_MAMUJOCO, two updates."""
+    argv = ["--task", task, "--hypernet", hypernet, "--algo", algo, "--runs-dir", str(runs_dir),
+            "--total-timesteps", "64", *TINY_MAMUJOCO]
     if hypernet == "mlp":
         argv += ["--hypernet-hidden-dims", "8", "--hypernet-embedding-dim", "4"]
     return argv + [str(x) for x in extra]

@@ -16,7 +16,7 @@ import pytest
 import scipy.stats
 import torch
 
-from conftest import ROOT, read_args, run_python, tiny_args, vmas_agent
+from conftest import ROOT, committed_results, read_args, run_python, run_tool, tiny_args, vmas_agent
 
 sys.path.insert(0, os.path.join(ROOT, "benchmark"))
 import aggregate  # noqa: E402
@@ -296,19 +296,21 @@ MALFORMED = {
     (None, [], "error: PATH: no summary.json in"),
     *[(name, [], "malformed summary.json (" + message) for name, (_, message) in MALFORMED.items()],
 ], ids=["--at 0", "--window 1.5", "--min-evaluations 0", "--seed 2**32", "no summary", *MALFORMED])
-def test_aggregate_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, make, argv, message):
+def test_aggregate_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, make, argv, message, monkeypatch, capsys):
     grids = tmp_path / "grids"
     grids.mkdir()
     bad = None
     if make:
         bad = write_summary(grids, "figure4", "navigation-2-same", "mlp", 1, {100: [1.0]})
         bad.write_text(MALFORMED[make][0](json.loads(bad.read_text())))
-    out = tmp_path / "out"
-    done = cli(grids, "--out", out, *argv)
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
+    code, out, err = run_tool("aggregate.py", [grids, "--out", tmp_path / "out", *argv], tmp_path, monkeypatch, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
     assert bad is None or str(bad) in lines[0]  # names the file
-    assert done.stdout == "" and os.listdir(tmp_path) == ["grids"]  # no out/, nor anything beside it
+    assert out == "" and os.listdir(tmp_path) == ["grids"]  # no out/, nor anything beside it
+    if argv == ["--at", "0"]:  # once as the command itself: the exit status a shell sees, no traceback
+        done = cli(grids, "--out", tmp_path / "out", *argv)
+        assert done.returncode == 2 and done.stderr.strip() == lines[0] and os.listdir(tmp_path) == ["grids"]
 
 
 # ===== The other tools: bad flags are one line, exit status 2, no file; outputs never a committed file =====
@@ -341,15 +343,27 @@ CASES = [
 
 
 @pytest.mark.parametrize("script, argv, message", CASES, ids=[f"{s} {' '.join(a)}" for s, a, _ in CASES])
-def test_bad_flag_is_one_line_exit_2_and_writes_nothing(tmp_path, script, argv, message):
+def test_bad_flag_is_one_line_exit_2_and_writes_nothing(tmp_path, script, argv, message, monkeypatch, capsys):
     out = tmp_path / "result.md"
     # without --out a tool writes into a new folder of runs/: not yet (compare_videos.py needs --out)
     for out_flag in [["--out", out]] + ([] if script == "compare_videos.py" else [[]]):
-        result = run_python([os.path.join(ROOT, "benchmark", script), *out_flag] + argv, cwd=tmp_path)
-        assert result.returncode == 2
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.stderr  # not "error: argument --x"
-        assert "Traceback" not in result.stderr and os.listdir(tmp_path) == []
+        code, _, err = run_tool(script, [*out_flag, *argv], tmp_path, monkeypatch, capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), err  # not "error: argument --x"
+        assert os.listdir(tmp_path) == []
+
+
+FIRST_CASES = [case for k, case in enumerate(CASES) if case[0] not in [s for s, _, _ in CASES[:k]]]
+
+
+@pytest.mark.parametrize("script, argv, message", FIRST_CASES, ids=[s for s, _, _ in FIRST_CASES])
+def test_a_bad_flag_given_to_the_command_is_one_line_exit_2(tmp_path, script, argv, message):
+    """The command itself, in a Python of its own: the exit status a shell sees, no traceback."""
+    out = ["--out", tmp_path / "out.gif"] if script == "compare_videos.py" else []  # it needs one
+    result = run_command(script, [*out, *argv], tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.stderr
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("argv, message", [(["--rounds", "0"], "--rounds: must be at least 1, got 0"),
@@ -440,15 +454,8 @@ def test_same_numbers_compare_leaves_out_the_ignored_tags_only(tmp_path):
 
 
 # ----- outputs: never a committed file by default, and a bad --out fails before any work -----
-def run_tool(script, argv, cwd):
+def run_command(script, argv, cwd):
     return run_python([os.path.join(ROOT, "benchmark", script)] + argv, cwd=cwd)
-
-
-def committed_results():
-    """Name -> bytes of every file under benchmark/results (the committed results)."""
-    results = os.path.join(ROOT, "benchmark", "results")
-    return {os.path.join(folder, name): open(os.path.join(folder, name), "rb").read()
-            for folder, _, names in os.walk(results) if "__pycache__" not in folder for name in names}
 
 
 BAD_OUTS = {"a folder": lambda tmp: str(tmp), "inside a file": lambda tmp: str(tmp / "notes.txt" / "result.md"),
@@ -457,12 +464,12 @@ BAD_OUTS = {"a folder": lambda tmp: str(tmp), "inside a file": lambda tmp: str(t
 
 @pytest.mark.parametrize("script", ["sps.py", "init_scale.py", "update_step.py", "first_update.py", "repeated_key.py"])
 @pytest.mark.parametrize("where", sorted(BAD_OUTS))
-def test_bad_out_fails_at_once_with_one_line(tmp_path, script, where):
+def test_bad_out_fails_at_once_with_one_line(tmp_path, script, where, monkeypatch, capsys):
     (tmp_path / "notes.txt").write_text("keep")
-    result = run_tool(script, ["--out", BAD_OUTS[where](tmp_path)], tmp_path)  # before the benchmark (minutes)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --out: "), result.stderr
-    assert result.stdout == "" and os.listdir(tmp_path) == ["notes.txt"]
+    code, out, err = run_tool(script, ["--out", BAD_OUTS[where](tmp_path)], tmp_path, monkeypatch, capsys)  # at once
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: --out: "), err
+    assert out == "" and os.listdir(tmp_path) == ["notes.txt"]
 
 
 def test_check_writable_refuses_a_folder_that_takes_no_new_entry(tmp_path, capsys):
@@ -485,21 +492,9 @@ def test_check_writable_refuses_a_folder_that_takes_no_new_entry(tmp_path, capsy
 ])
 def test_out_in_proc_is_one_line_before_any_work(tmp_path, script, argv):
     write_summary(tmp_path / "grids", "figure2-ippo", "dispersion-4", "mlp", 1, {100: [1.0]})
-    result = run_tool(script, argv, tmp_path)
+    result = run_command(script, argv, tmp_path)
     assert result.returncode == 2 and result.stderr == "error: --out: '/proc' is not writable\n", result.stderr
     assert result.stdout == "" and os.listdir(tmp_path) == ["grids"]
-
-
-def test_init_scale_writes_a_new_folder_in_runs_not_the_committed_results(tmp_path):
-    before = committed_results()
-    for _ in range(2):
-        result = run_tool("init_scale.py", ["--seeds", "1", "--n-agents", "2"], tmp_path)
-        assert result.returncode == 0, result.stderr[-2000:]
-    assert committed_results() == before
-    folders = sorted(os.listdir(tmp_path / "runs"))
-    assert len(folders) == 2 and all(f.startswith("init_scale_") for f in folders)  # never reused
-    assert all(os.listdir(tmp_path / "runs" / f) == ["init_scale.md"] for f in folders)
-    assert os.listdir(tmp_path) == ["runs"]
 
 
 def test_default_output_folders_are_new_even_within_one_second(tmp_path, monkeypatch):
@@ -512,10 +507,14 @@ def test_default_output_folders_are_new_even_within_one_second(tmp_path, monkeyp
     assert sorted(os.listdir(tmp_path / "runs")) == ["sps_20260101-000000", "sps_20260101-000000_1"]
 
 
-def test_init_scale_benchmark(tmp_path):
-    out = tmp_path / "init_scale.md"
-    result = run_python([os.path.join(ROOT, "benchmark", "init_scale.py"), "--seeds", "1", "--out", out], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+def test_init_scale_benchmark_writes_a_new_folder_in_runs_not_the_committed_results(tmp_path):
+    before = committed_results()
+    result = run_command("init_scale.py", ["--seeds", "1"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert committed_results() == before and os.listdir(tmp_path) == ["runs"]
+    (folder,) = os.listdir(tmp_path / "runs")  # a new one each time: test_default_output_folders_are_new_...
+    assert folder.startswith("init_scale_") and os.listdir(tmp_path / "runs" / folder) == ["init_scale.md"]
+    out = tmp_path / "runs" / folder / "init_scale.md"
     text = out.read_text()
     assert text.count("| critic 3 |") == 4 and text.count("| actor 1 |") == 4  # both scripts, both scenarios
     assert "| matched | 0% | 0% |" in text  # largest miss of the target scale, over every layer: none for matched
@@ -536,16 +535,15 @@ def test_init_scale_benchmark(tmp_path):
     (["--checkpoints", "FOREIGN", "--seed", "-1"], "--seed: must be between 0 and 4294967295, got -1"),
     (["--checkpoints", "FOREIGN", "--seed", str(2**64)], f"--seed: must be between 0 and 4294967295, got {2**64}"),
 ])
-def test_snd_dataset_bad_flags_are_one_line_exit_2(tmp_path, argv, message):
+def test_snd_dataset_bad_flags_are_one_line_exit_2(tmp_path, argv, message, monkeypatch, capsys):
     foreign = tmp_path / "foreign.pt"
     torch.save({"model": {}}, foreign)
     out = tmp_path / "snd.npz"
     names = {"FOREIGN": foreign, "NOSUFFIX": tmp_path / "snd", "NODIR": tmp_path / "missing" / "snd.npz"}
     argv = [str(names.get(a, a)) for a in argv]
-    result = run_python([os.path.join(ROOT, "benchmark", "snd_dataset.py"), "--out", out] + argv)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    code, _, err = run_tool("snd_dataset.py", ["--out", out, *argv], tmp_path, monkeypatch, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
     assert not out.exists() and sorted(os.listdir(tmp_path)) == ["foreign.pt"]
 
 

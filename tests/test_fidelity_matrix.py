@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HANG, ROOT
+from conftest import HANG, ROOT, committed_results
+from conftest import matrix_args as make_args
 
 import reinforce_matrix_games as mg  # noqa: E402
 
@@ -23,12 +24,6 @@ BENCHMARK = os.path.join(ROOT, "benchmark", "matrix_games.py")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one thread, restored after
-
-
-def make_args(**overrides):
-    args = mg.Args(**overrides)
-    mg.check_args(args, set(overrides))
-    return args
 
 
 # ----- Table 2, FuPS+ID, Specialisation, n = 8 -----
@@ -109,12 +104,6 @@ def test_benchmark_sweep_end_to_end(tmp_path):
     assert (tmp_path / "res" / "matrix_games_n2.png").stat().st_size > 1000
     assert len(os.listdir(tmp_path / "runs")) == 2 * 5 * 2  # one TensorBoard run per game x family x seed
     assert set(os.listdir(tmp_path)) == {"res", "runs"}
-
-
-def committed_results():
-    results = os.path.join(ROOT, "benchmark", "results")
-    return {os.path.join(folder, name): open(os.path.join(folder, name), "rb").read()
-            for folder, _, names in os.walk(results) if "__pycache__" not in folder for name in names}
 
 
 def test_benchmark_default_output_is_a_new_folder_with_the_tensorboard_runs_inside(tmp_path):

@@ -20,21 +20,13 @@ import time
 
 import pytest
 
-from conftest import HANG, ROOT, load_checkpoint, read_args, run_python
+from conftest import (HANG, ROOT, TINY_MAMUJOCO, TINY_VMAS, alive, children, load_checkpoint, load_script, read_args,
+                      run_main, run_python)
 
 LAUNCH = os.path.join(ROOT, "benchmark", "launch.py")
 
-TINY_VMAS = ["--num-envs", "4", "--num-steps", "8", "--num-minibatches", "2", "--update-epochs", "2",
-             "--eval-episodes", "3", "--snd-samples", "40", "--actor-hidden-dims", "16", "16",
-             "--critic-hidden-dims", "16", "16", "--max-steps", "6"]  # 32 steps per iteration
-
-
 # A budget no run reaches while a test waits for it: the signal always finds the run going.
 OUT_OF_REACH = 32 * 10**6
-TINY_MAMUJOCO = ["--no-cuda", "--num-envs", "1", "--num-steps", "32", "--update-epochs", "2", "--critic-epochs", "2",
-                 "--actor-hidden-dims", "16", "16", "--critic-hidden-dims", "16", "16", "--eval-episodes", "2",
-                 "--max-episode-steps", "40", "--snd-samples", "20", "--snd-gaussian-samples", "8",
-                 "--interference-samples", "16", "--no-async-envs"]
 
 
 def launch(argv, cwd):
@@ -111,6 +103,7 @@ def summaries(grid_dir):
 
 
 # ----- local backend -----
+@pytest.mark.long
 def test_local_grid_writes_summaries_skips_finished_runs_and_grows_with_a_larger_budget(tmp_path, capsys):
     argv = ["figure2-ippo", "--out", str(tmp_path), "--methods", "fups", "mlp", "--seeds", "1", "--jobs", "2"]
     tiny = ["--", *TINY_VMAS, "--eval-interval", "32"]
@@ -158,7 +151,9 @@ def test_local_grid_writes_summaries_skips_finished_runs_and_grows_with_a_larger
     assert relabelled["total_timesteps"] == 96 == seed_entry(relabelled)["step_2"]["step_count"]
 
 
-def test_table3a_measures_each_run_on_one_dataset_of_ippo_nops_and_fups_at_a_quarter_and_the_end(tmp_path, monkeypatch):
+@pytest.mark.long
+def test_table3a_measures_each_run_on_one_dataset_of_ippo_nops_and_fups_at_a_quarter_and_the_end(tmp_path, monkeypatch,
+                                                                                                 capsys, one_thread):
     """figure2-ippo's NoPS and FuPS runs stop at a quarter of the budget, keep a copy of that checkpoint and go
     on (the same weights as a straight run); table3a rolls out those four policies into one dataset
     (appendix D.1.2) and evaluates every finished run's final checkpoint on it. Launched again, it reuses
@@ -166,7 +161,7 @@ def test_table3a_measures_each_run_on_one_dataset_of_ippo_nops_and_fups_at_a_qua
     import numpy as np
     import torch
 
-    tiny = [*TINY_VMAS, "--eval-interval", "32"]
+    ippo, tiny = load_script("ippo_hyper_vmas"), [*TINY_VMAS, "--eval-interval", "32"]
     select = ["--methods", "nops", "fups", "mlp", "--seeds", "1", "--budget", "128"]
     result = launch(["figure2-ippo", "--out", str(tmp_path), *select, "--jobs", "2", "--", *tiny], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -176,10 +171,10 @@ def test_table3a_measures_each_run_on_one_dataset_of_ippo_nops_and_fups_at_a_qua
         assert [" --total-timesteps 32 " in line or "--total-timesteps 128" in line for line in starts(grid_dir, run_id)] == [True, True]
         folder = run_folder(grid_dir, run_id)
         assert torch.load(os.path.join(folder, "checkpoint_32.pt"), weights_only=True)["global_step"] == 32
-        straight = run_python([os.path.join(ROOT, "ippo_hyper_vmas.py"), "--scenario", "dispersion", "--n-agents", "4",
-                               "--hypernet", method, "--seed", "1", "--total-timesteps", "128", *tiny, "--save-model",
-                               "--runs-dir", str(tmp_path / "straight" / method)], cwd=tmp_path)
-        assert straight.returncode == 0, straight.stderr
+        code, _, err = run_main(ippo, ["--scenario", "dispersion", "--n-agents", "4", "--hypernet", method, "--seed", "1",
+                                       "--total-timesteps", "128", *tiny, "--save-model",
+                                       "--runs-dir", tmp_path / "straight" / method], capsys)  # one thread, as launch's
+        assert code == 0, err
         (other,) = glob.glob(str(tmp_path / "straight" / method / "*" / "checkpoint.pt"))
         a, b = (torch.load(p, weights_only=True)["model"] for p in (os.path.join(folder, "checkpoint.pt"), other))
         assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
@@ -194,9 +189,9 @@ def test_table3a_measures_each_run_on_one_dataset_of_ippo_nops_and_fups_at_a_qua
     assert obs.shape[:2] == (16, 4)  # 64 observations: 16 time steps of 4 agents
     assert sorted(table["snd"]) == ["figure2-ippo"] and sorted(table["snd"]["figure2-ippo"]) == ["fups", "mlp", "nops"]
     for method, per_seed in table["snd"]["figure2-ippo"].items():
-        line = run_python([os.path.join(ROOT, "ippo_hyper_vmas.py"), "--eval-only", "--checkpoint",
-                           os.path.join(run_folder(grid_dir, f"ippo-dispersion-4-{method}-s1"), "checkpoint.pt"),
-                           "--snd-obs-file", str(tmp_path / "table3a" / "snd_dataset.npz")], cwd=tmp_path).stdout
+        line = run_main(ippo, ["--eval-only", "--checkpoint",
+                               os.path.join(run_folder(grid_dir, f"ippo-dispersion-4-{method}-s1"), "checkpoint.pt"),
+                               "--snd-obs-file", tmp_path / "table3a" / "snd_dataset.npz"], capsys)[1]
         assert f"diversity/snd={per_seed['1']:.6f}" in line and 0 <= per_seed["1"] <= 1
     text = (tmp_path / "table3a" / "table3a.md").read_text()
     assert text.count("| IPPO | ") == 3
@@ -215,6 +210,7 @@ def test_table3a_measures_each_run_on_one_dataset_of_ippo_nops_and_fups_at_a_qua
     assert np.load(dataset)["obs"].shape[:2] == (8, 4)  # built again: 32 observations
 
 
+@pytest.mark.long
 def test_a_stopped_grid_resumes_with_the_numbers_of_an_uninterrupted_run(tmp_path):
     """Ctrl-C (SIGINT to the launcher alone, as its scripts run in their own session) stops the
     running script after a checkpoint and starts no further run; the same command resumes it. The
@@ -255,14 +251,6 @@ def test_a_stopped_grid_resumes_with_the_numbers_of_an_uninterrupted_run(tmp_pat
         assert resumed[key] == uninterrupted[key], key
 
 
-def running(pid) -> bool:
-    """Whether process pid runs (a zombie, dead but not yet reaped, does not)."""
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_a_killed_launchers_script_holds_the_runs_lock_then_saves_and_exits(tmp_path):
     """SIGKILL of the launcher (or of the Ray worker that runs it): its script, in a session of its own,
     gets a SIGTERM (its parent-death signal), saves a checkpoint and exits, and holds the run's lock until
@@ -287,14 +275,14 @@ def test_a_killed_launchers_script_holds_the_runs_lock_then_saves_and_exits(tmp_
         waiting = re.compile(rf"-> FLOCK +ADVISORY +WRITE +{again.pid} ")
         wait_for(lambda: waiting.search(open("/proc/locks").read()), "the second launcher's wait for the lock", again)
         os.kill(script, signal.SIGCONT)
-        wait_for(lambda: not running(script), "the script's exit")
+        wait_for(lambda: not alive(script), "the script's exit")
         wait_for(lambda: len(starts(grid_dir, run_id)) == 2, "the run's resumption", again)
         again.send_signal(signal.SIGINT)
         assert again.wait(timeout=HANG) == 130, again.stdout.read()
     finally:
         for process in [p for p in (again, launcher) if p and p.poll() is None]:  # only when the test failed
             process.kill()
-        if running(script):
+        if alive(script):
             os.kill(script, signal.SIGKILL)
     first, resumed = log(grid_dir, run_id).split("\n$ ")  # the killed launcher's start, then the second's
     assert "signal 15: saving a checkpoint" in first and resumed.split("\n")[0].count(" --resume ") == 1
@@ -380,23 +368,9 @@ def test_matrix_grid_and_a_failing_run_names_its_log(tmp_path, monkeypatch, caps
 
 
 # ----- submitit (local executor) and Ray -----
-def children(pid):
-    """The processes whose parent is pid (Linux /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
 def test_submitit_local_runs_mamujoco_runs_end_to_end(tmp_path):
     argv = ["table4", "--backend", "submitit-local", "--out", str(tmp_path), "--only", "HalfCheetah-2x3",
-            "--methods", "mlp", "nops", "--seeds", "1", "--budget", "64", "--", *TINY_MAMUJOCO]
+            "--methods", "mlp", "nops", "--seeds", "1", "--budget", "64", "--", *TINY_MAMUJOCO, "--no-async-envs"]
     result = launch(argv, tmp_path)
     assert result.returncode == 0 and "2 finished" in result.stdout, result.stdout + result.stderr
     found = summaries(str(tmp_path / "table4"))
@@ -408,11 +382,12 @@ def test_submitit_local_runs_mamujoco_runs_end_to_end(tmp_path):
     assert os.path.isdir(tmp_path / "table4" / "submitit")  # the jobs' own logs
 
 
+@pytest.mark.long
 def test_submitit_preemption_checkpoints_the_run_and_the_requeued_task_resumes_it(tmp_path):
     """submitit's local executor sends the job USR2 (what Slurm sends before a preemption or the time
     limit): RunTask.checkpoint stops the script with a checkpoint, the job is requeued, and the new
     task resumes the run (--resume) to its end."""
-    submitit = pytest.importorskip("submitit")
+    import submitit  # requirements-dev.txt: never skipped
     launch_module = load_launch()  # not in sys.modules: pickled by value, as from `python launch.py` (__main__)
     (run,) = [r for r in launch_module.GRIDS["figure2-ippo"]() if r.method == "mlp" and r.seed == 30]
     # 200 iterations (about 10 s idle): USR2 follows the first, as soon as the test sees it; the requeued
@@ -440,12 +415,13 @@ def test_submitit_preemption_checkpoints_the_run_and_the_requeued_task_resumes_i
     assert s["total_timesteps"] == 32 * 200 and seed_entry(s)["absolute_metrics"]["return"]
 
 
+@pytest.mark.long
 def test_ray_local_cluster_runs_a_grid_stops_it_and_resumes_it(tmp_path):
     """A Ctrl-C of the launcher cancels the Ray tasks: each passes a SIGTERM on to its script, which
     saves a checkpoint; the same command resumes both runs to their summaries. The first budget is out
     of reach (neither run may end before the other starts, however slow the machine); the resumed grid's
     is two iterations past the later checkpoint."""
-    pytest.importorskip("ray")
+    assert importlib.util.find_spec("ray"), "requirements-dev.txt installs Ray"  # a failure, never a skip
 
     def argv(budget):
         return [LAUNCH, "figure2-mappo", "--backend", "ray", "--out", str(tmp_path), "--methods", "linear", "nops",
@@ -520,10 +496,11 @@ def test_grids_use_the_papers_seeds_budgets_and_settings():
         for task in ("2s3z", "3s5z", "smacv2_10_units", "smacv2_20_units") for family in ("fups", "mlp")}
 
 
+@pytest.mark.long
 def test_figure6_runs_smax_and_its_summary_holds_every_episodes_win(tmp_path):
     """The SMAX grid end to end (one tiny run): summary.json holds each evaluation's returns and wins, as
     evaluations.jsonl; the map's Table 23 values reach the script (its learning rate)."""
-    pytest.importorskip("jaxmarl")
+    assert importlib.util.find_spec("jaxmarl"), "requirements-dev.txt installs jaxmarl"  # a failure, never a skip
     argv = ["figure6", "--out", str(tmp_path), "--only", "mappo-3s5z-mlp", "--seeds", "1", "--budget", "64", "--",
             "--num-envs", "4", "--num-steps", "8", "--num-minibatches", "2", "--update-epochs", "1",
             "--eval-episodes", "4", "--eval-interval", "32", "--fc-dim", "16", "--gru-hidden-dim", "16"]
@@ -628,7 +605,7 @@ UNSERVED = [
 
 @pytest.mark.parametrize("argv, message", UNSERVED, ids=[" ".join(a[1:]) for a, _ in UNSERVED])
 def test_a_backend_this_machine_cannot_serve_is_one_line_exit_2(tmp_path, monkeypatch, capsys, argv, message):
-    services = pytest.importorskip("ray._private.services")
+    import ray._private.services as services  # Ray's own cluster lookup: a move of it fails here
     launch_module = load_launch()
     monkeypatch.setattr(launch_module.shutil, "which", lambda name: None)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -649,7 +626,7 @@ def test_a_backend_whose_engine_is_not_installed_is_one_line_exit_2(tmp_path, mo
 
 def slurm_parameters(launch_module, tmp_path, monkeypatch, flags) -> dict:
     """What launch_submitit asks of Slurm for a grid with these flags (a recording executor: nothing submitted)."""
-    submitit = pytest.importorskip("submitit")
+    import submitit  # requirements-dev.txt: never skipped
     seen = {}
 
     class Executor:  # records what launch.py asks of Slurm; submits nothing

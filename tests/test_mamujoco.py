@@ -20,8 +20,8 @@ import torch
 
 import hypermarl_extras as extras
 import mappo_hyper_mamujoco as mj  # conftest puts the repository on sys.path
-from conftest import (HANG, ROOT, eval_args, only_the_first_save_succeeds, parsed, read_args, run_dirs,
-                      run_mamujoco as run_main, run_python, scalar_tags, tiny_mamujoco_args as tiny_argv,
+from conftest import (HANG, ROOT, alive, children, eval_args, gone, only_the_first_save_succeeds, parsed, read_args,
+                      run_alone, run_dirs, run_mamujoco as run_main, run_python, scalar_tags, tiny_mamujoco_args as tiny_argv,
                       tiny_or_eval_args)
 
 TASKS = list(mj.TASK_PRESETS)
@@ -694,20 +694,14 @@ def test_bad_checkpoint_file_exits_2(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_checkpoint_without_normalisers_is_refused(tmp_path):
-    code, out, _ = run_main(tiny_argv(tmp_path, "--save-model"))
-    path = [ln.split()[1] for ln in out.splitlines() if ln.startswith("checkpoint: ")][0]
-    state = torch.load(path, weights_only=True)
-    del state["obs_norm"]
-    torch.save(state, path)
-    code, _, err = run_main(eval_args(tmp_path, path))
+def test_checkpoint_without_normalisers_is_refused(saved_run, tmp_path):
+    _, path = copy_of_saved_run(saved_run, tmp_path, lambda state: state.pop("obs_norm"))
+    code, _, err = run_main(eval_args(tmp_path / "runs", path))
     assert code == 2 and f"is not a {mj.CHECKPOINT_FORMAT} checkpoint" in err
 
 
-def test_checkpoint_of_another_task_is_refused(tmp_path):
-    code, out, _ = run_main(tiny_argv(tmp_path, "--save-model"))
-    path = [ln.split()[1] for ln in out.splitlines() if ln.startswith("checkpoint: ")][0]
-    code, _, err = run_main(eval_args(tmp_path, path, "--task", "Walker2d-2x3"))
+def test_checkpoint_of_another_task_is_refused(saved_run):
+    code, _, err = run_main(eval_args(saved_run, saved_run / "checkpoint.pt", "--task", "Walker2d-2x3"))  # writes nothing
     assert code == 2 and err.startswith("error: --task: the checkpoint's run has 'HalfCheetah-2x3', not 'Walker2d-2x3'")
 
 
@@ -761,37 +755,6 @@ def read_until(process, prefix, timeout=HANG):
     finally:
         timer.cancel()
     raise AssertionError(f"no line starting with {prefix!r}: {process.communicate()[1][-3000:]}")
-
-
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
-    except OSError:
-        return False
-
-
-def children(pid):
-    """Live child processes of pid (Linux /proc)."""
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(entry))
-    return found
-
-
-def gone(pids, wait=HANG):
-    deadline = time.time() + wait
-    while any(map(alive, pids)):
-        if time.time() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads worker processes from /proc")
@@ -887,9 +850,11 @@ def test_workers_of_a_killed_run_exit_quietly(spawn, tmp_path):
     assert "Traceback" not in err, err
 
 
-def test_progress_line_says_totals_and_when_no_episode_ended(tmp_path):
+def test_progress_line_says_totals_and_when_no_episode_ended(tmp_path, monkeypatch):
     """40-step episodes, 32-step iterations, a line every 2: episodes end in iterations 2, 3, 4, 5 and 7.
     Iteration 1 alone had none; the line of iteration 6 reports the episode of iteration 5."""
+    ticks = itertools.count()  # a clock that never reaches the once-a-minute line, however loaded the machine
+    monkeypatch.setattr(mj.time, "time", lambda: 1_800_000_000.0 + 1e-3 * next(ticks))
     code, out, err = run_main(tiny_argv(tmp_path / "a", "--total-timesteps", 32))
     assert code == 0, err
     (line,) = [ln for ln in out.splitlines() if ln.startswith("global_step=")]
@@ -1150,15 +1115,10 @@ def test_capture_video_writes_non_blank_episodes_and_changes_no_number(tmp_path,
 def test_a_copy_of_the_script_alone_checks_its_flags(tmp_path, flags, message):
     """Without hypermarl_extras.py (nothing of the repository importable), the script still refuses what would not
     train, with the message it gives beside the helper: one line, exit status 2, nothing written."""
-    import shutil
-
     alone = tmp_path / "alone"
     alone.mkdir()
-    shutil.copy(SCRIPT, alone)
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "mappo_hyper_mamujoco.py", *flags.split()], cwd=alone, env=env,
-                          capture_output=True, text=True, timeout=HANG)
-    assert done.returncode == 2 and done.stderr == f"error: {message}\n" and not done.stdout, done.stderr
+    code, out, err = run_alone("mappo_hyper_mamujoco", alone, *flags.split())
+    assert code == 2 and err == f"error: {message}\n" and not out, err
     assert os.listdir(alone) == ["mappo_hyper_mamujoco.py"]  # no run folder
     assert run_main(["--runs-dir", str(tmp_path / "runs"), *flags.split()]) == (2, "", f"error: {message}\n")
     assert os.listdir(tmp_path) == ["alone"]
@@ -1166,15 +1126,10 @@ def test_a_copy_of_the_script_alone_checks_its_flags(tmp_path, flags, message):
 
 def test_a_copy_of_the_script_alone_refuses_a_runs_dir_it_cannot_create(tmp_path):
     """Without the library's check, at the first write: one line, exit status 2, nothing written."""
-    import shutil
-
-    shutil.copy(SCRIPT, tmp_path)
     (tmp_path / "blocker").write_text("")  # a file where --runs-dir needs a folder
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "mappo_hyper_mamujoco.py", "--num-envs", "2", "--runs-dir", "blocker/runs"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG)
-    assert done.returncode == 2 and not done.stdout, done.stderr
-    assert done.stderr == "error: --runs-dir: cannot create a run folder in 'blocker/runs' (Not a directory)\n"
+    code, out, err = run_alone("mappo_hyper_mamujoco", tmp_path, "--num-envs", "2", "--runs-dir", "blocker/runs")
+    assert code == 2 and not out, err
+    assert err == "error: --runs-dir: cannot create a run folder in 'blocker/runs' (Not a directory)\n"
     assert sorted(os.listdir(tmp_path)) == ["blocker", "mappo_hyper_mamujoco.py"]
 
 

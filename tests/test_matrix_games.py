@@ -8,7 +8,6 @@ import functools
 import itertools
 import os
 import re
-import shutil
 import subprocess
 import sys
 import typing
@@ -25,19 +24,14 @@ import reinforce_matrix_games as mg  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO, "benchmark"))
 import matrix_games as bench  # noqa: E402  (the paper's values live with the sweep)
-from conftest import HANG  # noqa: E402
+from conftest import HANG, run_alone  # noqa: E402
+from conftest import matrix_args as make_args  # noqa: E402
 
 HYPERNETS = typing.get_args(typing.get_type_hints(mg.Args)["hypernet"])
 GAMES = typing.get_args(typing.get_type_hints(mg.Args)["game"])
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one thread, restored after
-
-
-def make_args(**overrides):
-    args = mg.Args(**overrides)
-    mg.check_args(args, set(overrides))
-    return args
 
 
 # ----- payoffs -----
@@ -277,12 +271,9 @@ def test_tyro_refuses_bad_choices_and_types_with_exit_2(argv, needle, tmp_path, 
 ])
 def test_a_copy_of_the_script_alone_refuses_bad_flags_as_the_repository_does(argv, message, tmp_path):
     # The checks live in the script: without hypermarl_extras.py beside it, the same one line, exit 2, nothing written
-    shutil.copy(SCRIPT, tmp_path)
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "reinforce_matrix_games.py", *argv], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=HANG)
-    assert proc.returncode == 2 and proc.stderr.splitlines() == [f"error: {message}"], proc.stderr
-    assert proc.stdout == "" and os.listdir(tmp_path) == ["reinforce_matrix_games.py"]
+    code, out, err = run_alone("reinforce_matrix_games", tmp_path, *argv)
+    assert code == 2 and err.splitlines() == [f"error: {message}"], err
+    assert out == "" and os.listdir(tmp_path) == ["reinforce_matrix_games.py"]
 
 
 def test_bad_input_exits_2_from_the_command_line(tmp_path):
@@ -385,7 +376,9 @@ def test_a_long_run_prints_its_progress_with_elapsed_time_and_an_estimate(tmp_pa
     assert progress[0].startswith("trials=") and "elapsed=1m" in progress[0]
 
 
-def test_a_short_run_prints_no_progress(tmp_path, capsys):
+def test_a_short_run_prints_no_progress(tmp_path, monkeypatch, capsys):
+    ticks = itertools.count()
+    monkeypatch.setattr(mg.time, "time", lambda: 1_800_000_000.0 + 1e-3 * next(ticks))  # however loaded the machine
     assert mg.main(["--num-trials", "200", "--runs-dir", str(tmp_path)]) == 0
     assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("trials=")]
 

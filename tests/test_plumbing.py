@@ -20,7 +20,7 @@ import torch
 
 import hypermarl_extras as extras
 from conftest import (HANG, ROOT, eval_args, load_checkpoint, load_script, only_the_first_save_succeeds, read_args,
-                      run_dirs, run_main, run_python, scalar_tags, tiny_args, tiny_or_eval_args, vmas_agent)
+                      run_alone, run_dirs, run_main, run_python, scalar_tags, tiny_args, tiny_or_eval_args, vmas_agent)
 from conftest import tiny_mamujoco_args as tiny_argv
 
 # ===== The command line: a bad flag is one line, exit status 2, nothing written =====
@@ -315,12 +315,22 @@ def test_empty_checkpoint_file_is_one_line(script, flag, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "runs")
 
 
+@pytest.fixture(scope="module")
+def finished_runs() -> dict:
+    """Each script's finished run, trained once for the module: {script name: run folder}."""
+    return {}
+
+
 @pytest.fixture
-def saved_run(script, tmp_path, capsys):
-    """A finished 64-step run with a checkpoint: (run folder, checkpoint path)."""
-    argv = tiny_args(tmp_path / "runs", "--save-model", "--seed", 3, "--print-interval", 1, "--no-cuda")
-    assert run_main(script, argv, capsys)[0] == 0
-    (run_dir,) = run_dirs(tmp_path / "runs")
+def saved_run(script, finished_runs, tmp_path_factory, tmp_path, capsys):
+    """A finished 64-step run with a checkpoint, this test's own copy: (run folder, checkpoint path)."""
+    if script.__name__ not in finished_runs:
+        runs = tmp_path_factory.mktemp("finished")
+        argv = tiny_args(runs, "--save-model", "--seed", 3, "--print-interval", 1, "--no-cuda")
+        assert run_main(script, argv, capsys)[0] == 0
+        (finished_runs[script.__name__],) = run_dirs(runs)
+    run_dir = str(tmp_path / "runs" / os.path.basename(finished_runs[script.__name__]))
+    shutil.copytree(finished_runs[script.__name__], run_dir)
     return run_dir, os.path.join(run_dir, "checkpoint.pt")
 
 
@@ -392,8 +402,10 @@ def test_nan_loss_stops_with_the_update_number_and_keeps_the_checkpoint(script, 
 
 
 # ===== Ctrl-C and SIGTERM =====
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_to_the_process_group_saves_a_checkpoint_that_resumes(script, signum, tmp_path, capsys):
+@pytest.mark.parametrize("name, signum", [("ippo_hyper_vmas", signal.SIGTERM), ("mappo_hyper_vmas", signal.SIGINT)])
+def test_signal_to_the_process_group_saves_a_checkpoint_that_resumes(name, signum, tmp_path, capsys):
+    """Each signal end to end on one script: one handler takes both (test_ctrl_c_and_sigterm_both_ask_for_a_save)."""
+    script = load_script(name)
     # a budget out of reach: the signal always finds the run going, however slow the machine
     argv = [sys.executable, "-u", f"{script.__name__}.py"] + tiny_args(tmp_path, "--total-timesteps", 32 * 10**6,
                                                                      "--print-interval", 1, "--eval-interval", 10**9)
@@ -436,6 +448,23 @@ def test_ctrl_c_after_the_reader_of_its_output_is_gone_still_saves(script, tmp_p
     (run_dir,) = run_dirs(tmp_path)
     assert load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))["global_step"] >= 32
     process.stderr.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_both_ask_for_a_save(signum, capsys):
+    """Either signal asks for a checkpoint and a stop; the next one stops at once; restore() gives the
+    process its handlers back."""
+    extras = load_script("hypermarl_extras")
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop = extras.StopOnSignal()
+    try:
+        os.kill(os.getpid(), signum)  # the handler runs before os.kill returns (the main thread signals itself)
+        assert stop.requested == signum and f"signal {int(signum)}: saving a checkpoint" in capsys.readouterr().out
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signum)
+    finally:
+        stop.restore()
+    assert {s: signal.getsignal(s) for s in before} == before
 
 
 def test_a_second_signal_during_a_save_waits_for_it(tmp_path, monkeypatch):
@@ -733,14 +762,6 @@ TINY = {
     "reinforce_matrix_games": ["--num-trials", "40", "--eval-interval", "20"],
     "mappo_hyper_mamujoco": tiny_argv("runs"),
 }
-
-
-def run_alone(name, tmp_path, *argv):
-    """The script alone in tmp_path, run there: nothing of the repository is importable."""
-    shutil.copy(os.path.join(ROOT, f"{name}.py"), tmp_path)
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    result = run_python([f"{name}.py", *argv], cwd=tmp_path, env=env)
-    return result.returncode, result.stdout, result.stderr
 
 
 @pytest.mark.parametrize("name", ["ippo_hyper_vmas", "reinforce_matrix_games"])

@@ -10,10 +10,10 @@ import shutil
 import pytest
 import torch
 
-from conftest import ROOT, load_checkpoint, run_dirs, run_main, run_python, scalar_tags
+from conftest import load_checkpoint, run_alone, run_dirs, run_main, scalar_tags
 
-ippo = pytest.importorskip("ippo_hyper_smax")  # needs requirements-smax.txt (installed by requirements-dev.txt)
-mappo = pytest.importorskip("mappo_hyper_smax")
+import ippo_hyper_smax as ippo  # conftest puts the repository on sys.path
+import mappo_hyper_smax as mappo
 FAMILIES = ["mlp", "linear", "fups", "nops"]
 BOTH = pytest.mark.parametrize("script", [ippo, mappo], ids=["ippo", "mappo"])
 
@@ -36,6 +36,7 @@ def agent_for(family, script=ippo, **flags):
     return args, script.Agent(args, 127, 10, 120)
 
 
+@pytest.mark.long
 def test_the_wrapper_keeps_time_limits_apart_from_terminations_and_resets_in_place():
     """Terminated (a side destroyed) and truncated (the map's time limit) never coincide; an episode is
     truncated exactly at its max_steps-th step; a won episode is a terminated one; after an end, the next
@@ -300,22 +301,20 @@ def test_each_map_and_family_takes_table_23s_values():
     assert args.learning_rate == 0.002 and args.hypernet_separate_embeddings
 
 
+@pytest.mark.long
 def test_a_copy_alone_trains_and_refuses_what_needs_the_helper(tmp_path):
     """ippo_hyper_smax.py alone in an empty folder trains (jaxmarl installed), and --save-model, which needs
     hypermarl_extras.py, is one line, exit 2, nothing written."""
-    shutil.copy(os.path.join(ROOT, "ippo_hyper_smax.py"), tmp_path)
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    trained = run_python(["ippo_hyper_smax.py", *tiny("runs")], cwd=tmp_path, env=env)
-    assert trained.returncode == 0 and "eval_return=" in trained.stdout, trained.stderr
+    code, out, err = run_alone("ippo_hyper_smax", tmp_path, *tiny("runs"))
+    assert code == 0 and "eval_return=" in out, err
     shutil.rmtree(tmp_path / "runs")
-    refused = run_python(["ippo_hyper_smax.py", *tiny("runs"), "--save-model"], cwd=tmp_path, env=env)
-    assert refused.returncode == 2
-    assert refused.stderr.strip().splitlines() == ["error: --save-model: needs hypermarl_extras.py beside this script"]
+    code, out, err = run_alone("ippo_hyper_smax", tmp_path, *tiny("runs"), "--save-model")
+    assert code == 2 and err.strip().splitlines() == ["error: --save-model: needs hypermarl_extras.py beside this script"]
     assert os.listdir(tmp_path) == ["ippo_hyper_smax.py"]
     (tmp_path / "blocker").write_text("")  # a file where --runs-dir needs a folder: the first write fails, one line
-    refused = run_python(["ippo_hyper_smax.py", *tiny("blocker/runs")], cwd=tmp_path, env=env)
-    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
-        "error: --runs-dir: cannot create a run folder in 'blocker/runs' (Not a directory)"], refused.stderr
+    code, out, err = run_alone("ippo_hyper_smax", tmp_path, *tiny("blocker/runs"))
+    assert code == 2 and err.strip().splitlines() == [
+        "error: --runs-dir: cannot create a run folder in 'blocker/runs' (Not a directory)"], err
 
 
 def test_the_memory_estimate_counts_the_networks_and_the_evaluation():

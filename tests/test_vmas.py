@@ -278,15 +278,15 @@ def test_every_generated_layer_of_actor_and_critic_at_init(script, scenario, emb
         ratios, _, generated = scale_ratios(network, kind)
         assert len(ratios) == 3
         for k, ratio in enumerate(ratios):
-            assert torch.all((ratio - 1).abs() < 0.10), (kind, k, ratio)
+            assert torch.all((ratio - 1).abs() < 1e-4), (kind, k, ratio)  # exact, up to float32
         assert all(torch.all(b == 0) for _, b in generated)
     # scaled (the authors' scheme, default): the scale of layer k is |g_k(e_i)| times the target's
     agent, _ = built_agent(script, scenario, embedding, "scaled")
     for network, kind in ((agent.actor, "actor"), (agent.critic, "critic")):
         ratios, feature_norms, _ = scale_ratios(network, kind)
         for ratio, norm in zip(ratios, feature_norms):
-            assert torch.all((ratio / norm - 1).abs() < 0.4), (ratio, norm)
-            assert torch.all(ratio > 1.2)  # it misses: benchmark/results/init_scale.md says by how much
+            assert torch.all((ratio / norm - 1).abs() < 0.15), (ratio, norm)  # random columns: near, not exact
+            assert torch.all(ratio > 1.5)  # it misses: benchmark/results/init_scale.md says by how much
 
 
 # ===== DiCo as its authors run it (proroklab/ControllingBehavioralDiversity) =====
@@ -477,6 +477,7 @@ def random_policy_return(script, args, episodes=32, seed=10_000 + 1):
 BUDGET = {"ippo_hyper_vmas": 614_400, "mappo_hyper_vmas": 409_600}
 
 
+@pytest.mark.long
 def test_hypernetwork_learns_small_dispersion(script, tmp_path, capsys, one_thread):
     budget = BUDGET[script.__name__]
     argv = ["--n-agents", "2", "--hypernet", "mlp", "--total-timesteps", budget, "--eval-interval", budget // 2,
