@@ -25,6 +25,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -48,6 +49,14 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "long: a minute or more; started first, half of them on each of two workers")
     if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker of -n N: N workers, not N x cores threads, share the cores
         torch.set_num_threads(1)
+    elif "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # SMAX's programs compiled once for the session: the
+        # workers and the scripts the tests start inherit the folder (the same executables: the same numbers)
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = config.jax_cache = tempfile.mkdtemp(prefix="hypermarl-tests-jax-")
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "jax_cache", None):
+        shutil.rmtree(config.jax_cache, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
