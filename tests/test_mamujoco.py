@@ -439,11 +439,18 @@ def test_snd_compares_the_action_dimensions_every_agent_has():
 @pytest.mark.parametrize("hypernet,algo", [(family, "mappo") for family in FAMILIES] + [("nops", "happo")])
 @pytest.mark.parametrize("task", TASKS)
 def test_end_to_end(tmp_path, task, hypernet, algo):
+    """Two updates that each move the policy, finite losses, one evaluation at the end, and agents whose
+    policies differ (every family tells agents apart here: FuPS by the agent ID), in TensorBoard as printed."""
     code, out, err = run_main(tiny_argv(tmp_path, task=task, hypernet=hypernet, algo=algo))
     assert code == 0, err
-    assert math.isfinite(last_eval(out))
+    (run,) = os.listdir(tmp_path)
+    scalars = scalars_by_step(os.path.join(tmp_path, run))
+    assert [step for tag, step in scalars if tag == "losses/approx_kl"] == [32, 64]
+    assert all(value > 0 for (tag, _), value in scalars.items() if tag == "losses/approx_kl")
+    assert all(math.isfinite(value) for (tag, _), value in scalars.items() if tag.startswith("losses/"))
+    assert scalars["eval/episodic_return", 64] == pytest.approx(last_eval(out), abs=5e-4)
     snd = float(out.split("snd=")[-1].split()[0])
-    assert 0.0 <= snd <= 1.0
+    assert 0.0 < snd <= 1.0 and scalars["diversity/snd", 64] == pytest.approx(snd, abs=5e-5)
 
 
 def test_run_writes_the_metrics_of_the_vmas_scripts(tmp_path):
