@@ -642,7 +642,8 @@ def test_a_run_uses_at_least_the_memory_its_check_estimates(name, flags, tmp_pat
 # ===== first_update.py =====
 def test_first_update_measures_one_configuration(one_thread):
     """One iteration of the script's main(): the initial policy's entropy in (0, ln 9] (9 discrete actions),
-    the first update's approx_kl and clipfrac finite, in range, and the update moved the policy."""
+    the first update's approx_kl and clipfrac finite, in range, and the update moved the policy; seed 1 of
+    the committed first_update.md's row (mlp, flax) to the digits it prints."""
     import first_update
     import ippo_hyper_vmas
 
@@ -652,6 +653,10 @@ def test_first_update_measures_one_configuration(one_thread):
     assert set(result) == {"entropy", "approx_kl", "clipfrac"} and all(map(np.isfinite, result.values()))
     assert 0 < result["entropy"] <= np.log(9) + 1e-6
     assert result["approx_kl"] > 0 and 0 <= result["clipfrac"] <= 1
+    table = open(os.path.join(ROOT, "benchmark", "results", "first_update.md")).read()
+    (row,) = [line for line in table.splitlines() if line.startswith("| mlp | flax |")]
+    per_seed = [float(cell.split()[0]) for cell in row.strip("|").split("|")[5:8]]  # seed 1 of each
+    assert [result[key] for key in ("entropy", "approx_kl", "clipfrac")] == pytest.approx(per_seed, abs=2e-3)
 
 
 # ===== repeated_key.py =====
