@@ -473,24 +473,31 @@ def random_policy_return(script, args, episodes=32, seed=10_000 + 1):
 
 
 # Table 9's batch of 2,048 steps as 64 environments x 32 steps (16 x 128 in the paper): VMAS steps 64
-# environments about as fast as 16, so this trains 2.2x faster on a CPU. Measured on one thread (final
-# evaluation return; a random policy scores about -0.9): IPPO +0.78 (seed 1) and +0.40 (seed 2) at 614,400
-# steps, +0.10 and -0.54 at 409,600; MAPPO +0.47 and +0.42 at 512,000, +0.19 and -0.01 at 409,600. The
-# budget leaves a margin for another CPU's float rounding.
+# environments about as fast as 16, so this trains 2.2x faster on a CPU. Whether 2 agents have learned to
+# reach the food by this budget depends on the seed, and another CPU's float rounding acts like another
+# seed. Final evaluation return, one thread, an AMD EPYC (a random policy scores about -0.9):
+#   IPPO, 614,400 steps: 64 x 32 seeds 1 2 3: +0.78 +0.40 -0.68; 32 x 64: -0.35 +0.51 +0.37;
+#                        16 x 128: -0.06 +0.02 -0.25 (seed 1 on an Intel Xeon: +0.72)
+#   MAPPO, 512,000 steps, 64 x 32 seeds 1 2: +0.47 +0.42 (409,600 steps: +0.19 -0.01)
+# One seed in three falls short in every layout, so seed 2 runs when seed 1 has not learned: a method
+# that does not learn fails both.
 BUDGET = {"ippo_hyper_vmas": 614_400, "mappo_hyper_vmas": 512_000}
 
 
 @pytest.mark.long
 def test_hypernetwork_learns_small_dispersion(script, tmp_path, capsys, one_thread):
-    budget = BUDGET[script.__name__]
-    argv = ["--n-agents", "2", "--hypernet", "mlp", "--total-timesteps", budget, "--eval-interval", budget // 2,
-            "--num-envs", "64", "--num-steps", "32", "--runs-dir", str(tmp_path), "--seed", "1"]
-    assert script.main(argv) == 0, capsys.readouterr().err
-    (run_dir,) = run_dirs(tmp_path)
-    trained = scalar_tags(run_dir)["eval/episodic_return"][-1]
-    baseline = random_policy_return(script, read_args(script, argv))
-    # A uniformly random policy scores about -0.9 (-0.01 per step, food found by chance).
-    assert trained > baseline + 0.7, (trained, baseline)
+    budget, results = BUDGET[script.__name__], []
+    for seed in (1, 2):
+        argv = ["--n-agents", "2", "--hypernet", "mlp", "--total-timesteps", budget, "--eval-interval", budget // 2,
+                "--num-envs", "64", "--num-steps", "32", "--runs-dir", str(tmp_path / str(seed)), "--seed", seed]
+        assert script.main(argv) == 0, capsys.readouterr().err
+        (run_dir,) = run_dirs(tmp_path / str(seed))
+        trained = scalar_tags(run_dir)["eval/episodic_return"][-1]
+        baseline = random_policy_return(script, read_args(script, argv))  # about -0.9: food found by chance
+        results.append((seed, trained, baseline))
+        if trained > baseline + 0.7:
+            return
+    pytest.fail(f"neither seed learned (seed, final evaluation return, random policy's): {results}")
 
 
 def test_w_o_rf_starts_nearly_deterministic_and_pytorchs_init_does_not(script):
