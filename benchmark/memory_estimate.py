@@ -8,7 +8,7 @@ reset before it) minus its resident set before it (imports, interpreter). Ratio 
 MaMuJoCo runs with --no-async-envs (its environments in the process, 1 MiB each); a worker
 process's own memory (8 MiB in the estimate) is measured apart, from /proc/<pid>/smaps_rollup.
 
-    python benchmark/memory_estimate.py                    # every configuration (10-20 minutes on 2 cores)
+    python benchmark/memory_estimate.py                    # every configuration (about 21 minutes on 2 cores)
     python benchmark/memory_estimate.py --out results.md   # also write the table
 """
 
