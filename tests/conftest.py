@@ -185,6 +185,43 @@ def children(pid) -> list[int]:
     return found
 
 
+def cpu_ticks(pids) -> int:
+    """CPU time (user and system, in clock ticks) the processes have used, all their threads."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime and stime, fields 14 and 15 of stat
+    return total
+
+
+def pending_signals(pid) -> set[int]:
+    """The signals sent to pid and not yet delivered (a stopped process holds them until SIGCONT)."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    mask = int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
+    return {number for number in range(1, 65) if mask >> (number - 1) & 1}
+
+
+def wait_until_blocked(pid, quiet=0.5) -> None:
+    """Returns once pid has slept (state S, not runnable) with its CPU clock still for quiet seconds on end:
+    it waits on something, such as a stopped process. A busy process is runnable (R) however loaded the
+    machine, so no speed is assumed; HANG seconds without it fail."""
+    deadline = time.time() + HANG
+    while True:
+        start, ticks = time.time(), cpu_ticks([pid])
+        while time.time() - start < quiet:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            if state != "S" or cpu_ticks([pid]) != ticks:
+                break
+            time.sleep(0.02)
+        else:
+            return
+        assert time.time() < deadline, f"process {pid} never blocked"
+        time.sleep(0.02)
+
+
 def gone(pids, wait=HANG) -> bool:
     """Whether every process of pids has exited within wait seconds (HANG: a hang, not a speed)."""
     deadline = time.time() + wait

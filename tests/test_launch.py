@@ -20,8 +20,8 @@ import time
 
 import pytest
 
-from conftest import (HANG, ROOT, TINY_MAMUJOCO, TINY_VMAS, alive, children, load_checkpoint, load_script, read_args,
-                      run_main, run_python)
+from conftest import (HANG, ROOT, TINY_MAMUJOCO, TINY_VMAS, alive, children, load_checkpoint, load_script,
+                      pending_signals, read_args, run_main, run_python)
 
 LAUNCH = os.path.join(ROOT, "benchmark", "launch.py")
 
@@ -390,8 +390,8 @@ def test_submitit_preemption_checkpoints_the_run_and_the_requeued_task_resumes_i
     import submitit  # requirements-dev.txt: never skipped
     launch_module = load_launch()  # not in sys.modules: pickled by value, as from `python launch.py` (__main__)
     (run,) = [r for r in launch_module.GRIDS["figure2-ippo"]() if r.method == "mlp" and r.seed == 30]
-    # 200 iterations (about 10 s idle): USR2 follows the first, as soon as the test sees it; the requeued
-    # task must then train the rest (a budget out of reach would never finish)
+    # 200 iterations (about 10 s idle): the script is stopped after the first, as soon as the test sees it;
+    # the requeued task must then train the rest (a budget out of reach would never finish)
     run = launch_module.dataclasses.replace(run, seed=1, budget=32 * 200)
     grid_dir = str(tmp_path / "figure2-ippo")
     executor = submitit.AutoExecutor(folder=str(tmp_path / "submitit"), cluster="local")
@@ -400,10 +400,16 @@ def test_submitit_preemption_checkpoints_the_run_and_the_requeued_task_resumes_i
     log_path = os.path.join(grid_dir, run.run_id, "log.txt")
     wait_for(lambda: os.path.isfile(log_path) and "global_step=" in open(log_path).read(), "a first iteration")
     # USR2 to the job's task, as Slurm signals it (LocalJob._interrupt signals the local controller,
-    # which does not pass USR2 on in submitit 1.5.4: it dies, and the task runs on unsignalled)
+    # which does not pass USR2 on in submitit 1.5.4: it dies, and the task runs on unsignalled). The
+    # script is stopped (SIGSTOP) until the task's SIGTERM waits for it: mid-run, however fast the machine.
     (task_pid,) = children(job._process.pid)
-    os.kill(task_pid, signal.SIGUSR2)
+    (script_pid,) = children(task_pid)
     try:  # bounded: a checkpoint() that waits for the script forever (a Popen.wait deadlock) hangs here
+        os.kill(script_pid, signal.SIGSTOP)
+        assert "iteration=200/200" not in open(log_path).read()  # the run is stopped before its end
+        os.kill(task_pid, signal.SIGUSR2)
+        wait_for(lambda: signal.SIGTERM in pending_signals(script_pid), "the task's SIGTERM to its script")
+        os.kill(script_pid, signal.SIGCONT)
         wait_for(job.done, "the requeued job")
     finally:
         for pid in children(job._process.pid):

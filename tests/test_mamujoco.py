@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ import hypermarl_extras as extras
 import mappo_hyper_mamujoco as mj  # conftest puts the repository on sys.path
 from conftest import (HANG, ROOT, alive, children, eval_args, gone, only_the_first_save_succeeds, parsed, read_args,
                       run_alone, run_dirs, run_mamujoco as run_main, run_python, scalar_tags, tiny_mamujoco_args as tiny_argv,
-                      tiny_or_eval_args)
+                      tiny_or_eval_args, wait_until_blocked)
 
 TASKS = list(mj.TASK_PRESETS)
 FAMILIES = ["mlp", "linear", "fups", "nops"]
@@ -811,33 +810,27 @@ def test_signal_to_the_process_group_saves_the_final_state_and_resumes_exactly(s
     assert scalars_by_step(str(full_dir)) == scalars_by_step(run_dir)
 
 
-def cpu_ticks(pids):
-    """CPU time (user and system, in clock ticks) the processes have used (Linux /proc)."""
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime and stime, fields 14 and 15 of stat
-    return total
-
-
 @needs_proc
 def test_second_ctrl_c_stops_at_once_and_closes_the_workers(spawn, tmp_path):
-    """The workers ignore Ctrl-C; the main process does not, the second time. The first Ctrl-C must come within
-    an iteration (between two, the run saves at once): the test waits until the workers step again after the
-    progress line of iteration 1, which only iteration 2's rollout makes them do, however loaded the machine."""
-    process = spawn(tmp_path, "--total-timesteps", 2000 * 2000, "--num-steps", "2000")  # seconds per iteration
-    read_until(process, "global_step=")  # the end of iteration 1: the workers wait for iteration 2's actions
+    """The workers ignore Ctrl-C; the main process does not, the second time. Both Ctrl-Cs must come within
+    an iteration (between two, the run saves at once): the workers are stopped (SIGSTOP) after iteration 1,
+    so the main process blocks in the next rollout's first step and stays there, however fast the machine."""
+    process = spawn(tmp_path, "--total-timesteps", 32 * 2000)
+    read_until(process, "global_step=")  # the end of iteration 1
     workers = children(process.pid)
     assert len(workers) == 2
-    idle, deadline = cpu_ticks(workers), time.time() + HANG
-    while cpu_ticks(workers) < idle + 2:  # their clocks move: iteration 2's rollout has begun
-        assert time.time() < deadline, "the workers never stepped again"
-        time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGINT)
-    read_until(process, "signal 2: saving a checkpoint")
-    assert all(map(alive, workers))  # the first Ctrl-C left the workers running
-    os.killpg(process.pid, signal.SIGINT)  # mid-iteration: before the save
+    try:
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        wait_until_blocked(process.pid)  # it waits on the workers' answer: mid-rollout
+        os.killpg(process.pid, signal.SIGINT)
+        read_until(process, "signal 2: saving a checkpoint")
+        os.killpg(process.pid, signal.SIGINT)  # mid-iteration: before the save
+        assert all(map(alive, workers))  # the Ctrl-Cs left the workers running
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
     out, err = process.communicate(timeout=HANG)
     assert process.returncode != 0 and "KeyboardInterrupt" in err
     assert "checkpoint: " not in out
