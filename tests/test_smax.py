@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -249,6 +250,37 @@ def test_resume_continues_bit_for_bit(script, tmp_path, capsys):
     b = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))
     assert a["global_step"] == b["global_step"] == 64
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(x, y) for x, y in zip(a["env"]["leaves"], b["env"]["leaves"]))
+
+
+@BOTH
+def test_a_run_stopped_by_a_signal_resumes_on_its_annealed_schedule(script, tmp_path, capsys, monkeypatch):
+    """SMAX anneals the learning rate (Table 22, JaxMARL's schedule). A Ctrl-C in the first iteration: the run
+    saves when the iteration ends, and --resume with the same budget goes on along the same schedule, to the
+    model, optimizer and environments of the run that was never stopped."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run_main(script, tiny(straight, "--save-model"), capsys)[0] == 0
+    update = script.ppo_update
+
+    def interrupted_update(*args):
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs before os.kill returns
+        return update(*args)
+
+    monkeypatch.setattr(script, "ppo_update", interrupted_update)
+    code, out, err = run_main(script, tiny(stopped), capsys)
+    assert code == 0 and "signal 2: saving a checkpoint" in out, err
+    monkeypatch.setattr(script, "ppo_update", update)
+    (run_dir,) = run_dirs(stopped)
+    path = os.path.join(run_dir, "checkpoint.pt")
+    saved = load_checkpoint(path)
+    assert saved["global_step"] == 32 and saved["args"]["anneal_lr"] is True
+    assert run_main(script, ["--resume", path, "--save-model"], capsys)[0] == 0
+    a, b = load_checkpoint(os.path.join(run_dirs(straight)[0], "checkpoint.pt")), load_checkpoint(path)
+    assert a["global_step"] == b["global_step"] == 64
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"] < script.Args.learning_rate
+    for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(x[k], y[k]) for k in x)
     assert all(torch.equal(x, y) for x, y in zip(a["env"]["leaves"], b["env"]["leaves"]))
 
 
