@@ -80,8 +80,8 @@ class Args:
     ent_coef: float = 0.01  # entropy bonus
     vf_coef: float = 0.5  # value loss coefficient
     max_grad_norm: float = 0.25  # global gradient-norm clip
-    fc_dim: int = 128  # the trunk's Dense layer (and the critic's hidden layer)
-    gru_hidden_dim: int = 128  # the GRU's hidden state (and the actor's hidden layer)
+    fc_dim: int = 128  # the trunk's Dense layer (and IPPO's critic's hidden layer, as JaxMARL's)
+    gru_hidden_dim: int = 128  # the GRU's hidden state (and the actor's hidden layer, and MAPPO's critic's)
 
     # Families and HyperMARL options (Table 23)
     hypernet: Literal["mlp", "linear", "fups", "nops"] = "mlp"  # mlp | linear (Eq. 6 | 5) | fups | nops

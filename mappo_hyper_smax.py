@@ -82,8 +82,8 @@ class Args:
     ent_coef: float = 0.0  # entropy bonus
     vf_coef: float = 0.5  # value loss coefficient
     max_grad_norm: float = 0.25  # global gradient-norm clip
-    fc_dim: int = 128  # the trunk's Dense layer (and the critic's hidden layer)
-    gru_hidden_dim: int = 128  # the GRU's hidden state (and the actor's hidden layer)
+    fc_dim: int = 128  # the trunk's Dense layer (and IPPO's critic's hidden layer, as JaxMARL's)
+    gru_hidden_dim: int = 128  # the GRU's hidden state (and the actor's hidden layer, and MAPPO's critic's)
 
     # Families and HyperMARL options (Table 23)
     hypernet: Literal["mlp", "linear", "fups", "nops"] = "mlp"  # mlp | linear (Eq. 6 | 5) | fups | nops
@@ -375,7 +375,8 @@ class Agent(nn.Module):
         gain = np.sqrt(2) if family in ("mlp", "linear") else 2.0
         self.actor = family_net(args, family, n, [hidden, hidden, act_dim], [gain, 0.01], use_id=False)
         shared = family == "mlp" and args.hypernet_embedding == "learned" and not args.hypernet_separate_embeddings
-        self.critic = family_net(args, family, n, [hidden, args.fc_dim, 1], [gain, 1.0], use_id=False,
+        # The critic's hidden layer as the GRU, as JaxMARL's CriticRNN and the authors' H-MAPPO (IPPO's: fc_dim)
+        self.critic = family_net(args, family, n, [hidden, hidden, 1], [gain, 1.0], use_id=False,
                                  table=self.actor.embedding if shared else None)
         # The authors' SMAX code starts g orthogonal, gain sqrt(2), not at Flax's default as their VMAS code and
         # MLPHypernet do; matched and flax keep Flax's g (they differ from scaled in g too)

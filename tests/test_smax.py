@@ -37,6 +37,19 @@ def agent_for(family, script=ippo, **flags):
     return args, script.Agent(args, 127, 10, 120)
 
 
+@BOTH
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_hidden_layers_after_the_gru_are_the_baselines_widths(family, script):
+    """--fc-dim and --gru-hidden-dim apart (Table 22 has 128 for both): the actor's hidden layer is the GRU's
+    width; the critic's is fc_dim in IPPO (JaxMARL's ActorCriticRNN) and the GRU's width in MAPPO (JaxMARL's
+    CriticRNN, the authors' H-MAPPO)."""
+    args = script.read_command_line(["--hypernet", family, "--fc-dim", "16", "--gru-hidden-dim", "24"])[0]
+    weights = script.Agent(args, 127, 10, 120).generate()
+    critic = 16 if script is ippo else 24
+    assert [tuple(w.shape[-2:]) for w, _ in weights.actor] == [(24, 24), (24, 10)]
+    assert [tuple(w.shape[-2:]) for w, _ in weights.critic] == [(24, critic), (critic, 1)]
+
+
 @pytest.mark.long
 def test_the_wrapper_keeps_time_limits_apart_from_terminations_and_resets_in_place():
     """Terminated (a side destroyed) and truncated (the map's time limit) never coincide; an episode is
