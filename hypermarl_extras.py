@@ -454,8 +454,8 @@ def check_run_position(loaded: dict, flag: str, path: str, batch: int) -> None:
     make a path of it), and for --resume its step and next iteration, which the loop's arithmetic ties together
     (batch: the run's num_envs * num_steps)."""
     name, step, iteration = loaded["run_name"], loaded["global_step"], loaded["iteration"]
-    if not (isinstance(name, str) and 0 < len(name) <= 200 and name not in (".", "..")
-            and not re.search(r"[/\\\0]", name)):
+    if not (isinstance(name, str) and 0 < len(name) <= 200 and name not in (".", "..") and name.isprintable()
+            and len(name.encode()) <= 255 and not re.search(r"[/\\\0]", name)):  # 255 bytes: a file name's limit
         raise CheckpointError(f"{flag}: {path!r} holds an invalid run name {name!r:.60}: refused")
     if flag != "--resume" or batch <= 0:  # a batch of none is the ranges' to report
         return
@@ -705,7 +705,28 @@ def load_checkpoint(path: str, flag: str, fmt: str, required: set) -> dict:
         raise CheckpointError(f"{flag}: {path!r} is a {found} checkpoint, another script's; this one reads {fmt}")
     if found != fmt or not set(required) <= set(state):
         raise CheckpointError(f"{flag}: {path!r} is not a {fmt} checkpoint")
+    if odd := next(odd_tensors(state), None):
+        raise CheckpointError(f"{flag}: {path!r} holds a tensor that is not plain dense data ({odd}): refused")
+    try:  # torch reads its records without checking their CRC-32: a flipped bit would load as a number
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except Exception:  # torch read it: a layout zipfile does not know is none of this check's business
+        damaged = None
+    if damaged:
+        raise CheckpointError(f"{flag}: {path!r} is damaged ({damaged!r:.60} fails its checksum): refused")
     return state
+
+
+def odd_tensors(state, path: str = "checkpoint"):
+    """The places in state (dicts and lists) of tensors torch may load that no run saves: sparse, meta."""
+    if isinstance(state, dict):
+        for key, value in state.items():
+            yield from odd_tensors(value, f"{path}/{key}")
+    elif isinstance(state, (list, tuple)):
+        for i, value in enumerate(state):
+            yield from odd_tensors(value, f"{path}[{i}]")
+    elif isinstance(state, torch.Tensor) and (state.layout != torch.strided or state.is_meta or state.is_quantized):
+        yield f"{path:.80}: {state.layout}" + (" on meta" if state.is_meta else "")
 
 
 def take_flags_from_checkpoint(args, saved: dict, flag: str, given: set[str], compat_fields, resume_may_change,
@@ -743,9 +764,19 @@ def rng_to_tensors(states: list) -> dict:
 
 
 def rng_from_tensors(state: dict) -> list:
-    pos, has_gauss, cached = state["numpy_rest"]
-    np_state = ("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached)
+    """ValueError if a generator's state is not one NumPy or Python could have saved (NumPy does not check
+    its position: an edited one crashes the process at the next draw)."""
+    keys, (pos, has_gauss, cached) = state["numpy_keys"], state["numpy_rest"]
+    if keys.dtype != torch.int64 or keys.shape != (624,) or keys.min() < 0 or keys.max() >= 2**32 or not (
+            type(pos) is int and 0 <= pos <= 624 and has_gauss in (0, 1) and isinstance(cached, float)):
+        raise ValueError("rng: NumPy's is not a Mersenne Twister state")
     version, internal, gauss_next = state["python"]
+    if version != 3 or len(internal) != 625 or not all(type(v) is int and 0 <= v < 2**32 for v in internal) or \
+            internal[-1] > 624 or not (gauss_next is None or isinstance(gauss_next, float)):
+        raise ValueError("rng: Python's is not a Mersenne Twister state")
+    if state["torch"].dtype != torch.uint8 or state["torch"].dim() != 1:
+        raise ValueError("rng: torch's is not a generator state")
+    np_state = ("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached)
     return [state["torch"].clone(), np_state, (version, tuple(internal), gauss_next)]
 
 
@@ -771,9 +802,14 @@ def load_snd_obs(path: str, obs_dim: int) -> torch.Tensor:
         data = np.load(path, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy array
             raise ValueError("a .npy array, not an .npz archive")
-        with data:
-            obs = np.asarray(data["obs"], dtype=np.float32)
-    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as error:  # EOFError: an empty file
+        with data, np.errstate(all="ignore"), warnings.catch_warnings():  # a value float32 cannot hold: inf below
+            warnings.simplefilter("ignore")
+            obs = data["obs"]
+            if obs.dtype.kind not in "fiu":  # strings, booleans, dates, records, complex: not observations
+                raise ValueError(f"holds {obs.dtype} values, not real numbers")
+            obs = np.asarray(obs, dtype=np.float32)
+    except (OSError, EOFError, ValueError, KeyError, TypeError, RuntimeError, NotImplementedError, MemoryError,
+            zipfile.BadZipFile) as error:  # EOFError: an empty file; MemoryError: a header's absurd shape
         if "allow_pickle" in str(error):  # NumPy advises unpickling it: never relay that
             raise ValueError(f"--snd-obs-file: {path!r} holds Python objects (pickled), not plain arrays: refused "
                              "for safety")
@@ -837,6 +873,8 @@ def restoring(args, loaded: dict, fresh: dict):
     model has one: DiCo's SND estimate before its first measurement), or if the restore fails (a key missing
     or extra, a shape: the file does not fit this script's model)."""
     flag, path = checkpoint_flag(args)
+    if where := other_dtype({key: loaded[key] for key in fresh}, fresh):  # load_state_dict would cast it silently
+        raise CheckpointError(f"{flag}: {path!r} does not fit this script's model ({where})")
     if where := nonfinite({key: loaded[key] for key in fresh}, fresh):
         raise CheckpointError(f"{flag}: {path!r} holds NaN or inf (in {where}): refused")
     try:
@@ -844,6 +882,19 @@ def restoring(args, loaded: dict, fresh: dict):
     except (RuntimeError, ValueError, KeyError, IndexError, TypeError, AttributeError, OverflowError) as error:
         why = f"no {error.args[0]!r}" if isinstance(error, KeyError) and error.args else first_line(error, 200)
         raise CheckpointError(f"{flag}: {path!r} does not fit this script's model ({why})") from None
+
+
+def other_dtype(saved, fresh, path: str = "") -> Optional[str]:
+    """Where saved holds a tensor of another dtype than fresh's at the same place; None if nowhere."""
+    if isinstance(saved, dict) and isinstance(fresh, dict):
+        places = ((saved[k], fresh[k], f"{path}/{k}".lstrip("/")) for k in saved if k in fresh)
+    elif isinstance(saved, (list, tuple)) and isinstance(fresh, (list, tuple)):
+        places = ((s, f, f"{path}[{i}]") for i, (s, f) in enumerate(zip(saved, fresh)))
+    elif isinstance(saved, torch.Tensor) and isinstance(fresh, torch.Tensor) and saved.dtype != fresh.dtype:
+        return f"{path}: {saved.dtype}, not {fresh.dtype}"
+    else:
+        return None
+    return next(filter(None, (other_dtype(*place) for place in places)), None)
 
 
 def nonfinite(saved, fresh, path: str = "") -> Optional[str]:
@@ -892,9 +943,9 @@ def same_layout(saved, fresh, path: str) -> None:
 
 def load_optimizer(optimizer, state: dict) -> None:
     """optimizer.load_state_dict, and ValueError if its settings are not the run's (as the flags made them)
-    or a moment's shape is not its parameter's (torch would find out at the first step, mid-run): one per
-    parameter, per agent (PerAgentAdam's step) or a scalar. The learning rate is the flags' (--anneal-lr
-    sets it anew before each iteration)."""
+    or a parameter's state is not Adam's (torch would find out at the first step, mid-run): its moments of
+    the parameter's shape (torch casts their dtype), its step a number, per agent for PerAgentAdam. The
+    learning rate is the flags' (--anneal-lr sets it anew before each iteration)."""
     settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
     optimizer.load_state_dict(state)
     for group, own in zip(optimizer.param_groups, settings):
@@ -903,10 +954,16 @@ def load_optimizer(optimizer, state: dict) -> None:
         if odd := [key for key, value in own.items() if key != "lr" and not same_setting(group.get(key), value)]:
             raise ValueError(f"optimizer's {odd[0]} {group.get(odd[0])!r:.40}, not the run's {own[odd[0]]!r:.40}")
         group["lr"] = own["lr"]
+    per_agent = type(optimizer) is not torch.optim.Adam  # PerAgentAdam keeps a step per agent
     for p in (p for group in optimizer.param_groups for p in group["params"]):
-        for key, value in optimizer.state.get(p, {}).items():
-            if isinstance(value, torch.Tensor) and value.dim() and value.shape not in (p.shape, p.shape[:1]):
-                raise ValueError(f"optimizer's {key} of shape {tuple(value.shape)} for a parameter of {tuple(p.shape)}")
+        held = optimizer.state.get(p, {})
+        if held and set(held) != {"step", "exp_avg", "exp_avg_sq"}:
+            raise ValueError(f"optimizer's state {sorted(map(str, held))!r:.60} is not Adam's")
+        for key, value in held.items():
+            fits = ((torch.Size([]), p.shape[:1]) if per_agent else (torch.Size([]),)) if key == "step" else (p.shape,)
+            if not isinstance(value, torch.Tensor) or value.shape not in fits or not value.is_floating_point():
+                what = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"optimizer's {key} {what} for a parameter of {tuple(p.shape)} {p.dtype}")
 
 
 def same_setting(saved, own) -> bool:

@@ -1097,6 +1097,8 @@ def flag_rules(args: Args, given: set[str], resume_rules=()):
     yield from resume_rules  # a resumed run's budget (hypermarl_extras.py): its reason before any range
     for name, value in vars(args).items():  # inf and nan pass every comparison below: refuse them first
         yield isinstance(value, float) and not math.isfinite(value), f"{flag(name)}: must be a finite number, got {value!r}"
+        yield any(type(v) is int and abs(v) > 2**53 for v in (value if isinstance(value, list) else [value])), \
+            f"{flag(name)}: must be at most 2**53 = {2**53:,}"  # beyond, arithmetic and logs lose or overflow
     yield not 0 < args.eval_episodes < 2**32 - 10_000, f"--eval-episodes: must be between 1 and {2**32 - 10_001} " \
                                                        f"(episode k is seeded seed + 10000 + k), got {args.eval_episodes!r}"
     yield not 0 <= args.seed <= max_seed, f"--seed: must be between 0 and {max_seed} (evaluation episode k uses " \

@@ -1002,6 +1002,8 @@ def flag_rules(args: Args, given: set[str], resume_rules=()):
     yield n < 2, f"--n-agents: must be at least 2, got {n}"
     for name, value in vars(args).items():  # inf and nan pass every comparison below: refuse them first
         yield isinstance(value, float) and not math.isfinite(value), f"{flag(name)}: must be a finite number, got {value!r}"
+        yield any(type(v) is int and abs(v) > 2**53 for v in (value if isinstance(value, list) else [value])), \
+            f"{flag(name)}: must be at most 2**53 = {2**53:,}"  # beyond, arithmetic and logs lose or overflow
     yield not 0 <= args.seed <= 2**32 - 1 - 10_000, f"--seed: must be between 0 and {2**32 - 1 - 10_000}, got {args.seed}"
     exp = repr(args.exp_name) if len(args.exp_name) <= 128 else f"{len(args.exp_name)} characters"
     yield not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{,127}", args.exp_name), \

@@ -878,6 +878,7 @@ def test_progress_line_says_totals_and_when_no_episode_ended(tmp_path, monkeypat
     (["--learning-rate", "inf"], "--learning-rate: must be a finite number"),
     (["--max-grad-norm", "inf"], "--max-grad-norm: must be a finite number"),
     (["--ent-coef", "nan"], "--ent-coef: must be a finite number"),
+    (["--num-steps", str(2**70)], "--num-steps: must be at most 2**53"),
     (["--exp-name", "../../x"], "--exp-name: must be a plain name"),
     (["--resume", "/"], "--resume: '/' is a folder"),
     (["--eval-only", "--checkpoint", "/"], "--checkpoint: '/' is a folder"),

@@ -8,11 +8,13 @@ import importlib.util
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
 import types
 import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -146,8 +148,15 @@ def test_bad_input_exit_status_from_the_command_line(script, tmp_path):
      "error: --hypernet-init: matched is for --hypernet mlp, got --hypernet linear"),
     (["mappo_hyper_mamujoco.py", "--hypernet", "linear", "--hypernet-init", "matched"],
      "error: --hypernet-init: matched is for --hypernet mlp, got --hypernet linear"),
+    # integers past 2**53: a traceback in VMAS, or at the first log, before they were refused
+    (["ippo_hyper_vmas.py", "--n-food", str(2**80)], "error: --n-food: must be at most 2**53 = 9,007,199,254,740,992"),
+    (["mappo_hyper_vmas.py", "--max-steps", str(2**70)], "error: --max-steps: must be at most 2**53 = 9,007,199,254,740,992"),
+    (["ippo_hyper_vmas.py", "--actor-hidden-dims", "64", str(2**70)],
+     "error: --actor-hidden-dims: must be at most 2**53 = 9,007,199,254,740,992"),
+    (["mappo_hyper_mamujoco.py", "--total-timesteps", str(2**67)],
+     "error: --total-timesteps: must be at most 2**53 = 9,007,199,254,740,992"),
 ])
-def test_bad_hypernet_init_is_one_line_exit_2(tmp_path, argv, message):
+def test_bad_hypernet_init_or_a_huge_integer_is_one_line_exit_2(tmp_path, argv, message):
     result = run_python([os.path.join(ROOT, argv[0]), "--runs-dir", tmp_path / "runs"] + argv[1:], cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.strip() == message, result.stderr
     assert not (tmp_path / "runs").exists()
@@ -646,11 +655,19 @@ def test_snd_obs_files_that_are_not_datasets_are_refused(script, tmp_path, capsy
     files = {"array.npy": lambda p: np.save(p, np.zeros((5, 16), np.float32)),  # .npy, not .npz
              "empty.npz": lambda p: open(p, "wb").close(),
              "nan.npz": lambda p: np.savez(p, obs=np.full((5, 16), np.nan, np.float32)),
-             "object.npz": lambda p: np.savez(p, obs=np.array([{}], dtype=object))}  # pickled: refused
+             "object.npz": lambda p: np.savez(p, obs=np.array([{}], dtype=object)),  # pickled: refused
+             # values that are not real numbers (cast, they would be silently), and one float32 cannot hold
+             "bool.npz": lambda p: np.savez(p, obs=np.ones((5, 16), bool)),
+             "complex.npz": lambda p: np.savez(p, obs=np.ones((5, 16), np.complex64)),
+             "strings.npz": lambda p: np.savez(p, obs=np.full((5, 16), "1.5")),
+             "dates.npz": lambda p: np.savez(p, obs=np.zeros((5, 16), "datetime64[s]")),
+             "huge.npz": lambda p: np.savez(p, obs=np.full((5, 16), 1e300))}
     for name, write in files.items():
         write(tmp_path / name)
-        with pytest.raises(ValueError, match="--snd-obs-file: "):
-            extras.load_snd_obs(str(tmp_path / name), 16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # one line, no warning before it
+            with pytest.raises(ValueError, match="--snd-obs-file: "):
+                extras.load_snd_obs(str(tmp_path / name), 16)
     np.savez(tmp_path / "ok.npz", obs=np.ones((5, 4, 16), np.float32))
     assert extras.load_snd_obs(str(tmp_path / "ok.npz"), 16).shape == (20, 16)
     assert script.main(tiny_args(tmp_path / "train", "--save-model")) == 0
@@ -989,7 +1006,19 @@ FURTHER_DAMAGE = {  # a change to the checkpoint, and the start of what --resume
     "unknown scenario": (lambda s: s["args"].__setitem__("scenario", "football"),
                          "holds an invalid flag: --scenario: must be one of 'dispersion', 'navigation', got 'football'"),
     "complex weights holding NaN": (lambda s: s["model"].__setitem__(first_weight(s), torch.full(
-        s["model"][first_weight(s)].shape, complex(float("nan"), 0))), "holds NaN or inf (in model/"),
+        s["model"][first_weight(s)].shape, complex(float("nan"), 0))), "does not fit this script's model (model/"),
+    "half-precision weights": (lambda s: s["model"].__setitem__(first_weight(s), s["model"][first_weight(s)].half()),
+                               "does not fit this script's model (model/"),  # load_state_dict would cast them
+    "sparse weights": (lambda s: s["model"].__setitem__(first_weight(s), s["model"][first_weight(s)].to_sparse()),
+                       "holds a tensor that is not plain dense data (checkpoint/model/"),
+    "numpy's position past its keys": (lambda s: s["rng"]["numpy_rest"].__setitem__(0, 10**6),  # a crash at a draw
+                                       "does not fit this script's model (rng: NumPy's is not a Mersenne Twister state)"),
+    "a step per entry of a moment": (lambda s: s["optimizer"]["state"][0].__setitem__(
+        "step", torch.zeros(s["optimizer"]["state"][0]["exp_avg"].shape[:1])), "does not fit this script's model "
+        "(optimizer's step"),
+    "a run name of 400 bytes": (lambda s: s.__setitem__("run_name", "é" * 200), "holds an invalid run name"),
+    "a flag past 2**53": (lambda s: s["args"].__setitem__("food_radius", 10**400),
+                          "holds an invalid flag: --food-radius: must be at most 2**53"),
     "python random state out of range": (lambda s: s["rng"]["python"][1].__setitem__(0, 2**70),
                                          "does not fit this script's model"),
     "a flag missing": (lambda s: s["args"].pop("max_steps"), "holds no flag '--max-steps': refused"),
@@ -1013,6 +1042,24 @@ def test_further_damage_to_a_checkpoint_is_one_line_and_writes_nothing(script, s
         argv = ["--eval-only", "--checkpoint", checkpoint, "--capture-video", "--runs-dir", tmp_path / "videos"]
         assert_refused_and_nothing_written(script, argv, capsys, f"error: --checkpoint: {checkpoint!r} {message}",
                                            tmp_path)
+
+
+def test_a_flipped_bit_in_a_tensor_is_refused_not_loaded(script, saved_run, tmp_path, capsys):
+    """torch does not check its records' CRC-32: a byte flipped inside a weight would load as another number."""
+    run_dir, checkpoint = saved_run
+    with zipfile.ZipFile(checkpoint) as archive:
+        record = max(archive.infolist(), key=lambda info: info.file_size)  # a tensor's bytes, stored uncompressed
+    with open(checkpoint, "r+b") as f:
+        f.seek(record.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", f.read(4))
+        middle = record.header_offset + 30 + name_length + extra_length + record.file_size // 2
+        f.seek(middle)
+        byte = f.read(1)
+        f.seek(middle)
+        f.write(bytes([byte[0] ^ 0x10]))
+    argv = ["--resume", checkpoint, "--total-timesteps", 96]
+    assert_refused_and_nothing_written(script, argv, capsys, f"error: --resume: {checkpoint!r} is damaged (", run_dir,
+                                       tmp_path)
 
 
 def test_eval_only_refuses_evaluation_flags_of_a_damaged_checkpoint(script, saved_run, tmp_path, capsys):

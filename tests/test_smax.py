@@ -318,6 +318,7 @@ def test_eval_only_prints_the_checkpoints_return_win_rate_and_snd(tmp_path, capf
     (["--hypernet", "fups", "--hypernet-embedding-dim", "8"], "--hypernet-embedding-dim: only with --hypernet mlp"),
     (["--hypernet", "linear", "--hypernet-init", "matched"], "--hypernet-init: matched is for --hypernet mlp"),
     (["--gamma", "1.5"], "--gamma: must be in [0, 1]"),
+    (["--num-steps", str(2**70)], "--num-steps: must be at most 2**53"),
     (["--hypernet-embedding", "onehot", "--hypernet-embedding-dim", "8"],
      "--hypernet-embedding-dim: only with --hypernet-embedding learned, got --hypernet-embedding onehot"),
     (["--script", "mappo", "--hypernet-embedding", "onehot", "--no-hypernet-separate-embeddings"],
