@@ -286,6 +286,10 @@ def check_output_folder(flag: str, path: str) -> None:
     """A folder this run may create and write into, checked before anything is written."""
     if not path:
         raise ArgError(f"{flag}: must name a folder, got ''")
+    try:  # bytes that are not UTF-8 reach Python as surrogates; TensorBoard fails on them at its first write
+        path.encode()
+    except UnicodeEncodeError:
+        raise ArgError(f"{flag}: {path!r} is not UTF-8 text (TensorBoard writes UTF-8 paths only)") from None
     existing = os.path.abspath(path)
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)

@@ -171,14 +171,15 @@ def test_an_unknown_hypernet_init_is_refused_by_the_parser(tmp_path, script):
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("where", ["file", "inside-file", "read-only", "empty", "broken-link"])
+@pytest.mark.parametrize("where", ["file", "inside-file", "read-only", "empty", "broken-link", "not-utf-8"])
 def test_runs_dir_that_cannot_hold_runs_is_refused_before_anything_is_written(script, where, tmp_path, capsys):
     blocker = tmp_path / "blocker"
     blocker.write_text("")
     os.symlink(tmp_path / "nowhere", tmp_path / "link")
     # /proc/sys is read-only even for root (in containers, where tests run as root, chmod would not do)
     runs_dir = {"file": blocker, "inside-file": blocker / "runs", "read-only": "/proc/sys/hypermarl-runs",
-                "empty": "", "broken-link": tmp_path / "link"}[where]
+                "empty": "", "broken-link": tmp_path / "link",
+                "not-utf-8": os.path.join(tmp_path, os.fsdecode(b"runs-\xff"))}[where]  # a byte Linux takes
     code, out, err = run_main(script, tiny_args(runs_dir), capsys)
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: --runs-dir: "), err
     assert sorted(os.listdir(tmp_path)) == ["blocker", "link"]
