@@ -806,8 +806,7 @@ def load_snd_obs(path: str, obs_dim: int) -> torch.Tensor:
         data = np.load(path, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy array
             raise ValueError("a .npy array, not an .npz archive")
-        with data, np.errstate(all="ignore"), warnings.catch_warnings():  # a value float32 cannot hold: inf below
-            warnings.simplefilter("ignore")
+        with data, np.errstate(all="ignore"):  # a value float32 cannot hold becomes inf, refused below
             obs = data["obs"]
             if obs.dtype.kind not in "fiu":  # strings, booleans, dates, records, complex: not observations
                 raise ValueError(f"holds {obs.dtype} values, not real numbers")

@@ -185,14 +185,11 @@ def children(pid) -> list[int]:
     return found
 
 
-def cpu_ticks(pids) -> int:
-    """CPU time (user and system, in clock ticks) the processes have used, all their threads."""
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime and stime, fields 14 and 15 of stat
-    return total
+def state_and_ticks(pid) -> tuple[str, int]:
+    """A process's state (R, S, T, ...) and the CPU time (user and system, in clock ticks) of all its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return fields[0], int(fields[11]) + int(fields[12])  # utime and stime, fields 14 and 15 of stat
 
 
 def pending_signals(pid) -> set[int]:
@@ -209,11 +206,9 @@ def wait_until_blocked(pid, quiet=0.5) -> None:
     machine, so no speed is assumed; HANG seconds without it fail."""
     deadline = time.time() + HANG
     while True:
-        start, ticks = time.time(), cpu_ticks([pid])
+        start, (_, ticks) = time.time(), state_and_ticks(pid)
         while time.time() - start < quiet:
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-            if state != "S" or cpu_ticks([pid]) != ticks:
+            if state_and_ticks(pid) != ("S", ticks):
                 break
             time.sleep(0.02)
         else:
