@@ -862,7 +862,7 @@ def restore_vmas_run(args, loaded, agent, optimizer, envs=None) -> None:
         fresh |= dict(env=vmas_env_state(envs), rng=rng_state())
     with restoring(args, loaded, fresh):
         agent.load_state_dict(loaded["model"])
-        load_optimizer(optimizer, loaded["optimizer"])
+        load_optimizer(optimizer, loaded["optimizer"], updated=loaded["iteration"] > 1)
         if envs is not None:
             same_layout(loaded["env"], fresh["env"], "env")
             load_vmas_env_state(envs, loaded["env"])
@@ -944,11 +944,12 @@ def same_layout(saved, fresh, path: str) -> None:
         raise ValueError(f"{path}: a {type(saved).__name__}, not a {type(fresh).__name__}")
 
 
-def load_optimizer(optimizer, state: dict) -> None:
+def load_optimizer(optimizer, state: dict, updated: bool = False) -> None:
     """optimizer.load_state_dict, and ValueError if its settings are not the run's (as the flags made them)
-    or a parameter's state is not Adam's (torch would find out at the first step, mid-run): its moments of
-    the parameter's shape (torch casts their dtype), its step a number, per agent for PerAgentAdam. The
-    learning rate is the flags' (--anneal-lr sets it anew before each iteration)."""
+    or a parameter's state is not one Adam could hold (torch would find out at the first step, mid-run, or
+    cast it silently): its moments of the parameter's shape and dtype, exp_avg_sq >= 0, its step a whole
+    number >= 0 (per agent for PerAgentAdam), no state for a parameter it does not hold, and (updated: the
+    run has made an update) not empty. The learning rate is the flags' (--anneal-lr sets it anew)."""
     settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
     optimizer.load_state_dict(state)
     for group, own in zip(optimizer.param_groups, settings):
@@ -957,16 +958,25 @@ def load_optimizer(optimizer, state: dict) -> None:
         if odd := [key for key, value in own.items() if key != "lr" and not same_setting(group.get(key), value)]:
             raise ValueError(f"optimizer's {odd[0]} {group.get(odd[0])!r:.40}, not the run's {own[odd[0]]!r:.40}")
         group["lr"] = own["lr"]
+    ids = [i for group in state["param_groups"] for i in group["params"]]  # as the file numbers the parameters
+    if stray := [key for key in state["state"] if key not in ids]:
+        raise ValueError(f"optimizer's state for parameter {stray[0]!r:.20}, which it does not hold")
+    if updated and not state["state"]:
+        raise ValueError("optimizer's state is empty, yet the run has made updates")
     per_agent = type(optimizer) is not torch.optim.Adam  # PerAgentAdam keeps a step per agent
-    for p in (p for group in optimizer.param_groups for p in group["params"]):
-        held = optimizer.state.get(p, {})
+    for i, p in zip(ids, (p for group in optimizer.param_groups for p in group["params"])):
+        held = state["state"].get(i, {})  # as saved: load_state_dict has cast the moments to p's dtype
         if held and set(held) != {"step", "exp_avg", "exp_avg_sq"}:
             raise ValueError(f"optimizer's state {sorted(map(str, held))!r:.60} is not Adam's")
         for key, value in held.items():
             fits = ((torch.Size([]), p.shape[:1]) if per_agent else (torch.Size([]),)) if key == "step" else (p.shape,)
-            if not isinstance(value, torch.Tensor) or value.shape not in fits or not value.is_floating_point():
+            if not isinstance(value, torch.Tensor) or value.shape not in fits or not value.is_floating_point() or \
+                    (key != "step" and value.dtype != p.dtype):
                 what = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
                 raise ValueError(f"optimizer's {key} {what} for a parameter of {tuple(p.shape)} {p.dtype}")
+            bad = (value < 0) | (value != value.round()) if key == "step" else value < 0  # exp_avg: any sign
+            if key != "exp_avg" and bad.any():
+                raise ValueError(f"optimizer's {key} holds {value[bad].flatten()[0].item():g}, which Adam cannot reach")
 
 
 def same_setting(saved, own) -> bool:
@@ -1029,7 +1039,11 @@ def running_stats(rms: dict) -> dict:
 
 
 def load_running_stats(rms: dict, state: dict) -> None:
+    """ValueError if a variance is negative or a count not positive: no run holds them (the square root of the
+    variance would make every observation NaN)."""
     for key, r in rms.items():
+        if (state[key]["var"] < 0).any() or not state[key]["count"] > 0:
+            raise ValueError(f"obs_norm/{key}: a negative variance or a count of {state[key]['count']!r:.20}")
         r.mean, r.var = state[key]["mean"].numpy().astype(np.float64), state[key]["var"].numpy().astype(np.float64)
         r.count = float(state[key]["count"])
 
@@ -1067,12 +1081,18 @@ def restore_mamujoco_run(args, loaded, actor, critics, value_norm, obs_norm, act
         for key, part in parts.items():
             part.load_state_dict(loaded[key])
         for key, optimizer in optimizers.items():
-            load_optimizer(optimizer, loaded[key])
+            load_optimizer(optimizer, loaded[key], updated=loaded["iteration"] > 1)
         same_layout(loaded["obs_norm"], fresh["obs_norm"], "obs_norm")
         load_running_stats(obs_norm.rms, loaded["obs_norm"])
         if envs is None:
             return None
         same_layout(loaded["envs"], fresh["envs"], "envs")
+        for i, sim in enumerate(loaded["envs"]["sim"]):  # same_layout lets a float stand for an int
+            if type(sim["elapsed_steps"]) is not int or not 0 <= sim["elapsed_steps"] <= args.max_episode_steps:
+                raise ValueError(f"envs/sim[{i}]/elapsed_steps: {sim['elapsed_steps']!r:.20}, not a step of an "
+                                 f"episode of at most {args.max_episode_steps}")
+        if (loaded["envs"]["episode_length"] < 0).any():
+            raise ValueError("envs/episode_length: a negative length")
         set_rng_state(loaded["rng"])
         envs.set_attr("sim_state", loaded["envs"]["sim"])
     state = loaded["envs"]

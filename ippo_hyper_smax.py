@@ -1062,7 +1062,7 @@ def restore_run(args, loaded, agent, optimizer, envs=None, carry=None) -> Option
                       rng=extras.rng_state())
     with extras.restoring(args, loaded, fresh):
         agent.load_state_dict(loaded["model"])
-        extras.load_optimizer(optimizer, loaded["optimizer"])
+        extras.load_optimizer(optimizer, loaded["optimizer"], updated=loaded["iteration"] > 1)
         if envs is None:
             return None
         extras.same_layout(loaded["env"], fresh["env"], "env")

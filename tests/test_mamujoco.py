@@ -1173,6 +1173,14 @@ DAMAGES = {  # what is changed, what --resume and --eval-only say
                                    "does not fit this script's model (obs_norm/state/mean"),
     "environment of another task": (lambda s: s["envs"]["sim"][0].__setitem__("physics", [0.0]),
                                     "does not fit this script's model (envs/sim[0]/physics"),
+    "negative variance of the observations": (lambda s: s["obs_norm"]["state"]["var"].view(-1).__setitem__(0, -1.0),
+                                              "does not fit this script's model (obs_norm/state: a negative variance"),
+    "an episode past its time limit": (lambda s: s["envs"]["sim"][0].__setitem__("elapsed_steps", 5000),
+                                       "does not fit this script's model (envs/sim[0]/elapsed_steps: 5000, not a step"),
+    "an episode's step count as a float": (lambda s: s["envs"]["sim"][0].__setitem__("elapsed_steps", 3.5),
+                                           "does not fit this script's model (envs/sim[0]/elapsed_steps: 3.5,"),
+    "critic's Adam at a negative step": (lambda s: s["critic_optimizer"]["state"][0].__setitem__(
+        "step", torch.tensor(-1.0)), "does not fit this script's model (optimizer's step holds -1, which Adam cannot"),
 }
 
 
@@ -1184,7 +1192,8 @@ def test_a_damaged_checkpoint_is_refused_before_anything_is_written(saved_run, t
     code, out, err = run_main(["--resume", checkpoint, "--total-timesteps", "96"])
     assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: --resume: {checkpoint!r} {message}"), err
     assert files_and_times(run_dir) == before and os.listdir(tmp_path) == [saved_run.name]  # no log, no folder
-    if damage in ("impossible saved flag", "environment of another task"):  # not what --eval-only reads
+    if damage in ("impossible saved flag", "environment of another task", "an episode past its time limit",
+                  "an episode's step count as a float"):  # not what --eval-only reads
         return
     code, out, err = run_main(["--eval-only", "--checkpoint", checkpoint, "--runs-dir", str(tmp_path / "eval")])
     assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: --checkpoint: {checkpoint!r} {message}"), err

@@ -1028,6 +1028,21 @@ FURTHER_DAMAGE = {  # a change to the checkpoint, and the start of what --resume
                               "does not fit this script's model (optimizer's betas [0.9], not the run's (0.9, 0.999))"),
     "optimizer's eps changed": (lambda s: s["optimizer"]["param_groups"][0].__setitem__("eps", 0.1),
                                 "does not fit this script's model (optimizer's eps 0.1, not the run's 1e-05)"),
+    "moments in float64": (lambda s: s["optimizer"]["state"][0].__setitem__(  # load_state_dict would cast them
+        "exp_avg", s["optimizer"]["state"][0]["exp_avg"].double()), "does not fit this script's model (optimizer's "
+        "exp_avg "),
+    "a negative mean of squares": (lambda s: s["optimizer"]["state"][0]["exp_avg_sq"].view(-1).__setitem__(0, -1.0),
+                                   "does not fit this script's model (optimizer's exp_avg_sq holds -1, which Adam "
+                                   "cannot reach)"),  # its square root: NaN at the first step
+    "a negative step": (lambda s: s["optimizer"]["state"][0].__setitem__("step", torch.tensor(-3.0)),
+                        "does not fit this script's model (optimizer's step holds -3, which Adam cannot reach)"),
+    "a step of 2.5": (lambda s: s["optimizer"]["state"][0].__setitem__("step", torch.tensor(2.5)),
+                      "does not fit this script's model (optimizer's step holds 2.5, which Adam cannot reach)"),
+    "state of a parameter it does not hold": (lambda s: s["optimizer"]["state"].__setitem__(
+        999, s["optimizer"]["state"][0]), "does not fit this script's model (optimizer's state for parameter 999, "
+        "which it does not hold)"),
+    "optimizer's state emptied after updates": (lambda s: s["optimizer"]["state"].clear(), "does not fit this "
+                                                "script's model (optimizer's state is empty, yet the run has made updates)"),
 }
 
 

@@ -311,6 +311,41 @@ def test_eval_only_prints_the_checkpoints_return_win_rate_and_snd(tmp_path, capf
     assert run_dirs(tmp_path) == [run_dir]
 
 
+SMAX_DAMAGES = {  # a change to a checkpoint, and the start of the reason --resume gives
+    "NaN weight": (lambda s: next(v for v in s["model"].values() if v.is_floating_point()).view(-1).__setitem__(
+        0, float("nan")), "holds NaN or inf (in model/"),
+    "an environment array missing": (lambda s: s["env"]["leaves"].pop(), "does not fit this script's model (env"),
+    "an environment array of another map": (lambda s: s["env"]["leaves"].__setitem__(0, torch.zeros(
+        (7,) + s["env"]["leaves"][0].shape[1:], dtype=s["env"]["leaves"][0].dtype)),
+        "does not fit this script's model (env/leaves[0]: "),
+    "a hidden state of another width": (lambda s: s["carry"].__setitem__("hidden", torch.zeros(3)),
+                                        "does not fit this script's model (carry/hidden: "),
+    "the optimizer's state emptied": (lambda s: s["optimizer"]["state"].clear(), "does not fit this script's model "
+                                      "(optimizer's state is empty, yet the run has made updates)"),
+}
+
+
+def test_a_damaged_checkpoint_is_one_line_exit_2_and_writes_nothing(tmp_path, capfd):
+    """Each damage alone, to a copy of one saved run: refused before anything is written (capfd: see
+    test_eval_only_prints_the_checkpoints_return_win_rate_and_snd)."""
+    argv = tiny(tmp_path / "runs", "--save-model", "--total-timesteps", "32", "--no-anneal-lr")
+    assert run_main(ippo, argv, capfd)[0] == 0
+    (run_dir,) = run_dirs(tmp_path / "runs")
+    for damage, (change, message) in SMAX_DAMAGES.items():
+        copy = tmp_path / "damaged"
+        shutil.copytree(run_dir, copy)
+        path = str(copy / "checkpoint.pt")
+        state = load_checkpoint(path)
+        change(state)
+        torch.save(state, path)
+        before = sorted(os.listdir(copy))
+        code, _, err = run_main(ippo, ["--resume", path, "--total-timesteps", "64"], capfd)
+        assert code == 2 and err.startswith(f"error: --resume: {path!r} {message}") and err.count("\n") == 1, (damage, err)
+        assert sorted(os.listdir(copy)) == before and os.path.getsize(copy / "evaluations.jsonl") == os.path.getsize(
+            os.path.join(run_dir, "evaluations.jsonl")), damage
+        shutil.rmtree(copy)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--num-envs", "0"], "--num-envs: must be positive"),
     (["--num-minibatches", "3"], "--num-minibatches: must divide --num-envs"),
