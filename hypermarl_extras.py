@@ -709,6 +709,8 @@ def load_checkpoint(path: str, flag: str, fmt: str, required: set) -> dict:
         raise CheckpointError(f"{flag}: {path!r} is a {found} checkpoint, another script's; this one reads {fmt}")
     if found != fmt or not set(required) <= set(state):
         raise CheckpointError(f"{flag}: {path!r} is not a {fmt} checkpoint")
+    if extra := sorted(map(str, set(state) - set(required))):  # written by hand: what else did the hand change?
+        raise CheckpointError(f"{flag}: {path!r} holds {extra[0]!r:.40}, which no run of this script saves: refused")
     if odd := next(odd_tensors(state), None):
         raise CheckpointError(f"{flag}: {path!r} holds a tensor that is not plain dense data ({odd}): refused")
     try:  # torch reads its records without checking their CRC-32: a flipped bit would load as a number
@@ -834,10 +836,17 @@ def vmas_env_state(env) -> dict:
                 episode_return=env.episode_return.clone(), episode_length=env.episode_length.clone())
 
 
+# The tensors VMAS 1.5's Dispersion and Navigation give an entity or scenario at its first step, one row per
+# environment: a checkpoint may hold them beyond a fresh environment's, and nothing else.
+VMAS_FIRST_STEP_TENSORS = ("anyone_on_food", "how_many_on_food", "distance_to_goal", "on_goal", "all_goal_reached")
+
+
 def load_vmas_env_state(env, state: dict) -> None:
-    holders = env._state_holders()
+    holders, fresh = env._state_holders(), vmas_env_state(env)["tensors"]
     for path, value in state["tensors"].items():
         name, key = path.split("/")
+        if path not in fresh and (key not in VMAS_FIRST_STEP_TENSORS or value.shape[:1] != (env.num_envs,)):
+            raise ValueError(f"env/tensors/{path:.60}: {tuple(value.shape)}, not a tensor this simulator keeps")
         setattr(holders[name], key, value.clone().to(env.device))
     env._rng = rng_from_tensors(state["rng"])
     env.obs = state["obs"].to(env.device)

@@ -1028,6 +1028,10 @@ FURTHER_DAMAGE = {  # a change to the checkpoint, and the start of what --resume
                               "does not fit this script's model (optimizer's betas [0.9], not the run's (0.9, 0.999))"),
     "optimizer's eps changed": (lambda s: s["optimizer"]["param_groups"][0].__setitem__("eps", 0.1),
                                 "does not fit this script's model (optimizer's eps 0.1, not the run's 1e-05)"),
+    "a tensor VMAS does not keep": (lambda s: s["env"]["tensors"].__setitem__("world/_dt", torch.zeros(1)),
+                                    "does not fit this script's model (env/tensors/world/_dt: (1,), not a tensor"),
+    "a key no run saves": (lambda s: s.__setitem__("note", "edited"), "holds 'note', which no run of this script "
+                           "saves: refused"),
     "moments in float64": (lambda s: s["optimizer"]["state"][0].__setitem__(  # load_state_dict would cast them
         "exp_avg", s["optimizer"]["state"][0]["exp_avg"].double()), "does not fit this script's model (optimizer's "
         "exp_avg "),
