@@ -975,6 +975,8 @@ def flag_rules(args: Args, given: set[str], resume_rules=()):
     yield not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{,127}", args.exp_name), \
         f"--exp-name: must be a plain name (letters, digits, '.', '_', '-'; at most 128), got {exp}"
     yield not args.runs_dir, "--runs-dir: must name a folder, got ''"  # a copy alone would write into the current one
+    yield args.runs_dir.encode(errors="replace").decode() != args.runs_dir, \
+        f"--runs-dir: {args.runs_dir!r} is not UTF-8 text (TensorBoard writes UTF-8 paths only)"
     for names, holds, why in ((POSITIVE, lambda v: v > 0, "must be positive"),
                               (("gamma", "gae_lambda"), lambda v: 0 <= v <= 1, "must be in [0, 1]"),
                               (("ent_coef", "vf_coef"), lambda v: v >= 0, "must be >= 0"),

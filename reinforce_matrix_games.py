@@ -325,9 +325,8 @@ def payoff(game: str, actions: torch.Tensor, n_agents: int) -> torch.Tensor:
 
 def sample_actions(probs: torch.Tensor, num: int, generators: list) -> torch.Tensor:
     """probs (S, n_agents, A) -> actions (S, num, n_agents) by inverse CDF, with each seed's own torch.Generator."""
-    A = probs.shape[-1]
     u = torch.stack([torch.rand(probs.shape[1], num, generator=g) for g in generators])  # (S, n, num)
-    actions = torch.searchsorted(probs.cumsum(-1).contiguous(), u).clamp_(max=A - 1)  # first food whose CDF reaches u
+    actions = torch.searchsorted(probs.cumsum(-1).contiguous(), u).clamp_(max=probs.shape[-1] - 1)  # first CDF >= u
     return actions.transpose(1, 2)
 
 # ===== Appendix: the command line, run folders, check_args =====
@@ -403,6 +402,7 @@ def check_args(args: Args, given: set[str], hypernets: Optional[list[str]] = Non
           for name, value in vars(args).items() if isinstance(value, float)),
         ("seed", not 0 <= args.seed <= max_seed, f"must be between 0 and {max_seed}, got {args.seed!r}"),
         ("runs_dir", not args.runs_dir, "must name a folder, got ''"),  # a copy alone would write into the current one
+        ("runs_dir", args.runs_dir.encode(errors="replace").decode() != args.runs_dir, "must be UTF-8 text (TensorBoard's)"),
         ("exp_name", not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{,127}", args.exp_name), "must be a plain name (letters, "
          f"digits, '.', '_', '-'; at most 128), got {args.exp_name[:128]!r} ({len(args.exp_name)} characters)"),
         *((name, not getattr(args, name) > 0, f"must be positive, got {getattr(args, name)!r}") for name in (

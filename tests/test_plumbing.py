@@ -815,11 +815,14 @@ def test_a_script_copied_alone_checks_its_flags(tmp_path, flags, message):
     assert sorted(os.listdir(tmp_path)) == ["blocker", "ippo_hyper_vmas.py"]
 
 
-@pytest.mark.parametrize("name", ["reinforce_matrix_games", "mappo_hyper_mamujoco"])
+@pytest.mark.parametrize("name", ["reinforce_matrix_games", "mappo_hyper_mamujoco", "ippo_hyper_vmas"])
 def test_a_script_copied_alone_refuses_an_empty_runs_dir(name, tmp_path):
-    """With the library --runs-dir '' is refused; alone, the script's own rule says the same (not: runs here)."""
+    """With the library --runs-dir '' is refused; alone, the script's own rule says the same (not: runs here).
+    So is a folder name that is not UTF-8 (a byte Linux allows): TensorBoard would fail after making it."""
     code, out, err = run_alone(name, tmp_path, *TINY[name], "--runs-dir", "")
     assert code == 2 and err.strip().splitlines() == ["error: --runs-dir: must name a folder, got ''"], err
+    code, out, err = run_alone(name, tmp_path, *TINY[name], "--runs-dir", os.fsdecode(b"runs-\xff"))
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: --runs-dir: ") and "UTF-8 text" in err, err
     assert os.listdir(tmp_path) == [f"{name}.py"]
 
 
