@@ -407,6 +407,9 @@ def check_resume_folder(path: str, folder: str) -> None:
             raise ArgError(f"--resume: {path!r} is not its run folder's checkpoint.pt, where the run would go on; "
                            f"give --runs-dir DIR to continue it in a new folder DIR/<its run>")
         check_output_folder("--resume", own)
+        log = os.path.join(own, "evaluations.jsonl")  # the run appends to it at its first evaluation
+        if os.path.lexists(log) and not (os.path.isfile(log) and os.access(log, os.W_OK)):
+            raise ArgError(f"--resume: {log!r} is not a file the run can append to")
     elif os.path.lexists(folder):
         raise ArgError(f"--runs-dir: {folder!r} exists already; resume its checkpoint.pt, or give another --runs-dir")
 

@@ -1115,6 +1115,17 @@ def test_a_resume_checks_the_folder_it_will_write_into(script, saved_run, tmp_pa
     assert os.listdir(tmp_path / "scratch") == [os.path.basename(run_dir)]
 
 
+def test_a_resume_whose_evaluation_log_is_not_a_file_is_refused(script, saved_run, capsys):
+    """The run appends to evaluations.jsonl at its first evaluation: a folder in its place is found before
+    anything is written, not after an iteration of training."""
+    run_dir, checkpoint = saved_run
+    log = os.path.join(run_dir, "evaluations.jsonl")
+    os.remove(log)
+    os.mkdir(log)
+    assert_refused_and_nothing_written(script, ["--resume", checkpoint, "--total-timesteps", 96], capsys,
+                                       f"error: --resume: {log!r} is not a file the run can append to", run_dir)
+
+
 def test_a_checkpoint_copied_out_of_its_run_folder_goes_on_only_in_a_new_one(script, saved_run, tmp_path, capsys):
     """Two copies side by side would both write the folder's checkpoint.pt and mix their logs: a copy is
     resumed only with --runs-dir, into <runs-dir>/<run>, a folder that must not exist yet."""
