@@ -1092,6 +1092,9 @@ def restore_mamujoco_run(args, loaded, actor, critics, value_norm, obs_norm, act
     with restoring(args, loaded, fresh):
         for key, part in parts.items():
             part.load_state_dict(loaded[key])
+        norm = loaded["value_norm"]  # HARL's debiased moving averages: a weight in [0, 1], a mean of squares >= 0
+        if not 0 <= norm["debiasing_term"].item() <= 1 or (norm["running_mean_sq"] < 0).any():
+            raise ValueError("value_norm: a debiasing term outside [0, 1] or a negative mean of squares")
         for key, optimizer in optimizers.items():
             load_optimizer(optimizer, loaded[key], updated=loaded["iteration"] > 1)
         same_layout(loaded["obs_norm"], fresh["obs_norm"], "obs_norm")

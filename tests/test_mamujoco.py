@@ -1179,6 +1179,8 @@ DAMAGES = {  # what is changed, what --resume and --eval-only say
                                        "does not fit this script's model (envs/sim[0]/elapsed_steps: 5000, not a step"),
     "an episode's step count as a float": (lambda s: s["envs"]["sim"][0].__setitem__("elapsed_steps", 3.5),
                                            "does not fit this script's model (envs/sim[0]/elapsed_steps: 3.5,"),
+    "value normaliser's weight of 2": (lambda s: s["value_norm"]["debiasing_term"].fill_(2.0),
+                                       "does not fit this script's model (value_norm: a debiasing term outside"),
     "critic's Adam at a negative step": (lambda s: s["critic_optimizer"]["state"][0].__setitem__(
         "step", torch.tensor(-1.0)), "does not fit this script's model (optimizer's step holds -1, which Adam cannot"),
 }
