@@ -281,9 +281,12 @@ def completed(run: Run, folder: str) -> bool:
         return True
     import torch
 
-    state = torch.load(os.path.join(folder, "checkpoint.pt"), map_location="cpu", weights_only=True)
-    batch = state["args"]["num_envs"] * state["args"]["num_steps"]
-    return state["global_step"] + batch > run.budget  # no whole iteration left to train
+    try:
+        state = torch.load(os.path.join(folder, "checkpoint.pt"), map_location="cpu", weights_only=True)
+        batch = state["args"]["num_envs"] * state["args"]["num_steps"]
+        return state["global_step"] + batch > run.budget  # no whole iteration left to train
+    except Exception:  # damaged, or not this grid's: unfinished, and its --resume says why in the run's log.txt
+        return False
 
 
 def run_one(run: Run, grid_dir: str, extra: list, threads: int = 1, gpu=None) -> str:
@@ -592,7 +595,8 @@ def launch_local(runs, grid_dir, extra, opts) -> list[str]:
 
     gpus = gpu_count()
     slots = queue.Queue()
-    for k in range(opts.jobs):
+    jobs = max(1, min(opts.jobs, len(runs)))  # a slot per run at most: --jobs 10**20 is every run at once
+    for k in range(jobs):
         slots.put(k % gpus if gpus else None)
 
     def start(run):
@@ -602,7 +606,7 @@ def launch_local(runs, grid_dir, extra, opts) -> list[str]:
         finally:
             slots.put(gpu)
 
-    with ThreadPoolExecutor(opts.jobs) as pool:  # a thread per slot, each waiting on its script
+    with ThreadPoolExecutor(jobs) as pool:  # a thread per slot, each waiting on its script
         return list(pool.map(start, runs))  # after a stop, the runs not started return at once
 
 
@@ -989,6 +993,7 @@ def parse(argv):
                      f"got {opts.signal_delay_s}")
     if opts.seeds and (len(set(opts.seeds)) < len(opts.seeds) or min(opts.seeds) < 0):
         parser.error(f"--seeds: must be distinct and at least 0, got {' '.join(map(str, opts.seeds))}")
+    opts.out = os.path.abspath(opts.out)  # table3a's evaluations run in the repository's folder
     check_writable(parser, "--out", grid_folder(opts))  # now, before any folder is made
     if opts.grid == "table3a":
         check_selection(parser, opts, GRIDS["figure2-ippo"]() + GRIDS["figure2-mappo"]())
@@ -1214,7 +1219,7 @@ def summary_steps(path: str, note: bool = False):
         if type(steps) not in (int, float):  # JSON's true is no number of steps
             raise ValueError("no total_timesteps, the number of steps it trained")
         return steps
-    except (OSError, ValueError) as error:  # ValueError: not JSON, or not text
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: not JSON, or not text; nested too deep
         if note:
             print(f"note: {path} is unreadable ({str(error)[:200]}); the run counts as unfinished (resumed or rerun)",
                   file=sys.stderr, flush=True)

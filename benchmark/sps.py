@@ -69,6 +69,10 @@ def script_args(script, argv):
 def check_writable(parser, flag, folder):
     """Fails now, not after the benchmark: the nearest existing folder on the way must be a
     folder this process may write into."""
+    try:  # bytes that are not UTF-8 reach Python as surrogates; TensorBoard and JSON fail on them at the end
+        folder.encode()
+    except UnicodeEncodeError:
+        parser.error(f"{flag}: {folder!r} is not UTF-8 text")
     existing = os.path.abspath(folder)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -110,6 +114,8 @@ def output_file(parser, out, tool, filename):
 
 def check_out_file(parser, out):
     """--out, a file this tool may write: checked now, before any work."""
+    if not out or out.endswith(os.sep):
+        parser.error(f"--out: must name a file, got {out!r}")
     if os.path.isdir(out):
         parser.error(f"--out: {out!r} is a folder; give the name of the file to write")
     check_writable(parser, "--out", os.path.dirname(os.path.abspath(out)))
