@@ -22,6 +22,7 @@ with --seed before each estimate: rliable draws from numpy's global RNG, not fro
 import argparse
 import collections
 import json
+import math
 import os
 import re
 import shlex
@@ -95,7 +96,7 @@ def load_run(path):
         s["evals"] = evaluations(s["marl_eval"][s["env"]][s["task"]][s["method"]][f"seed_{s['seed']}"])
         if not s["evals"] or any("return" not in m for _, m in s["evals"]):
             raise ValueError("no evaluation with a return in marl_eval")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         why = str(e) if type(e) is ValueError else f"{type(e).__name__}: {e}"  # ours say what is wrong already
         raise ValueError(f"{path}: malformed summary.json ({why})".replace("\n", " ")) from None
     return s
@@ -150,8 +151,9 @@ def evaluations(run) -> list:
         for metric, values in entry.items():
             if metric == "step_count":
                 continue
-            if not isinstance(values, list) or not all(is_a(v, NUMBER_OR_NULL) for v in values):
-                raise ValueError(f"marl_eval {key} {metric}: expected a list of numbers or nulls, got {values!r}"[:200])
+            if not isinstance(values, list) or not all(is_a(v, NUMBER_OR_NULL) and (v is None or math.isfinite(v))
+                                                       for v in values):  # JSON's Infinity and NaN: no return
+                raise ValueError(f"marl_eval {key} {metric}: expected a list of finite numbers or nulls, got {values!r}"[:200])
             logged = [v for v in values if v is not None]
             if logged:
                 metrics[metric] = float(np.mean(logged))

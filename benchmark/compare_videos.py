@@ -19,7 +19,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sps import OneLineParser, check_writable  # noqa: E402  (one line, exit 2 for bad flags, like every tool here)
+from sps import OneLineParser, at_least, check_writable  # noqa: E402  (one line, exit 2 for bad flags, like every tool here)
 
 
 def episode_frames(script: str, checkpoint: str, seed: int, work_dir: str) -> list:
@@ -50,19 +50,19 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoints", nargs="+", required=True, help="VMAS checkpoints (--save-model)")
     parser.add_argument("--labels", nargs="+", required=True, help="one label per checkpoint")
     parser.add_argument("--script", default="ippo_hyper_vmas", choices=["ippo_hyper_vmas", "mappo_hyper_vmas"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1], help="one row of episodes per evaluation seed")
-    parser.add_argument("--scale", type=int, default=2, help="keep every scale-th pixel (700 px frames -> 350)")
+    parser.add_argument("--seeds", nargs="+", type=at_least(0, 2**32 - 10_000), default=[1],
+                        help="one row of episodes per evaluation seed")
+    parser.add_argument("--scale", type=at_least(1, 41), default=2,
+                        help="keep every scale-th pixel (700 px frames -> 350); at most 40, the label's font size")
     parser.add_argument("--out", required=True, help="the .gif file to write")
     opts = parser.parse_args(argv)
     if len(opts.labels) != len(opts.checkpoints):
         parser.error(f"--labels: one per checkpoint ({len(opts.checkpoints)}), got {len(opts.labels)}")
-    if opts.scale < 1:
-        parser.error(f"--scale: must be at least 1, got {opts.scale}")
     missing = [path for path in opts.checkpoints if not os.path.isfile(path)]
     if missing:
         parser.error(f"--checkpoints: no such file {missing[0]!r}")
     folder = os.path.dirname(os.path.abspath(opts.out))
-    if not opts.out.endswith(".gif") or not os.path.isdir(folder):
+    if not opts.out.endswith(".gif") or not os.path.isdir(folder) or os.path.isdir(opts.out):
         parser.error(f"--out: must be a .gif file in an existing, writable folder, got {opts.out!r}")
     check_writable(parser, "--out", folder)  # now, not after every episode
 

@@ -72,7 +72,8 @@ def mean(values):
 def main(argv=None) -> int:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--script", default="ippo_hyper_vmas", choices=["ippo_hyper_vmas", "mappo_hyper_vmas"])
-    parser.add_argument("--seeds", type=at_least(0), nargs="+", default=[1, 2, 3], help="seeds (default: 1 2 3)")
+    parser.add_argument("--seeds", type=at_least(0, 2**32 - 10_000), nargs="+", default=[1, 2, 3],
+                        help="seeds (default: 1 2 3)")  # the scripts' range: the evaluation uses seed + 10000
     parser.add_argument("--out", default=None,
                         help="the Markdown file to write (default: first_update.md in a new folder runs/first_update_<time>)")
     opts = parser.parse_args(argv)

@@ -63,6 +63,11 @@ def main():
     parser.add_argument("--n-agents", type=at_least(2), default=4)
     parser.add_argument("--out", default=None, help="the Markdown file to write (default: init_scale.md in a new folder runs/init_scale_<time>)")
     opts = parser.parse_args()
+    try:  # the scripts' own checks (a memory too small for so many agents), before the output folder is made
+        for script in (ippo_hyper_vmas, mappo_hyper_vmas):
+            script_args(script, ["--n-agents", str(opts.n_agents), "--hypernet", "mlp"])
+    except ValueError as error:  # it names --n-agents
+        parser.error(str(error))
     opts.out = output_file(parser, opts.out, "init_scale", "init_scale.md")
     torch.set_num_threads(1)
 

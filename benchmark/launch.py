@@ -991,6 +991,13 @@ def parse(argv):
     elif opts.signal_delay_s >= 60 * opts.timeout_min:
         parser.error(f"--signal-delay-s: must be less than --timeout-min in seconds ({60 * opts.timeout_min}), "
                      f"got {opts.signal_delay_s}")
+    if opts.grid in ("figure10", "table3a"):  # neither starts a run: a flag about runs would be silently ignored
+        ignored = ({"--budget": opts.budget, "--seeds": opts.seeds, "--methods": opts.methods, "--only": opts.only}
+                   if opts.grid == "figure10" else {}) | {"--dry-run": opts.dry_run, "--measure": opts.measure,
+                                                          "flags after --": extra}
+        if given := [flag for flag, value in ignored.items() if value]:
+            parser.error(f"{given[0]}: not with {opts.grid}, which " + ("counts parameters and trains nothing"
+                         if opts.grid == "figure10" else "evaluates figure2's finished runs and trains nothing"))
     if opts.seeds and (len(set(opts.seeds)) < len(opts.seeds) or min(opts.seeds) < 0):
         parser.error(f"--seeds: must be distinct and at least 0, got {' '.join(map(str, opts.seeds))}")
     opts.out = os.path.abspath(opts.out)  # table3a's evaluations run in the repository's folder

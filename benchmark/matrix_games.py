@@ -76,6 +76,8 @@ def n_agents(text):
     value = int(text)  # a ValueError here becomes argparse's "invalid value" message
     if value < 2:
         raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
+    if value > 2**53:  # as the script
+        raise argparse.ArgumentTypeError(f"must be at most 2**53, got {value}")
     return value
 
 
@@ -224,8 +226,9 @@ def main(argv=None) -> int:
     if not runs_dir_given:  # checked where it will be: inside --out, or inside the new folder in runs/
         rest += ["--runs-dir", os.path.join(opts.out or "runs", "runs")]
     args = tyro.cli(mg.Args, args=rest, prog="python reinforce_matrix_games.py")  # a bad choice or type: exit 2
-    try:  # the script's own checks, of the families the sweep trains
-        mg.check_args(args, mg.flags_given(rest), hypernets=opts.hypernets)
+    try:  # the script's own checks, of the families and numbers of agents the sweep trains
+        for n in opts.n_agents:
+            mg.check_args(dataclasses.replace(args, n_agents=n), mg.flags_given(rest), hypernets=opts.hypernets)
     except ValueError as error:
         parser.error(str(error))
     try:  # the plot comes after the whole sweep: fail now, not then

@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     parser.add_argument("--script", default="ippo_hyper_vmas", choices=["ippo_hyper_vmas", "mappo_hyper_vmas"])
     parser.add_argument("--hypernet", default="nops", choices=["mlp", "linear", "fups", "nops", "dico"],
                         help="the family (default: nops, the authors' case)")
-    parser.add_argument("--seeds", type=at_least(0), nargs="+", default=[1, 30], help="seeds (default: 1 30)")
+    parser.add_argument("--seeds", type=at_least(0, 2**32 - 10_000), nargs="+", default=[1, 30], help="seeds (default: 1 30)")
     parser.add_argument("--budget", type=at_least(1), default=500_000, help="steps per run (default %(default)s)")
     parser.add_argument("--out", default=None,
                         help="the Markdown file to write (default: repeated_key.md in a new folder runs/repeated_key_<time>)")

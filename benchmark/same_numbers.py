@@ -141,9 +141,11 @@ def read_results(parser, path):
     try:
         with open(path) as f:
             results = json.load(f)
-    except (OSError, ValueError) as error:  # ValueError: not JSON
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: not JSON; RecursionError: nested too deep
         parser.error(f"--compare: cannot read {path!r} ({str(error)[:200]})")
-    points = lambda v: isinstance(v, list) and all(isinstance(p, list) and len(p) == 2 for p in v)  # noqa: E731
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    points = lambda v: isinstance(v, list) and all(  # noqa: E731
+        isinstance(p, list) and len(p) == 2 and number(p[0]) and (number(p[1]) or p[1] is None) for p in v)
     if not isinstance(results, dict) or not all(
             isinstance(entry, dict) and all(points(v) or tag == "error" for tag, v in entry.items())
             for entry in results.values()):
@@ -189,6 +191,10 @@ def main():
     args = parser.parse_args()
     if args.ignore and not args.compare:
         parser.error("--ignore: only with --compare")
+    runs = [flag for flag, given in (("--only", args.only), ("--list", args.list), ("--out", args.out != "same_numbers.json"),
+                                       ("--repo", args.repo != parser.get_default("repo"))) if given]
+    if args.compare and runs:
+        parser.error(f"{runs[0]}: not with --compare, which reads two files and runs nothing")
     if args.compare:
         return compare(*args.compare, *(read_results(parser, path) for path in args.compare), ignore=set(args.ignore))
     todo = configs()

@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hypermarl_extras as extras  # noqa: E402
-from sps import at_least, check_writable  # noqa: E402  (os.access alone says yes to root everywhere, /proc included)
+from sps import at_least, check_writable, script_args  # noqa: E402  (os.access alone says yes to root everywhere, /proc included)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -119,14 +119,11 @@ def main(argv=None) -> int:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--script", default="ippo_hyper_vmas", choices=["ippo_hyper_vmas", "mappo_hyper_vmas"])
     parser.add_argument("--checkpoints", nargs="+", required=True, help="checkpoints of one scenario")
-    parser.add_argument("--episodes", type=int, default=10_000, help="episodes per checkpoint (paper: 10,000)")
-    parser.add_argument("--samples", type=int, default=1_000_000, help="observations in the file (paper: 1M)")
+    parser.add_argument("--episodes", type=at_least(1), default=10_000, help="episodes per checkpoint (paper: 10,000)")
+    parser.add_argument("--samples", type=at_least(1), default=1_000_000, help="observations in the file (paper: 1M)")
     parser.add_argument("--seed", type=at_least(0, below=2**32), default=0, help="seed of the rollouts and of the sampling")
     parser.add_argument("--out", required=True, help="the .npz file to write")
     opts = parser.parse_args(argv)
-    for name in ("episodes", "samples"):
-        if getattr(opts, name) < 1:
-            parser.error(f"--{name}: must be at least 1, got {getattr(opts, name)}")
     for path in opts.checkpoints:
         if not os.path.isfile(path):
             parser.error(f"--checkpoints: no such file {path!r}")
@@ -138,6 +135,10 @@ def main(argv=None) -> int:
         parser.error(f"--out: no such folder {os.path.dirname(opts.out)!r}")
     check_writable(parser, "--out", os.path.dirname(os.path.abspath(opts.out)))
     script = __import__(opts.script)
+    try:  # the script's own checks of so many episodes (its memory check), before the rollouts
+        script_args(script, ["--eval-episodes", str(opts.episodes)])
+    except ValueError as error:
+        parser.error(f"--episodes: {error}")
     torch.manual_seed(opts.seed)
     pools = []
     try:

@@ -46,8 +46,11 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def at_least(minimum, below=None):
+    """An int flag's type: at least minimum, below `below` if given, at most 2**53 (as the scripts)."""
     def parse(text):
         value = int(text)  # a ValueError here becomes argparse's "invalid value" message
+        if below is None and value > 2**53:
+            raise argparse.ArgumentTypeError(f"must be at most 2**53, got {value}")
         if below is not None and not minimum <= value < below:
             raise argparse.ArgumentTypeError(f"must be between {minimum} and {below - 1}, got {value}")
         if value < minimum:
@@ -515,6 +518,14 @@ def main():
     opts = parser.parse_args()
     if opts.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device: cuda is not available on this machine")
+    if "envs" in opts.only:  # the script's own checks of each count (its memory), before the output folder is made
+        import ippo_hyper_vmas as script
+
+        for n in opts.env_counts:  # as timed_run starts it: a budget of its iterations
+            try:
+                script_args(script, ENVS_ARGV + ["--num-envs", str(n), "--total-timesteps", str(n * 128 * opts.iterations)])
+            except ValueError as error:
+                parser.error(f"--env-counts: {n}: {error}")
     opts.out = output_file(parser, opts.out, "sps", "sps.md")
     repeats = 1 if opts.quick else opts.repeats
     iterations = 3 if opts.quick else opts.iterations

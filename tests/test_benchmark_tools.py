@@ -284,7 +284,7 @@ MALFORMED = {
     "argv-a-number": (changed(argv=5), "argv: got 5; expected a list of flags)"),
     "step-text": (first_evaluation(step_count="100"), "marl_eval step_0: expected an object with a step_count (a whole number))"),
     "returns-text": (first_evaluation(**{"return": ["1.0"]}),
-                     "marl_eval step_0 return: expected a list of numbers or nulls, got ['1.0'])"),
+                     "marl_eval step_0 return: expected a list of finite numbers or nulls, got ['1.0'])"),
 }
 
 
@@ -329,12 +329,18 @@ CASES = [
     ("compare_videos.py", ["--checkpoints", "no.pt", "--labels", "A"], "--checkpoints: no such file 'no.pt'"),
     ("compare_videos.py", ["--checkpoints", __file__, "--labels", "A"], "--out: must be a .gif file"),
     ("compare_videos.py", ["--checkpoints", __file__, "--labels", "A", "--out", "/proc/x.gif"], "--out: '/proc' is not writable"),
-    ("first_update.py", ["--seeds", "-1"], "--seeds: must be at least 0, got -1"),
+    ("first_update.py", ["--seeds", "-1"], "--seeds: must be between 0 and 4294957295, got -1"),
     ("first_update.py", ["--seeds"], "--seeds: expected at least one argument"),
     ("first_update.py", ["--script", "mappo_hyper_mamujoco"], "--script: invalid choice: 'mappo_hyper_mamujoco'"),
     ("repeated_key.py", ["--budget", "0"], "--budget: must be at least 1, got 0"),
-    ("repeated_key.py", ["--seeds", "-1"], "--seeds: must be at least 0, got -1"),
+    ("repeated_key.py", ["--seeds", "-1"], "--seeds: must be between 0 and 4294957295, got -1"),
     ("repeated_key.py", ["--seeds", "1", "1"], "--seeds: each seed once, got 1 1"),
+    ("init_scale.py", ["--n-agents", str(2**70)], "--n-agents: must be at most 2**53"),  # as the scripts
+    ("init_scale.py", ["--n-agents", "100000000"], "--n-agents 100000000, --num-envs 16, --num-steps 128: the run "
+     "needs at least"),  # the script's memory check, before the output folder
+    ("sps.py", ["--only", "envs", "--env-counts", str(10**12)], "--env-counts: 1000000000000: --num-envs"),
+    ("compare_videos.py", ["--checkpoints", __file__, "--labels", "A", "--scale", "41"],
+     "--scale: must be between 1 and 40, got 41"),  # past 40 the label's font size is 0
     ("repeated_key.py", ["--hypernet", "dico", "--budget", "100"],  # the script's own check, before any training
      "--budget: must be at least num_envs * num_steps = 2048, got 100"),
     ("repeated_key.py", ["--hypernet", "bogus"], "--hypernet: invalid choice: 'bogus' (choose from 'mlp', 'linear', "

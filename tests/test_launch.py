@@ -574,7 +574,10 @@ BAD = [
      "--seeds: reinforce_matrix_games.py: --seed: must be between 0 and 4294957295, got 4294967296"),
     (["figure2-ippo", "--seeds", "4294967296", "1", "--", "--print-interval", "1"],  # the largest seed, not the last
      "--seeds: ippo_hyper_vmas.py: --seed: must be between 0 and 4294957295, got 4294967296"),
-    (["figure2-ippo", "--out", "/proc/x"], "--out: '/proc' is not writable"),  # root too: /proc takes no new folder
+    (["figure2-ippo", "--out", "/proc/x"], "--out: '/proc' is not writable"),
+    (["figure10", "--dry-run"], "--dry-run: not with figure10, which counts parameters and trains nothing"),
+    (["table3a", "--measure", "3"], "--measure: not with table3a, which evaluates figure2's finished runs"),
+    (["table2-6", "--out", os.fsdecode(b"g\xff")], "--out: "),  # not UTF-8: refused before any folder  # root too: /proc takes no new folder
     (["figure2-ippo", "--backend", "slurm", "--timeout-min", "5", "--signal-delay-s", "300"],
      "--signal-delay-s: must be less than --timeout-min in seconds (300), got 300"),
 ]
@@ -796,3 +799,28 @@ def test_the_ablation_grids_run_w_o_rf_as_the_authors_code_without_the_scaling()
         assert runs and all(r.flags[r.flags.index("--hypernet-init") + 1] == "flax" for r in runs), grid
         others = [r for r in launch.GRIDS[grid]() if r.method != "mlp-noRF"]
         assert all("--hypernet-init" not in r.flags for r in others), grid
+
+
+def test_more_jobs_than_runs_start_every_run_at_once(monkeypatch):
+    """A slot per run at most: --jobs 2**70 used to fill a queue of 2**70 slots, growing without end."""
+    launch_module = load_launch()
+    monkeypatch.setattr(launch_module, "run_one", lambda run, *_: f"finished {run}")
+    monkeypatch.setattr(launch_module, "gpu_count", lambda: 0)
+    opts = launch_module.argparse.Namespace(jobs=2**70, threads=1)
+    assert launch_module.launch_local(["a", "b"], "grid", [], opts) == ["finished a", "finished b"]
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint", None])
+def test_a_checkpoint_the_launcher_cannot_read_leaves_its_run_unfinished(tmp_path, content):
+    """A damaged checkpoint.pt, or another script's (the matrix games' model.pt has no num_envs), is no
+    traceback: the run counts as unfinished, and its --resume says why in its log.txt."""
+    import torch
+
+    launch_module = load_launch()
+    run = launch_module.GRIDS["figure2-ippo"]()[0]
+    path = tmp_path / "checkpoint.pt"
+    if content is None:
+        torch.save({"args": {"hidden_size": 8}, "seed": 1, "model": {}}, path)
+    else:
+        path.write_bytes(content)
+    assert launch_module.completed(run, str(tmp_path)) is False
