@@ -844,8 +844,9 @@ def vmas_env_state(env) -> dict:
 VMAS_FIRST_STEP_TENSORS = ("anyone_on_food", "how_many_on_food", "distance_to_goal", "on_goal", "all_goal_reached")
 
 
-def load_vmas_env_state(env, state: dict) -> None:
-    holders, fresh = env._state_holders(), vmas_env_state(env)["tensors"]
+def load_vmas_env_state(env, state: dict, fresh: dict) -> None:
+    """state written onto env; fresh: env's own tensors (vmas_env_state's), the ones it may hold."""
+    holders = env._state_holders()
     for path, value in state["tensors"].items():
         name, key = path.split("/")
         if path not in fresh and (key not in VMAS_FIRST_STEP_TENSORS or value.shape[:1] != (env.num_envs,)):
@@ -877,7 +878,7 @@ def restore_vmas_run(args, loaded, agent, optimizer, envs=None) -> None:
         load_optimizer(optimizer, loaded["optimizer"], updated=loaded["iteration"] > 1)
         if envs is not None:
             same_layout(loaded["env"], fresh["env"], "env")
-            load_vmas_env_state(envs, loaded["env"])
+            load_vmas_env_state(envs, loaded["env"], fresh["env"]["tensors"])
             set_rng_state(loaded["rng"])
 
 
@@ -986,8 +987,10 @@ def load_optimizer(optimizer, state: dict, updated: bool = False) -> None:
                     (key != "step" and value.dtype != p.dtype):
                 what = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
                 raise ValueError(f"optimizer's {key} {what} for a parameter of {tuple(p.shape)} {p.dtype}")
-            bad = (value < 0) | (value != value.round()) if key == "step" else value < 0  # exp_avg: any sign
-            if key != "exp_avg" and bad.any():
+            if key == "exp_avg":  # a mean of gradients: any sign
+                continue
+            bad = (value < 0) | (value != value.round()) if key == "step" else value < 0
+            if bad.any():
                 raise ValueError(f"optimizer's {key} holds {value[bad].flatten()[0].item():g}, which Adam cannot reach")
 
 

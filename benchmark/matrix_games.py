@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import reinforce_matrix_games as mg  # noqa: E402
 sys.path.insert(0, os.path.join(ROOT, "benchmark"))
-from sps import OneLineParser, check_writable, new_output_folder, write_report  # noqa: E402
+from sps import OneLineParser, at_least, check_writable, new_output_folder, write_report  # noqa: E402
 
 GAMES = typing.get_args(typing.get_type_hints(mg.Args)["game"])
 # The families in the paper's row order (tables, plot), with the paper's names.
@@ -70,18 +70,6 @@ def expected_team_reward(game: str, probs: torch.Tensor) -> torch.Tensor:
         return (1.0 - (1.0 - probs).prod(-2)).sum(-1) / n
     p_match = probs.prod(-2).sum(-1)
     return p_match + (1.0 - p_match) / n
-
-
-def n_agents(text):
-    value = int(text)  # a ValueError here becomes argparse's "invalid value" message
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
-    if value > 2**53:  # as the script
-        raise argparse.ArgumentTypeError(f"must be at most 2**53, got {value}")
-    return value
-
-
-n_agents.__name__ = "int"
 
 
 def format_cell(ours, paper, digits):
@@ -210,7 +198,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--games", nargs="+", default=list(GAMES), choices=GAMES)
-    parser.add_argument("--n-agents", nargs="+", type=n_agents, default=[2, 4, 8])
+    parser.add_argument("--n-agents", nargs="+", type=at_least(2), default=[2, 4, 8])
     parser.add_argument("--hypernets", nargs="+", default=list(NAMES), choices=list(NAMES),
                         help="the families to train (reinforce_matrix_games.py's --hypernet; default: all)")
     parser.add_argument("--out", default=None, help="output folder (default: a new folder runs/matrix_games_<time>)")
